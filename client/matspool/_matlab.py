@@ -1,0 +1,98 @@
+"""MATLAB facts both sides check: variable names, classes, and the per-format limits."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import numpy as np
+
+from ._errors import InvalidVariableError, UnsupportedTypeError
+
+__all__ = [
+    "MATLAB_KEYWORDS",
+    "MAX_NAME_LENGTH",
+    "STORED_DTYPES",
+    "V5_MAX_DIM",
+    "V5_MAX_VARIABLE_BYTES",
+    "check_name",
+    "matlab_class",
+    "stored_dtype",
+]
+
+#: ``iskeyword`` list of MATLAB R2024b; a variable may not take any of these names.
+MATLAB_KEYWORDS: Final = frozenset(
+    "break case catch classdef continue else elseif end for function global if otherwise "
+    "parfor persistent return spmd switch try while arguments enumeration events methods "
+    "properties".split()
+)
+MAX_NAME_LENGTH: Final = 63
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+
+#: MathWorks documents 2^31 bytes as the largest variable a v5/v7 file holds.
+V5_MAX_VARIABLE_BYTES: Final = 2**31 - 1
+#: v5 stores every dimension as int32.
+V5_MAX_DIM: Final = 2**31 - 1
+
+#: dtype in the ring (little-endian numpy string) -> MATLAB class.
+STORED_DTYPES: Final[dict[str, str]] = {
+    "<f8": "double",
+    "<f4": "single",
+    "|i1": "int8",
+    "<i2": "int16",
+    "<i4": "int32",
+    "<i8": "int64",
+    "|u1": "uint8",
+    "<u2": "uint16",
+    "<u4": "uint32",
+    "<u8": "uint64",
+    "|b1": "logical",
+    "<c8": "single",
+    "<c16": "double",
+}
+
+# Inputs that are widened on the way in: MATLAB has no half precision.
+_WIDEN = {"float16": "<f4", "bfloat16": "<f4", "complex32": "<c8"}
+
+
+def check_name(name: object) -> str:
+    """Raise :class:`InvalidVariableError` unless ``name`` is a legal MATLAB variable name."""
+    if not isinstance(name, str):
+        raise InvalidVariableError(f"variable name must be a str, not {type(name).__name__}: {name!r}")
+    if not _NAME.match(name):
+        raise InvalidVariableError(
+            f"invalid MATLAB variable name {name!r}: it must start with a letter and contain "
+            "only letters, digits and '_'"
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidVariableError(
+            f"invalid MATLAB variable name {name[:20]!r}...: {len(name)} characters, "
+            f"MATLAB allows at most {MAX_NAME_LENGTH}"
+        )
+    if name in MATLAB_KEYWORDS:
+        raise InvalidVariableError(f"invalid MATLAB variable name {name!r}: it is a MATLAB keyword")
+    return name
+
+
+def stored_dtype(name: str, source: str) -> str:
+    """The ring dtype for an input dtype called ``source`` (numpy or torch spelling).
+
+    ``name`` only makes the error message say which variable was wrong.
+    """
+    if source in _WIDEN:
+        return _WIDEN[source]
+    try:
+        dt = np.dtype(source).newbyteorder("<") if source not in ("bool",) else np.dtype("|b1")
+    except TypeError:
+        dt = None
+    if dt is not None and dt.str in STORED_DTYPES:
+        return dt.str
+    raise UnsupportedTypeError(
+        f"variable {name!r}: dtype {source} has no MATLAB class (supported: float64/32/16, "
+        "bfloat16, int8-64, uint8-64, bool, complex64/128)"
+    )
+
+
+def matlab_class(dtype: str) -> str:
+    return STORED_DTYPES[dtype]
+

@@ -1,0 +1,167 @@
+"""The control protocol between a client and the daemon.
+
+Every message is two ZeroMQ frames: the protocol tag :data:`TAG` and one UTF-8 JSON
+object with an ``op`` field. JSON keeps the wire free of pickle and readable in a
+capture; payload bytes never travel here, only offsets into the client's ring.
+
+client -> daemon                                  daemon -> client
+  HELLO {ring, ring_bytes, pid}                     WELCOME {pid, version}
+  WRITE {seq, path, format, fsync, vars[]}          DONE {seq, path, nbytes}
+  PING {}                                           ERR {seq, code, message}
+  BYE {}                                            PONG {}
+
+``parse_write`` is the schema check the daemon runs on every WRITE before it
+touches a ring or a path: anything that does not fit raises :class:`ProtocolError`
+(or the more specific error the field calls for).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from ._errors import FormatLimitError, ProtocolError
+from ._matlab import STORED_DTYPES, V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
+
+__all__ = [
+    "FORMATS",
+    "MAX_MESSAGE_BYTES",
+    "MAX_NDIM",
+    "MAX_VARS",
+    "TAG",
+    "VarSpec",
+    "WriteRequest",
+    "decode",
+    "encode",
+    "check_v5_limits",
+    "parse_write",
+]
+
+TAG: Final = b"matspool/1"
+FORMATS: Final = ("v5", "v7.3")
+MAX_MESSAGE_BYTES: Final = 1 << 20
+MAX_VARS: Final = 4096
+MAX_NDIM: Final = 32
+
+
+@dataclass(frozen=True, slots=True)
+class VarSpec:
+    """One variable of a save: where its bytes lie in the ring, and what MATLAB sees."""
+
+    name: str
+    dtype: str  # a key of STORED_DTYPES
+    dims: tuple[int, ...]  # MATLAB size, column-major order, at least 2
+    offset: int
+    nbytes: int
+
+    @property
+    def matlab_class(self) -> str:
+        return STORED_DTYPES[self.dtype]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims),
+                "offset": self.offset, "nbytes": self.nbytes}
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    seq: int
+    path: str
+    format: str
+    fsync: bool
+    vars: tuple[VarSpec, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
+                "fsync": self.fsync, "vars": [v.to_wire() for v in self.vars]}
+
+
+def encode(msg: dict[str, Any]) -> list[bytes]:
+    return [TAG, json.dumps(msg, separators=(",", ":")).encode()]
+
+
+def decode(frames: list[bytes]) -> dict[str, Any]:
+    """Parse a message's frames; raise :class:`ProtocolError` on anything malformed."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    tag, body = frames
+    if tag != TAG:
+        raise ProtocolError(f"unknown protocol tag {bytes(tag[:32])!r}; this daemon speaks {TAG!r}")
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        msg = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"message is not JSON: {e}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ProtocolError("message must be a JSON object with a string 'op'")
+    return msg
+
+
+def _int(value: object, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ProtocolError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _var(raw: object, ring_bytes: int) -> VarSpec:
+    if not isinstance(raw, dict):
+        raise ProtocolError("each entry of 'vars' must be an object")
+    name = check_name(raw.get("name"))
+    dtype = raw.get("dtype")
+    if dtype not in STORED_DTYPES:
+        raise ProtocolError(f"variable {name!r}: unknown dtype {dtype!r}")
+    dims_raw = raw.get("dims")
+    if not isinstance(dims_raw, list) or not 2 <= len(dims_raw) <= MAX_NDIM:
+        raise ProtocolError(f"variable {name!r}: dims must be a list of 2 to {MAX_NDIM} integers")
+    dims = tuple(_int(d, f"variable {name!r} dimension", 0, 2**62) for d in dims_raw)
+    offset = _int(raw.get("offset"), f"variable {name!r} offset", 0, ring_bytes)
+    nbytes = _int(raw.get("nbytes"), f"variable {name!r} nbytes", 0, ring_bytes - offset)
+    expected = math.prod(dims) * np.dtype(dtype).itemsize
+    if expected != nbytes:
+        raise ProtocolError(
+            f"variable {name!r}: dims {list(dims)} of {dtype} need {expected} bytes, message says {nbytes}"
+        )
+    if offset % np.dtype(dtype).alignment:
+        raise ProtocolError(f"variable {name!r}: offset {offset} is not aligned for {dtype}")
+    return VarSpec(name, dtype, dims, offset, nbytes)
+
+
+def check_v5_limits(vars: tuple[VarSpec, ...] | list[VarSpec]) -> None:
+    """Raise :class:`FormatLimitError` if a variable cannot live in a v5 file."""
+    for v in vars:
+        if v.nbytes > V5_MAX_VARIABLE_BYTES:
+            raise FormatLimitError(
+                f"variable {v.name!r} is {v.nbytes} bytes; MAT v5 holds at most "
+                f"{V5_MAX_VARIABLE_BYTES} bytes per variable: use format='v7.3' or 'auto'"
+            )
+        if max(v.dims) > V5_MAX_DIM:
+            raise FormatLimitError(f"variable {v.name!r}: a dimension exceeds MAT v5's int32 limit")
+
+
+def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
+    """Validate a WRITE message against a ring of ``ring_bytes``; every range stays inside it."""
+    seq = _int(msg.get("seq"), "seq")
+    path = msg.get("path")
+    if not isinstance(path, str) or not path or "\x00" in path or len(path) > 4096:
+        raise ProtocolError("path must be a non-empty string without NUL, at most 4096 characters")
+    fmt = msg.get("format")
+    if fmt not in FORMATS:
+        raise ProtocolError(f"format must be one of {FORMATS}, got {fmt!r}")
+    fsync = msg.get("fsync")
+    if not isinstance(fsync, bool):
+        raise ProtocolError("fsync must be true or false")
+    raw_vars = msg.get("vars")
+    if not isinstance(raw_vars, list) or not 1 <= len(raw_vars) <= MAX_VARS:
+        raise ProtocolError(f"vars must be a list of 1 to {MAX_VARS} variables")
+    vars_ = tuple(_var(v, ring_bytes) for v in raw_vars)
+    names = [v.name for v in vars_]
+    if len(set(names)) != len(names):
+        raise ProtocolError("variable names repeat within one save")
+    if fmt == "v5":
+        check_v5_limits(vars_)
+    return WriteRequest(seq, path, fmt, fsync, vars_)

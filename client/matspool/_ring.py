@@ -1,0 +1,190 @@
+"""The client's ring: POSIX shared memory that the daemon maps read-only.
+
+The client is the only producer and the only allocator; the daemon only reads the
+ranges a WRITE names and acknowledges them. Space is handed out in order around the
+ring and returns when the oldest outstanding save is acknowledged, so acknowledgements
+arriving out of order (the daemon writes files in parallel) only delay reuse.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from typing import Final
+
+import numpy as np
+
+from ._errors import PayloadTooLarge, RingError, SpoolFull
+
+__all__ = ["ALIGN", "Ring", "SHM_DIR", "RING_PREFIX", "open_ring_readonly", "ring_path"]
+
+SHM_DIR: Final = "/dev/shm"
+RING_PREFIX: Final = "matspool-"
+ALIGN: Final = 64  # a cache line; also satisfies every dtype and CUDA's copy engines
+_PAGE: Final = mmap.PAGESIZE
+
+
+def ring_path(name: str) -> str:
+    """Where a ring of ``name`` lives; names are checked so no path escapes ``SHM_DIR``."""
+    if not name.startswith(RING_PREFIX) or not name.replace("-", "").replace("_", "").isalnum():
+        raise RingError(f"invalid ring name {name!r}")
+    return os.path.join(SHM_DIR, name)
+
+
+def _align(n: int) -> int:
+    return max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
+
+
+class Ring:
+    """A pre-faulted shared-memory buffer with a FIFO allocator.
+
+    ``mode`` is the file mode of the segment: owner-only by default, ``0o640`` lets a
+    daemon running as another user of the same group map it.
+    """
+
+    def __init__(self, nbytes: int, *, mode: int = 0o600) -> None:
+        if nbytes < ALIGN:
+            raise ValueError(f"ring_bytes must be at least {ALIGN}, got {nbytes}")
+        self.size = (nbytes + _PAGE - 1) // _PAGE * _PAGE
+        self.name = f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        self.path = ring_path(self.name)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except OSError as e:
+            raise RingError(f"cannot create ring {self.path}: {e.strerror}") from e
+        try:
+            os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked for
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            except OSError as e:
+                hint = ""
+                if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                    hint = (f"; {SHM_DIR} is too small for a {self.size >> 20} MiB ring "
+                            "(in Docker raise --shm-size, or pass a smaller ring_bytes)")
+                raise RingError(f"cannot reserve {self.size} bytes for ring {self.path}: "
+                                f"{e.strerror}{hint}") from e
+            self._mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        os.close(fd)
+        self.array = np.frombuffer(self._mm, dtype=np.uint8)
+        self.array[::_PAGE] = 0  # pre-fault: no page fault lands in a save() later
+        self._cuda_registered = False
+        self._cond = threading.Condition()
+        self._live: OrderedDict[int, list[int]] = OrderedDict()  # offset -> [size, freed]
+        self._head = 0
+        self._tail = 0
+        self.closed = False
+
+    # -- allocation ------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return sum(s for s, _ in self._live.values())
+
+    def _fit(self, n: int) -> int | None:
+        if not self._live:
+            self._head = self._tail = 0
+            return 0 if n <= self.size else None
+        if self._tail >= self._head:  # free space at the end, and before head
+            if self.size - self._tail >= n:
+                return self._tail
+            return 0 if n <= self._head else None
+        return self._tail if self._head - self._tail >= n else None
+
+    def alloc(self, nbytes: int, *, block: bool, timeout: float | None) -> int:
+        """Reserve ``nbytes``; returns the offset. Waits or raises by the policy given."""
+        n = _align(nbytes)
+        if n > self.size:
+            raise PayloadTooLarge(
+                f"this save needs {nbytes} bytes but the ring holds {self.size}; "
+                "create the Spool with a larger ring_bytes"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (off := self._fit(n)) is None:
+                if self.closed:
+                    raise RingError("ring is closed")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if not block or (remaining is not None and remaining <= 0):
+                    raise SpoolFull(
+                        f"ring full: {nbytes} bytes wanted, {self.size - sum(s for s, _ in self._live.values())}"
+                        f" of {self.size} free" + ("" if not block else f" after waiting {timeout} s")
+                    )
+                self._cond.wait(remaining)
+            self._live[off] = [n, 0]
+            self._tail = off + n
+            return off
+
+    def free(self, offset: int) -> None:
+        with self._cond:
+            entry = self._live.get(offset)
+            if entry is None:
+                return
+            entry[1] = 1
+            while self._live:
+                first_off, (size, freed) = next(iter(self._live.items()))
+                if not freed:
+                    self._head = first_off
+                    break
+                self._live.popitem(last=False)
+            else:
+                self._head = self._tail = 0
+            self._cond.notify_all()
+
+    # -- CUDA ------------------------------------------------------------------------
+    def register_cuda(self) -> None:
+        """Page-lock the ring for CUDA so device-to-host copies are truly asynchronous."""
+        import torch
+
+        ret = torch.cuda.cudart().cudaHostRegister(self.array.ctypes.data, self.size, 0)
+        if int(ret) != 0:
+            raise RingError(
+                f"cudaHostRegister of the {self.size >> 20} MiB ring failed ({ret}); the memlock limit "
+                "(ulimit -l, container memlock) is probably too low"
+            )
+        self._cuda_registered = True
+
+    def close(self) -> None:
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self._cond.notify_all()
+        if self._cuda_registered:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)
+            self._cuda_registered = False
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.array = None  # type: ignore[assignment]
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes with it
+
+
+def open_ring_readonly(name: str, expected_bytes: int) -> mmap.mmap:
+    """Map a client's ring for reading (daemon side); the size must match what it claims."""
+    path = ring_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise RingError(f"cannot open ring {path}: {e.strerror}") from e
+    try:
+        size = os.fstat(fd).st_size
+        if size != expected_bytes or size <= 0:
+            raise RingError(f"ring {path} is {size} bytes, the client said {expected_bytes}")
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)

@@ -1,0 +1,384 @@
+"""The client: ``Spool.save()`` copies into the ring and returns a future at once.
+
+Threads, and why each exists:
+- the caller's thread: checks the variables, reserves ring space, copies host arrays
+  (or queues the GPU copy) and hands the WRITE to the I/O thread. It never waits on
+  the disk, and waits on the ring only by the ``on_full`` policy.
+- the I/O thread: owns the ZeroMQ DEALER socket (sockets are not thread-safe), sends
+  WRITEs and heartbeats, turns DONE/ERR into future results, frees ring space.
+- the CUDA waiter (only once a CUDA tensor is saved): waits for each save's copy
+  event, in order, then releases its WRITE; so the daemon never reads unfinished bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from concurrent.futures import wait
+from dataclasses import dataclass
+from typing import Any, Final
+
+import zmq
+
+from . import _protocol as proto
+from ._convert import LAYOUTS, ONED_AS, Prepared, copy_host, prepare
+from ._embedded import EmbeddedDaemon
+from ._errors import (
+    DaemonUnavailable,
+    FlushError,
+    MatspoolError,
+    ProtocolError,
+    SpoolClosed,
+    error_from_code,
+)
+from ._matlab import V5_MAX_VARIABLE_BYTES
+from ._ring import ALIGN, Ring
+
+__all__ = ["DEFAULT_RING_BYTES", "SaveResult", "Spool"]
+
+log = logging.getLogger("matspool")
+
+DEFAULT_RING_BYTES: Final = int(os.environ.get("MATSPOOL_RING_BYTES", 256 << 20))
+_FORMATS: Final = ("auto", "v5", "v7.3")
+_ON_FULL: Final = ("block", "raise")
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    """What a save's future resolves to once the file is complete under its final name."""
+
+    path: str
+    nbytes: int  # size of the file written
+    format: str
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: Future[SaveResult]
+    offset: int
+    path: str
+    format: str
+
+
+def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class Spool:
+    """A connection to a writer daemon plus this process's ring.
+
+    ``endpoint`` defaults to ``$MATSPOOL_ENDPOINT``; with neither, an embedded daemon is
+    started for this spool. ``timeout`` bounds how long ``save()`` blocks on a full ring
+    (``on_full="block"``) and how long the daemon may stay silent before pending saves
+    fail with :class:`DaemonUnavailable`.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        ring_bytes: int = DEFAULT_RING_BYTES,
+        on_full: str = "block",
+        timeout: float = 60.0,
+        *,
+        ring_mode: int = 0o600,
+        heartbeat: float = 1.0,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        self.on_full = _check_choice("on_full", on_full, _ON_FULL)
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        self.timeout = timeout
+        self._heartbeat = heartbeat
+        self._closed = False
+        self._broken: MatspoolError | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._seq = itertools.count()
+        self._embedded: EmbeddedDaemon | None = None
+        self._ring: Ring | None = None
+        self._copier: Any = None
+        self._waiter: threading.Thread | None = None
+        self._waitq: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        endpoint = endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None
+        try:
+            self._ring = Ring(ring_bytes, mode=ring_mode)
+            if endpoint is None:
+                self._embedded = EmbeddedDaemon()
+                endpoint = self._embedded.endpoint
+            self.endpoint = endpoint
+            self._ctx = zmq.Context.instance()
+            self._wake_lock = threading.Lock()
+            inproc = f"inproc://matspool-{id(self)}"
+            self._rx = self._ctx.socket(zmq.PULL)
+            self._rx.bind(inproc)
+            self._tx = self._ctx.socket(zmq.PUSH)
+            self._tx.connect(inproc)
+            self._welcome = threading.Event()
+            self._io = threading.Thread(target=self._io_loop, name="matspool-io", daemon=True)
+            self._io.start()
+            self._send({"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size,
+                        "pid": os.getpid()})
+            self._await_welcome(connect_timeout)
+        except BaseException:
+            self._teardown()
+            raise
+
+    # -- public API --------------------------------------------------------------------
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        variables: Mapping[str, Any],
+        *,
+        format: str = "auto",
+        layout: str = "matlab",
+        oned_as: str = "row",
+        fsync: bool = False,
+    ) -> Future[SaveResult]:
+        """Queue ``variables`` for ``path``; returns a future at once.
+
+        Checks happen here (names, types, format limits); write failures arrive
+        through the future. ``layout="matlab"`` keeps indices (``A(i,j) == x[i,j]``),
+        ``"raw"`` stores C-order bytes as they are (MATLAB sees the dims reversed),
+        ``"hwc"`` turns 3-d CHW / 4-d NCHW images into HxWxC(xN).
+        """
+        self._check_open()
+        fmt = _check_choice("format", format, _FORMATS)
+        _check_choice("layout", layout, LAYOUTS)
+        _check_choice("oned_as", oned_as, ONED_AS)
+        if not isinstance(fsync, bool):
+            raise TypeError(f"fsync must be a bool, got {fsync!r}")
+        if not isinstance(variables, Mapping) or not variables:
+            raise TypeError("variables must be a non-empty mapping of MATLAB names to arrays")
+        if len(variables) > proto.MAX_VARS:
+            raise ValueError(f"at most {proto.MAX_VARS} variables per save, got {len(variables)}")
+        abspath = os.path.abspath(os.fspath(path))
+        prepared = [prepare(name, value, layout, oned_as) for name, value in variables.items()]
+        if fmt == "auto":
+            fmt = "v7.3" if any(p.nbytes > V5_MAX_VARIABLE_BYTES for p in prepared) else "v5"
+        specs, total = self._place(prepared)
+        if fmt == "v5":
+            proto.check_v5_limits(specs)
+
+        ring = self._ring
+        assert ring is not None
+        base = ring.alloc(total, block=self.on_full == "block", timeout=self.timeout)
+        specs = [proto.VarSpec(s.name, s.dtype, s.dims, s.offset + base, s.nbytes) for s in specs]
+        seq = next(self._seq)
+        fut: Future[SaveResult] = Future()
+        fut.set_running_or_notify_cancel()
+        request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs))
+        with self._lock:
+            self._pending[seq] = _Pending(fut, base, abspath, fmt)
+        try:
+            cuda_items = []
+            for p, s in zip(prepared, specs):
+                if p.is_cuda:
+                    cuda_items.append((p, s.offset))
+                else:
+                    copy_host(p, ring.array, s.offset)
+            if cuda_items:
+                self._waitq.put((self._cuda().start(cuda_items), request))
+            else:
+                self._send(request.to_wire())
+        except BaseException:
+            with self._lock:
+                self._pending.pop(seq, None)
+            ring.free(base)
+            raise
+        return fut
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every save made so far is on disk; raise if any failed."""
+        with self._lock:
+            futures = [p.future for p in self._pending.values()]
+        done, not_done = wait(futures, timeout)
+        if not_done:
+            raise TimeoutError(f"flush: {len(not_done)} of {len(futures)} saves still pending "
+                               f"after {timeout} s")
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        if errors:
+            raise FlushError(f"{len(errors)} of {len(futures)} saves failed; first: {errors[0]}",
+                             errors) from errors[0]
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Wait up to ``timeout`` for pending saves, then release the ring and the daemon.
+
+        Saves still pending after that fail with :class:`SpoolClosed`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            futures = [p.future for p in self._pending.values()]
+        wait(futures, timeout)
+        self._fail_all(SpoolClosed(f"spool closed before the save finished (waited {timeout} s)"))
+        self._teardown()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    # -- internals -----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SpoolClosed("save() on a closed Spool")
+        if self._broken is not None:
+            raise self._broken
+
+    @staticmethod
+    def _place(prepared: list[Prepared]) -> tuple[list[proto.VarSpec], int]:
+        """Offsets relative to the save's ring region, each variable cache-line aligned."""
+        specs, off = [], 0
+        for p in prepared:
+            specs.append(proto.VarSpec(p.name, p.dtype, p.dims, off, p.nbytes))
+            off += (p.nbytes + ALIGN - 1) // ALIGN * ALIGN
+        return specs, off
+
+    def _cuda(self) -> Any:
+        if self._copier is None:
+            from ._cuda import CudaCopier
+
+            assert self._ring is not None
+            self._ring.register_cuda()
+            self._copier = CudaCopier(self._ring.array)
+            self._waiter = threading.Thread(target=self._wait_loop, name="matspool-cuda", daemon=True)
+            self._waiter.start()
+        return self._copier
+
+    def _wait_loop(self) -> None:
+        while (item := self._waitq.get()) is not None:
+            pending, request = item
+            try:
+                pending.wait()
+            except Exception as e:  # a CUDA error: the bytes never arrived
+                self._resolve(request.seq, error=MatspoolError(f"CUDA copy failed: {e}"))
+                continue
+            self._send(request.to_wire())
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        with self._wake_lock:
+            self._tx.send_multipart(proto.encode(msg))
+
+    def _await_welcome(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._welcome.wait(0.05):
+            if self._broken is not None:
+                raise self._broken
+            if self._embedded is not None and (rc := self._embedded.exit_status()) is not None:
+                raise DaemonUnavailable(f"the embedded daemon exited with status {rc} during start-up")
+            if time.monotonic() > deadline:
+                raise DaemonUnavailable(f"no matspool daemon answered at {self.endpoint} within {timeout} s")
+
+    def _resolve(self, seq: int, result: SaveResult | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            p = self._pending.pop(seq, None)
+        if p is None:
+            return
+        if self._ring is not None:
+            self._ring.free(p.offset)
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            p.future.set_result(result)  # type: ignore[arg-type]
+
+    def _fail_all(self, error: MatspoolError) -> None:
+        with self._lock:
+            seqs = list(self._pending)
+        for seq in seqs:
+            self._resolve(seq, error=type(error)(str(error)))
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "WELCOME":
+            self._welcome.set()
+        elif op == "DONE":
+            seq = msg.get("seq")
+            p = self._pending.get(seq)  # type: ignore[arg-type]
+            if p is not None:
+                self._resolve(seq, SaveResult(p.path, int(msg.get("nbytes", 0)), p.format))  # type: ignore[arg-type]
+        elif op == "ERR":
+            err = error_from_code(str(msg.get("code")), str(msg.get("message")))
+            seq = msg.get("seq")
+            if isinstance(seq, int) and seq >= 0:
+                self._resolve(seq, error=err)
+            else:  # about the connection itself (e.g. the ring could not be mapped)
+                self._broken = err
+                self._fail_all(err)
+        elif op != "PONG":
+            log.warning("matspool: ignoring unknown message %r from the daemon", op)
+
+    def _io_loop(self) -> None:
+        dealer = self._ctx.socket(zmq.DEALER)
+        assert self._ring is not None
+        dealer.setsockopt(zmq.ROUTING_ID, self._ring.name.encode())
+        dealer.setsockopt(zmq.SNDHWM, 0)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(self._rx, zmq.POLLIN)
+        last_rx = last_ping = time.monotonic()
+        silence_limit = self.timeout if self.timeout else 60.0
+        try:
+            while True:
+                events = dict(poller.poll(int(self._heartbeat * 1000)))
+                now = time.monotonic()
+                if self._rx in events:
+                    frames = self._rx.recv_multipart()
+                    dealer.send_multipart(frames)
+                    if proto.decode(frames)["op"] == "BYE":
+                        return
+                if dealer in events:
+                    last_rx = now
+                    try:
+                        self._on_message(proto.decode(dealer.recv_multipart()))
+                    except ProtocolError as e:
+                        log.warning("matspool: bad message from the daemon: %s", e)
+                if now - last_ping >= self._heartbeat:
+                    dealer.send_multipart(proto.encode({"op": "PING"}))
+                    last_ping = now
+                if self._embedded is not None and (rc := self._embedded.exit_status()) is not None:
+                    self._broken = DaemonUnavailable(f"the embedded daemon exited with status {rc}")
+                    self._fail_all(self._broken)
+                    return
+                if self.pending and now - last_rx > max(silence_limit, 3 * self._heartbeat):
+                    self._fail_all(DaemonUnavailable(
+                        f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s"))
+                    last_rx = now
+        finally:
+            dealer.close(linger=0)
+
+    def _teardown(self) -> None:
+        self._closed = True
+        if self._waiter is not None:
+            self._waitq.put(None)
+            self._waiter.join()
+        io = getattr(self, "_io", None)
+        if io is not None and io.is_alive():
+            self._send({"op": "BYE"})  # the I/O thread forwards it to the daemon, then stops
+            io.join(timeout=5)
+        for name in ("_tx", "_rx"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        if self._embedded is not None:
+            self._embedded.stop()
+        if self._ring is not None:
+            self._ring.close()
+

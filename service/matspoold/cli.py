@@ -1,0 +1,78 @@
+"""The ``matspool`` command: ``serve`` runs the daemon, ``demo`` a simulation job against it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+__all__ = ["default_endpoint", "main"]
+
+
+def default_endpoint() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/matspool-{os.getuid()}"
+    return f"ipc://{base}/matspool/matspool.sock"
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
+    return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import Daemon, install_signal_handlers
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    roots = args.root or [os.getcwd()]
+    if args.endpoint.startswith("tcp://"):
+        print("matspool serve: TCP endpoints are not supported yet (they need CURVE keys); "
+              "use an ipc:// endpoint", file=sys.stderr)
+        return 2
+    try:
+        daemon = Daemon(args.endpoint, roots, writers=args.writers, socket_mode=args.socket_mode,
+                        socket_group=args.group, parent_pid=args.parent_pid)
+    except (ValueError, KeyError) as e:
+        print(f"matspool serve: {e}", file=sys.stderr)
+        return 2
+    install_signal_handlers(daemon)
+    daemon.serve()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, steps=args.steps, n=args.size, fmt=args.format)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="matspool", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the writer daemon")
+    s.add_argument("--endpoint", default=default_endpoint(),
+                   help="ZeroMQ endpoint to bind (default: %(default)s)")
+    s.add_argument("--root", action="append", metavar="DIR",
+                   help="directory the daemon may write under (repeatable; default: the current one)")
+    s.add_argument("--writers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="writer threads (default: %(default)s)")
+    s.add_argument("--socket-mode", type=_mode, default=0o600,
+                   help="permissions of an ipc socket, octal (default: 600, owner only)")
+    s.add_argument("--group", help="group to give the ipc socket (use with --socket-mode 660)")
+    s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_serve)
+    d = sub.add_parser("demo", help="run a demo simulation that exports every step")
+    d.add_argument("--out", default="out/demo", help="output directory (default: %(default)s)")
+    d.add_argument("--steps", type=int, default=40)
+    d.add_argument("--size", type=int, default=2048, help="grid is SIZE x SIZE float32")
+    d.add_argument("--format", default="v7.3", choices=["v5", "v7.3"])
+    d.set_defaults(func=_demo)
+    args = p.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,53 @@
+"""MAT-file writers. Each takes a final path and ``(VarSpec, ndarray)`` pairs whose arrays
+are read-only views over a client's ring, in MATLAB's column-major order.
+
+``write_atomic`` is the one way a file reaches its final name: written under a temporary
+name in the same directory, optionally fsynced, then renamed, so readers never see a
+partial file under the name they asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from matspool._protocol import VarSpec
+
+from .v5 import write_v5
+from .v73 import write_v73
+
+__all__ = ["TMP_SUFFIX", "WRITERS", "Variables", "write_atomic"]
+
+Variables = Sequence[tuple[VarSpec, np.ndarray]]
+WRITERS: dict[str, Callable[[str, Variables], None]] = {"v5": write_v5, "v7.3": write_v73}
+TMP_SUFFIX = ".matspool-tmp"
+
+
+def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool) -> int:
+    """Write ``variables`` to ``final`` in ``fmt``; returns the file's size in bytes."""
+    directory, base = os.path.split(final)
+    tmp = os.path.join(directory, f".{base[:180]}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    try:
+        WRITERS[fmt](tmp, variables)
+        if fsync:
+            _fsync_path(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        _fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
+    return os.stat(final).st_size

@@ -1,0 +1,69 @@
+"""MAT v7.3 through h5py, laid out as MATLAB itself lays it out.
+
+Matches ``shared/reference-mat/matlab_basic_v73.mat``: a 512-byte userblock whose first
+128 bytes are the MAT header, superblock version 0 (``libver`` capped at v1.8 so MATLAB
+before R2021b can read it), dims reversed (a column-major ``A`` of size [m n] is a
+row-major (n, m) dataset: the ring bytes go in unchanged), ``MATLAB_class`` as a
+fixed-length NULLTERM ASCII scalar attribute, logical as uint8 with
+``MATLAB_int_decode`` = 1, complex as a ``{real, imag}`` compound, and empty arrays as a
+uint64 vector of their size with ``MATLAB_empty`` = 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import h5py
+import numpy as np
+from matspool._protocol import VarSpec
+
+__all__ = ["USERBLOCK", "header", "write_v73"]
+
+USERBLOCK = 512
+
+
+def header(now: float | None = None) -> bytes:
+    """The 128-byte MAT 7.3 header MATLAB writes into the HDF5 userblock."""
+    stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(now))
+    text = f"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: {stamp} HDF5 schema 1.00 ."
+    return text.encode("ascii").ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02IM"
+
+
+def _str_attr(obj: h5py.HLObject, name: str, value: str) -> None:
+    tid = h5py.h5t.C_S1.copy()
+    tid.set_size(len(value))
+    tid.set_strpad(h5py.h5t.STR_NULLTERM)
+    aid = h5py.h5a.create(obj.id, name.encode(), tid, h5py.h5s.create(h5py.h5s.SCALAR))
+    aid.write(np.array(value.encode("ascii"), dtype=f"S{len(value)}"), mtype=tid)
+
+
+def _stored(spec: VarSpec, arr: np.ndarray) -> np.ndarray:
+    """The ring bytes reinterpreted as the dataset: reversed dims, MATLAB's element types."""
+    flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
+    dt = arr.dtype
+    if dt.kind == "c":
+        part = np.dtype(f"<f{dt.itemsize // 2}")
+        flat = flat.view(np.dtype([("real", part), ("imag", part)]))
+    elif dt.kind == "b":
+        flat = flat.view(np.uint8)
+    return flat.reshape(spec.dims[::-1])
+
+
+def write_v73(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> None:
+    with h5py.File(path, "w-", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
+        for spec, arr in variables:
+            if math.prod(spec.dims) == 0:
+                ds = f.create_dataset(spec.name, data=np.array(spec.dims, dtype=np.uint64))
+                _str_attr(ds, "MATLAB_class", spec.matlab_class)
+                ds.attrs.create("MATLAB_empty", np.uint8(1))
+                continue
+            data = _stored(spec, arr)
+            ds = f.create_dataset(spec.name, shape=data.shape, dtype=data.dtype)
+            ds.write_direct(data)
+            _str_attr(ds, "MATLAB_class", spec.matlab_class)
+            if spec.matlab_class == "logical":
+                ds.attrs.create("MATLAB_int_decode", np.int32(1))
+    with open(path, "r+b") as raw:
+        raw.write(header())
