@@ -1,0 +1,88 @@
+"""Shared fixtures: real daemon processes, never mocks.
+
+``daemon`` starts ``matspool serve`` as a separate process on a private ipc endpoint,
+rooted at the test's tmp_path; ``spool`` is a client connected to it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+
+import matspool
+
+
+@dataclass
+class DaemonProc:
+    endpoint: str
+    root: Path
+    proc: subprocess.Popen
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_daemon(root: Path, sock_dir: Path, *extra: str) -> DaemonProc:
+    sock_dir.mkdir(parents=True, exist_ok=True)
+    endpoint = f"ipc://{sock_dir}/d.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint, "--root", str(root),
+         "--log-level", "warning", *extra],
+    )
+    # ready once the socket answers a PING
+    ctx = zmq.Context.instance()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} at start-up")
+        if os.path.exists(endpoint[6:]):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            s.send_multipart([b"matspool/1", b'{"op":"PING"}'])
+            ok = s.poll(2000)
+            s.close()
+            if ok:
+                return DaemonProc(endpoint, root, proc)
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("daemon did not come up within 30 s")
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, out_dir: Path) -> Iterator[DaemonProc]:
+    d = start_daemon(out_dir, tmp_path / "sock")
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def spool(daemon: DaemonProc) -> Iterator[matspool.Spool]:
+    with matspool.Spool(daemon.endpoint, ring_bytes=32 << 20, timeout=30) as s:
+        yield s
