@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -64,6 +65,12 @@ class _Pending:
     offset: int
     path: str
     format: str
+
+
+def _cuda_in_use() -> bool:
+    """True when the caller has already imported torch and CUDA is there."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_available()
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
@@ -128,6 +135,8 @@ class Spool:
             self._send({"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size,
                         "pid": os.getpid()})
             self._await_welcome(connect_timeout)
+            if _cuda_in_use():
+                self._cuda()  # pin the ring now, not in the first save() (12 ms per 256 MiB)
         except BaseException:
             self._teardown()
             raise
