@@ -6,7 +6,6 @@ writer daemon turns the bytes into MAT v5 or v7.3 files. See README.md.
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 from concurrent.futures import Future
@@ -61,8 +60,7 @@ def default_spool() -> Spool:
     global _default
     with _default_lock:
         if _default is None or _default._closed:
-            _default = Spool()
-            atexit.register(_default.close)
+            _default = Spool()  # closed at exit like every live spool
         return _default
 
 

@@ -13,6 +13,7 @@ builtin, so ``except ValueError`` or ``except OSError`` keeps working::
     ├── WriteFailed(MatspoolError, OSError)                the daemon could not write the file
     ├── DaemonUnavailable(MatspoolError, ConnectionError)  no daemon answers
     ├── ProtocolError(MatspoolError, ValueError)           the daemon refused a malformed request
+    │   └── UnknownClient                                  WRITE from a client it has no ring for
     ├── RingError(MatspoolError, OSError)                  shared memory could not be set up
     ├── SpoolClosed(MatspoolError, RuntimeError)           save() after close()
     └── FlushError(MatspoolError)                          flush() saw failed saves (``.errors``)
@@ -36,6 +37,7 @@ __all__ = [
     "RingError",
     "SpoolClosed",
     "SpoolFull",
+    "UnknownClient",
     "UnsupportedTypeError",
     "WriteFailed",
     "error_from_code",
@@ -84,6 +86,12 @@ class ProtocolError(MatspoolError, ValueError):
     code = "protocol"
 
 
+class UnknownClient(ProtocolError):
+    """The daemon has no ring for this client: it restarted. The client says HELLO again."""
+
+    code = "unknown_client"
+
+
 class RingError(MatspoolError, OSError):
     code = "ring"
 
@@ -115,6 +123,7 @@ ERROR_CODES: dict[str, type[MatspoolError]] = {
         WriteFailed,
         DaemonUnavailable,
         ProtocolError,
+        UnknownClient,
         RingError,
         SpoolClosed,
     )

@@ -95,7 +95,7 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         msg = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: [[[[...
         raise ProtocolError(f"message is not JSON: {e}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ProtocolError("message must be a JSON object with a string 'op'")
@@ -113,7 +113,7 @@ def _var(raw: object, ring_bytes: int) -> VarSpec:
         raise ProtocolError("each entry of 'vars' must be an object")
     name = check_name(raw.get("name"))
     dtype = raw.get("dtype")
-    if dtype not in STORED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in STORED_DTYPES:  # a list is unhashable
         raise ProtocolError(f"variable {name!r}: unknown dtype {dtype!r}")
     dims_raw = raw.get("dims")
     if not isinstance(dims_raw, list) or not 2 <= len(dims_raw) <= MAX_NDIM:

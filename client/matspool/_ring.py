@@ -12,6 +12,7 @@ import errno
 import mmap
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -174,17 +175,27 @@ class Ring:
             pass  # a view is still alive somewhere; the mapping goes with it
 
 
-def open_ring_readonly(name: str, expected_bytes: int) -> mmap.mmap:
-    """Map a client's ring for reading (daemon side); the size must match what it claims."""
+def open_ring_readonly(name: str, expected_bytes: int) -> tuple[mmap.mmap, int]:
+    """Map a client's ring for reading (daemon side); the size must match what it claims.
+
+    Returns the mapping and the open read-only descriptor, which the caller closes: the
+    daemon ``fstat``s it before each write, because reading a mapping past the end of a
+    file its client has since truncated raises SIGBUS, which would end the daemon.
+    """
     path = ring_path(name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted under the ring's name must not hang the daemon in open()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         raise RingError(f"cannot open ring {path}: {e.strerror}") from e
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RingError(f"ring {path} is not a shared-memory segment (not a regular file)")
+        size = st.st_size
         if size != expected_bytes or size <= 0:
             raise RingError(f"ring {path} is {size} bytes, the client said {expected_bytes}")
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-    finally:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ), fd
+    except BaseException:
         os.close(fd)
+        raise

@@ -12,6 +12,7 @@ Threads, and why each exists:
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -19,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait
@@ -36,6 +38,7 @@ from ._errors import (
     MatspoolError,
     ProtocolError,
     SpoolClosed,
+    UnknownClient,
     error_from_code,
 )
 from ._matlab import V5_MAX_VARIABLE_BYTES
@@ -65,6 +68,18 @@ class _Pending:
     offset: int
     path: str
     format: str
+    wire: list[bytes] | None = None  # the WRITE as sent, kept to re-send to a restarted daemon
+    sent: bool = False
+
+
+_LIVE: weakref.WeakSet[Spool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_spools() -> None:
+    """Process exit without close(): finish what was saved rather than drop it."""
+    for spool in list(_LIVE):
+        spool.close()
 
 
 def _cuda_in_use() -> bool:
@@ -108,7 +123,10 @@ class Spool:
         self._broken: MatspoolError | None = None
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
+        self._failed: list[BaseException] = []  # failures not yet reported by flush()
         self._seq = itertools.count()
+        self._instance: str | None = None  # the daemon instance that welcomed us
+        self._hello_sent = False
         self._embedded: EmbeddedDaemon | None = None
         self._ring: Ring | None = None
         self._copier: Any = None
@@ -132,11 +150,11 @@ class Spool:
             self._welcome = threading.Event()
             self._io = threading.Thread(target=self._io_loop, name="matspool-io", daemon=True)
             self._io.start()
-            self._send({"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size,
-                        "pid": os.getpid()})
+            self._send(self._hello_msg())
             self._await_welcome(connect_timeout)
             if _cuda_in_use():
                 self._cuda()  # pin the ring now, not in the first save() (12 ms per 256 MiB)
+            _LIVE.add(self)
         except BaseException:
             self._teardown()
             raise
@@ -213,9 +231,12 @@ class Spool:
         if not_done:
             raise TimeoutError(f"flush: {len(not_done)} of {len(futures)} saves still pending "
                                f"after {timeout} s")
-        errors = [e for f in futures if (e := f.exception()) is not None]
+        # Every save that failed since the last flush(), including those that had already
+        # failed (and so left _pending) before this call.
+        with self._lock:
+            errors, self._failed = self._failed, []
         if errors:
-            raise FlushError(f"{len(errors)} of {len(futures)} saves failed; first: {errors[0]}",
+            raise FlushError(f"{len(errors)} saves failed since the last flush; first: {errors[0]}",
                              errors) from errors[0]
 
     def close(self, timeout: float | None = 60.0) -> None:
@@ -297,6 +318,8 @@ class Spool:
     def _resolve(self, seq: int, result: SaveResult | None = None, error: BaseException | None = None) -> None:
         with self._lock:
             p = self._pending.pop(seq, None)
+            if p is not None and error is not None:
+                self._failed.append(error)  # before the future completes: flush() waits on it
         if p is None:
             return
         if self._ring is not None:
@@ -312,25 +335,70 @@ class Spool:
         for seq in seqs:
             self._resolve(seq, error=type(error)(str(error)))
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
+    def _on_message(self, dealer: zmq.Socket, msg: dict[str, Any]) -> None:
         op = msg.get("op")
+        instance = msg.get("instance")
         if op == "WELCOME":
+            restarted = self._instance is not None and instance != self._instance
+            self._instance, self._hello_sent = instance, False
             self._welcome.set()
+            if restarted:
+                self._resend(dealer)
+        elif op == "PONG":
+            if self._instance is not None and instance != self._instance and not self._hello_sent:
+                self._hello(dealer)  # a new daemon on the same endpoint: register again
         elif op == "DONE":
             seq = msg.get("seq")
             p = self._pending.get(seq)  # type: ignore[arg-type]
             if p is not None:
                 self._resolve(seq, SaveResult(p.path, int(msg.get("nbytes", 0)), p.format))  # type: ignore[arg-type]
         elif op == "ERR":
-            err = error_from_code(str(msg.get("code")), str(msg.get("message")))
-            seq = msg.get("seq")
+            code, seq = str(msg.get("code")), msg.get("seq")
+            if code == UnknownClient.code:  # the daemon restarted: the save is re-sent after HELLO
+                if not self._hello_sent:
+                    self._hello(dealer)
+                return
+            err = error_from_code(code, str(msg.get("message")))
             if isinstance(seq, int) and seq >= 0:
                 self._resolve(seq, error=err)
             else:  # about the connection itself (e.g. the ring could not be mapped)
                 self._broken = err
                 self._fail_all(err)
-        elif op != "PONG":
+        else:
             log.warning("matspool: ignoring unknown message %r from the daemon", op)
+
+    def _hello_msg(self) -> dict[str, Any]:
+        assert self._ring is not None
+        return {"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size, "pid": os.getpid()}
+
+    def _hello(self, dealer: zmq.Socket) -> None:
+        self._hello_sent = True
+        dealer.send_multipart(proto.encode(self._hello_msg()))
+
+    def _resend(self, dealer: zmq.Socket) -> None:
+        """Send again every save the previous daemon accepted but never answered.
+
+        Their bytes are still in the ring (space is freed only on an answer); a file the
+        old daemon had already renamed into place is replaced by an identical one.
+        """
+        with self._lock:
+            again = [p.wire for p in self._pending.values() if p.sent]
+        for wire in again:
+            dealer.send_multipart(wire)
+        if again:
+            log.warning("matspool: daemon restarted; re-sent %d unacknowledged saves", len(again))
+
+    def _forward(self, dealer: zmq.Socket, frames: list[bytes]) -> bool:
+        """Pass a message from the caller's threads to the daemon; False on BYE."""
+        msg = proto.decode(frames)
+        if msg["op"] == "WRITE":
+            with self._lock:
+                p = self._pending.get(msg["seq"])
+                if p is None:
+                    return True  # failed or closed meanwhile
+                p.wire, p.sent = frames, True
+        dealer.send_multipart(frames)
+        return msg["op"] != "BYE"
 
     def _io_loop(self) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
@@ -349,16 +417,16 @@ class Spool:
                 events = dict(poller.poll(int(self._heartbeat * 1000)))
                 now = time.monotonic()
                 if self._rx in events:
-                    frames = self._rx.recv_multipart()
-                    dealer.send_multipart(frames)
-                    if proto.decode(frames)["op"] == "BYE":
-                        return
+                    while self._rx.poll(0):
+                        if not self._forward(dealer, self._rx.recv_multipart()):
+                            return
                 if dealer in events:
                     last_rx = now
-                    try:
-                        self._on_message(proto.decode(dealer.recv_multipart()))
-                    except ProtocolError as e:
-                        log.warning("matspool: bad message from the daemon: %s", e)
+                    while dealer.poll(0):
+                        try:
+                            self._on_message(dealer, proto.decode(dealer.recv_multipart()))
+                        except ProtocolError as e:
+                            log.warning("matspool: bad message from the daemon: %s", e)
                 if now - last_ping >= self._heartbeat:
                     dealer.send_multipart(proto.encode({"op": "PING"}))
                     last_ping = now

@@ -37,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         daemon = Daemon(args.endpoint, roots, writers=args.writers, socket_mode=args.socket_mode,
-                        socket_group=args.group, parent_pid=args.parent_pid)
+                        socket_group=args.group, parent_pid=args.parent_pid,
+                        clean_stale=args.clean_stale, client_timeout=args.client_timeout)
     except (ValueError, KeyError) as e:
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--socket-mode", type=_mode, default=0o600,
                    help="permissions of an ipc socket, octal (default: 600, owner only)")
     s.add_argument("--group", help="group to give the ipc socket (use with --socket-mode 660)")
+    s.add_argument("--no-clean-stale", dest="clean_stale", action="store_false",
+                   help="do not remove rings of dead clients from /dev/shm at start (use when "
+                        "clients run in another pid namespace)")
+    s.add_argument("--client-timeout", type=float, default=30.0,
+                   help="seconds of silence after which a client counts as dead (default: %(default)s)")
     s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)

@@ -13,20 +13,23 @@ import logging
 import mmap
 import os
 import queue
+import secrets
 import signal
 import threading
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
 from matspool import _protocol as proto
-from matspool._errors import MatspoolError, ProtocolError, RingError, WriteFailed
-from matspool._ring import open_ring_readonly
+from matspool._errors import MatspoolError, ProtocolError, RingError, UnknownClient, WriteFailed
+from matspool._ring import open_ring_readonly, ring_path
 
+from .cleanup import pid_alive, remove_stale_rings
 from .paths import normalize_roots, resolve_target
 from .writers import write_atomic
 
@@ -35,6 +38,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger("matspoold")
 
 MAX_RING_BYTES = 1 << 46  # 64 TiB: anything larger is a lie
+DONE_MEMORY = 4096  # per client: answers kept to re-send when a WRITE arrives twice
 
 
 @dataclass(eq=False, slots=True)
@@ -42,11 +46,25 @@ class _Client:
     ident: bytes
     ring: str
     mm: mmap.mmap
+    fd: int  # kept open so each write can check the ring was not truncated under it
     pid: int
     inflight: int = 0
     bye: bool = False
+    dead: bool = False
+    last_seen: float = 0.0
+    active: set[int] = field(default_factory=set)  # seqs accepted, not yet answered
+    answered: OrderedDict[int, list[bytes]] = field(default_factory=OrderedDict)
+
+    def remember(self, seq: int, reply: list[bytes]) -> None:
+        self.active.discard(seq)
+        self.answered[seq] = reply
+        if len(self.answered) > DONE_MEMORY:
+            self.answered.popitem(last=False)
 
     def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
             self.mm.close()
         except BufferError:
@@ -71,6 +89,14 @@ def _views(client: _Client, request: proto.WriteRequest) -> list[tuple[proto.Var
     return out
 
 
+def _check_ring_size(client: _Client, request: proto.WriteRequest) -> None:
+    """Refuse to read past the end of a ring its client has truncated (that would be SIGBUS)."""
+    end = max(spec.offset + spec.nbytes for spec in request.vars)
+    size = os.fstat(client.fd).st_size
+    if size < end:
+        raise RingError(f"the client's ring shrank to {size} bytes; this save needs {end}")
+
+
 def _error_reply(ident: bytes, seq: object, err: BaseException) -> list[bytes]:
     code = err.code if isinstance(err, MatspoolError) else "error"
     seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else -1
@@ -89,6 +115,8 @@ class Daemon:
         socket_mode: int = 0o600,
         socket_group: str | None = None,
         parent_pid: int | None = None,
+        clean_stale: bool = True,
+        client_timeout: float = 30.0,
     ) -> None:
         if not roots:
             raise ValueError("the daemon needs at least one --root")
@@ -108,6 +136,9 @@ class Daemon:
         self._local = threading.local()
         self._stop = threading.Event()
         self.files_written = 0
+        self.instance = secrets.token_hex(8)  # tells clients this daemon from an earlier one
+        self.clean_stale = clean_stale
+        self.client_timeout = client_timeout
 
     # -- life cycle ----------------------------------------------------------------------
     def stop(self) -> None:
@@ -141,7 +172,10 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if self.clean_stale:
+            remove_stale_rings()
         log.info("serving %s, roots %s", self.endpoint, ", ".join(self.roots))
+        next_reap = time.monotonic() + 1.0
         try:
             while True:
                 events = dict(poller.poll(200))
@@ -156,6 +190,9 @@ class Daemon:
                         except zmq.Again:
                             break
                         self._handle(router, frames)
+                if time.monotonic() >= next_reap:
+                    self._reap_dead_clients()
+                    next_reap = time.monotonic() + 1.0
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.info("parent %d is gone; stopping", self.parent_pid)
                     self._stop.set()
@@ -188,14 +225,18 @@ class Daemon:
             msg = proto.decode(body)
             seq = msg.get("seq", -1)
             op = msg["op"]
+            client = self._clients.get(ident)
+            if client is not None:
+                client.last_seen = time.monotonic()
             if op == "PING":
-                router.send_multipart([ident, *proto.encode({"op": "PONG"})])
+                router.send_multipart([ident, *proto.encode({"op": "PONG", "instance": self.instance})])
             elif op == "HELLO":
                 self._hello(ident, msg)
                 router.send_multipart([ident, *proto.encode({"op": "WELCOME", "pid": os.getpid(),
+                                                             "instance": self.instance,
                                                              "version": proto.TAG.decode()})])
             elif op == "WRITE":
-                self._write(ident, msg)
+                self._write(router, ident, msg)
             elif op == "BYE":
                 self._bye(ident)
             else:
@@ -215,11 +256,11 @@ class Daemon:
             raise ProtocolError(f"HELLO: bad ring_bytes {size!r}")
         if type(pid) is not int:
             raise ProtocolError("HELLO: pid must be an integer")
-        mm = open_ring_readonly(ring, size)
+        mm, fd = open_ring_readonly(ring, size)
         old = self._clients.get(ident)
         if old is not None and not old.inflight:
             old.release()
-        self._clients[ident] = _Client(ident, ring, mm, pid)
+        self._clients[ident] = _Client(ident, ring, mm, fd, pid, last_seen=time.monotonic())
         log.info("client pid %d joined with a %d MiB ring", pid, size >> 20)
 
     def _bye(self, ident: bytes) -> None:
@@ -228,13 +269,44 @@ class Daemon:
             return
         c.bye = True
         if not c.inflight:
-            del self._clients[ident]
-            c.release()
+            self._drop_client(c)
 
-    def _write(self, ident: bytes, msg: dict[str, Any]) -> None:
+    def _drop_client(self, c: _Client) -> None:
+        if self._clients.get(c.ident) is c:
+            del self._clients[c.ident]
+        c.release()
+        if c.dead:  # its process cannot unlink the ring any more: do it for it
+            try:
+                os.unlink(ring_path(c.ring))
+                log.info("client pid %d died; its saves are written and its ring removed", c.pid)
+            except OSError as e:
+                log.warning("client pid %d died; cannot remove its ring %s: %s", c.pid, c.ring, e)
+
+    def _reap_dead_clients(self) -> None:
+        """Clients gone without BYE: finish their accepted saves, then free their rings.
+
+        Dead means its pid is gone here (after a short grace) or it was silent for
+        ``client_timeout`` (clients ping every second; pids of another namespace lie).
+        """
+        now = time.monotonic()
+        for c in list(self._clients.values()):
+            silent = now - c.last_seen
+            if c.dead or not (silent > self.client_timeout or (silent > 2.0 and not pid_alive(c.pid))):
+                continue
+            c.dead = True
+            if not c.inflight:
+                self._drop_client(c)
+
+    def _write(self, router: zmq.Socket, ident: bytes, msg: dict[str, Any]) -> None:
         client = self._clients.get(ident)
         if client is None:
-            raise ProtocolError("WRITE before HELLO: this daemon does not know the client's ring")
+            raise UnknownClient("WRITE before HELLO: this daemon does not know the client's ring")
+        seq = msg.get("seq")
+        if isinstance(seq, int) and seq in client.active:
+            return  # a re-send of a save being written: its answer is on the way
+        if isinstance(seq, int) and seq in client.answered:
+            router.send_multipart([ident, *client.answered[seq]])  # written once, answered again
+            return
         if client.mm.closed:
             raise RingError("the client's ring is no longer mapped")
         if self._stop.is_set():
@@ -242,6 +314,7 @@ class Daemon:
         request = proto.parse_write(msg, len(client.mm))
         job = _Job(client, request)
         client.inflight += 1
+        client.active.add(request.seq)
         key = os.path.normpath(request.path)
         waiting = self._by_path.get(key)
         if waiting is None:
@@ -260,6 +333,7 @@ class Daemon:
         try:
             req = job.request
             final = resolve_target(req.path, self.roots)
+            _check_ring_size(job.client, req)
             nbytes = write_atomic(final, req.format, _views(job.client, req), fsync=req.fsync)
         except MatspoolError as e:
             error = e
@@ -284,15 +358,15 @@ class Daemon:
             req, client = job.request, job.client
             if error is None:
                 self.files_written += 1
-                reply = proto.encode({"op": "DONE", "seq": req.seq, "nbytes": nbytes})
-                router.send_multipart([client.ident, *reply])
+                reply = [client.ident, *proto.encode({"op": "DONE", "seq": req.seq, "nbytes": nbytes})]
             else:
                 log.warning("save %d to %s failed: %s", req.seq, req.path, error)
-                router.send_multipart(_error_reply(client.ident, req.seq, error))
+                reply = _error_reply(client.ident, req.seq, error)
+            router.send_multipart(reply)
+            client.remember(req.seq, reply[1:])
             client.inflight -= 1
-            if client.bye and not client.inflight:
-                self._clients.pop(client.ident, None)
-                client.release()
+            if (client.bye or client.dead) and not client.inflight:
+                self._drop_client(client)
             key = os.path.normpath(req.path)
             waiting = self._by_path[key]
             if waiting:
