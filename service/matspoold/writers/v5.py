@@ -45,17 +45,25 @@ def _element_size(nbytes: int) -> int:
     return 8 + nbytes + _pad(nbytes)
 
 
+def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
+    """An unbuffered write may be short (disk full, signals): go on until all is written,
+    so a full disk surfaces as ENOSPC from the next write instead of a silently cut file."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view):]
+
+
 def _write_part(f: BinaryIO, mi: int, data: np.ndarray) -> None:
     """One numeric data element; ``data`` is a 1-d column-major view of the ring."""
     nbytes = data.nbytes
-    f.write(struct.pack("<II", mi, nbytes))
+    _write_all(f, struct.pack("<II", mi, nbytes))
     if data.flags.c_contiguous:
-        f.write(memoryview(data).cast("B"))
+        _write_all(f, memoryview(data))
     else:  # the real or imaginary half of a complex array: strided, copy in chunks
         step = max(1, _CHUNK // data.itemsize)
         for i in range(0, data.size, step):
-            f.write(np.ascontiguousarray(data[i:i + step]).data)
-    f.write(b"\x00" * _pad(nbytes))
+            _write_all(f, np.ascontiguousarray(data[i:i + step]).data)
+    _write_all(f, b"\x00" * _pad(nbytes))
 
 
 def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray) -> None:
@@ -73,13 +81,13 @@ def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray) -> None:
     head += struct.pack("<IIII", 6, 8, flags, 0)  # array flags: miUINT32, 8 bytes
     head += struct.pack(f"<II{ndim}i", 5, 4 * ndim, *spec.dims) + b"\x00" * _pad(4 * ndim)
     head += struct.pack("<II", 1, len(name)) + name + b"\x00" * _pad(len(name))
-    f.write(head)
+    _write_all(f, head)
     for part in parts:
         _write_part(f, mi, part)
 
 
 def write_v5(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> None:
     with open(path, "xb", buffering=0) as f:
-        f.write(header())
+        _write_all(f, header())
         for spec, arr in variables:
             _write_var(f, spec, arr)

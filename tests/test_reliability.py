@@ -1,0 +1,284 @@
+"""Faults provoked for real: killed daemons and clients, full disks, SIGTERM, other users.
+
+Each test is bounded in time; none uses mocks. The promise under test: once save()
+returned a future, the data lands exactly once as a complete file, or the future
+fails with a clear reason.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+import matspool
+from matspool._ring import RING_PREFIX, SHM_DIR
+from matspool._spool import Spool
+
+from conftest import start_daemon
+
+
+def _rings_of(pid: int) -> list[str]:
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(f"{RING_PREFIX}{pid}-")]
+
+
+def _no_tmp_files(d: Path) -> bool:
+    return not [p for p in d.rglob("*") if p.name.endswith(".matspool-tmp")]
+
+
+def test_daemon_killed_and_restarted_resends_unacknowledged(tmp_path: Path, out_dir: Path) -> None:
+    d = start_daemon(out_dir, tmp_path / "sock")
+    with Spool(d.endpoint, ring_bytes=16 << 20, timeout=30) as spool:
+        spool.save(out_dir / "before.mat", {"a": 1.0}).result(10)
+        os.kill(d.proc.pid, signal.SIGSTOP)  # accepts nothing more: the saves stay unanswered
+        futures = [spool.save(out_dir / f"f{i}.mat", {"a": np.full((64, 64), i, np.int32)})
+                   for i in range(6)]
+        time.sleep(0.3)
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait()
+        assert spool.pending == 6
+        d2 = start_daemon(out_dir, tmp_path / "sock")
+        try:
+            spool.flush(30)
+        finally:
+            d2.stop()
+    for i, f in enumerate(futures):
+        assert f.result().path == str(out_dir / f"f{i}.mat")
+        assert (scipy.io.loadmat(out_dir / f"f{i}.mat")["a"] == i).all()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["before.mat"] + [f"f{i}.mat" for i in range(6)]
+    assert _no_tmp_files(out_dir)
+
+
+def test_daemon_gone_for_good_fails_futures_and_flush(tmp_path: Path, out_dir: Path) -> None:
+    d = start_daemon(out_dir, tmp_path / "sock")
+    spool = Spool(d.endpoint, ring_bytes=4 << 20, timeout=2, heartbeat=0.2)
+    try:
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait()
+        fut = spool.save(out_dir / "lost.mat", {"a": 1.0})
+        t0 = time.monotonic()
+        with pytest.raises(matspool.FlushError) as info:
+            spool.flush(20)
+        assert time.monotonic() - t0 < 15
+        assert isinstance(info.value.errors[0], matspool.DaemonUnavailable)
+        with pytest.raises(matspool.DaemonUnavailable, match="no word from the daemon"):
+            fut.result(0)
+        assert not (out_dir / "lost.mat").exists()
+    finally:
+        spool.close(timeout=1)
+
+
+_CLIENT = textwrap.dedent("""
+    import os, sys, time, numpy as np, matspool
+    spool = matspool.Spool(sys.argv[1], ring_bytes=64 << 20)
+    out = sys.argv[2]
+    futs = [spool.save(os.path.join(out, f"c{i}.mat"), {"a": np.full((512, 512), i, np.float64)})
+            for i in range(int(sys.argv[3]))]
+    print("SIGNALLED", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_client_killed_after_signalling_saves_is_written_and_ring_removed(
+        tmp_path: Path, out_dir: Path) -> None:
+    d = start_daemon(out_dir, tmp_path / "sock")
+    try:
+        client = subprocess.Popen([sys.executable, "-c", _CLIENT, d.endpoint, str(out_dir), "8"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "SIGNALLED"
+        client.kill()
+        client.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (_rings_of(client.pid)
+                                               or len(list(out_dir.glob("c*.mat"))) < 8):
+            time.sleep(0.1)
+        for i in range(8):
+            assert (scipy.io.loadmat(out_dir / f"c{i}.mat")["a"] == i).all()
+        assert _rings_of(client.pid) == [], "the dead client's ring is still in /dev/shm"
+        assert _no_tmp_files(out_dir)
+        assert d.alive()
+    finally:
+        d.stop()
+
+
+def test_stale_rings_are_removed_at_daemon_start(tmp_path: Path, out_dir: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = Path(SHM_DIR) / f"{RING_PREFIX}{dead.pid}-deadbeef0000"
+    stale.write_bytes(b"\0" * 4096)
+    alive = Path(SHM_DIR) / f"{RING_PREFIX}{os.getpid()}-aliveaaaaaaa"
+    alive.write_bytes(b"\0" * 4096)
+    try:
+        d = start_daemon(out_dir, tmp_path / "sock")
+        d.stop()
+        assert not stale.exists()
+        assert alive.exists(), "a ring of a live process was removed"
+    finally:
+        for p in (stale, alive):
+            p.unlink(missing_ok=True)
+
+
+def test_sigterm_finishes_accepted_writes(tmp_path: Path, out_dir: Path) -> None:
+    d = start_daemon(out_dir, tmp_path / "sock")
+    spool = Spool(d.endpoint, ring_bytes=256 << 20, timeout=30)
+    try:
+        big = np.arange(8 << 20, dtype=np.float64).reshape(-1, 1024)  # 64 MiB each
+        futures = [spool.save(out_dir / f"big{i}.mat", {"a": big}, format="v7.3") for i in range(3)]
+        time.sleep(0.3)  # accepted by the daemon, still being written
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(60) == 0
+        done = [f for f in futures if f.exception(30) is None]
+        assert done, "SIGTERM dropped every accepted write"
+        for f in done:
+            import h5py
+
+            with h5py.File(f.result().path) as h:
+                assert h["a"].shape == (1024, 8192)
+                assert h["a"][5, 7] == big[7, 5]
+        for f in futures:  # anything not written failed loudly, and left no file
+            if f.exception() is not None:
+                assert isinstance(f.exception(), (matspool.WriteFailed, matspool.DaemonUnavailable))
+        assert _no_tmp_files(out_dir)
+    finally:
+        spool.close(timeout=1)
+
+
+def test_process_exit_without_close_loses_nothing(out_dir: Path) -> None:
+    script = textwrap.dedent("""
+        import sys, numpy as np, matspool
+        out = sys.argv[1]
+        for i in range(20):
+            matspool.save(f"{out}/e{i}.mat", {"a": np.full((256, 256), i, np.int16)})
+        spool = matspool.Spool(ring_bytes=16 << 20)
+        spool.save(f"{out}/own.mat", {"b": np.ones(3)}, format="v7.3")
+        # no close(), no flush(): interpreter exit must still finish the saves
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "MATSPOOL_ENDPOINT"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out_dir)], env=env)
+    assert proc.wait(120) == 0
+    for i in range(20):
+        assert (scipy.io.loadmat(out_dir / f"e{i}.mat")["a"] == i).all()
+    assert (out_dir / "own.mat").exists()
+    assert _rings_of(proc.pid) == [], "the exiting process left its rings behind"
+    assert _no_tmp_files(out_dir)
+
+
+def _tmpfs(path: Path, size: str, *options: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]),
+                        "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_full_disk_fails_the_future_names_the_path_and_daemon_goes_on(
+        tmp_path: Path, out_dir: Path) -> None:
+    small = out_dir / "small"
+    if not _tmpfs(small, "2m"):
+        pytest.skip("needs root and mount to make a 2 MiB tmpfs")
+    try:
+        d = start_daemon(out_dir, tmp_path / "sock")
+        try:
+            with Spool(d.endpoint, ring_bytes=16 << 20, timeout=30) as spool:
+                big = np.ones((1024, 1024), np.float64)  # 8 MiB: cannot fit
+                for fmt in ("v5", "v7.3"):
+                    fut = spool.save(small / f"full_{fmt}.mat", {"a": big}, format=fmt)
+                    with pytest.raises(matspool.WriteFailed) as info:
+                        fut.result(30)
+                    assert str(small / f"full_{fmt}.mat") in str(info.value)
+                    assert "space" in str(info.value).lower()
+                    assert not (small / f"full_{fmt}.mat").exists()
+                assert list(small.iterdir()) == [], "a partial or temporary file was left behind"
+                assert spool._ring.used == 0, "ring space of failed saves was not freed"
+                spool.save(small / "fits.mat", {"a": np.ones(10)}).result(10)
+                assert scipy.io.loadmat(small / "fits.mat")["a"].shape == (1, 10)
+        finally:
+            d.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(small)])
+
+
+def test_read_only_filesystem_fails_with_the_path(tmp_path: Path, out_dir: Path, spool) -> None:
+    ro = out_dir / "ro"
+    if not _tmpfs(ro, "1m", "ro"):
+        pytest.skip("needs root and mount to make a read-only tmpfs")
+    try:
+        for fmt in ("v5", "v7.3"):
+            with pytest.raises(matspool.WriteFailed, match=str(ro / "x.mat")):
+                spool.save(ro / "x.mat", {"a": 1.0}, format=fmt).result(10)
+        spool.save(out_dir / "after.mat", {"a": 2.0}).result(10)
+    finally:
+        subprocess.run(["umount", "-l", str(ro)])
+
+
+def _other_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    name = "matspool-test"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        if subprocess.run(["useradd", "--system", "--no-create-home", name],
+                          capture_output=True).returncode != 0:
+            return None
+    return name
+
+
+def test_other_user_cannot_connect_or_map_a_ring(tmp_path: Path, out_dir: Path) -> None:
+    user = _other_user()
+    if user is None:
+        pytest.skip("needs root to create a second local user")
+    tmp_path.chmod(0o755)  # the socket's directory is reachable; the socket itself must not be
+    d = start_daemon(out_dir, tmp_path / "sock")
+    (tmp_path / "sock").chmod(0o755)
+    try:
+        with Spool(d.endpoint, ring_bytes=1 << 20) as spool:
+            ring = spool._ring.path
+            assert os.stat(ring).st_mode & 0o777 == 0o600
+            assert os.stat(d.endpoint[6:]).st_mode & 0o777 == 0o600
+            entry = pwd.getpwnam(user)
+            assert _as_user(entry.pw_uid, entry.pw_gid, lambda: open(ring, "rb")) == "denied"
+            assert _as_user(entry.pw_uid, entry.pw_gid, lambda: _connect(d.endpoint[6:])) == "denied"
+            assert _as_user(os.getuid(), os.getgid(), lambda: open(ring, "rb")) == "ok"  # the probe works
+    finally:
+        d.stop()
+
+
+def _connect(path: str) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    finally:
+        s.close()
+
+
+def _as_user(uid: int, gid: int, action) -> str:
+    """Run ``action`` in a forked child under ``uid``; 'ok', 'denied' or 'error'."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 3
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            action()
+            code = 0
+        except PermissionError:
+            code = 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return {0: "ok", 1: "denied"}.get(os.waitstatus_to_exitcode(status), "error")
