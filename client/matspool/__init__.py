@@ -23,12 +23,15 @@ from ._errors import (
     RingError,
     SpoolClosed,
     SpoolFull,
+    UnknownClient,
     UnsupportedTypeError,
     WriteFailed,
 )
+from ._curve import ClientKeys
 from ._spool import SaveResult, Spool
 
 __all__ = [
+    "ClientKeys",
     "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",
@@ -42,6 +45,7 @@ __all__ = [
     "Spool",
     "SpoolClosed",
     "SpoolFull",
+    "UnknownClient",
     "UnsupportedTypeError",
     "WriteFailed",
     "default_spool",

@@ -31,6 +31,7 @@ import zmq
 
 from . import _protocol as proto
 from ._convert import LAYOUTS, ONED_AS, Prepared, copy_host, prepare
+from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
 from ._errors import (
     DaemonUnavailable,
@@ -113,6 +114,7 @@ class Spool:
         ring_mode: int = 0o600,
         heartbeat: float = 1.0,
         connect_timeout: float = 30.0,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.on_full = _check_choice("on_full", on_full, _ON_FULL)
         if timeout is not None and timeout < 0:
@@ -134,6 +136,10 @@ class Spool:
         self._waitq: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
         endpoint = endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None
+        self._curve = curve or ClientKeys.from_env()
+        if endpoint is not None and is_tcp(endpoint) and self._curve is None:
+            raise ValueError(f"{endpoint} is a TCP endpoint: pass curve=ClientKeys(...) or set "
+                             "MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC")
         try:
             self._ring = Ring(ring_bytes, mode=ring_mode)
             if endpoint is None:
@@ -406,6 +412,8 @@ class Spool:
         dealer.setsockopt(zmq.ROUTING_ID, self._ring.name.encode())
         dealer.setsockopt(zmq.SNDHWM, 0)
         dealer.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None and is_tcp(self.endpoint):
+            self._curve.apply(dealer)
         dealer.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)

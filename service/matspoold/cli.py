@@ -31,19 +31,28 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     roots = args.root or [os.getcwd()]
-    if args.endpoint.startswith("tcp://"):
-        print("matspool serve: TCP endpoints are not supported yet (they need CURVE keys); "
-              "use an ipc:// endpoint", file=sys.stderr)
-        return 2
     try:
         daemon = Daemon(args.endpoint, roots, writers=args.writers, socket_mode=args.socket_mode,
                         socket_group=args.group, parent_pid=args.parent_pid,
-                        clean_stale=args.clean_stale, client_timeout=args.client_timeout)
+                        clean_stale=args.clean_stale, client_timeout=args.client_timeout,
+                        curve_secret=args.curve_secret, curve_clients=args.curve_clients)
     except (ValueError, KeyError) as e:
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2
     install_signal_handlers(daemon)
-    daemon.serve()
+    try:
+        daemon.serve()
+    except (ValueError, OSError) as e:  # bind failures, unreadable keys: say so, no traceback
+        print(f"matspool serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from matspool._curve import make_keys
+
+    public, secret = make_keys(args.dir, args.name)
+    print(f"public key: {public}\nsecret key: {secret} (owner-only; keep it on this host)")
     return 0
 
 
@@ -71,9 +80,17 @@ def main(argv: list[str] | None = None) -> int:
                         "clients run in another pid namespace)")
     s.add_argument("--client-timeout", type=float, default=30.0,
                    help="seconds of silence after which a client counts as dead (default: %(default)s)")
+    s.add_argument("--curve-secret", metavar="FILE",
+                   help="the server's .key_secret file (required for tcp:// endpoints)")
+    s.add_argument("--curve-clients", metavar="DIR",
+                   help="directory of authorized client public .key files (required for tcp://)")
     s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
+    k = sub.add_parser("keygen", help="make a CURVE key pair for a tcp:// endpoint")
+    k.add_argument("dir", help="directory to write NAME.key and NAME.key_secret into")
+    k.add_argument("--name", default="matspool", help="file name stem (default: %(default)s)")
+    k.set_defaults(func=_keygen)
     d = sub.add_parser("demo", help="run a demo simulation that exports every step")
     d.add_argument("--out", default="out/demo", help="output directory (default: %(default)s)")
     d.add_argument("--steps", type=int, default=40)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import zmq
 from matspool import _protocol as proto
+from matspool._curve import is_tcp, load_secret
 from matspool._errors import MatspoolError, ProtocolError, RingError, UnknownClient, WriteFailed
 from matspool._ring import open_ring_readonly, ring_path
 
@@ -117,6 +118,8 @@ class Daemon:
         parent_pid: int | None = None,
         clean_stale: bool = True,
         client_timeout: float = 30.0,
+        curve_secret: str | None = None,
+        curve_clients: str | None = None,
     ) -> None:
         if not roots:
             raise ValueError("the daemon needs at least one --root")
@@ -124,6 +127,14 @@ class Daemon:
             raise ValueError(f"--writers must be at least 1, got {writers}")
         self.endpoint = endpoint
         self.roots = normalize_roots(roots)
+        if is_tcp(endpoint) and not (curve_secret and curve_clients):
+            raise ValueError(
+                f"refusing to listen on {endpoint} without CURVE keys: pass --curve-secret "
+                "(the server's .key_secret) and --curve-clients (a directory of authorized "
+                "client .key files); `matspool keygen` makes both"
+            )
+        self.curve_secret = curve_secret
+        self.curve_clients = curve_clients
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.parent_pid = parent_pid
@@ -146,6 +157,19 @@ class Daemon:
         self._stop.set()
 
     def _bind(self, sock: zmq.Socket) -> None:
+        if is_tcp(self.endpoint):
+            from zmq.auth.thread import ThreadAuthenticator
+
+            if not os.path.isdir(self.curve_clients or ""):
+                raise ValueError(f"--curve-clients {self.curve_clients!r} is not a directory")
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self.curve_clients)
+            public, secret = load_secret(self.curve_secret)  # type: ignore[arg-type]
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            sock.curve_server = True
+            sock.bind(self.endpoint)
+            return
         if not self.endpoint.startswith("ipc://"):
             sock.bind(self.endpoint)
             return
@@ -204,6 +228,8 @@ class Daemon:
             for c in self._clients.values():
                 c.release()
             router.close(linger=1000)
+            if getattr(self, "_auth", None) is not None:
+                self._auth.stop()
             self._ctx.destroy(linger=0)  # also closes the writers' wake sockets
             if self.endpoint.startswith("ipc://"):
                 try:

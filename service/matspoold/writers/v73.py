@@ -26,7 +26,8 @@ USERBLOCK = 512
 
 def header(now: float | None = None) -> bytes:
     """The 128-byte MAT 7.3 header MATLAB writes into the HDF5 userblock."""
-    stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(now))
+    # C's asctime format, as MATLAB writes it: "Mon Dec  8 22:53:31 2025" (day space-padded)
+    stamp = time.asctime(time.localtime(now))
     text = f"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: {stamp} HDF5 schema 1.00 ."
     return text.encode("ascii").ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02IM"
 
