@@ -282,3 +282,38 @@ def _as_user(uid: int, gid: int, action) -> str:
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     return {0: "ok", 1: "denied"}.get(os.waitstatus_to_exitcode(status), "error")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_overload_blocks_or_raises_by_policy_and_loses_nothing(tmp_path: Path, out_dir: Path) -> None:
+    d = start_daemon(out_dir, tmp_path / "sock", "--writers", "1", "--debug-write-delay", "0.15")
+    try:
+        idle = _rss_kib(d.proc.pid)
+        payload = np.ones((1 << 17,), np.float64)  # 1 MiB a save, 4 fit in the ring
+        with Spool(d.endpoint, ring_bytes=4 << 20, on_full="raise") as fast_fail:
+            accepted = []
+            with pytest.raises(matspool.SpoolFull, match="ring full"):
+                for i in range(10):
+                    accepted.append(fast_fail.save(out_dir / f"r{i}.mat", {"a": payload * i}))
+            assert len(accepted) == 4
+            fast_fail.flush(30)
+        with Spool(d.endpoint, ring_bytes=4 << 20, on_full="block", timeout=30) as blocking:
+            t0 = time.monotonic()
+            futures = [blocking.save(out_dir / f"b{i}.mat", {"a": payload * i}) for i in range(16)]
+            blocked_for = time.monotonic() - t0
+            peak = max(_rss_kib(d.proc.pid), idle)
+            blocking.flush(60)
+        assert blocked_for > 1.0, "16 saves through a 4-save ring and a slow disk never blocked"
+        assert peak - idle < 64 << 10, f"daemon RSS grew by {(peak - idle) >> 10} MiB"
+        for i, f in enumerate(futures):
+            assert (scipy.io.loadmat(f.result().path)["a"] == i).all()
+        for i in range(4):
+            assert (scipy.io.loadmat(out_dir / f"r{i}.mat")["a"] == i).all()
+    finally:
+        d.stop()

@@ -94,7 +94,11 @@ class Ring:
         if not self._live:
             self._head = self._tail = 0
             return 0 if n <= self.size else None
-        if self._tail >= self._head:  # free space at the end, and before head
+        # Live bytes run from head (the oldest save) to tail (the end of the newest); they
+        # have wrapped when the newest save starts before the oldest. head == tail alone
+        # cannot tell a full ring from an empty one, which is why this asks the order.
+        wrapped = next(reversed(self._live)) < self._head
+        if not wrapped:
             if self.size - self._tail >= n:
                 return self._tail
             return 0 if n <= self._head else None

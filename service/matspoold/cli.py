@@ -35,7 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
         daemon = Daemon(args.endpoint, roots, writers=args.writers, socket_mode=args.socket_mode,
                         socket_group=args.group, parent_pid=args.parent_pid,
                         clean_stale=args.clean_stale, client_timeout=args.client_timeout,
-                        curve_secret=args.curve_secret, curve_clients=args.curve_clients)
+                        curve_secret=args.curve_secret, curve_clients=args.curve_clients,
+                        write_delay=args.debug_write_delay)
     except (ValueError, KeyError) as e:
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--curve-clients", metavar="DIR",
                    help="directory of authorized client public .key files (required for tcp://)")
     s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--debug-write-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
     k = sub.add_parser("keygen", help="make a CURVE key pair for a tcp:// endpoint")

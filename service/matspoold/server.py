@@ -120,6 +120,7 @@ class Daemon:
         client_timeout: float = 30.0,
         curve_secret: str | None = None,
         curve_clients: str | None = None,
+        write_delay: float = 0.0,
     ) -> None:
         if not roots:
             raise ValueError("the daemon needs at least one --root")
@@ -133,6 +134,7 @@ class Daemon:
                 "(the server's .key_secret) and --curve-clients (a directory of authorized "
                 "client .key files); `matspool keygen` makes both"
             )
+        self.write_delay = write_delay  # a deliberately slow disk, for overload tests
         self.curve_secret = curve_secret
         self.curve_clients = curve_clients
         self.socket_mode = socket_mode
@@ -358,6 +360,8 @@ class Daemon:
         error: BaseException | None = None
         try:
             req = job.request
+            if self.write_delay:
+                time.sleep(self.write_delay)
             final = resolve_target(req.path, self.roots)
             _check_ring_size(job.client, req)
             nbytes = write_atomic(final, req.format, _views(job.client, req), fsync=req.fsync)

@@ -1,0 +1,103 @@
+"""The ring allocator: live regions never overlap, stay inside the ring, and space returns."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from matspool import PayloadTooLarge, SpoolFull
+from matspool._ring import ALIGN, Ring
+
+
+@pytest.fixture
+def ring():
+    r = Ring(64 * ALIGN * 64)  # 256 KiB: many small saves wrap around it often
+    yield r
+    r.close()
+
+
+def _check(live: dict[int, int], size: int) -> None:
+    spans = sorted(live.items())
+    for (a, n), (b, _) in zip(spans, spans[1:]):
+        assert a + n <= b, f"overlap: [{a}, {a + n}) and {b}"
+    for a, n in spans:
+        assert 0 <= a and a + n <= size
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(),
+                              st.one_of(st.integers(1, 40_000), st.sampled_from([1 << 15, 1 << 14, 1 << 13])),
+                              st.integers(0, 1000)), max_size=200))
+def test_random_alloc_free_never_overlaps(ops) -> None:
+    r = Ring(1 << 17)
+    try:
+        live: dict[int, int] = {}
+        for do_alloc, nbytes, pick in ops:
+            if do_alloc or not live:
+                try:
+                    off = r.alloc(nbytes, block=False, timeout=None)
+                except SpoolFull:
+                    assert live, "an empty ring refused a save that fits"
+                    continue
+                live[off] = -(-nbytes // ALIGN) * ALIGN
+            else:
+                off = sorted(live)[pick % len(live)]
+                del live[off]
+                r.free(off)
+            _check(live, r.size)
+        for off in list(live):
+            r.free(off)
+        assert r.used == 0
+        assert r.alloc(r.size, block=False, timeout=None) == 0  # all space is back
+    finally:
+        r.close()
+
+
+def test_full_ring_raises_or_times_out(ring: Ring) -> None:
+    ring.alloc(ring.size - ALIGN, block=False, timeout=None)
+    with pytest.raises(SpoolFull, match="ring full"):
+        ring.alloc(2 * ALIGN, block=False, timeout=None)
+    with pytest.raises(SpoolFull, match="after waiting 0.2 s"):
+        ring.alloc(2 * ALIGN, block=True, timeout=0.2)
+
+
+def test_larger_than_ring_is_a_clear_error(ring: Ring) -> None:
+    with pytest.raises(PayloadTooLarge, match="ring_bytes"):
+        ring.alloc(ring.size + 1, block=True, timeout=None)  # never a hang
+
+
+def test_ring_is_owner_only_and_removed_on_close() -> None:
+    r = Ring(1 << 16)
+    path = r.path
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    r.close()
+    assert not os.path.exists(path)
+
+
+def test_random_order_frees_reuse_space() -> None:
+    r = Ring(1 << 16)
+    try:
+        rng = random.Random(7)
+        for _ in range(50):
+            offs = [r.alloc(rng.randint(1, 4000), block=False, timeout=None) for _ in range(8)]
+            rng.shuffle(offs)
+            for o in offs:
+                r.free(o)
+            assert r.used == 0
+    finally:
+        r.close()
+
+
+def test_exactly_full_ring_wraps_without_overlap(ring: Ring) -> None:
+    quarter = ring.size // 4
+    offs = [ring.alloc(quarter, block=False, timeout=None) for _ in range(4)]
+    assert offs == [0, quarter, 2 * quarter, 3 * quarter]
+    ring.free(0)
+    assert ring.alloc(quarter, block=False, timeout=None) == 0  # the freed quarter, wrapped
+    with pytest.raises(SpoolFull):  # head == tail now means full, not empty
+        ring.alloc(quarter, block=False, timeout=None)
