@@ -317,3 +317,18 @@ def test_overload_blocks_or_raises_by_policy_and_loses_nothing(tmp_path: Path, o
             assert (scipy.io.loadmat(out_dir / f"r{i}.mat")["a"] == i).all()
     finally:
         d.stop()
+
+
+def test_soak_short(tmp_path: Path) -> None:
+    """The soak of bench/soak.py, bounded to 20 s: every file exact, RSS and fds flat."""
+    out = tmp_path / "soak.json"
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "20", "--producers", "8",
+                        "--json", str(out)], cwd=repo, timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["files_failed"] == 0 and res["files_verified"] > 50
+    assert res["anon_rss_last_third_mib"] - res["anon_rss_middle_third_mib"] < 32, res
+    assert res["fds_last_third"] - res["fds_middle_third"] <= 4, res
