@@ -9,16 +9,18 @@ ring; for CUDA tensors it happens on the GPU before the one device-to-host copy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import numbers
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import numpy as np
 
-from ._errors import UnsupportedTypeError
+from ._errors import InvalidVariableError, UnsupportedTypeError
 from ._matlab import check_name, stored_dtype
 
-__all__ = ["LAYOUTS", "ONED_AS", "Prepared", "copy_host", "prepare", "torch_dtype"]
+__all__ = ["LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "copy_host", "iter_arrays", "prepare",
+           "prepare_value", "to_spec", "torch_dtype"]
 
 Layout = Literal["matlab", "raw", "hwc"]
 LAYOUTS: Final = ("matlab", "raw", "hwc")
@@ -82,17 +84,28 @@ def _as_array(name: str, value: object) -> Any:
     if isinstance(value, bool | numbers.Number):
         return np.asarray(value)
     if isinstance(value, list | tuple):
-        arr = np.asarray(value)
-        if arr.dtype.kind in "biufc":
+        arr = _numeric_list(value)
+        if arr is not None:
             return arr
     raise UnsupportedTypeError(
         f"variable {name!r}: cannot save a {type(value).__module__}.{type(value).__qualname__}; "
-        "pass a torch tensor, a numpy array or a number"
+        "pass a torch tensor, a numpy array, a number, a str, a dict or a list"
     )
 
 
+def _numeric_list(value: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
+    """A list that numpy turns into a numeric array; None means it becomes a cell."""
+    if any(isinstance(v, str | bytes | Mapping) or _is_tensor(v) for v in value):
+        return None
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # ragged
+        return None
+    return arr if arr.dtype.kind in "biufc" else None
+
+
 def prepare(name: str, value: object, layout: str, oned_as: str) -> Prepared:
-    check_name(name)
+    """One numeric array; ``name`` only labels errors (a field path inside a struct)."""
     x = _as_array(name, value)
     if _is_tensor(x):
         source = str(x.dtype).removeprefix("torch.")
@@ -109,6 +122,73 @@ def prepare(name: str, value: object, layout: str, oned_as: str) -> Prepared:
         is_cuda = False
     m = _matlab_order(x, layout, oned_as)
     return Prepared(name, dtype, tuple(int(d) for d in m.shape), m, is_cuda)
+
+
+@dataclass(slots=True)
+class Meta:
+    """A struct (``fields``), cell (``items``, a 1xN row) or char (``text``) before placement."""
+
+    kind: Literal["struct", "cell", "char"]
+    text: str = ""
+    fields: list[tuple[str, Value]] = field(default_factory=list)
+    items: list[Value] = field(default_factory=list)
+
+
+Value = Prepared | Meta
+MAX_DEPTH: Final = 16
+
+
+def prepare_value(label: str, value: object, layout: str, oned_as: str, depth: int = 0) -> Value:
+    """dict -> struct, str -> char, a list that is not numeric -> cell, else an array.
+
+    Both formats get the same tree, so a struct reads the same from v5 and v7.3.
+    """
+    if depth > MAX_DEPTH:
+        raise UnsupportedTypeError(f"{label}: nesting deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        return Meta("char", text=value)
+    if isinstance(value, Mapping):
+        fields = []
+        for k, v in value.items():
+            try:
+                check_name(k)
+            except InvalidVariableError as e:
+                raise InvalidVariableError(f"struct {label!r}: field {e}") from None
+            fields.append((k, prepare_value(f"{label}.{k}", v, layout, oned_as, depth + 1)))
+        return Meta("struct", fields=fields)
+    if isinstance(value, list | tuple) and _numeric_list(value) is None:
+        return Meta("cell", items=[prepare_value(f"{label}{{{i + 1}}}", v, layout, oned_as, depth + 1)
+                                   for i, v in enumerate(value)])
+    return prepare(label, value, layout, oned_as)
+
+
+def iter_arrays(value: Value) -> Iterator[Prepared]:
+    """The numeric arrays inside a value, in a fixed order (the order of the ring)."""
+    if isinstance(value, Prepared):
+        yield value
+    elif value.kind == "struct":
+        for _, v in value.fields:
+            yield from iter_arrays(v)
+    elif value.kind == "cell":
+        for v in value.items:
+            yield from iter_arrays(v)
+
+
+def to_spec(name: str, value: Value, offsets: dict[int, int]) -> Any:
+    """The wire form of a value whose arrays were placed at ``offsets`` (keyed by id)."""
+    from . import _protocol as proto
+
+    def node(v: Value, label: str) -> Any:
+        if isinstance(v, Prepared):
+            return proto.VarSpec(label, v.dtype, v.dims, offsets[id(v)], v.nbytes)
+        if v.kind == "char":
+            return proto.Char(v.text)
+        if v.kind == "struct":
+            return proto.Struct(tuple((k, node(x, f"{label}.{k}")) for k, x in v.fields))
+        return proto.Cell((1, len(v.items)), tuple(node(x, label) for x in v.items))
+
+    tree = node(value, name)
+    return tree if isinstance(tree, proto.VarSpec) else proto.TreeSpec(name, tree)
 
 
 def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:

@@ -31,13 +31,22 @@ __all__ = [
     "FORMATS",
     "MAX_MESSAGE_BYTES",
     "MAX_NDIM",
+    "MAX_TREE_DEPTH",
+    "MAX_TREE_NODES",
     "MAX_VARS",
     "TAG",
+    "Cell",
+    "Char",
+    "Struct",
+    "Tree",
+    "TreeSpec",
     "VarSpec",
+    "Variable",
     "WriteRequest",
+    "check_v5_limits",
     "decode",
     "encode",
-    "check_v5_limits",
+    "leaves",
     "parse_write",
 ]
 
@@ -68,12 +77,73 @@ class VarSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Char:
+    """A MATLAB char row vector."""
+
+    text: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"char": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Struct:
+    """A 1x1 MATLAB struct; field order is kept."""
+
+    fields: tuple[tuple[str, Tree], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"struct": [[k, v.to_wire()] for k, v in self.fields]}
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """A MATLAB cell array; ``items`` in column-major order."""
+
+    dims: tuple[int, ...]
+    items: tuple[Tree, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"cell": [v.to_wire() for v in self.items], "dims": list(self.dims)}
+
+
+Tree = VarSpec | Char | Struct | Cell  # a VarSpec inside a tree is a numeric leaf in the ring
+
+
+@dataclass(frozen=True, slots=True)
+class TreeSpec:
+    """A variable that is a struct, cell or char; its numeric leaves live in the ring."""
+
+    name: str
+    tree: Tree
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "tree": self.tree.to_wire()}
+
+
+Variable = VarSpec | TreeSpec
+
+
+def leaves(node: Variable | Tree) -> list[VarSpec]:
+    """The numeric arrays of a variable, wherever they sit in it."""
+    if isinstance(node, VarSpec):
+        return [node]
+    if isinstance(node, TreeSpec):
+        return leaves(node.tree)
+    if isinstance(node, Struct):
+        return [leaf for _, v in node.fields for leaf in leaves(v)]
+    if isinstance(node, Cell):
+        return [leaf for v in node.items for leaf in leaves(v)]
+    return []
+
+
+@dataclass(frozen=True, slots=True)
 class WriteRequest:
     seq: int
     path: str
     format: str
     fsync: bool
-    vars: tuple[VarSpec, ...]
+    vars: tuple[Variable, ...]
 
     def to_wire(self) -> dict[str, Any]:
         return {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
@@ -108,10 +178,62 @@ def _int(value: object, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
     return value
 
 
-def _var(raw: object, ring_bytes: int) -> VarSpec:
+MAX_TREE_DEPTH: Final = 16
+MAX_TREE_NODES: Final = 65536
+
+
+class _Budget:
+    """Bounds a tree's size and depth so a hostile message cannot exhaust the daemon."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+
+    def take(self, depth: int) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_TREE_NODES or depth > MAX_TREE_DEPTH:
+            raise ProtocolError(f"struct/cell nesting exceeds {MAX_TREE_DEPTH} levels "
+                                f"or {MAX_TREE_NODES} elements")
+
+
+def _tree(raw: object, ring_bytes: int, label: str, budget: _Budget, depth: int = 0) -> Tree:
+    budget.take(depth)
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{label}: each value must be an object")
+    if "char" in raw:
+        if not isinstance(raw["char"], str):
+            raise ProtocolError(f"{label}: char must be a string")
+        return Char(raw["char"])
+    if "struct" in raw:
+        fields = raw["struct"]
+        if not isinstance(fields, list) or not all(isinstance(f, list) and len(f) == 2 for f in fields):
+            raise ProtocolError(f"{label}: struct must be a list of [name, value] pairs")
+        names = [check_name(f[0]) for f in fields]
+        if len(set(names)) != len(names):
+            raise ProtocolError(f"{label}: struct field names repeat")
+        return Struct(tuple((n, _tree(v, ring_bytes, f"{label}.{n}", budget, depth + 1))
+                            for n, (_, v) in zip(names, fields)))
+    if "cell" in raw:
+        items, dims_raw = raw["cell"], raw.get("dims")
+        if not isinstance(items, list) or not isinstance(dims_raw, list) or len(dims_raw) != 2:
+            raise ProtocolError(f"{label}: cell needs a list of items and 2 dims")
+        dims = tuple(_int(d, f"{label} cell dimension", 0, MAX_TREE_NODES) for d in dims_raw)
+        if math.prod(dims) != len(items):
+            raise ProtocolError(f"{label}: cell dims {list(dims)} do not hold {len(items)} items")
+        return Cell(dims, tuple(_tree(v, ring_bytes, f"{label}{{{i + 1}}}", budget, depth + 1)
+                                for i, v in enumerate(items)))
+    return _array(raw, ring_bytes, label)
+
+
+def _var(raw: object, ring_bytes: int) -> Variable:
     if not isinstance(raw, dict):
         raise ProtocolError("each entry of 'vars' must be an object")
     name = check_name(raw.get("name"))
+    if "tree" in raw:
+        return TreeSpec(name, _tree(raw["tree"], ring_bytes, name, _Budget()))
+    return _array(raw, ring_bytes, name)
+
+
+def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
     dtype = raw.get("dtype")
     if not isinstance(dtype, str) or dtype not in STORED_DTYPES:  # a list is unhashable
         raise ProtocolError(f"variable {name!r}: unknown dtype {dtype!r}")
@@ -131,9 +253,9 @@ def _var(raw: object, ring_bytes: int) -> VarSpec:
     return VarSpec(name, dtype, dims, offset, nbytes)
 
 
-def check_v5_limits(vars: tuple[VarSpec, ...] | list[VarSpec]) -> None:
+def check_v5_limits(vars: tuple[Variable, ...] | list[Variable]) -> None:
     """Raise :class:`FormatLimitError` if a variable cannot live in a v5 file."""
-    for v in vars:
+    for v in (leaf for var in vars for leaf in leaves(var)):
         if v.nbytes > V5_MAX_VARIABLE_BYTES:
             raise FormatLimitError(
                 f"variable {v.name!r} is {v.nbytes} bytes; MAT v5 holds at most "

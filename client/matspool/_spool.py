@@ -30,7 +30,7 @@ from typing import Any, Final
 import zmq
 
 from . import _protocol as proto
-from ._convert import LAYOUTS, ONED_AS, Prepared, copy_host, prepare
+from ._convert import LAYOUTS, ONED_AS, Prepared, copy_host, iter_arrays, prepare_value, to_spec
 from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
 from ._errors import (
@@ -42,7 +42,7 @@ from ._errors import (
     UnknownClient,
     error_from_code,
 )
-from ._matlab import V5_MAX_VARIABLE_BYTES
+from ._matlab import V5_MAX_VARIABLE_BYTES, check_name
 from ._ring import ALIGN, Ring
 
 __all__ = ["DEFAULT_RING_BYTES", "SaveResult", "Spool"]
@@ -194,17 +194,20 @@ class Spool:
         if len(variables) > proto.MAX_VARS:
             raise ValueError(f"at most {proto.MAX_VARS} variables per save, got {len(variables)}")
         abspath = os.path.abspath(os.fspath(path))
-        prepared = [prepare(name, value, layout, oned_as) for name, value in variables.items()]
+        values = {check_name(name): prepare_value(name, value, layout, oned_as)
+                  for name, value in variables.items()}
+        arrays = [a for v in values.values() for a in iter_arrays(v)]
         if fmt == "auto":
-            fmt = "v7.3" if any(p.nbytes > V5_MAX_VARIABLE_BYTES for p in prepared) else "v5"
-        specs, total = self._place(prepared)
+            fmt = "v7.3" if any(a.nbytes > V5_MAX_VARIABLE_BYTES for a in arrays) else "v5"
+        relative, total = self._place(arrays)
         if fmt == "v5":
-            proto.check_v5_limits(specs)
+            proto.check_v5_limits([to_spec(n, v, relative) for n, v in values.items()])
 
         ring = self._ring
         assert ring is not None
         base = ring.alloc(total, block=self.on_full == "block", timeout=self.timeout)
-        specs = [proto.VarSpec(s.name, s.dtype, s.dims, s.offset + base, s.nbytes) for s in specs]
+        offsets = {key: base + off for key, off in relative.items()}
+        specs = [to_spec(n, v, offsets) for n, v in values.items()]
         seq = next(self._seq)
         fut: Future[SaveResult] = Future()
         fut.set_running_or_notify_cancel()
@@ -213,11 +216,11 @@ class Spool:
             self._pending[seq] = _Pending(fut, base, abspath, fmt)
         try:
             cuda_items = []
-            for p, s in zip(prepared, specs):
-                if p.is_cuda:
-                    cuda_items.append((p, s.offset))
+            for a in arrays:
+                if a.is_cuda:
+                    cuda_items.append((a, offsets[id(a)]))
                 else:
-                    copy_host(p, ring.array, s.offset)
+                    copy_host(a, ring.array, offsets[id(a)])
             if cuda_items:
                 self._waitq.put((self._cuda().start(cuda_items), request))
             else:
@@ -278,13 +281,13 @@ class Spool:
             raise self._broken
 
     @staticmethod
-    def _place(prepared: list[Prepared]) -> tuple[list[proto.VarSpec], int]:
-        """Offsets relative to the save's ring region, each variable cache-line aligned."""
-        specs, off = [], 0
-        for p in prepared:
-            specs.append(proto.VarSpec(p.name, p.dtype, p.dims, off, p.nbytes))
-            off += (p.nbytes + ALIGN - 1) // ALIGN * ALIGN
-        return specs, off
+    def _place(arrays: list[Prepared]) -> tuple[dict[int, int], int]:
+        """Offsets (by id) relative to the save's ring region, each cache-line aligned."""
+        offsets, off = {}, 0
+        for a in arrays:
+            offsets[id(a)] = off
+            off += (a.nbytes + ALIGN - 1) // ALIGN * ALIGN
+        return offsets, off
 
     def _cuda(self) -> Any:
         if self._copier is None:

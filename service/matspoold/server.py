@@ -78,21 +78,38 @@ class _Job:
     request: proto.WriteRequest
 
 
-def _views(client: _Client, request: proto.WriteRequest) -> list[tuple[proto.VarSpec, np.ndarray]]:
-    out = []
-    for spec in request.vars:
-        dt = np.dtype(spec.dtype)
-        if spec.nbytes == 0:
-            arr = np.zeros(spec.dims, dtype=dt, order="F")
-        else:
-            arr = np.ndarray(spec.dims, dtype=dt, buffer=client.mm, offset=spec.offset, order="F")
-        out.append((spec, arr))
-    return out
+def _array(mm: mmap.mmap, spec: proto.VarSpec) -> np.ndarray:
+    """A read-only column-major view of the ring: the writers read it in place."""
+    dt = np.dtype(spec.dtype)
+    if spec.nbytes == 0:
+        return np.zeros(spec.dims, dtype=dt, order="F")
+    return np.ndarray(spec.dims, dtype=dt, buffer=mm, offset=spec.offset, order="F")
+
+
+def _materialize(mm: mmap.mmap, node: proto.Tree) -> Any:
+    """A struct/cell/char tree as the Python objects scipy and hdf5storage write:
+    dict -> struct, object ndarray -> cell, str -> char, ndarray -> numeric."""
+    if isinstance(node, proto.VarSpec):
+        return _array(mm, node)
+    if isinstance(node, proto.Char):
+        return node.text
+    if isinstance(node, proto.Struct):
+        return {k: _materialize(mm, v) for k, v in node.fields}
+    cell = np.empty(node.dims, dtype=object)
+    for i, item in enumerate(node.items):
+        cell.flat[np.ravel_multi_index(np.unravel_index(i, node.dims, order="F"), node.dims)] = (
+            _materialize(mm, item))
+    return cell
+
+
+def _views(client: _Client, request: proto.WriteRequest) -> list[tuple[proto.Variable, Any]]:
+    return [(v, _array(client.mm, v) if isinstance(v, proto.VarSpec) else _materialize(client.mm, v.tree))
+            for v in request.vars]
 
 
 def _check_ring_size(client: _Client, request: proto.WriteRequest) -> None:
     """Refuse to read past the end of a ring its client has truncated (that would be SIGBUS)."""
-    end = max(spec.offset + spec.nbytes for spec in request.vars)
+    end = max((leaf.offset + leaf.nbytes for v in request.vars for leaf in proto.leaves(v)), default=0)
     size = os.fstat(client.fd).st_size
     if size < end:
         raise RingError(f"the client's ring shrank to {size} bytes; this save needs {end}")

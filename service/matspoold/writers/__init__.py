@@ -1,5 +1,7 @@
-"""MAT-file writers. Each takes a final path and ``(VarSpec, ndarray)`` pairs whose arrays
-are read-only views over a client's ring, in MATLAB's column-major order.
+"""MAT-file writers. Each takes a final path and ``(variable, value)`` pairs: a numeric
+``VarSpec`` comes with a read-only column-major view over the client's ring; a struct,
+cell or char ``TreeSpec`` with Python objects (dict, object ndarray, str) whose numeric
+leaves are such views.
 
 ``write_atomic`` is the one way a file reaches its final name: written under a temporary
 name in the same directory, optionally fsynced, then renamed, so readers never see a
@@ -12,15 +14,16 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 
-import numpy as np
-from matspool._protocol import VarSpec
+from typing import Any
+
+from matspool._protocol import Variable
 
 from .v5 import write_v5
 from .v73 import write_v73
 
 __all__ = ["TMP_SUFFIX", "WRITERS", "Variables", "write_atomic"]
 
-Variables = Sequence[tuple[VarSpec, np.ndarray]]
+Variables = Sequence[tuple[Variable, Any]]
 WRITERS: dict[str, Callable[[str, Variables], None]] = {"v5": write_v5, "v7.3": write_v73}
 TMP_SUFFIX = ".matspool-tmp"
 

@@ -11,13 +11,15 @@ scipy writes; scipy, Octave and MATLAB read the result.
 
 from __future__ import annotations
 
+import io
 import struct
 import time
 from collections.abc import Sequence
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import numpy as np
-from matspool._protocol import VarSpec
+from matspool._protocol import TreeSpec, Variable, VarSpec
+from scipy.io.matlab._mio5 import MatFile5Writer
 
 __all__ = ["header", "write_v5"]
 
@@ -86,8 +88,20 @@ def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray) -> None:
         _write_part(f, mi, part)
 
 
-def write_v5(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> None:
+def _write_tree(f: BinaryIO, spec: TreeSpec, value: Any) -> None:
+    """Structs, cells and chars through scipy's own element writer (they are small and
+    nested; scipy already gets every corner of them right)."""
+    buf = io.BytesIO()
+    MatFile5Writer(buf, long_field_names=True, oned_as="row", unicode_strings=True).put_variables(
+        {spec.name: value}, write_header=False)
+    _write_all(f, buf.getbuffer())
+
+
+def write_v5(path: str, variables: Sequence[tuple[Variable, Any]]) -> None:
     with open(path, "xb", buffering=0) as f:
         _write_all(f, header())
-        for spec, arr in variables:
-            _write_var(f, spec, arr)
+        for spec, value in variables:
+            if isinstance(spec, TreeSpec):
+                _write_tree(f, spec, value)
+            else:
+                _write_var(f, spec, value)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import h5py
+import hdf5storage
 import numpy as np
-from matspool._protocol import VarSpec
+from matspool._protocol import TreeSpec, Variable, VarSpec
 
 __all__ = ["USERBLOCK", "header", "write_v73"]
 
@@ -52,9 +54,34 @@ def _stored(spec: VarSpec, arr: np.ndarray) -> np.ndarray:
     return flat.reshape(spec.dims[::-1])
 
 
-def write_v73(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> None:
+_TREE_OPTIONS = hdf5storage.Options(matlab_compatible=True, store_python_metadata=False,
+                                    compress=False, oned_as="row")
+
+
+def _write_trees(path: str, trees: dict[str, Any]) -> None:
+    """Structs, cells and chars through hdf5storage (groups with ``MATLAB_fields``, cells
+    as references into ``#refs#``, chars as uint16), then its attributes are retyped to
+    MATLAB's own: fixed-length NULLTERM ``MATLAB_class``, int32 ``MATLAB_int_decode``."""
+    hdf5storage.writes(trees, filename=path, truncate_existing=False, options=_TREE_OPTIONS)
+    with h5py.File(path, "r+") as f:
+        def retype(_: str, obj: h5py.HLObject) -> None:
+            attrs = obj.attrs
+            if "MATLAB_class" in attrs:
+                cls = attrs["MATLAB_class"]
+                del attrs["MATLAB_class"]
+                _str_attr(obj, "MATLAB_class", cls.decode() if isinstance(cls, bytes) else str(cls))
+            if "MATLAB_int_decode" in attrs:
+                attrs["MATLAB_int_decode"] = np.int32(attrs["MATLAB_int_decode"])
+
+        f.visititems(retype)
+
+
+def write_v73(path: str, variables: Sequence[tuple[Variable, Any]]) -> None:
+    trees = {spec.name: value for spec, value in variables if isinstance(spec, TreeSpec)}
     with h5py.File(path, "w-", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
         for spec, arr in variables:
+            if isinstance(spec, TreeSpec):
+                continue
             if math.prod(spec.dims) == 0:
                 ds = f.create_dataset(spec.name, data=np.array(spec.dims, dtype=np.uint64))
                 _str_attr(ds, "MATLAB_class", spec.matlab_class)
@@ -66,5 +93,7 @@ def write_v73(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> Non
             _str_attr(ds, "MATLAB_class", spec.matlab_class)
             if spec.matlab_class == "logical":
                 ds.attrs.create("MATLAB_int_decode", np.int32(1))
+    if trees:
+        _write_trees(path, trees)
     with open(path, "r+b") as raw:
         raw.write(header())

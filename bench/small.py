@@ -1,0 +1,100 @@
+"""(4) Small files: files per second for 4 KiB variables (32x32 float32), one per file.
+
+Through an embedded daemon: all saves issued back to back, then ``flush()``; the rate is
+files / (first save() -> flush() done). Compared with ``scipy.io.savemat`` (v5) and
+``hdf5storage.savemat`` (v7.3; no compression below its 16 KiB threshold) called directly
+in a loop on the same data, same directory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ._util import Config, Progress, Row, now, rm, settle, subdir
+
+NAME = "small"
+
+
+def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
+    import hdf5storage
+    import scipy.io
+
+    import matspool
+
+    s = cfg.small_side
+    a = np.random.default_rng(4).random((s, s), dtype=np.float32)
+    nfiles = cfg.small_n
+    res: dict[str, Any] = {"files": nfiles, "shape": [s, s], "dtype": "float32", "nbytes": a.nbytes,
+                           "daemon": "embedded", "matspool": {}, "direct": {}}
+
+    def names(d: str) -> list[str]:
+        return [os.path.join(d, f"s{i:06d}.mat") for i in range(nfiles)]
+
+    with matspool.Spool() as spool:
+        for fmt in ("v5", "v7.3"):
+            d = subdir(workdir, f"small_{fmt}")
+            for i in range(20):  # warm-up: imports and first-file costs in the daemon
+                spool.save(os.path.join(d, f"warm{i}.mat"), {"x": a}, format=fmt)
+            spool.flush()
+            paths = names(d)
+            progress.step(f"matspool {fmt}: {nfiles} saves")
+            settle()
+            t0 = now()
+            for i, p in enumerate(paths):
+                spool.save(p, {"x": a}, format=fmt)
+                if i % 250 == 0:
+                    progress.step(f"matspool {fmt}: {i}/{nfiles} saves issued")
+            t_issued = now()
+            progress.step(f"matspool {fmt}: flush")
+            spool.flush()
+            t1 = now()
+            written = sum(1 for p in paths if os.path.exists(p))
+            res["matspool"][fmt] = {"seconds": t1 - t0, "files_per_s": nfiles / (t1 - t0),
+                                    "issue_seconds": t_issued - t0,
+                                    "save_call_us": (t_issued - t0) / nfiles * 1e6,
+                                    "files_found": written}
+            rm(d)
+
+    direct = {
+        "v5": ("scipy.io.savemat", lambda p: scipy.io.savemat(p, {"x": a})),
+        "v7.3": ("hdf5storage.savemat", lambda p: hdf5storage.savemat(p, {"x": a}, truncate_existing=True)),
+    }
+    for fmt, (label, fn) in direct.items():
+        d = subdir(workdir, f"small_direct_{fmt}")
+        for i in range(5):
+            fn(os.path.join(d, f"warm{i}.mat"))
+        paths = names(d)
+        settle()
+        t0 = now()
+        for i, p in enumerate(paths):
+            fn(p)
+            if i % 250 == 0:
+                progress.step(f"{label}: {i}/{nfiles}")
+        t1 = now()
+        res["direct"][fmt] = {"library": label, "seconds": t1 - t0, "files_per_s": nfiles / (t1 - t0)}
+        rm(d)
+    for fmt in ("v5", "v7.3"):
+        res["matspool"][fmt]["ratio_vs_direct"] = (res["matspool"][fmt]["files_per_s"]
+                                                   / res["direct"][fmt]["files_per_s"])
+    progress.end("done; " + ", ".join(f"{k} {v['files_per_s']:.0f}/s" for k, v in res["matspool"].items()))
+    return res
+
+
+TARGETS = {"v5": 5000, "v7.3": 2000}
+
+
+def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
+    out = []
+    for fmt, r in res["matspool"].items():
+        d = res["direct"][fmt]
+        rate = r["files_per_s"]
+        out.append(Row(
+            figure=f"small files through the daemon, {res['nbytes'] >> 10} KiB, {fmt}",
+            measured=f"{rate:.0f} files/s",
+            compared=f"{d['library']} {d['files_per_s']:.0f}/s",
+            ratio=f"{r['ratio_vs_direct']:.2f}x",
+            target=f">= {TARGETS[fmt]}/s", value=rate, met=rate >= TARGETS[fmt]))
+    return out
