@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ._util import Config, MiB, Progress, Row, RssSampler, clear_dir, fmt_time, gbps, now, ratio, raw_write, \
+from ._util import Config, MiB, Progress, Row, RssSampler, clear_dir, gbps, now, ratio, raw_write, \
     read_rss, rss_mib, settle, side_for, subdir
 
 NAME = "throughput"

@@ -144,10 +144,11 @@ class WriteRequest:
     format: str
     fsync: bool
     vars: tuple[Variable, ...]
+    compress: int = 0  # deflate level, 0 = off
 
     def to_wire(self) -> dict[str, Any]:
         return {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
-                "fsync": self.fsync, "vars": [v.to_wire() for v in self.vars]}
+                "fsync": self.fsync, "compress": self.compress, "vars": [v.to_wire() for v in self.vars]}
 
 
 def encode(msg: dict[str, Any]) -> list[bytes]:
@@ -277,6 +278,7 @@ def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
     fsync = msg.get("fsync")
     if not isinstance(fsync, bool):
         raise ProtocolError("fsync must be true or false")
+    compress = _int(msg.get("compress", 0), "compress", 0, 9)
     raw_vars = msg.get("vars")
     if not isinstance(raw_vars, list) or not 1 <= len(raw_vars) <= MAX_VARS:
         raise ProtocolError(f"vars must be a list of 1 to {MAX_VARS} variables")
@@ -286,4 +288,4 @@ def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
         raise ProtocolError("variable names repeat within one save")
     if fmt == "v5":
         check_v5_limits(vars_)
-    return WriteRequest(seq, path, fmt, fsync, vars_)
+    return WriteRequest(seq, path, fmt, fsync, vars_, compress)

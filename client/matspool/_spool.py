@@ -37,7 +37,6 @@ from ._errors import (
     DaemonUnavailable,
     FlushError,
     MatspoolError,
-    ProtocolError,
     SpoolClosed,
     UnknownClient,
     error_from_code,
@@ -89,6 +88,18 @@ def _cuda_in_use() -> bool:
     return torch is not None and torch.cuda.is_available()
 
 
+DEFAULT_LEVEL: Final = 3  # what MATLAB's own v7.3 writer uses
+
+
+def _level(compress: object) -> int:
+    """compress=False/True/0..9 -> a deflate level, 0 meaning off."""
+    if isinstance(compress, bool):
+        return DEFAULT_LEVEL if compress else 0
+    if isinstance(compress, int) and 0 <= compress <= 9:
+        return compress
+    raise ValueError(f"compress must be True, False or a level 1-9, got {compress!r}")
+
+
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -115,8 +126,10 @@ class Spool:
         heartbeat: float = 1.0,
         connect_timeout: float = 30.0,
         curve: ClientKeys | None = None,
+        compress: bool | int = False,
     ) -> None:
         self.on_full = _check_choice("on_full", on_full, _ON_FULL)
+        self.compress = _level(compress)
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
         self.timeout = timeout
@@ -175,13 +188,15 @@ class Spool:
         layout: str = "matlab",
         oned_as: str = "row",
         fsync: bool = False,
+        compress: bool | int | None = None,
     ) -> Future[SaveResult]:
         """Queue ``variables`` for ``path``; returns a future at once.
 
         Checks happen here (names, types, format limits); write failures arrive
         through the future. ``layout="matlab"`` keeps indices (``A(i,j) == x[i,j]``),
         ``"raw"`` stores C-order bytes as they are (MATLAB sees the dims reversed),
-        ``"hwc"`` turns 3-d CHW / 4-d NCHW images into HxWxC(xN).
+        ``"hwc"`` turns 3-d CHW / 4-d NCHW images into HxWxC(xN). ``compress``
+        (default: the spool's) deflates in the daemon: True is level 3, or give 1-9.
         """
         self._check_open()
         fmt = _check_choice("format", format, _FORMATS)
@@ -211,7 +226,8 @@ class Spool:
         seq = next(self._seq)
         fut: Future[SaveResult] = Future()
         fut.set_running_or_notify_cancel()
-        request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs))
+        level = self.compress if compress is None else _level(compress)
+        request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs), level)
         with self._lock:
             self._pending[seq] = _Pending(fut, base, abspath, fmt)
         try:
@@ -436,8 +452,9 @@ class Spool:
                     while dealer.poll(0):
                         try:
                             self._on_message(dealer, proto.decode(dealer.recv_multipart()))
-                        except ProtocolError as e:
-                            log.warning("matspool: bad message from the daemon: %s", e)
+                        except Exception as e:  # e.g. a DONE whose seq is a list: this thread
+                            # must live on, or every pending future would hang forever
+                            log.warning("matspool: bad message from the daemon: %r", e)
                 if now - last_ping >= self._heartbeat:
                     dealer.send_multipart(proto.encode({"op": "PING"}))
                     last_ping = now

@@ -40,6 +40,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as e:
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2
+    from .writers import _deflate
+
+    _deflate.set_threads(args.compress_threads)
     install_signal_handlers(daemon)
     try:
         daemon.serve()
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="directory the daemon may write under (repeatable; default: the current one)")
     s.add_argument("--writers", type=int, default=min(8, os.cpu_count() or 1),
                    help="writer threads (default: %(default)s)")
+    s.add_argument("--compress-threads", type=int, default=os.cpu_count() or 1,
+                   help="cores that deflate compressed saves (default: all, %(default)s)")
     s.add_argument("--socket-mode", type=_mode, default=0o600,
                    help="permissions of an ipc socket, octal (default: 600, owner only)")
     s.add_argument("--group", help="group to give the ipc socket (use with --socket-mode 660)")

@@ -381,7 +381,8 @@ class Daemon:
                 time.sleep(self.write_delay)
             final = resolve_target(req.path, self.roots)
             _check_ring_size(job.client, req)
-            nbytes = write_atomic(final, req.format, _views(job.client, req), fsync=req.fsync)
+            nbytes = write_atomic(final, req.format, _views(job.client, req), fsync=req.fsync,
+                                  compress=req.compress)
         except MatspoolError as e:
             error = e
         except OSError as e:

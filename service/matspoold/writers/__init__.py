@@ -24,7 +24,7 @@ from .v73 import write_v73
 __all__ = ["TMP_SUFFIX", "WRITERS", "Variables", "write_atomic"]
 
 Variables = Sequence[tuple[Variable, Any]]
-WRITERS: dict[str, Callable[[str, Variables], None]] = {"v5": write_v5, "v7.3": write_v73}
+WRITERS: dict[str, Callable[[str, Variables, int], None]] = {"v5": write_v5, "v7.3": write_v73}
 TMP_SUFFIX = ".matspool-tmp"
 
 
@@ -36,12 +36,13 @@ def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
-def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool) -> int:
-    """Write ``variables`` to ``final`` in ``fmt``; returns the file's size in bytes."""
+def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0) -> int:
+    """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
+    returns the file's size in bytes."""
     directory, base = os.path.split(final)
     tmp = os.path.join(directory, f".{base[:180]}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
-        WRITERS[fmt](tmp, variables)
+        WRITERS[fmt](tmp, variables, compress)
         if fsync:
             _fsync_path(tmp)
         os.rename(tmp, final)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import io
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO, Final
 
 import numpy as np
 from matspool._protocol import TreeSpec, Variable, VarSpec
 from scipy.io.matlab._mio5 import MatFile5Writer
+
+from ._deflate import BLOCK, zlib_stream
 
 __all__ = ["header", "write_v5"]
 
@@ -28,6 +30,7 @@ _MI: Final = {"i1": 1, "u1": 2, "i2": 3, "u2": 4, "i4": 5, "u4": 6, "f4": 7, "f8
 _MX: Final = {"double": 6, "single": 7, "int8": 8, "uint8": 9, "int16": 10, "uint16": 11,
               "int32": 12, "uint32": 13, "int64": 14, "uint64": 15, "logical": 9}
 _MI_MATRIX: Final = 14
+_MI_COMPRESSED: Final = 15
 _FLAG_COMPLEX: Final = 0x0800
 _FLAG_LOGICAL: Final = 0x0200
 _CHUNK: Final = 16 << 20  # complex parts are split in pieces of this many elements' bytes
@@ -55,20 +58,19 @@ def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
         view = view[f.write(view):]
 
 
-def _write_part(f: BinaryIO, mi: int, data: np.ndarray) -> None:
-    """One numeric data element; ``data`` is a 1-d column-major view of the ring."""
-    nbytes = data.nbytes
-    _write_all(f, struct.pack("<II", mi, nbytes))
+def _pieces(data: np.ndarray, block: int) -> Iterator[bytes | memoryview]:
+    """A 1-d column-major view of the ring as buffers of at most ``block`` bytes."""
+    step = max(1, block // max(1, data.itemsize))
     if data.flags.c_contiguous:
-        _write_all(f, memoryview(data))
-    else:  # the real or imaginary half of a complex array: strided, copy in chunks
-        step = max(1, _CHUNK // data.itemsize)
+        view = memoryview(data).cast("B")
+        yield from (view[i:i + step * data.itemsize] for i in range(0, len(view), step * data.itemsize))
+    else:  # the real or imaginary half of a complex array: strided, copied block by block
         for i in range(0, data.size, step):
-            _write_all(f, np.ascontiguousarray(data[i:i + step]).data)
-    _write_all(f, b"\x00" * _pad(nbytes))
+            yield np.ascontiguousarray(data[i:i + step]).data
 
 
-def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray) -> None:
+def _element(spec: VarSpec, arr: np.ndarray, block: int) -> Iterator[bytes | memoryview]:
+    """The bytes of one miMATRIX element, in order, without copying real payloads."""
     flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
     is_complex = flat.dtype.kind == "c"
     parts = [flat.real, flat.imag] if is_complex else [flat.view(np.uint8) if flat.dtype.kind == "b" else flat]
@@ -83,25 +85,73 @@ def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray) -> None:
     head += struct.pack("<IIII", 6, 8, flags, 0)  # array flags: miUINT32, 8 bytes
     head += struct.pack(f"<II{ndim}i", 5, 4 * ndim, *spec.dims) + b"\x00" * _pad(4 * ndim)
     head += struct.pack("<II", 1, len(name)) + name + b"\x00" * _pad(len(name))
-    _write_all(f, head)
+    yield head
     for part in parts:
-        _write_part(f, mi, part)
+        yield struct.pack("<II", mi, part.nbytes)
+        yield from _pieces(part, block)
+        yield b"\x00" * _pad(part.nbytes)
 
 
-def _write_tree(f: BinaryIO, spec: TreeSpec, value: Any) -> None:
+def _coalesce(buffers: Iterable[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
+    """Merge small buffers (headers, padding) so every deflate block is worth a task."""
+    small = bytearray()
+    for b in buffers:
+        if len(b) >= size // 4:
+            if small:
+                yield bytes(small)
+                small.clear()
+            yield b
+        else:
+            small += b
+            if len(small) >= size:
+                yield bytes(small)
+                small.clear()
+    if small:
+        yield bytes(small)
+
+
+def _write_compressed(f: BinaryIO, buffers: Iterable[bytes | memoryview], level: int) -> None:
+    """An miCOMPRESSED element: its size is known only at the end, so it is patched in."""
+    start = f.tell()
+    _write_all(f, struct.pack("<II", _MI_COMPRESSED, 0))
+    n = 0
+    for out in zlib_stream(_coalesce(buffers, BLOCK), level):
+        _write_all(f, out)
+        n += len(out)
+    if n >= 2**32:
+        raise ValueError("compressed variable exceeds the v5 element size limit")
+    end = f.tell()
+    f.seek(start + 4)
+    _write_all(f, struct.pack("<I", n))
+    f.seek(end)
+
+
+def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray, level: int) -> None:
+    if level:
+        _write_compressed(f, _element(spec, arr, BLOCK), level)
+    else:
+        for buf in _element(spec, arr, _CHUNK):
+            _write_all(f, buf)
+
+
+def _write_tree(f: BinaryIO, spec: TreeSpec, value: Any, level: int) -> None:
     """Structs, cells and chars through scipy's own element writer (they are small and
     nested; scipy already gets every corner of them right)."""
     buf = io.BytesIO()
     MatFile5Writer(buf, long_field_names=True, oned_as="row", unicode_strings=True).put_variables(
         {spec.name: value}, write_header=False)
-    _write_all(f, buf.getbuffer())
+    if level:
+        _write_compressed(f, [buf.getbuffer()], level)
+    else:
+        _write_all(f, buf.getbuffer())
 
 
-def write_v5(path: str, variables: Sequence[tuple[Variable, Any]]) -> None:
+def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
+    """``level`` 1-9 deflates every variable (``miCOMPRESSED``, what ``save -v7`` does)."""
     with open(path, "xb", buffering=0) as f:
         _write_all(f, header())
         for spec, value in variables:
             if isinstance(spec, TreeSpec):
-                _write_tree(f, spec, value)
+                _write_tree(f, spec, value, level)
             else:
-                _write_var(f, spec, value)
+                _write_var(f, spec, value, level)
