@@ -968,3 +968,22 @@ def test_ring_truncated_by_its_client(mdaemon: DaemonProc, mspool: matspool.Spoo
     assert not (root / "x.mat").exists()
     no_tmp_files(root)
     assert_daemon_serves(mdaemon, mspool, root)
+
+
+def test_hello_with_a_pid_that_did_not_create_the_ring(raw: Raw, ring: Ring, mdaemon: DaemonProc,
+                                                      mspool: matspool.Spool, root: Path) -> None:
+    """Dead-client reaping unlinks rings by pid: a client may not claim another pid's ring."""
+    reply = raw.send(_hello(ring, pid=1))
+    assert reply is not None and reply["op"] == "ERR" and reply["code"] == "protocol", reply
+    assert "not created by pid 1" in reply["message"]
+    assert os.path.exists(ring.path)
+    assert_serves(mspool, root, mdaemon)
+
+
+def test_bytes_and_bad_paths_fail_at_save(mspool: matspool.Spool, root: Path) -> None:
+    fut = mspool.save(os.fsencode(root / "bytes.mat"), {"x": 1.0})  # bytes paths work
+    assert fut.result(10).path == str(root / "bytes.mat")
+    with pytest.raises(TypeError, match="path must be a str"):
+        mspool.save(12, {"x": 1.0})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-empty"):
+        mspool.save("", {"x": 1.0})

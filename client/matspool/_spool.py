@@ -88,6 +88,24 @@ def _cuda_in_use() -> bool:
     return torch is not None and torch.cuda.is_available()
 
 
+_MAX_KEPT_FAILURES: Final = 10_000  # flush() reports at most this many; the futures hold all
+
+
+def _check_path(path: object) -> str:
+    """Absolute (against the caller's cwd now) and representable on the wire."""
+    try:
+        text = os.fsdecode(os.fspath(path))  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
+    if not text or "\x00" in text:
+        raise ValueError(f"path must be non-empty and contain no NUL byte: {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"path is not valid UTF-8: {text!r}") from None
+    return os.path.abspath(text)
+
+
 DEFAULT_LEVEL: Final = 3  # what MATLAB's own v7.3 writer uses
 
 
@@ -208,7 +226,7 @@ class Spool:
             raise TypeError("variables must be a non-empty mapping of MATLAB names to arrays")
         if len(variables) > proto.MAX_VARS:
             raise ValueError(f"at most {proto.MAX_VARS} variables per save, got {len(variables)}")
-        abspath = os.path.abspath(os.fspath(path))
+        abspath = _check_path(path)
         values = {check_name(name): prepare_value(name, value, layout, oned_as)
                   for name, value in variables.items()}
         arrays = [a for v in values.values() for a in iter_arrays(v)]
@@ -344,7 +362,8 @@ class Spool:
         with self._lock:
             p = self._pending.pop(seq, None)
             if p is not None and error is not None:
-                self._failed.append(error)  # before the future completes: flush() waits on it
+                if len(self._failed) < _MAX_KEPT_FAILURES:  # before the future completes:
+                    self._failed.append(error)              # flush() waits on it
         if p is None:
             return
         if self._ring is not None:

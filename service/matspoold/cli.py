@@ -43,6 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .writers import _deflate
 
     _deflate.set_threads(args.compress_threads)
+    # The control loop is I/O-bound and shares the GIL with writer threads; Python's
+    # default 5 ms switch interval would make every reply wait behind a writer.
+    sys.setswitchinterval(float(os.environ.get("MATSPOOL_SWITCH_INTERVAL", "0.001")))
     install_signal_handlers(daemon)
     try:
         daemon.serve()

@@ -28,7 +28,7 @@ import zmq
 from matspool import _protocol as proto
 from matspool._curve import is_tcp, load_secret
 from matspool._errors import MatspoolError, ProtocolError, RingError, UnknownClient, WriteFailed
-from matspool._ring import open_ring_readonly, ring_path
+from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 
 from .cleanup import pid_alive, remove_stale_rings
 from .paths import normalize_roots, resolve_target
@@ -302,9 +302,16 @@ class Daemon:
         if type(pid) is not int:
             raise ProtocolError("HELLO: pid must be an integer")
         mm, fd = open_ring_readonly(ring, size)
+        if not ring.startswith(f"{RING_PREFIX}{pid}-"):
+            # reaping trusts the pid: it must be the one that named (created) the ring
+            mm.close()
+            os.close(fd)
+            raise ProtocolError(f"HELLO: ring {ring[:80]!r} was not created by pid {pid}")
         old = self._clients.get(ident)
-        if old is not None and not old.inflight:
-            old.release()
+        if old is not None:  # the same client again (it saw a restart): the old mapping goes
+            old.bye = True  # as soon as its writes in flight are answered
+            if not old.inflight:
+                old.release()
         self._clients[ident] = _Client(ident, ring, mm, fd, pid, last_seen=time.monotonic())
         log.info("client pid %d joined with a %d MiB ring", pid, size >> 20)
 

@@ -71,10 +71,18 @@ def _write_trees(path: str, trees: dict[str, Any]) -> None:
     with h5py.File(path, "r+") as f:
         def retype(_: str, obj: h5py.HLObject) -> None:
             attrs = obj.attrs
+            cls = None
             if "MATLAB_class" in attrs:
                 cls = attrs["MATLAB_class"]
+                cls = cls.decode() if isinstance(cls, bytes) else str(cls)
                 del attrs["MATLAB_class"]
-                _str_attr(obj, "MATLAB_class", cls.decode() if isinstance(cls, bytes) else str(cls))
+                _str_attr(obj, "MATLAB_class", cls)
+            if cls == "char" and "MATLAB_empty" in attrs:
+                # '' is 0x0 in MATLAB and in our v5 files: MATLAB stores [0 0] and no
+                # MATLAB_int_decode; hdf5storage writes [1 0] (1x0) and MATLAB_int_decode 8
+                obj[...] = np.zeros(2, dtype=np.uint64)
+                if "MATLAB_int_decode" in attrs:
+                    del attrs["MATLAB_int_decode"]
             if "MATLAB_int_decode" in attrs:
                 attrs["MATLAB_int_decode"] = np.int32(attrs["MATLAB_int_decode"])
 
