@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import DaemonProc, start_daemon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +59,7 @@ def _need_tool(name: str, how: str) -> str:
 
 
 def _run(argv: list[str], timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
 
 # -- the daemon command ----------------------------------------------------------------------
@@ -407,7 +406,7 @@ def _ping_snippets(endpoint: str, *, fast: bool = False) -> dict[str, list[str]]
     assert c["livenessProbe"]["exec"]["command"] == probe
     (health,) = [i["value"] for i in _dockerfile_structure() if i["instruction"] == "HEALTHCHECK"]
     health_cmd = json.loads(health[health.index("CMD") + 3:].strip())
-    sbatch_ping = re.search(r"^ping='(.*?)'$", SBATCH.read_text(), re.S | re.M).group(1)  # type: ignore[union-attr]
+    sbatch_ping = re.search(r"^ping='(.*?)'$", SBATCH.read_text(), re.DOTALL | re.MULTILINE).group(1)  # type: ignore[union-attr]
     out = {}
     for name, argv in [("kubernetes-probe", probe), ("container-healthcheck", health_cmd)]:
         assert argv[:2] == ["python", "-c"] and NODE_ENDPOINT in argv[2]

@@ -43,6 +43,8 @@ __all__ = [
     "VarSpec",
     "Variable",
     "WriteRequest",
+    "MODES",
+    "check_stream_step",
     "check_v5_limits",
     "decode",
     "encode",
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 TAG: Final = b"matspool/1"
+MODES: Final = ("write", "create", "append")
 FORMATS: Final = ("v5", "v7.3")
 MAX_MESSAGE_BYTES: Final = 1 << 20
 MAX_VARS: Final = 4096
@@ -145,10 +148,12 @@ class WriteRequest:
     fsync: bool
     vars: tuple[Variable, ...]
     compress: int = 0  # deflate level, 0 = off
+    mode: str = "write"  # or a stream's first step ("create") and the steps after ("append")
 
     def to_wire(self) -> dict[str, Any]:
         return {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
-                "fsync": self.fsync, "compress": self.compress, "vars": [v.to_wire() for v in self.vars]}
+                "fsync": self.fsync, "compress": self.compress, "mode": self.mode,
+                "vars": [v.to_wire() for v in self.vars]}
 
 
 def encode(msg: dict[str, Any]) -> list[bytes]:
@@ -266,6 +271,21 @@ def check_v5_limits(vars: tuple[Variable, ...] | list[Variable]) -> None:
             raise FormatLimitError(f"variable {v.name!r}: a dimension exceeds MAT v5's int32 limit")
 
 
+def check_stream_step(fmt: str, vars: tuple[Variable, ...] | list[Variable]) -> None:
+    """A stream grows numeric variables in v7.3; say why anything else cannot."""
+    if fmt != "v7.3":
+        raise FormatLimitError(
+            "a stream needs format='v7.3': MAT v5 cannot grow a variable in place, and "
+            "rewriting the whole file at every step would make each step cost the whole run"
+        )
+    for v in vars:
+        if not isinstance(v, VarSpec):
+            raise ProtocolError(f"stream variable {v.name!r}: only numeric arrays can grow "
+                                "(save structs and text with save())")
+        if 0 in v.dims:
+            raise ProtocolError(f"stream variable {v.name!r}: an empty array cannot grow")
+
+
 def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
     """Validate a WRITE message against a ring of ``ring_bytes``; every range stays inside it."""
     seq = _int(msg.get("seq"), "seq")
@@ -279,6 +299,9 @@ def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
     if not isinstance(fsync, bool):
         raise ProtocolError("fsync must be true or false")
     compress = _int(msg.get("compress", 0), "compress", 0, 9)
+    mode = msg.get("mode", "write")
+    if mode not in MODES:
+        raise ProtocolError(f"mode must be one of {MODES}, got {mode!r}")
     raw_vars = msg.get("vars")
     if not isinstance(raw_vars, list) or not 1 <= len(raw_vars) <= MAX_VARS:
         raise ProtocolError(f"vars must be a list of 1 to {MAX_VARS} variables")
@@ -288,4 +311,6 @@ def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
         raise ProtocolError("variable names repeat within one save")
     if fmt == "v5":
         check_v5_limits(vars_)
-    return WriteRequest(seq, path, fmt, fsync, vars_, compress)
+    if mode != "write":
+        check_stream_step(fmt, vars_)
+    return WriteRequest(seq, path, fmt, fsync, vars_, compress, mode)

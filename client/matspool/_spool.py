@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 
@@ -43,6 +43,9 @@ from ._errors import (
 )
 from ._matlab import V5_MAX_VARIABLE_BYTES, check_name
 from ._ring import ALIGN, Ring
+
+if TYPE_CHECKING:
+    from ._stream import Stream
 
 __all__ = ["DEFAULT_RING_BYTES", "SaveResult", "Spool"]
 
@@ -216,8 +219,33 @@ class Spool:
         ``"hwc"`` turns 3-d CHW / 4-d NCHW images into HxWxC(xN). ``compress``
         (default: the spool's) deflates in the daemon: True is level 3, or give 1-9.
         """
+        _check_choice("format", format, _FORMATS)
+        return self._submit(path, variables, format, layout, oned_as, fsync, compress, "write")
+
+    def stream(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        format: str = "v7.3",
+        layout: str = "matlab",
+        oned_as: str = "row",
+        fsync: bool = False,
+        compress: bool | int | None = None,
+    ) -> Stream:
+        """A file that grows by one step per ``append``: MATLAB sees ``[dims... n_steps]``.
+
+        The first append replaces any file at ``path``; each later one extends every
+        variable along a new trailing dimension. Only v7.3 can grow a variable.
+        """
+        from ._stream import Stream
+
+        return Stream(self, path, format=format, layout=layout, oned_as=oned_as, fsync=fsync,
+                      compress=compress)
+
+    def _submit(self, path: str | os.PathLike[str], variables: Mapping[str, Any], fmt: str,
+                layout: str, oned_as: str, fsync: bool, compress: bool | int | None,
+                mode: str) -> Future[SaveResult]:
         self._check_open()
-        fmt = _check_choice("format", format, _FORMATS)
         _check_choice("layout", layout, LAYOUTS)
         _check_choice("oned_as", oned_as, ONED_AS)
         if not isinstance(fsync, bool):
@@ -227,14 +255,18 @@ class Spool:
         if len(variables) > proto.MAX_VARS:
             raise ValueError(f"at most {proto.MAX_VARS} variables per save, got {len(variables)}")
         abspath = _check_path(path)
+        level = self.compress if compress is None else _level(compress)
         values = {check_name(name): prepare_value(name, value, layout, oned_as)
                   for name, value in variables.items()}
         arrays = [a for v in values.values() for a in iter_arrays(v)]
         if fmt == "auto":
             fmt = "v7.3" if any(a.nbytes > V5_MAX_VARIABLE_BYTES for a in arrays) else "v5"
         relative, total = self._place(arrays)
+        provisional = [to_spec(n, v, relative) for n, v in values.items()]
         if fmt == "v5":
-            proto.check_v5_limits([to_spec(n, v, relative) for n, v in values.items()])
+            proto.check_v5_limits(provisional)
+        if mode != "write":
+            proto.check_stream_step(fmt, provisional)
 
         ring = self._ring
         assert ring is not None
@@ -244,8 +276,7 @@ class Spool:
         seq = next(self._seq)
         fut: Future[SaveResult] = Future()
         fut.set_running_or_notify_cancel()
-        level = self.compress if compress is None else _level(compress)
-        request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs), level)
+        request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs), level, mode)
         with self._lock:
             self._pending[seq] = _Pending(fut, base, abspath, fmt)
         try:
@@ -257,6 +288,10 @@ class Spool:
                     copy_host(a, ring.array, offsets[id(a)])
             if cuda_items:
                 self._waitq.put((self._cuda().start(cuda_items), request))
+            elif self._copier is not None:
+                # CUDA saves may still be copying: queue behind them, so saves to one path
+                # (and a stream's steps) reach the daemon in the order they were made
+                self._waitq.put((None, request))
             else:
                 self._send(request.to_wire())
         except BaseException:
@@ -338,7 +373,8 @@ class Spool:
         while (item := self._waitq.get()) is not None:
             pending, request = item
             try:
-                pending.wait()
+                if pending is not None:
+                    pending.wait()
             except Exception as e:  # a CUDA error: the bytes never arrived
                 self._resolve(request.seq, error=MatspoolError(f"CUDA copy failed: {e}"))
                 continue

@@ -33,6 +33,7 @@ from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 from .cleanup import pid_alive, remove_stale_rings
 from .paths import normalize_roots, resolve_target
 from .writers import write_atomic
+from .writers.stream import append_step
 
 __all__ = ["Daemon"]
 
@@ -343,7 +344,10 @@ class Daemon:
         now = time.monotonic()
         for c in list(self._clients.values()):
             silent = now - c.last_seen
-            if c.dead or not (silent > self.client_timeout or (silent > 2.0 and not pid_alive(c.pid))):
+            # pids mean something only in our own pid namespace: with --no-clean-stale
+            # (clients in other containers) silence alone decides
+            pid_gone = self.clean_stale and silent > 2.0 and not pid_alive(c.pid)
+            if c.dead or not (silent > self.client_timeout or pid_gone):
                 continue
             c.dead = True
             if not c.inflight:
@@ -388,8 +392,12 @@ class Daemon:
                 time.sleep(self.write_delay)
             final = resolve_target(req.path, self.roots)
             _check_ring_size(job.client, req)
-            nbytes = write_atomic(final, req.format, _views(job.client, req), fsync=req.fsync,
-                                  compress=req.compress)
+            views = _views(job.client, req)
+            if req.mode == "append":
+                nbytes = append_step(final, views, fsync=req.fsync)  # type: ignore[arg-type]
+            else:
+                fmt = "stream" if req.mode == "create" else req.format
+                nbytes = write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress)
         except MatspoolError as e:
             error = e
         except OSError as e:

@@ -18,13 +18,15 @@ from typing import Any
 
 from matspool._protocol import Variable
 
+from .stream import create_stream
 from .v5 import write_v5
 from .v73 import write_v73
 
 __all__ = ["TMP_SUFFIX", "WRITERS", "Variables", "write_atomic"]
 
 Variables = Sequence[tuple[Variable, Any]]
-WRITERS: dict[str, Callable[[str, Variables, int], None]] = {"v5": write_v5, "v7.3": write_v73}
+WRITERS: dict[str, Callable[[str, Variables, int], None]] = {
+    "v5": write_v5, "v7.3": write_v73, "stream": create_stream}  # type: ignore[dict-item]
 TMP_SUFFIX = ".matspool-tmp"
 
 

@@ -1,0 +1,72 @@
+"""A run's history in one v7.3 file: each ``append`` adds one step to every variable."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING, Any
+
+from ._errors import FlushError, FormatLimitError, SpoolClosed
+
+if TYPE_CHECKING:
+    from ._spool import SaveResult, Spool
+
+__all__ = ["Stream"]
+
+
+class Stream:
+    """Made by :meth:`Spool.stream`. Steps are written in order; after ``flush()`` the file
+    is complete and readable (h5py, mat73, hdf5storage, MATLAB) with every step so far."""
+
+    def __init__(self, spool: Spool, path: str | os.PathLike[str], *, format: str, layout: str,
+                 oned_as: str, fsync: bool, compress: bool | int | None) -> None:
+        if format != "v7.3":
+            raise FormatLimitError(
+                f"a stream needs format='v7.3', not {format!r}: MAT v5 cannot grow a variable in "
+                "place; for v5 save one file per step with save()"
+            )
+        self.spool = spool
+        self.path = os.path.abspath(os.fspath(path))
+        self._opts = (layout, oned_as, fsync, compress)
+        self._futures: list[Future[SaveResult]] = []
+        self.steps = 0
+        self.closed = False
+
+    def append(self, variables: dict[str, Any] | None = None, /, **named: Any) -> Future[SaveResult]:
+        """Add one step: ``s.append(u=u, t=t)`` or ``s.append({"u": u})``. Every step must
+        hold the same names with the same class and size as the first."""
+        if self.closed:
+            raise SpoolClosed(f"append() on the closed stream {self.path}")
+        values = {**(variables or {}), **named}
+        layout, oned_as, fsync, compress = self._opts
+        mode = "create" if self.steps == 0 else "append"
+        fut = self.spool._submit(self.path, values, "v7.3", layout, oned_as, fsync, compress, mode)
+        self.steps += 1
+        self._futures.append(fut)
+        return fut
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every step appended so far is in the file; raise if one failed."""
+        futures, self._futures = self._futures, []
+        _, not_done = wait(futures, timeout)
+        if not_done:
+            self._futures = list(not_done) + self._futures
+            raise TimeoutError(f"stream {self.path}: {len(not_done)} steps still pending after {timeout} s")
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        if errors:
+            raise FlushError(f"stream {self.path}: {len(errors)} steps failed; first: {errors[0]}",
+                             errors) from errors[0]
+
+    def close(self, timeout: float | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.flush(timeout)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.closed = True  # do not mask the caller's error with a flush error

@@ -1,0 +1,82 @@
+"""Growing v7.3 variables: one step per append along a new trailing MATLAB dimension.
+
+MATLAB size ``[d1 ... dk]`` per step is stored as a chunked dataset of shape
+``(n, dk, ..., d1)`` with unlimited ``maxshape`` on the first axis (the last, slowest one
+in MATLAB's column-major order), one chunk per step, so MATLAB sees ``[d1 ... dk n]``.
+MATLAB's own files hold such chunked datasets, and it reads them like any other.
+
+The first step creates the file under a temporary name and renames it into place; each
+later step opens the file, extends every variable by one and closes it again, so between
+steps the file is complete and any reader can open it. The window in which a killed
+daemon could leave HDF5's metadata half-updated is the few milliseconds of one append.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import h5py
+import numpy as np
+from matspool._errors import WriteFailed
+from matspool._protocol import VarSpec
+
+from .v73 import USERBLOCK, _stored, _str_attr, header
+
+__all__ = ["append_step", "create_stream"]
+
+
+def _step_shape(spec: VarSpec) -> tuple[int, ...]:
+    return tuple(spec.dims[::-1])
+
+
+def create_stream(path: str, variables: Sequence[tuple[VarSpec, Any]], level: int = 0) -> None:
+    """The file with its first step (written to a temporary name by the caller)."""
+    with h5py.File(path, "w-", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
+        for spec, arr in variables:
+            data = _stored(spec, arr)
+            shape = _step_shape(spec)
+            ds = f.create_dataset(spec.name, shape=(1, *shape), maxshape=(None, *shape),
+                                  chunks=(1, *shape), dtype=data.dtype,
+                                  compression="gzip" if level else None,
+                                  compression_opts=level or None)
+            ds[0] = data
+            _str_attr(ds, "MATLAB_class", spec.matlab_class)
+            if spec.matlab_class == "logical":
+                ds.attrs.create("MATLAB_int_decode", np.int32(1))
+    with open(path, "r+b") as raw:
+        raw.write(header())
+
+
+def append_step(path: str, variables: Sequence[tuple[VarSpec, Any]], *, fsync: bool) -> int:
+    """Extend every variable of the stream at ``path`` by one step; returns the file size."""
+    if not os.path.exists(path):
+        raise WriteFailed(f"cannot append to {path!r}: the stream's file is gone "
+                          "(its first step failed, or it was removed)")
+    with h5py.File(path, "r+") as f:
+        names = {spec.name for spec, _ in variables}
+        if names != set(f.keys()):
+            raise WriteFailed(f"cannot append to {path!r}: this step has variables "
+                              f"{sorted(names)}, the stream has {sorted(f.keys())}")
+        for spec, arr in variables:  # check every variable before changing any
+            ds = f[spec.name]
+            data = _stored(spec, arr)
+            if ds.shape[1:] != _step_shape(spec) or ds.dtype != data.dtype:
+                step = "x".join(map(str, spec.dims))
+                raise WriteFailed(
+                    f"cannot append to {path!r}: {spec.name!r} is {step} {spec.matlab_class} in this "
+                    f"step but {'x'.join(map(str, ds.shape[:0:-1]))} {ds.attrs['MATLAB_class'].decode()} "
+                    "in the stream")
+        n = f[next(iter(names))].shape[0]
+        for spec, arr in variables:
+            ds = f[spec.name]
+            ds.resize(n + 1, axis=0)
+            ds[n] = _stored(spec, arr)
+    if fsync:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return os.stat(path).st_size
