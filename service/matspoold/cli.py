@@ -1,4 +1,5 @@
-"""The ``matspool`` command: ``serve`` runs the daemon, ``demo`` a simulation job against it."""
+"""The ``matspool`` command: ``serve`` runs the daemon, ``demo`` a simulation job against it,
+``verify`` checks .mat files."""
 
 from __future__ import annotations
 
@@ -26,23 +27,33 @@ def _mode(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .config import ConfigError, resolve_settings
+
+    try:  # defaults < config file < MATSPOOL_* environment < the flags given (config.py)
+        resolved = resolve_settings(getattr(args, "given_flags", {}), config=args.config)
+    except ConfigError as e:
+        print(f"matspool serve: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(resolved.to_toml())
+        return 0
+    cfg = resolved.settings
     from .server import Daemon, install_signal_handlers
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    roots = args.root or [os.getcwd()]
     try:
-        daemon = Daemon(args.endpoint, roots, writers=args.writers, socket_mode=args.socket_mode,
-                        socket_group=args.group, parent_pid=args.parent_pid,
-                        clean_stale=args.clean_stale, client_timeout=args.client_timeout,
-                        curve_secret=args.curve_secret, curve_clients=args.curve_clients,
+        daemon = Daemon(cfg.endpoint, cfg.roots, writers=cfg.writers, socket_mode=cfg.socket_mode,
+                        socket_group=cfg.group, parent_pid=args.parent_pid,
+                        clean_stale=cfg.clean_stale, client_timeout=cfg.client_timeout,
+                        curve_secret=cfg.curve_secret, curve_clients=cfg.curve_clients,
                         write_delay=args.debug_write_delay)
     except (ValueError, KeyError) as e:
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2
     from .writers import _deflate
 
-    _deflate.set_threads(args.compress_threads)
+    _deflate.set_threads(cfg.compress_threads)
     # The control loop is I/O-bound and shares the GIL with writer threads; Python's
     # default 5 ms switch interval would make every reply wait behind a writer.
     sys.setswitchinterval(float(os.environ.get("MATSPOOL_SWITCH_INTERVAL", "0.001")))
@@ -55,12 +66,30 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ping(args: argparse.Namespace) -> int:
+    from .probe import ping
+
+    return ping(args.endpoint, args.timeout)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .probe import status
+
+    return status(args.endpoint, args.timeout, args.json)
+
+
 def _keygen(args: argparse.Namespace) -> int:
     from matspool._curve import make_keys
 
     public, secret = make_keys(args.dir, args.name)
     print(f"public key: {public}\nsecret key: {secret} (owner-only; keep it on this host)")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import run_verify
+
+    return run_verify(args.files, as_json=args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -73,34 +102,58 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="matspool", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the writer daemon")
-    s.add_argument("--endpoint", default=default_endpoint(),
-                   help="ZeroMQ endpoint to bind (default: %(default)s)")
-    s.add_argument("--root", action="append", metavar="DIR",
+    # Setting flags default to SUPPRESS: only flags actually given override the config file
+    # and MATSPOOL_* variables (config.take_flags then fills in the built-in defaults).
+    unset = argparse.SUPPRESS
+    s.add_argument("--config", metavar="FILE",
+                   help="TOML file with a [serve] table (default: $MATSPOOL_CONFIG)")
+    s.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings as TOML, with where each came from, and exit")
+    s.add_argument("--endpoint", default=unset,
+                   help="ZeroMQ endpoint to bind (default: $MATSPOOL_ENDPOINT, else "
+                        f"{default_endpoint()})")
+    s.add_argument("--root", action="append", metavar="DIR", default=unset,
                    help="directory the daemon may write under (repeatable; default: the current one)")
-    s.add_argument("--writers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="writer threads (default: %(default)s)")
-    s.add_argument("--compress-threads", type=int, default=os.cpu_count() or 1,
-                   help="cores that deflate compressed saves (default: all, %(default)s)")
-    s.add_argument("--socket-mode", type=_mode, default=0o600,
+    s.add_argument("--writers", type=int, default=unset,
+                   help=f"writer threads (default: {min(8, os.cpu_count() or 1)})")
+    s.add_argument("--compress-threads", type=int, default=unset,
+                   help=f"cores that deflate compressed saves (default: all, {os.cpu_count() or 1})")
+    s.add_argument("--socket-mode", type=_mode, default=unset,
                    help="permissions of an ipc socket, octal (default: 600, owner only)")
-    s.add_argument("--group", help="group to give the ipc socket (use with --socket-mode 660)")
-    s.add_argument("--no-clean-stale", dest="clean_stale", action="store_false",
+    s.add_argument("--group", default=unset,
+                   help="group to give the ipc socket (use with --socket-mode 660)")
+    s.add_argument("--no-clean-stale", dest="clean_stale", action="store_false", default=unset,
                    help="do not remove rings of dead clients from /dev/shm at start (use when "
                         "clients run in another pid namespace)")
-    s.add_argument("--client-timeout", type=float, default=30.0,
-                   help="seconds of silence after which a client counts as dead (default: %(default)s)")
-    s.add_argument("--curve-secret", metavar="FILE",
+    s.add_argument("--clean-stale", dest="clean_stale", action="store_true", default=unset,
+                   help="remove them (the default; overrides clean_stale = false in a config file)")
+    s.add_argument("--client-timeout", type=float, default=unset,
+                   help="seconds of silence after which a client counts as dead (default: 30.0)")
+    s.add_argument("--curve-secret", metavar="FILE", default=unset,
                    help="the server's .key_secret file (required for tcp:// endpoints)")
-    s.add_argument("--curve-clients", metavar="DIR",
+    s.add_argument("--curve-clients", metavar="DIR", default=unset,
                    help="directory of authorized client public .key files (required for tcp://)")
     s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     s.add_argument("--debug-write-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-level", default=unset, choices=["debug", "info", "warning", "error"],
+                   help="(default: info)")
     s.set_defaults(func=_serve)
+    for name, func, what in (("ping", _ping, "exit 0 if the daemon answers (health checks)"),
+                             ("status", _status, "per-client queue, ring use, files, throughput, errors")):
+        q = sub.add_parser(name, help=what)
+        q.add_argument("--endpoint", default=os.environ.get("MATSPOOL_ENDPOINT") or default_endpoint())
+        q.add_argument("--timeout", type=float, default=5.0)
+        if name == "status":
+            q.add_argument("--json", action="store_true", help="print the daemon's raw answer")
+        q.set_defaults(func=func)
     k = sub.add_parser("keygen", help="make a CURVE key pair for a tcp:// endpoint")
     k.add_argument("dir", help="directory to write NAME.key and NAME.key_secret into")
     k.add_argument("--name", default="matspool", help="file name stem (default: %(default)s)")
     k.set_defaults(func=_keygen)
+    v = sub.add_parser("verify", help="check .mat files the way MATLAB would read them")
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--json", action="store_true", help="print a machine-readable report")
+    v.set_defaults(func=_verify)
     d = sub.add_parser("demo", help="run a demo simulation that exports every step")
     d.add_argument("--out", default="out/demo", help="output directory (default: %(default)s)")
     d.add_argument("--steps", type=int, default=40)
@@ -108,4 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--format", default="v7.3", choices=["v5", "v7.3"])
     d.set_defaults(func=_demo)
     args = p.parse_args(argv)
+    if args.command == "serve":
+        from .config import take_flags
+
+        args.given_flags = take_flags(args)
     return args.func(args)

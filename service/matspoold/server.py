@@ -54,11 +54,26 @@ class _Client:
     bye: bool = False
     dead: bool = False
     last_seen: float = 0.0
-    active: set[int] = field(default_factory=set)  # seqs accepted, not yet answered
+    active: dict[int, float] = field(default_factory=dict)  # seq accepted -> when
     answered: OrderedDict[int, list[bytes]] = field(default_factory=OrderedDict)
+    joined: float = field(default_factory=time.monotonic)
+    files: int = 0
+    bytes_written: int = 0
+    payload_inflight: int = 0
+    errors: int = 0
+
+    def status(self, now: float) -> dict[str, Any]:
+        """What ``matspool status`` shows for this client."""
+        age = max(now - self.joined, 1e-9)
+        return {"pid": self.pid, "ring": self.ring, "ring_bytes": len(self.mm) if not self.mm.closed else 0,
+                "queue_depth": self.inflight, "ring_bytes_in_flight": self.payload_inflight,
+                "files_written": self.files, "bytes_written": self.bytes_written, "errors": self.errors,
+                "throughput_bytes_per_s": self.bytes_written / age, "connected_s": age,
+                "oldest_pending_s": now - min(self.active.values()) if self.active else 0.0,
+                "silent_s": now - self.last_seen, "dead": self.dead}
 
     def remember(self, seq: int, reply: list[bytes]) -> None:
-        self.active.discard(seq)
+        self.active.pop(seq, None)
         self.answered[seq] = reply
         if len(self.answered) > DONE_MEMORY:
             self.answered.popitem(last=False)
@@ -167,6 +182,9 @@ class Daemon:
         self._local = threading.local()
         self._stop = threading.Event()
         self.files_written = 0
+        self.bytes_written = 0
+        self.errors = 0
+        self.started = time.monotonic()
         self.instance = secrets.token_hex(8)  # tells clients this daemon from an earlier one
         self.clean_stale = clean_stale
         self.client_timeout = client_timeout
@@ -258,6 +276,13 @@ class Daemon:
                     pass
             log.info("stopped after %d files", self.files_written)
 
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"op": "STATUS", "pid": os.getpid(), "instance": self.instance, "endpoint": self.endpoint,
+                "roots": list(self.roots), "uptime_s": now - self.started, "files_written": self.files_written,
+                "bytes_written": self.bytes_written, "errors": self.errors,
+                "clients": [c.status(now) for c in self._clients.values()]}
+
     def _busy(self) -> bool:
         return any(c.inflight for c in self._clients.values())
 
@@ -276,6 +301,8 @@ class Daemon:
                 client.last_seen = time.monotonic()
             if op == "PING":
                 router.send_multipart([ident, *proto.encode({"op": "PONG", "instance": self.instance})])
+            elif op == "STATUS":
+                router.send_multipart([ident, *proto.encode(self.status())])
             elif op == "HELLO":
                 self._hello(ident, msg)
                 router.send_multipart([ident, *proto.encode({"op": "WELCOME", "pid": os.getpid(),
@@ -370,7 +397,8 @@ class Daemon:
         request = proto.parse_write(msg, len(client.mm))
         job = _Job(client, request)
         client.inflight += 1
-        client.active.add(request.seq)
+        client.active[request.seq] = time.monotonic()
+        client.payload_inflight += sum(leaf.nbytes for v in request.vars for leaf in proto.leaves(v))
         key = os.path.normpath(request.path)
         waiting = self._by_path.get(key)
         if waiting is None:
@@ -419,11 +447,17 @@ class Daemon:
             except queue.Empty:
                 return
             req, client = job.request, job.client
+            client.payload_inflight -= sum(leaf.nbytes for v in req.vars for leaf in proto.leaves(v))
             if error is None:
                 self.files_written += 1
+                self.bytes_written += nbytes or 0
+                client.files += 1
+                client.bytes_written += nbytes or 0
                 reply = [client.ident, *proto.encode({"op": "DONE", "seq": req.seq, "nbytes": nbytes})]
             else:
                 log.warning("save %d to %s failed: %s", req.seq, req.path, error)
+                self.errors += 1
+                client.errors += 1
                 reply = _error_reply(client.ident, req.seq, error)
             router.send_multipart(reply)
             client.remember(req.seq, reply[1:])

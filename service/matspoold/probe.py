@@ -1,0 +1,78 @@
+"""``matspool ping`` and ``matspool status``: ask a running daemon, print what it says."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import zmq
+from matspool import _protocol as proto
+from matspool._curve import ClientKeys, is_tcp
+
+__all__ = ["ask", "format_status", "ping", "status"]
+
+
+def ask(endpoint: str, op: str, timeout: float) -> dict[str, Any] | None:
+    """One request/answer on a fresh DEALER; None when nothing answers in time."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if is_tcp(endpoint):
+            keys = ClientKeys.from_env()
+            if keys is None:
+                raise ValueError("a tcp:// endpoint needs MATSPOOL_CURVE_CLIENT_SECRET and "
+                                 "MATSPOOL_CURVE_SERVER_PUBLIC")
+            keys.apply(sock)
+        sock.connect(endpoint)
+        sock.send_multipart(proto.encode({"op": op}))
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        return proto.decode(sock.recv_multipart())
+    finally:
+        sock.close()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [f"daemon pid {st['pid']} at {st['endpoint']}, up {st['uptime_s']:.0f} s, "
+             f"{st['files_written']} files, {_size(st['bytes_written'])} written, {st['errors']} errors",
+             f"roots: {', '.join(st['roots'])}"]
+    clients = st["clients"]
+    if not clients:
+        lines.append("no clients connected")
+        return "\n".join(lines)
+    head = f"{'pid':>8} {'queue':>5} {'ring use':>20} {'files':>7} {'written':>10} {'rate':>12} {'errors':>6} {'oldest':>8}"
+    lines.append(head)
+    for c in clients:
+        use = f"{_size(c['ring_bytes_in_flight'])}/{_size(c['ring_bytes'])}"
+        lines.append(f"{c['pid']:>8} {c['queue_depth']:>5} {use:>20} {c['files_written']:>7} "
+                     f"{_size(c['bytes_written']):>10} {_size(c['throughput_bytes_per_s']) + '/s':>12} "
+                     f"{c['errors']:>6} {c['oldest_pending_s']:>7.1f}s" + ("  (dead)" if c["dead"] else ""))
+    return "\n".join(lines)
+
+
+def ping(endpoint: str, timeout: float) -> int:
+    reply = ask(endpoint, "PING", timeout)
+    if reply is None or reply.get("op") != "PONG":
+        print(f"matspool ping: no answer from {endpoint} within {timeout} s", file=sys.stderr)
+        return 1
+    print(f"matspool daemon at {endpoint} is up (instance {reply.get('instance')})")
+    return 0
+
+
+def status(endpoint: str, timeout: float, as_json: bool) -> int:
+    reply = ask(endpoint, "STATUS", timeout)
+    if reply is None or reply.get("op") != "STATUS":
+        print(f"matspool status: no answer from {endpoint} within {timeout} s", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2) if as_json else format_status(reply))
+    return 0
