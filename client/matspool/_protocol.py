@@ -43,7 +43,10 @@ __all__ = [
     "VarSpec",
     "Variable",
     "WriteRequest",
+    "MAX_DEFERRED_BYTES",
     "MODES",
+    "Part",
+    "parse_part",
     "check_stream_step",
     "check_v5_limits",
     "decode",
@@ -53,7 +56,7 @@ __all__ = [
 ]
 
 TAG: Final = b"matspool/1"
-MODES: Final = ("write", "create", "append")
+MODES: Final = ("write", "create", "append", "begin")
 FORMATS: Final = ("v5", "v7.3")
 MAX_MESSAGE_BYTES: Final = 1 << 20
 MAX_VARS: Final = 4096
@@ -69,14 +72,18 @@ class VarSpec:
     dims: tuple[int, ...]  # MATLAB size, column-major order, at least 2
     offset: int
     nbytes: int
+    deferred: bool = False  # larger than the ring: its bytes follow in PART messages
 
     @property
     def matlab_class(self) -> str:
         return STORED_DTYPES[self.dtype]
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims),
+        wire = {"name": self.name, "dtype": self.dtype, "dims": list(self.dims),
                 "offset": self.offset, "nbytes": self.nbytes}
+        if self.deferred:
+            wire["deferred"] = True
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +192,7 @@ def _int(value: object, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
 
 
 MAX_TREE_DEPTH: Final = 16
+MAX_DEFERRED_BYTES: Final = 1 << 44  # 16 TiB
 MAX_TREE_NODES: Final = 65536
 
 
@@ -247,9 +255,14 @@ def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
     if not isinstance(dims_raw, list) or not 2 <= len(dims_raw) <= MAX_NDIM:
         raise ProtocolError(f"variable {name!r}: dims must be a list of 2 to {MAX_NDIM} integers")
     dims = tuple(_int(d, f"variable {name!r} dimension", 0, 2**62) for d in dims_raw)
+    expected = math.prod(dims) * np.dtype(dtype).itemsize
+    if raw.get("deferred") is True:
+        if raw.get("offset") != 0 or raw.get("nbytes") != expected or expected > MAX_DEFERRED_BYTES:
+            raise ProtocolError(f"variable {name!r}: a deferred variable has offset 0 and "
+                                f"nbytes {expected} (at most {MAX_DEFERRED_BYTES})")
+        return VarSpec(name, dtype, dims, 0, expected, deferred=True)
     offset = _int(raw.get("offset"), f"variable {name!r} offset", 0, ring_bytes)
     nbytes = _int(raw.get("nbytes"), f"variable {name!r} nbytes", 0, ring_bytes - offset)
-    expected = math.prod(dims) * np.dtype(dtype).itemsize
     if expected != nbytes:
         raise ProtocolError(
             f"variable {name!r}: dims {list(dims)} of {dtype} need {expected} bytes, message says {nbytes}"
@@ -311,6 +324,33 @@ def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
         raise ProtocolError("variable names repeat within one save")
     if fmt == "v5":
         check_v5_limits(vars_)
-    if mode != "write":
+    deferred = [v for v in vars_ if isinstance(v, VarSpec) and v.deferred]
+    if deferred and (mode != "begin" or compress):
+        raise ProtocolError("deferred variables come only with mode 'begin' and no compression")
+    if mode in ("create", "append"):
         check_stream_step(fmt, vars_)
     return WriteRequest(seq, path, fmt, fsync, vars_, compress, mode)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Bytes ``[start, start + nbytes)`` of deferred variable ``var`` of save ``seq``,
+    now at ``offset`` in the ring."""
+
+    seq: int
+    var: int
+    start: int
+    offset: int
+    nbytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "PART", "seq": self.seq, "var": self.var, "start": self.start,
+                "offset": self.offset, "nbytes": self.nbytes}
+
+
+def parse_part(msg: dict[str, Any], ring_bytes: int) -> Part:
+    """Bounds against the ring here; against the variable where its save is known."""
+    offset = _int(msg.get("offset"), "offset", 0, ring_bytes)
+    return Part(_int(msg.get("seq"), "seq"), _int(msg.get("var"), "var", 0, MAX_VARS),
+                _int(msg.get("start"), "start", 0, MAX_DEFERRED_BYTES), offset,
+                _int(msg.get("nbytes"), "nbytes", 1, ring_bytes - offset))

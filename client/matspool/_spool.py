@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any, Final
 import zmq
 
 from . import _protocol as proto
-from ._convert import LAYOUTS, ONED_AS, Prepared, copy_host, iter_arrays, prepare_value, to_spec
+from ._convert import LAYOUTS, ONED_AS, Prepared, Value, copy_host, iter_arrays, prepare_value, to_spec
 from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
 from ._errors import (
     DaemonUnavailable,
     FlushError,
     MatspoolError,
+    PayloadTooLarge,
     SpoolClosed,
     UnknownClient,
     error_from_code,
@@ -73,6 +74,7 @@ class _Pending:
     format: str
     wire: list[bytes] | None = None  # the WRITE as sent, kept to re-send to a restarted daemon
     sent: bool = False
+    parts: set[int] | None = None  # ring offsets of pieces in flight (a save larger than the ring)
 
 
 _LIVE: weakref.WeakSet[Spool] = weakref.WeakSet()
@@ -83,6 +85,17 @@ def _close_live_spools() -> None:
     """Process exit without close(): finish what was saved rather than drop it."""
     for spool in list(_LIVE):
         spool.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    """The last message of a save in pieces; ``abort`` throws the save away."""
+
+    seq: int
+    abort: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "END", "seq": self.seq, "abort": self.abort}
 
 
 def _cuda_in_use() -> bool:
@@ -267,9 +280,11 @@ class Spool:
             proto.check_v5_limits(provisional)
         if mode != "write":
             proto.check_stream_step(fmt, provisional)
-
         ring = self._ring
         assert ring is not None
+        if total > ring.size and mode == "write":
+            return self._submit_in_pieces(abspath, values, fmt, fsync, level)
+
         base = ring.alloc(total, block=self.on_full == "block", timeout=self.timeout)
         offsets = {key: base + off for key, off in relative.items()}
         specs = [to_spec(n, v, offsets) for n, v in values.items()]
@@ -286,14 +301,7 @@ class Spool:
                     cuda_items.append((a, offsets[id(a)]))
                 else:
                     copy_host(a, ring.array, offsets[id(a)])
-            if cuda_items:
-                self._waitq.put((self._cuda().start(cuda_items), request))
-            elif self._copier is not None:
-                # CUDA saves may still be copying: queue behind them, so saves to one path
-                # (and a stream's steps) reach the daemon in the order they were made
-                self._waitq.put((None, request))
-            else:
-                self._send(request.to_wire())
+            self._dispatch(request, self._cuda().start(cuda_items) if cuda_items else None)
         except BaseException:
             with self._lock:
                 self._pending.pop(seq, None)
@@ -349,6 +357,98 @@ class Spool:
         if self._broken is not None:
             raise self._broken
 
+    def _dispatch(self, message: Any, copy: Any = None) -> None:
+        """Send once ``copy`` (a CUDA copy) is done. While CUDA saves may still be copying,
+        everything queues behind them, so saves to one path, a stream's steps and a big
+        save's pieces reach the daemon in the order they were made."""
+        if copy is not None or self._copier is not None:
+            self._waitq.put((copy, message))
+        else:
+            self._send(self._wire(message))
+
+    def _submit_in_pieces(self, abspath: str, values: dict[str, Value], fmt: str, fsync: bool,
+                          level: int) -> Future[SaveResult]:
+        """A save larger than the ring: its largest arrays travel in slabs.
+
+        The file is laid out first (BEGIN, with the small variables in the ring), then
+        each slab of a deferred array is copied in as ring space frees and written into
+        its place (PART), then END renames the file into place. This call returns when
+        the last slab is in the ring: for these saves the caller waits for the disk by as
+        much as the save exceeds the ring.
+        """
+        ring = self._ring
+        assert ring is not None
+        if level:
+            raise PayloadTooLarge(f"a compressed save must fit in the ring ({ring.size} bytes); "
+                                  "raise ring_bytes or save uncompressed")
+        budget = ring.size // 4
+        names = list(values)
+        deferred: dict[str, tuple[int, int]] = {}  # name -> (axis, planes per slab)
+        rest = sum(a.nbytes for v in values.values() for a in iter_arrays(v))
+        for name in sorted(names, key=lambda n: -sum(a.nbytes for a in iter_arrays(values[n]))):
+            v = values[name]
+            if rest <= budget or not isinstance(v, Prepared) or v.nbytes <= budget // 4:
+                break
+            axis = max(i for i, d in enumerate(v.dims) if d > 1)  # slabs along it are contiguous
+            plane = v.nbytes // v.dims[axis]
+            if plane > ring.size // 2:
+                raise PayloadTooLarge(
+                    f"variable {name!r}: one slab along its last dimension is {plane} bytes; a save "
+                    f"in pieces needs a ring of at least twice that (ring_bytes={ring.size})")
+            deferred[name] = (axis, max(1, budget // plane))
+            rest -= v.nbytes
+        if rest > ring.size // 2:
+            raise PayloadTooLarge(f"this save's variables that cannot be split take {rest} bytes; "
+                                  f"the ring holds {ring.size}: raise ring_bytes")
+        small = [a for n, v in values.items() if n not in deferred for a in iter_arrays(v)]
+        relative, total = self._place(small)
+        base = ring.alloc(total, block=self.on_full == "block", timeout=self.timeout)
+        offsets = {key: base + off for key, off in relative.items()}
+        specs = [proto.VarSpec(n, v.dtype, v.dims, 0, v.nbytes, deferred=True)  # type: ignore[union-attr]
+                 if n in deferred else to_spec(n, v, offsets) for n, v in values.items()]
+        seq = next(self._seq)
+        fut: Future[SaveResult] = Future()
+        fut.set_running_or_notify_cancel()
+        pending = _Pending(fut, base, abspath, fmt, parts=set())
+        with self._lock:
+            self._pending[seq] = pending
+        abandon = True
+        try:
+            cuda_items = [(a, offsets[id(a)]) for a in small if a.is_cuda]
+            for a in small:
+                if not a.is_cuda:
+                    copy_host(a, ring.array, offsets[id(a)])
+            self._dispatch(proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs), 0, "begin"),
+                           self._cuda().start(cuda_items) if cuda_items else None)
+            for index, name in enumerate(names):
+                if name in deferred:
+                    self._send_slabs(seq, index, values[name], *deferred[name], pending)  # type: ignore[arg-type]
+            abandon = False
+        finally:
+            self._dispatch(_End(seq, abandon))
+        return fut
+
+    def _send_slabs(self, seq: int, index: int, v: Prepared, axis: int, per: int, pending: _Pending) -> None:
+        ring = self._ring
+        assert ring is not None and pending.parts is not None
+        plane = v.nbytes // v.dims[axis]
+        for k in range(0, v.dims[axis], per):
+            if pending.future.done():
+                return  # failed already: the daemon's END answer says why
+            cut = [slice(None)] * len(v.dims)
+            cut[axis] = slice(k, k + per)
+            slab = v.array[tuple(cut)]
+            piece = Prepared(v.name, v.dtype, tuple(int(d) for d in slab.shape), slab, v.is_cuda)
+            off = ring.alloc(piece.nbytes, block=self.on_full == "block", timeout=self.timeout)
+            with self._lock:
+                pending.parts.add(off)
+            copy = None
+            if v.is_cuda:
+                copy = self._cuda().start([(piece, off)])
+            else:
+                copy_host(piece, ring.array, off)
+            self._dispatch(proto.Part(seq, index, k * plane, off, piece.nbytes), copy)
+
     @staticmethod
     def _place(arrays: list[Prepared]) -> tuple[dict[int, int], int]:
         """Offsets (by id) relative to the save's ring region, each cache-line aligned."""
@@ -378,7 +478,16 @@ class Spool:
             except Exception as e:  # a CUDA error: the bytes never arrived
                 self._resolve(request.seq, error=MatspoolError(f"CUDA copy failed: {e}"))
                 continue
-            self._send(request.to_wire())
+            self._send(self._wire(request))
+
+    def _wire(self, message: Any) -> dict[str, Any]:
+        """A save in pieces that already failed here (a copy failed, the ring timed out)
+        must not be published with holes: its END becomes an abort."""
+        if isinstance(message, _End) and not message.abort:
+            with self._lock:
+                if message.seq not in self._pending:
+                    message = _End(message.seq, True)
+        return message.to_wire()
 
     def _send(self, msg: dict[str, Any]) -> None:
         with self._wake_lock:
@@ -394,16 +503,37 @@ class Spool:
             if time.monotonic() > deadline:
                 raise DaemonUnavailable(f"no matspool daemon answered at {self.endpoint} within {timeout} s")
 
+    def _part_done(self, seq: object, offset: object) -> None:
+        """A piece (or, offset None, the laid-out save's small variables) is written: its
+        ring space may be reused while the rest of the save is still arriving."""
+        with self._lock:
+            p = self._pending.get(seq)  # type: ignore[arg-type]
+            if p is None or p.parts is None:
+                return
+            if offset is None:
+                offset, p.offset = p.offset, -1
+            elif offset in p.parts:
+                p.parts.discard(offset)  # type: ignore[arg-type]
+            else:
+                return
+        assert self._ring is not None
+        if offset >= 0:  # type: ignore[operator]
+            self._ring.free(offset)  # type: ignore[arg-type]
+
     def _resolve(self, seq: int, result: SaveResult | None = None, error: BaseException | None = None) -> None:
         with self._lock:
             p = self._pending.pop(seq, None)
+            parts = list(p.parts) if p is not None and p.parts else []
             if p is not None and error is not None:
                 if len(self._failed) < _MAX_KEPT_FAILURES:  # before the future completes:
                     self._failed.append(error)              # flush() waits on it
         if p is None:
             return
         if self._ring is not None:
-            self._ring.free(p.offset)
+            if p.offset >= 0:
+                self._ring.free(p.offset)
+            for off in parts:
+                self._ring.free(off)
         if error is not None:
             p.future.set_exception(error)
         else:
@@ -427,6 +557,8 @@ class Spool:
         elif op == "PONG":
             if self._instance is not None and instance != self._instance and not self._hello_sent:
                 self._hello(dealer)  # a new daemon on the same endpoint: register again
+        elif op == "PART_DONE":
+            self._part_done(msg.get("seq"), msg.get("offset"))
         elif op == "DONE":
             seq = msg.get("seq")
             p = self._pending.get(seq)  # type: ignore[arg-type]

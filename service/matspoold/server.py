@@ -32,7 +32,7 @@ from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 
 from .cleanup import pid_alive, remove_stale_rings
 from .paths import normalize_roots, resolve_target
-from .writers import write_atomic
+from .writers import Session, write_atomic
 from .writers.stream import append_step
 
 __all__ = ["Daemon"]
@@ -55,6 +55,7 @@ class _Client:
     dead: bool = False
     last_seen: float = 0.0
     active: dict[int, float] = field(default_factory=dict)  # seq accepted -> when
+    begun: dict[int, proto.WriteRequest] = field(default_factory=dict)  # saves arriving in pieces
     answered: OrderedDict[int, list[bytes]] = field(default_factory=OrderedDict)
     joined: float = field(default_factory=time.monotonic)
     files: int = 0
@@ -92,6 +93,22 @@ class _Client:
 class _Job:
     client: _Client
     request: proto.WriteRequest
+    kind: str = "write"  # or "begin", "part", "end" for a save that arrives in pieces
+    part: proto.Part | None = None
+    abort: bool = False  # an "end" that throws the save away
+
+    @property
+    def ring_bytes(self) -> int:
+        """Payload bytes of the ring this job reads."""
+        if self.part is not None:
+            return self.part.nbytes
+        if self.kind == "end":
+            return 0
+        return sum(leaf.nbytes for leaf in _in_ring(self.request))
+
+
+def _in_ring(request: proto.WriteRequest) -> list[proto.VarSpec]:
+    return [leaf for v in request.vars for leaf in proto.leaves(v) if not leaf.deferred]
 
 
 def _array(mm: mmap.mmap, spec: proto.VarSpec) -> np.ndarray:
@@ -119,13 +136,14 @@ def _materialize(mm: mmap.mmap, node: proto.Tree) -> Any:
 
 
 def _views(client: _Client, request: proto.WriteRequest) -> list[tuple[proto.Variable, Any]]:
-    return [(v, _array(client.mm, v) if isinstance(v, proto.VarSpec) else _materialize(client.mm, v.tree))
+    return [(v, None if isinstance(v, proto.VarSpec) and v.deferred else
+             _array(client.mm, v) if isinstance(v, proto.VarSpec) else _materialize(client.mm, v.tree))
             for v in request.vars]
 
 
 def _check_ring_size(client: _Client, request: proto.WriteRequest) -> None:
     """Refuse to read past the end of a ring its client has truncated (that would be SIGBUS)."""
-    end = max((leaf.offset + leaf.nbytes for v in request.vars for leaf in proto.leaves(v)), default=0)
+    end = max((leaf.offset + leaf.nbytes for leaf in _in_ring(request)), default=0)
     size = os.fstat(client.fd).st_size
     if size < end:
         raise RingError(f"the client's ring shrank to {size} bytes; this save needs {end}")
@@ -181,6 +199,7 @@ class Daemon:
         self._wake_addr = f"inproc://matspoold-wake-{id(self)}"
         self._local = threading.local()
         self._stop = threading.Event()
+        self._sessions: dict[tuple[bytes, int], Session] = {}
         self.files_written = 0
         self.bytes_written = 0
         self.errors = 0
@@ -310,6 +329,8 @@ class Daemon:
                                                              "version": proto.TAG.decode()})])
             elif op == "WRITE":
                 self._write(router, ident, msg)
+            elif op in ("PART", "END"):
+                self._piece(ident, msg)
             elif op == "BYE":
                 self._bye(ident)
             else:
@@ -354,6 +375,10 @@ class Daemon:
     def _drop_client(self, c: _Client) -> None:
         if self._clients.get(c.ident) is c:
             del self._clients[c.ident]
+        for seq in c.begun:  # saves in pieces that will never end: no partial file stays
+            session = self._sessions.pop((c.ident, seq), None)
+            if session is not None:
+                session.abort()
         c.release()
         if c.dead:  # its process cannot unlink the ring any more: do it for it
             try:
@@ -395,10 +420,30 @@ class Daemon:
         if self._stop.is_set():
             raise WriteFailed("the daemon is shutting down and takes no new writes")
         request = proto.parse_write(msg, len(client.mm))
-        job = _Job(client, request)
-        client.inflight += 1
+        job = _Job(client, request, "begin" if request.mode == "begin" else "write")
         client.active[request.seq] = time.monotonic()
-        client.payload_inflight += sum(leaf.nbytes for v in request.vars for leaf in proto.leaves(v))
+        if job.kind == "begin":
+            client.begun[request.seq] = request
+        self._enqueue(job)
+
+    def _piece(self, ident: bytes, msg: dict[str, Any]) -> None:
+        """PART (bytes of a deferred variable) or END (the save is complete) of a begun save."""
+        client = self._clients.get(ident)
+        if client is None:
+            raise UnknownClient("PART/END before HELLO: this daemon does not know the client's ring")
+        seq = msg.get("seq")
+        request = client.begun.get(seq) if isinstance(seq, int) else None
+        if request is None:
+            raise ProtocolError(f"{msg['op']} for save {seq!r}, which this daemon did not begin")
+        if msg["op"] == "PART":
+            self._enqueue(_Job(client, request, "part", proto.parse_part(msg, len(client.mm))))
+        else:
+            self._enqueue(_Job(client, request, "end", abort=msg.get("abort") is True))
+
+    def _enqueue(self, job: _Job) -> None:
+        client, request = job.client, job.request
+        client.inflight += 1
+        client.payload_inflight += job.ring_bytes
         key = os.path.normpath(request.path)
         waiting = self._by_path.get(key)
         if waiting is None:
@@ -415,17 +460,9 @@ class Daemon:
         nbytes: int | None = None
         error: BaseException | None = None
         try:
-            req = job.request
             if self.write_delay:
                 time.sleep(self.write_delay)
-            final = resolve_target(req.path, self.roots)
-            _check_ring_size(job.client, req)
-            views = _views(job.client, req)
-            if req.mode == "append":
-                nbytes = append_step(final, views, fsync=req.fsync)  # type: ignore[arg-type]
-            else:
-                fmt = "stream" if req.mode == "create" else req.format
-                nbytes = write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress)
+            nbytes = self._run_piece(job) if job.kind in ("part", "end") else self._run_file(job)
         except MatspoolError as e:
             error = e
         except OSError as e:
@@ -440,6 +477,51 @@ class Daemon:
             sock.connect(self._wake_addr)
         sock.send(b"", zmq.NOBLOCK)
 
+    def _run_file(self, job: _Job) -> int | None:
+        """A whole save, a stream step, or the layout of a save whose pieces follow."""
+        req = job.request
+        final = resolve_target(req.path, self.roots)
+        _check_ring_size(job.client, req)
+        views = _views(job.client, req)
+        if job.kind == "begin":
+            self._sessions[(job.client.ident, req.seq)] = Session.begin(final, req.format, views, req.fsync)
+            return None
+        if req.mode == "append":
+            return append_step(final, views, fsync=req.fsync)  # type: ignore[arg-type]
+        fmt = "stream" if req.mode == "create" else req.format
+        return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress)
+
+    def _run_piece(self, job: _Job) -> int | None:
+        """Write one piece, or finish the file; after a failure, pieces are let go quietly
+        (the save's ERR has gone out) and END answers with that failure."""
+        key = (job.client.ident, job.request.seq)
+        session = self._sessions.get(key)
+        if job.kind == "end":
+            self._sessions.pop(key, None)
+            if session is not None and session.error is None and job.abort:
+                session.abort()
+                raise WriteFailed(f"the client abandoned the save to {job.request.path!r}; nothing was written")
+            if session is None or session.error is not None:
+                raise (session.error if session is not None else
+                       WriteFailed(f"cannot write {job.request.path!r}: the save failed before its end"))
+            return session.end()
+        part = job.part
+        assert part is not None
+        if session is None or session.error is not None:
+            return None
+        try:
+            end = part.offset + part.nbytes
+            if os.fstat(job.client.fd).st_size < end:
+                raise RingError(f"the client's ring shrank below {end} bytes")
+            data = np.frombuffer(job.client.mm, np.uint8, part.nbytes, part.offset)
+            session.write(part.var, part.start, data)
+        except BaseException as e:
+            session.error = e if isinstance(e, MatspoolError) else WriteFailed(
+                f"cannot write {job.request.path!r}: {getattr(e, 'strerror', None) or e}")
+            session.abort()
+            raise session.error from e
+        return None
+
     def _drain_results(self, router: zmq.Socket) -> None:
         while True:
             try:
@@ -447,8 +529,16 @@ class Daemon:
             except queue.Empty:
                 return
             req, client = job.request, job.client
-            client.payload_inflight -= sum(leaf.nbytes for v in req.vars for leaf in proto.leaves(v))
-            if error is None:
+            client.payload_inflight -= job.ring_bytes
+            reply: list[bytes] | None
+            if job.kind == "part" and error is None:  # its ring space is free again
+                assert job.part is not None
+                reply = [client.ident, *proto.encode({"op": "PART_DONE", "seq": req.seq,
+                                                      "offset": job.part.offset})]
+            elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
+                reply = [client.ident, *proto.encode({"op": "PART_DONE", "seq": req.seq,  # space is free
+                                                      "offset": None})]
+            elif error is None:
                 self.files_written += 1
                 self.bytes_written += nbytes or 0
                 client.files += 1
@@ -459,8 +549,12 @@ class Daemon:
                 self.errors += 1
                 client.errors += 1
                 reply = _error_reply(client.ident, req.seq, error)
-            router.send_multipart(reply)
-            client.remember(req.seq, reply[1:])
+            if reply is not None:
+                router.send_multipart(reply)
+                if job.kind in ("write", "end") or error is not None:
+                    client.remember(req.seq, reply[1:])
+            if job.kind == "end":
+                client.begun.pop(req.seq, None)
             client.inflight -= 1
             if (client.bye or client.dead) and not client.inflight:
                 self._drop_client(client)

@@ -12,6 +12,7 @@ scipy writes; scipy, Octave and MATLAB read the result.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -69,16 +70,26 @@ def _pieces(data: np.ndarray, block: int) -> Iterator[bytes | memoryview]:
             yield np.ascontiguousarray(data[i:i + step]).data
 
 
-def _element(spec: VarSpec, arr: np.ndarray, block: int) -> Iterator[bytes | memoryview]:
-    """The bytes of one miMATRIX element, in order, without copying real payloads."""
-    flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
-    is_complex = flat.dtype.kind == "c"
-    parts = [flat.real, flat.imag] if is_complex else [flat.view(np.uint8) if flat.dtype.kind == "b" else flat]
-    mi = _MI[parts[0].dtype.str[1:]]
+class Hole(int):
+    """Bytes of a deferred variable: skipped now, written by its pieces later."""
+
+
+def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]:
+    """The bytes of one miMATRIX element, in order, without copying real payloads
+    (``arr`` None: the variable is deferred and its parts are ``Hole``s)."""
+    dt = np.dtype(spec.dtype)
+    is_complex = dt.kind == "c"
+    part_dt = np.dtype(f"<f{dt.itemsize // 2}") if is_complex else np.dtype("|u1") if dt.kind == "b" else dt
+    if arr is None:
+        parts: list[np.ndarray | Hole] = [Hole(spec.nbytes // (2 if is_complex else 1))] * (2 if is_complex else 1)
+    else:
+        flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
+        parts = [flat.real, flat.imag] if is_complex else [flat.view(part_dt)]
+    mi = _MI[part_dt.str[1:]]
+    sizes = [p if isinstance(p, Hole) else p.nbytes for p in parts]
     name = spec.name.encode("ascii")
     ndim = len(spec.dims)
-    body = (16 + _element_size(4 * ndim) + _element_size(len(name))
-            + sum(_element_size(p.nbytes) for p in parts))
+    body = 16 + _element_size(4 * ndim) + _element_size(len(name)) + sum(_element_size(n) for n in sizes)
     flags = _MX[spec.matlab_class] | (_FLAG_COMPLEX if is_complex else 0)
     flags |= _FLAG_LOGICAL if spec.matlab_class == "logical" else 0
     head = struct.pack("<II", _MI_MATRIX, body)
@@ -86,10 +97,13 @@ def _element(spec: VarSpec, arr: np.ndarray, block: int) -> Iterator[bytes | mem
     head += struct.pack(f"<II{ndim}i", 5, 4 * ndim, *spec.dims) + b"\x00" * _pad(4 * ndim)
     head += struct.pack("<II", 1, len(name)) + name + b"\x00" * _pad(len(name))
     yield head
-    for part in parts:
-        yield struct.pack("<II", mi, part.nbytes)
-        yield from _pieces(part, block)
-        yield b"\x00" * _pad(part.nbytes)
+    for part, n in zip(parts, sizes):
+        yield struct.pack("<II", mi, n)
+        if isinstance(part, Hole):
+            yield part
+        else:
+            yield from _pieces(part, block)
+        yield b"\x00" * _pad(n)
 
 
 def _coalesce(buffers: Iterable[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
@@ -126,12 +140,19 @@ def _write_compressed(f: BinaryIO, buffers: Iterable[bytes | memoryview], level:
     f.seek(end)
 
 
-def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray, level: int) -> None:
+def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray | None, level: int) -> list[int]:
+    """Write one variable; returns the file offsets of its holes (deferred parts)."""
     if level:
-        _write_compressed(f, _element(spec, arr, BLOCK), level)
-    else:
-        for buf in _element(spec, arr, _CHUNK):
+        _write_compressed(f, _element(spec, arr, BLOCK), level)  # type: ignore[arg-type]
+        return []
+    holes = []
+    for buf in _element(spec, arr, _CHUNK):
+        if isinstance(buf, Hole):
+            holes.append(f.tell())
+            f.seek(buf, os.SEEK_CUR)
+        else:
             _write_all(f, buf)
+    return holes
 
 
 def _write_tree(f: BinaryIO, spec: TreeSpec, value: Any, level: int) -> None:
@@ -146,12 +167,21 @@ def _write_tree(f: BinaryIO, spec: TreeSpec, value: Any, level: int) -> None:
         _write_all(f, buf.getbuffer())
 
 
-def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
-    """``level`` 1-9 deflates every variable (``miCOMPRESSED``, what ``save -v7`` does)."""
+def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
+    """``level`` 1-9 deflates every variable (``miCOMPRESSED``, what ``save -v7`` does).
+
+    Deferred variables leave holes (the real part, and the imaginary part of a complex
+    one); the returned file offsets are where their pieces go.
+    """
+    holes: dict[str, list[int]] = {}
     with open(path, "xb", buffering=0) as f:
         _write_all(f, header())
         for spec, value in variables:
             if isinstance(spec, TreeSpec):
                 _write_tree(f, spec, value, level)
+            elif spec.deferred:
+                holes[spec.name] = _write_var(f, spec, None, level)
             else:
                 _write_var(f, spec, value, level)
+        f.truncate(f.tell())  # a hole at the very end still counts in the file's size
+    return holes

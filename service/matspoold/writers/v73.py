@@ -26,7 +26,7 @@ from matspool._protocol import TreeSpec, Variable, VarSpec
 
 from ._deflate import ordered_map
 
-__all__ = ["USERBLOCK", "header", "write_v73"]
+__all__ = ["USERBLOCK", "header", "pwrite_all", "write_v73"]
 
 USERBLOCK = 512
 
@@ -50,13 +50,7 @@ def _str_attr(obj: h5py.HLObject, name: str, value: str) -> None:
 def _stored(spec: VarSpec, arr: np.ndarray) -> np.ndarray:
     """The ring bytes reinterpreted as the dataset: reversed dims, MATLAB's element types."""
     flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
-    dt = arr.dtype
-    if dt.kind == "c":
-        part = np.dtype(f"<f{dt.itemsize // 2}")
-        flat = flat.view(np.dtype([("real", part), ("imag", part)]))
-    elif dt.kind == "b":
-        flat = flat.view(np.uint8)
-    return flat.reshape(spec.dims[::-1])
+    return flat.view(_stored_dtype(arr.dtype)).reshape(spec.dims[::-1])
 
 
 _TREE_OPTIONS = hdf5storage.Options(matlab_compatible=True, store_python_metadata=False,
@@ -134,7 +128,14 @@ def _write_deflated(f: h5py.File, name: str, data: np.ndarray, level: int) -> h5
     return ds
 
 
-def _reserve(f: h5py.File, name: str, data: np.ndarray) -> tuple[h5py.Dataset, int]:
+def _stored_dtype(dt: np.dtype) -> np.dtype:
+    if dt.kind == "c":
+        part = np.dtype(f"<f{dt.itemsize // 2}")
+        return np.dtype([("real", part), ("imag", part)])
+    return np.dtype(np.uint8) if dt.kind == "b" else dt
+
+
+def _reserve(f: h5py.File, name: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[h5py.Dataset, int]:
     """A contiguous dataset whose space is allocated now and never filled; returns it and
     the absolute file offset of its bytes. The payload is written there afterwards with
     ``pwrite`` straight from the ring: no copy, and outside h5py's global lock, so the
@@ -143,21 +144,26 @@ def _reserve(f: h5py.File, name: str, data: np.ndarray) -> tuple[h5py.Dataset, i
     dcpl.set_layout(h5py.h5d.CONTIGUOUS)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    space = h5py.h5s.create_simple(data.shape)
-    dsid = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(data.dtype, logical=True), space,
+    space = h5py.h5s.create_simple(shape)
+    dsid = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(dtype, logical=True), space,
                            dcpl=dcpl)
     return h5py.Dataset(dsid), dsid.get_offset()
 
 
-def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
-def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
-    """``level`` 1-9: deflate in chunks of at most 64 KiB, as MATLAB's ``save -v7.3`` does."""
+def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
+    """``level`` 1-9: deflate in chunks of at most 64 KiB, as MATLAB's ``save -v7.3`` does.
+
+    Deferred variables (larger than the ring) get their space reserved; the returned
+    file offsets are where their pieces go.
+    """
+    holes: dict[str, list[int]] = {}
     trees = {spec.name: value for spec, value in variables if isinstance(spec, TreeSpec)}
     payloads: list[tuple[int, np.ndarray]] = []
     with h5py.File(path, "w-", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
@@ -169,11 +175,14 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
                 _str_attr(ds, "MATLAB_class", spec.matlab_class)
                 ds.attrs.create("MATLAB_empty", np.uint8(1))
                 continue
-            data = _stored(spec, arr)
-            if level and data.nbytes >= _MIN_COMPRESS_BYTES:
+            if spec.deferred:
+                ds, offset = _reserve(f, spec.name, spec.dims[::-1], _stored_dtype(np.dtype(spec.dtype)))
+                holes[spec.name] = [offset]
+            elif level and (data := _stored(spec, arr)).nbytes >= _MIN_COMPRESS_BYTES:
                 ds = _write_deflated(f, spec.name, data, level)
             else:
-                ds, offset = _reserve(f, spec.name, data)
+                data = _stored(spec, arr)
+                ds, offset = _reserve(f, spec.name, data.shape, data.dtype)
                 payloads.append((offset, data))
             _str_attr(ds, "MATLAB_class", spec.matlab_class)
             if spec.matlab_class == "logical":
@@ -183,7 +192,8 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
     fd = os.open(path, os.O_WRONLY)
     try:
         for offset, data in payloads:
-            _pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)
-        _pwrite_all(fd, np.frombuffer(header(), np.uint8), 0)
+            pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)
+        pwrite_all(fd, np.frombuffer(header(), np.uint8), 0)
     finally:
         os.close(fd)
+    return holes
