@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -214,7 +215,10 @@ def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:
     torch = sys.modules.get("torch")
     if torch is not None and src.dtype.isnative:
         try:
-            torch.from_numpy(dest).copy_(torch.from_numpy(src))
+            with warnings.catch_warnings():  # read-only sources (broadcasts) are only read
+                warnings.simplefilter("ignore", UserWarning)
+                source = torch.from_numpy(src)
+            torch.from_numpy(dest).copy_(source)
             return
         except (TypeError, ValueError, RuntimeError):
             pass  # a dtype or stride torch does not take: numpy below
