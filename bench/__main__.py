@@ -27,6 +27,7 @@ MEASUREMENTS: list[tuple[str, str, str]] = [
     ("memory", "bench.throughput", "memory_rows"),
     ("small", "bench.small", "rows"),
     ("producers", "bench.producers", "rows"),
+    ("compress", "bench.compress", "rows"),
 ]
 ALIASES = {"memory": "throughput", "gpu": "d2h", "small_files": "small", "writer": "throughput"}
 

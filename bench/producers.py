@@ -58,11 +58,11 @@ def _producer(idx: int, endpoint: str, outdir: str, nsaves: int, nbytes: int, fm
         results.put({"idx": idx, "error": f"{type(e).__name__}: {e}"})
 
 
-def _start_daemon(root: str) -> tuple[subprocess.Popen, str, str]:
+def _start_daemon(root: str, *extra: str) -> tuple[subprocess.Popen, str, str]:
     sockdir = tempfile.mkdtemp(prefix="mspb-")  # short path: ipc paths are limited to ~107 bytes
     endpoint = f"ipc://{sockdir}/d.sock"
     proc = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
-                             "--root", root, "--log-level", "warning"], stdin=subprocess.DEVNULL)
+                             "--root", root, "--log-level", "warning", *extra], stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not os.path.exists(f"{sockdir}/d.sock"):
         if proc.poll() is not None:

@@ -253,7 +253,8 @@ def test_print_config_parses_back_and_names_sources(tmp_path: Path, monkeypatch:
     serve = got["serve"]
     assert serve == {"endpoint": f"ipc://{tmp_path}/d.sock", "roots": [str(a)],
                      "writers": 3, "compress_threads": os.cpu_count() or 1, "socket_mode": "660",
-                     "clean_stale": True, "client_timeout": 12.0, "log_level": "error"}
+                     "clean_stale": True, "client_timeout": 12.0, "log_level": "error",
+                     "log_format": "text"}
     lines = out.splitlines()
     assert f"# config file: {conf}" in lines
     for name, source in [("roots", f"config file {conf}"), ("socket_mode", f"config file {conf}"),
@@ -263,6 +264,7 @@ def test_print_config_parses_back_and_names_sources(tmp_path: Path, monkeypatch:
         i = lines.index(f"# {name}: from {source}")
         assert lines[i + 1].startswith(f"{name} = ")
     assert "# group: not set (built-in default)" in lines
+    assert "# metrics: not set (built-in default)" in lines  # off unless asked for
     assert sum(ln.startswith(("# ", )) and ":" in ln for ln in lines) >= len(FIELDS)
 
     # what it prints is a config file that gives the same settings

@@ -40,8 +40,9 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = resolved.settings
     from .server import Daemon, install_signal_handlers
 
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .logs import setup_logging
+
+    setup_logging(cfg.log_level, cfg.log_format)
     try:
         daemon = Daemon(cfg.endpoint, cfg.roots, writers=cfg.writers, socket_mode=cfg.socket_mode,
                         socket_group=cfg.group, parent_pid=args.parent_pid,
@@ -59,6 +60,10 @@ def _serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(float(os.environ.get("MATSPOOL_SWITCH_INTERVAL", "0.001")))
     install_signal_handlers(daemon)
     try:
+        if cfg.metrics is not None:
+            from .metrics import start_metrics
+
+            start_metrics(daemon, cfg.metrics)
         daemon.serve()
     except (ValueError, OSError) as e:  # bind failures, unreadable keys: say so, no traceback
         print(f"matspool serve: {e}", file=sys.stderr)
@@ -133,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's .key_secret file (required for tcp:// endpoints)")
     s.add_argument("--curve-clients", metavar="DIR", default=unset,
                    help="directory of authorized client public .key files (required for tcp://)")
+    s.add_argument("--log-format", default=unset, choices=["text", "json"],
+                   help="json: one JSON object per log line, for log collectors (default: text)")
+    s.add_argument("--metrics", metavar="[HOST:]PORT", default=unset,
+                   help="serve Prometheus metrics over HTTP there (default: off)")
     s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     s.add_argument("--debug-write-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     s.add_argument("--log-level", default=unset, choices=["debug", "info", "warning", "error"],

@@ -81,6 +81,8 @@ class ServeSettings:
     curve_secret: str | None
     curve_clients: str | None
     log_level: str
+    log_format: str
+    metrics: str | None
 
 
 FIELDS: Final = tuple(f.name for f in fields(ServeSettings))
@@ -110,6 +112,8 @@ def builtin_defaults() -> dict[str, Any]:
         "curve_secret": None,
         "curve_clients": None,
         "log_level": "info",
+        "log_format": "text",
+        "metrics": None,
     }
 
 
@@ -198,7 +202,8 @@ def _roots(value: Any, text: bool) -> tuple[str, ...]:
 _PARSE: Final[dict[str, Callable[[Any, bool], Any]]] = {
     "endpoint": _str, "roots": _roots, "writers": _int, "compress_threads": _int,
     "socket_mode": _mode, "group": _str, "clean_stale": _bool, "client_timeout": _float,
-    "curve_secret": _str, "curve_clients": _str, "log_level": _level,
+    "curve_secret": _str, "curve_clients": _str, "log_level": _level, "log_format": _str,
+    "metrics": _str,
 }
 _PATHS: Final = ("roots", "curve_secret", "curve_clients")
 
@@ -229,6 +234,13 @@ def _check(name: str, value: Any) -> None:
     elif name == "log_level":
         if value not in LOG_LEVELS:
             raise _Bad(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    elif name == "log_format":
+        if value not in ("text", "json"):
+            raise _Bad(f"must be 'text' or 'json', got {value!r}")
+    elif name == "metrics" and value is not None:
+        host, _, port = value.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise _Bad(f"must be [HOST:]PORT with a port in 1-65535, got {value!r}")
     elif name == "roots":
         for r in value:
             if not os.path.exists(r):

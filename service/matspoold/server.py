@@ -207,6 +207,7 @@ class Daemon:
         self.instance = secrets.token_hex(8)  # tells clients this daemon from an earlier one
         self.clean_stale = clean_stale
         self.client_timeout = client_timeout
+        self.snapshot: dict[str, Any] = self.status()  # refreshed by the loop; read by metrics
 
     # -- life cycle ----------------------------------------------------------------------
     def stop(self) -> None:
@@ -273,6 +274,7 @@ class Daemon:
                         self._handle(router, frames)
                 if time.monotonic() >= next_reap:
                     self._reap_dead_clients()
+                    self.snapshot = self.status()  # what other threads (metrics) may read
                     next_reap = time.monotonic() + 1.0
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.info("parent %d is gone; stopping", self.parent_pid)
