@@ -98,6 +98,26 @@ class _End:
         return {"op": "END", "seq": self.seq, "abort": self.abort}
 
 
+def _wait_with_progress(futures: list[Future[SaveResult]], timeout: float | None) -> Any:
+    """``wait`` that, for a person at a terminal, shows how many saves are on disk."""
+    if not futures or not sys.stderr.isatty():
+        return wait(futures, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown = False
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        result = wait(futures, 0.25 if left is None else min(0.25, left))
+        if not result.not_done or (left is not None and left <= 0.25):
+            if shown:
+                sys.stderr.write("\r\x1b[K")
+            return wait(futures, 0) if result.not_done else result
+        n, k = len(futures), len(result.done)
+        bar = "#" * (30 * k // n)
+        sys.stderr.write(f"\rmatspool flush [{bar:<30}] {k}/{n} saves on disk")
+        sys.stderr.flush()
+        shown = True
+
+
 def _cuda_in_use() -> bool:
     """True when the caller has already imported torch and CUDA is there."""
     torch = sys.modules.get("torch")
@@ -313,7 +333,7 @@ class Spool:
         """Wait until every save made so far is on disk; raise if any failed."""
         with self._lock:
             futures = [p.future for p in self._pending.values()]
-        done, not_done = wait(futures, timeout)
+        done, not_done = _wait_with_progress(futures, timeout)
         if not_done:
             raise TimeoutError(f"flush: {len(not_done)} of {len(futures)} saves still pending "
                                f"after {timeout} s")
