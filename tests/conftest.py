@@ -86,3 +86,29 @@ def daemon(tmp_path: Path, out_dir: Path) -> Iterator[DaemonProc]:
 def spool(daemon: DaemonProc) -> Iterator[matspool.Spool]:
     with matspool.Spool(daemon.endpoint, ring_bytes=32 << 20, timeout=30) as s:
         yield s
+
+
+# -- one daemon per test module, for suites whose cases only need it to survive them --------
+@pytest.fixture(scope="module")
+def mdaemon(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[DaemonProc]:
+    base = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    root = base / "root"
+    root.mkdir()
+    d = start_daemon(root, base / "sock")
+    yield d
+    assert d.alive(), f"the daemon died during {request.module.__name__}"
+    assert d.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def mspool(mdaemon: DaemonProc) -> Iterator[matspool.Spool]:
+    with matspool.Spool(mdaemon.endpoint, ring_bytes=4 << 20, timeout=30) as s:
+        yield s
+
+
+@pytest.fixture
+def root(mdaemon: DaemonProc, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory inside the module daemon's root."""
+    d = mdaemon.root / request.node.name.replace("[", "_").replace("]", "").replace("/", "_")[:80]
+    d.mkdir()
+    return d

@@ -38,30 +38,7 @@ TAG = b"matspool/1"
 
 
 # -- shared fixtures -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mdaemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
-    """One daemon for the whole module (the cases only need it to survive them)."""
-    base = tmp_path_factory.mktemp("errors")
-    root = base / "root"
-    root.mkdir()
-    d = start_daemon(root, base / "sock")
-    yield d
-    assert d.alive(), "the daemon died during the error tests"
-    assert d.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def mspool(mdaemon: DaemonProc) -> Iterator[matspool.Spool]:
-    with matspool.Spool(mdaemon.endpoint, ring_bytes=4 << 20, timeout=10) as s:
-        yield s
-
-
-@pytest.fixture
-def root(mdaemon: DaemonProc, request: pytest.FixtureRequest) -> Path:
-    """A fresh directory inside the module daemon's root."""
-    d = mdaemon.root / request.node.name.replace("[", "_").replace("]", "").replace("/", "_")[:80]
-    d.mkdir()
-    return d
+# mdaemon, mspool and root come from conftest.py
 
 
 _good_counter = iter(range(1 << 30))

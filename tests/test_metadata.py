@@ -69,28 +69,7 @@ FORMATS = ("v5", "v7.3")
 
 
 # -- shared fixtures -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mdaemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
-    base = tmp_path_factory.mktemp("metadata")
-    root = base / "root"
-    root.mkdir()
-    d = start_daemon(root, base / "sock")
-    yield d
-    assert d.alive(), "the daemon died during the metadata tests"
-    assert d.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def mspool(mdaemon: DaemonProc) -> Iterator[matspool.Spool]:
-    with matspool.Spool(mdaemon.endpoint, ring_bytes=4 << 20, timeout=30) as s:
-        yield s
-
-
-@pytest.fixture
-def root(mdaemon: DaemonProc, request: pytest.FixtureRequest) -> Path:
-    d = mdaemon.root / request.node.name.replace("[", "_").replace("]", "").replace("/", "_")[:80]
-    d.mkdir()
-    return d
+# mdaemon, mspool and root come from conftest.py
 
 
 def save(spool: matspool.Spool, path: Path, variables: dict[str, Any], fmt: str) -> Path:
