@@ -32,7 +32,7 @@ from matspool import _protocol as proto
 from matspool._errors import MatspoolError
 from matspool._ring import Ring
 
-from conftest import DaemonProc, start_daemon
+from conftest import DaemonProc
 
 TAG = b"matspool/1"
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ import matspool
 from matspool import _protocol as proto
 from matspool._convert import MAX_DEPTH
 
-from conftest import DaemonProc, start_daemon
+from conftest import DaemonProc
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference-mat"
 REFERENCE_V73 = REFERENCE_DIR / "matlab_basic_v73.mat"
