@@ -149,7 +149,9 @@ class Ring:
         """Page-lock the ring for CUDA so device-to-host copies are truly asynchronous."""
         import torch
 
-        ret = torch.cuda.cudart().cudaHostRegister(self.array.ctypes.data, self.size, 0)
+        # cudaHostRegisterPortable: pinned for every device's context, so tensors on any
+        # CUDA device index copy into the ring asynchronously
+        ret = torch.cuda.cudart().cudaHostRegister(self.array.ctypes.data, self.size, 1)
         if int(ret) != 0:
             raise RingError(
                 f"cudaHostRegister of the {self.size >> 20} MiB ring failed ({ret}); the memlock limit "
