@@ -50,6 +50,7 @@ __all__ = [
     "check_stream_step",
     "check_v5_limits",
     "decode",
+    "decode_head",
     "encode",
     "leaves",
     "parse_write",
@@ -171,7 +172,12 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
     """Parse a message's frames; raise :class:`ProtocolError` on anything malformed."""
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames, got {len(frames)}")
-    tag, body = frames
+    return decode_head(frames[0], frames[1])
+
+
+def decode_head(tag: bytes, body: bytes) -> dict[str, Any]:
+    """The tag and JSON frames of a message; a remote client's WRITE or PART is followed by
+    payload frames, one per array in the ring's order (see the daemon)."""
     if tag != TAG:
         raise ProtocolError(f"unknown protocol tag {bytes(tag[:32])!r}; this daemon speaks {TAG!r}")
     if len(body) > MAX_MESSAGE_BYTES:

@@ -72,7 +72,7 @@ class _Pending:
     offset: int
     path: str
     format: str
-    wire: list[bytes] | None = None  # the WRITE as sent, kept to re-send to a restarted daemon
+    wire: list[Any] | None = None  # the WRITE's frames as sent, kept to re-send to a restarted daemon
     sent: bool = False
     parts: set[int] | None = None  # ring offsets of pieces in flight (a save larger than the ring)
 
@@ -204,6 +204,7 @@ class Spool:
 
         endpoint = endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None
         self._curve = curve or ClientKeys.from_env()
+        self._remote = endpoint is not None and is_tcp(endpoint)
         if endpoint is not None and is_tcp(endpoint) and self._curve is None:
             raise ValueError(f"{endpoint} is a TCP endpoint: pass curve=ClientKeys(...) or set "
                              "MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC")
@@ -384,7 +385,7 @@ class Spool:
         if copy is not None or self._copier is not None:
             self._waitq.put((copy, message))
         else:
-            self._send(self._wire(message))
+            self._send(self._wire(message), self._payload(message))
 
     def _submit_in_pieces(self, abspath: str, values: dict[str, Value], fmt: str, fsync: bool,
                           level: int) -> Future[SaveResult]:
@@ -498,7 +499,7 @@ class Spool:
             except Exception as e:  # a CUDA error: the bytes never arrived
                 self._resolve(request.seq, error=MatspoolError(f"CUDA copy failed: {e}"))
                 continue
-            self._send(self._wire(request))
+            self._send(self._wire(request), self._payload(request))
 
     def _wire(self, message: Any) -> dict[str, Any]:
         """A save in pieces that already failed here (a copy failed, the ring timed out)
@@ -509,9 +510,24 @@ class Spool:
                     message = _End(message.seq, True)
         return message.to_wire()
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: dict[str, Any], payload: list[memoryview] | tuple[()] = ()) -> None:
         with self._wake_lock:
-            self._tx.send_multipart(proto.encode(msg))
+            self._tx.send_multipart([*proto.encode(msg), *payload], copy=False)
+
+    def _payload(self, message: Any) -> list[memoryview] | tuple[()]:
+        """For a remote (tcp://) daemon, which cannot map our ring: the arrays as frames,
+        zero-copy views of the ring, in the ring order the daemon expects."""
+        if not self._remote or self._ring is None:
+            return ()
+        ring = self._ring.array
+        if isinstance(message, proto.WriteRequest):
+            spans = [(leaf.offset, leaf.nbytes) for v in message.vars for leaf in proto.leaves(v)
+                     if not leaf.deferred and leaf.nbytes]
+        elif isinstance(message, proto.Part):
+            spans = [(message.offset, message.nbytes)]
+        else:
+            return ()
+        return [memoryview(ring[off:off + n]) for off, n in spans]
 
     def _await_welcome(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -601,6 +617,9 @@ class Spool:
 
     def _hello_msg(self) -> dict[str, Any]:
         assert self._ring is not None
+        if self._remote:  # the daemon is on another host: it gets payloads in frames
+            return {"op": "HELLO", "remote": True, "ring": None, "ring_bytes": self._ring.size,
+                    "pid": os.getpid()}
         return {"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size, "pid": os.getpid()}
 
     def _hello(self, dealer: zmq.Socket) -> None:
@@ -616,20 +635,20 @@ class Spool:
         with self._lock:
             again = [p.wire for p in self._pending.values() if p.sent]
         for wire in again:
-            dealer.send_multipart(wire)
+            dealer.send_multipart(wire, copy=False)
         if again:
             log.warning("matspool: daemon restarted; re-sent %d unacknowledged saves", len(again))
 
-    def _forward(self, dealer: zmq.Socket, frames: list[bytes]) -> bool:
+    def _forward(self, dealer: zmq.Socket, frames: list[zmq.Frame]) -> bool:
         """Pass a message from the caller's threads to the daemon; False on BYE."""
-        msg = proto.decode(frames)
+        msg = proto.decode_head(frames[0].bytes, frames[1].bytes)
         if msg["op"] == "WRITE":
             with self._lock:
                 p = self._pending.get(msg["seq"])
                 if p is None:
                     return True  # failed or closed meanwhile
                 p.wire, p.sent = frames, True
-        dealer.send_multipart(frames)
+        dealer.send_multipart(frames, copy=False)
         return msg["op"] != "BYE"
 
     def _io_loop(self) -> None:
@@ -652,7 +671,7 @@ class Spool:
                 now = time.monotonic()
                 if self._rx in events:
                     while self._rx.poll(0):
-                        if not self._forward(dealer, self._rx.recv_multipart()):
+                        if not self._forward(dealer, self._rx.recv_multipart(copy=False)):
                             return
                 if dealer in events:
                     last_rx = now

@@ -40,6 +40,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger("matspoold")
 
 MAX_RING_BYTES = 1 << 46  # 64 TiB: anything larger is a lie
+MAX_REMOTE_FRAME = 1 << 32  # 4 GiB: larger arrays travel in pieces
 DONE_MEMORY = 4096  # per client: answers kept to re-send when a WRITE arrives twice
 
 
@@ -47,9 +48,10 @@ DONE_MEMORY = 4096  # per client: answers kept to re-send when a WRITE arrives t
 class _Client:
     ident: bytes
     ring: str
-    mm: mmap.mmap
+    mm: mmap.mmap | None  # None: a remote client (tcp://), whose payloads come in frames
     fd: int  # kept open so each write can check the ring was not truncated under it
     pid: int
+    ring_bytes: int = 0
     inflight: int = 0
     bye: bool = False
     dead: bool = False
@@ -66,7 +68,7 @@ class _Client:
     def status(self, now: float) -> dict[str, Any]:
         """What ``matspool status`` shows for this client."""
         age = max(now - self.joined, 1e-9)
-        return {"pid": self.pid, "ring": self.ring, "ring_bytes": len(self.mm) if not self.mm.closed else 0,
+        return {"pid": self.pid, "ring": self.ring, "ring_bytes": self.ring_bytes,
                 "queue_depth": self.inflight, "ring_bytes_in_flight": self.payload_inflight,
                 "files_written": self.files, "bytes_written": self.bytes_written, "errors": self.errors,
                 "throughput_bytes_per_s": self.bytes_written / age, "connected_s": age,
@@ -84,7 +86,8 @@ class _Client:
             os.close(self.fd)
             self.fd = -1
         try:
-            self.mm.close()
+            if self.mm is not None:
+                self.mm.close()
         except BufferError:
             pass  # a writer's view is still alive; the mapping goes with it
 
@@ -95,6 +98,7 @@ class _Job:
     request: proto.WriteRequest
     kind: str = "write"  # or "begin", "part", "end" for a save that arrives in pieces
     part: proto.Part | None = None
+    payload: dict[int, memoryview] | None = None  # a remote client's arrays, by ring offset
     abort: bool = False  # an "end" that throws the save away
 
     @property
@@ -111,15 +115,21 @@ def _in_ring(request: proto.WriteRequest) -> list[proto.VarSpec]:
     return [leaf for v in request.vars for leaf in proto.leaves(v) if not leaf.deferred]
 
 
-def _array(mm: mmap.mmap, spec: proto.VarSpec) -> np.ndarray:
-    """A read-only column-major view of the ring: the writers read it in place."""
+Source = mmap.mmap | dict[int, memoryview]  # a local client's ring, or a remote one's frames
+
+
+def _array(src: Source, spec: proto.VarSpec) -> np.ndarray:
+    """A read-only column-major view of the ring (or of the frame that carried the array
+    from a remote client): the writers read it in place."""
     dt = np.dtype(spec.dtype)
     if spec.nbytes == 0:
         return np.zeros(spec.dims, dtype=dt, order="F")
-    return np.ndarray(spec.dims, dtype=dt, buffer=mm, offset=spec.offset, order="F")
+    if isinstance(src, dict):
+        return np.ndarray(spec.dims, dtype=dt, buffer=src[spec.offset], order="F")
+    return np.ndarray(spec.dims, dtype=dt, buffer=src, offset=spec.offset, order="F")
 
 
-def _materialize(mm: mmap.mmap, node: proto.Tree) -> Any:
+def _materialize(mm: Source, node: proto.Tree) -> Any:
     """A struct/cell/char tree as the Python objects scipy and hdf5storage write:
     dict -> struct, object ndarray -> cell, str -> char, ndarray -> numeric."""
     if isinstance(node, proto.VarSpec):
@@ -135,14 +145,29 @@ def _materialize(mm: mmap.mmap, node: proto.Tree) -> Any:
     return cell
 
 
-def _views(client: _Client, request: proto.WriteRequest) -> list[tuple[proto.Variable, Any]]:
+def _views(job: _Job) -> list[tuple[proto.Variable, Any]]:
+    src: Source = job.payload if job.payload is not None else job.client.mm  # type: ignore[assignment]
     return [(v, None if isinstance(v, proto.VarSpec) and v.deferred else
-             _array(client.mm, v) if isinstance(v, proto.VarSpec) else _materialize(client.mm, v.tree))
-            for v in request.vars]
+             _array(src, v) if isinstance(v, proto.VarSpec) else _materialize(src, v.tree))
+            for v in job.request.vars]
+
+
+def _payload(request: proto.WriteRequest, frames: list[memoryview]) -> dict[int, memoryview]:
+    """A remote WRITE's payload frames, matched to its arrays (ring order) and checked."""
+    want = _in_ring(request)
+    want = [leaf for leaf in want if leaf.nbytes]
+    if len(frames) != len(want):
+        raise ProtocolError(f"{len(want)} payload frames expected, got {len(frames)}")
+    for leaf, frame in zip(want, frames):
+        if len(frame) != leaf.nbytes:
+            raise ProtocolError(f"payload frame for {leaf.name!r} is {len(frame)} bytes, not {leaf.nbytes}")
+    return {leaf.offset: frame for leaf, frame in zip(want, frames)}
 
 
 def _check_ring_size(client: _Client, request: proto.WriteRequest) -> None:
     """Refuse to read past the end of a ring its client has truncated (that would be SIGBUS)."""
+    if client.mm is None:
+        return  # remote: the bytes are in frames the daemon holds
     end = max((leaf.offset + leaf.nbytes for leaf in _in_ring(request)), default=0)
     size = os.fstat(client.fd).st_size
     if size < end:
@@ -246,7 +271,10 @@ class Daemon:
 
     def serve(self) -> None:
         router = self._ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_BYTES + 4096)
+        # locally payloads never cross the socket; from authenticated remote clients an
+        # array's frame is at most as large as their ring (which caps what is in flight)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_REMOTE_FRAME if is_tcp(self.endpoint)
+                          else proto.MAX_MESSAGE_BYTES + 4096)
         router.setsockopt(zmq.LINGER, 1000)
         self._bind(router)
         wake = self._ctx.socket(zmq.PULL)
@@ -268,7 +296,7 @@ class Daemon:
                 if router in events:
                     for _ in range(256):  # bounded, so results are never starved
                         try:
-                            frames = router.recv_multipart(zmq.NOBLOCK)
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._handle(router, frames)
@@ -308,13 +336,20 @@ class Daemon:
         return any(c.inflight for c in self._clients.values())
 
     # -- control messages ----------------------------------------------------------------
-    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
+    def _handle(self, router: zmq.Socket, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
             return  # nothing to answer to
-        ident, body = frames[0], frames[1:]
+        ident, body = frames[0].bytes, frames[1:]
         seq: object = -1
         try:
-            msg = proto.decode(body)
+            if len(body) < 2:
+                raise ProtocolError(f"expected 2 frames, got {len(body)}")
+            msg = proto.decode_head(body[0].bytes, body[1].bytes)
+            payload = [f.buffer for f in body[2:]]
+            if payload and (msg["op"] not in ("WRITE", "PART") or ident not in self._clients
+                            or self._clients[ident].mm is not None):
+                raise ProtocolError(f"expected 2 frames, got {len(body)}: payload frames come "
+                                    "only with WRITE or PART from a remote (tcp://) client")
             seq = msg.get("seq", -1)
             op = msg["op"]
             client = self._clients.get(ident)
@@ -330,9 +365,9 @@ class Daemon:
                                                              "instance": self.instance,
                                                              "version": proto.TAG.decode()})])
             elif op == "WRITE":
-                self._write(router, ident, msg)
+                self._write(router, ident, msg, payload)
             elif op in ("PART", "END"):
-                self._piece(ident, msg)
+                self._piece(ident, msg, payload)
             elif op == "BYE":
                 self._bye(ident)
             else:
@@ -346,12 +381,22 @@ class Daemon:
 
     def _hello(self, ident: bytes, msg: dict[str, Any]) -> None:
         ring, size, pid = msg.get("ring"), msg.get("ring_bytes"), msg.get("pid")
-        if not isinstance(ring, str):
-            raise ProtocolError("HELLO needs a ring name")
         if type(size) is not int or not 0 < size <= MAX_RING_BYTES:
             raise ProtocolError(f"HELLO: bad ring_bytes {size!r}")
         if type(pid) is not int:
             raise ProtocolError("HELLO: pid must be an integer")
+        if msg.get("remote") is True:  # its ring is on another host: payloads come in frames
+            if not is_tcp(self.endpoint):
+                raise ProtocolError("remote clients are served on tcp:// endpoints only")
+            old = self._clients.get(ident)
+            if old is not None:
+                old.bye = True
+            self._clients[ident] = _Client(ident, "(remote)", None, -1, pid, ring_bytes=size,
+                                           last_seen=time.monotonic())
+            log.info("remote client pid %d joined", pid)
+            return
+        if not isinstance(ring, str):
+            raise ProtocolError("HELLO needs a ring name")
         mm, fd = open_ring_readonly(ring, size)
         if not ring.startswith(f"{RING_PREFIX}{pid}-"):
             # reaping trusts the pid: it must be the one that named (created) the ring
@@ -363,7 +408,7 @@ class Daemon:
             old.bye = True  # as soon as its writes in flight are answered
             if not old.inflight:
                 old.release()
-        self._clients[ident] = _Client(ident, ring, mm, fd, pid, last_seen=time.monotonic())
+        self._clients[ident] = _Client(ident, ring, mm, fd, pid, ring_bytes=size, last_seen=time.monotonic())
         log.info("client pid %d joined with a %d MiB ring", pid, size >> 20)
 
     def _bye(self, ident: bytes) -> None:
@@ -407,7 +452,8 @@ class Daemon:
             if not c.inflight:
                 self._drop_client(c)
 
-    def _write(self, router: zmq.Socket, ident: bytes, msg: dict[str, Any]) -> None:
+    def _write(self, router: zmq.Socket, ident: bytes, msg: dict[str, Any],
+               payload: list[memoryview] | None = None) -> None:
         client = self._clients.get(ident)
         if client is None:
             raise UnknownClient("WRITE before HELLO: this daemon does not know the client's ring")
@@ -417,18 +463,19 @@ class Daemon:
         if isinstance(seq, int) and seq in client.answered:
             router.send_multipart([ident, *client.answered[seq]])  # written once, answered again
             return
-        if client.mm.closed:
+        if client.mm is not None and client.mm.closed:
             raise RingError("the client's ring is no longer mapped")
         if self._stop.is_set():
             raise WriteFailed("the daemon is shutting down and takes no new writes")
-        request = proto.parse_write(msg, len(client.mm))
-        job = _Job(client, request, "begin" if request.mode == "begin" else "write")
+        request = proto.parse_write(msg, client.ring_bytes)
+        job = _Job(client, request, "begin" if request.mode == "begin" else "write",
+                   payload=_payload(request, payload or []) if client.mm is None else None)
         client.active[request.seq] = time.monotonic()
         if job.kind == "begin":
             client.begun[request.seq] = request
         self._enqueue(job)
 
-    def _piece(self, ident: bytes, msg: dict[str, Any]) -> None:
+    def _piece(self, ident: bytes, msg: dict[str, Any], payload: list[memoryview] | None = None) -> None:
         """PART (bytes of a deferred variable) or END (the save is complete) of a begun save."""
         client = self._clients.get(ident)
         if client is None:
@@ -438,7 +485,13 @@ class Daemon:
         if request is None:
             raise ProtocolError(f"{msg['op']} for save {seq!r}, which this daemon did not begin")
         if msg["op"] == "PART":
-            self._enqueue(_Job(client, request, "part", proto.parse_part(msg, len(client.mm))))
+            part = proto.parse_part(msg, client.ring_bytes)
+            data = None
+            if client.mm is None:
+                if not payload or len(payload) != 1 or len(payload[0]) != part.nbytes:
+                    raise ProtocolError(f"a remote PART carries one payload frame of {part.nbytes} bytes")
+                data = {part.offset: payload[0]}
+            self._enqueue(_Job(client, request, "part", part, payload=data))
         else:
             self._enqueue(_Job(client, request, "end", abort=msg.get("abort") is True))
 
@@ -484,7 +537,7 @@ class Daemon:
         req = job.request
         final = resolve_target(req.path, self.roots)
         _check_ring_size(job.client, req)
-        views = _views(job.client, req)
+        views = _views(job)
         if job.kind == "begin":
             self._sessions[(job.client.ident, req.seq)] = Session.begin(final, req.format, views, req.fsync)
             return None
@@ -512,10 +565,13 @@ class Daemon:
         if session is None or session.error is not None:
             return None
         try:
-            end = part.offset + part.nbytes
-            if os.fstat(job.client.fd).st_size < end:
-                raise RingError(f"the client's ring shrank below {end} bytes")
-            data = np.frombuffer(job.client.mm, np.uint8, part.nbytes, part.offset)
+            if job.payload is not None:
+                data = np.frombuffer(job.payload[part.offset], np.uint8)
+            else:
+                end = part.offset + part.nbytes
+                if os.fstat(job.client.fd).st_size < end:
+                    raise RingError(f"the client's ring shrank below {end} bytes")
+                data = np.frombuffer(job.client.mm, np.uint8, part.nbytes, part.offset)
             session.write(part.var, part.start, data)
         except BaseException as e:
             session.error = e if isinstance(e, MatspoolError) else WriteFailed(
