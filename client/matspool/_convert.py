@@ -194,6 +194,7 @@ def to_spec(name: str, value: Value, offsets: dict[int, int]) -> Any:
 
 
 _TILE: Final = 256
+_TORCH_MIN_BYTES: Final = 1 << 18  # below this torch's per-call overhead outweighs its speed
 
 
 def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:
@@ -213,7 +214,7 @@ def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:
         np.copyto(dest, src, casting="same_kind")
         return
     torch = sys.modules.get("torch")
-    if torch is not None and src.dtype.isnative:
+    if torch is not None and src.dtype.isnative and p.nbytes >= _TORCH_MIN_BYTES:
         try:
             with warnings.catch_warnings():  # read-only sources (broadcasts) are only read
                 warnings.simplefilter("ignore", UserWarning)

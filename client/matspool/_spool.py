@@ -511,8 +511,10 @@ class Spool:
         return message.to_wire()
 
     def _send(self, msg: dict[str, Any], payload: list[memoryview] | tuple[()] = ()) -> None:
+        # the first frame tells the I/O thread what it forwards without parsing the JSON
+        head = f"{msg['op']} {msg.get('seq', -1)}".encode()
         with self._wake_lock:
-            self._tx.send_multipart([*proto.encode(msg), *payload], copy=False)
+            self._tx.send_multipart([head, *proto.encode(msg), *payload], copy=False)
 
     def _payload(self, message: Any) -> list[memoryview] | tuple[()]:
         """For a remote (tcp://) daemon, which cannot map our ring: the arrays as frames,
@@ -641,15 +643,16 @@ class Spool:
 
     def _forward(self, dealer: zmq.Socket, frames: list[zmq.Frame]) -> bool:
         """Pass a message from the caller's threads to the daemon; False on BYE."""
-        msg = proto.decode_head(frames[0].bytes, frames[1].bytes)
-        if msg["op"] == "WRITE":
+        op, _, seq = frames[0].bytes.decode().partition(" ")
+        frames = frames[1:]
+        if op == "WRITE":
             with self._lock:
-                p = self._pending.get(msg["seq"])
+                p = self._pending.get(int(seq))
                 if p is None:
                     return True  # failed or closed meanwhile
                 p.wire, p.sent = frames, True
         dealer.send_multipart(frames, copy=False)
-        return msg["op"] != "BYE"
+        return op != "BYE"
 
     def _io_loop(self) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
