@@ -48,9 +48,16 @@ def start_daemon(root: Path, sock_dir: Path, *extra: str) -> DaemonProc:
         [sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint, "--root", str(root),
          "--log-level", "warning", *extra],
     )
-    # ready once the socket answers a PING
+    if not wait_ready(endpoint, proc):
+        proc.kill()
+        raise RuntimeError("daemon did not come up within 30 s")
+    return DaemonProc(endpoint, root, proc)
+
+
+def wait_ready(endpoint: str, proc: subprocess.Popen, timeout: float = 30) -> bool:
+    """True once the daemon's ipc socket answers a PING; raises if the process exits."""
     ctx = zmq.Context.instance()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {proc.returncode} at start-up")
@@ -62,10 +69,9 @@ def start_daemon(root: Path, sock_dir: Path, *extra: str) -> DaemonProc:
             ok = s.poll(2000)
             s.close()
             if ok:
-                return DaemonProc(endpoint, root, proc)
+                return True
         time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("daemon did not come up within 30 s")
+    return False
 
 
 @pytest.fixture

@@ -15,15 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
-import scipy.io
 
 import matspool
 from matspool._ring import RING_PREFIX, SHM_DIR
 
 from conftest import DaemonProc
+from readback import read
 
 N_PRODUCERS = 4
 FILES_EACH = 10
@@ -76,46 +75,7 @@ def produce(endpoint: str, out: str, producer: int, barrier: Any, results: Any) 
         raise
 
 
-# -- reading back ---------------------------------------------------------------------------
-def read_v73(path: Path) -> dict[str, np.ndarray]:
-    out = {}
-    with h5py.File(path, "r") as f:
-        for name, ds in f.items():
-            cls = ds.attrs["MATLAB_class"].decode()
-            if ds.attrs.get("MATLAB_empty", 0):
-                out[name] = np.zeros(tuple(int(d) for d in ds[()]), dtype=np.float64)
-                continue
-            data = ds[()]
-            if data.dtype.names == ("real", "imag"):
-                c = np.empty(data.shape, np.result_type(data["real"].dtype, np.complex64))
-                c.real, c.imag = data["real"], data["imag"]
-                data = c
-            if cls == "logical":
-                assert ds.attrs["MATLAB_int_decode"] == 1
-                data = data.astype(bool)
-            out[name] = data.T  # HDF5 keeps MATLAB's column-major bytes: dims reversed
-    return out
 
-
-def read_v5(path: Path) -> dict[str, np.ndarray]:
-    m = scipy.io.loadmat(path, squeeze_me=False)
-    classes = {name: cls for name, _, cls in scipy.io.whosmat(path)}
-    out = {}
-    for name, v in m.items():
-        if name.startswith("__"):
-            continue
-        out[name] = v.astype(bool) if classes[name] == "logical" else v
-    return out
-
-
-def read(path: Path, fmt: str) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
-        head = f.read(128)
-    if fmt == "v5":
-        assert head.startswith(b"MATLAB 5.0 MAT-file")
-        return read_v5(path)
-    assert head.startswith(b"MATLAB 7.3 MAT-file")
-    return read_v73(path)
 
 
 def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:

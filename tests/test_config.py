@@ -11,15 +11,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 import matspool
+
+from conftest import wait_ready
 from matspoold import cli
 from matspoold.config import (
     FIELDS, OTHER_ENV_VARS, ConfigError, ServeSettings, builtin_defaults, resolve_settings)
@@ -284,21 +284,7 @@ def test_print_config_of_strange_strings_is_valid_toml(tmp_path: Path) -> None:
 # -- a daemon really started from a config file ------------------------------------------
 
 def _wait_for(endpoint: str, proc: subprocess.Popen) -> None:
-    ctx = zmq.Context.instance()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"daemon exited with {proc.returncode}"
-        if os.path.exists(endpoint[len("ipc://"):]):
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
-            s.send_multipart([b"matspool/1", b'{"op":"PING"}'])
-            ok = s.poll(2000)
-            s.close()
-            if ok:
-                return
-        time.sleep(0.05)
-    raise AssertionError("daemon did not come up within 30 s")
+    assert wait_ready(endpoint, proc), "daemon did not answer within 30 s"
 
 
 def test_daemon_started_with_config_file_uses_its_root(tmp_path: Path) -> None:

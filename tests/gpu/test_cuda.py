@@ -7,17 +7,15 @@ what the same tensor's CPU copy should give in MATLAB's order.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
-import scipy.io
 
 torch = pytest.importorskip("torch")
 
 import matspool  # noqa: E402
+from readback import read  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -72,34 +70,7 @@ def expected(x: Any, layout: str = "matlab", oned_as: str = "row") -> np.ndarray
     return a
 
 
-def read_v73(path: Path) -> dict[str, np.ndarray]:
-    out = {}
-    with h5py.File(path, "r") as f:
-        for name, ds in f.items():
-            cls = ds.attrs["MATLAB_class"].decode()
-            if ds.attrs.get("MATLAB_empty", 0):
-                out[name] = np.zeros(tuple(int(d) for d in ds[()]))
-                continue
-            data = ds[()]
-            if data.dtype.names == ("real", "imag"):
-                c = np.empty(data.shape, np.result_type(data["real"].dtype, np.complex64))
-                c.real, c.imag = data["real"], data["imag"]
-                data = c
-            if cls == "logical":
-                data = data.astype(bool)
-            out[name] = data.T
-    return out
 
-
-def read_v5(path: Path) -> dict[str, np.ndarray]:
-    classes = {name: cls for name, _, cls in scipy.io.whosmat(path)}
-    m = scipy.io.loadmat(path)
-    return {k: (v.astype(bool) if classes[k] == "logical" else v)
-            for k, v in m.items() if not k.startswith("__")}
-
-
-def read(path: Path, fmt: str) -> dict[str, np.ndarray]:
-    return read_v5(path) if fmt == "v5" else read_v73(path)
 
 
 def assert_exact(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
