@@ -332,3 +332,34 @@ def test_soak_short(tmp_path: Path) -> None:
     assert res["files_failed"] == 0 and res["files_verified"] > 50
     assert res["anon_rss_last_third_mib"] - res["anon_rss_middle_third_mib"] < 32, res
     assert res["fds_last_third"] - res["fds_middle_third"] <= 4, res
+
+
+def test_answers_are_never_dropped_for_a_slow_client(tmp_path: Path, out_dir: Path) -> None:
+    """A ROUTER drops what it cannot queue for a peer: 5,000 requests from a client that
+    reads nothing until the end must all be answered, and so must a flood of saves."""
+    import json
+
+    import zmq
+
+    from matspool._protocol import TAG
+
+    d = start_daemon(out_dir, tmp_path / "sock")
+    try:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(d.endpoint)
+        for _ in range(5000):
+            sock.send_multipart([TAG, b'{"op":"PING"}'])
+        time.sleep(1.0)  # let the answers pile up unread
+        got = 0
+        while sock.poll(3000):
+            assert json.loads(sock.recv_multipart()[1])["op"] == "PONG"
+            got += 1
+        sock.close()
+        assert got == 5000
+        with Spool(d.endpoint, ring_bytes=16 << 20, timeout=30) as spool:
+            futures = [spool.save(out_dir / f"s{i % 50}.mat", {"x": np.full((4, 4), i)}) for i in range(3000)]
+            spool.flush(120)
+        assert all(f.done() and f.exception() is None for f in futures)
+    finally:
+        d.stop()

@@ -659,6 +659,7 @@ class Spool:
         assert self._ring is not None
         dealer.setsockopt(zmq.ROUTING_ID, self._ring.name.encode())
         dealer.setsockopt(zmq.SNDHWM, 0)
+        dealer.setsockopt(zmq.RCVHWM, 0)  # every answer must get through, however many
         dealer.setsockopt(zmq.LINGER, 0)
         if self._curve is not None and is_tcp(self.endpoint):
             self._curve.apply(dealer)

@@ -276,6 +276,10 @@ class Daemon:
         router.setsockopt(zmq.MAXMSGSIZE, MAX_REMOTE_FRAME if is_tcp(self.endpoint)
                           else proto.MAX_MESSAGE_BYTES + 4096)
         router.setsockopt(zmq.LINGER, 1000)
+        # a ROUTER silently drops what it cannot queue for a peer: a busy client must get
+        # every answer late rather than never (answers are small; the rings bound them)
+        router.setsockopt(zmq.SNDHWM, 0)
+        router.setsockopt(zmq.RCVHWM, 0)
         self._bind(router)
         wake = self._ctx.socket(zmq.PULL)
         wake.bind(self._wake_addr)
@@ -530,7 +534,10 @@ class Daemon:
         if sock is None:
             sock = self._local.wake = self._ctx.socket(zmq.PUSH)
             sock.connect(self._wake_addr)
-        sock.send(b"", zmq.NOBLOCK)
+        try:
+            sock.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # wake-ups are already queued; the loop also looks every 200 ms
 
     def _run_file(self, job: _Job) -> int | None:
         """A whole save, a stream step, or the layout of a save whose pieces follow."""
