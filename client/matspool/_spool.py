@@ -639,7 +639,7 @@ class Spool:
         for wire in again:
             dealer.send_multipart(wire, copy=False)
         if again:
-            log.warning("matspool: daemon restarted; re-sent %d unacknowledged saves", len(again))
+            log.warning("matspool: (re)connected to the daemon; re-sent %d unanswered saves", len(again))
 
     def _forward(self, dealer: zmq.Socket, frames: list[zmq.Frame]) -> bool:
         """Pass a message from the caller's threads to the daemon; False on BYE."""
@@ -663,10 +663,16 @@ class Spool:
         dealer.setsockopt(zmq.LINGER, 0)
         if self._curve is not None and is_tcp(self.endpoint):
             self._curve.apply(dealer)
+        # a reconnect (a network blip on tcp://) may have lost answers in flight: the
+        # daemon drops what it cannot deliver. Re-sending the unanswered saves then is safe:
+        # it answers a seq it has written again, and ignores one it is still writing.
+        monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED)
         dealer.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self._rx, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        connections = 0
         last_rx = last_ping = time.monotonic()
         silence_limit = self.timeout if self.timeout else 60.0
         try:
@@ -685,6 +691,12 @@ class Spool:
                         except Exception as e:  # e.g. a DONE whose seq is a list: this thread
                             # must live on, or every pending future would hang forever
                             log.warning("matspool: bad message from the daemon: %r", e)
+                if monitor in events:
+                    while monitor.poll(0):
+                        monitor.recv_multipart()
+                        connections += 1
+                        if connections > 1:
+                            self._resend(dealer)
                 if now - last_ping >= self._heartbeat:
                     dealer.send_multipart(proto.encode({"op": "PING"}))
                     last_ping = now
@@ -697,6 +709,8 @@ class Spool:
                         f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s"))
                     last_rx = now
         finally:
+            dealer.disable_monitor()
+            monitor.close(linger=0)
             dealer.close(linger=0)
 
     def _teardown(self) -> None:
