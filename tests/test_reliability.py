@@ -83,8 +83,18 @@ _CLIENT = textwrap.dedent("""
     import os, sys, time, numpy as np, matspool
     spool = matspool.Spool(sys.argv[1], ring_bytes=64 << 20)
     out = sys.argv[2]
+    n = int(sys.argv[3])
     futs = [spool.save(os.path.join(out, f"c{i}.mat"), {"a": np.full((512, 512), i, np.float64)})
-            for i in range(int(sys.argv[3]))]
+            for i in range(n)]
+    # "signalled" = the daemon has every save (queued or written), not merely save() returned:
+    # a save still in this process's send queue dies with it
+    from matspoold.probe import ask
+    while True:
+        st = ask(sys.argv[1], "STATUS", 5)
+        me = [c for c in st["clients"] if c["pid"] == os.getpid()]
+        if me and me[0]["queue_depth"] + me[0]["files_written"] + me[0]["errors"] == n:
+            break
+        time.sleep(0.01)
     print("SIGNALLED", flush=True)
     time.sleep(60)
 """)
