@@ -8,7 +8,6 @@ file, and saved through.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tomllib
@@ -19,7 +18,7 @@ import pytest
 
 import matspool
 
-from conftest import wait_ready
+from conftest import DaemonProc, wait_ready
 from matspoold import cli
 from matspoold.config import (
     FIELDS, OTHER_ENV_VARS, ConfigError, ServeSettings, builtin_defaults, resolve_settings)
@@ -315,10 +314,5 @@ log_level = "warning"
         assert scipy.io.loadmat(root / "x.mat")["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
         assert not (elsewhere / "y.mat").exists()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, proc.stderr.read()
+        rc = DaemonProc(endpoint, root, proc).stop()
+    assert rc == 0, proc.stderr.read()

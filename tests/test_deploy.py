@@ -383,12 +383,8 @@ def test_hadolint() -> None:
 # -- health checks and Slurm scripts against real daemons ----------------------------------------
 
 @pytest.fixture(scope="module")
-def live_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    base = tmp_path_factory.mktemp("deploy")
-    (base / "out").mkdir()
-    d = start_daemon(base / "out", base / "sock")
-    yield d
-    d.stop()
+def live_daemon(mdaemon: Any) -> Any:
+    return mdaemon  # conftest's one daemon per module
 
 
 def _script_env(**extra: str) -> dict[str, str]:
