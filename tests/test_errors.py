@@ -223,6 +223,34 @@ def test_path_through_symlinked_directory(mspool: matspool.Spool, root: Path, ou
     assert_serves(mspool, root)
 
 
+def test_directory_swapped_for_a_symlink_after_a_save(mspool: matspool.Spool, root: Path,
+                                                      outside: Path) -> None:
+    """The daemon remembers directories it has checked; one replaced by a symlink leading
+    out of the root (the directory itself, or the link a client wrote through) is checked
+    again, not trusted."""
+    d = root / "swapped"
+    d.mkdir()
+    mspool.save(d / "a.mat", {"x": 1.0}, format="v5").result(10)
+    os.rename(d, root / "swapped-away")
+    d.symlink_to(outside, target_is_directory=True)
+    err = _expect_future_error(mspool.save(d / "b.mat", {"x": 2.0}), matspool.PathNotAllowedError)
+    assert str(d / "b.mat") in str(err)
+    assert list(outside.iterdir()) == []
+
+    # a client path through a link inside the root, then the link's target made a symlink out
+    (root / "real").mkdir()
+    (root / "via").symlink_to(root / "real", target_is_directory=True)
+    mspool.save(root / "via" / "a.mat", {"x": 1.0}, format="v7.3").result(10)
+    os.rename(root / "real", root / "real-moved")
+    (root / "real").symlink_to(outside, target_is_directory=True)
+    (root / "via").unlink()
+    (root / "via").symlink_to(root / "real-moved", target_is_directory=True)
+    mspool.save(root / "via" / "b.mat", {"x": 3.0}, format="v5").result(10)
+    assert list(outside.iterdir()) == []
+    assert scipy.io.loadmat(root / "real-moved" / "b.mat")["x"][0, 0] == 3.0
+    assert_serves(mspool, root)
+
+
 def test_symlink_at_the_final_name_is_replaced_not_followed(mspool: matspool.Spool, root: Path,
                                                             outside: Path) -> None:
     victim = outside / "victim.txt"
@@ -373,6 +401,9 @@ class FakeDaemon:
                     elif msg["op"] == "WRITE":
                         with self._lock:
                             self.writes.append(msg)
+                    elif msg["op"] == "BATCH":  # saves the client queued together
+                        with self._lock:
+                            self.writes.extend(msg["msgs"])
                 with self._lock:
                     todo, self._todo = self._todo, []
                 for reply in todo:
@@ -551,13 +582,31 @@ def test_err_from_the_daemon_maps_to_the_error_class(fake: FakeDaemon, tmp_path:
         assert s._ring.used == 0
 
 
+def test_one_done_answers_several_saves(fake: FakeDaemon, tmp_path: Path) -> None:
+    with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30) as s:
+        futs = [s.save(tmp_path / f"{i}.mat", {"x": float(i)}) for i in range(4)]
+        _wait_for(lambda: fake.n_writes() == 4)
+        seqs = [w["seq"] for w in fake.writes]
+        fake.reply({"op": "DONE", "done": [[seqs[2], 30], [seqs[0], 10], [seqs[3], 40]]})
+        assert [futs[i].result(5).nbytes for i in (0, 2, 3)] == [10, 30, 40]
+        assert not futs[1].done()
+        fake.reply({"op": "DONE", "seq": seqs[1], "nbytes": 20})
+        assert futs[1].result(5).nbytes == 20
+        assert s._ring.used == 0
+
+
 @pytest.mark.parametrize("bad_reply", [
     {"op": "DONE", "seq": [0], "nbytes": 1},  # unhashable seq
     {"op": "DONE", "seq": 0, "nbytes": "many"},
     {"op": "DONE", "seq": 0, "nbytes": None},
     {"op": "WELCOME!"},
     {"op": "DONE"},
-], ids=["seq_list", "nbytes_str", "nbytes_null", "unknown_op", "no_seq"])
+    {"op": "DONE", "done": "all"},
+    {"op": "DONE", "done": [[0]]},
+    {"op": "DONE", "done": [[[0], 1]]},
+    {"op": "DONE", "done": [None]},
+], ids=["seq_list", "nbytes_str", "nbytes_null", "unknown_op", "no_seq", "done_str", "done_short",
+        "done_seq_list", "done_null"])
 def test_client_survives_malformed_replies(fake: FakeDaemon, tmp_path: Path,
                                            bad_reply: dict[str, Any]) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30) as s:
@@ -689,6 +738,12 @@ GARBAGE: list[tuple[str, list[bytes]]] = [
     ("long_unknown_op", [TAG, json.dumps({"op": "X" * 100_000}).encode()]),
     ("deeply_nested", [TAG, DEEP]),
     ("huge_int", [TAG, b'{"op":"WRITE","seq":' + b"9" * 5000 + b"}"]),
+    ("batch_not_list", [TAG, b'{"op":"BATCH","msgs":{"op":"WRITE"}}']),
+    ("batch_empty", [TAG, b'{"op":"BATCH","msgs":[]}']),
+    ("batch_of_pings", [TAG, b'{"op":"BATCH","msgs":[{"op":"PING"}]}']),
+    ("batch_in_batch", [TAG, b'{"op":"BATCH","msgs":[{"op":"BATCH","msgs":[]}]}']),
+    ("batch_of_strings", [TAG, b'{"op":"BATCH","msgs":["WRITE"]}']),
+    ("batch_too_long", [TAG, json.dumps({"op": "BATCH", "msgs": [{"op": "WRITE"}] * 4097}).encode()]),
     ("write_before_hello", [TAG, json.dumps({
         "op": "WRITE", "seq": 1, "path": "/tmp/x.mat", "format": "v5", "fsync": False,
         "vars": [{"name": "x", "dtype": "<f8", "dims": [1, 1], "offset": 0, "nbytes": 8}]}).encode()]),
@@ -906,6 +961,34 @@ def test_bad_write(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: 
     assert w.write(f"{root}/ok.mat", seq=8) == {"op": "DONE", "seq": 8,
                                                 "nbytes": os.path.getsize(root / "ok.mat")}
     np.testing.assert_array_equal(scipy.io.loadmat(root / "ok.mat")["x"], x)
+    assert_daemon_serves(mdaemon, mspool, root)
+
+
+def test_batch_answers_each_write(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path,
+                                  ring: Ring) -> None:
+    """A BATCH is its WRITEs one by one: a bad one gets its own ERR, the others are written."""
+    Writer(raw, ring)
+    x = np.arange(6, dtype="<f8").reshape(2, 3)
+    ring.array[:48] = np.asfortranarray(x).reshape(-1, order="F").view(np.uint8)
+
+    def write(seq: int, name: str, **over: Any) -> dict[str, Any]:
+        return {"op": "WRITE", "seq": seq, "path": f"{root}/{name}", "format": "v5", "fsync": False,
+                "vars": [var(**over)]}
+
+    msgs = [write(1, "a.mat"), write(2, "b.mat", offset=RING + 8), write(3, "c.mat", dtype="float64"),
+            write(4, "d.mat"), {"op": "WRITE", "seq": 5}]
+    raw.sock.send_multipart([TAG, json.dumps({"op": "BATCH", "msgs": msgs}).encode()])
+    answers: dict[int, dict[str, Any]] = {}
+    while len(answers) < 5:
+        assert raw.sock.poll(5000), f"answers so far: {answers}"
+        reply = json.loads(raw.sock.recv_multipart()[1])
+        for seq, nbytes in reply["done"] if "done" in reply else [[reply["seq"], reply.get("nbytes")]]:
+            answers[seq] = {**reply, "seq": seq, "nbytes": nbytes}
+    assert {s: a["op"] for s, a in answers.items()} == {1: "DONE", 2: "ERR", 3: "ERR", 4: "DONE", 5: "ERR"}
+    assert all(answers[s]["code"] == "protocol" for s in (2, 3, 5))
+    assert sorted(p.name for p in root.iterdir()) == ["a.mat", "d.mat"]
+    for name in ("a.mat", "d.mat"):
+        np.testing.assert_array_equal(scipy.io.loadmat(root / name)["x"], x)
     assert_daemon_serves(mdaemon, mspool, root)
 
 

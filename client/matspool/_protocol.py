@@ -6,9 +6,14 @@ capture; payload bytes never travel here, only offsets into the client's ring.
 
 client -> daemon                                  daemon -> client
   HELLO {ring, ring_bytes, pid}                     WELCOME {pid, version}
-  WRITE {seq, path, format, fsync, vars[]}          DONE {seq, path, nbytes}
+  WRITE {seq, path, format, fsync, vars[]}          DONE {seq, nbytes}
+  BATCH {msgs: [WRITE, ...]}                        DONE {done: [[seq, nbytes], ...]}
   PING {}                                           ERR {seq, code, message}
   BYE {}                                            PONG {}
+
+BATCH and the list form of DONE carry many small saves in one message each way: when
+saves come faster than the daemon answers, the per-message cost (a receive, a wake-up
+of the other side's thread) is paid once per burst, not once per file.
 
 ``parse_write`` is the schema check the daemon runs on every WRITE before it
 touches a ring or a path: anything that does not fit raises :class:`ProtocolError`
@@ -30,6 +35,7 @@ from ._matlab import STORED_DTYPES, V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_nam
 __all__ = [
     "FORMATS",
     "MAX_MESSAGE_BYTES",
+    "MAX_BATCH",
     "MAX_NDIM",
     "MAX_TREE_DEPTH",
     "MAX_TREE_NODES",
@@ -46,6 +52,7 @@ __all__ = [
     "MAX_DEFERRED_BYTES",
     "MODES",
     "Part",
+    "parse_batch",
     "parse_part",
     "check_stream_step",
     "check_v5_limits",
@@ -189,6 +196,18 @@ def decode_head(tag: bytes, body: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ProtocolError("message must be a JSON object with a string 'op'")
     return msg
+
+
+MAX_BATCH: Final = 4096
+
+
+def parse_batch(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The WRITEs of a BATCH (saves a client queued together, sent as one message)."""
+    msgs = msg.get("msgs")
+    if (not isinstance(msgs, list) or not 1 <= len(msgs) <= MAX_BATCH
+            or not all(isinstance(m, dict) and m.get("op") == "WRITE" for m in msgs)):
+        raise ProtocolError(f"BATCH must hold a list 'msgs' of 1 to {MAX_BATCH} WRITE messages")
+    return msgs
 
 
 def _int(value: object, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:

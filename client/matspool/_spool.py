@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait
@@ -160,6 +161,18 @@ def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
+_BATCH_BYTES: Final = proto.MAX_MESSAGE_BYTES // 2
+
+
+def _send_batch(dealer: zmq.Socket, bodies: list[bytes]) -> None:
+    """Saves queued together reach the daemon as one message: one receive there, not one
+    per save, which is most of a small file's cost in the daemon's control loop."""
+    if len(bodies) == 1:
+        dealer.send_multipart([proto.TAG, bodies[0]])
+    elif bodies:
+        dealer.send_multipart([proto.TAG, b'{"op":"BATCH","msgs":[' + b",".join(bodies) + b"]}"])
+
+
 class Spool:
     """A connection to a writer daemon plus this process's ring.
 
@@ -215,6 +228,9 @@ class Spool:
                 endpoint = self._embedded.endpoint
             self.endpoint = endpoint
             self._ctx = zmq.Context.instance()
+            # messages for the daemon, in order; the I/O thread is woken only when the
+            # outbox was empty, so a burst of saves costs it one wake-up, not one each
+            self._outbox: deque[tuple[str, int, list[Any]]] = deque()
             self._wake_lock = threading.Lock()
             inproc = f"inproc://matspool-{id(self)}"
             self._rx = self._ctx.socket(zmq.PULL)
@@ -511,10 +527,11 @@ class Spool:
         return message.to_wire()
 
     def _send(self, msg: dict[str, Any], payload: list[memoryview] | tuple[()] = ()) -> None:
-        # the first frame tells the I/O thread what it forwards without parsing the JSON
-        head = f"{msg['op']} {msg.get('seq', -1)}".encode()
+        item = (msg["op"], msg.get("seq", -1), [*proto.encode(msg), *payload])
         with self._wake_lock:
-            self._tx.send_multipart([head, *proto.encode(msg), *payload], copy=False)
+            self._outbox.append(item)
+            if len(self._outbox) == 1:
+                self._tx.send(b"")
 
     def _payload(self, message: Any) -> list[memoryview] | tuple[()]:
         """For a remote (tcp://) daemon, which cannot map our ring: the arrays as frames,
@@ -597,11 +614,12 @@ class Spool:
                 self._hello(dealer)  # a new daemon on the same endpoint: register again
         elif op == "PART_DONE":
             self._part_done(msg.get("seq"), msg.get("offset"))
-        elif op == "DONE":
-            seq = msg.get("seq")
-            p = self._pending.get(seq)  # type: ignore[arg-type]
-            if p is not None:
-                self._resolve(seq, SaveResult(p.path, int(msg.get("nbytes", 0)), p.format))  # type: ignore[arg-type]
+        elif op == "DONE":  # one save ({seq, nbytes}) or several ({done: [[seq, nbytes], ...]})
+            answers = msg["done"] if "done" in msg else [[msg.get("seq"), msg.get("nbytes", 0)]]
+            for seq, nbytes in answers:
+                p = self._pending.get(seq)
+                if p is not None:
+                    self._resolve(seq, SaveResult(p.path, int(nbytes), p.format))
         elif op == "ERR":
             code, seq = str(msg.get("code")), msg.get("seq")
             if code == UnknownClient.code:  # the daemon restarted: the save is re-sent after HELLO
@@ -641,16 +659,41 @@ class Spool:
         if again:
             log.warning("matspool: (re)connected to the daemon; re-sent %d unanswered saves", len(again))
 
-    def _forward(self, dealer: zmq.Socket, frames: list[zmq.Frame]) -> bool:
-        """Pass a message from the caller's threads to the daemon; False on BYE."""
-        op, _, seq = frames[0].bytes.decode().partition(" ")
-        frames = frames[1:]
-        if op == "WRITE":
-            with self._lock:
-                p = self._pending.get(int(seq))
-                if p is None:
-                    return True  # failed or closed meanwhile
-                p.wire, p.sent = frames, True
+    def _forward(self, dealer: zmq.Socket) -> bool:
+        """Pass the outbox's messages to the daemon; False on BYE."""
+        with self._wake_lock:
+            items = list(self._outbox)
+            self._outbox.clear()
+        batch: list[bytes] = []  # bodies of local WRITEs that go together as one BATCH
+        size = 0
+        for op, seq, frames in items:
+            if op == "WRITE" and len(frames) == 2:  # no payload frames: a local client's
+                if self._mark_sent(seq, frames):
+                    if size + len(frames[1]) > _BATCH_BYTES:
+                        _send_batch(dealer, batch)
+                        batch, size = [], 0
+                    batch.append(frames[1])
+                    size += len(frames[1])
+                continue
+            _send_batch(dealer, batch)
+            batch, size = [], 0
+            if not self._forward_one(dealer, op, seq, frames):
+                return False
+        _send_batch(dealer, batch)
+        return True
+
+    def _mark_sent(self, seq: int, frames: list[Any]) -> bool:
+        """Keep a WRITE's frames to re-send; False if the save failed or closed meanwhile."""
+        with self._lock:
+            p = self._pending.get(seq)
+            if p is None:
+                return False
+            p.wire, p.sent = frames, True
+            return True
+
+    def _forward_one(self, dealer: zmq.Socket, op: str, seq: int, frames: list[Any]) -> bool:
+        if op == "WRITE" and not self._mark_sent(seq, frames):
+            return True
         dealer.send_multipart(frames, copy=False)
         return op != "BYE"
 
@@ -681,8 +724,9 @@ class Spool:
                 now = time.monotonic()
                 if self._rx in events:
                     while self._rx.poll(0):
-                        if not self._forward(dealer, self._rx.recv_multipart(copy=False)):
-                            return
+                        self._rx.recv()
+                    if not self._forward(dealer):
+                        return
                 if dealer in events:
                     last_rx = now
                     while dealer.poll(0):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from matspool._errors import PathNotAllowedError, WriteFailed
@@ -24,6 +26,44 @@ def _within(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root + os.sep)
 
 
+_DIRS_KEPT = 1024
+_dirs: OrderedDict[tuple[tuple[str, ...], str], tuple[str, int, int]] = OrderedDict()
+_dirs_lock = threading.Lock()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _cached_dir(roots: tuple[str, ...], directory: str) -> str | None:
+    """A directory checked before, if both the client's path and the checked real path
+    still lead to that same directory (inode): a symlink swapped in since then on
+    either path misses, and the full check runs again. ``realpath`` costs a few lstat
+    calls per component in Python, which is most of a small file's path handling."""
+    with _dirs_lock:
+        hit = _dirs.get((roots, directory))
+    if hit is None:
+        return None
+    real_dir, dev, ino = hit
+    if _identity(directory) == (dev, ino) == _identity(real_dir):
+        return real_dir
+    return None
+
+
+def _remember_dir(roots: tuple[str, ...], directory: str, real_dir: str) -> None:
+    ident = _identity(real_dir)
+    if ident is None:
+        return
+    with _dirs_lock:
+        _dirs[(roots, directory)] = (real_dir, *ident)
+        while len(_dirs) > _DIRS_KEPT:
+            _dirs.popitem(last=False)
+
+
 def resolve_target(path: str, roots: Sequence[str]) -> str:
     """The real path to write for ``path``; raises if it leaves every root.
 
@@ -36,14 +76,18 @@ def resolve_target(path: str, roots: Sequence[str]) -> str:
     directory, base = os.path.split(os.path.normpath(path))
     if not base or base in (".", ".."):
         raise WriteFailed(f"path names a directory, not a file: {path!r}")
-    real_dir = os.path.realpath(directory)
-    if not any(_within(real_dir, root) for root in roots):
-        raise PathNotAllowedError(
-            f"{path!r} is outside the daemon's roots ({', '.join(roots)}); start the daemon "
-            "with --root for that directory"
-        )
-    if not os.path.isdir(real_dir):
-        raise WriteFailed(f"cannot write {path!r}: directory {directory!r} does not exist")
+    key_roots = tuple(roots)
+    real_dir = _cached_dir(key_roots, directory)
+    if real_dir is None:
+        real_dir = os.path.realpath(directory)
+        if not any(_within(real_dir, root) for root in roots):
+            raise PathNotAllowedError(
+                f"{path!r} is outside the daemon's roots ({', '.join(roots)}); start the daemon "
+                "with --root for that directory"
+            )
+        if not os.path.isdir(real_dir):
+            raise WriteFailed(f"cannot write {path!r}: directory {directory!r} does not exist")
+        _remember_dir(key_roots, directory, real_dir)
     final = os.path.join(real_dir, base)
     if os.path.isdir(final):
         raise WriteFailed(f"cannot write {path!r}: it is a directory")

@@ -18,8 +18,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,7 @@ log = logging.getLogger("matspoold")
 
 MAX_RING_BYTES = 1 << 46  # 64 TiB: anything larger is a lie
 MAX_REMOTE_FRAME = 1 << 32  # 4 GiB: larger arrays travel in pieces
+_DONE_BATCH = 4096  # answers per DONE message: far below the 1 MiB message limit
 DONE_MEMORY = 4096  # per client: answers kept to re-send when a WRITE arrives twice
 
 
@@ -58,7 +58,7 @@ class _Client:
     last_seen: float = 0.0
     active: dict[int, float] = field(default_factory=dict)  # seq accepted -> when
     begun: dict[int, proto.WriteRequest] = field(default_factory=dict)  # saves arriving in pieces
-    answered: OrderedDict[int, list[bytes]] = field(default_factory=OrderedDict)
+    answered: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)
     joined: float = field(default_factory=time.monotonic)
     files: int = 0
     bytes_written: int = 0
@@ -75,7 +75,7 @@ class _Client:
                 "oldest_pending_s": now - min(self.active.values()) if self.active else 0.0,
                 "silent_s": now - self.last_seen, "dead": self.dead}
 
-    def remember(self, seq: int, reply: list[bytes]) -> None:
+    def remember(self, seq: int, reply: dict[str, Any]) -> None:
         self.active.pop(seq, None)
         self.answered[seq] = reply
         if len(self.answered) > DONE_MEMORY:
@@ -174,10 +174,41 @@ def _check_ring_size(client: _Client, request: proto.WriteRequest) -> None:
         raise RingError(f"the client's ring shrank to {size} bytes; this save needs {end}")
 
 
-def _error_reply(ident: bytes, seq: object, err: BaseException) -> list[bytes]:
+def _error_msg(seq: object, err: BaseException) -> dict[str, Any]:
     code = err.code if isinstance(err, MatspoolError) else "error"
     seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else -1
-    return [ident, *proto.encode({"op": "ERR", "seq": seq, "code": code, "message": str(err)})]
+    return {"op": "ERR", "seq": seq, "code": code, "message": str(err)}
+
+
+def _error_reply(ident: bytes, seq: object, err: BaseException) -> list[bytes]:
+    return [ident, *proto.encode(_error_msg(seq, err))]
+
+
+class _Writers:
+    """Writer threads taking jobs from one queue. (ThreadPoolExecutor's Future per task
+    costs the control thread more than a small file's whole write.)"""
+
+    def __init__(self, n: int, run: Callable[[_Job], None]) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._run = run
+        self._threads = [threading.Thread(target=self._loop, name=f"matspool-writer-{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: _Job) -> None:
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._run(job)
+
+    def shutdown(self) -> None:
+        """Finish the queued jobs, then stop."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
 
 
 class Daemon:
@@ -216,10 +247,12 @@ class Daemon:
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.parent_pid = parent_pid
-        self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="matspool-writer")
+        self._pool = _Writers(writers, self._run)
         self._clients: dict[bytes, _Client] = {}
         self._by_path: dict[str, deque[_Job]] = {}
-        self._results: queue.SimpleQueue[tuple[_Job, int | None, BaseException | None]] = queue.SimpleQueue()
+        # writers' outcomes; only the one that finds it empty wakes the control loop
+        self._results: deque[tuple[_Job, int | None, BaseException | None]] = deque()
+        self._results_lock = threading.Lock()
         self._ctx = zmq.Context()
         self._wake_addr = f"inproc://matspoold-wake-{id(self)}"
         self._local = threading.local()
@@ -314,7 +347,7 @@ class Daemon:
                 if self._stop.is_set() and not self._busy():
                     break
         finally:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown()
             self._drain_results(router)
             for c in self._clients.values():
                 c.release()
@@ -344,7 +377,6 @@ class Daemon:
         if len(frames) < 2:
             return  # nothing to answer to
         ident, body = frames[0].bytes, frames[1:]
-        seq: object = -1
         try:
             if len(body) < 2:
                 raise ProtocolError(f"expected 2 frames, got {len(body)}")
@@ -354,11 +386,22 @@ class Daemon:
                             or self._clients[ident].mm is not None):
                 raise ProtocolError(f"expected 2 frames, got {len(body)}: payload frames come "
                                     "only with WRITE or PART from a remote (tcp://) client")
-            seq = msg.get("seq", -1)
-            op = msg["op"]
-            client = self._clients.get(ident)
-            if client is not None:
-                client.last_seen = time.monotonic()
+            msgs = proto.parse_batch(msg) if msg["op"] == "BATCH" else [msg]
+        except MatspoolError as e:
+            log.warning("client %r: %s", ident[:64], e)
+            router.send_multipart(_error_reply(ident, -1, e))
+            return
+        client = self._clients.get(ident)
+        if client is not None:
+            client.last_seen = time.monotonic()
+        for m in msgs:
+            self._handle_one(router, ident, m, payload)
+
+    def _handle_one(self, router: zmq.Socket, ident: bytes, msg: dict[str, Any],
+                    payload: list[memoryview]) -> None:
+        seq: object = msg.get("seq", -1)
+        op = msg["op"]
+        try:
             if op == "PING":
                 router.send_multipart([ident, *proto.encode({"op": "PONG", "instance": self.instance})])
             elif op == "STATUS":
@@ -465,7 +508,7 @@ class Daemon:
         if isinstance(seq, int) and seq in client.active:
             return  # a re-send of a save being written: its answer is on the way
         if isinstance(seq, int) and seq in client.answered:
-            router.send_multipart([ident, *client.answered[seq]])  # written once, answered again
+            router.send_multipart([ident, *proto.encode(client.answered[seq])])  # written once, answered again
             return
         if client.mm is not None and client.mm.closed:
             raise RingError("the client's ring is no longer mapped")
@@ -513,7 +556,7 @@ class Daemon:
 
     # -- writes --------------------------------------------------------------------------
     def _submit(self, job: _Job) -> None:
-        self._pool.submit(self._run, job)
+        self._pool.submit(job)
 
     def _run(self, job: _Job) -> None:
         nbytes: int | None = None
@@ -529,7 +572,10 @@ class Daemon:
         except Exception as e:
             log.exception("writer failed on %s", job.request.path)
             error = WriteFailed(f"cannot write {job.request.path!r}: {type(e).__name__}: {e}")
-        self._results.put((job, nbytes, error))
+        with self._results_lock:
+            self._results.append((job, nbytes, error))
+            if len(self._results) > 1:
+                return  # an earlier result's wake-up is pending: the loop drains them all
         sock = getattr(self._local, "wake", None)
         if sock is None:
             sock = self._local.wake = self._ctx.socket(zmq.PUSH)
@@ -588,36 +634,37 @@ class Daemon:
         return None
 
     def _drain_results(self, router: zmq.Socket) -> None:
+        # a client's finished saves go out together, as one DONE with a list: one message,
+        # not one per file, when many small files finish at once
+        done: dict[bytes, list[list[int]]] = {}
         while True:
-            try:
-                job, nbytes, error = self._results.get_nowait()
-            except queue.Empty:
-                return
+            with self._results_lock:
+                if not self._results:
+                    break
+                job, nbytes, error = self._results.popleft()
             req, client = job.request, job.client
             client.payload_inflight -= job.ring_bytes
-            reply: list[bytes] | None
             if job.kind == "part" and error is None:  # its ring space is free again
                 assert job.part is not None
-                reply = [client.ident, *proto.encode({"op": "PART_DONE", "seq": req.seq,
-                                                      "offset": job.part.offset})]
+                router.send_multipart([client.ident, *proto.encode(
+                    {"op": "PART_DONE", "seq": req.seq, "offset": job.part.offset})])
             elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
-                reply = [client.ident, *proto.encode({"op": "PART_DONE", "seq": req.seq,  # space is free
-                                                      "offset": None})]
+                router.send_multipart([client.ident, *proto.encode(  # space is free
+                    {"op": "PART_DONE", "seq": req.seq, "offset": None})])
             elif error is None:
                 self.files_written += 1
                 self.bytes_written += nbytes or 0
                 client.files += 1
                 client.bytes_written += nbytes or 0
-                reply = [client.ident, *proto.encode({"op": "DONE", "seq": req.seq, "nbytes": nbytes})]
+                done.setdefault(client.ident, []).append([req.seq, nbytes or 0])
+                client.remember(req.seq, {"op": "DONE", "seq": req.seq, "nbytes": nbytes})
             else:
                 log.warning("save %d to %s failed: %s", req.seq, req.path, error)
                 self.errors += 1
                 client.errors += 1
-                reply = _error_reply(client.ident, req.seq, error)
-            if reply is not None:
-                router.send_multipart(reply)
-                if job.kind in ("write", "end") or error is not None:
-                    client.remember(req.seq, reply[1:])
+                reply = _error_msg(req.seq, error)
+                router.send_multipart([client.ident, *proto.encode(reply)])
+                client.remember(req.seq, reply)
             if job.kind == "end":
                 client.begun.pop(req.seq, None)
             client.inflight -= 1
@@ -629,6 +676,14 @@ class Daemon:
                 self._submit(waiting.popleft())
             else:
                 del self._by_path[key]
+        for ident, answers in done.items():
+            if len(answers) == 1:
+                router.send_multipart([ident, *proto.encode(
+                    {"op": "DONE", "seq": answers[0][0], "nbytes": answers[0][1]})])
+                continue
+            for i in range(0, len(answers), _DONE_BATCH):
+                router.send_multipart([ident, *proto.encode(
+                    {"op": "DONE", "done": answers[i:i + _DONE_BATCH]})])
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

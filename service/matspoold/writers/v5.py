@@ -34,6 +34,7 @@ _MI_MATRIX: Final = 14
 _MI_COMPRESSED: Final = 15
 _FLAG_COMPLEX: Final = 0x0800
 _FLAG_LOGICAL: Final = 0x0200
+_BUFFER: Final = 64 << 10  # under malloc's mmap threshold: no mmap/munmap per file
 _CHUNK: Final = 16 << 20  # complex parts are split in pieces of this many elements' bytes
 
 
@@ -52,8 +53,8 @@ def _element_size(nbytes: int) -> int:
 
 
 def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
-    """An unbuffered write may be short (disk full, signals): go on until all is written,
-    so a full disk surfaces as ENOSPC from the next write instead of a silently cut file."""
+    """A raw write may be short (disk full, signals): go on until all is written, so a
+    full disk surfaces as ENOSPC from the next write instead of a silently cut file."""
     view = memoryview(data).cast("B")
     while view:
         view = view[f.write(view):]
@@ -167,14 +168,37 @@ def _write_tree(f: BinaryIO, spec: TreeSpec, value: Any, level: int) -> None:
         _write_all(f, buf.getbuffer())
 
 
+_SMALL_FILE: Final = 1 << 20
+
+
+def _write_small(path: str, variables: Sequence[tuple[Variable, Any]]) -> None:
+    """A small plain numeric file, assembled in memory and written with one ``write()``:
+    for 4 KiB variables the file object and its per-call overheads cost more than the bytes."""
+    image = b"".join([header(), *(buf for spec, value in variables
+                                   for buf in _element(spec, value, _CHUNK))])  # type: ignore[arg-type]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        view = memoryview(image)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
     """``level`` 1-9 deflates every variable (``miCOMPRESSED``, what ``save -v7`` does).
 
     Deferred variables leave holes (the real part, and the imaginary part of a complex
     one); the returned file offsets are where their pieces go.
     """
+    if not level and sum(spec.nbytes if isinstance(spec, VarSpec) and not spec.deferred else _SMALL_FILE + 1
+                         for spec, _ in variables) <= _SMALL_FILE:
+        _write_small(path, variables)
+        return {}
     holes: dict[str, list[int]] = {}
-    with open(path, "xb", buffering=0) as f:
+    # buffered: headers, tags and padding leave together; payloads larger than the
+    # buffer still go to write() straight from the ring, uncopied
+    with open(path, "xb", buffering=_BUFFER) as f:
         _write_all(f, header())
         for spec, value in variables:
             if isinstance(spec, TreeSpec):
@@ -183,5 +207,6 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
                 holes[spec.name] = _write_var(f, spec, None, level)
             else:
                 _write_var(f, spec, value, level)
-        f.truncate(f.tell())  # a hole at the very end still counts in the file's size
+        if holes:
+            f.truncate(f.tell())  # a hole at the very end still counts in the file's size
     return holes

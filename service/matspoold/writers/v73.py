@@ -14,9 +14,12 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -26,7 +29,7 @@ from matspool._protocol import TreeSpec, Variable, VarSpec
 
 from ._deflate import ordered_map
 
-__all__ = ["USERBLOCK", "header", "pwrite_all", "write_v73"]
+__all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "header", "pwrite_all", "write_v73"]
 
 USERBLOCK = 512
 
@@ -144,6 +147,7 @@ def _reserve(f: h5py.File, name: str, shape: tuple[int, ...], dtype: np.dtype) -
     dcpl.set_layout(h5py.h5d.CONTIGUOUS)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)  # no timestamps: same variables, same bytes (templates)
     space = h5py.h5s.create_simple(shape)
     dsid = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(dtype, logical=True), space,
                            dcpl=dcpl)
@@ -157,17 +161,92 @@ def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+@dataclass(frozen=True)
+class _Template:
+    """A small file as h5py laid it out: every byte but the payloads and the header's
+    time stamp depends only on the variables' names, types and sizes."""
+
+    image: bytes
+    offsets: tuple[int | None, ...]  # each variable's payload offset; None: no payload
+
+
+TEMPLATE_MAX_BYTES = 1 << 20  # above this h5py's ~0.5 ms per file is lost in the payload
+_TEMPLATES_KEPT = 128
+
+
+class _TemplateCache:
+    """Recently written small layouts, so a time-step loop saving the same variables pays
+    h5py's file creation (~0.5 ms, most of a small file's cost) once, not every step."""
+
+    def __init__(self, size: int = _TEMPLATES_KEPT) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[Any, ...], _Template] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...]) -> _Template | None:
+        with self._lock:
+            t = self._items.get(key)
+            if t is not None:
+                self._items.move_to_end(key)
+            return t
+
+    def put(self, key: tuple[Any, ...], template: _Template) -> None:
+        with self._lock:
+            self._items[key] = template
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+TEMPLATES = _TemplateCache()
+
+
+def _template_key(variables: Sequence[tuple[Variable, Any]], level: int) -> tuple[Any, ...] | None:
+    """What fixes a file's layout, or None when it is not a plain small numeric save."""
+    key = []
+    total = 0
+    for spec, _ in variables:
+        if not isinstance(spec, VarSpec) or spec.deferred:
+            return None
+        if level and spec.nbytes >= _MIN_COMPRESS_BYTES:
+            return None  # chunked and deflated: not a fixed layout
+        total += spec.nbytes
+        key.append((spec.name, spec.dtype, spec.dims))
+    return tuple(key) if total <= TEMPLATE_MAX_BYTES else None
+
+
+def _payloads(variables: Sequence[tuple[Variable, Any]], offsets: Sequence[int | None]) -> list[tuple[int, np.ndarray]]:
+    return [(off, _stored(spec, arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            for (spec, arr), off in zip(variables, offsets) if off is not None]
+
+
+def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
+    image = bytearray(t.image)
+    for offset, data in _payloads(variables, t.offsets):
+        image[offset:offset + data.nbytes] = memoryview(data)
+    image[:128] = header()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        pwrite_all(fd, np.frombuffer(image, np.uint8), 0)
+    finally:
+        os.close(fd)
+
+
 def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
     """``level`` 1-9: deflate in chunks of at most 64 KiB, as MATLAB's ``save -v7.3`` does.
 
     Deferred variables (larger than the ring) get their space reserved; the returned
     file offsets are where their pieces go.
     """
+    key = _template_key(variables, level)
+    if key is not None and (template := TEMPLATES.get(key)) is not None:
+        _write_from_template(path, template, variables)
+        return {}
     holes: dict[str, list[int]] = {}
     trees = {spec.name: value for spec, value in variables if isinstance(spec, TreeSpec)}
-    payloads: list[tuple[int, np.ndarray]] = []
+    offsets: list[int | None] = []
     with h5py.File(path, "w-", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
         for spec, arr in variables:
+            offsets.append(None)
             if isinstance(spec, TreeSpec):
                 continue
             if math.prod(spec.dims) == 0:
@@ -182,18 +261,22 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
                 ds = _write_deflated(f, spec.name, data, level)
             else:
                 data = _stored(spec, arr)
-                ds, offset = _reserve(f, spec.name, data.shape, data.dtype)
-                payloads.append((offset, data))
+                ds, offsets[-1] = _reserve(f, spec.name, data.shape, data.dtype)
             _str_attr(ds, "MATLAB_class", spec.matlab_class)
             if spec.matlab_class == "logical":
                 ds.attrs.create("MATLAB_int_decode", np.int32(1))
     if trees:
         _write_trees(path, trees)
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(path, os.O_RDWR)
     try:
-        for offset, data in payloads:
-            pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)
+        for offset, data in _payloads(variables, offsets):
+            pwrite_all(fd, data, offset)
         pwrite_all(fd, np.frombuffer(header(), np.uint8), 0)
+        if key is not None:
+            size = os.fstat(fd).st_size
+            image = os.pread(fd, size, 0)
+            if len(image) == size:
+                TEMPLATES.put(key, _Template(image, tuple(offsets)))
     finally:
         os.close(fd)
     return holes
