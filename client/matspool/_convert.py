@@ -19,11 +19,12 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from ._errors import InvalidVariableError, UnsupportedTypeError
-from ._matlab import check_name, stored_dtype
+from ._matlab import STORED_DTYPES, check_name, stored_dtype
 
 __all__ = ["LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "copy_host", "iter_arrays", "prepare",
            "prepare_value", "to_spec", "torch_dtype"]
 
+_ITEMSIZE: Final = {dt: np.dtype(dt).itemsize for dt in STORED_DTYPES}
 Layout = Literal["matlab", "raw", "hwc"]
 LAYOUTS: Final = ("matlab", "raw", "hwc")
 ONED_AS: Final = ("row", "column")
@@ -41,7 +42,7 @@ class Prepared:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.dims) * np.dtype(self.dtype).itemsize
+        return math.prod(self.dims) * _ITEMSIZE[self.dtype]
 
 
 def _torch():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -74,19 +75,25 @@ def check_name(name: object) -> str:
     return name
 
 
-def stored_dtype(name: str, source: str) -> str:
-    """The ring dtype for an input dtype called ``source`` (numpy or torch spelling).
-
-    ``name`` only makes the error message say which variable was wrong.
-    """
+@functools.lru_cache(maxsize=256)
+def _stored_dtype(source: str) -> str | None:
     if source in _WIDEN:
         return _WIDEN[source]
     try:
         dt = np.dtype(source).newbyteorder("<") if source not in ("bool",) else np.dtype("|b1")
     except TypeError:
         dt = None
-    if dt is not None and dt.str in STORED_DTYPES:
-        return dt.str
+    return dt.str if dt is not None and dt.str in STORED_DTYPES else None
+
+
+def stored_dtype(name: str, source: str) -> str:
+    """The ring dtype for an input dtype called ``source`` (numpy or torch spelling).
+
+    ``name`` only makes the error message say which variable was wrong.
+    """
+    stored = _stored_dtype(source)
+    if stored is not None:
+        return stored
     raise UnsupportedTypeError(
         f"variable {name!r}: dtype {source} has no MATLAB class (supported: float64/32/16, "
         "bfloat16, int8-64, uint8-64, bool, complex64/128)"

@@ -43,7 +43,7 @@ from ._errors import (
     UnknownClient,
     error_from_code,
 )
-from ._matlab import V5_MAX_VARIABLE_BYTES, check_name
+from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
 from ._ring import ALIGN, Ring
 
 if TYPE_CHECKING:
@@ -312,11 +312,14 @@ class Spool:
         if fmt == "auto":
             fmt = "v7.3" if any(a.nbytes > V5_MAX_VARIABLE_BYTES for a in arrays) else "v5"
         relative, total = self._place(arrays)
-        provisional = [to_spec(n, v, relative) for n, v in values.items()]
-        if fmt == "v5":
-            proto.check_v5_limits(provisional)
-        if mode != "write":
-            proto.check_stream_step(fmt, provisional)
+        over_v5 = fmt == "v5" and any(a.nbytes > V5_MAX_VARIABLE_BYTES or max(a.dims) > V5_MAX_DIM
+                                      for a in arrays)
+        if over_v5 or mode != "write":  # checked before any ring space is taken
+            provisional = [to_spec(n, v, relative) for n, v in values.items()]
+            if fmt == "v5":
+                proto.check_v5_limits(provisional)
+            if mode != "write":
+                proto.check_stream_step(fmt, provisional)
         ring = self._ring
         assert ring is not None
         if total > ring.size and mode == "write":

@@ -49,7 +49,7 @@ def _cached_dir(roots: tuple[str, ...], directory: str) -> str | None:
     if hit is None:
         return None
     real_dir, dev, ino = hit
-    if _identity(directory) == (dev, ino) == _identity(real_dir):
+    if _identity(directory) == (dev, ino) and (real_dir == directory or _identity(real_dir) == (dev, ino)):
         return real_dir
     return None
 

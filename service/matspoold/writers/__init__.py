@@ -10,6 +10,7 @@ partial file under the name they asked for.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -41,9 +42,15 @@ def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+_tmp_ids = itertools.count()
+_tmp_salt = secrets.token_hex(3)
+
+
 def _tmp_name(final: str) -> str:
+    """Unique within this daemon (a counter) and across daemons (pid and a random salt);
+    no ``urandom`` call per file."""
     directory, base = os.path.split(final)
-    return os.path.join(directory, f".{base[:180]}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    return os.path.join(directory, f".{base[:180]}.{os.getpid()}-{_tmp_salt}-{next(_tmp_ids)}{TMP_SUFFIX}")
 
 
 def _unlink(path: str) -> None:
