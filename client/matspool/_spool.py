@@ -44,6 +44,7 @@ from ._errors import (
     error_from_code,
 )
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
+from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import ALIGN, Ring
 
 if TYPE_CHECKING:
@@ -76,6 +77,11 @@ class _Pending:
     wire: list[Any] | None = None  # the WRITE's frames as sent, kept to re-send to a restarted daemon
     sent: bool = False
     parts: set[int] | None = None  # ring offsets of pieces in flight (a save larger than the ring)
+    holds: int = 1  # the region is freed when the answer came and, if any, the copy into it ended
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
 
 _LIVE: weakref.WeakSet[Spool] = weakref.WeakSet()
@@ -214,6 +220,9 @@ class Spool:
         self._copier: Any = None
         self._waiter: threading.Thread | None = None
         self._waitq: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._order_lock = threading.Lock()
+        self._queued = 0  # messages in _waitq or being handled by the copy thread
+        self._copying: dict[int, _Pending] = {}  # finished saves whose copy still runs
 
         endpoint = endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None
         self._curve = curve or ClientKeys.from_env()
@@ -325,27 +334,47 @@ class Spool:
         if total > ring.size and mode == "write":
             return self._submit_in_pieces(abspath, values, fmt, fsync, level)
 
-        base = ring.alloc(total, block=self.on_full == "block", timeout=self.timeout)
+        deferred = {id(a): _aligned(staged_bytes(a)) for a in arrays if defers(a)}
+        if sum(deferred.values()) + total > ring.size:
+            deferred = {}  # no room to stage: reorder during the copy, as small arrays do
+        block = self.on_full == "block"
+        staging = ring.alloc(sum(deferred.values()), block=block, timeout=self.timeout) if deferred else None
+        try:
+            base = ring.alloc(total, block=block, timeout=self.timeout)
+        except BaseException:
+            if staging is not None:
+                ring.free(staging)
+            raise
         offsets = {key: base + off for key, off in relative.items()}
         specs = [to_spec(n, v, offsets) for n, v in values.items()]
         seq = next(self._seq)
         fut: Future[SaveResult] = Future()
         fut.set_running_or_notify_cancel()
         request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs), level, mode)
+        copying = any(a.is_cuda for a in arrays) or bool(deferred)
         with self._lock:
-            self._pending[seq] = _Pending(fut, base, abspath, fmt)
+            self._pending[seq] = _Pending(fut, base, abspath, fmt, holds=2 if copying else 1)
         try:
-            cuda_items = []
+            cuda_items, reorders, at = [], [], staging
             for a in arrays:
                 if a.is_cuda:
                     cuda_items.append((a, offsets[id(a)]))
+                elif id(a) in deferred:
+                    reorders.append((stage(a, ring.array, at), offsets[id(a)]))
+                    at += deferred[id(a)]
                 else:
                     copy_host(a, ring.array, offsets[id(a)])
-            self._dispatch(request, self._cuda().start(cuda_items) if cuda_items else None)
+            copies: list[Any] = [self._cuda().start(cuda_items)] if cuda_items else []
+            if reorders:
+                copies.append(HostReorder(reorders, ring, staging))
+            copy = None if not copies else copies[0] if len(copies) == 1 else AllOf(copies)
+            self._dispatch(request, copy, hold=copying)
         except BaseException:
             with self._lock:
                 self._pending.pop(seq, None)
             ring.free(base)
+            if staging is not None:
+                ring.free(staging)
             raise
         return fut
 
@@ -397,14 +426,18 @@ class Spool:
         if self._broken is not None:
             raise self._broken
 
-    def _dispatch(self, message: Any, copy: Any = None) -> None:
-        """Send once ``copy`` (a CUDA copy) is done. While CUDA saves may still be copying,
-        everything queues behind them, so saves to one path, a stream's steps and a big
-        save's pieces reach the daemon in the order they were made."""
-        if copy is not None or self._copier is not None:
-            self._waitq.put((copy, message))
-        else:
-            self._send(self._wire(message), self._payload(message))
+    def _dispatch(self, message: Any, copy: Any = None, hold: bool = False) -> None:
+        """Send once ``copy`` (CUDA copies, host reorders) is done. While saves may still
+        be copying, everything queues behind them, so saves to one path, a stream's steps
+        and a big save's pieces reach the daemon in the order they were made. ``hold``:
+        the save's region stays taken until the copy ends, even if the save fails first."""
+        with self._order_lock:
+            if copy is None and self._queued == 0:
+                self._send(self._wire(message), self._payload(message))
+                return
+            self._queued += 1
+        self._start_waiter()
+        self._waitq.put((copy, message, hold))
 
     def _submit_in_pieces(self, abspath: str, values: dict[str, Value], fmt: str, fsync: bool,
                           level: int) -> Future[SaveResult]:
@@ -495,7 +528,7 @@ class Spool:
         offsets, off = {}, 0
         for a in arrays:
             offsets[id(a)] = off
-            off += (a.nbytes + ALIGN - 1) // ALIGN * ALIGN
+            off += _aligned(a.nbytes)
         return offsets, off
 
     def _cuda(self) -> Any:
@@ -505,20 +538,40 @@ class Spool:
             assert self._ring is not None
             self._ring.register_cuda()
             self._copier = CudaCopier(self._ring.array)
-            self._waiter = threading.Thread(target=self._wait_loop, name="matspool-cuda", daemon=True)
-            self._waiter.start()
         return self._copier
+
+    def _start_waiter(self) -> None:
+        with self._order_lock:
+            if self._waiter is None:
+                self._waiter = threading.Thread(target=self._wait_loop, name="matspool-copy", daemon=True)
+                self._waiter.start()
 
     def _wait_loop(self) -> None:
         while (item := self._waitq.get()) is not None:
-            pending, request = item
+            pending, request, hold = item
             try:
                 if pending is not None:
                     pending.wait()
             except Exception as e:  # a CUDA error: the bytes never arrived
-                self._resolve(request.seq, error=MatspoolError(f"CUDA copy failed: {e}"))
-                continue
-            self._send(self._wire(request), self._payload(request))
+                self._resolve(request.seq, error=MatspoolError(f"copy into the ring failed: {e}"))
+            else:
+                self._send(self._wire(request), self._payload(request))
+            finally:
+                if hold:
+                    self._release(request.seq)
+                with self._order_lock:
+                    self._queued -= 1
+
+    def _release(self, seq: int) -> None:
+        """A save's copy has ended: its region may go once the save is answered too."""
+        with self._lock:
+            p = self._pending.get(seq) or self._copying.pop(seq, None)
+            if p is None:
+                return
+            p.holds -= 1
+            free = p.holds == 0
+        if free and self._ring is not None and p.offset >= 0:
+            self._ring.free(p.offset)
 
     def _wire(self, message: Any) -> dict[str, Any]:
         """A save in pieces that already failed here (a copy failed, the ring timed out)
@@ -585,10 +638,14 @@ class Spool:
             if p is not None and error is not None:
                 if len(self._failed) < _MAX_KEPT_FAILURES:  # before the future completes:
                     self._failed.append(error)              # flush() waits on it
+            if p is not None:
+                p.holds -= 1
+                if p.holds:  # answered (or failed) while its copy still runs: freed after it
+                    self._copying[seq] = p
         if p is None:
             return
         if self._ring is not None:
-            if p.offset >= 0:
+            if p.offset >= 0 and not p.holds:
                 self._ring.free(p.offset)
             for off in parts:
                 self._ring.free(off)

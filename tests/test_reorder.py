@@ -1,0 +1,149 @@
+"""C-ordered host arrays: snapshot in save(), reordered to column-major afterwards.
+
+``save()`` copies such an array into a staging area of the ring (a memcpy) and returns;
+the client's copy thread lays it out column-major and only then sends the WRITE. These
+tests check what that must not change: exact files for every dtype and rank, values as
+they were when save() returned, save order, behaviour when the ring is tight, and that a
+save failing while its reorder runs does not hand its ring space to another save early.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import matspool
+from matspool import _reorder
+from matspool._errors import MatspoolError
+from readback import read
+
+MIB = 1 << 20
+
+
+def _big(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "b":
+        return rng.random(shape) > 0.5
+    if np.dtype(dtype).kind == "c":
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+CASES = [
+    ("<f4", (512, 1024)),
+    ("<f8", (300, 700)),
+    ("<i2", (1024, 1025)),
+    ("|b1", (1100, 1000)),
+    ("<c8", (257, 513)),
+    (">f8", (400, 400)),  # big-endian: converted during the reorder
+    ("<u1", (64, 128, 160)),
+    ("<f4", (8, 16, 32, 64)),
+]
+
+
+@pytest.mark.parametrize("fmt", ["v5", "v7.3"])
+@pytest.mark.parametrize(("dtype", "shape"), CASES, ids=[f"{d}-{'x'.join(map(str, s))}" for d, s in CASES])
+def test_deferred_reorder_is_exact(mspool: matspool.Spool, root: Path, fmt: str, dtype: str,
+                                   shape: tuple[int, ...]) -> None:
+    x = _big(dtype, shape)
+    assert x.flags.c_contiguous and x.nbytes >= _reorder.DEFER_MIN_BYTES
+    mspool.save(root / "x.mat", {"x": x}, format=fmt).result(60)
+    got = read(root / "x.mat", fmt)["x"]
+    want = x.astype(x.dtype.newbyteorder("="))
+    assert got.shape == want.shape
+    assert got.dtype == want.dtype
+    assert np.array_equal(got, want)
+
+
+def test_float16_and_tensor_sources(mspool: matspool.Spool, root: Path) -> None:
+    h = _big("<f2", (1024, 600))  # widened to single during the reorder
+    t = torch.from_numpy(_big("<f4", (700, 800), seed=3))
+    mspool.save(root / "m.mat", {"h": h, "t": t}, format="v7.3").result(60)
+    got = read(root / "m.mat", "v7.3")
+    assert got["h"].dtype == np.float32 and np.array_equal(got["h"], h.astype(np.float32))
+    assert np.array_equal(got["t"], t.numpy())
+
+
+def test_values_are_those_at_save_time(mspool: matspool.Spool, root: Path) -> None:
+    x = _big("<f4", (1024, 512))
+    wants = []
+    for i in range(4):
+        wants.append(x.copy())
+        mspool.save(root / f"s{i}.mat", {"x": x}, format="v5")
+        x += 1.0  # the caller moves on at once, as a time-step loop does
+    mspool.flush(60)
+    for i, want in enumerate(wants):
+        assert np.array_equal(read(root / f"s{i}.mat", "v5")["x"], want)
+
+
+def test_order_is_kept_behind_a_reorder(mspool: matspool.Spool, root: Path) -> None:
+    """A later small save to the same path must not overtake a big one still reordering."""
+    big = _big("<f8", (1024, 1024))
+    for i in range(3):
+        mspool.save(root / "same.mat", {"x": big, "i": np.float64(i)}, format="v7.3")
+        mspool.save(root / "same.mat", {"i": np.float64(10 + i)}, format="v7.3")
+    mspool.flush(60)
+    with h5py.File(root / "same.mat", "r") as f:
+        assert sorted(f) == ["i"] and f["i"][()].item() == 12.0
+    with mspool.stream(root / "run.mat") as st:
+        for step in range(3):
+            st.append(u=_big("<f4", (512, 600), seed=step), t=np.float64(step))
+    mspool.flush(60)
+    with h5py.File(root / "run.mat", "r") as f:
+        u = f["u"][()]  # (steps, 600, 512): one row-major slab per step
+        assert np.array_equal(f["t"][()].ravel(), [0.0, 1.0, 2.0])
+        for step in range(3):
+            assert np.array_equal(u[step].T, _big("<f4", (512, 600), seed=step))
+
+
+@pytest.mark.parametrize("ring_mib", [3, 5])
+def test_tight_ring(daemon, out_dir: Path, ring_mib: int) -> None:
+    """3 MiB: a 2 MiB array cannot be staged beside its region and is reordered in the
+    call; 5 MiB: staged, and later saves wait for ring space the reorders give back."""
+    xs = [_big("<f4", (1024, 512), seed=i) for i in range(6)]
+    with matspool.Spool(daemon.endpoint, ring_bytes=ring_mib * MIB, timeout=60) as s:
+        for i, x in enumerate(xs):
+            s.save(out_dir / f"t{i}.mat", {"x": x}, format="v5")
+        s.flush(60)
+        assert s._ring.used == 0
+    for i, x in enumerate(xs):
+        assert np.array_equal(read(out_dir / f"t{i}.mat", "v5")["x"], x)
+
+
+def test_failed_save_keeps_its_region_until_the_reorder_ends(daemon, out_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save failed while its reorder still writes into its region: the region must not
+    go to another save before the reorder has finished writing."""
+    gate, started = threading.Event(), threading.Event()
+    real_wait = _reorder.HostReorder.wait
+
+    def slow_wait(self: _reorder.HostReorder) -> None:
+        started.set()
+        assert gate.wait(30)
+        real_wait(self)
+
+    monkeypatch.setattr(_reorder.HostReorder, "wait", slow_wait)
+    with matspool.Spool(daemon.endpoint, ring_bytes=8 * MIB, timeout=60) as s:
+        fut = s.save(out_dir / "a.mat", {"x": _big("<f4", (1024, 512))})
+        assert started.wait(10)
+        s._fail_all(MatspoolError("the daemon went away (simulated)"))
+        with pytest.raises(MatspoolError):
+            fut.result(5)
+        assert s._ring.used >= 2 * MIB  # still held: the reorder has not written yet
+        gate.set()
+        deadline = threading.Event()
+        for _ in range(500):
+            if s._ring.used == 0:
+                break
+            deadline.wait(0.01)
+        assert s._ring.used == 0
+        monkeypatch.setattr(_reorder.HostReorder, "wait", real_wait)
+        s.save(out_dir / "b.mat", {"x": np.arange(6.0)}).result(30)
