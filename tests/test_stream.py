@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import h5py
@@ -116,3 +117,31 @@ def test_daemon_killed_between_steps_keeps_every_acknowledged_step(tmp_path: Pat
         _check(path, 6)
     finally:
         d.stop()
+
+
+def test_steps_keep_their_order_across_daemon_restarts(tmp_path: Path, out_dir: Path) -> None:
+    """After a restart the client registers again and re-sends what was unanswered; steps
+    appended meanwhile must wait for that, or a later step lands before an earlier one.
+    (Found by a CI run of the test above: step 5 written at index 4.)"""
+    path = out_dir / "order.mat"
+    d = start_daemon(out_dir, tmp_path / "sock")
+    k = 0
+    try:
+        with Spool(d.endpoint, ring_bytes=8 << 20, timeout=10) as spool:
+            s = spool.stream(path)
+            for restart in range(3):
+                for _ in range(3):
+                    s.append(**_step(k))
+                    k += 1
+                s.flush(30)
+                os.kill(d.proc.pid, signal.SIGKILL)
+                d.proc.wait()
+                d = start_daemon(out_dir, tmp_path / "sock")
+                for _ in range(12):  # some go out before the client has noticed the restart
+                    s.append(**_step(k))
+                    k += 1
+                    time.sleep(0.005)
+                s.flush(30)
+    finally:
+        d.stop()
+    _check(path, k)

@@ -59,6 +59,7 @@ class DaemonLink:
     _broken: MatspoolError | None
     _instance: str | None
     _hello_sent: bool
+    _hello_at: float = 0.0
 
     def _open_link(self, connect_timeout: float) -> None:
         """Start the I/O thread and say HELLO; returns once the daemon has answered."""
@@ -172,7 +173,12 @@ class DaemonLink:
         return {"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size, "pid": os.getpid()}
 
     def _hello(self, dealer: zmq.Socket) -> None:
+        """Register again with a daemon that does not know us (it restarted). Until it
+        answers, the outbox is held: a save sent now would be accepted before the
+        unanswered ones re-sent after WELCOME, and overtake them (a stream's steps, or
+        two saves to one path, would land out of order)."""
         self._hello_sent = True
+        self._hello_at = time.monotonic()
         dealer.send_multipart(proto.encode(self._hello_msg()))
 
     def _resend(self, dealer: zmq.Socket) -> None:
@@ -254,8 +260,6 @@ class DaemonLink:
                 if self._rx in events:
                     while self._rx.poll(0):
                         self._rx.recv()
-                    if not self._forward(dealer):
-                        return
                 if dealer in events:
                     last_rx = now
                     while dealer.poll(0):
@@ -270,6 +274,11 @@ class DaemonLink:
                         connections += 1
                         if connections > 1:
                             self._resend(dealer)
+                if not self._hello_sent:  # not waiting for a re-HELLO's WELCOME (see _hello)
+                    if not self._forward(dealer):
+                        return
+                elif now - self._hello_at > max(5.0, 3 * self._heartbeat):
+                    self._hello(dealer)  # unanswered (lost across a reconnect): say it again
                 if now - last_ping >= self._heartbeat:
                     dealer.send_multipart(proto.encode({"op": "PING"}))
                     last_ping = now
