@@ -36,9 +36,9 @@ from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
 from ._errors import FlushError, MatspoolError, SpoolClosed
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
-from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._link import DaemonLink
 from ._pieces import PiecesMixin
+from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import Ring
 from ._saves import End, Pending, SaveResult, aligned, place
 

@@ -391,6 +391,10 @@ class Daemon:
             log.warning("client %r: %s", ident[:64], e)
             router.send_multipart(_error_reply(ident, -1, e))
             return
+        except Exception as e:  # a bug of ours must not take the daemon down either
+            log.exception("client %r: unexpected error", ident[:64])
+            router.send_multipart(_error_reply(ident, -1, e))
+            return
         client = self._clients.get(ident)
         if client is not None:
             client.last_seen = time.monotonic()
