@@ -202,7 +202,7 @@ class DaemonLink:
         batch: list[bytes] = []  # bodies of local WRITEs that go together as one BATCH
         size = 0
         for op, seq, frames in items:
-            if op == "WRITE" and len(frames) == 2:  # no payload frames: a local client's
+            if op == "WRITE" and len(frames) == 2:  # no payload frames to keep apart
                 if self._mark_sent(seq, frames):
                     if size + len(frames[1]) > _BATCH_BYTES:
                         _send_batch(dealer, batch)
