@@ -10,6 +10,7 @@ save failing while its reorder runs does not hand its ring space to another save
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -139,11 +140,9 @@ def test_failed_save_keeps_its_region_until_the_reorder_ends(daemon, out_dir: Pa
             fut.result(5)
         assert s._ring.used >= 2 * MIB  # still held: the reorder has not written yet
         gate.set()
-        deadline = threading.Event()
-        for _ in range(500):
-            if s._ring.used == 0:
-                break
-            deadline.wait(0.01)
+        deadline = time.monotonic() + 5
+        while s._ring.used and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert s._ring.used == 0
         monkeypatch.setattr(_reorder.HostReorder, "wait", real_wait)
         s.save(out_dir / "b.mat", {"x": np.arange(6.0)}).result(30)

@@ -184,6 +184,16 @@ def _error_reply(ident: bytes, seq: object, err: BaseException) -> list[bytes]:
     return [ident, *proto.encode(_error_msg(seq, err))]
 
 
+def _refuse(router: zmq.Socket, ident: bytes, seq: object, err: Exception) -> None:
+    """Answer a message with ERR. Called from an ``except`` block: a bug of ours (not a
+    MatspoolError) is logged with its traceback, and must not take the daemon down either."""
+    if isinstance(err, MatspoolError):
+        log.warning("client %r: %s", ident[:64], err)
+    else:
+        log.exception("client %r: unexpected error", ident[:64])
+    router.send_multipart(_error_reply(ident, seq, err))
+
+
 class _Writers:
     """Writer threads taking jobs from one queue. (ThreadPoolExecutor's Future per task
     costs the control thread more than a small file's whole write.)"""
@@ -387,13 +397,8 @@ class Daemon:
                 raise ProtocolError(f"expected 2 frames, got {len(body)}: payload frames come "
                                     "only with WRITE or PART from a remote (tcp://) client")
             msgs = proto.parse_batch(msg) if msg["op"] == "BATCH" else [msg]
-        except MatspoolError as e:
-            log.warning("client %r: %s", ident[:64], e)
-            router.send_multipart(_error_reply(ident, -1, e))
-            return
-        except Exception as e:  # a bug of ours must not take the daemon down either
-            log.exception("client %r: unexpected error", ident[:64])
-            router.send_multipart(_error_reply(ident, -1, e))
+        except Exception as e:
+            _refuse(router, ident, -1, e)
             return
         client = self._clients.get(ident)
         if client is not None:
@@ -423,12 +428,8 @@ class Daemon:
                 self._bye(ident)
             else:
                 raise ProtocolError(f"unknown op {op[:40]!r}")
-        except MatspoolError as e:
-            log.warning("client %r: %s", ident[:64], e)
-            router.send_multipart(_error_reply(ident, seq, e))
-        except Exception as e:  # a bug of ours must not take the daemon down either
-            log.exception("client %r: unexpected error", ident[:64])
-            router.send_multipart(_error_reply(ident, seq, e))
+        except Exception as e:
+            _refuse(router, ident, seq, e)
 
     def _hello(self, ident: bytes, msg: dict[str, Any]) -> None:
         ring, size, pid = msg.get("ring"), msg.get("ring_bytes"), msg.get("pid")

@@ -24,7 +24,8 @@ from matspool._protocol import Variable, VarSpec
 
 from .stream import create_stream
 from .v5 import write_v5
-from .v73 import pwrite_all, write_v73
+from ._files import pwrite_all
+from .v73 import write_v73
 
 __all__ = ["TMP_SUFFIX", "WRITERS", "Session", "Variables", "write_atomic"]
 

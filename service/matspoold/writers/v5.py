@@ -23,6 +23,7 @@ from matspool._protocol import TreeSpec, Variable, VarSpec
 from scipy.io.matlab._mio5 import MatFile5Writer
 
 from ._deflate import BLOCK, zlib_stream
+from ._files import write_new_file
 
 __all__ = ["header", "write_v5"]
 
@@ -176,13 +177,7 @@ def _write_small(path: str, variables: Sequence[tuple[Variable, Any]]) -> None:
     for 4 KiB variables the file object and its per-call overheads cost more than the bytes."""
     image = b"".join([header(), *(buf for spec, value in variables
                                    for buf in _element(spec, value, _CHUNK))])  # type: ignore[arg-type]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        view = memoryview(image)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
+    write_new_file(path, image)
 
 
 def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:

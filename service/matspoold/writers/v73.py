@@ -28,8 +28,9 @@ import numpy as np
 from matspool._protocol import TreeSpec, Variable, VarSpec
 
 from ._deflate import ordered_map
+from ._files import pwrite_all, write_new_file
 
-__all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "header", "pwrite_all", "write_v73"]
+__all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "header", "write_v73"]
 
 USERBLOCK = 512
 
@@ -154,13 +155,6 @@ def _reserve(f: h5py.File, name: str, shape: tuple[int, ...], dtype: np.dtype) -
     return h5py.Dataset(dsid), dsid.get_offset()
 
 
-def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 @dataclass(frozen=True)
 class _Template:
     """A small file as h5py laid it out: every byte but the payloads and the header's
@@ -224,11 +218,7 @@ def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Vari
     for offset, data in _payloads(variables, t.offsets):
         image[offset:offset + data.nbytes] = memoryview(data)
     image[:128] = header()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        pwrite_all(fd, np.frombuffer(image, np.uint8), 0)
-    finally:
-        os.close(fd)
+    write_new_file(path, image)
 
 
 def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
