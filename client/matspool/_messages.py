@@ -1,0 +1,402 @@
+"""Every control message between a client and the daemon, as a type.
+
+The one module both sides and the tests build and read messages with: each message is a
+frozen dataclass with its ``OP``, ``to_wire()`` (the JSON object sent) and ``from_wire()``
+(the schema check: anything that does not fit raises :class:`ProtocolError`, so neither
+side ever reads a field of an unchecked ``dict``). A save's contents (``WRITE``, ``PART``)
+are checked against the sender's ring as well, in :mod:`matspool._protocol`.
+
+On the wire a message is two ZeroMQ frames, :data:`TAG` and one UTF-8 JSON object with an
+``op`` field (see ``_protocol.encode``); a remote client's WRITE or PART is followed by
+its payload frames. Stateless: any thread may use it.
+
+client -> daemon                              daemon -> client
+  HELLO  {ring, ring_bytes, pid, remote}        WELCOME   {pid, instance, version}
+  WRITE  {seq, path, format, fsync, vars, ...}  DONE      {seq, nbytes} | {done: [[seq, nbytes]]}
+  BATCH  {msgs: [WRITE, ...]}                   ERR       {seq, code, message, errno}
+  PART   {seq, var, start, offset, nbytes}      PART_DONE {seq, offset}
+  END    {seq, abort}                           PONG      {instance}
+  PING   {}                                     STATUS    {pid, instance, ..., clients}
+  STATUS {}
+  BYE    {}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Final
+
+from ._errors import ProtocolError
+from ._protocol import MAX_BATCH, TAG, Part, WriteRequest, decode_head, parse_part, parse_write
+
+__all__ = [
+    "CLIENT_OPS",
+    "DAEMON_OPS",
+    "MAX_RING_BYTES",
+    "Batch",
+    "Bye",
+    "ClientStatus",
+    "Done",
+    "End",
+    "Err",
+    "Hello",
+    "Message",
+    "PartDone",
+    "Ping",
+    "Pong",
+    "Request",
+    "Reply",
+    "StatusQuery",
+    "StatusReply",
+    "Welcome",
+    "decode_reply",
+    "encode",
+    "parse_request",
+    "wire_fields",
+]
+
+MAX_RING_BYTES: Final = 1 << 46  # 64 TiB: a HELLO claiming more is a lie
+_MAX_TEXT: Final = 4096
+_I64: Final = 2**63 - 1
+
+
+def _int(raw: dict[str, Any], key: str, lo: int = 0, hi: int = _I64) -> int:
+    value = raw.get(key)
+    if type(value) is not int or not lo <= value <= hi:
+        raise ProtocolError(f"{raw.get('op')}: {key} must be an integer in [{lo}, {hi}], got {value!r}"[:300])
+    return value
+
+
+def _opt_int(raw: dict[str, Any], key: str, lo: int = 0, hi: int = _I64) -> int | None:
+    return None if raw.get(key) is None else _int(raw, key, lo, hi)
+
+
+def _text(raw: dict[str, Any], key: str, limit: int = _MAX_TEXT) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProtocolError(f"{raw.get('op')}: {key} must be a string of at most {limit} characters")
+    return value
+
+
+def _float(raw: dict[str, Any], key: str) -> float:
+    value = raw.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{raw.get('op')}: {key} must be a number, got {value!r}"[:300])
+    return float(value)
+
+
+def _flag(raw: dict[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{raw.get('op')}: {key} must be true or false")
+    return value
+
+
+class _Plain:
+    """A message whose wire form is its fields, as they are."""
+
+    __slots__ = ()
+    OP: ClassVar[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.OP, **{f.name: getattr(self, f.name) for f in fields(self)}}  # type: ignore[arg-type]
+
+
+# -- client -> daemon ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Hello(_Plain):
+    """Register a ring (``remote``: no ring here, payloads come in frames over tcp://)."""
+
+    OP: ClassVar[str] = "HELLO"
+    ring: str | None
+    ring_bytes: int
+    pid: int
+    remote: bool = False
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Hello:
+        remote = _flag(raw, "remote")
+        ring = raw.get("ring")
+        if not remote and not isinstance(ring, str):
+            raise ProtocolError("HELLO needs a ring name")
+        if ring is not None and (not isinstance(ring, str) or len(ring) > 255):
+            raise ProtocolError("HELLO: ring must be a name of at most 255 characters")
+        return cls(ring, _int(raw, "ring_bytes", 1, MAX_RING_BYTES), _int(raw, "pid", 0, 2**31), remote)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """WRITEs a client queued together, as one message; each is checked on its own, so
+    one bad save fails alone."""
+
+    OP: ClassVar[str] = "BATCH"
+    msgs: tuple[dict[str, Any], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.OP, "msgs": list(self.msgs)}
+
+    @staticmethod
+    def join(bodies: list[bytes]) -> bytes:
+        """The wire body of a BATCH from WRITE bodies already encoded (no re-encoding)."""
+        return b'{"op":"BATCH","msgs":[' + b",".join(bodies) + b"]}"
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Batch:
+        msgs = raw.get("msgs")
+        if (not isinstance(msgs, list) or not 1 <= len(msgs) <= MAX_BATCH
+                or not all(isinstance(m, dict) and m.get("op") == "WRITE" for m in msgs)):
+            raise ProtocolError(f"BATCH must hold a list 'msgs' of 1 to {MAX_BATCH} WRITE messages")
+        return cls(tuple(msgs))
+
+
+@dataclass(frozen=True, slots=True)
+class End(_Plain):
+    """The last message of a save in pieces; ``abort`` throws the save away."""
+
+    OP: ClassVar[str] = "END"
+    seq: int
+    abort: bool = False
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> End:
+        return cls(_int(raw, "seq"), _flag(raw, "abort"))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(_Plain):
+    OP: ClassVar[str] = "PING"
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Ping:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery(_Plain):
+    OP: ClassVar[str] = "STATUS"
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> StatusQuery:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(_Plain):
+    """The client closes: its ring goes once its saves in flight are answered."""
+
+    OP: ClassVar[str] = "BYE"
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Bye:
+        return cls()
+
+
+# -- daemon -> client ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Welcome(_Plain):
+    """HELLO accepted. ``instance`` tells this daemon from an earlier one on the endpoint."""
+
+    OP: ClassVar[str] = "WELCOME"
+    pid: int
+    instance: str
+    version: str
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Welcome:
+        return cls(_int(raw, "pid", 0, 2**31), _text(raw, "instance", 64), _text(raw, "version", 64))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_Plain):
+    OP: ClassVar[str] = "PONG"
+    instance: str | None = None
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Pong:
+        return cls(None if raw.get("instance") is None else _text(raw, "instance", 64))
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Saves complete under their final names: ``(seq, file size)`` each. One answer goes
+    as ``{seq, nbytes}``, several as one list, so a burst of small files costs one message."""
+
+    OP: ClassVar[str] = "DONE"
+    answers: tuple[tuple[int, int], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        if len(self.answers) == 1:
+            seq, nbytes = self.answers[0]
+            return {"op": self.OP, "seq": seq, "nbytes": nbytes}
+        return {"op": self.OP, "done": [list(a) for a in self.answers]}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Done:
+        if "done" not in raw:
+            return cls(((_int(raw, "seq"), _int(raw, "nbytes")),))
+        done = raw["done"]
+        if not isinstance(done, list) or not all(
+                isinstance(a, list) and len(a) == 2 and all(type(x) is int and x >= 0 for x in a)
+                for a in done):
+            raise ProtocolError("DONE: done must be a list of [seq, nbytes] pairs")
+        return cls(tuple((a[0], a[1]) for a in done))
+
+
+@dataclass(frozen=True, slots=True)
+class Err(_Plain):
+    """A save (``seq`` >= 0) or the connection itself (``seq`` -1) failed; ``code`` names
+    the error class (``_errors.ERROR_CODES``), ``errno`` the OS error where there was one."""
+
+    OP: ClassVar[str] = "ERR"
+    seq: int
+    code: str
+    message: str
+    errno: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {"op": self.OP, "seq": self.seq, "code": self.code, "message": self.message}
+        if self.errno is not None:
+            wire["errno"] = self.errno
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Err:
+        return cls(_int(raw, "seq", -1), _text(raw, "code", 64), _text(raw, "message", 1 << 16),
+                   _opt_int(raw, "errno", 0, 4096))
+
+
+@dataclass(frozen=True, slots=True)
+class PartDone(_Plain):
+    """A piece of a save in pieces is written (``offset`` None: the laid-out save's small
+    variables): its ring space may be reused while the rest is still arriving."""
+
+    OP: ClassVar[str] = "PART_DONE"
+    seq: int
+    offset: int | None
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> PartDone:
+        return cls(_int(raw, "seq"), _opt_int(raw, "offset"))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatus:
+    """One client as ``matspool status`` shows it."""
+
+    pid: int
+    ring: str
+    ring_bytes: int
+    queue_depth: int
+    ring_bytes_in_flight: int
+    files_written: int
+    bytes_written: int
+    errors: int
+    throughput_bytes_per_s: float
+    connected_s: float
+    oldest_pending_s: float
+    silent_s: float
+    dead: bool
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> ClientStatus:
+        if not isinstance(raw, dict):
+            raise ProtocolError("STATUS: each client must be an object")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.type == "int":
+                values[f.name] = _int(raw, f.name, -1)
+            elif f.type == "float":
+                values[f.name] = _float(raw, f.name)
+            elif f.type == "bool":
+                values[f.name] = _flag(raw, f.name)
+            else:
+                values[f.name] = _text(raw, f.name)
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """What the daemon is doing, for ``matspool status`` and the metrics endpoint."""
+
+    OP: ClassVar[str] = "STATUS"
+    pid: int
+    instance: str
+    endpoint: str
+    roots: tuple[str, ...]
+    uptime_s: float
+    files_written: int
+    bytes_written: int
+    errors: int
+    clients: tuple[ClientStatus, ...] = field(default=())
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"op": self.OP}
+        for f in fields(self):
+            wire[f.name] = getattr(self, f.name)
+        wire["roots"] = list(self.roots)
+        wire["clients"] = [{g.name: getattr(c, g.name) for g in fields(c)} for c in self.clients]
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> StatusReply:
+        roots, clients = raw.get("roots"), raw.get("clients")
+        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+            raise ProtocolError("STATUS: roots must be a list of strings")
+        if not isinstance(clients, list):
+            raise ProtocolError("STATUS: clients must be a list")
+        return cls(_int(raw, "pid", 0, 2**31), _text(raw, "instance", 64), _text(raw, "endpoint"),
+                   tuple(roots), _float(raw, "uptime_s"), _int(raw, "files_written"),
+                   _int(raw, "bytes_written"), _int(raw, "errors"),
+                   tuple(ClientStatus.from_wire(c) for c in clients))
+
+
+Request = Hello | WriteRequest | Batch | Part | End | Ping | StatusQuery | Bye
+Reply = Welcome | Done | Err | PartDone | Pong | StatusReply
+Message = Request | Reply
+
+CLIENT_OPS: Final[dict[str, type[Any]]] = {
+    c.OP: c for c in (Hello, Batch, End, Ping, StatusQuery, Bye)} | {"WRITE": WriteRequest, "PART": Part}
+DAEMON_OPS: Final[dict[str, type[Any]]] = {c.OP: c for c in (Welcome, Done, Err, PartDone, Pong, StatusReply)}
+
+
+def wire_fields(op: str, *, from_client: bool) -> tuple[str, ...]:
+    """The JSON fields of ``op`` besides ``op`` itself (for the README's table and its test)."""
+    cls = (CLIENT_OPS if from_client else DAEMON_OPS)[op]
+    if cls is WriteRequest:
+        return ("seq", "path", "format", "fsync", "compress", "mode", "vars")
+    if cls is Done:
+        return ("seq", "nbytes", "done")
+    return tuple(f.name for f in fields(cls))
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The frames of a message (tag, JSON body)."""
+    return [TAG, json.dumps(msg.to_wire(), separators=(",", ":")).encode()]
+
+
+def parse_request(raw: dict[str, Any], ring_bytes: int | None) -> Request:
+    """A client's message, checked; WRITE and PART against a ring of ``ring_bytes``
+    (None: the sender has not registered one, which only HELLO, PING, STATUS, BYE allow)."""
+    op = raw["op"]
+    cls = CLIENT_OPS.get(op)
+    if cls is None:
+        raise ProtocolError(f"unknown op {op[:40]!r}")
+    if cls in (WriteRequest, Part):
+        if ring_bytes is None:
+            from ._errors import UnknownClient
+
+            raise UnknownClient(f"{op} before HELLO: this daemon does not know the client's ring")
+        return parse_write(raw, ring_bytes) if cls is WriteRequest else parse_part(raw, ring_bytes)
+    return cls.from_wire(raw)  # type: ignore[no-any-return]
+
+
+def decode_reply(frames: list[bytes]) -> Reply:
+    """A daemon's message, checked: the client never reads an unchecked field."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    raw = decode_head(frames[0], frames[1])
+    cls = DAEMON_OPS.get(raw["op"])
+    if cls is None:
+        raise ProtocolError(f"unknown op {raw['op'][:40]!r} from the daemon")
+    return cls.from_wire(raw)  # type: ignore[no-any-return]
