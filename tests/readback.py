@@ -13,7 +13,12 @@ import h5py
 import numpy as np
 import scipy.io
 
-__all__ = ["read", "read_v5", "read_v73"]
+__all__ = ["REFERENCE_DIR", "REFERENCE_V7", "REFERENCE_V73", "read", "read_v5", "read_v73"]
+
+#: MAT files MATLAB itself wrote, committed with the tests (see data/PROVENANCE.md)
+REFERENCE_DIR = Path(__file__).resolve().parent / "data"
+REFERENCE_V73 = REFERENCE_DIR / "matlab_basic_v73.mat"
+REFERENCE_V7 = REFERENCE_DIR / "matlab_basic_v7.mat"
 
 
 def read_v73(path: Path) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ One daemon serves the whole module. What is checked:
 * round trip in both formats: v5 through ``scipy.io.loadmat`` (``simplify_cells`` and the
   raw struct arrays, ``whosmat`` for top-level classes), v7.3 through ``mat73``, ``h5py``
   (the raw HDF5 layout) and ``hdf5storage``; both formats give the same tree;
-* layout against MATLAB's own files (``shared/reference-mat``): the reference's
+* layout against MATLAB's own files (``tests/data``): the reference's
   ``struct_*``, ``char_*`` and ``cell_*`` values saved by matspool and compared object by
   object, attribute by attribute (low-level HDF5 types included);
 * GNU Octave loads the v5 metadata (field names, classes, sizes);
@@ -59,10 +59,7 @@ from matspool import _protocol as proto
 from matspool._convert import MAX_DEPTH
 
 from conftest import DaemonProc
-
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference-mat"
-REFERENCE_V73 = REFERENCE_DIR / "matlab_basic_v73.mat"
-REFERENCE_V7 = REFERENCE_DIR / "matlab_basic_v7.mat"
+from readback import REFERENCE_V7, REFERENCE_V73
 OCTAVE = shutil.which("octave")
 FORMATS = ("v5", "v7.3")
 
@@ -527,7 +524,6 @@ def ours_like_reference(mspool: matspool.Spool, mdaemon: DaemonProc) -> dict[str
     return {fmt: save(mspool, d / f"ref_{fmt.replace('.', '')}.mat", REFERENCE_VALUES, fmt) for fmt in FORMATS}
 
 
-@pytest.mark.skipif(not REFERENCE_V73.is_file(), reason=f"{REFERENCE_V73} not found")
 def test_reference_values_are_what_we_think() -> None:
     m = mat73.loadmat(REFERENCE_V73, only_include=["struct_scalar", "char_scalar", "char_empty",
                                                    "cell_scalar", "cell_array", "cell_nested"])
@@ -543,7 +539,6 @@ def test_reference_values_are_what_we_think() -> None:
         assert f["struct_nested/level1/level2/level3/value"][()].tolist() == [[42.0]]
 
 
-@pytest.mark.skipif(not REFERENCE_V73.is_file(), reason=f"{REFERENCE_V73} not found")
 def test_layout_matches_matlab(ours_like_reference: dict[str, Path]) -> None:
     deviations: set[str] = set()
     with h5py.File(ours_like_reference["v7.3"], "r") as mine, h5py.File(REFERENCE_V73, "r") as ref:
@@ -559,7 +554,6 @@ def test_layout_matches_matlab(ours_like_reference: dict[str, Path]) -> None:
     assert "H5PATH /#refs# where MATLAB has /#refs#/b" in deviations
 
 
-@pytest.mark.skipif(not REFERENCE_V7.is_file(), reason=f"{REFERENCE_V7} not found")
 def test_v5_reads_like_matlabs_v7(ours_like_reference: dict[str, Path]) -> None:
     """Same classes, sizes, field order and values as MATLAB's v7 file, through scipy."""
     names = list(REFERENCE_VALUES)

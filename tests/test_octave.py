@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from readback import REFERENCE_V73
+
 OCTAVE = shutil.which("octave")
 pytestmark = pytest.mark.skipif(OCTAVE is None, reason="GNU Octave is not installed (no `octave` on PATH)")
 
@@ -160,17 +162,13 @@ def test_octave_loads_v5_layouts(spool, out_dir) -> None:
     assert_bits(seen["col"][2], np.array([[0.0], [1.0], [2.0]]), "col")
 
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference-mat" / "matlab_basic_v73.mat"
-
-
 def test_octave_reads_v73_values_and_sizes(spool, out_dir) -> None:
     """Octave reads v7.3 as plain HDF5: sizes and values of non-empty variables, with
     logical arriving as uint8 and single widened to double; it does exactly that to
-    MATLAB's own v7.3 file too (checked here when the reference file is present)."""
-    if REFERENCE.is_file():
-        ref = octave_load(REFERENCE, ("single_array", "logical_array", "int16_array", "numeric_empty"))
-        assert ref["single_array"][0] == "double" and ref["logical_array"][0] == "uint8"
-        assert ref["int16_array"][0] == "int16" and ref["numeric_empty"][0] == "uint64"
+    MATLAB's own v7.3 file too."""
+    ref = octave_load(REFERENCE_V73, ("single_array", "logical_array", "int16_array", "numeric_empty"))
+    assert ref["single_array"][0] == "double" and ref["logical_array"][0] == "uint8"
+    assert ref["int16_array"][0] == "int16" and ref["numeric_empty"][0] == "uint64"
     inputs, expected = _variables()
     path = out_dir / "octave_v73.mat"
     assert spool.save(path, inputs, format="v7.3").result(timeout=60).format == "v7.3"

@@ -1,4 +1,4 @@
-"""Our v7.3 files against one MATLAB itself wrote (``shared/reference-mat/matlab_basic_v73.mat``).
+"""Our v7.3 files against one MATLAB itself wrote (``tests/data/matlab_basic_v73.mat``).
 
 The values each reference variable holds are saved through a real daemon (once from
 numpy arrays, once from torch tensors); then the two files are compared at the HDF5
@@ -23,11 +23,7 @@ import torch
 
 import matspool
 from conftest import start_daemon
-
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference-mat"
-REFERENCE = REFERENCE_DIR / "matlab_basic_v73.mat"
-
-pytestmark = pytest.mark.skipif(not REFERENCE.is_file(), reason=f"reference file {REFERENCE} not found")
+from readback import REFERENCE_V73 as REFERENCE
 
 NAMES = [
     "double_scalar", "double_array", "single_scalar", "single_array",
