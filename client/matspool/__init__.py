@@ -4,12 +4,10 @@
 writer daemon turns the bytes into MAT v5 or v7.3 files. See README.md.
 """
 
-from __future__ import annotations
-
-import os
-import threading
-from concurrent.futures import Future
-from typing import Any
+import os as _os
+import threading as _threading
+from concurrent.futures import Future as _Future
+from typing import Any as _Any
 
 from ._errors import (
     DaemonUnavailable,
@@ -29,6 +27,7 @@ from ._errors import (
 )
 from ._curve import ClientKeys
 from ._spool import SaveResult, Spool
+from ._stream import Stream
 
 __all__ = [
     "ClientKeys",
@@ -45,6 +44,7 @@ __all__ = [
     "Spool",
     "SpoolClosed",
     "SpoolFull",
+    "Stream",
     "UnknownClient",
     "UnsupportedTypeError",
     "WriteFailed",
@@ -56,7 +56,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _default: Spool | None = None
-_default_lock = threading.Lock()
+_default_lock = _threading.Lock()
 
 
 def default_spool() -> Spool:
@@ -68,7 +68,7 @@ def default_spool() -> Spool:
         return _default
 
 
-def save(path: str | os.PathLike[str], variables: dict[str, Any], **options: Any) -> Future[SaveResult]:
+def save(path: str | _os.PathLike[str], variables: dict[str, _Any], **options: _Any) -> _Future[SaveResult]:
     """``Spool.save`` on the default spool."""
     return default_spool().save(path, variables, **options)
 
