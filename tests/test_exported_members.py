@@ -83,8 +83,15 @@ def test_stream_is_what_spool_stream_returns() -> None:
     assert matspool.Spool.stream.__annotations__["return"] in ("Stream", Stream)
 
 
-def test_version_is_a_string() -> None:
-    assert isinstance(matspool.__version__, str) and matspool.__version__
+def test_version_comes_from_pyproject() -> None:
+    """One version, pyproject.toml's, read back through the installed metadata."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert matspool.__version__ == declared
 
 
 @pytest.mark.parametrize(("module", "path"), _modules(), ids=[m for m, _ in _modules()])

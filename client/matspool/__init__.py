@@ -7,6 +7,7 @@ writer daemon turns the bytes into MAT v5 or v7.3 files. See README.md.
 import os as _os
 import threading as _threading
 from concurrent.futures import Future as _Future
+from importlib import metadata as _metadata
 from typing import Any as _Any
 
 from ._errors import (
@@ -53,7 +54,10 @@ __all__ = [
     "save",
 ]
 
-__version__ = "0.1.0"
+try:  # pyproject.toml's version is the only one
+    __version__: str = _metadata.version("matspool")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 _default: Spool | None = None
 _default_lock = _threading.Lock()
