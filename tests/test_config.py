@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,11 @@ from conftest import DaemonProc, wait_ready
 from matspoold import cli
 from matspoold.config import (
     FIELDS, OTHER_ENV_VARS, ConfigError, ServeSettings, builtin_defaults, resolve_settings)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 @pytest.fixture(autouse=True)

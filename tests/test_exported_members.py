@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import sys
 import types
 from pathlib import Path
 
@@ -85,9 +86,9 @@ def test_stream_is_what_spool_stream_returns() -> None:
 
 def test_version_comes_from_pyproject() -> None:
     """One version, pyproject.toml's, read back through the installed metadata."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
+    else:
         import tomli as tomllib
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     declared = tomllib.loads(pyproject.read_text())["project"]["version"]
