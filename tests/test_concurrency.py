@@ -117,7 +117,7 @@ def test_producers_save_concurrently(daemon: DaemonProc) -> None:
     pids = {producer: pid for producer, pid, *_ in reports}
     assert sorted(pids) == list(range(N_PRODUCERS))
     assert sorted(pids.values()) == sorted(p.pid for p in procs)  # separate processes
-    for producer, pid, ring_name, done, _ in reports:
+    for _producer, pid, ring_name, done, _ in reports:
         assert ring_name.startswith(f"{RING_PREFIX}{pid}-")
         assert len(done) == FILES_EACH + SAME_PATH_REPEATS
         for path, nbytes, fmt in done:

@@ -60,6 +60,7 @@ from matspool._convert import MAX_DEPTH
 
 from conftest import DaemonProc
 from readback import REFERENCE_V7, REFERENCE_V73
+
 OCTAVE = shutil.which("octave")
 FORMATS = ("v5", "v7.3")
 
@@ -135,7 +136,8 @@ EXPECTED: dict[str, Any] = {
         "n": ("int32", (1, 1), np.array([[7]], np.int32)),
         "mask": ("logical", (1, 3), np.array([[True, False, True]])),
     },
-    "tensors": [("int16", (1, 2), np.ones((1, 2), np.int16)), ("single", (1, 3), np.zeros((1, 3), np.float32))],
+    "tensors": [("int16", (1, 2), np.ones((1, 2), np.int16)),
+                ("single", (1, 3), np.zeros((1, 3), np.float32))],
     "empty_text": "",
     "names": ["x", "yy", "zzz"],
     "table": ("int64", (2, 3), np.array([[1, 2, 3], [4, 5, 6]])),
@@ -267,7 +269,7 @@ def _check_h5(f: h5py.File, obj: h5py.HLObject, e: Any, where: str) -> None:
         assert isinstance(obj, h5py.Dataset) and cls == b"cell", where
         assert obj.dtype == h5py.ref_dtype and h5py.check_ref_dtype(obj.dtype) is h5py.Reference
         assert obj.shape == (len(e), 1), (where, obj.shape)  # MATLAB 1xN is stored (N, 1)
-        for i, (ref, v) in enumerate(zip(obj[()].ravel(), e)):
+        for i, (ref, v) in enumerate(zip(obj[()].ravel(), e, strict=True)):
             target = f[ref]
             assert target.name.startswith("/#refs#/"), (where, target.name)
             assert target.attrs["H5PATH"] == b"/#refs#", where
@@ -411,7 +413,8 @@ def test_nesting_exactly_at_the_limit(mspool: matspool.Spool, root: Path, fmt: s
     for i in range(MAX_DEPTH):
         value = {f"l{i}": value} if i % 2 else ["tag", value]
     path = save(mspool, root / "deep.mat", {"deep": value}, fmt)
-    got = (_simplify(scipy.io.loadmat(path, simplify_cells=True)) if fmt == "v5" else mat73.loadmat(path))["deep"]
+    loaded = _simplify(scipy.io.loadmat(path, simplify_cells=True)) if fmt == "v5" else mat73.loadmat(path)
+    got = loaded["deep"]
     for i in reversed(range(MAX_DEPTH)):
         if i % 2:
             assert list(got) == [f"l{i}"]
@@ -505,11 +508,12 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
         for k in ref:
             _compare_layout(mine[k], ref[k], f"{where}.{k}", deviations)
         return
-    assert mine.dtype == ref.dtype and mine.shape == ref.shape, (where, mine.dtype, ref.dtype, mine.shape, ref.shape)
+    assert mine.dtype == ref.dtype and mine.shape == ref.shape, \
+        (where, mine.dtype, ref.dtype, mine.shape, ref.shape)
     assert mine.chunks is None and mine.id.get_create_plist().get_nfilters() == 0, where
     if mine.dtype == h5py.ref_dtype:
         assert h5py.check_ref_dtype(mine.dtype) is h5py.Reference
-        for i, (a, b) in enumerate(zip(mine[()].ravel(), ref[()].ravel())):
+        for i, (a, b) in enumerate(zip(mine[()].ravel(), ref[()].ravel(), strict=True)):
             ta, tb = mine.file[a], ref.file[b]
             assert ta.name.startswith("/#refs#/") and tb.name.startswith("/#refs#/"), (where, ta.name)
             _compare_layout(ta, tb, f"{where}{{{i + 1}}}", deviations)
@@ -521,7 +525,8 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
 def ours_like_reference(mspool: matspool.Spool, mdaemon: DaemonProc) -> dict[str, Path]:
     d = mdaemon.root / "reference"
     d.mkdir()
-    return {fmt: save(mspool, d / f"ref_{fmt.replace('.', '')}.mat", REFERENCE_VALUES, fmt) for fmt in FORMATS}
+    return {fmt: save(mspool, d / f"ref_{fmt.replace('.', '')}.mat", REFERENCE_VALUES, fmt)
+            for fmt in FORMATS}
 
 
 def test_reference_values_are_what_we_think() -> None:
@@ -546,7 +551,8 @@ def test_layout_matches_matlab(ours_like_reference: dict[str, Path]) -> None:
             _compare_layout(mine[name], ref[name], name, deviations)
         # the canonical empty hdf5storage puts into #refs#, as MATLAB does
         _compare_layout(mine["#refs#/a"], ref["#refs#/a"], "#refs#/a", deviations)
-        assert isinstance(mine["#refs#"], h5py.Group) and dict(mine["#refs#"].attrs) == dict(ref["#refs#"].attrs)
+        assert isinstance(mine["#refs#"], h5py.Group)
+        assert dict(mine["#refs#"].attrs) == dict(ref["#refs#"].attrs)
     # the deviations seen are the documented ones (module docstring)
     assert {d for d in deviations if not d.startswith("H5PATH /")} == {
         "MATLAB_fields on a one-field struct", "MATLAB_fields strpad", "H5PATH strpad"}, deviations
@@ -571,7 +577,7 @@ def test_v5_reads_like_matlabs_v7(ours_like_reference: dict[str, Path]) -> None:
             for k in a.dtype.names:
                 same(a[0, 0][k], b[0, 0][k], f"{where}.{k}")
         elif a.dtype == object:
-            for i, (x, y) in enumerate(zip(a.ravel(), b.ravel())):
+            for i, (x, y) in enumerate(zip(a.ravel(), b.ravel(), strict=True)):
                 same(x, y, f"{where}{{{i + 1}}}")
         else:
             assert a.dtype == b.dtype, (where, a.dtype, b.dtype)
@@ -602,14 +608,16 @@ end
 printf('tags1=%s\n', S.tags{1});
 printf('tags2=%s\n', S.tags{2});
 printf('tags3=%.17g\n', S.tags{3});
-printf('names=%s %s %d %s\n', class(S.names), mat2str(size(S.names)), iscellstr(S.names), strjoin(S.names, ','));
+printf('names=%s %s %d %s\n', class(S.names), mat2str(size(S.names)), iscellstr(S.names), ...
+       strjoin(S.names, ','));
 printf('table=%s %s %s\n', class(S.table), mat2str(size(S.table)), mat2str(S.table));
 printf('u=%s %s\n', class(S.u), mat2str(size(S.u)));
 printf('model.fields=%s\n', strjoin(fieldnames(S.model)', ','));
 printf('model.w=%s %s %s\n', class(S.model.w), mat2str(size(S.model.w)), mat2str(S.model.w));
 printf('model.mask=%s %s\n', class(S.model.mask), mat2str(S.model.mask));
 printf('model.n=%s %d\n', class(S.model.n), S.model.n);
-printf('tensors=%s %s %s %s\n', class(S.tensors), mat2str(size(S.tensors)), class(S.tensors{1}), class(S.tensors{2}));
+printf('tensors=%s %s %s %s\n', class(S.tensors), mat2str(size(S.tensors)), ...
+       class(S.tensors{1}), class(S.tensors{2}));
 printf('empty_text=%s %s\n', class(S.empty_text), mat2str(size(S.empty_text)));
 printf('nothing=%s %s %d\n', class(S.nothing), mat2str(size(S.nothing)), numel(fieldnames(S.nothing)));
 printf('END\n');
@@ -668,7 +676,8 @@ BAD_FIELDS: list[tuple[Any, str]] = [
 
 
 @pytest.mark.parametrize(("key", "said"), BAD_FIELDS, ids=[repr(k)[:12] for k, _ in BAD_FIELDS])
-def test_invalid_field_name(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, key: Any, said: str) -> None:
+def test_invalid_field_name(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, key: Any,
+                            said: str) -> None:
     with pytest.raises(matspool.InvalidVariableError) as ei:
         mspool.save(root / "bad.mat", {"meta": {"ok": 1.0, "inner": {key: 1.0}}}, format="v7.3")
     msg = str(ei.value)
@@ -691,7 +700,8 @@ BAD_LEAVES: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("variables", "said"), [(v, s) for _, v, s in BAD_LEAVES], ids=[i for i, _, _ in BAD_LEAVES])
+@pytest.mark.parametrize(("variables", "said"), [(v, s) for _, v, s in BAD_LEAVES],
+                         ids=[i for i, _, _ in BAD_LEAVES])
 def test_unsupported_leaf_names_its_path(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
                                          variables: dict[str, Any], said: str) -> None:
     for fmt in FORMATS:
@@ -704,7 +714,8 @@ def test_unsupported_leaf_names_its_path(mspool: matspool.Spool, mdaemon: Daemon
 
 
 @pytest.mark.parametrize("kind", ["struct", "cell"])
-def test_nesting_deeper_than_the_limit(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, kind: str) -> None:
+def test_nesting_deeper_than_the_limit(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
+                                       kind: str) -> None:
     value: Any = 1.0
     for _ in range(MAX_DEPTH + 1):
         value = {"a": value} if kind == "struct" else ["x", value]

@@ -54,7 +54,8 @@ _CLASS_DTYPE = {
 }
 
 
-def octave_load(path: Path, names: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+def octave_load(path: Path,
+                names: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
     """name -> (Octave class, size, values as numpy in MATLAB index order); all variables
     of the file, or only ``names``."""
     proc = subprocess.run(

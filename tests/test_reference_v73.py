@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import matspool
+
 from conftest import start_daemon
 from readback import REFERENCE_V73 as REFERENCE
 
@@ -85,7 +86,8 @@ def test_reference_holds_what_we_think() -> None:
         np.testing.assert_array_equal(matlab_value(f["double_array"]), [[1.1, 2.2, 3.3], [4.4, 5.5, 6.6]])
         assert f["double_array"].shape == (3, 2)
         np.testing.assert_array_equal(matlab_value(f["double_scalar"]), [[3.14]])
-        np.testing.assert_array_equal(matlab_value(f["int8_array"]), np.array([[1, 2, 3], [4, 5, 6]], np.int8))
+        np.testing.assert_array_equal(matlab_value(f["int8_array"]),
+                                      np.array([[1, 2, 3], [4, 5, 6]], np.int8))
         np.testing.assert_array_equal(matlab_value(f["logical_array"]), [[True, False, True]])
         np.testing.assert_array_equal(matlab_value(f["complex_array"]), [[1 + 2j], [2 + 4j], [4 + 8j]])
         assert matlab_value(f["numeric_empty"]).shape == (0, 0)

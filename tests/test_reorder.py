@@ -21,6 +21,7 @@ import torch
 import matspool
 from matspool import _reorder
 from matspool._errors import MatspoolError
+
 from readback import read
 
 MIB = 1 << 20

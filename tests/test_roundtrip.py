@@ -36,6 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import matspool
+
 from conftest import start_daemon
 
 # ---------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def check_v73(path: Path, expected: dict[str, tuple[str, np.ndarray]]) -> None:
             check_v73_dataset(f[name], dtype, e)
     m = hdf5storage.loadmat(str(path))
     assert set(m) == set(expected)
-    for name, (dtype, e) in expected.items():
+    for name, (_, e) in expected.items():
         want = e
         if e.size == 0 and e.dtype.kind == "c":
             # an empty v7.3 variable records only class and size (MATLAB_empty), so

@@ -19,6 +19,7 @@ import pytest
 import matspool
 from matspool._protocol import Char, Struct, TreeSpec, VarSpec
 from matspoold.writers import v73
+
 from readback import read, read_v73
 
 
@@ -70,7 +71,8 @@ def _vars(rng: np.random.Generator) -> list[tuple[VarSpec, np.ndarray]]:
     arrays = {
         "a": np.asfortranarray(rng.standard_normal((5, 7))),
         "b": np.asfortranarray(rng.random((2, 3, 4)) > 0.5),
-        "c": np.asfortranarray((rng.standard_normal((3, 1)) + 1j * rng.standard_normal((3, 1))).astype(np.complex64)),
+        "c": np.asfortranarray(
+            (rng.standard_normal((3, 1)) + 1j * rng.standard_normal((3, 1))).astype(np.complex64)),
         "d": np.zeros((0, 4), dtype=np.float32, order="F"),
         "e": np.asfortranarray(rng.integers(0, 2**16, (6, 1), dtype=np.uint16)),
     }

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import matspool
-from readback import REFERENCE_V7, REFERENCE_V73
 
+from readback import REFERENCE_V7, REFERENCE_V73
 
 VARIABLES = {
     "u": np.arange(24, dtype=np.float64).reshape(2, 3, 4),

@@ -10,6 +10,7 @@ from concurrent.futures import Future as _Future
 from importlib import metadata as _metadata
 from typing import Any as _Any
 
+from ._curve import ClientKeys
 from ._errors import (
     DaemonUnavailable,
     FlushError,
@@ -26,7 +27,6 @@ from ._errors import (
     UnsupportedTypeError,
     WriteFailed,
 )
-from ._curve import ClientKeys
 from ._spool import SaveResult, Spool
 from ._stream import Stream
 

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import matspool  # noqa: E402
+
 from readback import read  # noqa: E402
 
 pytestmark = [
