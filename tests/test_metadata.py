@@ -59,7 +59,7 @@ from matspool import _protocol as proto
 from matspool._convert import MAX_DEPTH
 
 from conftest import DaemonProc
-from readback import REFERENCE_V7, REFERENCE_V73
+from readback import REFERENCE_V7, REFERENCE_V73, attr_signature
 
 OCTAVE = shutil.which("octave")
 FORMATS = ("v5", "v7.3")
@@ -305,7 +305,7 @@ def test_v73_h5py_structure(saved: dict[str, Path]) -> None:
             assert "H5PATH" not in f[name].attrs  # top-level objects have none, as in MATLAB
             _check_h5(f, f[name], e, name)
             if isinstance(f[name], h5py.Group):
-                sig = _attr_signature(f[name], "MATLAB_fields")
+                sig = attr_signature(f[name], "MATLAB_fields")
                 assert sig["class"] == h5py.h5t.VLEN and sig["space"] == h5py.h5s.SIMPLE
                 assert sig["super_class"] == h5py.h5t.STRING and sig["super_size"] == 1
                 assert sig["super_cset"] == h5py.h5t.CSET_ASCII
@@ -440,24 +440,6 @@ REFERENCE_VALUES: dict[str, Any] = {
 }
 
 
-def _attr_signature(obj: h5py.HLObject, name: str) -> dict[str, Any]:
-    """Everything MATLAB might look at in one attribute but its value: type and dataspace."""
-    aid = obj.attrs.get_id(name)
-    tid, space = aid.get_type(), aid.get_space()
-    sig: dict[str, Any] = {"class": tid.get_class(), "size": tid.get_size(),
-                           "space": space.get_simple_extent_type(), "shape": space.shape}
-    if tid.get_class() == h5py.h5t.STRING:
-        sig.update(cset=tid.get_cset(), strpad=tid.get_strpad(), vlen=tid.is_variable_str())
-    elif tid.get_class() == h5py.h5t.INTEGER:
-        sig.update(sign=tid.get_sign(), order=tid.get_order())
-    elif tid.get_class() == h5py.h5t.VLEN:
-        st = tid.get_super()
-        sig.update(super_class=st.get_class(), super_size=st.get_size())
-        if st.get_class() == h5py.h5t.STRING:
-            sig.update(super_cset=st.get_cset(), super_strpad=st.get_strpad())
-    return sig
-
-
 def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviations: set[str]) -> None:
     """Our object against MATLAB's, recursively (cells through their references)."""
     assert type(mine) is type(ref), (where, type(mine), type(ref))
@@ -469,7 +451,7 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
         deviations.add("MATLAB_fields on a one-field struct")
     assert mine_attrs == ref_attrs, (where, sorted(mine_attrs), sorted(ref_attrs))
     for attr in sorted(ref_attrs):
-        ms, rs = _attr_signature(mine, attr), _attr_signature(ref, attr)
+        ms, rs = attr_signature(mine, attr), attr_signature(ref, attr)
         if attr == "H5PATH":
             # both: a fixed-length ASCII scalar string; the value and strpad differ (docstring)
             for s in (ms, rs):
@@ -499,7 +481,7 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
         mv, rv = mine.attrs[attr], ref.attrs[attr]
         assert type(mv) is type(rv) and mv == rv, (where, attr, mv, rv)
     if "MATLAB_class" in ref_attrs:
-        cls = _attr_signature(mine, "MATLAB_class")
+        cls = attr_signature(mine, "MATLAB_class")
         assert cls["class"] == h5py.h5t.STRING and not cls["vlen"], where
         assert cls["strpad"] == h5py.h5t.STR_NULLTERM and cls["cset"] == h5py.h5t.CSET_ASCII, where
         assert cls["space"] == h5py.h5s.SCALAR, where

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from readback import REFERENCE_V73
+from readback import REFERENCE_V73, assert_exact
 
 OCTAVE = shutil.which("octave")
 pytestmark = pytest.mark.skipif(OCTAVE is None, reason="GNU Octave is not installed (no `octave` on PATH)")
@@ -84,13 +84,6 @@ def octave_load(path: Path,
     return out
 
 
-def assert_bits(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    np.testing.assert_array_equal(actual, expected, err_msg=what)
-    assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes(), what
-
-
 def _variables() -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
     """Inputs and, per name, (Octave class, expected array in MATLAB index order)."""
     inputs: dict[str, Any] = {}
@@ -136,7 +129,7 @@ def test_octave_loads_v5(spool, out_dir) -> None:
         got_cls, dims, values = seen[name]
         assert got_cls == cls, (name, got_cls, cls)
         assert dims == e.shape, (name, dims, e.shape)
-        assert_bits(values, e, name)
+        assert_exact(values, e, name)
 
 
 def test_octave_loads_v5_layouts(spool, out_dir) -> None:
@@ -155,12 +148,12 @@ def test_octave_loads_v5_layouts(spool, out_dir) -> None:
         raw[w, h, c] = xn[c, h, w]
     cls, dims, values = octave_load(p_hwc)["x"]
     assert (cls, dims) == ("int32", (3, 4, 2))
-    assert_bits(values, hwc, "hwc")
+    assert_exact(values, hwc, "hwc")
     seen = octave_load(p_raw)
     assert (seen["x"][0], seen["x"][1]) == ("int32", (4, 3, 2))
-    assert_bits(seen["x"][2], raw, "raw")
+    assert_exact(seen["x"][2], raw, "raw")
     assert seen["col"][:2] == ("double", (3, 1))
-    assert_bits(seen["col"][2], np.array([[0.0], [1.0], [2.0]]), "col")
+    assert_exact(seen["col"][2], np.array([[0.0], [1.0], [2.0]]), "col")
 
 
 def test_octave_reads_v73_values_and_sizes(spool, out_dir) -> None:
@@ -187,4 +180,4 @@ def test_octave_reads_v73_values_and_sizes(spool, out_dir) -> None:
         assert dims == e.shape, (name, dims, e.shape)
         if cls == "single":  # widening float32 -> float64 is exact, NaN and -0.0 included
             e = e.astype(np.complex128 if e.dtype.kind == "c" else np.float64)
-        assert_bits(values, e, name)
+        assert_exact(values, e, name)

@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 import matspool
 
 from conftest import start_daemon
+from readback import assert_exact
 
 # ---------------------------------------------------------------------------------------
 # dtypes: input name -> (MATLAB class, dtype the value is stored as)
@@ -141,19 +142,6 @@ def expected_matlab(x: np.ndarray, dtype: str, layout: str, oned_as: str) -> np.
     for idx in np.ndindex(*x.shape):
         out[matlab_index(idx, layout)] = x[idx]
     return out
-
-
-def assert_exact(actual: Any, expected: np.ndarray, what: str) -> None:
-    """Same dtype, same shape, same values; floats bit for bit."""
-    actual = np.asarray(actual)
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
-    np.testing.assert_array_equal(actual, expected, err_msg=what)
-    if expected.dtype.kind in "fc":
-        bits = f"u{expected.dtype.itemsize // (2 if expected.dtype.kind == 'c' else 1)}"
-        a = np.ascontiguousarray(actual).view(bits)
-        e = np.ascontiguousarray(expected).view(bits)
-        np.testing.assert_array_equal(a, e, err_msg=f"{what}: bit patterns differ")
 
 
 # ---------------------------------------------------------------------------------------
