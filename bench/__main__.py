@@ -61,10 +61,10 @@ def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
     head = ("figure", "measured", "compared with", "ratio", "target", "status")
     body = [(r["figure"], r["measured"], r["compared"], r["ratio"], r["target"],
              "ERROR" if r.get("extra", {}).get("error") else _status(r["met"])) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
 
     def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     print(line(head), file=out)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)

@@ -57,7 +57,7 @@ class Config:
 
 def side_for(mib: int, itemsize: int = 4) -> int:
     """Side of a square array of ``mib`` MiB (64 MiB float32 -> 4096)."""
-    return int(round((mib * MiB // itemsize) ** 0.5))
+    return round((mib * MiB // itemsize) ** 0.5)
 
 
 # -- statistics -----------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def raw_write(path: str, arr: np.ndarray, fsync: bool) -> int:
 def _version(mod: str) -> str | None:
     try:
         m = __import__(mod)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a version we cannot read is reported as None
         return None
     return getattr(m, "__version__", "?")
 
@@ -259,7 +259,7 @@ def env_info(quick: bool) -> dict[str, Any]:
         import h5py
 
         info["versions"]["hdf5"] = h5py.version.hdf5_version
-    except Exception:
+    except Exception:  # noqa: BLE001 - environment details are best effort
         pass
     try:
         import torch
@@ -268,19 +268,19 @@ def env_info(quick: bool) -> dict[str, Any]:
             info["gpu"] = torch.cuda.get_device_name(0)
             info["cuda"] = torch.version.cuda
             info["gpu_count"] = torch.cuda.device_count()
-    except Exception:
+    except Exception:  # noqa: BLE001 - environment details are best effort
         pass
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                             text=True, timeout=5).stdout.strip() or None
         info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True,
                                                 text=True, timeout=5).stdout.strip())
-    except Exception:
+    except Exception:  # noqa: BLE001 - environment details are best effort
         pass
     try:
         with open("/proc/meminfo") as f:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / (1 << 20), 1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - environment details are best effort
         pass
     return info
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._util import MiB, Config, Progress, Row, clear_dir, now, subdir
+from ._util import Config, MiB, Progress, Row, clear_dir, now, subdir
 from .producers import _start_daemon, _stop_daemon
 
 FORMATS = ("v5", "v7.3")

@@ -46,13 +46,13 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
             end.synchronize()
             return start.elapsed_time(end)
 
-        for name, dst in dests.items():  # warm-up
+        for dst in dests.values():  # warm-up
             once(dst)
         for r in range(cfg.d2h_reps):
             progress.step(f"rep {r + 1}/{cfg.d2h_reps}")
             for name, dst in dests.items():
                 ms[name].append(once(dst))
-        for r in range(3):
+        for _ in range(3):
             ms["pageable"].append(once(pageable))
         torch.cuda.synchronize()
         res: dict[str, Any] = {"bytes": n, "reps": cfg.d2h_reps, "gpu": torch.cuda.get_device_name(0)}

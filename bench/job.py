@@ -23,8 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from ._util import Config, Progress, Row, clear_dir, cuda_available, fmt_time, now, side_for, settle, \
-    subdir, torch_or_none
+from ._util import (
+    Config,
+    Progress,
+    Row,
+    clear_dir,
+    cuda_available,
+    fmt_time,
+    now,
+    settle,
+    side_for,
+    subdir,
+    torch_or_none,
+)
 
 NAME = "job"
 FORMAT = "v7.3"

@@ -56,7 +56,7 @@ def _producer(idx: int, endpoint: str, outdir: str, nsaves: int, nbytes: int, fm
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         try:
             barrier.abort()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort: the error below is what matters
             pass
         results.put({"idx": idx, "error": f"{type(e).__name__}: {e}"})
 
@@ -130,7 +130,8 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
             sampler.stop()
             errors = [g["error"] for g in got if g.get("error")]
             if errors or len(got) < count:
-                res["runs"][str(count)] = {"error": errors or [f"only {len(got)} of {count} producers reported"]}
+                missing = f"only {len(got)} of {count} producers reported"
+                res["runs"][str(count)] = {"error": errors or [missing]}
                 clear_dir(d)
                 continue
             t0 = min(g["t0"] for g in got)

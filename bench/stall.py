@@ -10,13 +10,26 @@ same data and with a plain memcpy (``np.copyto`` into a preallocated array).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import numpy as np
 
-from ._util import Config, MiB, Progress, Row, cuda_available, fmt_time, now, ratio, rm, side_for, stats, \
-    torch_or_none
+from ._util import (
+    Config,
+    MiB,
+    Progress,
+    Row,
+    cuda_available,
+    fmt_time,
+    now,
+    ratio,
+    rm,
+    side_for,
+    stats,
+    torch_or_none,
+)
 
 NAME = "stall"
 FORMAT = "v7.3"  # the daemon's work happens after the timed call; v7.3 is the quicker writer
@@ -73,8 +86,8 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     dst_f = np.empty(a.shape, dtype=a.dtype, order="F")
     np.copyto(dst, a)
     np.copyto(dst_f, a)
-    res["memcpy"] = _time_fn(lambda: np.copyto(dst, a), it, wu, progress, "memcpy")
-    res["reorder_copy"] = _time_fn(lambda: np.copyto(dst_f, a), it, wu, progress, "C->F copy")
+    res["memcpy"] = _time_fn(functools.partial(np.copyto, dst, a), it, wu, progress, "memcpy")
+    res["reorder_copy"] = _time_fn(functools.partial(np.copyto, dst_f, a), it, wu, progress, "C->F copy")
     del dst, dst_f
     res["seed_ndarray"] = _time_fn(lambda: scipy.io.savemat(seed_path, {"x": a}), cfg.seed_iters, 1,
                                    progress, "seed savemat(ndarray)")

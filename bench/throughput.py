@@ -29,14 +29,30 @@ the client: it appears in ``VmRSS`` but is not a daemon allocation).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
 
 import numpy as np
 
-from ._util import Config, MiB, Progress, Row, RssSampler, clear_dir, gbps, now, ratio, raw_write, \
-    read_rss, rss_mib, settle, side_for, subdir
+from ._util import (
+    Config,
+    MiB,
+    Progress,
+    Row,
+    RssSampler,
+    clear_dir,
+    gbps,
+    now,
+    ratio,
+    raw_write,
+    read_rss,
+    rss_mib,
+    settle,
+    side_for,
+    subdir,
+)
 
 NAME = "throughput"
 FORMATS = ("v5", "v7.3")
@@ -82,11 +98,27 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         s = _best(seconds)
         return {"seconds": s, "all_seconds": seconds, "gb_s": gbps(nbytes, s)}
 
+    def raw_all(fsync: bool) -> None:
+        for p, a in zip(paths, base, strict=True):
+            raw_write(p, a, fsync)
+
+    def save_all(spool: matspool.Spool, order: str, fmt: str, fsync: bool) -> None:
+        for p, a in zip(paths, arrays[order], strict=True):
+            spool.save(p, {"x": a}, format=fmt, fsync=fsync)
+        spool.flush()
+
+    def scipy_all(order: str) -> None:
+        for p, a in zip(paths, arrays[order], strict=True):
+            scipy.io.savemat(p, {"x": a})
+
+    def hdf5storage_all(order: str, opts: Any) -> None:
+        for p, a in zip(paths, arrays[order], strict=True):
+            hdf5storage.writes({"/x": a}, filename=p, truncate_existing=True, options=opts)
+
     # untimed warm-up: the first write into fresh page-cache pages can be several times slower
     # (seen on VMs), which would otherwise land on whichever run comes first
     progress.step("warm-up write")
-    for p, a in zip(paths, base):
-        raw_write(p, a, False)
+    raw_all(False)
     clear_dir(d)
     settle()
 
@@ -96,7 +128,7 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         times = []
         for r in range(reps):
             progress.step(f"raw write {key} rep {r + 1}/{reps}")
-            times.append(_timed(lambda: [raw_write(p, a, fsync) for p, a in zip(paths, base)]))
+            times.append(_timed(functools.partial(raw_all, fsync)))
             clear_dir(d)
         res["raw"][key] = rec(times)
 
@@ -122,22 +154,17 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
                     nrep = reps_for(order)
                     for r in range(nrep):
                         progress.step(f"raw write paired with matspool {key} rep {r + 1}/{nrep}")
-                        raws.append(_timed(lambda: [raw_write(p, a, fsync) for p, a in zip(paths, base)]))
+                        raws.append(_timed(functools.partial(raw_all, fsync)))
                         clear_dir(d)
                         progress.step(f"matspool {key} rep {r + 1}/{nrep}")
-
-                        def go() -> None:
-                            for p, a in zip(paths, arrays[order]):
-                                spool.save(p, {"x": a}, format=fmt, fsync=fsync)
-                            spool.flush()
-
                         t_start = now()
-                        times.append(_timed(go))
+                        times.append(_timed(functools.partial(save_all, spool, order, fmt, fsync)))
                         if sampler is not None:
                             mem["runs"][f"{key}/{r}"] = sampler.peak(t_start, now())
                         clear_dir(d)
+                    ratios = [w / t for w, t in zip(raws, times, strict=True)]
                     res["matspool"][key] = {**rec(times), "raw_paired": rec(raws),
-                                            "ratio_vs_raw": float(np.median([w / t for w, t in zip(raws, times)]))}
+                                            "ratio_vs_raw": float(np.median(ratios))}
             if sampler is not None:
                 sampler.stop()
                 peak = sampler.peak()
@@ -154,7 +181,7 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         times = []
         for r in range(reps_for(order)):
             progress.step(f"scipy.io.savemat {order} rep {r + 1}/{reps_for(order)}")
-            times.append(_timed(lambda: [scipy.io.savemat(p, {"x": a}) for p, a in zip(paths, arrays[order])]))
+            times.append(_timed(functools.partial(scipy_all, order)))
             clear_dir(d)
         direct[f"scipy.savemat/{order}"] = rec(times)
     opts = hdf5storage.Options(compress=False)
@@ -163,9 +190,7 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         try:
             for r in range(reps_for(order)):
                 progress.step(f"hdf5storage.writes(compress=False) {order} rep {r + 1}/{reps_for(order)}")
-                times.append(_timed(lambda: [hdf5storage.writes({"/x": a}, filename=p, truncate_existing=True,
-                                                                options=opts)
-                                             for p, a in zip(paths, arrays[order])]))
+                times.append(_timed(functools.partial(hdf5storage_all, order, opts)))
                 clear_dir(d)
             direct[f"hdf5storage.writes/{order}"] = rec(times)
         except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, not fatal
@@ -182,7 +207,7 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
 
     raw = res["raw"]
     for key, r in res["matspool"].items():
-        fmt, order, fs = key.split("/")
+        fmt, order, _ = key.split("/")
         lib = "scipy.savemat" if fmt == "v5" else "hdf5storage.writes"
         r["ratio_vs_" + lib] = ratio(r["gb_s"], direct.get(f"{lib}/{order}", {}).get("gb_s"))
     progress.end("done; raw " + f"{raw['nofsync']['gb_s']:.2f} GB/s, "
@@ -212,8 +237,8 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
             target=">= 0.9 x raw sequential write", value=rv, met=rv >= 0.9))
     hs = direct.get("hdf5storage.savemat/F/part", {})
     if hs.get("gb_s"):
-        out.append(Row(figure=f"  (reference) hdf5storage.savemat, gzip-7 forced, {hs['bytes'] >> 20} MiB",
-                       measured=f"{hs['gb_s']:.3f} GB/s"))
+        figure = f"  (reference) hdf5storage.savemat, gzip-7 forced, {hs['bytes'] >> 20} MiB"
+        out.append(Row(figure=figure, measured=f"{hs['gb_s']:.3f} GB/s"))
     return out
 
 
@@ -229,7 +254,8 @@ def memory_rows(res: dict[str, Any], cfg: Config) -> list[Row]:
         out.append(Row(
             figure=f"daemon RSS while writing {mib} MiB variables, {fmt}{note}",
             measured=f"+{anon:.0f} MiB private (RssAnon) over idle",
-            compared=f"VmRSS +{oi['VmRSS'] / MiB:.0f} MiB incl. ring pages (RssShmem +{oi['RssShmem'] / MiB:.0f})",
+            compared=(f"VmRSS +{oi['VmRSS'] / MiB:.0f} MiB incl. ring pages "
+                      f"(RssShmem +{oi['RssShmem'] / MiB:.0f})"),
             ratio=f"{anon / mib:.2f} x one variable",
             target="<= 200 MiB over idle", value=anon, met=anon <= 200))
     return out

@@ -22,7 +22,7 @@ import matspool
 from matspool._ring import RING_PREFIX, SHM_DIR
 
 from conftest import DaemonProc
-from readback import read
+from readback import assert_variables, read
 
 N_PRODUCERS = 4
 FILES_EACH = 10
@@ -78,16 +78,6 @@ def produce(endpoint: str, out: str, producer: int, barrier: Any, results: Any) 
 
 
 
-def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        g = got[name]
-        assert g.shape == w.shape, (name, g.shape, w.shape)
-        if w.size:
-            assert g.dtype == w.dtype, (name, g.dtype, w.dtype)
-        np.testing.assert_array_equal(g, w, err_msg=name)
-
-
 def rings_of(pid: int) -> list[str]:
     return glob.glob(os.path.join(SHM_DIR, f"{RING_PREFIX}{pid}-*"))
 
@@ -117,7 +107,7 @@ def test_producers_save_concurrently(daemon: DaemonProc) -> None:
     pids = {producer: pid for producer, pid, *_ in reports}
     assert sorted(pids) == list(range(N_PRODUCERS))
     assert sorted(pids.values()) == sorted(p.pid for p in procs)  # separate processes
-    for producer, pid, ring_name, done, _ in reports:
+    for _producer, pid, ring_name, done, _ in reports:
         assert ring_name.startswith(f"{RING_PREFIX}{pid}-")
         assert len(done) == FILES_EACH + SAME_PATH_REPEATS
         for path, nbytes, fmt in done:
@@ -132,10 +122,10 @@ def test_producers_save_concurrently(daemon: DaemonProc) -> None:
         for k in range(FILES_EACH):
             name, fmt, variables = file_spec(producer, k)
             expected.add(name)
-            assert_same(read(out / name, fmt), variables)
+            assert_variables(read(out / name, fmt), variables)
         # saves to one path land in the order they were made: the last one wins
         last = SAME_PATH_REPEATS - 1
-        assert_same(read(out / f"p{producer}_same.mat", ("v5", "v7.3")[last % 2]),
+        assert_variables(read(out / f"p{producer}_same.mat", ("v5", "v7.3")[last % 2]),
                     {"v": same_path_value(producer, last)})
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(expected), "unexpected or missing files (temporary names left behind?)"
@@ -174,9 +164,9 @@ def test_embedded_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     assert r1.path == str(tmp_path / "rel.mat") and r1.format == "v5"
     assert r2.path == str(tmp_path / "sub" / "rel.mat") and r2.format == "v7.3"
     assert r3.path == str(tmp_path / "later.mat")
-    assert_same(read(tmp_path / "rel.mat", "v5"), {"x": x})
-    assert_same(read(tmp_path / "sub" / "rel.mat", "v7.3"), {"x": x + 1})
-    assert_same(read(tmp_path / "later.mat", "v5"), {"x": x + 2})
+    assert_variables(read(tmp_path / "rel.mat", "v5"), {"x": x})
+    assert_variables(read(tmp_path / "sub" / "rel.mat", "v7.3"), {"x": x + 1})
+    assert_variables(read(tmp_path / "later.mat", "v5"), {"x": x + 2})
     # close() stopped the daemon and cleaned up after it
     assert proc.poll() is not None, "the embedded daemon is still running after close()"
     assert proc.returncode == 0
@@ -270,9 +260,9 @@ def test_module_level_save_and_flush(daemon: DaemonProc) -> None:
     assert paths == [str(out / "m1.mat"), str(out / "m2.mat"), str(out / "m4.mat")]
     assert flush_error == ["WriteFailed"]
     x = np.arange(12.0).reshape(3, 4)
-    assert_same(read(out / "m1.mat", "v5"), {"x": x})
-    assert_same(read(out / "m2.mat", "v7.3"), {"x": -x.T})  # raw: MATLAB sees dims reversed
-    assert_same(read(out / "m4.mat", "v5"), {"x": x + 4})
+    assert_variables(read(out / "m1.mat", "v5"), {"x": x})
+    assert_variables(read(out / "m2.mat", "v7.3"), {"x": -x.T})  # raw: MATLAB sees dims reversed
+    assert_variables(read(out / "m4.mat", "v5"), {"x": x + 4})
     assert not (out / "nodir").exists()
     assert rings_of(p.pid) == [], "the default spool's ring outlived the process"
     assert not os.path.exists(os.path.join(SHM_DIR, ring_name))

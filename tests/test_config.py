@@ -10,18 +10,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import matspool
-
-from conftest import DaemonProc, wait_ready
 from matspoold import cli
 from matspoold.config import (
-    FIELDS, OTHER_ENV_VARS, ConfigError, ServeSettings, builtin_defaults, resolve_settings)
+    FIELDS,
+    OTHER_ENV_VARS,
+    ConfigError,
+    ServeSettings,
+    builtin_defaults,
+    resolve_settings,
+)
+
+from conftest import DaemonProc, wait_ready
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +117,8 @@ def test_cli_only_flags_given_override(tmp_path: Path, monkeypatch: pytest.Monke
                                 "--socket-mode", "600", "--clean-stale"], capsys)
     got = tomllib.loads(out)["serve"]
     assert rc == 0
-    assert (got["writers"], got["roots"], got["socket_mode"], got["clean_stale"]) == (6, [str(b)], "600", True)
+    got_values = (got["writers"], got["roots"], got["socket_mode"], got["clean_stale"])
+    assert got_values == (6, [str(b)], "600", True)
     # a flag equal to the built-in default still beats the file
     rc, out, _ = _print_config(["--config", str(conf), "--writers", "6", "--no-clean-stale"], capsys)
     assert tomllib.loads(out)["serve"]["clean_stale"] is False
@@ -133,16 +144,19 @@ def test_matspool_endpoint_is_the_daemons_endpoint_too(tmp_path: Path) -> None:
     assert flag.settings.endpoint == "ipc:///run/x/flag.sock"
 
 
-def test_relative_paths_in_the_file_are_relative_to_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_in_the_file_are_relative_to_it(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "etc" / "data").mkdir(parents=True)
     conf = _toml(tmp_path / "etc" / "m.toml", '[serve]\nroots = ["data"]\n')
     monkeypatch.chdir("/")
-    assert resolve_settings({}, config=str(conf), environ={}).settings.roots == (str(tmp_path / "etc" / "data"),)
+    roots = resolve_settings({}, config=str(conf), environ={}).settings.roots
+    assert roots == (str(tmp_path / "etc" / "data"),)
 
 
 def test_env_value_forms(tmp_path: Path) -> None:
     a, b = _dirs(tmp_path, "a", "b")
-    for text, want in [("0", False), ("false", False), ("No", False), ("1", True), ("TRUE", True), ("on", True)]:
+    for text, want in [("0", False), ("false", False), ("No", False),
+                       ("1", True), ("TRUE", True), ("on", True)]:
         assert resolve_settings({}, environ={"MATSPOOL_CLEAN_STALE": text}).settings.clean_stale is want
     s = resolve_settings({}, environ={"MATSPOOL_SOCKET_MODE": "0o660", "MATSPOOL_ROOTS": f"{a}:{b}:",
                                       "MATSPOOL_CLIENT_TIMEOUT": "2.5", "MATSPOOL_GROUP": "root",
@@ -162,7 +176,8 @@ def test_known_non_serve_variables_are_accepted(tmp_path: Path) -> None:
 # -- errors name their source and key ------------------------------------------------------
 
 @pytest.mark.parametrize("text, expect", [
-    ("[serve]\nwriter = 4\n", ["unknown key 'writer' in [serve]", "did you mean 'writers'", "valid keys: endpoint, roots"]),
+    ("[serve]\nwriter = 4\n",
+     ["unknown key 'writer' in [serve]", "did you mean 'writers'", "valid keys: endpoint, roots"]),
     ("[serve]\nsocket-mode = \"660\"\n", ["unknown key 'socket-mode'", "did you mean 'socket_mode'"]),
     ("[server]\nwriters = 4\n", ["unknown table [server]", "did you mean 'serve'"]),
     ("writers = 4\n", ["unknown key 'writers' outside [serve]", "under the [serve] table"]),
@@ -188,7 +203,8 @@ def test_file_errors(tmp_path: Path, text: str, expect: list[str]) -> None:
 def test_missing_config_file_names_who_asked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--config: config file .*nope.toml' does not exist"):
         resolve_settings({}, config=str(tmp_path / "nope.toml"), environ={})
-    with pytest.raises(ConfigError, match=r"environment variable MATSPOOL_CONFIG: config file .* does not exist"):
+    with pytest.raises(ConfigError,
+                       match=r"environment variable MATSPOOL_CONFIG: config file .* does not exist"):
         resolve_settings({}, environ={"MATSPOOL_CONFIG": str(tmp_path / "nope.toml")})
 
 
@@ -198,11 +214,13 @@ def test_missing_config_file_names_who_asked(tmp_path: Path) -> None:
     ("MATSPOOL_SOCKET_MODE", "rw", "environment variable MATSPOOL_SOCKET_MODE: not an octal mode"),
     ("MATSPOOL_CLEAN_STALE", "maybe", "environment variable MATSPOOL_CLEAN_STALE: not a boolean"),
     ("MATSPOOL_CLIENT_TIMEOUT", "-1", "environment variable MATSPOOL_CLIENT_TIMEOUT: must be a positive"),
-    ("MATSPOOL_ROOTS", "/does/not/exist", "environment variable MATSPOOL_ROOTS: root directory '/does/not/exist' does not exist"),
+    ("MATSPOOL_ROOTS", "/does/not/exist",
+     "environment variable MATSPOOL_ROOTS: root directory '/does/not/exist' does not exist"),
     ("MATSPOOL_GROUP", "no-such-group-xyz", "environment variable MATSPOOL_GROUP: no such group"),
     ("MATSPOOL_ENDPOINT", "nonsense", "environment variable MATSPOOL_ENDPOINT: not a ZeroMQ endpoint"),
     ("MATSPOOL_WRITER", "4", "environment variable MATSPOOL_WRITER is not a matspool serve setting "
-                             "(did you mean 'MATSPOOL_WRITERS'?); settings are MATSPOOL_ENDPOINT, MATSPOOL_ROOTS"),
+                             "(did you mean 'MATSPOOL_WRITERS'?); "
+                             "settings are MATSPOOL_ENDPOINT, MATSPOOL_ROOTS"),
     ("MATSPOOL_PARENT_PID", "1", "MATSPOOL_PARENT_PID is not a matspool serve setting"),
 ])
 def test_env_errors(var: str, value: str, expect: str) -> None:
@@ -240,7 +258,7 @@ def test_serve_refuses_to_start_on_a_bad_setting(tmp_path: Path) -> None:
 
 def test_print_config_parses_back_and_names_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    a, b = _dirs(tmp_path, "a", "b")
+    a, _ = _dirs(tmp_path, "a", "b")
     conf = _toml(tmp_path / "m.toml", f'[serve]\nroots = ["{a}"]\nsocket_mode = "660"\nclient_timeout = 12\n')
     monkeypatch.setenv("MATSPOOL_WRITERS", "3")
     monkeypatch.setenv("MATSPOOL_RING_BYTES", "1048576")  # a client's variable: fine here

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import DaemonProc, start_daemon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -314,12 +315,14 @@ def test_manifests_parse_and_lint() -> None:
     conf = YamlLintConfig(file=str(DEPLOY / ".yamllint.yaml"))
     for path in MANIFESTS:
         problems = list(linter.run(path.read_text(), conf, str(path)))
-        assert not problems, f"{path.name}: " + "; ".join(f"{p.line}:{p.column} {p.message}" for p in problems)
+        said = "; ".join(f"{p.line}:{p.column} {p.message}" for p in problems)
+        assert not problems, f"{path.name}: {said}"
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_manifests_validate(path: Path) -> None:
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (test extra)")
+    kv = pytest.importorskip("kubernetes_validate",
+                             reason="kubernetes-validate is not installed (test extra)")
     for version in sorted({K8S_VERSION, kv.latest_version()}):
         for doc in _yaml_docs(path):
             kv.validate(doc, version, strict=True)  # raises ValidationError

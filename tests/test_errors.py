@@ -469,7 +469,7 @@ def test_ring_full_block_times_out(fake: FakeDaemon, tmp_path: Path) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, on_full="block", timeout=0.5) as s:
         s.save(tmp_path / "a.mat", {"x": np.zeros(600_000, np.uint8)})
         t0 = time.monotonic()
-        with pytest.raises(matspool.SpoolFull, match="after waiting 0.5 s"):
+        with pytest.raises(matspool.SpoolFull, match=r"after waiting 0\.5 s"):
             s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})
         waited = time.monotonic() - t0
         assert 0.45 <= waited < 2.5, waited

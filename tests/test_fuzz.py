@@ -86,8 +86,9 @@ def _paths(root: Path, outside: Path) -> st.SearchStrategy[object]:
     )
 
 
-_ints = st.one_of(st.integers(-2**70, 2**70), st.sampled_from([0, 1, 63, 64, RING_BYTES - 8,
-                  RING_BYTES, RING_BYTES + 64, 2**31, 2**63]), st.booleans(), st.floats(), st.text(max_size=4))
+_ints = st.one_of(st.integers(-2**70, 2**70),
+                  st.sampled_from([0, 1, 63, 64, RING_BYTES - 8, RING_BYTES, RING_BYTES + 64, 2**31, 2**63]),
+                  st.booleans(), st.floats(), st.text(max_size=4))
 _dtypes = st.one_of(st.sampled_from(["<f8", "<f4", "|i1", "|b1", "<c16", "<u8"]),
                     st.text(max_size=8), st.lists(st.integers(), max_size=2), st.none())
 _names = st.one_of(st.sampled_from(["a", "x_1", "end", "1a", "_a", "a" * 64, "ok"]),
@@ -137,8 +138,10 @@ def test_hostile_write_messages(harness: Harness, data: st.DataObject) -> None:
                         st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5),
                                         st.none()), max_size=4).map(lambda d: json.dumps(d).encode()),
                         st.sampled_from([b"[]", b"null", b'{"op": 5}', b'{"op": "HELLO"}',
-                                         b'{"op": "HELLO", "ring": "../../etc/passwd", "ring_bytes": 4096, "pid": 1}',
-                                         b'{"op": "HELLO", "ring": "matspool-1-nonexistent", "ring_bytes": 4096, "pid": 1}',
+                                         b'{"op": "HELLO", "ring": "../../etc/passwd", '
+                                         b'"ring_bytes": 4096, "pid": 1}',
+                                         b'{"op": "HELLO", "ring": "matspool-1-nonexistent", '
+                                         b'"ring_bytes": 4096, "pid": 1}',
                                          b"[" * 100000, b'{"op": "SHUTDOWN"}']))).map(list),
 ))
 def test_hostile_frames(harness: Harness, frames: list[bytes]) -> None:

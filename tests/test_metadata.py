@@ -5,7 +5,7 @@ One daemon serves the whole module. What is checked:
 * round trip in both formats: v5 through ``scipy.io.loadmat`` (``simplify_cells`` and the
   raw struct arrays, ``whosmat`` for top-level classes), v7.3 through ``mat73``, ``h5py``
   (the raw HDF5 layout) and ``hdf5storage``; both formats give the same tree;
-* layout against MATLAB's own files (``shared/reference-mat``): the reference's
+* layout against MATLAB's own files (``tests/data``): the reference's
   ``struct_*``, ``char_*`` and ``cell_*`` values saved by matspool and compared object by
   object, attribute by attribute (low-level HDF5 types included);
 * GNU Octave loads the v5 metadata (field names, classes, sizes);
@@ -59,10 +59,8 @@ from matspool import _protocol as proto
 from matspool._convert import MAX_DEPTH
 
 from conftest import DaemonProc
+from readback import REFERENCE_V7, REFERENCE_V73, attr_signature
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference-mat"
-REFERENCE_V73 = REFERENCE_DIR / "matlab_basic_v73.mat"
-REFERENCE_V7 = REFERENCE_DIR / "matlab_basic_v7.mat"
 OCTAVE = shutil.which("octave")
 FORMATS = ("v5", "v7.3")
 
@@ -138,7 +136,8 @@ EXPECTED: dict[str, Any] = {
         "n": ("int32", (1, 1), np.array([[7]], np.int32)),
         "mask": ("logical", (1, 3), np.array([[True, False, True]])),
     },
-    "tensors": [("int16", (1, 2), np.ones((1, 2), np.int16)), ("single", (1, 3), np.zeros((1, 3), np.float32))],
+    "tensors": [("int16", (1, 2), np.ones((1, 2), np.int16)),
+                ("single", (1, 3), np.zeros((1, 3), np.float32))],
     "empty_text": "",
     "names": ["x", "yy", "zzz"],
     "table": ("int64", (2, 3), np.array([[1, 2, 3], [4, 5, 6]])),
@@ -270,7 +269,7 @@ def _check_h5(f: h5py.File, obj: h5py.HLObject, e: Any, where: str) -> None:
         assert isinstance(obj, h5py.Dataset) and cls == b"cell", where
         assert obj.dtype == h5py.ref_dtype and h5py.check_ref_dtype(obj.dtype) is h5py.Reference
         assert obj.shape == (len(e), 1), (where, obj.shape)  # MATLAB 1xN is stored (N, 1)
-        for i, (ref, v) in enumerate(zip(obj[()].ravel(), e)):
+        for i, (ref, v) in enumerate(zip(obj[()].ravel(), e, strict=True)):
             target = f[ref]
             assert target.name.startswith("/#refs#/"), (where, target.name)
             assert target.attrs["H5PATH"] == b"/#refs#", where
@@ -306,7 +305,7 @@ def test_v73_h5py_structure(saved: dict[str, Path]) -> None:
             assert "H5PATH" not in f[name].attrs  # top-level objects have none, as in MATLAB
             _check_h5(f, f[name], e, name)
             if isinstance(f[name], h5py.Group):
-                sig = _attr_signature(f[name], "MATLAB_fields")
+                sig = attr_signature(f[name], "MATLAB_fields")
                 assert sig["class"] == h5py.h5t.VLEN and sig["space"] == h5py.h5s.SIMPLE
                 assert sig["super_class"] == h5py.h5t.STRING and sig["super_size"] == 1
                 assert sig["super_cset"] == h5py.h5t.CSET_ASCII
@@ -414,7 +413,8 @@ def test_nesting_exactly_at_the_limit(mspool: matspool.Spool, root: Path, fmt: s
     for i in range(MAX_DEPTH):
         value = {f"l{i}": value} if i % 2 else ["tag", value]
     path = save(mspool, root / "deep.mat", {"deep": value}, fmt)
-    got = (_simplify(scipy.io.loadmat(path, simplify_cells=True)) if fmt == "v5" else mat73.loadmat(path))["deep"]
+    loaded = _simplify(scipy.io.loadmat(path, simplify_cells=True)) if fmt == "v5" else mat73.loadmat(path)
+    got = loaded["deep"]
     for i in reversed(range(MAX_DEPTH)):
         if i % 2:
             assert list(got) == [f"l{i}"]
@@ -440,24 +440,6 @@ REFERENCE_VALUES: dict[str, Any] = {
 }
 
 
-def _attr_signature(obj: h5py.HLObject, name: str) -> dict[str, Any]:
-    """Everything MATLAB might look at in one attribute but its value: type and dataspace."""
-    aid = obj.attrs.get_id(name)
-    tid, space = aid.get_type(), aid.get_space()
-    sig: dict[str, Any] = {"class": tid.get_class(), "size": tid.get_size(),
-                           "space": space.get_simple_extent_type(), "shape": space.shape}
-    if tid.get_class() == h5py.h5t.STRING:
-        sig.update(cset=tid.get_cset(), strpad=tid.get_strpad(), vlen=tid.is_variable_str())
-    elif tid.get_class() == h5py.h5t.INTEGER:
-        sig.update(sign=tid.get_sign(), order=tid.get_order())
-    elif tid.get_class() == h5py.h5t.VLEN:
-        st = tid.get_super()
-        sig.update(super_class=st.get_class(), super_size=st.get_size())
-        if st.get_class() == h5py.h5t.STRING:
-            sig.update(super_cset=st.get_cset(), super_strpad=st.get_strpad())
-    return sig
-
-
 def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviations: set[str]) -> None:
     """Our object against MATLAB's, recursively (cells through their references)."""
     assert type(mine) is type(ref), (where, type(mine), type(ref))
@@ -469,7 +451,7 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
         deviations.add("MATLAB_fields on a one-field struct")
     assert mine_attrs == ref_attrs, (where, sorted(mine_attrs), sorted(ref_attrs))
     for attr in sorted(ref_attrs):
-        ms, rs = _attr_signature(mine, attr), _attr_signature(ref, attr)
+        ms, rs = attr_signature(mine, attr), attr_signature(ref, attr)
         if attr == "H5PATH":
             # both: a fixed-length ASCII scalar string; the value and strpad differ (docstring)
             for s in (ms, rs):
@@ -499,7 +481,7 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
         mv, rv = mine.attrs[attr], ref.attrs[attr]
         assert type(mv) is type(rv) and mv == rv, (where, attr, mv, rv)
     if "MATLAB_class" in ref_attrs:
-        cls = _attr_signature(mine, "MATLAB_class")
+        cls = attr_signature(mine, "MATLAB_class")
         assert cls["class"] == h5py.h5t.STRING and not cls["vlen"], where
         assert cls["strpad"] == h5py.h5t.STR_NULLTERM and cls["cset"] == h5py.h5t.CSET_ASCII, where
         assert cls["space"] == h5py.h5s.SCALAR, where
@@ -508,11 +490,12 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
         for k in ref:
             _compare_layout(mine[k], ref[k], f"{where}.{k}", deviations)
         return
-    assert mine.dtype == ref.dtype and mine.shape == ref.shape, (where, mine.dtype, ref.dtype, mine.shape, ref.shape)
+    assert mine.dtype == ref.dtype and mine.shape == ref.shape, \
+        (where, mine.dtype, ref.dtype, mine.shape, ref.shape)
     assert mine.chunks is None and mine.id.get_create_plist().get_nfilters() == 0, where
     if mine.dtype == h5py.ref_dtype:
         assert h5py.check_ref_dtype(mine.dtype) is h5py.Reference
-        for i, (a, b) in enumerate(zip(mine[()].ravel(), ref[()].ravel())):
+        for i, (a, b) in enumerate(zip(mine[()].ravel(), ref[()].ravel(), strict=True)):
             ta, tb = mine.file[a], ref.file[b]
             assert ta.name.startswith("/#refs#/") and tb.name.startswith("/#refs#/"), (where, ta.name)
             _compare_layout(ta, tb, f"{where}{{{i + 1}}}", deviations)
@@ -524,10 +507,10 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
 def ours_like_reference(mspool: matspool.Spool, mdaemon: DaemonProc) -> dict[str, Path]:
     d = mdaemon.root / "reference"
     d.mkdir()
-    return {fmt: save(mspool, d / f"ref_{fmt.replace('.', '')}.mat", REFERENCE_VALUES, fmt) for fmt in FORMATS}
+    return {fmt: save(mspool, d / f"ref_{fmt.replace('.', '')}.mat", REFERENCE_VALUES, fmt)
+            for fmt in FORMATS}
 
 
-@pytest.mark.skipif(not REFERENCE_V73.is_file(), reason=f"{REFERENCE_V73} not found")
 def test_reference_values_are_what_we_think() -> None:
     m = mat73.loadmat(REFERENCE_V73, only_include=["struct_scalar", "char_scalar", "char_empty",
                                                    "cell_scalar", "cell_array", "cell_nested"])
@@ -543,7 +526,6 @@ def test_reference_values_are_what_we_think() -> None:
         assert f["struct_nested/level1/level2/level3/value"][()].tolist() == [[42.0]]
 
 
-@pytest.mark.skipif(not REFERENCE_V73.is_file(), reason=f"{REFERENCE_V73} not found")
 def test_layout_matches_matlab(ours_like_reference: dict[str, Path]) -> None:
     deviations: set[str] = set()
     with h5py.File(ours_like_reference["v7.3"], "r") as mine, h5py.File(REFERENCE_V73, "r") as ref:
@@ -551,7 +533,8 @@ def test_layout_matches_matlab(ours_like_reference: dict[str, Path]) -> None:
             _compare_layout(mine[name], ref[name], name, deviations)
         # the canonical empty hdf5storage puts into #refs#, as MATLAB does
         _compare_layout(mine["#refs#/a"], ref["#refs#/a"], "#refs#/a", deviations)
-        assert isinstance(mine["#refs#"], h5py.Group) and dict(mine["#refs#"].attrs) == dict(ref["#refs#"].attrs)
+        assert isinstance(mine["#refs#"], h5py.Group)
+        assert dict(mine["#refs#"].attrs) == dict(ref["#refs#"].attrs)
     # the deviations seen are the documented ones (module docstring)
     assert {d for d in deviations if not d.startswith("H5PATH /")} == {
         "MATLAB_fields on a one-field struct", "MATLAB_fields strpad", "H5PATH strpad"}, deviations
@@ -559,7 +542,6 @@ def test_layout_matches_matlab(ours_like_reference: dict[str, Path]) -> None:
     assert "H5PATH /#refs# where MATLAB has /#refs#/b" in deviations
 
 
-@pytest.mark.skipif(not REFERENCE_V7.is_file(), reason=f"{REFERENCE_V7} not found")
 def test_v5_reads_like_matlabs_v7(ours_like_reference: dict[str, Path]) -> None:
     """Same classes, sizes, field order and values as MATLAB's v7 file, through scipy."""
     names = list(REFERENCE_VALUES)
@@ -577,7 +559,7 @@ def test_v5_reads_like_matlabs_v7(ours_like_reference: dict[str, Path]) -> None:
             for k in a.dtype.names:
                 same(a[0, 0][k], b[0, 0][k], f"{where}.{k}")
         elif a.dtype == object:
-            for i, (x, y) in enumerate(zip(a.ravel(), b.ravel())):
+            for i, (x, y) in enumerate(zip(a.ravel(), b.ravel(), strict=True)):
                 same(x, y, f"{where}{{{i + 1}}}")
         else:
             assert a.dtype == b.dtype, (where, a.dtype, b.dtype)
@@ -608,14 +590,16 @@ end
 printf('tags1=%s\n', S.tags{1});
 printf('tags2=%s\n', S.tags{2});
 printf('tags3=%.17g\n', S.tags{3});
-printf('names=%s %s %d %s\n', class(S.names), mat2str(size(S.names)), iscellstr(S.names), strjoin(S.names, ','));
+printf('names=%s %s %d %s\n', class(S.names), mat2str(size(S.names)), iscellstr(S.names), ...
+       strjoin(S.names, ','));
 printf('table=%s %s %s\n', class(S.table), mat2str(size(S.table)), mat2str(S.table));
 printf('u=%s %s\n', class(S.u), mat2str(size(S.u)));
 printf('model.fields=%s\n', strjoin(fieldnames(S.model)', ','));
 printf('model.w=%s %s %s\n', class(S.model.w), mat2str(size(S.model.w)), mat2str(S.model.w));
 printf('model.mask=%s %s\n', class(S.model.mask), mat2str(S.model.mask));
 printf('model.n=%s %d\n', class(S.model.n), S.model.n);
-printf('tensors=%s %s %s %s\n', class(S.tensors), mat2str(size(S.tensors)), class(S.tensors{1}), class(S.tensors{2}));
+printf('tensors=%s %s %s %s\n', class(S.tensors), mat2str(size(S.tensors)), ...
+       class(S.tensors{1}), class(S.tensors{2}));
 printf('empty_text=%s %s\n', class(S.empty_text), mat2str(size(S.empty_text)));
 printf('nothing=%s %s %d\n', class(S.nothing), mat2str(size(S.nothing)), numel(fieldnames(S.nothing)));
 printf('END\n');
@@ -674,7 +658,8 @@ BAD_FIELDS: list[tuple[Any, str]] = [
 
 
 @pytest.mark.parametrize(("key", "said"), BAD_FIELDS, ids=[repr(k)[:12] for k, _ in BAD_FIELDS])
-def test_invalid_field_name(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, key: Any, said: str) -> None:
+def test_invalid_field_name(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, key: Any,
+                            said: str) -> None:
     with pytest.raises(matspool.InvalidVariableError) as ei:
         mspool.save(root / "bad.mat", {"meta": {"ok": 1.0, "inner": {key: 1.0}}}, format="v7.3")
     msg = str(ei.value)
@@ -697,7 +682,8 @@ BAD_LEAVES: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("variables", "said"), [(v, s) for _, v, s in BAD_LEAVES], ids=[i for i, _, _ in BAD_LEAVES])
+@pytest.mark.parametrize(("variables", "said"), [(v, s) for _, v, s in BAD_LEAVES],
+                         ids=[i for i, _, _ in BAD_LEAVES])
 def test_unsupported_leaf_names_its_path(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
                                          variables: dict[str, Any], said: str) -> None:
     for fmt in FORMATS:
@@ -710,7 +696,8 @@ def test_unsupported_leaf_names_its_path(mspool: matspool.Spool, mdaemon: Daemon
 
 
 @pytest.mark.parametrize("kind", ["struct", "cell"])
-def test_nesting_deeper_than_the_limit(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, kind: str) -> None:
+def test_nesting_deeper_than_the_limit(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
+                                       kind: str) -> None:
     value: Any = 1.0
     for _ in range(MAX_DEPTH + 1):
         value = {"a": value} if kind == "struct" else ["x", value]

@@ -69,7 +69,8 @@ def test_metrics_are_off_by_default_and_json_logs_parse(tmp_path: Path, out_dir:
         while not (tmp_path / "j.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         inodes = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
-        tcp = Path("/proc/net/tcp").read_text().splitlines()[1:] + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+        tcp = [ln for table in ("/proc/net/tcp", "/proc/net/tcp6")
+               for ln in Path(table).read_text().splitlines()[1:]]
         mine = [ln for ln in tcp if f"socket:[{ln.split()[9]}]" in inodes]
         assert mine == [], "metrics must be off by default: the daemon holds a TCP socket"
         with Spool(endpoint, ring_bytes=1 << 20) as spool:

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from readback import REFERENCE_V73, assert_exact
+
 OCTAVE = shutil.which("octave")
 pytestmark = pytest.mark.skipif(OCTAVE is None, reason="GNU Octave is not installed (no `octave` on PATH)")
 
@@ -52,7 +54,8 @@ _CLASS_DTYPE = {
 }
 
 
-def octave_load(path: Path, names: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+def octave_load(path: Path,
+                names: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
     """name -> (Octave class, size, values as numpy in MATLAB index order); all variables
     of the file, or only ``names``."""
     proc = subprocess.run(
@@ -79,13 +82,6 @@ def octave_load(path: Path, names: tuple[str, ...] = ()) -> dict[str, tuple[str,
         out[name] = (cls, dims, values)
     assert len(out) == int(ends[0].split()[1])
     return out
-
-
-def assert_bits(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    np.testing.assert_array_equal(actual, expected, err_msg=what)
-    assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes(), what
 
 
 def _variables() -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
@@ -133,7 +129,7 @@ def test_octave_loads_v5(spool, out_dir) -> None:
         got_cls, dims, values = seen[name]
         assert got_cls == cls, (name, got_cls, cls)
         assert dims == e.shape, (name, dims, e.shape)
-        assert_bits(values, e, name)
+        assert_exact(values, e, name)
 
 
 def test_octave_loads_v5_layouts(spool, out_dir) -> None:
@@ -152,25 +148,21 @@ def test_octave_loads_v5_layouts(spool, out_dir) -> None:
         raw[w, h, c] = xn[c, h, w]
     cls, dims, values = octave_load(p_hwc)["x"]
     assert (cls, dims) == ("int32", (3, 4, 2))
-    assert_bits(values, hwc, "hwc")
+    assert_exact(values, hwc, "hwc")
     seen = octave_load(p_raw)
     assert (seen["x"][0], seen["x"][1]) == ("int32", (4, 3, 2))
-    assert_bits(seen["x"][2], raw, "raw")
+    assert_exact(seen["x"][2], raw, "raw")
     assert seen["col"][:2] == ("double", (3, 1))
-    assert_bits(seen["col"][2], np.array([[0.0], [1.0], [2.0]]), "col")
-
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference-mat" / "matlab_basic_v73.mat"
+    assert_exact(seen["col"][2], np.array([[0.0], [1.0], [2.0]]), "col")
 
 
 def test_octave_reads_v73_values_and_sizes(spool, out_dir) -> None:
     """Octave reads v7.3 as plain HDF5: sizes and values of non-empty variables, with
     logical arriving as uint8 and single widened to double; it does exactly that to
-    MATLAB's own v7.3 file too (checked here when the reference file is present)."""
-    if REFERENCE.is_file():
-        ref = octave_load(REFERENCE, ("single_array", "logical_array", "int16_array", "numeric_empty"))
-        assert ref["single_array"][0] == "double" and ref["logical_array"][0] == "uint8"
-        assert ref["int16_array"][0] == "int16" and ref["numeric_empty"][0] == "uint64"
+    MATLAB's own v7.3 file too."""
+    ref = octave_load(REFERENCE_V73, ("single_array", "logical_array", "int16_array", "numeric_empty"))
+    assert ref["single_array"][0] == "double" and ref["logical_array"][0] == "uint8"
+    assert ref["int16_array"][0] == "int16" and ref["numeric_empty"][0] == "uint64"
     inputs, expected = _variables()
     path = out_dir / "octave_v73.mat"
     assert spool.save(path, inputs, format="v7.3").result(timeout=60).format == "v7.3"
@@ -188,4 +180,4 @@ def test_octave_reads_v73_values_and_sizes(spool, out_dir) -> None:
         assert dims == e.shape, (name, dims, e.shape)
         if cls == "single":  # widening float32 -> float64 is exact, NaN and -0.0 included
             e = e.astype(np.complex128 if e.dtype.kind == "c" else np.float64)
-        assert_bits(values, e, name)
+        assert_exact(values, e, name)

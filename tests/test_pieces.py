@@ -132,8 +132,8 @@ def test_daemon_killed_midway_fails_the_save(tmp_path: Path, out_dir: Path) -> N
     d = start_daemon(out_dir, tmp_path / "sock", "--debug-write-delay", "0.05")
     try:
         with Spool(d.endpoint, ring_bytes=1 << 20, timeout=3, heartbeat=0.2) as s:
-            killer = subprocess.Popen([sys.executable, "-c",
-                                       f"import time, os, signal; time.sleep(1.0); os.kill({d.proc.pid}, signal.SIGKILL)"])
+            kill = f"import time, os, signal; time.sleep(1.0); os.kill({d.proc.pid}, signal.SIGKILL)"
+            killer = subprocess.Popen([sys.executable, "-c", kill])
             with pytest.raises((matspool.SpoolFull, matspool.DaemonUnavailable)):
                 s.save(out_dir / "d.mat", {"x": np.ones((2048, 2048))}).result(30)
             killer.wait()
@@ -153,10 +153,13 @@ def test_hostile_pieces_are_refused(spool: Spool, daemon, out_dir: Path) -> None
         return json.loads(sock.recv_multipart()[1]) if sock.poll(5000) else None
 
     try:
-        assert ask({"op": "HELLO", "ring": ring.name, "ring_bytes": ring.size, "pid": os.getpid()})["op"] == "WELCOME"
-        assert ask({"op": "PART", "seq": 7, "var": 0, "start": 0, "offset": 0, "nbytes": 8})["code"] == "protocol"
+        hello = {"op": "HELLO", "ring": ring.name, "ring_bytes": ring.size, "pid": os.getpid()}
+        assert ask(hello)["op"] == "WELCOME"
+        part = {"op": "PART", "seq": 7, "var": 0, "start": 0, "offset": 0, "nbytes": 8}
+        assert ask(part)["code"] == "protocol"
         assert ask({"op": "END", "seq": 7})["code"] == "protocol"
-        big = {"name": "x", "dtype": "<f8", "dims": [1000, 1000], "offset": 0, "nbytes": 8_000_000, "deferred": True}
+        big = {"name": "x", "dtype": "<f8", "dims": [1000, 1000], "offset": 0, "nbytes": 8_000_000,
+               "deferred": True}
         assert ask({"op": "WRITE", "seq": 1, "path": str(out_dir / "h.mat"), "format": "v5", "fsync": False,
                     "vars": [big]})["code"] == "protocol"  # deferred needs mode begin
         bad = dict(big, nbytes=8)
@@ -166,7 +169,8 @@ def test_hostile_pieces_are_refused(spool: Spool, daemon, out_dir: Path) -> None
                                               "format": "v7.3", "fsync": False, "mode": "begin",
                                               "vars": [big]}).encode()])
         assert json.loads(sock.recv_multipart()[1]) == {"op": "PART_DONE", "seq": 3, "offset": None}
-        assert ask({"op": "PART", "seq": 3, "var": 0, "start": 0, "offset": ring.size - 8, "nbytes": 64})["code"] == "protocol"
+        past_ring = {"op": "PART", "seq": 3, "var": 0, "start": 0, "offset": ring.size - 8, "nbytes": 64}
+        assert ask(past_ring)["code"] == "protocol"
         # a piece past the variable's end fails the save, and END says so; nothing is published
         reply = ask({"op": "PART", "seq": 3, "var": 0, "start": 8_000_000 - 8, "offset": 0, "nbytes": 64})
         assert reply["op"] == "ERR" and reply["seq"] == 3 and "does not fit" in reply["message"]

@@ -1,4 +1,4 @@
-"""Our v7.3 files against one MATLAB itself wrote (``shared/reference-mat/matlab_basic_v73.mat``).
+"""Our v7.3 files against one MATLAB itself wrote (``tests/data/matlab_basic_v73.mat``).
 
 The values each reference variable holds are saved through a real daemon (once from
 numpy arrays, once from torch tensors); then the two files are compared at the HDF5
@@ -22,12 +22,10 @@ import pytest
 import torch
 
 import matspool
+
 from conftest import start_daemon
-
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference-mat"
-REFERENCE = REFERENCE_DIR / "matlab_basic_v73.mat"
-
-pytestmark = pytest.mark.skipif(not REFERENCE.is_file(), reason=f"reference file {REFERENCE} not found")
+from readback import REFERENCE_V73 as REFERENCE
+from readback import attr_signature, dataset_value
 
 NAMES = [
     "double_scalar", "double_array", "single_scalar", "single_array",
@@ -36,23 +34,6 @@ NAMES = [
     "logical_scalar", "logical_array", "logical_empty", "numeric_empty",
     "complex_scalar", "complex_array",
 ]
-_EMPTY_DTYPES = {"double": np.float64, "logical": np.bool_}
-
-
-def matlab_value(ds: h5py.Dataset) -> np.ndarray:
-    """The array MATLAB sees for a numeric/logical reference dataset, as numpy (A(i,j) == a[i,j])."""
-    cls = ds.attrs["MATLAB_class"].decode()
-    if ds.attrs.get("MATLAB_empty", 0) == 1:
-        return np.zeros(tuple(int(d) for d in ds[()]), dtype=_EMPTY_DTYPES[cls])
-    raw = ds[()]
-    if ds.dtype.names == ("real", "imag"):
-        out = np.empty(raw.shape, dtype=np.complex128 if cls == "double" else np.complex64)
-        out.real, out.imag = raw["real"], raw["imag"]
-        raw = out
-    elif cls == "logical":
-        assert ds.attrs["MATLAB_int_decode"] == 1
-        raw = raw.astype(bool)
-    return np.ascontiguousarray(raw.T)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +51,7 @@ def ours(request: pytest.FixtureRequest, reference: h5py.File,
     out.mkdir()
     values: dict[str, Any] = {}
     for name in NAMES:
-        a = matlab_value(reference[name])
+        a = dataset_value(reference[name])
         values[name] = torch.from_numpy(a.copy()) if request.param == "torch" else a
     d = start_daemon(out, root / "sock")
     try:
@@ -86,13 +67,14 @@ def ours(request: pytest.FixtureRequest, reference: h5py.File,
 def test_reference_holds_what_we_think() -> None:
     """Guard: the reference's values are the documented ones (MATLAB 2x3 stored as (3, 2))."""
     with h5py.File(REFERENCE, "r") as f:
-        np.testing.assert_array_equal(matlab_value(f["double_array"]), [[1.1, 2.2, 3.3], [4.4, 5.5, 6.6]])
+        np.testing.assert_array_equal(dataset_value(f["double_array"]), [[1.1, 2.2, 3.3], [4.4, 5.5, 6.6]])
         assert f["double_array"].shape == (3, 2)
-        np.testing.assert_array_equal(matlab_value(f["double_scalar"]), [[3.14]])
-        np.testing.assert_array_equal(matlab_value(f["int8_array"]), np.array([[1, 2, 3], [4, 5, 6]], np.int8))
-        np.testing.assert_array_equal(matlab_value(f["logical_array"]), [[True, False, True]])
-        np.testing.assert_array_equal(matlab_value(f["complex_array"]), [[1 + 2j], [2 + 4j], [4 + 8j]])
-        assert matlab_value(f["numeric_empty"]).shape == (0, 0)
+        np.testing.assert_array_equal(dataset_value(f["double_scalar"]), [[3.14]])
+        np.testing.assert_array_equal(dataset_value(f["int8_array"]),
+                                      np.array([[1, 2, 3], [4, 5, 6]], np.int8))
+        np.testing.assert_array_equal(dataset_value(f["logical_array"]), [[True, False, True]])
+        np.testing.assert_array_equal(dataset_value(f["complex_array"]), [[1 + 2j], [2 + 4j], [4 + 8j]])
+        assert dataset_value(f["numeric_empty"]).shape == (0, 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,20 +136,7 @@ def test_superblock(ours: Path, reference: h5py.File) -> None:
 # ---------------------------------------------------------------------------------------
 def _attr_signature(obj: h5py.Dataset, name: str) -> dict[str, Any]:
     """Everything MATLAB might look at in one attribute: value, type, dataspace."""
-    aid = obj.attrs.get_id(name)
-    tid, space = aid.get_type(), aid.get_space()
-    sig: dict[str, Any] = {
-        "value": obj.attrs[name],
-        "class": tid.get_class(),
-        "size": tid.get_size(),
-        "space": space.get_simple_extent_type(),
-        "shape": space.shape,
-    }
-    if tid.get_class() == h5py.h5t.STRING:
-        sig.update(cset=tid.get_cset(), strpad=tid.get_strpad(), vlen=tid.is_variable_str())
-    elif tid.get_class() == h5py.h5t.INTEGER:
-        sig.update(sign=tid.get_sign(), order=tid.get_order())
-    return sig
+    return {"value": obj.attrs[name], **attr_signature(obj, name)}
 
 
 @pytest.mark.parametrize("name", NAMES)

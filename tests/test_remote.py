@@ -100,7 +100,8 @@ def test_remote_client_writes_through_tcp_and_unknown_keys_are_refused(hosts, tm
     _, client_sec = make_keys(str(tmp_path / "clients"), "client")
     _, rogue_sec = make_keys(str(tmp_path / "rogue"), "rogue")
     endpoint = f"tcp://{address}:{PORT}"
-    daemon = subprocess.Popen([*daemon_host, sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
+    daemon = subprocess.Popen([*daemon_host, sys.executable, "-m", "matspoold", "serve",
+                               "--endpoint", endpoint,
                                "--root", str(out), "--curve-secret", server_sec, "--curve-clients",
                                str(tmp_path / "clients"), "--log-level", "warning"])
     try:
@@ -116,7 +117,8 @@ def test_remote_client_writes_through_tcp_and_unknown_keys_are_refused(hosts, tm
         m = mat73.loadmat(out / "r73.mat")
         np.testing.assert_array_equal(m["x"], x.astype(np.float32))
         np.testing.assert_array_equal(m["c"], x[:4, :3] + 1j)
-        np.testing.assert_array_equal(scipy.io.loadmat(out / "big.mat")["big"], rng.standard_normal((1000, 600)))
+        np.testing.assert_array_equal(scipy.io.loadmat(out / "big.mat")["big"],
+                                      rng.standard_normal((1000, 600)))
         run = mat73.loadmat(out / "run.mat")["u"]
         assert run.shape == (4, 5, 3) and (run[:, :, 2] == 2).all()
 

@@ -21,7 +21,8 @@ import torch
 import matspool
 from matspool import _reorder
 from matspool._errors import MatspoolError
-from readback import read
+
+from readback import assert_exact, read
 
 MIB = 1 << 20
 
@@ -57,11 +58,7 @@ def test_deferred_reorder_is_exact(mspool: matspool.Spool, root: Path, fmt: str,
     x = _big(dtype, shape)
     assert x.flags.c_contiguous and x.nbytes >= _reorder.DEFER_MIN_BYTES
     mspool.save(root / "x.mat", {"x": x}, format=fmt).result(60)
-    got = read(root / "x.mat", fmt)["x"]
-    want = x.astype(x.dtype.newbyteorder("="))
-    assert got.shape == want.shape
-    assert got.dtype == want.dtype
-    assert np.array_equal(got, want)
+    assert_exact(read(root / "x.mat", fmt)["x"], x.astype(x.dtype.newbyteorder("=")))
 
 
 def test_float16_and_tensor_sources(mspool: matspool.Spool, root: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import stat
@@ -23,10 +24,10 @@ def ring():
 
 def _check(live: dict[int, int], size: int) -> None:
     spans = sorted(live.items())
-    for (a, n), (b, _) in zip(spans, spans[1:]):
+    for (a, n), (b, _) in itertools.pairwise(spans):
         assert a + n <= b, f"overlap: [{a}, {a + n}) and {b}"
     for a, n in spans:
-        assert 0 <= a and a + n <= size
+        assert a >= 0 and a + n <= size
 
 
 @settings(max_examples=200, deadline=None)
@@ -62,7 +63,7 @@ def test_full_ring_raises_or_times_out(ring: Ring) -> None:
     ring.alloc(ring.size - ALIGN, block=False, timeout=None)
     with pytest.raises(SpoolFull, match="ring full"):
         ring.alloc(2 * ALIGN, block=False, timeout=None)
-    with pytest.raises(SpoolFull, match="after waiting 0.2 s"):
+    with pytest.raises(SpoolFull, match=r"after waiting 0\.2 s"):
         ring.alloc(2 * ALIGN, block=True, timeout=0.2)
 
 

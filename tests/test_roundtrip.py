@@ -36,7 +36,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import matspool
+
 from conftest import start_daemon
+from readback import assert_exact
 
 # ---------------------------------------------------------------------------------------
 # dtypes: input name -> (MATLAB class, dtype the value is stored as)
@@ -140,19 +142,6 @@ def expected_matlab(x: np.ndarray, dtype: str, layout: str, oned_as: str) -> np.
     for idx in np.ndindex(*x.shape):
         out[matlab_index(idx, layout)] = x[idx]
     return out
-
-
-def assert_exact(actual: Any, expected: np.ndarray, what: str) -> None:
-    """Same dtype, same shape, same values; floats bit for bit."""
-    actual = np.asarray(actual)
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
-    np.testing.assert_array_equal(actual, expected, err_msg=what)
-    if expected.dtype.kind in "fc":
-        bits = f"u{expected.dtype.itemsize // (2 if expected.dtype.kind == 'c' else 1)}"
-        a = np.ascontiguousarray(actual).view(bits)
-        e = np.ascontiguousarray(expected).view(bits)
-        np.testing.assert_array_equal(a, e, err_msg=f"{what}: bit patterns differ")
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,7 +277,7 @@ def check_v73(path: Path, expected: dict[str, tuple[str, np.ndarray]]) -> None:
             check_v73_dataset(f[name], dtype, e)
     m = hdf5storage.loadmat(str(path))
     assert set(m) == set(expected)
-    for name, (dtype, e) in expected.items():
+    for name, (_, e) in expected.items():
         want = e
         if e.size == 0 and e.dtype.kind == "c":
             # an empty v7.3 variable records only class and size (MATLAB_empty), so

@@ -30,7 +30,7 @@ def _free_port() -> int:
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, str]:
     server_pub, server_sec = make_keys(str(tmp_path / "server"), "server")
-    client_pub, client_sec = make_keys(str(tmp_path / "authorized"), "client")
+    _, client_sec = make_keys(str(tmp_path / "authorized"), "client")
     _, rogue_sec = make_keys(str(tmp_path / "rogue"), "rogue")
     return {"server_pub": server_pub, "server_sec": server_sec, "clients": str(tmp_path / "authorized"),
             "client_sec": client_sec, "rogue_sec": rogue_sec}

@@ -19,7 +19,8 @@ import pytest
 import matspool
 from matspool._protocol import Char, Struct, TreeSpec, VarSpec
 from matspoold.writers import v73
-from readback import read, read_v73
+
+from readback import assert_variables, read, read_v73
 
 
 def _step_values(rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
@@ -43,12 +44,7 @@ def test_time_step_loop_files_are_exact(mspool: matspool.Spool, root: Path, fmt:
         mspool.save(root / f"step{step:03d}.mat", values, format=fmt)
     mspool.flush()
     for step, values in enumerate(sent):
-        got = read(root / f"step{step:03d}.mat", fmt)
-        assert sorted(got) == sorted(values)
-        for name, want in values.items():
-            assert got[name].dtype == want.dtype, (step, name)
-            assert got[name].shape == want.shape, (step, name)
-            assert np.array_equal(got[name], want), (step, name)
+        assert_variables(read(root / f"step{step:03d}.mat", fmt), values, f"step {step}")
     if fmt == "v7.3":
         last = mat73.loadmat(str(root / "step039.mat"))
         assert np.array_equal(last["u"], sent[-1]["u"])
@@ -70,7 +66,8 @@ def _vars(rng: np.random.Generator) -> list[tuple[VarSpec, np.ndarray]]:
     arrays = {
         "a": np.asfortranarray(rng.standard_normal((5, 7))),
         "b": np.asfortranarray(rng.random((2, 3, 4)) > 0.5),
-        "c": np.asfortranarray((rng.standard_normal((3, 1)) + 1j * rng.standard_normal((3, 1))).astype(np.complex64)),
+        "c": np.asfortranarray(
+            (rng.standard_normal((3, 1)) + 1j * rng.standard_normal((3, 1))).astype(np.complex64)),
         "d": np.zeros((0, 4), dtype=np.float32, order="F"),
         "e": np.asfortranarray(rng.integers(0, 2**16, (6, 1), dtype=np.uint16)),
     }

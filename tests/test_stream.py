@@ -41,7 +41,8 @@ def _check(path: Path, steps: int) -> None:
         assert f["flags"].attrs["MATLAB_class"] == b"logical"
         assert f["flags"].attrs["MATLAB_int_decode"] == 1
         assert f["u"].maxshape[0] is None and f["u"].chunks == (1, 4, 3)
-    assert open(path, "rb").read(19) == b"MATLAB 7.3 MAT-file"
+    with open(path, "rb") as f:
+        assert f.read(19) == b"MATLAB 7.3 MAT-file"
 
 
 def test_stream_grows_and_reads_after_every_flush(spool: Spool, out_dir: Path) -> None:
@@ -129,7 +130,7 @@ def test_steps_keep_their_order_across_daemon_restarts(tmp_path: Path, out_dir: 
     try:
         with Spool(d.endpoint, ring_bytes=8 << 20, timeout=10) as spool:
             s = spool.stream(path)
-            for restart in range(3):
+            for _restart in range(3):
                 for _ in range(3):
                     s.append(**_step(k))
                     k += 1

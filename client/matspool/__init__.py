@@ -4,13 +4,13 @@
 writer daemon turns the bytes into MAT v5 or v7.3 files. See README.md.
 """
 
-from __future__ import annotations
+import os as _os
+import threading as _threading
+from concurrent.futures import Future as _Future
+from importlib import metadata as _metadata
+from typing import Any as _Any
 
-import os
-import threading
-from concurrent.futures import Future
-from typing import Any
-
+from ._curve import ClientKeys
 from ._errors import (
     DaemonUnavailable,
     FlushError,
@@ -27,8 +27,8 @@ from ._errors import (
     UnsupportedTypeError,
     WriteFailed,
 )
-from ._curve import ClientKeys
 from ._spool import SaveResult, Spool
+from ._stream import Stream
 
 __all__ = [
     "ClientKeys",
@@ -45,6 +45,7 @@ __all__ = [
     "Spool",
     "SpoolClosed",
     "SpoolFull",
+    "Stream",
     "UnknownClient",
     "UnsupportedTypeError",
     "WriteFailed",
@@ -53,10 +54,13 @@ __all__ = [
     "save",
 ]
 
-__version__ = "0.1.0"
+try:  # pyproject.toml's version is the only one
+    __version__: str = _metadata.version("matspool")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 _default: Spool | None = None
-_default_lock = threading.Lock()
+_default_lock = _threading.Lock()
 
 
 def default_spool() -> Spool:
@@ -68,7 +72,7 @@ def default_spool() -> Spool:
         return _default
 
 
-def save(path: str | os.PathLike[str], variables: dict[str, Any], **options: Any) -> Future[SaveResult]:
+def save(path: str | _os.PathLike[str], variables: dict[str, _Any], **options: _Any) -> _Future[SaveResult]:
     """``Spool.save`` on the default spool."""
     return default_spool().save(path, variables, **options)
 

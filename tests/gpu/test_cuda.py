@@ -15,7 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import matspool  # noqa: E402
-from readback import read  # noqa: E402
+
+from readback import assert_exact, read  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -71,15 +72,6 @@ def expected(x: Any, layout: str = "matlab", oned_as: str = "row") -> np.ndarray
 
 
 
-
-
-def assert_exact(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    if want.size:
-        assert got.dtype == want.dtype, (what, got.dtype, want.dtype)
-        # bitwise, so -0.0 and NaN payloads count too
-        assert np.array_equal(np.ascontiguousarray(got).view(np.uint8),
-                              np.ascontiguousarray(want).view(np.uint8)), what
 
 
 @pytest.fixture(scope="module")
