@@ -45,15 +45,18 @@ class CopyPipeline:
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._copier: Any = None
+        self._copier_for: Any = None  # the ring mapping the copier writes into
 
     def cuda(self) -> Any:
         """The CUDA copier; the first call page-locks the ring (12 ms per 256 MiB)."""
         with self._lock:
-            if self._copier is None:
-                from ._cuda import CudaCopier
+            if self._copier is None or self._copier_for is not self._ring.array:
+                from ._cuda import CudaCopier  # (again after the ring moved: Ring.move)
 
-                self._ring.register_cuda()
+                if not self._ring.cuda_registered:
+                    self._ring.register_cuda()
                 self._copier = CudaCopier(self._ring.array)
+                self._copier_for = self._ring.array
             return self._copier
 
     def synchronize(self) -> None:

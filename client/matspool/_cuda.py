@@ -43,7 +43,7 @@ class CudaCopier:
     def _stream(self, index: int) -> Any:
         s = self._streams.get(index)
         if s is None:
-            s = self._streams[index] = self._torch.cuda.Stream(device=index)
+            s = self._streams[index] = self._torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]
         return s
 
     def start(self, items: list[tuple[Prepared, int]]) -> PendingCopy:

@@ -49,12 +49,15 @@ class Leases:
         self.ring = ring
         self._cond = threading.Condition()
 
-    def take(self, nbytes: int, *, block: bool, timeout: float | None, daemon: bool = True) -> Lease:
+    def take(self, nbytes: int, *, block: bool, timeout: float | None, daemon: bool = True,
+             nested: bool = False) -> Lease:
         """Reserve ``nbytes`` (waiting or raising :class:`SpoolFull` by the policy given).
 
         ``daemon=False``: a region the daemon never reads (a host reorder's staging).
+        ``nested``: the caller holds another lease whose copy has not ended yet.
         """
-        return Lease(self.ring.alloc(nbytes, block=block, timeout=timeout), nbytes, daemon)
+        offset = self.ring.alloc(nbytes, block=block, timeout=timeout, nested=nested)
+        return Lease(offset, nbytes, daemon)
 
     def copied(self, lease: Lease) -> None:
         """The copy into ``lease`` has ended (or will never run)."""

@@ -31,7 +31,7 @@ from typing import Any, Final
 from . import _protocol as proto
 from ._errors import DaemonUnavailable, MatspoolError, RingError, UnknownClient, error_from_code
 from ._leases import Lease
-from ._pending import PendingTable
+from ._pending import PendingTable, Save
 from ._ring import Ring
 from ._saves import End, SaveResult
 from ._transport import Transport
@@ -51,6 +51,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _result(nbytes: int) -> Callable[[Save], SaveResult]:
+    return lambda save: SaveResult(save.path, nbytes, save.format)
 
 
 class Link:
@@ -124,7 +128,7 @@ class Link:
             spans = [(message.offset, message.nbytes)]
         else:
             return []
-        return [memoryview(ring[off:off + n]) for off, n in spans]
+        return [memoryview(ring[off:off + n].data) for off, n in spans]
 
     # -- the I/O thread -----------------------------------------------------------------
     def _hello_msg(self) -> dict[str, Any]:
@@ -168,7 +172,7 @@ class Link:
         elif op == "DONE":  # one save ({seq, nbytes}) or several ({done: [[seq, nbytes], ...]})
             answers = msg["done"] if "done" in msg else [[msg.get("seq"), msg.get("nbytes", 0)]]
             for seq, nbytes in answers:
-                self._table.answer(seq, result=lambda s, n=int(nbytes): SaveResult(s.path, n, s.format))
+                self._table.answer(seq, result=_result(int(nbytes)))
         elif op == "ERR":
             self._on_error(msg)
         else:
@@ -285,9 +289,9 @@ class Link:
                     dead = self._daemon_dead()
                     outcome = ("it is gone" if dead else "the outcome of this save is unknown: "
                                "the file may still appear, whole, if the daemon resumes")
-                    self._table.fail_unresolved(lambda _, t=now - last_rx: DaemonUnavailable(
-                        f"no word from the daemon at {self.endpoint} for {t:.1f} s; {outcome}"),
-                        keep=not dead)
+                    silent = (f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s; "
+                              f"{outcome}")
+                    self._table.fail_unresolved(lambda _: DaemonUnavailable(silent), keep=not dead)
                     last_rx = now
         except RingError as e:  # the ring could not be moved: nothing more can be sent
             self.broken = e

@@ -158,7 +158,7 @@ class PendingTable:
         save's own region)."""
         release: list[Lease] = []
         with self._lock:
-            save = self._saves.get(seq)  # type: ignore[arg-type]
+            save = self._saves.get(seq) if type(seq) is int else None
             if save is None:
                 return
             save.outstanding = max(0, save.outstanding - 1)
@@ -169,7 +169,7 @@ class PendingTable:
                         release.append(lease)
                         break
             elif save.ended and not save.outstanding:
-                del self._saves[seq]  # type: ignore[arg-type]
+                del self._saves[save.seq]
                 release = save.leases
         for lease in release:
             self._leases.answered(lease)

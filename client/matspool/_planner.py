@@ -29,9 +29,9 @@ DEFAULT_LEVEL: Final = 3  # what MATLAB's own v7.3 writer uses
 
 
 def check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def level(compress: object) -> int:
@@ -46,7 +46,7 @@ def level(compress: object) -> int:
 def check_path(path: object) -> str:
     """Absolute (against the caller's cwd now) and representable on the wire."""
     try:
-        text = os.fsdecode(os.fspath(path))  # type: ignore[arg-type]
+        text = os.fsdecode(os.fspath(path))  # type: ignore[call-overload]
     except TypeError:
         raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
     if not text or "\x00" in text:

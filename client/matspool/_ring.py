@@ -158,8 +158,11 @@ class Ring:
             return 0 if n <= self._head else None
         return self._tail if self._head - self._tail >= n else None
 
-    def alloc(self, nbytes: int, *, block: bool, timeout: float | None) -> int:
-        """Reserve ``nbytes``; returns the offset. Waits or raises by the policy given."""
+    def alloc(self, nbytes: int, *, block: bool, timeout: float | None, nested: bool = False) -> int:
+        """Reserve ``nbytes``; returns the offset. Waits or raises by the policy given.
+
+        ``nested``: the caller already holds a region whose copy has not ended; it must
+        not wait for a move, which waits for that copy."""
         n = _align(nbytes)
         if n > self.size:
             raise PayloadTooLarge(
@@ -168,7 +171,7 @@ class Ring:
             )
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._moving or (off := self._fit(n)) is None:
+            while (self._moving and not nested) or (off := self._fit(n)) is None:
                 if self.closed:
                     raise RingError("ring is closed")
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -213,7 +216,8 @@ class Ring:
 
         # cudaHostRegisterPortable: pinned for every device's context, so tensors on any
         # CUDA device index copy into the ring asynchronously
-        ret = torch.cuda.cudart().cudaHostRegister(self.array.ctypes.data, self.size, 1)
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        ret = cudart.cudaHostRegister(self.array.ctypes.data, self.size, 1)
         if int(ret) != 0:
             raise RingError(
                 f"cudaHostRegister of the {self.size >> 20} MiB ring failed ({ret}); the memlock limit "
@@ -221,10 +225,14 @@ class Ring:
             )
         self._cuda_registered = True
 
+    @property
+    def cuda_registered(self) -> bool:
+        return self._cuda_registered
+
     def _unregister_cuda(self) -> None:
         import torch
 
-        torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)
+        torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)  # type: ignore[no-untyped-call]
         self._cuda_registered = False
 
     def close(self) -> None:

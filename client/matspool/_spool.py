@@ -252,7 +252,7 @@ class Spool:
         staging = (leases.take(sum(deferred.values()), block=block, timeout=self.timeout, daemon=False)
                    if deferred else None)
         try:
-            region = leases.take(p.total, block=block, timeout=self.timeout)
+            region = leases.take(p.total, block=block, timeout=self.timeout, nested=staging is not None)
         except BaseException:
             if staging is not None:
                 leases.copied(staging)

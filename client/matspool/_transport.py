@@ -54,14 +54,14 @@ class ZmqTransport:
     def __init__(self, endpoint: str, curve: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self._curve = curve
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         inproc = f"inproc://matspool-{id(self)}"
         self._rx = self._ctx.socket(zmq.PULL)
         self._rx.bind(inproc)
         self._tx = self._ctx.socket(zmq.PUSH)
         self._tx.connect(inproc)
         self._tx_lock = threading.Lock()  # the PUSH end is used by callers' threads
-        self._dealer: zmq.Socket | None = None
+        self._dealer: zmq.Socket[bytes] | None = None
         self._connections = 0
 
     def open(self, identity: bytes) -> None:
