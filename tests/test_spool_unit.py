@@ -11,10 +11,9 @@ import os
 import threading
 from typing import Any
 
+import matspool
 import numpy as np
 import pytest
-
-import matspool
 from matspool import _protocol as proto
 from matspool._ring import open_ring_readonly
 from matspool._transport import MemoryTransport

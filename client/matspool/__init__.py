@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from ._curve import ClientKeys
 from ._errors import (
     DaemonUnavailable,
     FlushError,
@@ -27,7 +28,6 @@ from ._errors import (
     UnsupportedTypeError,
     WriteFailed,
 )
-from ._curve import ClientKeys
 from ._spool import SaveResult, Spool
 
 __all__ = [

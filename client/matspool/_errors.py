@@ -29,8 +29,8 @@ file), ``seq`` (the save's sequence number on its spool) and, for :class:`WriteF
 from __future__ import annotations
 
 __all__ = [
-    "DaemonUnavailable",
     "ERROR_CODES",
+    "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",
     "InvalidVariableError",

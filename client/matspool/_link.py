@@ -29,7 +29,13 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import _protocol as proto
-from ._errors import DaemonUnavailable, MatspoolError, RingError, UnknownClient, error_from_code
+from ._errors import (
+    DaemonUnavailable,
+    MatspoolError,
+    RingError,
+    UnknownClient,
+    error_from_code,
+)
 from ._leases import Lease
 from ._pending import PendingTable, Save
 from ._ring import Ring
@@ -291,11 +297,12 @@ class Link:
                                "the file may still appear, whole, if the daemon resumes")
                     silent = (f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s; "
                               f"{outcome}")
-                    self._table.fail_unresolved(lambda _: DaemonUnavailable(silent), keep=not dead)
+                    self._table.fail_unresolved(lambda _, why=silent: DaemonUnavailable(why),
+                                                keep=not dead)
                     last_rx = now
         except RingError as e:  # the ring could not be moved: nothing more can be sent
-            self.broken = e
-            self._table.fail_unresolved(lambda _: RingError(str(e)), keep=False)
+            self.broken, why = e, str(e)
+            self._table.fail_unresolved(lambda _: RingError(why), keep=False)
 
     def _daemon_dead(self) -> bool:
         """Known dead: a local daemon whose pid is gone (a remote one is never known so)."""

@@ -15,9 +15,10 @@ thread adds saves, the copy thread fails saves whose copy failed.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -236,10 +237,8 @@ class PendingTable:
                 self._failures.append(save.future)
             else:
                 self._lost_failures += 1
-        try:
+        with contextlib.suppress(InvalidStateError):  # resolved meanwhile: that outcome stands
             save.future.set_exception(error)
-        except Exception:  # resolved meanwhile by another thread: its outcome stands
-            pass
 
     # -- reports --------------------------------------------------------------------------
     def take_failures(self) -> list[BaseException]:

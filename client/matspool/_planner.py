@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import _protocol as proto
-from ._convert import LAYOUTS, ONED_AS, Prepared, Value, iter_arrays, prepare_value, to_spec
+from ._convert import (
+    LAYOUTS,
+    ONED_AS,
+    Prepared,
+    Value,
+    iter_arrays,
+    prepare_value,
+    to_spec,
+)
 from ._errors import PayloadTooLarge
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
 from ._saves import place

@@ -6,6 +6,8 @@ copy or a tiled numpy copy at best, numpy's strided one at worst). ``save()`` re
 once the bytes are safe from the caller, so the caller only needs a snapshot: a memcpy
 into a staging area of the ring. The I/O side's copy thread then reorders the snapshot
 into the save's own region, frees the staging area and sends the WRITE, in save order.
+
+Threads: ``stage`` runs in the caller's thread; ``HostReorder.wait`` on the copy thread.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ A spool is composed of parts, each owning its state (see each module's docstring
 
 The caller's thread never waits on the disk, and on the ring only by ``on_full``.
 Saves larger than the ring go in pieces (``_pieces``).
+
+Threads: the ``Spool`` object itself holds only settings and its parts; ``save()`` runs
+in callers' threads (any number), and each part says which thread owns what in it.
 """
 
 from __future__ import annotations
@@ -301,7 +304,7 @@ class Spool:
         """Wait until every save made so far is on disk; raise if any failed."""
         self._own()
         futures = self._table.futures()
-        done, not_done = _wait_with_progress(futures, timeout)
+        _, not_done = _wait_with_progress(futures, timeout)
         if not_done:
             raise TimeoutError(f"flush: {len(not_done)} of {len(futures)} saves still pending "
                                f"after {timeout} s")
