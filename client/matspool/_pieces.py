@@ -12,11 +12,13 @@ the caller waits for the disk by as much as the save exceeds the ring.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Final
 
 from . import _protocol as proto
 from ._convert import Prepared, copy_host
-from ._leases import Leases
+from ._errors import SpoolFull
+from ._leases import Lease, Leases
 from ._pending import PendingTable, SaveFuture
 from ._planner import Plan
 from ._saves import End
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from ._copies import CopyPipeline
 
 __all__ = ["send_in_pieces"]
+
+_POLL: Final = 0.05  # how often a slab waiting for room looks whether its save failed
 
 
 def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, copies: CopyPipeline,
@@ -66,6 +70,25 @@ def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, co
     return save.future
 
 
+def _take(leases: Leases, nbytes: int, future: SaveFuture, *, block: bool,
+          timeout: float | None) -> Lease | None:
+    """A slab's region, or None once the save has failed: the regions it holds return
+    only when the daemon answers its END, so waiting for room would wait for itself."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not future.done():
+        left = None if deadline is None else deadline - time.monotonic()
+        try:
+            return leases.take(nbytes, block=block, timeout=_POLL if left is None else
+                               max(0.0, min(_POLL, left)))
+        except SpoolFull:
+            if not block or (left is not None and left <= _POLL):
+                if future.done():
+                    return None
+                raise SpoolFull(f"ring full: a slab of {nbytes} bytes did not fit"
+                                + (f" after waiting {timeout} s" if block else "")) from None
+    return None
+
+
 def _send_slabs(seq: int, index: int, v: Prepared, axis: int, per: int, future: SaveFuture,
                 leases: Leases, table: PendingTable, copies: CopyPipeline, *,
                 block: bool, timeout: float | None) -> None:
@@ -78,7 +101,9 @@ def _send_slabs(seq: int, index: int, v: Prepared, axis: int, per: int, future: 
         cut[axis] = slice(k, k + per)
         slab = v.array[tuple(cut)]
         piece = Prepared(v.name, v.dtype, tuple(int(d) for d in slab.shape), slab, v.is_cuda)
-        lease = leases.take(piece.nbytes, block=block, timeout=timeout)
+        lease = _take(leases, piece.nbytes, future, block=block, timeout=timeout)
+        if lease is None:
+            return  # failed while waiting for room: END goes now, and its answer frees the rest
         if not table.attach(seq, lease):  # the save is gone: this region never goes out
             leases.answered(lease)
             leases.copied(lease)
