@@ -18,6 +18,8 @@ builtin, so ``except ValueError`` or ``except OSError`` keeps working::
     ├── SpoolClosed(MatspoolError, RuntimeError)           save() after close()
     └── FlushError(MatspoolError)                          flush() saw failed saves (``.errors``)
 
+Threads: none; plain exception classes.
+
 The daemon reports failures by :data:`ERROR_CODES` name; the client turns the code
 back into the class here, so a future fails with the same type a local check raises.
 

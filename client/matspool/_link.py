@@ -37,7 +37,7 @@ from ._errors import (
     error_from_code,
 )
 from ._leases import Lease
-from ._pending import PendingTable, Save
+from ._pending import PendingTable, Save, failing
 from ._ring import Ring
 from ._saves import End, SaveResult
 from ._transport import Transport
@@ -198,7 +198,7 @@ class Link:
             self._hello()  # our ring went between our check and the daemon's open
         else:  # about the connection itself (e.g. the ring could not be mapped)
             self.broken = err
-            self._table.fail_unresolved(lambda _: type(err)(str(err)))
+            self._table.fail_unresolved(failing(type(err), str(err)))
 
     def _instance_gone(self, instance: str) -> None:
         """Another daemon instance answered: ``instance`` is dead and reads nothing more.
@@ -289,7 +289,7 @@ class Link:
                     self._release_if_dead()
                 if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
                     self.broken = DaemonUnavailable(f"the embedded daemon exited with status {rc}")
-                    self._table.fail_unresolved(lambda _: DaemonUnavailable(str(self.broken)), keep=False)
+                    self._table.fail_unresolved(failing(DaemonUnavailable, str(self.broken)), keep=False)
                     return
                 if now - last_rx > silence_limit and self._table.unresolved():
                     dead = self._daemon_dead()
@@ -297,12 +297,11 @@ class Link:
                                "the file may still appear, whole, if the daemon resumes")
                     silent = (f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s; "
                               f"{outcome}")
-                    self._table.fail_unresolved(lambda _, why=silent: DaemonUnavailable(why),
-                                                keep=not dead)
+                    self._table.fail_unresolved(failing(DaemonUnavailable, silent), keep=not dead)
                     last_rx = now
         except RingError as e:  # the ring could not be moved: nothing more can be sent
-            self.broken, why = e, str(e)
-            self._table.fail_unresolved(lambda _: RingError(why), keep=False)
+            self.broken = e
+            self._table.fail_unresolved(failing(RingError, str(e)), keep=False)
 
     def _daemon_dead(self) -> bool:
         """Known dead: a local daemon whose pid is gone (a remote one is never known so)."""

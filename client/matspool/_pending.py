@@ -26,9 +26,14 @@ from ._errors import FlushError, MatspoolError, with_context
 from ._leases import Lease, Leases
 from ._saves import SaveResult
 
-__all__ = ["PendingTable", "Save", "SaveFuture"]
+__all__ = ["PendingTable", "Save", "SaveFuture", "failing"]
 
 MAX_KEPT_FAILURES: Final = 10_000  # flush()/close() report at most this many; futures hold all
+
+
+def failing(cls: type[MatspoolError], message: str) -> Callable[[Save], MatspoolError]:
+    """For ``fail_unresolved``: a fresh ``cls(message)`` per save (each gets its context)."""
+    return lambda _: cls(message)
 
 
 class SaveFuture(Future[SaveResult]):

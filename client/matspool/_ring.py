@@ -26,7 +26,7 @@ import numpy as np
 
 from ._errors import PayloadTooLarge, RingError, SpoolFull
 
-__all__ = ["ALIGN", "Ring", "SHM_DIR", "RING_PREFIX", "open_ring_readonly", "ring_path"]
+__all__ = ["ALIGN", "RING_PREFIX", "SHM_DIR", "Ring", "open_ring_readonly", "ring_path"]
 
 SHM_DIR: Final = "/dev/shm"
 RING_PREFIX: Final = "matspool-"

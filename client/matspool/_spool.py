@@ -38,7 +38,7 @@ from ._embedded import EmbeddedDaemon
 from ._errors import FlushError, SpoolClosed
 from ._leases import Lease, Leases
 from ._link import Link
-from ._pending import PendingTable, SaveFuture
+from ._pending import PendingTable, SaveFuture, failing
 from ._pieces import send_in_pieces
 from ._planner import FORMATS, ON_FULL, Plan, check_choice, level, plan
 from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
@@ -302,7 +302,8 @@ class Spool:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save made so far is on disk; raise if any failed."""
-        self._own()
+        if self._pid != os.getpid():
+            return  # a forked child that has not saved through this spool yet
         futures = self._table.futures()
         _, not_done = _wait_with_progress(futures, timeout)
         if not_done:
@@ -330,7 +331,7 @@ class Spool:
             return  # the parent's parts: not ours to close
         wait(self._table.futures(), timeout)
         self._table.fail_unresolved(
-            lambda _: SpoolClosed(f"spool closed before the save finished (waited {timeout} s)"),
+            failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"),
             keep=False)
         self._teardown()
         unobserved = self._table.unobserved()
@@ -350,8 +351,8 @@ class Spool:
 
     @property
     def pending(self) -> int:
-        """Saves whose future is still open."""
-        return self._table.unresolved()
+        """Saves whose future is still open (in this process)."""
+        return 0 if self._pid != os.getpid() else self._table.unresolved()
 
     # -- internals -----------------------------------------------------------------------
     def _check_open(self) -> None:
