@@ -29,6 +29,8 @@ class FakeDaemon:
         self.silent = threading.Event()
         self.held: list[dict[str, Any]] = []
         self.fail_with: dict[str, Any] | None = None
+        self.instance = "fake"
+        self.writes: list[str] = []  # paths, one per WRITE received
 
     def __call__(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         op = msg["op"]
@@ -36,9 +38,11 @@ class FakeDaemon:
             self.mm, fd = open_ring_readonly(msg["ring"], msg["ring_bytes"])
             os.close(fd)
             self.size = msg["ring_bytes"]
-            return [{"op": "WELCOME", "pid": os.getpid(), "instance": "fake", "version": "matspool/1"}]
+            return [{"op": "WELCOME", "pid": os.getpid(), "instance": self.instance,
+                     "version": "matspool/1"}]
         if op == "WRITE":
             req = proto.parse_write(msg, self.size)
+            self.writes.append(req.path)
             if self.fail_with is not None:
                 reply = {"op": "ERR", "seq": req.seq, **self.fail_with}
             else:
@@ -54,7 +58,7 @@ class FakeDaemon:
             if self.silent.is_set():
                 return []
             held, self.held = self.held, []
-            return [*held, {"op": "PONG", "instance": "fake"}]
+            return [*held, {"op": "PONG", "instance": self.instance}]
         return []
 
 
@@ -111,3 +115,22 @@ def test_close_names_unobserved_failures_only(fake: FakeDaemon) -> None:
         s.close(10)
     assert "/data/unseen.mat" in str(info.value) and "/data/seen.mat" not in str(info.value)
     assert [e.path for e in info.value.errors] == ["/data/unseen.mat"]
+
+
+def test_a_new_daemon_instance_frees_what_the_silent_one_held(fake: FakeDaemon) -> None:
+    """The silent instance never answers; another instance answering on the endpoint
+    means it is gone: the failed save's region goes back, nothing is re-sent for it."""
+    s = matspool.Spool(ring_bytes=1 << 16, timeout=1, heartbeat=0.1, transport=MemoryTransport(fake))
+    try:
+        fake.silent.set()
+        fut = s.save("/data/held.mat", {"v": np.ones((64, 80))})
+        assert isinstance(fut.exception(10), matspool.DaemonUnavailable)
+        assert s._ring.used > 0
+        fake.held.clear()  # that instance dies with its answers
+        fake.instance = "restarted"
+        fake.silent.clear()
+        s.save("/data/after.mat", {"v": np.zeros((64, 80))}).result(10)  # needs that region
+        assert fake.writes.count("/data/held.mat") == 1  # a failed save is not re-sent
+        assert s.pending == 0
+    finally:
+        s.close(5)
