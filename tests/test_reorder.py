@@ -132,7 +132,7 @@ def test_failed_save_keeps_its_region_until_the_reorder_ends(daemon, out_dir: Pa
     with matspool.Spool(daemon.endpoint, ring_bytes=8 * MIB, timeout=60) as s:
         fut = s.save(out_dir / "a.mat", {"x": _big("<f4", (1024, 512))})
         assert started.wait(10)
-        s._fail_all(MatspoolError("the daemon went away (simulated)"))
+        s._table.fail_unresolved(lambda _: MatspoolError("the daemon went away (simulated)"))
         with pytest.raises(MatspoolError):
             fut.result(5)
         assert s._ring.used >= 2 * MIB  # still held: the reorder has not written yet

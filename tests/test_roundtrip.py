@@ -549,9 +549,9 @@ def test_auto_picks_v5_for_small_variables(spool, out_dir) -> None:
 def test_auto_switches_to_v73_over_the_v5_limit(spool, out_dir, monkeypatch) -> None:
     """The switch is decided per save from the largest variable; the limit is lowered
     here (client side only) so the test needs no 2 GiB variable."""
-    import matspool._spool as spool_module
+    import matspool._planner as planner_module
 
-    monkeypatch.setattr(spool_module, "V5_MAX_VARIABLE_BYTES", 800)
+    monkeypatch.setattr(planner_module, "V5_MAX_VARIABLE_BYTES", 800)
     small, large = np.arange(100, dtype=np.float64), np.arange(101, dtype=np.float64)
     r = spool.save(out_dir / "at.mat", {"s": small}, format="auto").result(timeout=60)
     assert r.format == "v5"  # exactly 800 bytes: still v5

@@ -63,8 +63,18 @@ _default: Spool | None = None
 _default_lock = _threading.Lock()
 
 
+def _fresh_lock_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 def default_spool() -> Spool:
-    """The process-wide spool behind :func:`save`, created on first use, closed at exit."""
+    """The process-wide spool behind :func:`save`, created on first use, closed at exit.
+
+    In a forked child it is the parent's spool object, which opens its own parts there."""
     global _default
     with _default_lock:
         if _default is None or _default._closed:

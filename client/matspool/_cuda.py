@@ -7,6 +7,8 @@ then one asynchronous device-to-host copy into the page-locked ring. The caller'
 stream waits only for the snapshot, a device-local copy, so the caller may overwrite
 its tensor right after ``save()`` returns while PCIe traffic overlaps its next kernels.
 Sources and snapshots stay referenced until the copy's event has fired.
+
+Threads: ``start`` runs in the caller's thread; ``PendingCopy.wait`` on the copy thread.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class CudaCopier:
     def _stream(self, index: int) -> Any:
         s = self._streams.get(index)
         if s is None:
-            s = self._streams[index] = self._torch.cuda.Stream(device=index)
+            s = self._streams[index] = self._torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]
         return s
 
     def start(self, items: list[tuple[Prepared, int]]) -> PendingCopy:

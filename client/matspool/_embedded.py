@@ -3,6 +3,9 @@
 The daemon runs as a separate process (``python -m matspoold``) started by exec, never
 by fork, so it is safe after CUDA has been initialised. Its socket lives in a fresh
 owner-only directory; it exits when the client closes it or when the client dies.
+A forked child's spool connects to its parent's embedded daemon; only the parent stops it.
+
+Threads: the spool's owner (open and close); ``exit_status`` from the I/O thread too.
 """
 
 from __future__ import annotations

@@ -18,15 +18,21 @@ builtin, so ``except ValueError`` or ``except OSError`` keeps working::
     ├── SpoolClosed(MatspoolError, RuntimeError)           save() after close()
     └── FlushError(MatspoolError)                          flush() saw failed saves (``.errors``)
 
+Threads: none; plain exception classes.
+
 The daemon reports failures by :data:`ERROR_CODES` name; the client turns the code
 back into the class here, so a future fails with the same type a local check raises.
+
+Errors about one save carry its context, as httpx's carry their request: ``path`` (the
+file), ``seq`` (the save's sequence number on its spool) and, for :class:`WriteFailed`,
+``errno`` (the OS error the daemon met, when it said). Each is ``None`` when unknown.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "DaemonUnavailable",
     "ERROR_CODES",
+    "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",
     "InvalidVariableError",
@@ -41,6 +47,7 @@ __all__ = [
     "UnsupportedTypeError",
     "WriteFailed",
     "error_from_code",
+    "with_context",
 ]
 
 
@@ -48,6 +55,8 @@ class MatspoolError(Exception):
     """Base of every error matspool raises."""
 
     code = "error"
+    path: str | None = None  # the file a save was for
+    seq: int | None = None  # that save's sequence number on its spool
 
 
 class InvalidVariableError(MatspoolError, ValueError):
@@ -101,7 +110,7 @@ class SpoolClosed(MatspoolError, RuntimeError):
 
 
 class FlushError(MatspoolError):
-    """Raised by ``flush()``; ``errors`` holds every failed save's exception."""
+    """Raised by ``flush()`` and ``close()``; ``errors`` holds every failed save's exception."""
 
     code = "flush"
 
@@ -130,6 +139,16 @@ ERROR_CODES: dict[str, type[MatspoolError]] = {
 }
 
 
-def error_from_code(code: str, message: str) -> MatspoolError:
+def error_from_code(code: str, message: str, *, path: str | None = None, seq: int | None = None,
+                    errno: int | None = None) -> MatspoolError:
     """The exception a daemon ``ERR`` reply stands for (unknown codes: the base class)."""
-    return ERROR_CODES.get(code, MatspoolError)(message)
+    return with_context(ERROR_CODES.get(code, MatspoolError)(message), path=path, seq=seq, errno=errno)
+
+
+def with_context(err: MatspoolError, *, path: str | None = None, seq: int | None = None,
+                 errno: int | None = None) -> MatspoolError:
+    """``err`` with the save it is about; ``errno`` only where the class is an OSError."""
+    err.path, err.seq = path, seq
+    if errno is not None and isinstance(err, OSError):
+        err.errno = errno
+    return err

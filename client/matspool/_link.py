@@ -1,10 +1,21 @@
-"""The client's side of the socket: the I/O thread and what it sends and receives.
+"""The link: the protocol spoken to one daemon, on the I/O thread, over a transport.
 
-Only the I/O thread touches the ZeroMQ DEALER (sockets are not thread-safe). Callers put
-messages in an outbox and wake the thread only when the outbox was empty, so a burst of
-saves costs one wake-up; WRITEs queued together leave as one BATCH. The thread turns
-DONE/ERR into future results, sends heartbeats, notices a restarted daemon (its instance
-id changes) and re-sends every unanswered save after any reconnect.
+Callers put messages in an outbox and wake the I/O thread only when it was empty, so a
+burst of saves costs one wake-up; WRITEs queued together leave as one BATCH. The I/O
+thread hands the daemon's answers to the pending table, sends heartbeats, and keeps the
+registration alive:
+
+- a new daemon instance on the endpoint (its id changed): the old one is dead, so the
+  regions it held are released, and every unanswered whole save is sent again;
+- a daemon that forgot this client (``unknown_client``, e.g. it took a stopped client
+  for dead): register again, in a new ring if the daemon unlinked ours, and send the
+  unanswered saves again;
+- a silent daemon: after ``timeout`` s the open futures fail (the outcome is unknown:
+  the file may still appear, whole), but the regions stay leased until that daemon
+  answers or its pid is gone.
+
+Threads: the I/O thread owns the transport and the registration state; ``send`` and
+``close`` are called from others.
 """
 
 from __future__ import annotations
@@ -14,102 +25,107 @@ import os
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
-
-import zmq
+from collections.abc import Callable
+from typing import Any, Final
 
 from . import _protocol as proto
-from ._curve import ClientKeys, is_tcp
-from ._errors import DaemonUnavailable, MatspoolError, UnknownClient, error_from_code
-from ._saves import SaveResult
+from ._errors import (
+    DaemonUnavailable,
+    MatspoolError,
+    RingError,
+    UnknownClient,
+    error_from_code,
+)
+from ._leases import Lease
+from ._pending import PendingTable, Save, failing
+from ._ring import Ring
+from ._saves import End, SaveResult
+from ._transport import Transport
 
-if TYPE_CHECKING:
-    from ._embedded import EmbeddedDaemon
-    from ._ring import Ring
-    from ._saves import Pending
-
-__all__ = ["DaemonLink"]
+__all__ = ["Link"]
 
 log = logging.getLogger("matspool")
 
 _BATCH_BYTES: Final = proto.MAX_MESSAGE_BYTES // 2
 
 
-def _send_batch(dealer: zmq.Socket, bodies: list[bytes]) -> None:
-    """Saves queued together reach the daemon as one message: one receive there, not one
-    per save, which is most of a small file's cost in the daemon's control loop."""
-    if len(bodies) == 1:
-        dealer.send_multipart([proto.TAG, bodies[0]])
-    elif bodies:
-        dealer.send_multipart([proto.TAG, b'{"op":"BATCH","msgs":[' + b",".join(bodies) + b"]}"])
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-class DaemonLink:
-    """The I/O half of :class:`matspool.Spool` (a mixin: it shares the spool's state)."""
+def _result(nbytes: int) -> Callable[[Save], SaveResult]:
+    return lambda save: SaveResult(save.path, nbytes, save.format)
 
-    endpoint: str
-    timeout: float | None
-    _heartbeat: float
-    _lock: threading.Lock
-    _pending: dict[int, Pending]
-    _ring: Ring | None
-    _embedded: EmbeddedDaemon | None
-    _curve: ClientKeys | None
-    _remote: bool
-    _broken: MatspoolError | None
-    _instance: str | None
-    _hello_sent: bool
-    _hello_at: float = 0.0
 
-    def _open_link(self, connect_timeout: float) -> None:
-        """Start the I/O thread and say HELLO; returns once the daemon has answered."""
-        self._ctx = zmq.Context.instance()
-        self._outbox: deque[tuple[str, int, list[Any]]] = deque()
-        self._wake_lock = threading.Lock()
-        inproc = f"inproc://matspool-{id(self)}"
-        self._rx = self._ctx.socket(zmq.PULL)
-        self._rx.bind(inproc)
-        self._tx = self._ctx.socket(zmq.PUSH)
-        self._tx.connect(inproc)
+class Link:
+    """Speaks to one daemon for one spool; see the module docstring."""
+
+    def __init__(self, transport: Transport, ring: Ring, table: PendingTable, *,
+                 timeout: float | None, heartbeat: float, remote: bool,
+                 daemon_exit: Callable[[], int | None] | None = None) -> None:
+        self.transport = transport
+        self.endpoint = transport.endpoint
+        self._ring = ring
+        self._table = table
+        self._timeout = timeout
+        self._heartbeat = heartbeat
+        self._remote = remote
+        self._daemon_exit = daemon_exit
+        self.broken: MatspoolError | None = None
+        self.instance: str | None = None
+        self.daemon_pid: int | None = None
+        self._hello_pending = False
+        self._hello_at = 0.0
         self._welcome = threading.Event()
-        self._io = threading.Thread(target=self._io_loop, name="matspool-io", daemon=True)
+        self._outbox: deque[tuple[str, int, list[Any], Lease | None]] = deque()
+        self._outbox_lock = threading.Lock()
+        self._io: threading.Thread | None = None
+
+    # -- other threads ------------------------------------------------------------------
+    def open(self, connect_timeout: float) -> None:
+        """Start the I/O thread and say HELLO; returns once the daemon has answered."""
+        self.transport.open(self._ring.name.encode())
+        self._io = threading.Thread(target=self._loop, name="matspool-io", daemon=True)
         self._io.start()
-        self._send(self._hello_msg())
-        self._await_welcome(connect_timeout)
+        self.send(self._hello_msg())
+        deadline = time.monotonic() + connect_timeout
+        while not self._welcome.wait(0.05):
+            if self.broken is not None:
+                raise self.broken
+            if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
+                raise DaemonUnavailable(f"the embedded daemon exited with status {rc} during start-up")
+            if time.monotonic() > deadline:
+                raise DaemonUnavailable(f"no matspool daemon answered at {self.endpoint} "
+                                        f"within {connect_timeout} s")
 
-    def _close_link(self) -> None:
-        io = getattr(self, "_io", None)
-        if io is not None and io.is_alive():
-            self._send({"op": "BYE"})  # the I/O thread forwards it to the daemon, then stops
-            io.join(timeout=5)
-        for name in ("_tx", "_rx"):
-            sock = getattr(self, name, None)
-            if sock is not None:
-                sock.close(linger=0)
-
-    if TYPE_CHECKING:  # the spool's side, used here
-        def _resolve(self, seq: int, result: SaveResult | None = None,
-                     error: BaseException | None = None) -> None: ...
-
-        def _fail_all(self, error: MatspoolError) -> None: ...
-
-        def _part_done(self, seq: object, offset: object) -> None: ...
-
-        @property
-        def pending(self) -> int: ...
-
-    def _send(self, msg: dict[str, Any], payload: list[memoryview] | tuple[()] = ()) -> None:
-        item = (msg["op"], msg.get("seq", -1), [*proto.encode(msg), *payload])
-        with self._wake_lock:
-            self._outbox.append(item)
+    def send(self, message: Any, lease: Lease | None = None) -> None:
+        """Queue ``message`` (a protocol message object or dict); ``lease``: the region it
+        names, released here if the message never goes."""
+        wire = message if isinstance(message, dict) else message.to_wire()
+        frames = [*proto.encode(wire), *self._payload(message)]
+        with self._outbox_lock:
+            self._outbox.append((wire["op"], wire.get("seq", -1), frames, lease))
             if len(self._outbox) == 1:
-                self._tx.send(b"")
+                self.transport.wake()
 
-    def _payload(self, message: Any) -> list[memoryview] | tuple[()]:
+    def close(self) -> None:
+        if self._io is not None and self._io.is_alive():
+            self.send({"op": "BYE"})  # the I/O thread forwards it to the daemon, then stops
+            self._io.join(timeout=5)
+        if self._io is None or not self._io.is_alive():
+            self.transport.close()
+
+    def _payload(self, message: Any) -> list[memoryview]:
         """For a remote (tcp://) daemon, which cannot map our ring: the arrays as frames,
         zero-copy views of the ring, in the ring order the daemon expects."""
-        if not self._remote or self._ring is None:
-            return ()
+        if not self._remote:
+            return []
         ring = self._ring.array
         if isinstance(message, proto.WriteRequest):
             spans = [(leaf.offset, leaf.nbytes) for v in message.vars for leaf in proto.leaves(v)
@@ -117,180 +133,185 @@ class DaemonLink:
         elif isinstance(message, proto.Part):
             spans = [(message.offset, message.nbytes)]
         else:
-            return ()
-        return [memoryview(ring[off:off + n]) for off, n in spans]
+            return []
+        return [memoryview(ring[off:off + n].data) for off, n in spans]
 
-    def _await_welcome(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._welcome.wait(0.05):
-            if self._broken is not None:
-                raise self._broken
-            if self._embedded is not None and (rc := self._embedded.exit_status()) is not None:
-                raise DaemonUnavailable(f"the embedded daemon exited with status {rc} during start-up")
-            if time.monotonic() > deadline:
-                raise DaemonUnavailable(f"no matspool daemon answered at {self.endpoint} within {timeout} s")
-
-    def _on_message(self, dealer: zmq.Socket, msg: dict[str, Any]) -> None:
-        op = msg.get("op")
-        instance = msg.get("instance")
-        if op == "WELCOME":
-            restarted = self._instance is not None and instance != self._instance
-            self._instance, self._hello_sent = instance, False
-            self._welcome.set()
-            if restarted:
-                self._resend(dealer)
-        elif op == "PONG":
-            if self._instance is not None and instance != self._instance and not self._hello_sent:
-                self._hello(dealer)  # a new daemon on the same endpoint: register again
-        elif op == "PART_DONE":
-            self._part_done(msg.get("seq"), msg.get("offset"))
-        elif op == "DONE":  # one save ({seq, nbytes}) or several ({done: [[seq, nbytes], ...]})
-            answers = msg["done"] if "done" in msg else [[msg.get("seq"), msg.get("nbytes", 0)]]
-            for seq, nbytes in answers:
-                p = self._pending.get(seq)
-                if p is not None:
-                    self._resolve(seq, SaveResult(p.path, int(nbytes), p.format))
-        elif op == "ERR":
-            code, seq = str(msg.get("code")), msg.get("seq")
-            if code == UnknownClient.code:  # the daemon restarted: the save is re-sent after HELLO
-                if not self._hello_sent:
-                    self._hello(dealer)
-                return
-            err = error_from_code(code, str(msg.get("message")))
-            if isinstance(seq, int) and seq >= 0:
-                self._resolve(seq, error=err)
-            else:  # about the connection itself (e.g. the ring could not be mapped)
-                self._broken = err
-                self._fail_all(err)
-        else:
-            log.warning("matspool: ignoring unknown message %r from the daemon", op)
-
+    # -- the I/O thread -----------------------------------------------------------------
     def _hello_msg(self) -> dict[str, Any]:
-        assert self._ring is not None
         if self._remote:  # the daemon is on another host: it gets payloads in frames
             return {"op": "HELLO", "remote": True, "ring": None, "ring_bytes": self._ring.size,
                     "pid": os.getpid()}
-        return {"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size, "pid": os.getpid()}
+        return {"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size,
+                "pid": os.getpid()}
 
-    def _hello(self, dealer: zmq.Socket) -> None:
-        """Register again with a daemon that does not know us (it restarted). Until it
-        answers, the outbox is held: a save sent now would be accepted before the
-        unanswered ones re-sent after WELCOME, and overtake them (a stream's steps, or
-        two saves to one path, would land out of order)."""
-        self._hello_sent = True
+    def _hello(self) -> None:
+        """Register again with a daemon that does not know us. Until it answers, the
+        outbox is held: a save sent now would be accepted before the unanswered ones
+        re-sent after WELCOME, and overtake them (two saves to one path, a stream's steps)."""
+        if not self._remote and not self._ring.exists():
+            self._ring.move()  # the daemon took us for dead and unlinked the ring
+            log.warning("matspool: the daemon had dropped this client and removed its ring; "
+                        "registered again with ring %s", self._ring.name)
+        self._hello_pending = True
         self._hello_at = time.monotonic()
-        dealer.send_multipart(proto.encode(self._hello_msg()))
+        self.transport.send(proto.encode(self._hello_msg()))
 
-    def _resend(self, dealer: zmq.Socket) -> None:
-        """Send again every save the previous daemon accepted but never answered.
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        instance = msg.get("instance")
+        if op == "WELCOME":
+            if self.instance is not None and instance != self.instance:
+                self._instance_gone(self.instance)
+            again = self._hello_pending or self.instance is not None
+            self.instance, self._hello_pending = instance, False
+            pid = msg.get("pid")
+            self.daemon_pid = pid if type(pid) is int else None
+            self._welcome.set()
+            if again:
+                self._resend()
+        elif op == "PONG":
+            if self.instance is not None and instance != self.instance and not self._hello_pending:
+                self._hello()  # a new daemon on the same endpoint: register again
+        elif op == "PART_DONE":
+            offset = msg.get("offset")
+            self._table.answer(msg.get("seq"), part=offset if type(offset) is int else None)
+        elif op == "DONE":  # one save ({seq, nbytes}) or several ({done: [[seq, nbytes], ...]})
+            answers = msg["done"] if "done" in msg else [[msg.get("seq"), msg.get("nbytes", 0)]]
+            for seq, nbytes in answers:
+                self._table.answer(seq, result=_result(int(nbytes)))
+        elif op == "ERR":
+            self._on_error(msg)
+        else:
+            log.warning("matspool: ignoring unknown message %r from the daemon", op)
 
-        Their bytes are still in the ring (space is freed only on an answer); a file the
-        old daemon had already renamed into place is replaced by an identical one.
-        """
-        with self._lock:
-            again = [p.wire for p in self._pending.values() if p.sent]
-        for wire in again:
-            dealer.send_multipart(wire, copy=False)
+    def _on_error(self, msg: dict[str, Any]) -> None:
+        code, seq = str(msg.get("code")), msg.get("seq")
+        if code == UnknownClient.code:  # the daemon forgot us: the save is re-sent after HELLO
+            if not self._hello_pending:
+                self._hello()
+            return
+        errno = msg.get("errno")
+        err = error_from_code(code, str(msg.get("message")), errno=errno if type(errno) is int else None)
+        if isinstance(seq, int) and seq >= 0:
+            self._table.answer(seq, error=err)
+        elif self._hello_pending and isinstance(err, RingError) and not self._ring.exists():
+            self._hello()  # our ring went between our check and the daemon's open
+        else:  # about the connection itself (e.g. the ring could not be mapped)
+            self.broken = err
+            self._table.fail_unresolved(failing(type(err), str(err)))
+
+    def _instance_gone(self, instance: str) -> None:
+        """Another daemon instance answered: ``instance`` is dead and reads nothing more.
+        Its failed saves free their regions; its open whole saves are sent again."""
+        for save in self._table.handed_to(instance):
+            if save.pieces and not save.future.done():  # its slabs went to the dead one
+                self._table.fail(save.seq, DaemonUnavailable(
+                    "the daemon restarted during a save in pieces; nothing was written"))
+            if save.future.done():
+                self._table.forget(save)
+            else:
+                save.outstanding = 1
+
+    def _resend(self) -> None:
+        """Send again every whole save the daemon accepted but never answered; their
+        bytes are still in the ring (a region is released only on an answer). A file
+        the daemon had already renamed into place is replaced by an identical one."""
+        again = [s for s in self._table.handed_to(None) if s.wire is not None and not s.pieces]
+        for save in again:
+            save.instance = self.instance
+            self.transport.send(save.wire)  # type: ignore[arg-type]
         if again:
             log.warning("matspool: (re)connected to the daemon; re-sent %d unanswered saves", len(again))
 
-    def _forward(self, dealer: zmq.Socket) -> bool:
+    def _forward(self) -> bool:
         """Pass the outbox's messages to the daemon; False on BYE."""
-        with self._wake_lock:
+        with self._outbox_lock:
             items = list(self._outbox)
             self._outbox.clear()
         batch: list[bytes] = []  # bodies of local WRITEs that go together as one BATCH
         size = 0
-        for op, seq, frames in items:
-            if op == "WRITE" and len(frames) == 2:  # no payload frames to keep apart
-                if self._mark_sent(seq, frames):
-                    if size + len(frames[1]) > _BATCH_BYTES:
-                        _send_batch(dealer, batch)
-                        batch, size = [], 0
-                    batch.append(frames[1])
-                    size += len(frames[1])
+        for op, seq, frames, lease in items:
+            if op == "END" and self._table.failed(seq):
+                frames = proto.encode(End(seq, True).to_wire())
+            if op in ("WRITE", "PART", "END") and not self._table.sent(seq, op, frames, self.instance, lease):
                 continue
-            _send_batch(dealer, batch)
+            if op == "WRITE" and len(frames) == 2:  # no payload frames to keep apart
+                if size + len(frames[1]) > _BATCH_BYTES:
+                    self._send_batch(batch)
+                    batch, size = [], 0
+                batch.append(frames[1])
+                size += len(frames[1])
+                continue
+            self._send_batch(batch)
             batch, size = [], 0
-            if not self._forward_one(dealer, op, seq, frames):
+            self.transport.send(frames)
+            if op == "BYE":
                 return False
-        _send_batch(dealer, batch)
+        self._send_batch(batch)
         return True
 
-    def _mark_sent(self, seq: int, frames: list[Any]) -> bool:
-        """Keep a WRITE's frames to re-send; False if the save failed or closed meanwhile."""
-        with self._lock:
-            p = self._pending.get(seq)
-            if p is None:
-                return False
-            p.wire, p.sent = frames, True
-            return True
+    def _send_batch(self, bodies: list[bytes]) -> None:
+        """Saves queued together reach the daemon as one message: one receive there, not
+        one per save, which is most of a small file's cost in the daemon's control loop."""
+        if len(bodies) == 1:
+            self.transport.send([proto.TAG, bodies[0]])
+        elif bodies:
+            self.transport.send([proto.TAG, b'{"op":"BATCH","msgs":[' + b",".join(bodies) + b"]}"])
 
-    def _forward_one(self, dealer: zmq.Socket, op: str, seq: int, frames: list[Any]) -> bool:
-        if op == "WRITE" and not self._mark_sent(seq, frames):
-            return True
-        dealer.send_multipart(frames, copy=False)
-        return op != "BYE"
-
-    def _io_loop(self) -> None:
-        dealer = self._ctx.socket(zmq.DEALER)
-        assert self._ring is not None
-        dealer.setsockopt(zmq.ROUTING_ID, self._ring.name.encode())
-        dealer.setsockopt(zmq.SNDHWM, 0)
-        dealer.setsockopt(zmq.RCVHWM, 0)  # every answer must get through, however many
-        dealer.setsockopt(zmq.LINGER, 0)
-        if self._curve is not None and is_tcp(self.endpoint):
-            self._curve.apply(dealer)
-        # a reconnect (a network blip on tcp://) may have lost answers in flight: the
-        # daemon drops what it cannot deliver. Re-sending the unanswered saves then is safe:
-        # it answers a seq it has written again, and ignores one it is still writing.
-        monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED)
-        dealer.connect(self.endpoint)
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(self._rx, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        connections = 0
-        last_rx = last_ping = time.monotonic()
-        silence_limit = self.timeout if self.timeout else 60.0
+    def _loop(self) -> None:
+        last_rx = last_ping = last_turn = time.monotonic()
+        silence_limit = max(self._timeout if self._timeout else 60.0, 3 * self._heartbeat)
         try:
             while True:
-                events = dict(poller.poll(int(self._heartbeat * 1000)))
+                got = self.transport.poll(self._heartbeat)
                 now = time.monotonic()
-                if self._rx in events:
-                    while self._rx.poll(0):
-                        self._rx.recv()
-                if dealer in events:
+                if now - last_turn > 2 * self._heartbeat + 1.0:
+                    last_rx = now  # this process was stopped: the daemon's silence is ours
+                last_turn = now
+                if got:
                     last_rx = now
-                    while dealer.poll(0):
-                        try:
-                            self._on_message(dealer, proto.decode(dealer.recv_multipart()))
-                        except Exception as e:  # e.g. a DONE whose seq is a list: this thread
-                            # must live on, or every pending future would hang forever
-                            log.warning("matspool: bad message from the daemon: %r", e)
-                if monitor in events:
-                    while monitor.poll(0):
-                        monitor.recv_multipart()
-                        connections += 1
-                        if connections > 1:
-                            self._resend(dealer)
-                if not self._hello_sent:  # not waiting for a re-HELLO's WELCOME (see _hello)
-                    if not self._forward(dealer):
+                for frames in got:
+                    try:
+                        self._on_message(proto.decode(frames))
+                    except Exception as e:  # e.g. a DONE whose seq is a list: this thread
+                        # must live on, or every pending future would hang forever
+                        log.warning("matspool: bad message from the daemon: %r", e)
+                if self.transport.reconnected():
+                    self._resend()  # answers in flight may have been lost
+                if not self._hello_pending:
+                    if not self._forward():
                         return
                 elif now - self._hello_at > max(5.0, 3 * self._heartbeat):
-                    self._hello(dealer)  # unanswered (lost across a reconnect): say it again
+                    self._hello()  # unanswered (lost across a reconnect): say it again
                 if now - last_ping >= self._heartbeat:
-                    dealer.send_multipart(proto.encode({"op": "PING"}))
+                    self.transport.send(proto.encode({"op": "PING"}))
                     last_ping = now
-                if self._embedded is not None and (rc := self._embedded.exit_status()) is not None:
-                    self._broken = DaemonUnavailable(f"the embedded daemon exited with status {rc}")
-                    self._fail_all(self._broken)
+                    self._release_if_dead()
+                if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
+                    self.broken = DaemonUnavailable(f"the embedded daemon exited with status {rc}")
+                    self._table.fail_unresolved(failing(DaemonUnavailable, str(self.broken)), keep=False)
                     return
-                if self.pending and now - last_rx > max(silence_limit, 3 * self._heartbeat):
-                    self._fail_all(DaemonUnavailable(
-                        f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s"))
+                if now - last_rx > silence_limit and self._table.unresolved():
+                    dead = self._daemon_dead()
+                    outcome = ("it is gone" if dead else "the outcome of this save is unknown: "
+                               "the file may still appear, whole, if the daemon resumes")
+                    silent = (f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s; "
+                              f"{outcome}")
+                    self._table.fail_unresolved(failing(DaemonUnavailable, silent), keep=not dead)
                     last_rx = now
-        finally:
-            dealer.disable_monitor()
-            monitor.close(linger=0)
-            dealer.close(linger=0)
+        except RingError as e:  # the ring could not be moved: nothing more can be sent
+            self.broken = e
+            self._table.fail_unresolved(failing(RingError, str(e)), keep=False)
+
+    def _daemon_dead(self) -> bool:
+        """Known dead: a local daemon whose pid is gone (a remote one is never known so)."""
+        pid = self.daemon_pid
+        return pid is not None and not self._remote and not _pid_alive(pid)
+
+    def _release_if_dead(self) -> None:
+        """Regions of failed saves held by a daemon whose pid is gone go back."""
+        if not self._table.held_by_silence() or not self._daemon_dead():
+            return
+        for save in self._table.handed_to(None):
+            if save.future.done():
+                self._table.forget(save)

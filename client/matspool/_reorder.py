@@ -6,10 +6,13 @@ copy or a tiled numpy copy at best, numpy's strided one at worst). ``save()`` re
 once the bytes are safe from the caller, so the caller only needs a snapshot: a memcpy
 into a staging area of the ring. The I/O side's copy thread then reorders the snapshot
 into the save's own region, frees the staging area and sends the WRITE, in save order.
+
+Threads: ``stage`` runs in the caller's thread; ``HostReorder.wait`` on the copy thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -44,18 +47,18 @@ def stage(p: Prepared, ring: np.ndarray, offset: int) -> Prepared:
 @dataclass(slots=True)
 class HostReorder:
     """Snapshots to lay out column-major at their final ring offsets, then the staging
-    block (``staging``, an offset for ``free``) is given back."""
+    block is given back (``release``)."""
 
     items: list[tuple[Prepared, int]]
     ring: Any  # matspool._ring.Ring
-    staging: int
+    release: Callable[[], None]
 
     def wait(self) -> None:
         try:
             for p, offset in self.items:
                 copy_host(p, self.ring.array, offset)
         finally:
-            self.ring.free(self.staging)
+            self.release()
 
 
 @dataclass(slots=True)

@@ -3,7 +3,11 @@
 The client is the only producer and the only allocator; the daemon only reads the
 ranges a WRITE names and acknowledges them. Space is handed out in order around the
 ring and returns when the oldest outstanding save is acknowledged, so acknowledgements
-arriving out of order (the daemon writes files in parallel) only delay reuse.
+arriving out of order (the daemon writes files in parallel) only delay reuse. Which
+region may be freed when is decided in ``_leases``; this module only counts the copies
+running into the ring, so that :meth:`Ring.move` can wait for them.
+
+Threads: any; one condition (``_cond``) guards the allocator, the copy count and a move.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from ._errors import PayloadTooLarge, RingError, SpoolFull
 
-__all__ = ["ALIGN", "Ring", "SHM_DIR", "RING_PREFIX", "open_ring_readonly", "ring_path"]
+__all__ = ["ALIGN", "RING_PREFIX", "SHM_DIR", "Ring", "open_ring_readonly", "ring_path"]
 
 SHM_DIR: Final = "/dev/shm"
 RING_PREFIX: Final = "matspool-"
@@ -54,27 +58,8 @@ class Ring:
         self.size = (nbytes + _PAGE - 1) // _PAGE * _PAGE
         self.name = f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         self.path = ring_path(self.name)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        except OSError as e:
-            raise RingError(f"cannot create ring {self.path}: {e.strerror}") from e
-        try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked for
-            try:
-                os.posix_fallocate(fd, 0, self.size)
-            except OSError as e:
-                hint = ""
-                if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                    hint = (f"; {SHM_DIR} is too small for a {self.size >> 20} MiB ring "
-                            "(in Docker raise --shm-size, or pass a smaller ring_bytes)")
-                raise RingError(f"cannot reserve {self.size} bytes for ring {self.path}: "
-                                f"{e.strerror}{hint}") from e
-            self._mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            os.unlink(self.path)
-            raise
-        os.close(fd)
+        self.mode = mode
+        self._mm = self._create(self.path, self.size, mode)
         self.array = np.frombuffer(self._mm, dtype=np.uint8)
         self.array[::_PAGE] = 0  # pre-fault: no page fault lands in a save() later
         self._cuda_registered = False
@@ -82,7 +67,76 @@ class Ring:
         self._live: OrderedDict[int, list[int]] = OrderedDict()  # offset -> [size, freed]
         self._head = 0
         self._tail = 0
+        self._writers = 0  # regions handed out whose copy has not ended (see written())
+        self._moving = False
         self.closed = False
+
+    @staticmethod
+    def _create(path: str, size: int, mode: int) -> mmap.mmap:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except OSError as e:
+            raise RingError(f"cannot create ring {path}: {e.strerror}") from e
+        try:
+            os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked for
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                hint = ""
+                if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                    hint = (f"; {SHM_DIR} is too small for a {size >> 20} MiB ring "
+                            "(in Docker raise --shm-size, or pass a smaller ring_bytes)")
+                raise RingError(f"cannot reserve {size} bytes for ring {path}: "
+                                f"{e.strerror}{hint}") from e
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return mm
+
+    def exists(self) -> bool:
+        """Whether the segment is still linked under its name (a daemon that declared
+        this process dead may have unlinked it)."""
+        try:
+            return os.stat(self.path).st_size == self.size
+        except OSError:
+            return False
+
+    def move(self, timeout: float = 30.0) -> None:
+        """Go on in a new segment with the same bytes, under a new name (the old one was
+        unlinked). New allocations wait meanwhile, and the move waits for every copy into
+        the ring to end, so no byte lands in the old mapping after it was copied."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._moving = True
+            try:
+                while self._writers:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RingError(f"ring {self.path} was removed and copies into it did not "
+                                        f"end within {timeout} s")
+                    self._cond.wait(left)
+                name = f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+                path = ring_path(name)
+                mm = self._create(path, self.size, self.mode)
+                registered = self._cuda_registered
+                if registered:
+                    self._unregister_cuda()
+                mm[:] = self._mm  # every live region keeps its offset
+                old = self._mm
+                self.name, self.path, self._mm = name, path, mm
+                self.array = np.frombuffer(mm, dtype=np.uint8)
+                if registered:
+                    self.register_cuda()
+                try:
+                    old.close()
+                except BufferError:
+                    pass  # a view is still alive somewhere; the mapping goes with it
+            finally:
+                self._moving = False
+                self._cond.notify_all()
 
     # -- allocation ------------------------------------------------------------------
     @property
@@ -104,8 +158,11 @@ class Ring:
             return 0 if n <= self._head else None
         return self._tail if self._head - self._tail >= n else None
 
-    def alloc(self, nbytes: int, *, block: bool, timeout: float | None) -> int:
-        """Reserve ``nbytes``; returns the offset. Waits or raises by the policy given."""
+    def alloc(self, nbytes: int, *, block: bool, timeout: float | None, nested: bool = False) -> int:
+        """Reserve ``nbytes``; returns the offset. Waits or raises by the policy given.
+
+        ``nested``: the caller already holds a region whose copy has not ended; it must
+        not wait for a move, which waits for that copy."""
         n = _align(nbytes)
         if n > self.size:
             raise PayloadTooLarge(
@@ -114,7 +171,7 @@ class Ring:
             )
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while (off := self._fit(n)) is None:
+            while (self._moving and not nested) or (off := self._fit(n)) is None:
                 if self.closed:
                     raise RingError("ring is closed")
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -126,7 +183,15 @@ class Ring:
                 self._cond.wait(remaining)
             self._live[off] = [n, 0]
             self._tail = off + n
+            self._writers += 1
             return off
+
+    def written(self) -> None:
+        """A region's copy has ended (each alloc is followed by exactly one call)."""
+        with self._cond:
+            self._writers -= 1
+            if self._moving:
+                self._cond.notify_all()
 
     def free(self, offset: int) -> None:
         with self._cond:
@@ -151,13 +216,24 @@ class Ring:
 
         # cudaHostRegisterPortable: pinned for every device's context, so tensors on any
         # CUDA device index copy into the ring asynchronously
-        ret = torch.cuda.cudart().cudaHostRegister(self.array.ctypes.data, self.size, 1)
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        ret = cudart.cudaHostRegister(self.array.ctypes.data, self.size, 1)
         if int(ret) != 0:
             raise RingError(
                 f"cudaHostRegister of the {self.size >> 20} MiB ring failed ({ret}); the memlock limit "
                 "(ulimit -l, container memlock) is probably too low"
             )
         self._cuda_registered = True
+
+    @property
+    def cuda_registered(self) -> bool:
+        return self._cuda_registered
+
+    def _unregister_cuda(self) -> None:
+        import torch
+
+        torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)  # type: ignore[no-untyped-call]
+        self._cuda_registered = False
 
     def close(self) -> None:
         with self._cond:
@@ -166,10 +242,7 @@ class Ring:
             self.closed = True
             self._cond.notify_all()
         if self._cuda_registered:
-            import torch
-
-            torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)
-            self._cuda_registered = False
+            self._unregister_cuda()
         try:
             os.unlink(self.path)
         except FileNotFoundError:

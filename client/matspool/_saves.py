@@ -1,15 +1,17 @@
-"""What the client keeps per save between ``save()`` and the daemon's answer."""
+"""Small value types of a save: its result, the END of a save in pieces, ring placement.
+
+Threads: none of its own; immutable values.
+"""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from ._convert import Prepared
 from ._ring import ALIGN
 
-__all__ = ["End", "Pending", "SaveResult", "aligned", "place"]
+__all__ = ["End", "SaveResult", "aligned", "place"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,18 +21,6 @@ class SaveResult:
     path: str
     nbytes: int  # size of the file written
     format: str
-
-
-@dataclass(slots=True)
-class Pending:
-    future: Future[SaveResult]
-    offset: int
-    path: str
-    format: str
-    wire: list[Any] | None = None  # the WRITE's frames as sent, kept to re-send to a restarted daemon
-    sent: bool = False
-    parts: set[int] | None = None  # ring offsets of pieces in flight (a save larger than the ring)
-    holds: int = 1  # the region is freed when the answer came and, if any, the copy into it ended
 
 
 @dataclass(frozen=True, slots=True)

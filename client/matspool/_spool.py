@@ -1,70 +1,72 @@
 """The client: ``Spool.save()`` copies into the ring and returns a future at once.
 
-Threads, and why each exists:
-- the caller's thread: checks the variables, reserves ring space, copies host arrays
-  (or queues the GPU copy) and hands the WRITE to the I/O thread. It never waits on
-  the disk, and waits on the ring only by the ``on_full`` policy.
-- the I/O thread (``_link``): owns the ZeroMQ DEALER socket (sockets are not
-  thread-safe), sends WRITEs and heartbeats, turns DONE/ERR into future results, frees
-  ring space.
-- the copy thread (only once a save needs one): waits for each save's CUDA copy, or
-  reorders its C-ordered host arrays (``_reorder``), in order, then releases its WRITE;
-  so the daemon never reads unfinished bytes and messages keep the order of the saves.
+A spool is composed of parts, each owning its state (see each module's docstring):
 
+- ``_planner``: a save's values, checked and laid out (the caller's thread);
+- ``_ring`` and ``_leases``: the shared-memory ring and who may touch which region;
+- ``_pending``: the futures by sequence number, the only place that resolves them;
+- ``_copies``: host copies' end, CUDA copies and host reorders, on the copy thread;
+- ``_link`` over a ``_transport``: the protocol on the I/O thread (ZeroMQ, or a
+  function in unit tests);
+- ``_lifecycle``: fork, exit and multiprocessing children.
+
+The caller's thread never waits on the disk, and on the ring only by ``on_full``.
 Saves larger than the ring go in pieces (``_pieces``).
+
+Threads: the ``Spool`` object itself holds only settings and its parts; ``save()`` runs
+in callers' threads (any number), and each part says which thread owns what in it.
 """
 
 from __future__ import annotations
 
-import atexit
 import itertools
-import logging
 import os
-import queue
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Mapping
-from concurrent.futures import Future
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
+from . import _lifecycle
 from . import _protocol as proto
-from ._convert import LAYOUTS, ONED_AS, copy_host, iter_arrays, prepare_value, to_spec
+from ._convert import copy_host
+from ._copies import Copy, CopyPipeline
 from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
-from ._errors import FlushError, MatspoolError, SpoolClosed
-from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
-from ._link import DaemonLink
-from ._pieces import PiecesMixin
+from ._errors import FlushError, SpoolClosed
+from ._leases import Lease, Leases
+from ._link import Link
+from ._pending import PendingTable, SaveFuture, failing
+from ._pieces import send_in_pieces
+from ._planner import FORMATS, ON_FULL, Plan, check_choice, level, plan
 from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import Ring
-from ._saves import End, Pending, SaveResult, aligned, place
+from ._saves import SaveResult, aligned
+from ._transport import Transport, ZmqTransport
 
 if TYPE_CHECKING:
     from ._stream import Stream
 
 __all__ = ["DEFAULT_RING_BYTES", "SaveResult", "Spool"]
 
-log = logging.getLogger("matspool")
-
 DEFAULT_RING_BYTES: Final = int(os.environ.get("MATSPOOL_RING_BYTES", 256 << 20))
-_FORMATS: Final = ("auto", "v5", "v7.3")
-_ON_FULL: Final = ("block", "raise")
 
 
-_LIVE: weakref.WeakSet[Spool] = weakref.WeakSet()
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """What a spool was opened with; a forked child opens its own spool with the same."""
+
+    endpoint: str | None
+    ring_bytes: int
+    ring_mode: int
+    heartbeat: float
+    connect_timeout: float
+    curve: ClientKeys | None
 
 
-@atexit.register
-def _close_live_spools() -> None:
-    """Process exit without close(): finish what was saved rather than drop it."""
-    for spool in list(_LIVE):
-        spool.close()
-
-
-def _wait_with_progress(futures: list[Future[SaveResult]], timeout: float | None) -> Any:
+def _wait_with_progress(futures: list[SaveFuture], timeout: float | None) -> Any:
     """``wait`` that, for a person at a terminal, shows how many saves are on disk."""
     if not futures or not sys.stderr.isatty():
         return wait(futures, timeout)
@@ -87,52 +89,20 @@ def _wait_with_progress(futures: list[Future[SaveResult]], timeout: float | None
 def _cuda_in_use() -> bool:
     """True when the caller has already imported torch and CUDA is there."""
     torch = sys.modules.get("torch")
-    return torch is not None and torch.cuda.is_available()
+    return torch is not None and bool(torch.cuda.is_available())
 
 
-_MAX_KEPT_FAILURES: Final = 10_000  # flush() reports at most this many; the futures hold all
-
-
-def _check_path(path: object) -> str:
-    """Absolute (against the caller's cwd now) and representable on the wire."""
-    try:
-        text = os.fsdecode(os.fspath(path))  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
-    if not text or "\x00" in text:
-        raise ValueError(f"path must be non-empty and contain no NUL byte: {text!r}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"path is not valid UTF-8: {text!r}") from None
-    return os.path.abspath(text)
-
-
-DEFAULT_LEVEL: Final = 3  # what MATLAB's own v7.3 writer uses
-
-
-def _level(compress: object) -> int:
-    """compress=False/True/0..9 -> a deflate level, 0 meaning off."""
-    if isinstance(compress, bool):
-        return DEFAULT_LEVEL if compress else 0
-    if isinstance(compress, int) and 0 <= compress <= 9:
-        return compress
-    raise ValueError(f"compress must be True, False or a level 1-9, got {compress!r}")
-
-
-def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-class Spool(DaemonLink, PiecesMixin):
+class Spool:
     """A connection to a writer daemon plus this process's ring.
 
     ``endpoint`` defaults to ``$MATSPOOL_ENDPOINT``; with neither, an embedded daemon is
     started for this spool. ``timeout`` bounds how long ``save()`` blocks on a full ring
     (``on_full="block"``) and how long the daemon may stay silent before pending saves
-    fail with :class:`DaemonUnavailable`.
+    fail with :class:`DaemonUnavailable`. ``transport`` replaces the connection (unit
+    tests pass a :class:`~matspool._transport.MemoryTransport`).
+
+    After ``os.fork()`` the child's first use of an inherited spool opens one of its own
+    (own ring and connection, same settings); the parent's is untouched.
     """
 
     def __init__(
@@ -147,49 +117,76 @@ class Spool(DaemonLink, PiecesMixin):
         connect_timeout: float = 30.0,
         curve: ClientKeys | None = None,
         compress: bool | int = False,
+        transport: Transport | None = None,
     ) -> None:
-        self.on_full = _check_choice("on_full", on_full, _ON_FULL)
-        self.compress = _level(compress)
+        self.on_full = check_choice("on_full", on_full, ON_FULL)
+        self.compress = level(compress)
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
         self.timeout = timeout
         self._heartbeat = heartbeat
         self._closed = False
-        self._broken: MatspoolError | None = None
-        self._lock = threading.Lock()
-        self._pending: dict[int, Pending] = {}
-        self._failed: list[BaseException] = []  # failures not yet reported by flush()
-        self._seq = itertools.count()
-        self._instance: str | None = None  # the daemon instance that welcomed us
-        self._hello_sent = False
-        self._embedded: EmbeddedDaemon | None = None
-        self._ring: Ring | None = None
-        self._copier: Any = None
-        self._waiter: threading.Thread | None = None
-        self._waitq: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._order_lock = threading.Lock()
-        self._queued = 0  # messages in _waitq or being handled by the copy thread
-        self._copying: dict[int, Pending] = {}  # finished saves whose copy still runs
-
-        endpoint = endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None
-        self._curve = curve or ClientKeys.from_env()
+        self._fork_lock = threading.Lock()
+        self._transport = transport
+        endpoint = transport.endpoint if transport is not None else (
+            endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None)
+        curve = curve or ClientKeys.from_env()
         self._remote = endpoint is not None and is_tcp(endpoint)
-        if endpoint is not None and is_tcp(endpoint) and self._curve is None:
+        if self._remote and curve is None:
             raise ValueError(f"{endpoint} is a TCP endpoint: pass curve=ClientKeys(...) or set "
                              "MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC")
+        self._settings = _Settings(endpoint, ring_bytes, ring_mode, heartbeat, connect_timeout, curve)
+        self._embedded: EmbeddedDaemon | None = None
+        self._open()
+
+    def _open(self) -> None:
+        """Open this process's parts: ring, leases, pending table, link, copy pipeline."""
+        s = self._settings
+        self._pid = os.getpid()
+        self._seq = itertools.count()
+        self._ring: Ring | None = None
+        self._link: Link | None = None
+        self._copies: CopyPipeline | None = None
         try:
-            self._ring = Ring(ring_bytes, mode=ring_mode)
-            if endpoint is None:
+            self._ring = Ring(s.ring_bytes, mode=s.ring_mode)
+            self._leases = Leases(self._ring)
+            self._table = PendingTable(self._leases)
+            if s.endpoint is None:
                 self._embedded = EmbeddedDaemon()
-                endpoint = self._embedded.endpoint
-            self.endpoint = endpoint
-            self._open_link(connect_timeout)
+                self._settings = s = replace(s, endpoint=self._embedded.endpoint)
+            assert s.endpoint is not None
+            self.endpoint = s.endpoint
+            transport = self._transport or ZmqTransport(s.endpoint, s.curve)
+            emb = self._embedded
+            self._link = Link(transport, self._ring, self._table, timeout=self.timeout,
+                              heartbeat=s.heartbeat, remote=self._remote,
+                              daemon_exit=emb.exit_status if emb is not None else None)
+            self._copies = CopyPipeline(self._ring, self._leases, self._table, self._link.send)
+            self._link.open(s.connect_timeout)
             if _cuda_in_use():
-                self._cuda()  # pin the ring now, not in the first save() (12 ms per 256 MiB)
-            _LIVE.add(self)
+                self._copies.cuda()  # pin the ring now, not in the first save() (12 ms per 256 MiB)
         except BaseException:
             self._teardown()
             raise
+        _lifecycle.after_open(self)
+
+    # -- fork -----------------------------------------------------------------------------
+    def _forked(self) -> None:
+        """In a forked child (from ``_lifecycle``): the parent's parts are not ours."""
+        self._fork_lock = threading.Lock()
+
+    def _own(self) -> None:
+        """After a fork, open parts of this process's own before first use."""
+        if self._pid == os.getpid():
+            return
+        with self._fork_lock:
+            if self._pid == os.getpid():
+                return
+            if self._transport is not None:
+                raise SpoolClosed("a spool on a given transport cannot follow a fork; open "
+                                  "a new one in the child")
+            self._embedded = None  # the parent's daemon: the child connects, the parent stops it
+            self._open()
 
     # -- public API --------------------------------------------------------------------
     def save(
@@ -211,7 +208,7 @@ class Spool(DaemonLink, PiecesMixin):
         ``"hwc"`` turns 3-d CHW / 4-d NCHW images into HxWxC(xN). ``compress``
         (default: the spool's) deflates in the daemon: True is level 3, or give 1-9.
         """
-        _check_choice("format", format, _FORMATS)
+        check_choice("format", format, FORMATS)
         return self._submit(path, variables, format, layout, oned_as, fsync, compress, "write")
 
     def stream(
@@ -231,98 +228,90 @@ class Spool(DaemonLink, PiecesMixin):
         """
         from ._stream import Stream
 
-        return Stream(self, path, format=format, layout=layout, oned_as=oned_as, fsync=fsync,
-                      compress=compress)
+        return Stream(self._submit, path, format=format, layout=layout, oned_as=oned_as,
+                      fsync=fsync, compress=compress)
 
     def _submit(self, path: str | os.PathLike[str], variables: Mapping[str, Any], fmt: str,
                 layout: str, oned_as: str, fsync: bool, compress: bool | int | None,
-                mode: str) -> Future[SaveResult]:
+                mode: str) -> SaveFuture:
         self._check_open()
-        _check_choice("layout", layout, LAYOUTS)
-        _check_choice("oned_as", oned_as, ONED_AS)
-        if not isinstance(fsync, bool):
-            raise TypeError(f"fsync must be a bool, got {fsync!r}")
-        if not isinstance(variables, Mapping) or not variables:
-            raise TypeError("variables must be a non-empty mapping of MATLAB names to arrays")
-        if len(variables) > proto.MAX_VARS:
-            raise ValueError(f"at most {proto.MAX_VARS} variables per save, got {len(variables)}")
-        abspath = _check_path(path)
-        level = self.compress if compress is None else _level(compress)
-        values = {check_name(name): prepare_value(name, value, layout, oned_as)
-                  for name, value in variables.items()}
-        arrays = [a for v in values.values() for a in iter_arrays(v)]
-        if fmt == "auto":
-            fmt = "v7.3" if any(a.nbytes > V5_MAX_VARIABLE_BYTES for a in arrays) else "v5"
-        relative, total = place(arrays)
-        over_v5 = fmt == "v5" and any(a.nbytes > V5_MAX_VARIABLE_BYTES or max(a.dims) > V5_MAX_DIM
-                                      for a in arrays)
-        if over_v5 or mode != "write":  # checked before any ring space is taken
-            provisional = [to_spec(n, v, relative) for n, v in values.items()]
-            if fmt == "v5":
-                proto.check_v5_limits(provisional)
-            if mode != "write":
-                proto.check_stream_step(fmt, provisional)
         ring = self._ring
         assert ring is not None
-        if total > ring.size and mode == "write":
-            return self._submit_in_pieces(abspath, values, fmt, fsync, level)
-
-        deferred = {id(a): aligned(staged_bytes(a)) for a in arrays if defers(a)}
-        if sum(deferred.values()) + total > ring.size:
-            deferred = {}  # no room to stage: reorder during the copy, as small arrays do
+        p = plan(path, variables, fmt, layout, oned_as, fsync,
+                 self.compress if compress is None else level(compress), mode, ring.size)
         block = self.on_full == "block"
-        staging = ring.alloc(sum(deferred.values()), block=block, timeout=self.timeout) if deferred else None
+        assert self._copies is not None
+        if p.slabs is not None:
+            return send_in_pieces(p, next(self._seq), self._leases, self._table, self._copies,
+                                  block=block, timeout=self.timeout)
+        return self._submit_whole(p, block)
+
+    def _submit_whole(self, p: Plan, block: bool) -> SaveFuture:
+        ring, leases, copies = self._ring, self._leases, self._copies
+        assert ring is not None and copies is not None
+        deferred = {id(a): aligned(staged_bytes(a)) for a in p.arrays if defers(a)}
+        if sum(deferred.values()) + p.total > ring.size:
+            deferred = {}  # no room to stage: reorder during the copy, as small arrays do
+        staging = (leases.take(sum(deferred.values()), block=block, timeout=self.timeout, daemon=False)
+                   if deferred else None)
         try:
-            base = ring.alloc(total, block=block, timeout=self.timeout)
+            region = leases.take(p.total, block=block, timeout=self.timeout, nested=staging is not None)
         except BaseException:
             if staging is not None:
-                ring.free(staging)
+                leases.copied(staging)
             raise
-        offsets = {key: base + off for key, off in relative.items()}
-        specs = [to_spec(n, v, offsets) for n, v in values.items()]
         seq = next(self._seq)
-        fut: Future[SaveResult] = Future()
-        fut.set_running_or_notify_cancel()
-        request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs), level, mode)
-        copying = any(a.is_cuda for a in arrays) or bool(deferred)
-        with self._lock:
-            self._pending[seq] = Pending(fut, base, abspath, fmt, holds=2 if copying else 1)
+        save = self._table.add(seq, p.path, p.format, [region])
+        request = proto.WriteRequest(seq, p.path, p.format, p.fsync, tuple(p.specs(region.offset)),
+                                     p.level, p.mode)
         try:
-            cuda_items, reorders, at = [], [], staging
-            for a in arrays:
-                if a.is_cuda:
-                    cuda_items.append((a, offsets[id(a)]))
-                elif id(a) in deferred:
-                    reorders.append((stage(a, ring.array, at), offsets[id(a)]))
-                    at += deferred[id(a)]
-                else:
-                    copy_host(a, ring.array, offsets[id(a)])
-            copies: list[Any] = [self._cuda().start(cuda_items)] if cuda_items else []
-            if reorders:
-                copies.append(HostReorder(reorders, ring, staging))
-            copy = None if not copies else copies[0] if len(copies) == 1 else AllOf(copies)
-            self._dispatch(request, copy, hold=copying)
+            copy = self._copy_in(p, region, staging, deferred)
         except BaseException:
-            with self._lock:
-                self._pending.pop(seq, None)
-            ring.free(base)
+            copies.synchronize()
+            leases.copied(region)
             if staging is not None:
-                ring.free(staging)
+                leases.copied(staging)
+            self._table.discard(seq)
             raise
-        return fut
+        copies.dispatch(request, copy, [region], region)
+        return save.future
+
+    def _copy_in(self, p: Plan, region: Lease, staging: Lease | None,
+                 deferred: dict[int, int]) -> Copy | None:
+        """Copy host arrays now, snapshot those to reorder later, start CUDA copies."""
+        ring, copies = self._ring, self._copies
+        assert ring is not None and copies is not None
+        offsets = {key: region.offset + off for key, off in p.relative.items()}
+        cuda_items, reorders = [], []
+        at = staging.offset if staging is not None else 0
+        for a in p.arrays:
+            if a.is_cuda:
+                cuda_items.append((a, offsets[id(a)]))
+            elif id(a) in deferred:
+                reorders.append((stage(a, ring.array, at), offsets[id(a)]))
+                at += deferred[id(a)]
+            else:
+                copy_host(a, ring.array, offsets[id(a)])
+        parts: list[Copy] = [copies.cuda().start(cuda_items)] if cuda_items else []
+        if reorders:
+            assert staging is not None
+            parts.append(HostReorder(reorders, ring, lambda: self._leases.copied(staging)))
+        elif staging is not None:
+            self._leases.copied(staging)
+        return None if not parts else parts[0] if len(parts) == 1 else AllOf(parts)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save made so far is on disk; raise if any failed."""
-        with self._lock:
-            futures = [p.future for p in self._pending.values()]
-        done, not_done = _wait_with_progress(futures, timeout)
+        if self._pid != os.getpid():
+            return  # a forked child that has not saved through this spool yet
+        futures = self._table.futures()
+        _, not_done = _wait_with_progress(futures, timeout)
         if not_done:
             raise TimeoutError(f"flush: {len(not_done)} of {len(futures)} saves still pending "
                                f"after {timeout} s")
         # Every save that failed since the last flush(), including those that had already
-        # failed (and so left _pending) before this call.
-        with self._lock:
-            errors, self._failed = self._failed, []
+        # failed (and so left the table) before this call.
+        errors = self._table.take_failures()
         if errors:
             raise FlushError(f"{len(errors)} saves failed since the last flush; first: {errors[0]}",
                              errors) from errors[0]
@@ -330,153 +319,56 @@ class Spool(DaemonLink, PiecesMixin):
     def close(self, timeout: float | None = 60.0) -> None:
         """Wait up to ``timeout`` for pending saves, then release the ring and the daemon.
 
-        Saves still pending after that fail with :class:`SpoolClosed`.
+        Saves still pending after that fail with :class:`SpoolClosed`. Raises
+        :class:`FlushError` naming every save that failed and that nobody looked at
+        (no ``result()``, ``exception()`` or ``flush()`` saw it).
         """
         if self._closed:
             return
         self._closed = True
-        with self._lock:
-            futures = [p.future for p in self._pending.values()]
-        wait(futures, timeout)
-        self._fail_all(SpoolClosed(f"spool closed before the save finished (waited {timeout} s)"))
+        _lifecycle.forget(self)
+        if self._pid != os.getpid():
+            return  # the parent's parts: not ours to close
+        wait(self._table.futures(), timeout)
+        self._table.fail_unresolved(
+            failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"),
+            keep=False)
         self._teardown()
+        unobserved = self._table.unobserved()
+        if unobserved is not None:
+            raise unobserved
 
     def __enter__(self) -> Spool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.close()
+        except FlushError as e:
+            if not isinstance(exc, BaseException):
+                raise
+            exc.add_note(str(e))  # the caller's error stays the one raised
 
     @property
     def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        """Saves whose future is still open (in this process)."""
+        return 0 if self._pid != os.getpid() else self._table.unresolved()
 
     # -- internals -----------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise SpoolClosed("save() on a closed Spool")
-        if self._broken is not None:
-            raise self._broken
-
-    def _dispatch(self, message: Any, copy: Any = None, hold: bool = False) -> None:
-        """Send once ``copy`` (CUDA copies, host reorders) is done. While saves may still
-        be copying, everything queues behind them, so saves to one path, a stream's steps
-        and a big save's pieces reach the daemon in the order they were made. ``hold``:
-        the save's region stays taken until the copy ends, even if the save fails first."""
-        with self._order_lock:
-            if copy is None and self._queued == 0:
-                self._send(self._wire(message), self._payload(message))
-                return
-            self._queued += 1
-        self._start_waiter()
-        self._waitq.put((copy, message, hold))
-
-    def _cuda(self) -> Any:
-        if self._copier is None:
-            from ._cuda import CudaCopier
-
-            assert self._ring is not None
-            self._ring.register_cuda()
-            self._copier = CudaCopier(self._ring.array)
-        return self._copier
-
-    def _start_waiter(self) -> None:
-        with self._order_lock:
-            if self._waiter is None:
-                self._waiter = threading.Thread(target=self._wait_loop, name="matspool-copy", daemon=True)
-                self._waiter.start()
-
-    def _wait_loop(self) -> None:
-        while (item := self._waitq.get()) is not None:
-            pending, request, hold = item
-            try:
-                if pending is not None:
-                    pending.wait()
-            except Exception as e:  # a CUDA error: the bytes never arrived
-                self._resolve(request.seq, error=MatspoolError(f"copy into the ring failed: {e}"))
-            else:
-                self._send(self._wire(request), self._payload(request))
-            finally:
-                if hold:
-                    self._release(request.seq)
-                with self._order_lock:
-                    self._queued -= 1
-
-    def _release(self, seq: int) -> None:
-        """A save's copy has ended: its region may go once the save is answered too."""
-        with self._lock:
-            p = self._pending.get(seq) or self._copying.pop(seq, None)
-            if p is None:
-                return
-            p.holds -= 1
-            free = p.holds == 0
-        if free and self._ring is not None and p.offset >= 0:
-            self._ring.free(p.offset)
-
-    def _wire(self, message: Any) -> dict[str, Any]:
-        """A save in pieces that already failed here (a copy failed, the ring timed out)
-        must not be published with holes: its END becomes an abort."""
-        if isinstance(message, End) and not message.abort:
-            with self._lock:
-                if message.seq not in self._pending:
-                    message = End(message.seq, True)
-        return message.to_wire()
-
-    def _part_done(self, seq: object, offset: object) -> None:
-        """A piece (or, offset None, the laid-out save's small variables) is written: its
-        ring space may be reused while the rest of the save is still arriving."""
-        with self._lock:
-            p = self._pending.get(seq)  # type: ignore[arg-type]
-            if p is None or p.parts is None:
-                return
-            if offset is None:
-                offset, p.offset = p.offset, -1
-            elif offset in p.parts:
-                p.parts.discard(offset)  # type: ignore[arg-type]
-            else:
-                return
-        assert self._ring is not None
-        if offset >= 0:  # type: ignore[operator]
-            self._ring.free(offset)  # type: ignore[arg-type]
-
-    def _resolve(self, seq: int, result: SaveResult | None = None, error: BaseException | None = None) -> None:
-        with self._lock:
-            p = self._pending.pop(seq, None)
-            parts = list(p.parts) if p is not None and p.parts else []
-            if p is not None and error is not None:
-                if len(self._failed) < _MAX_KEPT_FAILURES:  # before the future completes:
-                    self._failed.append(error)              # flush() waits on it
-            if p is not None:
-                p.holds -= 1
-                if p.holds:  # answered (or failed) while its copy still runs: freed after it
-                    self._copying[seq] = p
-        if p is None:
-            return
-        if self._ring is not None:
-            if p.offset >= 0 and not p.holds:
-                self._ring.free(p.offset)
-            for off in parts:
-                self._ring.free(off)
-        if error is not None:
-            p.future.set_exception(error)
-        else:
-            p.future.set_result(result)  # type: ignore[arg-type]
-
-    def _fail_all(self, error: MatspoolError) -> None:
-        with self._lock:
-            seqs = list(self._pending)
-        for seq in seqs:
-            self._resolve(seq, error=type(error)(str(error)))
+        self._own()
+        if self._link is not None and self._link.broken is not None:
+            raise self._link.broken
 
     def _teardown(self) -> None:
         self._closed = True
-        if self._waiter is not None:
-            self._waitq.put(None)
-            self._waiter.join()
-        self._close_link()
+        if self._copies is not None:
+            self._copies.close()
+        if self._link is not None:
+            self._link.close()
         if self._embedded is not None:
             self._embedded.stop()
         if self._ring is not None:
             self._ring.close()
-

@@ -1,15 +1,20 @@
-"""A run's history in one v7.3 file: each ``append`` adds one step to every variable."""
+"""A run's history in one v7.3 file: each ``append`` adds one step to every variable.
+
+Threads: the caller's; a stream is not shared between threads. It knows its spool only
+as the function that submits a step, so this module imports nothing of ``_spool``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._errors import FlushError, FormatLimitError, SpoolClosed
+from ._saves import SaveResult
 
-if TYPE_CHECKING:
-    from ._spool import SaveResult, Spool
+Submit = Callable[..., Future[SaveResult]]
 
 __all__ = ["Stream"]
 
@@ -18,14 +23,14 @@ class Stream:
     """Made by :meth:`Spool.stream`. Steps are written in order; after ``flush()`` the file
     is complete and readable (h5py, mat73, hdf5storage, MATLAB) with every step so far."""
 
-    def __init__(self, spool: Spool, path: str | os.PathLike[str], *, format: str, layout: str,
+    def __init__(self, submit: Submit, path: str | os.PathLike[str], *, format: str, layout: str,
                  oned_as: str, fsync: bool, compress: bool | int | None) -> None:
         if format != "v7.3":
             raise FormatLimitError(
                 f"a stream needs format='v7.3', not {format!r}: MAT v5 cannot grow a variable in "
                 "place; for v5 save one file per step with save()"
             )
-        self.spool = spool
+        self._submit = submit
         self.path = os.path.abspath(os.fspath(path))
         self._opts = (layout, oned_as, fsync, compress)
         self._futures: list[Future[SaveResult]] = []
@@ -40,7 +45,7 @@ class Stream:
         values = {**(variables or {}), **named}
         layout, oned_as, fsync, compress = self._opts
         mode = "create" if self.steps == 0 else "append"
-        fut = self.spool._submit(self.path, values, "v7.3", layout, oned_as, fsync, compress, mode)
+        fut = self._submit(self.path, values, "v7.3", layout, oned_as, fsync, compress, mode)
         self.steps += 1
         self._futures.append(fut)
         return fut

@@ -1,0 +1,152 @@
+"""The planner: a save's arguments and values, checked, turned into a :class:`Plan`.
+
+Everything a user can get wrong is caught here, in the caller's thread, before any ring
+space is taken: names, types, format limits, a stream step's shape. A plan says where
+each array goes relative to the save's region, and, for a save larger than the ring,
+which arrays travel in slabs.
+
+Threads: the caller's; plans are immutable once made and hold no shared state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from . import _protocol as proto
+from ._convert import (
+    LAYOUTS,
+    ONED_AS,
+    Prepared,
+    Value,
+    iter_arrays,
+    prepare_value,
+    to_spec,
+)
+from ._errors import PayloadTooLarge
+from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
+from ._saves import place
+
+__all__ = ["DEFAULT_LEVEL", "FORMATS", "ON_FULL", "Plan", "check_choice", "level", "plan"]
+
+FORMATS: Final = ("auto", "v5", "v7.3")
+ON_FULL: Final = ("block", "raise")
+DEFAULT_LEVEL: Final = 3  # what MATLAB's own v7.3 writer uses
+
+
+def check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def level(compress: object) -> int:
+    """compress=False/True/0..9 -> a deflate level, 0 meaning off."""
+    if isinstance(compress, bool):
+        return DEFAULT_LEVEL if compress else 0
+    if isinstance(compress, int) and 0 <= compress <= 9:
+        return compress
+    raise ValueError(f"compress must be True, False or a level 1-9, got {compress!r}")
+
+
+def check_path(path: object) -> str:
+    """Absolute (against the caller's cwd now) and representable on the wire."""
+    try:
+        text = os.fsdecode(os.fspath(path))  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
+    if not text or "\x00" in text:
+        raise ValueError(f"path must be non-empty and contain no NUL byte: {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"path is not valid UTF-8: {text!r}") from None
+    return os.path.abspath(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One save, checked. ``relative`` maps ``id(array)`` to its offset in the region."""
+
+    path: str
+    format: str
+    fsync: bool
+    level: int
+    mode: str  # "write", or a stream's "create"/"append"
+    values: dict[str, Value]
+    arrays: list[Prepared]
+    relative: dict[int, int]
+    total: int  # bytes of the region
+    slabs: dict[str, tuple[int, int]] | None = None  # in pieces: name -> (axis, planes per slab)
+
+    def specs(self, base: int) -> list[proto.Variable]:
+        """The WRITE's variables with the region at ``base``."""
+        offsets = {key: base + off for key, off in self.relative.items()}
+        slabs = self.slabs or {}
+        return [proto.VarSpec(n, v.dtype, v.dims, 0, v.nbytes, deferred=True)  # type: ignore[union-attr]
+                if n in slabs else to_spec(n, v, offsets) for n, v in self.values.items()]
+
+
+def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned_as: str,
+         fsync: bool, compress: int, mode: str, ring_size: int) -> Plan:
+    """Check a save and lay it out for a ring of ``ring_size`` bytes."""
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("oned_as", oned_as, ONED_AS)
+    if not isinstance(fsync, bool):
+        raise TypeError(f"fsync must be a bool, got {fsync!r}")
+    if not isinstance(variables, Mapping) or not variables:
+        raise TypeError("variables must be a non-empty mapping of MATLAB names to arrays")
+    if len(variables) > proto.MAX_VARS:
+        raise ValueError(f"at most {proto.MAX_VARS} variables per save, got {len(variables)}")
+    abspath = check_path(path)
+    values = {check_name(name): prepare_value(name, value, layout, oned_as)
+              for name, value in variables.items()}
+    arrays = [a for v in values.values() for a in iter_arrays(v)]
+    if fmt == "auto":
+        fmt = "v7.3" if any(a.nbytes > V5_MAX_VARIABLE_BYTES for a in arrays) else "v5"
+    relative, total = place(arrays)
+    over_v5 = fmt == "v5" and any(a.nbytes > V5_MAX_VARIABLE_BYTES or max(a.dims) > V5_MAX_DIM
+                                  for a in arrays)
+    if over_v5 or mode != "write":
+        provisional = [to_spec(n, v, relative) for n, v in values.items()]
+        if fmt == "v5":
+            proto.check_v5_limits(provisional)
+        if mode != "write":
+            proto.check_stream_step(fmt, provisional)
+    if total <= ring_size or mode != "write":
+        return Plan(abspath, fmt, fsync, compress, mode, values, arrays, relative, total)
+    return _in_pieces(Plan(abspath, fmt, fsync, compress, mode, values, arrays, relative, total),
+                      ring_size)
+
+
+def _in_pieces(whole: Plan, ring_size: int) -> Plan:
+    """A save larger than the ring: its largest arrays travel in slabs of about a
+    quarter of the ring, the rest is laid out in one region first."""
+    if whole.level:
+        raise PayloadTooLarge(f"a compressed save must fit in the ring ({ring_size} bytes); "
+                              "raise ring_bytes or save uncompressed")
+    values = whole.values
+    budget = ring_size // 4
+    slabs: dict[str, tuple[int, int]] = {}
+    rest = sum(a.nbytes for a in whole.arrays)
+    for name in sorted(values, key=lambda n: -sum(a.nbytes for a in iter_arrays(values[n]))):
+        v = values[name]
+        if rest <= budget or not isinstance(v, Prepared) or v.nbytes <= budget // 4:
+            break
+        axis = max(i for i, d in enumerate(v.dims) if d > 1)  # slabs along it are contiguous
+        plane = v.nbytes // v.dims[axis]
+        if plane > ring_size // 2:
+            raise PayloadTooLarge(
+                f"variable {name!r}: one slab along its last dimension is {plane} bytes; a save "
+                f"in pieces needs a ring of at least twice that (ring_bytes={ring_size})")
+        slabs[name] = (axis, max(1, budget // plane))
+        rest -= v.nbytes
+    if rest > ring_size // 2:
+        raise PayloadTooLarge(f"this save's variables that cannot be split take {rest} bytes; "
+                              f"the ring holds {ring_size}: raise ring_bytes")
+    small = [a for n, v in values.items() if n not in slabs for a in iter_arrays(v)]
+    relative, total = place(small)
+    return Plan(whole.path, whole.format, whole.fsync, 0, "write", values, small, relative,
+                total, slabs)

@@ -1,0 +1,169 @@
+"""Transports: how control messages reach one daemon and its answers come back.
+
+A transport moves whole messages (lists of frames) and knows nothing of saves; the link
+(``_link``) speaks the protocol over it. :class:`ZmqTransport` is the real one (a
+ZeroMQ DEALER); :class:`MemoryTransport` calls a function instead, as httpx's
+``MockTransport`` does, so unit tests run a whole :class:`~matspool.Spool` without a
+daemon process.
+
+Threads: ``wake`` may be called from any thread; everything else only from the link's
+I/O thread, which owns the transport after ``open``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zmq
+
+from . import _protocol as proto
+from ._curve import ClientKeys, is_tcp
+
+__all__ = ["Handler", "MemoryTransport", "Transport", "ZmqTransport"]
+
+
+class Transport(Protocol):
+    """What the link needs from a connection to a daemon."""
+
+    endpoint: str
+
+    def open(self, identity: bytes) -> None:
+        """Connect; ``identity`` names this client to the daemon (its ring's name)."""
+
+    def send(self, frames: list[Any]) -> None: ...
+
+    def poll(self, timeout: float) -> list[list[bytes]]:
+        """Messages received within ``timeout`` s; returns early on ``wake``."""
+
+    def reconnected(self) -> bool:
+        """Whether the connection was re-established since the last call (answers in
+        flight may have been lost)."""
+
+    def wake(self) -> None:
+        """Make a ``poll`` in progress return (there is something to send)."""
+
+    def close(self) -> None: ...
+
+
+class ZmqTransport:
+    """A ZeroMQ DEALER to the daemon's ROUTER, with an inproc pair to wake the I/O thread."""
+
+    def __init__(self, endpoint: str, curve: ClientKeys | None = None) -> None:
+        self.endpoint = endpoint
+        self._curve = curve
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        inproc = f"inproc://matspool-{id(self)}"
+        self._rx = self._ctx.socket(zmq.PULL)
+        self._rx.bind(inproc)
+        self._tx = self._ctx.socket(zmq.PUSH)
+        self._tx.connect(inproc)
+        self._tx_lock = threading.Lock()  # the PUSH end is used by callers' threads
+        self._dealer: zmq.Socket[bytes] | None = None
+        self._connections = 0
+
+    def open(self, identity: bytes) -> None:
+        dealer = self._dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, identity)
+        dealer.setsockopt(zmq.SNDHWM, 0)
+        dealer.setsockopt(zmq.RCVHWM, 0)  # every answer must get through, however many
+        dealer.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None and is_tcp(self.endpoint):
+            self._curve.apply(dealer)
+        self._monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED)
+        dealer.connect(self.endpoint)
+        self._poller = zmq.Poller()
+        for sock in (dealer, self._rx, self._monitor):
+            self._poller.register(sock, zmq.POLLIN)
+
+    def send(self, frames: list[Any]) -> None:
+        assert self._dealer is not None
+        self._dealer.send_multipart(frames, copy=False)
+
+    def poll(self, timeout: float) -> list[list[bytes]]:
+        assert self._dealer is not None
+        events = dict(self._poller.poll(int(timeout * 1000)))
+        if self._rx in events:
+            while self._rx.poll(0):
+                self._rx.recv()
+        if self._monitor in events:
+            while self._monitor.poll(0):
+                self._monitor.recv_multipart()
+                self._connections += 1
+        got = []
+        if self._dealer in events:
+            while self._dealer.poll(0):
+                got.append(self._dealer.recv_multipart())
+        return got
+
+    def reconnected(self) -> bool:
+        again = self._connections > 1
+        self._connections = min(self._connections, 1)
+        return again
+
+    def wake(self) -> None:
+        with self._tx_lock:
+            self._tx.send(b"")
+
+    def close(self) -> None:
+        if self._dealer is not None:
+            self._dealer.disable_monitor()
+            self._monitor.close(linger=0)
+            self._dealer.close(linger=0)
+            self._dealer = None
+        with self._tx_lock:
+            self._tx.close(linger=0)
+        self._rx.close(linger=0)
+
+
+Handler = Callable[[dict[str, Any]], list[dict[str, Any]]]
+
+
+class MemoryTransport:
+    """A transport that hands each message to ``handler`` and delivers what it returns.
+
+    ``handler(message) -> [reply, ...]`` sees decoded messages (dicts) and returns
+    replies as dicts; it runs on the link's I/O thread. BATCHes are unpacked first.
+    """
+
+    def __init__(self, handler: Handler, endpoint: str = "memory://") -> None:
+        self.endpoint = endpoint
+        self._handler = handler
+        self._inbox: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+
+    def open(self, identity: bytes) -> None:
+        self.identity = identity
+
+    def send(self, frames: list[Any]) -> None:
+        msg = proto.decode([bytes(frames[0]), bytes(frames[1])])
+        for one in msg["msgs"] if msg["op"] == "BATCH" else [msg]:
+            for reply in self._handler(one):
+                self._inbox.put(proto.encode(reply))
+
+    def poll(self, timeout: float) -> list[list[bytes]]:
+        got: list[list[bytes]] = []
+        try:
+            first = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return got
+        for item in [first, *iter(lambda: self._get_nowait(), None)]:
+            if item:
+                got.append(item)
+        return got
+
+    def _get_nowait(self) -> list[bytes] | None:
+        try:
+            return self._inbox.get_nowait() or []
+        except queue.Empty:
+            return None
+
+    def reconnected(self) -> bool:
+        return False
+
+    def wake(self) -> None:
+        self._inbox.put(None)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,136 @@
+"""The whole Spool without a daemon: a MemoryTransport whose handler plays the daemon.
+
+The handler maps the client's ring as the daemon does and reads the bytes each WRITE
+names, so these tests check what a daemon would receive, quickly and in one process.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from typing import Any
+
+import matspool
+import numpy as np
+import pytest
+from matspool import _protocol as proto
+from matspool._ring import open_ring_readonly
+from matspool._transport import MemoryTransport
+
+
+class FakeDaemon:
+    """Answers like matspoold; ``silent`` holds answers back until it is cleared."""
+
+    def __init__(self) -> None:
+        self.mm: mmap.mmap | None = None
+        self.size = 0
+        self.files: dict[str, dict[str, bytes]] = {}
+        self.silent = threading.Event()
+        self.held: list[dict[str, Any]] = []
+        self.fail_with: dict[str, Any] | None = None
+        self.instance = "fake"
+        self.writes: list[str] = []  # paths, one per WRITE received
+
+    def __call__(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        op = msg["op"]
+        if op == "HELLO":
+            self.mm, fd = open_ring_readonly(msg["ring"], msg["ring_bytes"])
+            os.close(fd)
+            self.size = msg["ring_bytes"]
+            return [{"op": "WELCOME", "pid": os.getpid(), "instance": self.instance,
+                     "version": "matspool/1"}]
+        if op == "WRITE":
+            req = proto.parse_write(msg, self.size)
+            self.writes.append(req.path)
+            if self.fail_with is not None:
+                reply = {"op": "ERR", "seq": req.seq, **self.fail_with}
+            else:
+                assert self.mm is not None
+                self.files[req.path] = {v.name: bytes(self.mm[v.offset:v.offset + v.nbytes])
+                                        for v in req.vars if isinstance(v, proto.VarSpec)}
+                reply = {"op": "DONE", "seq": req.seq, "nbytes": 128}
+            if self.silent.is_set():
+                self.held.append(reply)
+                return []
+            return [reply]
+        if op == "PING":
+            if self.silent.is_set():
+                return []
+            held, self.held = self.held, []
+            return [*held, {"op": "PONG", "instance": self.instance}]
+        return []
+
+
+@pytest.fixture
+def fake() -> FakeDaemon:
+    return FakeDaemon()
+
+
+def test_a_save_reaches_the_daemon_in_matlab_order(fake: FakeDaemon) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with matspool.Spool(ring_bytes=1 << 20, transport=MemoryTransport(fake)) as s:
+        res = s.save("/data/x.mat", {"x": x}).result(10)
+    assert res.path == "/data/x.mat" and res.format == "v5"
+    assert fake.files["/data/x.mat"]["x"] == x.tobytes(order="F")
+
+
+def test_an_err_carries_path_seq_and_errno(fake: FakeDaemon) -> None:
+    fake.fail_with = {"code": "write_failed", "message": "disk full", "errno": 28}
+    with matspool.Spool(ring_bytes=1 << 20, transport=MemoryTransport(fake)) as s:
+        s.save("/data/a.mat", {"a": 1.0}).exception(10)
+        fut = s.save("/data/b.mat", {"a": 1.0})
+        err = fut.exception(10)
+        assert isinstance(err, matspool.WriteFailed) and isinstance(err, OSError)
+        assert (err.path, err.seq, err.errno) == ("/data/b.mat", 1, 28)
+        with pytest.raises(matspool.FlushError):
+            s.flush(10)
+        assert s._ring.used == 0
+
+
+def test_a_silent_daemon_keeps_its_regions_until_it_answers(fake: FakeDaemon) -> None:
+    s = matspool.Spool(ring_bytes=1 << 16, timeout=2, heartbeat=0.1, transport=MemoryTransport(fake))
+    try:
+        fake.silent.set()
+        fut = s.save("/data/held.mat", {"v": np.ones((64, 80))})  # 40 KiB of a 64 KiB ring
+        err = fut.exception(10)
+        assert isinstance(err, matspool.DaemonUnavailable) and "outcome" in str(err), err
+        assert s._ring.used > 0, "a region the daemon may still read was given back"
+        with pytest.raises(matspool.SpoolFull):
+            s.save("/data/more.mat", {"v": np.ones((64, 80))})
+        fake.silent.clear()  # the daemon resumes: its answer frees the region
+        s.save("/data/after.mat", {"v": np.zeros((64, 80))}).result(10)  # needs that region
+        assert fake.files["/data/held.mat"]["v"] == np.ones((64, 80)).tobytes()
+    finally:
+        s.close(5)  # the one failure was looked at: nothing to report
+
+
+def test_close_names_unobserved_failures_only(fake: FakeDaemon) -> None:
+    fake.fail_with = {"code": "write_failed", "message": "no such directory"}
+    s = matspool.Spool(ring_bytes=1 << 20, transport=MemoryTransport(fake))
+    seen = s.save("/data/seen.mat", {"a": 1.0})
+    s.save("/data/unseen.mat", {"a": 1.0})
+    assert seen.exception(10) is not None
+    with pytest.raises(matspool.FlushError) as info:
+        s.close(10)
+    assert "/data/unseen.mat" in str(info.value) and "/data/seen.mat" not in str(info.value)
+    assert [e.path for e in info.value.errors] == ["/data/unseen.mat"]
+
+
+def test_a_new_daemon_instance_frees_what_the_silent_one_held(fake: FakeDaemon) -> None:
+    """The silent instance never answers; another instance answering on the endpoint
+    means it is gone: the failed save's region goes back, nothing is re-sent for it."""
+    s = matspool.Spool(ring_bytes=1 << 16, timeout=1, heartbeat=0.1, transport=MemoryTransport(fake))
+    try:
+        fake.silent.set()
+        fut = s.save("/data/held.mat", {"v": np.ones((64, 80))})
+        assert isinstance(fut.exception(10), matspool.DaemonUnavailable)
+        assert s._ring.used > 0
+        fake.held.clear()  # that instance dies with its answers
+        fake.instance = "restarted"
+        fake.silent.clear()
+        s.save("/data/after.mat", {"v": np.zeros((64, 80))}).result(10)  # needs that region
+        assert fake.writes.count("/data/held.mat") == 1  # a failed save is not re-sent
+        assert s.pending == 0
+    finally:
+        s.close(5)
