@@ -65,10 +65,10 @@ _default_lock = _threading.Lock()
 
 def _fresh_lock_in_child() -> None:
     global _default_lock
-    _default_lock = threading.Lock()  # another thread may have held it at the fork
+    _default_lock = _threading.Lock()  # another thread may have held it at the fork
 
 
-os.register_at_fork(after_in_child=_fresh_lock_in_child)
+_os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 def default_spool() -> Spool:
