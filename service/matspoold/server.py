@@ -30,6 +30,7 @@ from matspool._errors import MatspoolError, ProtocolError, RingError, UnknownCli
 from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 
 from .cleanup import pid_alive, remove_stale_rings
+from .endpoint import IpcClaim, claim_ipc
 from .paths import normalize_roots, resolve_target
 from .writers import Session, write_atomic
 from .writers.stream import append_step
@@ -275,6 +276,7 @@ class Daemon:
         self.instance = secrets.token_hex(8)  # tells clients this daemon from an earlier one
         self.clean_stale = clean_stale
         self.client_timeout = client_timeout
+        self._claim: IpcClaim | None = None
         self.snapshot: dict[str, Any] = self.status()  # refreshed by the loop; read by metrics
 
     # -- life cycle ----------------------------------------------------------------------
@@ -300,12 +302,13 @@ class Daemon:
             sock.bind(self.endpoint)
             return
         path = self.endpoint[len("ipc://"):]
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._claim = claim_ipc(self.endpoint)  # EndpointBusy if a live daemon has it
         old = os.umask(0o177)  # no window in which the socket is open to others
         try:
             sock.bind(self.endpoint)
         finally:
             os.umask(old)
+        self._claim.bound()
         if self.socket_group is not None:
             import grp
 
@@ -323,7 +326,13 @@ class Daemon:
         # every answer late rather than never (answers are small; the rings bound them)
         router.setsockopt(zmq.SNDHWM, 0)
         router.setsockopt(zmq.RCVHWM, 0)
-        self._bind(router)
+        try:
+            self._bind(router)
+        except BaseException:
+            router.close(linger=0)
+            if self._claim is not None:
+                self._claim.release()
+            raise
         wake = self._ctx.socket(zmq.PULL)
         wake.bind(self._wake_addr)
         poller = zmq.Poller()
@@ -365,11 +374,8 @@ class Daemon:
             if getattr(self, "_auth", None) is not None:
                 self._auth.stop()
             self._ctx.destroy(linger=0)  # also closes the writers' wake sockets
-            if self.endpoint.startswith("ipc://"):
-                try:
-                    os.unlink(self.endpoint[len("ipc://"):])
-                except FileNotFoundError:
-                    pass
+            if self._claim is not None:
+                self._claim.release()  # removes the socket only if it is still ours
             log.info("stopped after %d files", self.files_written)
 
     def status(self) -> dict[str, Any]:
@@ -412,7 +418,8 @@ class Daemon:
         op = msg["op"]
         try:
             if op == "PING":
-                router.send_multipart([ident, *proto.encode({"op": "PONG", "instance": self.instance})])
+                router.send_multipart([ident, *proto.encode({"op": "PONG", "instance": self.instance,
+                                                             "pid": os.getpid()})])
             elif op == "STATUS":
                 router.send_multipart([ident, *proto.encode(self.status())])
             elif op == "HELLO":
