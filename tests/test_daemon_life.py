@@ -80,3 +80,69 @@ def test_daemon_removes_only_the_socket_it_created(tmp_path: Path, out_dir: Path
     d2 = start_daemon(out_dir, tmp_path / "sock")  # nobody answers on it: stale, replaced
     assert d2.stop() == 0
     assert not os.path.exists(sock), "a daemon left its own socket behind"
+
+
+# -- break 3: a stopped client is not a dead one --------------------------------------------
+
+_STOPPED_CLIENT = textwrap.dedent("""
+    import glob, os, sys, numpy as np, matspool
+    from matspool._ring import RING_PREFIX, SHM_DIR
+    endpoint, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    spool = matspool.Spool(endpoint, ring_bytes=64 << 20, timeout=60)
+    futs = [spool.save(os.path.join(out, f"s{i}.mat"), {"a": np.full((512, 512), i, np.float64)})
+            for i in range(n)]
+    print("SAVED", flush=True)
+    sys.stdin.readline()  # the test stops us, waits past the timeout, continues us, then writes
+    later = [spool.save(os.path.join(out, f"s{i}.mat"), {"a": np.full((512, 512), i, np.float64)})
+             for i in range(n, 2 * n)]
+    for f in futs + later:
+        f.result(60)
+    rings = glob.glob(os.path.join(SHM_DIR, f"{RING_PREFIX}{os.getpid()}-*"))
+    spool.close()
+    print("RINGS", len(rings), flush=True)
+""")
+
+
+def _client_status(endpoint: str, pid: int) -> dict | None:
+    from matspoold.probe import ask
+
+    st = ask(endpoint, "STATUS", 10)
+    assert st is not None, "the daemon stopped answering"
+    return next((c for c in st["clients"] if c["pid"] == pid), None)
+
+
+def test_client_stopped_past_client_timeout_keeps_its_ring_and_saves(
+        tmp_path: Path, out_dir: Path) -> None:
+    n = 6
+    # a slow disk (0.4 s a file, one writer): saves are still queued when the client stops
+    d = start_daemon(out_dir, tmp_path / "sock", "--client-timeout", "2", "--writers", "1",
+                     "--debug-write-delay", "0.4")
+    client = subprocess.Popen([sys.executable, "-c", _STOPPED_CLIENT, d.endpoint, str(out_dir), str(n)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "SAVED"
+        while True:  # until the daemon holds every save: then stop the client mid-way
+            me = _client_status(d.endpoint, client.pid)
+            if me is not None and me["queue_depth"] + me["files_written"] == n:
+                break
+            time.sleep(0.01)
+        os.kill(client.pid, signal.SIGSTOP)
+        assert me["queue_depth"] > 0, "no save was in flight when the client stopped"
+        while True:  # silent for well past --client-timeout, and its saves all written
+            me = _client_status(d.endpoint, client.pid)
+            if me is None or (me["silent_s"] > 4 and me["queue_depth"] == 0):
+                break
+            time.sleep(0.1)
+        os.kill(client.pid, signal.SIGCONT)
+        out, _ = client.communicate("go\n", timeout=120)
+        assert client.returncode == 0, out
+        assert "RINGS 1" in out, f"the client's ring was gone after it continued: {out}"
+        for i in range(2 * n):
+            assert (scipy.io.loadmat(out_dir / f"s{i}.mat")["a"] == np.full((512, 512), i)).all()
+        assert d.alive()
+    finally:
+        if client.poll() is None:
+            os.kill(client.pid, signal.SIGCONT)
+            client.kill()
+            client.wait()
+        d.stop()

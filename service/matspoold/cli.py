@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--clean-stale", dest="clean_stale", action="store_true", default=unset,
                    help="remove them (the default; overrides clean_stale = false in a config file)")
     s.add_argument("--client-timeout", type=float, default=unset,
-                   help="seconds of silence after which a client counts as dead (default: 30.0)")
+                   help="seconds of silence after which a remote client, or any client with "
+                        "--no-clean-stale, counts as dead; a local client whose pid is alive "
+                        "is never dropped (default: 30.0)")
     s.add_argument("--curve-secret", metavar="FILE", default=unset,
                    help="the server's .key_secret file (required for tcp:// endpoints)")
     s.add_argument("--curve-clients", metavar="DIR", default=unset,

@@ -496,16 +496,22 @@ class Daemon:
     def _reap_dead_clients(self) -> None:
         """Clients gone without BYE: finish their accepted saves, then free their rings.
 
-        Dead means its pid is gone here (after a short grace) or it was silent for
-        ``client_timeout`` (clients ping every second; pids of another namespace lie).
+        A local client is dead when its pid is gone (after a short grace): silence alone is
+        not death, since a process stopped by SIGSTOP, a debugger or swap comes back and
+        must find its registration and ring. Pids mean something only in our own pid
+        namespace, so with ``--no-clean-stale`` (clients in other containers), and for
+        remote clients, silence past ``client_timeout`` decides.
         """
         now = time.monotonic()
         for c in list(self._clients.values()):
             silent = now - c.last_seen
-            # pids mean something only in our own pid namespace: with --no-clean-stale
-            # (clients in other containers) silence alone decides
-            pid_gone = self.clean_stale and silent > 2.0 and not pid_alive(c.pid)
-            if c.dead or not (silent > self.client_timeout or pid_gone):
+            if c.dead:
+                continue
+            if self.clean_stale and c.mm is not None:
+                dead = silent > 2.0 and not pid_alive(c.pid)
+            else:
+                dead = silent > self.client_timeout
+            if not dead:
                 continue
             c.dead = True
             if not c.inflight:
