@@ -146,3 +146,85 @@ def test_client_stopped_past_client_timeout_keeps_its_ring_and_saves(
             client.kill()
             client.wait()
         d.stop()
+
+
+# -- break 4: a killed daemon's temporaries are removed by the next one ----------------------
+
+def _temporaries(d: Path) -> list[Path]:
+    return [p for p in d.rglob("*") if p.name.endswith(".matspool-tmp")]
+
+
+def test_killed_daemons_leave_no_temporaries_and_every_file_whole(tmp_path: Path, out_dir: Path) -> None:
+    from readback import read
+
+    rng = np.random.default_rng(20261201)
+    state = tmp_path / "state"
+    args = ("--state-dir", str(state), "--writers", "2")
+    (out_dir / "sub").mkdir()
+    saved: dict[Path, tuple[str, np.ndarray]] = {}
+    futures = []
+    seen_mid_write = 0
+    d = start_daemon(out_dir, tmp_path / "sock", *args)
+    with matspool.Spool(d.endpoint, ring_bytes=256 << 20, timeout=120) as spool:
+        for kill in range(20):
+            for i in range(6):
+                fmt = ("v5", "v7.3")[i % 2]
+                n = (2048, 64)[i % 3 == 2]  # 32 MiB or 32 KiB of float64
+                path = out_dir / ("sub" if i % 4 == 3 else "") / f"k{kill}_{i}.mat"
+                value = rng.standard_normal((n, n // 8 or 1)) if n == 64 else np.full(
+                    (n, n), kill * 10 + i, np.float64)
+                saved[path] = (fmt, value)
+                futures.append(spool.save(path, {"x": value}, format=fmt))
+            time.sleep(rng.uniform(0.0, 0.4))
+            os.kill(d.proc.pid, signal.SIGKILL)
+            d.proc.wait()
+            seen_mid_write += len(_temporaries(out_dir))
+            d = start_daemon(out_dir, tmp_path / "sock", *args)  # resends what was unanswered
+        try:
+            spool.flush(300)
+            assert not _temporaries(out_dir), f"temporaries left: {_temporaries(out_dir)}"
+            journals = [p.name for p in state.iterdir()]
+            assert len(journals) == 1 and journals[0].startswith(f"tmp-{d.proc.pid}-"), (
+                f"dead daemons' journals stayed: {journals}")
+        finally:
+            assert d.stop() == 0
+    assert seen_mid_write > 0, "no kill landed mid-write: the test provoked nothing"
+    assert all(f.done() and f.exception() is None for f in futures)
+    for path, (fmt, value) in saved.items():
+        got = read(path, fmt)["x"]
+        assert got.dtype == value.dtype and got.shape == value.shape and (got == value).all(), path
+    assert not _temporaries(out_dir)
+    assert list(state.iterdir()) == [], "a clean exit left its journal"
+
+
+def test_restart_removes_only_a_dead_daemons_own_temporaries(tmp_path: Path, out_dir: Path) -> None:
+    state = tmp_path / "state"
+    live = start_daemon(out_dir, tmp_path / "live", "--state-dir", str(state))
+    dead = start_daemon(out_dir, tmp_path / "sock", "--state-dir", str(state))
+    try:
+        for d in (live, dead):  # each journals out_dir
+            with matspool.Spool(d.endpoint, ring_bytes=4 << 20, timeout=30) as spool:
+                spool.save(out_dir / f"{d.proc.pid}.mat", {"a": 1.0}).result(30)
+        tags = {d.proc.pid: next(state.glob(f"tmp-{d.proc.pid}-*.journal")).name[4:-8] for d in (live, dead)}
+        os.kill(dead.proc.pid, signal.SIGKILL)
+        dead.proc.wait()
+        elsewhere = tmp_path / "not-journaled"
+        elsewhere.mkdir()
+        plant = {
+            out_dir / f".a.mat.{tags[dead.proc.pid]}-7.matspool-tmp": False,  # the dead one's: goes
+            out_dir / f".b.mat.{tags[live.proc.pid]}-7.matspool-tmp": True,  # a live daemon's
+            out_dir / ".c.mat.1-0123456789abcdef-7.matspool-tmp": True,  # another tag
+            out_dir / f"{tags[dead.proc.pid]}-7.matspool-tmp": True,  # not a temporary's name
+            out_dir / f".d.mat.{tags[dead.proc.pid]}-7.matspool-tmp.mat": True,
+            elsewhere / f".e.mat.{tags[dead.proc.pid]}-7.matspool-tmp": True,  # dir not journaled
+        }
+        for p in plant:
+            p.write_bytes(b"x")
+        restarted = start_daemon(out_dir, tmp_path / "sock", "--state-dir", str(state))
+        assert restarted.stop() == 0
+        assert {p: p.exists() for p in plant} == plant
+        assert (out_dir / f"{dead.proc.pid}.mat").exists() and (out_dir / f"{live.proc.pid}.mat").exists()
+        assert [p.name for p in state.iterdir()] == [f"tmp-{tags[live.proc.pid]}.journal"]
+    finally:
+        assert live.stop() == 0
+    assert list(state.iterdir()) == []

@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
         daemon = Daemon(cfg.endpoint, cfg.roots, writers=cfg.writers, socket_mode=cfg.socket_mode,
                         socket_group=cfg.group, parent_pid=args.parent_pid,
                         clean_stale=cfg.clean_stale, client_timeout=cfg.client_timeout,
+                        state_dir=cfg.state_dir,
                         curve_secret=cfg.curve_secret, curve_clients=cfg.curve_clients,
                         write_delay=args.debug_write_delay)
     except (ValueError, KeyError) as e:
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of silence after which a remote client, or any client with "
                         "--no-clean-stale, counts as dead; a local client whose pid is alive "
                         "is never dropped (default: 30.0)")
+    s.add_argument("--state-dir", metavar="DIR", default=unset,
+                   help="where the daemon journals the directories it writes temporary files "
+                        "in, so a restart removes a killed daemon's leftovers (default: "
+                        "$STATE_DIRECTORY, else $XDG_STATE_HOME/matspool, else "
+                        "~/.local/state/matspool)")
     s.add_argument("--curve-secret", metavar="FILE", default=unset,
                    help="the server's .key_secret file (required for tcp:// endpoints)")
     s.add_argument("--curve-clients", metavar="DIR", default=unset,

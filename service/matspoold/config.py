@@ -78,6 +78,7 @@ class ServeSettings:
     group: str | None
     clean_stale: bool
     client_timeout: float
+    state_dir: str | None
     curve_secret: str | None
     curve_clients: str | None
     log_level: str
@@ -109,6 +110,7 @@ def builtin_defaults() -> dict[str, Any]:
         "group": None,
         "clean_stale": True,
         "client_timeout": 30.0,
+        "state_dir": None,  # tempjournal.default_state_dir(), chosen when the daemon starts
         "curve_secret": None,
         "curve_clients": None,
         "log_level": "info",
@@ -202,10 +204,11 @@ def _roots(value: Any, text: bool) -> tuple[str, ...]:
 _PARSE: Final[dict[str, Callable[[Any, bool], Any]]] = {
     "endpoint": _str, "roots": _roots, "writers": _int, "compress_threads": _int,
     "socket_mode": _mode, "group": _str, "clean_stale": _bool, "client_timeout": _float,
+    "state_dir": _str,
     "curve_secret": _str, "curve_clients": _str, "log_level": _level, "log_format": _str,
     "metrics": _str,
 }
-_PATHS: Final = ("roots", "curve_secret", "curve_clients")
+_PATHS: Final = ("roots", "curve_secret", "curve_clients", "state_dir")
 
 
 def _absolute(name: str, value: Any, base: str) -> Any:

@@ -31,8 +31,10 @@ from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 
 from .cleanup import pid_alive, remove_stale_rings
 from .endpoint import IpcClaim, claim_ipc
+from .tempjournal import TempJournal, default_state_dirs, open_journal, sweep_dead
 from .paths import normalize_roots, resolve_target
 from .writers import Session, write_atomic
+from .writers._files import TEMPS
 from .writers.stream import append_step
 
 __all__ = ["Daemon"]
@@ -239,6 +241,7 @@ class Daemon:
         curve_secret: str | None = None,
         curve_clients: str | None = None,
         write_delay: float = 0.0,
+        state_dir: str | None = None,
     ) -> None:
         if not roots:
             raise ValueError("the daemon needs at least one --root")
@@ -275,6 +278,9 @@ class Daemon:
         self.started = time.monotonic()
         self.instance = secrets.token_hex(8)  # tells clients this daemon from an earlier one
         self.clean_stale = clean_stale
+        # the journal's directory: the one given, else the first usable default
+        self.state_dirs = [state_dir] if state_dir else default_state_dirs(endpoint)
+        self._journal: TempJournal | None = None
         self.client_timeout = client_timeout
         self._claim: IpcClaim | None = None
         self.snapshot: dict[str, Any] = self.status()  # refreshed by the loop; read by metrics
@@ -328,6 +334,10 @@ class Daemon:
         router.setsockopt(zmq.RCVHWM, 0)
         try:
             self._bind(router)
+            # after the bind: a daemon refused its endpoint must not sweep or journal
+            self._journal = open_journal(self.state_dirs, TEMPS.tag)
+            sweep_dead(os.path.dirname(self._journal.path))
+            TEMPS.record = self._journal.record
         except BaseException:
             router.close(linger=0)
             if self._claim is not None:
@@ -368,8 +378,14 @@ class Daemon:
         finally:
             self._pool.shutdown()
             self._drain_results(router)
+            for session in self._sessions.values():  # saves in pieces never ended: no temporary stays
+                session.abort()
+            self._sessions.clear()
             for c in self._clients.values():
                 c.release()
+            TEMPS.record = None
+            if self._journal is not None:
+                self._journal.close()
             router.close(linger=1000)
             if getattr(self, "_auth", None) is not None:
                 self._auth.stop()

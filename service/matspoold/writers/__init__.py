@@ -10,9 +10,7 @@ partial file under the name they asked for.
 
 from __future__ import annotations
 
-import itertools
 import os
-import secrets
 from collections.abc import Callable, Sequence
 
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from matspool._protocol import Variable, VarSpec
 
 from .stream import create_stream
 from .v5 import write_v5
-from ._files import pwrite_all
+from ._files import TEMPS, TMP_SUFFIX, pwrite_all
 from .v73 import write_v73
 
 __all__ = ["TMP_SUFFIX", "WRITERS", "Session", "Variables", "write_atomic"]
@@ -32,7 +30,6 @@ __all__ = ["TMP_SUFFIX", "WRITERS", "Session", "Variables", "write_atomic"]
 Variables = Sequence[tuple[Variable, Any]]
 WRITERS: dict[str, Callable[[str, Variables, int], None]] = {
     "v5": write_v5, "v7.3": write_v73, "stream": create_stream}  # type: ignore[dict-item]
-TMP_SUFFIX = ".matspool-tmp"
 
 
 def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
@@ -43,15 +40,8 @@ def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
-_tmp_ids = itertools.count()
-_tmp_salt = secrets.token_hex(3)
-
-
 def _tmp_name(final: str) -> str:
-    """Unique within this daemon (a counter) and across daemons (pid and a random salt);
-    no ``urandom`` call per file."""
-    directory, base = os.path.split(final)
-    return os.path.join(directory, f".{base[:180]}.{os.getpid()}-{_tmp_salt}-{next(_tmp_ids)}{TMP_SUFFIX}")
+    return TEMPS.for_final(final)
 
 
 def _unlink(path: str) -> None:

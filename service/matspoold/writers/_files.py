@@ -1,11 +1,42 @@
-"""Whole writes to file descriptors, shared by the writers."""
+"""Whole writes to file descriptors, and the temporary names files are written under.
+
+Threads: any writer thread; ``TempNames.for_final`` is safe to call from all of them.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["pwrite_all", "write_new_file"]
+__all__ = ["TEMPS", "TMP_SUFFIX", "TempNames", "pwrite_all", "write_new_file"]
+
+TMP_SUFFIX = ".matspool-tmp"
+
+
+class TempNames:
+    """``.NAME.<tag>-<n>.matspool-tmp`` beside a final name: unique within the daemon (a
+    counter, no ``urandom`` per file) and across daemons (``tag`` is the pid and a random
+    salt). ``record``, when set (the daemon's temporary-file journal), is told each
+    directory before a temporary is named in it, so a killed daemon's leftovers can be
+    found and removed by the next one (``tempjournal``)."""
+
+    def __init__(self) -> None:
+        self.tag = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.record: Callable[[str], None] | None = None
+        self._ids = itertools.count()
+
+    def for_final(self, final: str) -> str:
+        directory, base = os.path.split(final)
+        if self.record is not None:
+            self.record(directory)
+        return os.path.join(directory, f".{base[:180]}.{self.tag}-{next(self._ids)}{TMP_SUFFIX}")
+
+
+#: the process's temporary names (one daemon per process)
+TEMPS = TempNames()
 
 
 def pwrite_all(fd: int, data: Any, offset: int) -> None:
