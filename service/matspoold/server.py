@@ -177,10 +177,24 @@ def _check_ring_size(client: _Client, request: proto.WriteRequest) -> None:
         raise RingError(f"the client's ring shrank to {size} bytes; this save needs {end}")
 
 
+def os_errno(err: BaseException | None) -> int | None:
+    """The OS errno behind ``err``: its own, else that of the OSError it was raised from."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and type(err.errno) is int:
+            return err.errno
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def _error_msg(seq: object, err: BaseException) -> dict[str, Any]:
     code = err.code if isinstance(err, MatspoolError) else "error"
     seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else -1
-    return {"op": "ERR", "seq": seq, "code": code, "message": str(err)}
+    msg: dict[str, Any] = {"op": "ERR", "seq": seq, "code": code, "message": str(err)}
+    number = os_errno(err)
+    if number is not None:
+        msg["errno"] = number  # e.g. ENOENT, ENOSPC, EACCES: for the client's WriteFailed.errno
+    return msg
 
 
 def _error_reply(ident: bytes, seq: object, err: BaseException) -> list[bytes]:
@@ -603,6 +617,7 @@ class Daemon:
             error = e
         except OSError as e:
             error = WriteFailed(f"cannot write {job.request.path!r}: {e.strerror or e}")
+            error.__cause__ = e  # its errno goes into the ERR message
         except Exception as e:
             log.exception("writer failed on %s", job.request.path)
             error = WriteFailed(f"cannot write {job.request.path!r}: {type(e).__name__}: {e}")
@@ -663,6 +678,8 @@ class Daemon:
         except BaseException as e:
             session.error = e if isinstance(e, MatspoolError) else WriteFailed(
                 f"cannot write {job.request.path!r}: {getattr(e, 'strerror', None) or e}")
+            if session.error is not e:
+                session.error.__cause__ = e  # keeps the errno for the END's ERR
             session.abort()
             raise session.error from e
         return None
