@@ -29,9 +29,9 @@ from matspool._curve import is_tcp, load_secret
 from matspool._errors import MatspoolError, ProtocolError, RingError, UnknownClient, WriteFailed
 from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 
-from .cleanup import pid_alive, remove_stale_rings
+from .cleanup import TempJournal, default_state_dirs, open_journal, pid_alive, remove_stale_rings, sweep_dead
 from .endpoint import IpcClaim, claim_ipc
-from .tempjournal import TempJournal, default_state_dirs, open_journal, sweep_dead
+
 from .paths import normalize_roots, resolve_target
 from .writers import Session, write_atomic
 from .writers._files import TEMPS
