@@ -7,12 +7,9 @@ import argparse
 import os
 import sys
 
+from .config import ConfigError, default_endpoint, resolve_settings, take_flags
+
 __all__ = ["default_endpoint", "main"]
-
-
-def default_endpoint() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/matspool-{os.getuid()}"
-    return f"ipc://{base}/matspool/matspool.sock"
 
 
 def _mode(text: str) -> int:
@@ -26,8 +23,6 @@ def _mode(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import ConfigError, resolve_settings
-
     try:  # defaults < config file < MATSPOOL_* environment < the flags given (config.py)
         resolved = resolve_settings(getattr(args, "given_flags", {}), config=args.config)
     except ConfigError as e:
@@ -37,9 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.write(resolved.to_toml())
         return 0
     cfg = resolved.settings
-    from .server import Daemon, install_signal_handlers
-
     from .logs import setup_logging
+    from .server import Daemon, install_signal_handlers
 
     setup_logging(cfg.log_level, cfg.log_format)
     try:
@@ -178,7 +172,5 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_demo)
     args = p.parse_args(argv)
     if args.command == "serve":
-        from .config import take_flags
-
         args.given_flags = take_flags(args)
     return args.func(args)

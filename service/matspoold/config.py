@@ -37,6 +37,7 @@ __all__ = [
     "Resolved",
     "ServeSettings",
     "builtin_defaults",
+    "default_endpoint",
     "resolve_settings",
     "take_flags",
 ]
@@ -94,9 +95,10 @@ _DESTS: Final = {name: name for name in FIELDS} | {"roots": "root"}
 
 
 def default_endpoint() -> str:
-    from .cli import default_endpoint as endpoint
-
-    return endpoint()
+    """``ipc://$XDG_RUNTIME_DIR/matspool/matspool.sock`` (``/tmp/matspool-<uid>`` without
+    a runtime directory): where ``serve``, ``ping`` and ``status`` meet by default."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/matspool-{os.getuid()}"
+    return f"ipc://{base}/matspool/matspool.sock"
 
 
 def builtin_defaults() -> dict[str, Any]:

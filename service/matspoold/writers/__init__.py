@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +19,9 @@ import numpy as np
 from matspool._errors import ProtocolError
 from matspool._protocol import Variable, VarSpec
 
+from ._files import TEMPS, TMP_SUFFIX, pwrite_all
 from .stream import create_stream
 from .v5 import write_v5
-from ._files import TEMPS, TMP_SUFFIX, pwrite_all
 from .v73 import write_v73
 
 __all__ = ["TMP_SUFFIX", "WRITERS", "Session", "Variables", "write_atomic"]
