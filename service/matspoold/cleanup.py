@@ -152,7 +152,7 @@ def _sweep_one(path: str, fd: int) -> list[str] | None:
         return None
     pattern = temp_pattern(tag)
     uid = os.geteuid()
-    removed = []
+    removed: list[str] = []
     for raw in lines[1:]:
         try:
             directory = json.loads(raw)
@@ -225,7 +225,7 @@ def pid_alive(pid: int) -> bool:
 
 def remove_stale_rings(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink this user's rings whose creating process is gone; returns their names."""
-    removed = []
+    removed: list[str] = []
     uid = os.geteuid()
     try:
         names = os.listdir(shm_dir)

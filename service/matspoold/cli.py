@@ -173,4 +173,5 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "serve":
         args.given_flags = take_flags(args)
-    return args.func(args)
+    status: int = args.func(args)
+    return status

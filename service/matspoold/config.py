@@ -217,7 +217,9 @@ def _absolute(name: str, value: Any, base: str) -> Any:
     """Paths made absolute against ``base`` (the config file's directory, or the cwd)."""
     if value is None or name not in _PATHS:
         return value
-    join = lambda p: os.path.abspath(os.path.join(base, os.path.expanduser(p)))  # noqa: E731
+    def join(p: str) -> str:
+        return os.path.abspath(os.path.join(base, os.path.expanduser(p)))
+
     return tuple(join(p) for p in value) if name == "roots" else join(value)
 
 

@@ -182,9 +182,10 @@ class JobRunner:
             if session is not None and session.error is None and job.abort:
                 session.abort()
                 raise WriteFailed(f"the client abandoned the save to {job.request.path!r}; nothing was written")
-            if session is None or session.error is not None:
-                raise (session.error if session is not None else
-                       WriteFailed(f"cannot write {job.request.path!r}: the save failed before its end"))
+            if session is None:
+                raise WriteFailed(f"cannot write {job.request.path!r}: the save failed before its end")
+            if session.error is not None:
+                raise session.error
             return session.end()
         part = job.part
         assert part is not None
@@ -197,6 +198,7 @@ class JobRunner:
                 end = part.offset + part.nbytes
                 if os.fstat(job.client.fd).st_size < end:
                     raise RingError(f"the client's ring shrank below {end} bytes")
+                assert job.client.mm is not None  # a local client: its ring is mapped
                 data = np.frombuffer(job.client.mm, np.uint8, part.nbytes, part.offset)
             session.write(part.var, part.start, data)
         except BaseException as e:

@@ -42,7 +42,7 @@ def error_msg(seq: object, err: BaseException) -> dict[str, Any]:
     return msg
 
 
-def refuse(router: zmq.Socket, ident: bytes, seq: object, err: Exception) -> None:
+def refuse(router: zmq.Socket[bytes], ident: bytes, seq: object, err: Exception) -> None:
     """Answer a message with ERR. Called from an ``except`` block: a bug of ours (not a
     MatspoolError) is logged with its traceback, and must not take the daemon down either."""
     if isinstance(err, MatspoolError):

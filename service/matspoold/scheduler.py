@@ -51,9 +51,9 @@ class Scheduler:
         for t in self._threads:
             t.start()
 
-    def wake_socket(self) -> zmq.Socket:  # type: ignore[type-arg]
+    def wake_socket(self) -> zmq.Socket[bytes]:
         """The socket the control loop polls; readable when results are waiting."""
-        wake = self._ctx.socket(zmq.PULL)
+        wake: zmq.Socket[bytes] = self._ctx.socket(zmq.PULL)
         wake.bind(self._wake_addr)
         return wake
 

@@ -117,7 +117,7 @@ class Daemon:
         """Finish the accepted writes, then leave ``serve()``."""
         self._stop.set()
 
-    def _bind(self, sock: zmq.Socket) -> None:
+    def _bind(self, sock: zmq.Socket[bytes]) -> None:
         if is_tcp(self.endpoint):
             from zmq.auth.thread import ThreadAuthenticator
 
@@ -125,7 +125,7 @@ class Daemon:
                 raise ValueError(f"--curve-clients {self.curve_clients!r} is not a directory")
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
-            self._auth.configure_curve(domain="*", location=self.curve_clients)
+            self._auth.configure_curve(domain="*", location=self.curve_clients or "")
             public, secret = load_secret(self.curve_secret)  # type: ignore[arg-type]
             sock.curve_publickey, sock.curve_secretkey = public, secret
             sock.curve_server = True
@@ -225,7 +225,7 @@ class Daemon:
                 "clients": self._clients.status(now)}
 
     # -- control messages ----------------------------------------------------------------
-    def _handle(self, router: zmq.Socket, frames: list[zmq.Frame]) -> None:
+    def _handle(self, router: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
             return  # nothing to answer to
         ident, body = frames[0].bytes, frames[1:]
@@ -248,7 +248,7 @@ class Daemon:
         for m in msgs:
             self._handle_one(router, ident, m, payload)
 
-    def _handle_one(self, router: zmq.Socket, ident: bytes, msg: dict[str, Any],
+    def _handle_one(self, router: zmq.Socket[bytes], ident: bytes, msg: dict[str, Any],
                     payload: list[memoryview]) -> None:
         seq: object = msg.get("seq", -1)
         op = msg["op"]
@@ -274,7 +274,7 @@ class Daemon:
         except Exception as e:
             refuse(router, ident, seq, e)
 
-    def _write(self, router: zmq.Socket, ident: bytes, msg: dict[str, Any],
+    def _write(self, router: zmq.Socket[bytes], ident: bytes, msg: dict[str, Any],
                payload: list[memoryview] | None = None) -> None:
         client = self._clients.get(ident)
         if client is None:
@@ -322,7 +322,7 @@ class Daemon:
         job.client.payload_inflight += job.ring_bytes
         self._scheduler.enqueue(job)
 
-    def _drain_results(self, router: zmq.Socket) -> None:  # type: ignore[type-arg]
+    def _drain_results(self, router: zmq.Socket[bytes]) -> None:
         """Answer the writers' finished jobs; a client's DONEs go out together."""
         done: dict[bytes, list[list[int]]] = {}
         while (result := self._scheduler.next_result()) is not None:
