@@ -15,18 +15,16 @@ import textwrap
 import time
 from pathlib import Path
 
+import matspool
 import numpy as np
 import scipy.io
-
-import matspool
-
 from conftest import start_daemon
 
 
 def _serve(endpoint: str, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
                            "--root", str(root), "--log-level", "warning", *extra],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 # -- break 6: one daemon per endpoint ---------------------------------------------------------

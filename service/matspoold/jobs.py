@@ -2,7 +2,7 @@
 
 A job reads its arrays in place, as numpy views over the client's ring (or over the
 frames a remote client sent), and hands them to a writer: a whole file (``write_atomic``),
-a stream step (``append_step``), or a save arriving in pieces (a ``Session``: laid out at
+a stream step (the stream writer's ``append``), or a save arriving in pieces (a ``Session``: laid out at
 ``begin``, filled by each PART, renamed into place at END).
 
 Threads: ``JobRunner.run`` runs on writer threads, several at once, but never two jobs of
@@ -27,8 +27,7 @@ from matspool._errors import MatspoolError, ProtocolError, RingError, WriteFaile
 
 from .paths import resolve_target
 from .sessions import Client
-from .writers import Session, write_atomic
-from .writers.stream import append_step
+from .writers import WRITERS, Session, write_atomic
 
 __all__ = ["Job", "JobRunner", "Source", "check_ring_size", "in_ring", "payload_of"]
 
@@ -168,7 +167,7 @@ class JobRunner:
             self.sessions[(job.client.ident, req.seq)] = Session.begin(final, req.format, views, req.fsync)
             return None
         if req.mode == "append":
-            return append_step(final, views, fsync=req.fsync)  # type: ignore[arg-type]
+            return WRITERS["stream"].append(final, views, fsync=req.fsync)
         fmt = "stream" if req.mode == "create" else req.format
         return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress)
 
