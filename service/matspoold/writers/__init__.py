@@ -23,7 +23,7 @@ writer thread may call them.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,8 +36,8 @@ from .stream import append_step, create_stream
 from .v5 import write_v5
 from .v73 import write_v73
 
-__all__ = ["TMP_SUFFIX", "WRITERS", "Holes", "Session", "StreamWriter", "V5Writer", "V73Writer",
-           "Variables", "Writer", "write_atomic", "writer_for"]
+__all__ = ["TMP_SUFFIX", "WRITERS", "Holes", "MatWriter", "Session", "StreamWriter", "Variables", "Writer",
+           "write_atomic", "writer_for"]
 
 Variables = Sequence[tuple[Variable, Any]]
 Holes = dict[str, list[int]]  # deferred variable -> file offsets where its bytes go
@@ -46,7 +46,7 @@ Holes = dict[str, list[int]]  # deferred variable -> file offsets where its byte
 class Writer:
     """One MAT-file format."""
 
-    name: ClassVar[str]
+    name: str
     supports_parts: ClassVar[bool] = False
     supports_streaming: ClassVar[bool] = False
     supports_compression: ClassVar[bool] = False
@@ -61,26 +61,20 @@ class Writer:
         raise ProtocolError(f"the {self.name} format cannot append steps to a file")
 
 
-class V5Writer(Writer):
-    """MAT v5 (``save -v6``; with a level, ``-v7``), streamed from the ring (``v5.py``)."""
+class MatWriter(Writer):
+    """A whole-file format: v5 (``v5.py``: ``save -v6``, with a level ``-v7``, streamed from
+    the ring) or v7.3 (``v73.py``: HDF5 with MATLAB's userblock and attributes). The two
+    differ only by name and function."""
 
-    name = "v5"
     supports_parts = True
     supports_compression = True
 
-    def write(self, path: str, variables: Variables, level: int = 0) -> Holes:
-        return write_v5(path, variables, level)
-
-
-class V73Writer(Writer):
-    """MAT v7.3 (HDF5 with MATLAB's userblock and attributes, ``v73.py``)."""
-
-    name = "v7.3"
-    supports_parts = True
-    supports_compression = True
+    def __init__(self, name: str, write: Callable[[str, Variables, int], Holes]) -> None:
+        self.name = name
+        self._write = write
 
     def write(self, path: str, variables: Variables, level: int = 0) -> Holes:
-        return write_v73(path, variables, level)
+        return self._write(path, variables, level)
 
 
 class StreamWriter(Writer):
@@ -110,7 +104,8 @@ def _arrays(fmt: str, variables: Variables) -> list[tuple[VarSpec, Any]]:
     return out
 
 
-WRITERS: dict[str, Writer] = {w.name: w for w in (V5Writer(), V73Writer(), StreamWriter())}
+WRITERS: dict[str, Writer] = {w.name: w for w in (MatWriter("v5", write_v5), MatWriter("v7.3", write_v73),
+                                                   StreamWriter())}
 
 
 def writer_for(fmt: str) -> Writer:
