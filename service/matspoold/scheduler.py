@@ -37,7 +37,7 @@ class Scheduler:
     """Per-path queues in front of ``n`` writer threads running ``run``."""
 
     def __init__(self, n: int, run: Callable[[Job], tuple[int | None, BaseException | None]],
-                 ctx: zmq.Context) -> None:  # type: ignore[type-arg]
+                 ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
         self._run = run
         self._ctx = ctx
         self._wake_addr = f"inproc://matspoold-wake-{id(self)}"

@@ -108,7 +108,6 @@ class Daemon:
         # the journal's directory: the one given, else the first usable default
         self.state_dirs = [state_dir] if state_dir else default_state_dirs(endpoint)
         self._journal: TempJournal | None = None
-        self.client_timeout = client_timeout
         self._claim: IpcClaim | None = None
         self.snapshot: dict[str, Any] = self.status()  # refreshed by the loop; read by metrics
 
@@ -126,7 +125,8 @@ class Daemon:
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
             self._auth.configure_curve(domain="*", location=self.curve_clients or "")
-            public, secret = load_secret(self.curve_secret)  # type: ignore[arg-type]
+            assert self.curve_secret is not None  # __init__ refuses tcp:// without keys
+            public, secret = load_secret(self.curve_secret)
             sock.curve_publickey, sock.curve_secretkey = public, secret
             sock.curve_server = True
             sock.bind(self.endpoint)
