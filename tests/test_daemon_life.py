@@ -119,17 +119,21 @@ def test_client_stopped_past_client_timeout_keeps_its_ring_and_saves(
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "SAVED"
+        deadline = time.monotonic() + 120  # a hang guard, far beyond any expected wait
         while True:  # until the daemon holds every save: then stop the client mid-way
             me = _client_status(d.endpoint, client.pid)
             if me is not None and me["queue_depth"] + me["files_written"] == n:
                 break
+            assert time.monotonic() < deadline, f"the daemon never received all {n} saves: {me}"
             time.sleep(0.01)
         os.kill(client.pid, signal.SIGSTOP)
         assert me["queue_depth"] > 0, "no save was in flight when the client stopped"
+        deadline = time.monotonic() + 120
         while True:  # silent for well past --client-timeout, and its saves all written
             me = _client_status(d.endpoint, client.pid)
             if me is None or (me["silent_s"] > 4 and me["queue_depth"] == 0):
                 break
+            assert time.monotonic() < deadline, f"the stopped client's saves were never written: {me}"
             time.sleep(0.1)
         os.kill(client.pid, signal.SIGCONT)
         out, _ = client.communicate("go\n", timeout=120)
