@@ -64,6 +64,16 @@ def test_stale_socket_is_replaced(tmp_path: Path, out_dir: Path) -> None:
         assert d.stop() == 0
 
 
+def test_a_file_that_is_no_socket_is_never_replaced(tmp_path: Path, out_dir: Path) -> None:
+    (tmp_path / "sock").mkdir()
+    victim = tmp_path / "sock" / "d.sock"
+    victim.write_bytes(b"someone's data")
+    r = _serve(f"ipc://{victim}", out_dir)
+    assert r.returncode == 2, r.stderr
+    assert "exists and is not a socket" in r.stderr
+    assert victim.read_bytes() == b"someone's data"
+
+
 def test_daemon_removes_only_the_socket_it_created(tmp_path: Path, out_dir: Path) -> None:
     d = start_daemon(out_dir, tmp_path / "sock")
     sock = d.endpoint[len("ipc://"):]

@@ -11,7 +11,7 @@ cutting the first daemon's clients off. Before binding, a daemon therefore
 2. asks the socket, if one exists, for a PING: an answer (a daemon of an older version
    that takes no lock, or one in another mount namespace) means the endpoint is taken.
 
-Only a socket nobody answers is replaced. At exit the socket is removed only when the
+Only a socket nobody answers is replaced (never a file of another kind). At exit the socket is removed only when the
 file at the path is still the one this daemon bound (same device and inode).
 
 Owned by the thread that runs ``Daemon.serve`` (it claims before binding and releases
@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
 from matspool._errors import MatspoolError
@@ -109,7 +110,10 @@ def claim_ipc(endpoint: str) -> IpcClaim:
                 raise EndpointBusy(f"a daemon (pid {pid}) holds {endpoint} but does not answer "
                                    "(stopped?); not taking it over") from None
             raise EndpointBusy(f"a daemon already serves {endpoint}, pid {pid}") from None
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise EndpointBusy(f"{path} exists and is not a socket; not replacing it "
+                                   f"(remove it, or serve another endpoint)")
             answering = _answering_pid(endpoint)
             if answering is not None:
                 raise EndpointBusy(f"a daemon already serves {endpoint}, pid "
