@@ -1044,3 +1044,41 @@ def test_bytes_and_bad_paths_fail_at_save(mspool: matspool.Spool, root: Path) ->
         mspool.save(12, {"x": 1.0})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-empty"):
         mspool.save("", {"x": 1.0})
+
+
+# -- ERR carries the OS errno of the failure ---------------------------------------------------
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount to make a small tmpfs")
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("case", ["ENOENT", "ENOSPC_v5", "ENOSPC_v7.3"])
+def test_err_carries_the_os_errno(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path,
+                                  ring: Ring, case: str) -> None:
+    import errno
+    import subprocess
+
+    w = Writer(raw, ring)
+    big = var(dims=[256, 256], nbytes=256 * 256 * 8)  # 512 KiB: more than a 64 KiB disk
+    ring.array[:big["nbytes"]] = 1
+    if case == "ENOENT":
+        reply = w.write(str(root / "no-such-dir" / "x.mat"))
+    else:
+        _mount_tmpfs(root / "small", "64k")
+        try:
+            reply = w.write(str(root / "small" / "x.mat"), fmt=case.split("_")[1], vars=[big])
+            assert os.listdir(root / "small") == [], "a temporary stayed on the full disk"
+        finally:
+            subprocess.run(["umount", "-l", str(root / "small")])
+    assert_err(reply, "write_failed", seq=7)
+    assert reply is not None
+    assert reply.get("errno") == getattr(errno, case.split("_")[0]), reply
+    assert_daemon_serves(mdaemon, mspool, root)

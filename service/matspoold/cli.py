@@ -7,12 +7,9 @@ import argparse
 import os
 import sys
 
+from .config import ConfigError, default_endpoint, resolve_settings, take_flags
+
 __all__ = ["default_endpoint", "main"]
-
-
-def default_endpoint() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/matspool-{os.getuid()}"
-    return f"ipc://{base}/matspool/matspool.sock"
 
 
 def _mode(text: str) -> int:
@@ -26,8 +23,6 @@ def _mode(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import ConfigError, resolve_settings
-
     try:  # defaults < config file < MATSPOOL_* environment < the flags given (config.py)
         resolved = resolve_settings(getattr(args, "given_flags", {}), config=args.config)
     except ConfigError as e:
@@ -37,15 +32,15 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.write(resolved.to_toml())
         return 0
     cfg = resolved.settings
-    from .server import Daemon, install_signal_handlers
-
     from .logs import setup_logging
+    from .server import Daemon, install_signal_handlers
 
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         daemon = Daemon(cfg.endpoint, cfg.roots, writers=cfg.writers, socket_mode=cfg.socket_mode,
                         socket_group=cfg.group, parent_pid=args.parent_pid,
                         clean_stale=cfg.clean_stale, client_timeout=cfg.client_timeout,
+                        state_dir=cfg.state_dir,
                         curve_secret=cfg.curve_secret, curve_clients=cfg.curve_clients,
                         write_delay=args.debug_write_delay)
     except (ValueError, KeyError) as e:
@@ -132,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--clean-stale", dest="clean_stale", action="store_true", default=unset,
                    help="remove them (the default; overrides clean_stale = false in a config file)")
     s.add_argument("--client-timeout", type=float, default=unset,
-                   help="seconds of silence after which a client counts as dead (default: 30.0)")
+                   help="seconds of silence after which a remote client, or any client with "
+                        "--no-clean-stale, counts as dead; a local client whose pid is alive "
+                        "is never dropped (default: 30.0)")
+    s.add_argument("--state-dir", metavar="DIR", default=unset,
+                   help="where the daemon journals the directories it writes temporary files "
+                        "in, so a restart removes a killed daemon's leftovers (default: "
+                        "$STATE_DIRECTORY, else $XDG_STATE_HOME/matspool, else "
+                        "~/.local/state/matspool)")
     s.add_argument("--curve-secret", metavar="FILE", default=unset,
                    help="the server's .key_secret file (required for tcp:// endpoints)")
     s.add_argument("--curve-clients", metavar="DIR", default=unset,
@@ -170,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_demo)
     args = p.parse_args(argv)
     if args.command == "serve":
-        from .config import take_flags
-
         args.given_flags = take_flags(args)
-    return args.func(args)
+    status: int = args.func(args)
+    return status

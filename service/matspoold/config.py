@@ -21,14 +21,14 @@ came from.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
-import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final
+
+from .config_values import PARSE, BadValue, absolute, check, parse_roots, suggest
 
 __all__ = [
     "ENV_PREFIX",
@@ -37,12 +37,12 @@ __all__ = [
     "Resolved",
     "ServeSettings",
     "builtin_defaults",
+    "default_endpoint",
     "resolve_settings",
     "take_flags",
 ]
 
 ENV_PREFIX: Final = "MATSPOOL_"
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 #: ``MATSPOOL_*`` variables that are not serve settings but are read elsewhere (the client
 #: library, the test suite, ``./run``, deploy/ scripts). Those may be set where a daemon
@@ -78,6 +78,7 @@ class ServeSettings:
     group: str | None
     clean_stale: bool
     client_timeout: float
+    state_dir: str | None
     curve_secret: str | None
     curve_clients: str | None
     log_level: str
@@ -93,9 +94,10 @@ _DESTS: Final = {name: name for name in FIELDS} | {"roots": "root"}
 
 
 def default_endpoint() -> str:
-    from .cli import default_endpoint as endpoint
-
-    return endpoint()
+    """``ipc://$XDG_RUNTIME_DIR/matspool/matspool.sock`` (``/tmp/matspool-<uid>`` without
+    a runtime directory): where ``serve``, ``ping`` and ``status`` meet by default."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/matspool-{os.getuid()}"
+    return f"ipc://{base}/matspool/matspool.sock"
 
 
 def builtin_defaults() -> dict[str, Any]:
@@ -109,162 +111,13 @@ def builtin_defaults() -> dict[str, Any]:
         "group": None,
         "clean_stale": True,
         "client_timeout": 30.0,
+        "state_dir": None,  # tempjournal.default_state_dir(), chosen when the daemon starts
         "curve_secret": None,
         "curve_clients": None,
         "log_level": "info",
         "log_format": "text",
         "metrics": None,
     }
-
-
-class _Bad(Exception):
-    """A value's problem, without its source; turned into a ConfigError with one."""
-
-
-# -- values from each source ------------------------------------------------------------
-
-def _int(value: Any, text: bool) -> int:
-    if text:
-        try:
-            return int(value.strip(), 10)
-        except ValueError:
-            raise _Bad(f"not an integer: {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Bad(f"must be an integer, got {value!r}")
-    return value
-
-
-def _float(value: Any, text: bool) -> float:
-    if text:
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise _Bad(f"not a number: {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"must be a number, got {value!r}")
-    return float(value)
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def _bool(value: Any, text: bool) -> bool:
-    if text:
-        low = value.strip().lower()
-        if low in _TRUE or low in _FALSE:
-            return low in _TRUE
-        raise _Bad(f"not a boolean: {value!r} (use true/false or 1/0)")
-    if not isinstance(value, bool):
-        raise _Bad(f"must be true or false, got {value!r}")
-    return value
-
-
-def _mode(value: Any, text: bool) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        # TOML's 0o660 and 432 read the same: only a string says which digits were meant
-        raise _Bad(f"write the mode as an octal string, e.g. \"660\" (got the integer {value!r})")
-    if not isinstance(value, str):
-        raise _Bad(f"must be an octal mode string like \"660\", got {value!r}")
-    digits = value.strip()
-    try:
-        mode = int(digits[2:] if digits[:2].lower() == "0o" else digits, 8)
-    except ValueError:
-        raise _Bad(f"not an octal mode: {value!r}") from None
-    return mode
-
-
-def _str(value: Any, text: bool) -> str:
-    if not isinstance(value, str):
-        raise _Bad(f"must be a string, got {value!r}")
-    return value
-
-
-def _level(value: Any, text: bool) -> str:
-    return _str(value, text).strip().lower()
-
-
-def _roots(value: Any, text: bool) -> tuple[str, ...]:
-    if text:
-        parts = value.split(os.pathsep)
-    elif isinstance(value, str):
-        parts = [value]
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        parts = list(value)
-    else:
-        raise _Bad(f"must be a list of directories, got {value!r}")
-    parts = [p for p in parts if p]
-    if not parts:
-        raise _Bad("needs at least one directory")
-    return tuple(parts)
-
-
-_PARSE: Final[dict[str, Callable[[Any, bool], Any]]] = {
-    "endpoint": _str, "roots": _roots, "writers": _int, "compress_threads": _int,
-    "socket_mode": _mode, "group": _str, "clean_stale": _bool, "client_timeout": _float,
-    "curve_secret": _str, "curve_clients": _str, "log_level": _level, "log_format": _str,
-    "metrics": _str,
-}
-_PATHS: Final = ("roots", "curve_secret", "curve_clients")
-
-
-def _absolute(name: str, value: Any, base: str) -> Any:
-    """Paths made absolute against ``base`` (the config file's directory, or the cwd)."""
-    if value is None or name not in _PATHS:
-        return value
-    join = lambda p: os.path.abspath(os.path.join(base, os.path.expanduser(p)))  # noqa: E731
-    return tuple(join(p) for p in value) if name == "roots" else join(value)
-
-
-# -- checks on the resolved values ---------------------------------------------------------
-
-def _check(name: str, value: Any) -> None:
-    if name == "endpoint":
-        if "://" not in value or value.endswith("://"):
-            raise _Bad(f"not a ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT): {value!r}")
-    elif name in ("writers", "compress_threads"):
-        if value < 1:
-            raise _Bad(f"must be at least 1, got {value}")
-    elif name == "socket_mode":
-        if not 0 <= value <= 0o777:
-            raise _Bad(f"mode out of range (000-777): {value:o}")
-    elif name == "client_timeout":
-        if not (math.isfinite(value) and value > 0):
-            raise _Bad(f"must be a positive number of seconds, got {value}")
-    elif name == "log_level":
-        if value not in LOG_LEVELS:
-            raise _Bad(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-    elif name == "log_format":
-        if value not in ("text", "json"):
-            raise _Bad(f"must be 'text' or 'json', got {value!r}")
-    elif name == "metrics" and value is not None:
-        host, _, port = value.rpartition(":")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise _Bad(f"must be [HOST:]PORT with a port in 1-65535, got {value!r}")
-    elif name == "roots":
-        for r in value:
-            if not os.path.exists(r):
-                raise _Bad(f"root directory {r!r} does not exist")
-            if not os.path.isdir(r):
-                raise _Bad(f"root {r!r} is not a directory")
-    elif name == "curve_secret" and value is not None:
-        if not os.path.isfile(value):
-            raise _Bad(f"no such key file: {value!r}")
-    elif name == "curve_clients" and value is not None:
-        if not os.path.isdir(value):
-            raise _Bad(f"not a directory of client keys: {value!r}")
-    elif name == "group" and value is not None:
-        import grp
-
-        try:
-            grp.getgrnam(value)
-        except KeyError:
-            raise _Bad(f"no such group: {value!r}") from None
-
-
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # -- the sources ---------------------------------------------------------------------------
@@ -295,10 +148,10 @@ def _read_file(path: str, given_by: str, errors: list[str]) -> dict[str, Any]:
         if key == "serve":
             continue
         if isinstance(value, dict):
-            errors.append(f"config file {path}: unknown table [{key}]{_suggest(key, ['serve'])}; "
+            errors.append(f"config file {path}: unknown table [{key}]{suggest(key, ['serve'])}; "
                           "the settings go in a [serve] table")
         else:
-            hint = " (settings go under the [serve] table)" if key in FIELDS else _suggest(key, list(FIELDS))
+            hint = " (settings go under the [serve] table)" if key in FIELDS else suggest(key, list(FIELDS))
             errors.append(f"config file {path}: unknown key {key!r} outside [serve]{hint}; "
                           f"valid keys in [serve]: {valid}")
     serve = data.get("serve", {})
@@ -309,7 +162,7 @@ def _read_file(path: str, given_by: str, errors: list[str]) -> dict[str, Any]:
     for key, value in serve.items():
         if key not in FIELDS:
             errors.append(f"config file {path}: unknown key {key!r} in [serve]"
-                          f"{_suggest(key.replace('-', '_'), list(FIELDS))}; valid keys: {valid}")
+                          f"{suggest(key.replace('-', '_'), list(FIELDS))}; valid keys: {valid}")
         else:
             out[key] = value
     return out
@@ -321,7 +174,7 @@ def _check_env_names(environ: Mapping[str, str], errors: list[str]) -> None:
         if var.startswith(ENV_PREFIX) and var not in settings and var not in OTHER_ENV_VARS:
             errors.append(
                 f"environment variable {var} is not a matspool serve setting"
-                f"{_suggest(var, settings)}; settings are {', '.join(settings)} (and "
+                f"{suggest(var, settings)}; settings are {', '.join(settings)} (and "
                 f"MATSPOOL_CONFIG); other MATSPOOL_ variables known to matspool: "
                 f"{', '.join(sorted(OTHER_ENV_VARS - {'MATSPOOL_CONFIG'}))}")
 
@@ -397,8 +250,8 @@ def resolve_settings(flags: Mapping[str, Any] | None = None, *, config: str | No
         for key, raw in _read_file(config_file, given_by, errors).items():
             label = f"config file {config_file}, key {key!r} in [serve]"
             try:
-                values[key] = _absolute(key, _PARSE[key](raw, False), base)
-            except _Bad as e:
+                values[key] = absolute(key, PARSE[key](raw, False), base)
+            except BadValue as e:
                 errors.append(f"{label}: {e}")
                 continue
             sources[key], labels[key] = f"config file {config_file}", label
@@ -412,8 +265,8 @@ def resolve_settings(flags: Mapping[str, Any] | None = None, *, config: str | No
             continue
         label = f"environment variable {var}"
         try:
-            values[name] = _absolute(name, _PARSE[name](raw, True), os.getcwd())
-        except _Bad as e:
+            values[name] = absolute(name, PARSE[name](raw, True), os.getcwd())
+        except BadValue as e:
             errors.append(f"{label}: {e}")
             continue
         sources[name] = labels[name] = label
@@ -423,17 +276,17 @@ def resolve_settings(flags: Mapping[str, Any] | None = None, *, config: str | No
         label = f"flag {FLAGS[name]}"
         try:
             if name == "roots":
-                raw = _roots(list(raw), False)
-            values[name] = _absolute(name, raw, os.getcwd())
-        except _Bad as e:
+                raw = parse_roots(list(raw), False)
+            values[name] = absolute(name, raw, os.getcwd())
+        except BadValue as e:
             errors.append(f"{label}: {e}")
             continue
         sources[name] = labels[name] = label
 
     for name in FIELDS:
         try:
-            _check(name, values[name])
-        except _Bad as e:
+            check(name, values[name])
+        except BadValue as e:
             errors.append(f"{labels[name]}: {e}")
     if errors:
         raise ConfigError("\n".join(errors) if len(errors) == 1 else

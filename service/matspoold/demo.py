@@ -4,33 +4,41 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 __all__ = ["run_demo"]
 
 
-def _step_fn(n: int):
+_Step = tuple[Any, Callable[[Any], Any], str, Callable[[], object]]
+
+
+def _step_fn(n: int) -> _Step:
+    """The initial grid, one step of the equation, where it runs, and a device sync."""
     try:
         import torch
     except ImportError:
-        torch = None
-    if torch is not None:
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        u = torch.zeros(n, n, device=dev)
-        u[n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
+        return _numpy_step_fn(n)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    u = torch.zeros(n, n, device=dev)
+    u[n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
 
-        def step(u):
-            lap = (torch.roll(u, 1, 0) + torch.roll(u, -1, 0) + torch.roll(u, 1, 1)
-                   + torch.roll(u, -1, 1) - 4 * u)
-            return u + 0.2 * lap
+    def step(u: Any) -> Any:
+        lap = (torch.roll(u, 1, 0) + torch.roll(u, -1, 0) + torch.roll(u, 1, 1)
+               + torch.roll(u, -1, 1) - 4 * u)
+        return u + 0.2 * lap
 
-        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-        return u, step, f"torch on {dev}" + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""), sync
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    return u, step, f"torch on {dev}" + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""), sync
+
+
+def _numpy_step_fn(n: int) -> _Step:
     u = np.zeros((n, n), dtype=np.float32)
     u[n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
 
-    def np_step(u):
+    def np_step(u: Any) -> Any:
         lap = np.roll(u, 1, 0) + np.roll(u, -1, 0) + np.roll(u, 1, 1) + np.roll(u, -1, 1) - 4 * u
         return u + np.float32(0.2) * lap
 

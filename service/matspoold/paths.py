@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections import OrderedDict
@@ -64,6 +65,13 @@ def _remember_dir(roots: tuple[str, ...], directory: str, real_dir: str) -> None
             _dirs.popitem(last=False)
 
 
+def _failed(message: str, number: int) -> WriteFailed:
+    """A WriteFailed with its OS errno (the daemon's ERR carries it), message unchanged."""
+    err = WriteFailed(message)
+    err.errno = number
+    return err
+
+
 def resolve_target(path: str, roots: Sequence[str]) -> str:
     """The real path to write for ``path``; raises if it leaves every root.
 
@@ -75,7 +83,7 @@ def resolve_target(path: str, roots: Sequence[str]) -> str:
         raise PathNotAllowedError(f"path must be absolute: {path!r}")
     directory, base = os.path.split(os.path.normpath(path))
     if not base or base in (".", ".."):
-        raise WriteFailed(f"path names a directory, not a file: {path!r}")
+        raise _failed(f"path names a directory, not a file: {path!r}", errno.EISDIR)
     key_roots = tuple(roots)
     real_dir = _cached_dir(key_roots, directory)
     if real_dir is None:
@@ -86,9 +94,10 @@ def resolve_target(path: str, roots: Sequence[str]) -> str:
                 "with --root for that directory"
             )
         if not os.path.isdir(real_dir):
-            raise WriteFailed(f"cannot write {path!r}: directory {directory!r} does not exist")
+            raise _failed(f"cannot write {path!r}: directory {directory!r} does not exist",
+                          errno.ENOENT if not os.path.exists(real_dir) else errno.ENOTDIR)
         _remember_dir(key_roots, directory, real_dir)
     final = os.path.join(real_dir, base)
     if os.path.isdir(final):
-        raise WriteFailed(f"cannot write {path!r}: it is a directory")
+        raise _failed(f"cannot write {path!r}: it is a directory", errno.EISDIR)
     return final

@@ -15,7 +15,7 @@ __all__ = ["ask", "format_status", "ping", "status"]
 
 def ask(endpoint: str, op: str, timeout: float) -> dict[str, Any] | None:
     """One request/answer on a fresh DEALER; None when nothing answers in time."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -43,8 +43,8 @@ def _size(n: float) -> str:
 
 
 def format_status(st: dict[str, Any]) -> str:
-    lines = [f"daemon pid {st['pid']} at {st['endpoint']}, up {st['uptime_s']:.0f} s, "
-             f"{st['files_written']} files, {_size(st['bytes_written'])} written, {st['errors']} errors",
+    lines = [(f"daemon pid {st['pid']} at {st['endpoint']}, up {st['uptime_s']:.0f} s, "
+              f"{st['files_written']} files, {_size(st['bytes_written'])} written, {st['errors']} errors"),
              f"roots: {', '.join(st['roots'])}"]
     clients = st["clients"]
     if not clients:

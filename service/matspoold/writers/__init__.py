@@ -1,85 +1,130 @@
-"""MAT-file writers. Each takes a final path and ``(variable, value)`` pairs: a numeric
-``VarSpec`` comes with a read-only column-major view over the client's ring; a struct,
-cell or char ``TreeSpec`` with Python objects (dict, object ndarray, str) whose numeric
-leaves are such views.
+"""MAT-file writers behind one interface.
 
-``write_atomic`` is the one way a file reaches its final name: written under a temporary
-name in the same directory, optionally fsynced, then renamed, so readers never see a
-partial file under the name they asked for.
+A :class:`Writer` writes a new file at a path from ``(variable, value)`` pairs: a numeric
+``VarSpec`` comes with a read-only column-major view over the client's ring (``None``
+for a deferred variable, whose bytes arrive later in pieces); a struct, cell or char
+``TreeSpec`` with Python objects (dict, object ndarray, str) whose numeric leaves are
+such views. What a writer can do beyond that it says in capability flags, which callers
+ask instead of checking the class (zarr's stores do the same):
+
+- ``supports_parts``: it can lay a file out with holes for deferred variables and say
+  where they are (a :class:`Session` then fills them piece by piece);
+- ``supports_streaming``: it can :meth:`Writer.append` a step to a file it created;
+- ``supports_compression``: a deflate ``level`` 1-9 means something to it.
+
+``write_atomic`` and :class:`Session` are the only ways a file reaches its final name,
+both through ``_files.Temporary`` (temporary name, write, fsync, rename, directory
+fsync). :data:`WRITERS` maps each format name to its writer.
+
+Threads: writers hold no state of their own (v7.3's template cache has its lock); any
+writer thread may call them.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import secrets
 from collections.abc import Callable, Sequence
-
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from matspool._errors import ProtocolError
+from matspool._errors import FormatLimitError, ProtocolError
 from matspool._protocol import Variable, VarSpec
 
-from .stream import create_stream
+from ._files import TMP_SUFFIX, Temporary, pwrite_all
+from .stream import append_step, create_stream
 from .v5 import write_v5
-from ._files import pwrite_all
 from .v73 import write_v73
 
-__all__ = ["TMP_SUFFIX", "WRITERS", "Session", "Variables", "write_atomic"]
+__all__ = ["TMP_SUFFIX", "WRITERS", "Holes", "MatWriter", "Session", "StreamWriter", "Variables", "Writer",
+           "write_atomic", "writer_for"]
 
 Variables = Sequence[tuple[Variable, Any]]
-WRITERS: dict[str, Callable[[str, Variables, int], None]] = {
-    "v5": write_v5, "v7.3": write_v73, "stream": create_stream}  # type: ignore[dict-item]
-TMP_SUFFIX = ".matspool-tmp"
+Holes = dict[str, list[int]]  # deferred variable -> file offsets where its bytes go
 
 
-def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
+class Writer:
+    """One MAT-file format."""
+
+    name: str
+    supports_parts: ClassVar[bool] = False
+    supports_streaming: ClassVar[bool] = False
+    supports_compression: ClassVar[bool] = False
+
+    def write(self, path: str, variables: Variables, level: int = 0) -> Holes:
+        """Create ``path`` (it must not exist) holding ``variables``; with
+        ``supports_parts``, the offsets of the deferred variables' holes."""
+        raise NotImplementedError
+
+    def append(self, path: str, variables: Variables, *, fsync: bool) -> int:
+        """Add one step to the file at ``path`` in place; returns its size."""
+        raise ProtocolError(f"the {self.name} format cannot append steps to a file")
+
+
+class MatWriter(Writer):
+    """A whole-file format: v5 (``v5.py``: ``save -v6``, with a level ``-v7``, streamed from
+    the ring) or v7.3 (``v73.py``: HDF5 with MATLAB's userblock and attributes). The two
+    differ only by name and function."""
+
+    supports_parts = True
+    supports_compression = True
+
+    def __init__(self, name: str, write: Callable[[str, Variables, int], Holes]) -> None:
+        self.name = name
+        self._write = write
+
+    def write(self, path: str, variables: Variables, level: int = 0) -> Holes:
+        return self._write(path, variables, level)
+
+
+class StreamWriter(Writer):
+    """A v7.3 time series: each variable grows by one step per append (``stream.py``)."""
+
+    name = "stream"
+    supports_streaming = True
+    supports_compression = True
+
+    def write(self, path: str, variables: Variables, level: int = 0) -> Holes:
+        create_stream(path, _arrays(self.name, variables), level)
+        return {}
+
+    def append(self, path: str, variables: Variables, *, fsync: bool) -> int:
+        return append_step(path, _arrays(self.name, variables), fsync=fsync)
+
+
+def _arrays(fmt: str, variables: Variables) -> list[tuple[VarSpec, Any]]:
+    out = []
+    for spec, value in variables:
+        if not isinstance(spec, VarSpec) or spec.deferred:
+            raise ProtocolError(f"the {fmt} format takes whole numeric arrays only, not {spec.name!r}")
+        if 0 in spec.dims:  # HDF5 cannot chunk a step of nothing
+            raise FormatLimitError(f"{spec.name!r} is empty ({'x'.join(map(str, spec.dims))}); a "
+                                   f"{fmt} variable needs at least one element per step")
+        out.append((spec, value))
+    return out
+
+
+WRITERS: dict[str, Writer] = {w.name: w for w in (MatWriter("v5", write_v5), MatWriter("v7.3", write_v73),
+                                                   StreamWriter())}
+
+
+def writer_for(fmt: str) -> Writer:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_tmp_ids = itertools.count()
-_tmp_salt = secrets.token_hex(3)
-
-
-def _tmp_name(final: str) -> str:
-    """Unique within this daemon (a counter) and across daemons (pid and a random salt);
-    no ``urandom`` call per file."""
-    directory, base = os.path.split(final)
-    return os.path.join(directory, f".{base[:180]}.{os.getpid()}-{_tmp_salt}-{next(_tmp_ids)}{TMP_SUFFIX}")
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _publish(tmp: str, final: str, fsync: bool) -> int:
-    """Rename the complete temporary file into place (durably with ``fsync``)."""
-    if fsync:
-        _fsync_path(tmp)
-    os.rename(tmp, final)
-    if fsync:
-        _fsync_path(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
-    return os.stat(final).st_size
+        return WRITERS[fmt]
+    except KeyError:
+        raise ProtocolError(f"unknown format {fmt!r}; known: {', '.join(WRITERS)}") from None
 
 
 def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0) -> int:
     """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
     returns the file's size in bytes."""
-    tmp = _tmp_name(final)
+    writer = writer_for(fmt)
+    temp = Temporary(final)
     try:
-        WRITERS[fmt](tmp, variables, compress)
-        return _publish(tmp, final, fsync)
+        writer.write(temp.path, variables, compress)
+        return temp.publish(fsync)
     except BaseException:
-        _unlink(tmp)
+        temp.discard()
         raise
 
 
@@ -92,24 +137,25 @@ class Session:
     renames the file into place. Until then nothing exists under the final name.
     """
 
-    final: str
-    fmt: str
+    temp: Temporary
     fsync: bool
-    tmp: str
     holes: dict[int, tuple[VarSpec, list[int]]]
     fd: int = -1
     error: BaseException | None = None
 
     @classmethod
     def begin(cls, final: str, fmt: str, variables: Variables, fsync: bool) -> Session:
-        tmp = _tmp_name(final)
+        writer = writer_for(fmt)
+        if not writer.supports_parts:
+            raise ProtocolError(f"the {fmt} format cannot take a save in pieces")
+        temp = Temporary(final)
         try:
-            by_name = WRITERS[fmt](tmp, variables, 0)
+            by_name = writer.write(temp.path, variables, 0)
             holes = {i: (spec, by_name[spec.name]) for i, (spec, _) in enumerate(variables)
                      if isinstance(spec, VarSpec) and spec.deferred}
-            return cls(final, fmt, fsync, tmp, holes, os.open(tmp, os.O_WRONLY))
+            return cls(temp, fsync, holes, os.open(temp.path, os.O_WRONLY | os.O_CLOEXEC))
         except BaseException:
-            _unlink(tmp)
+            temp.discard()
             raise
 
     def write(self, var: int, start: int, data: np.ndarray) -> None:
@@ -129,16 +175,17 @@ class Session:
             pwrite_all(self.fd, data, offsets[0] + start)
 
     def end(self) -> int:
+        """Publish the complete file; its size in bytes."""
         self._close()
         try:
-            return _publish(self.tmp, self.final, self.fsync)
+            return self.temp.publish(self.fsync)
         except BaseException:
-            _unlink(self.tmp)
+            self.temp.discard()
             raise
 
     def abort(self) -> None:
         self._close()
-        _unlink(self.tmp)
+        self.temp.discard()
 
     def _close(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,127 @@
+"""Claiming an ipc endpoint: one daemon per socket, and a daemon removes only its own.
+
+libzmq's ipc bind silently unlinks whatever socket file is in the way, so a second
+``matspool serve`` on a live endpoint would steal it and, when it stopped, delete it,
+cutting the first daemon's clients off. Before binding, a daemon therefore
+
+1. takes an exclusive ``flock`` on ``<socket>.lock`` (kept for its whole life, so two
+   daemons starting at once cannot both pass step 2; the kernel drops it when the daemon
+   dies, even by SIGKILL). The lock file is left in place: unlinking it would let a
+   newcomer lock a stale inode;
+2. asks the socket, if one exists, for a PING: an answer (a daemon of an older version
+   that takes no lock, or one in another mount namespace) means the endpoint is taken.
+
+Only a socket nobody answers is replaced (never a file of another kind). At exit the socket is removed only when the
+file at the path is still the one this daemon bound (same device and inode).
+
+Owned by the thread that runs ``Daemon.serve`` (it claims before binding and releases
+after closing the socket).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from matspool._errors import MatspoolError
+
+__all__ = ["EndpointBusy", "IpcClaim", "claim_ipc"]
+
+log = logging.getLogger("matspoold")
+
+_PROBE_TIMEOUT = 1.0  # s: a live daemon answers a PING within milliseconds
+
+
+class EndpointBusy(MatspoolError, OSError):
+    """Another daemon serves (or holds) this endpoint; ``matspool serve`` exits with 2."""
+
+    code = "endpoint_busy"
+
+
+@dataclass(eq=False, slots=True)
+class IpcClaim:
+    """This daemon's hold on one ipc socket path."""
+
+    path: str
+    lock_fd: int
+    inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
+
+    def bound(self) -> None:
+        """Record which file is ours: call right after bind."""
+        st = os.stat(self.path)
+        self.inode = (st.st_dev, st.st_ino)
+
+    def release(self) -> None:
+        """Remove the socket if it is still ours, then drop the lock."""
+        try:
+            st = os.stat(self.path)
+            if self.inode is not None and (st.st_dev, st.st_ino) == self.inode:
+                os.unlink(self.path)
+            elif self.inode is not None:
+                log.warning("%s is no longer the socket this daemon bound; leaving it", self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            if self.lock_fd >= 0:
+                os.close(self.lock_fd)  # closing drops the flock
+                self.lock_fd = -1
+
+
+def _holder_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _answering_pid(endpoint: str) -> int | None:
+    """The pid of a daemon answering a PING on ``endpoint`` (-1 if it does not say); None
+    when nothing answers."""
+    from .probe import ask
+
+    try:
+        reply = ask(endpoint, "PING", _PROBE_TIMEOUT)
+    except Exception:  # noqa: BLE001 - a garbled answer is still not a daemon we can share with
+        return None
+    if reply is None or reply.get("op") != "PONG":
+        return None
+    pid = reply.get("pid")
+    return pid if type(pid) is int else -1
+
+
+def claim_ipc(endpoint: str) -> IpcClaim:
+    """Claim ``ipc://PATH`` for this daemon, or raise :class:`EndpointBusy` naming the one
+    that has it."""
+    path = endpoint[len("ipc://"):]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_pid(fd)
+            answering = _answering_pid(endpoint)
+            pid = answering if answering not in (None, -1) else holder
+            if answering is None:
+                raise EndpointBusy(f"a daemon (pid {pid}) holds {endpoint} but does not answer "
+                                   "(stopped?); not taking it over") from None
+            raise EndpointBusy(f"a daemon already serves {endpoint}, pid {pid}") from None
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise EndpointBusy(f"{path} exists and is not a socket; not replacing it "
+                                   f"(remove it, or serve another endpoint)")
+            answering = _answering_pid(endpoint)
+            if answering is not None:
+                raise EndpointBusy(f"a daemon already serves {endpoint}, pid "
+                                   f"{answering if answering >= 0 else 'unknown'}")
+            log.info("replacing the stale socket %s (nothing answers on it)", path)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return IpcClaim(path, fd)

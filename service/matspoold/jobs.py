@@ -1,0 +1,210 @@
+"""Jobs: what the writer threads do with one WRITE, PART or END.
+
+A job reads its arrays in place, as numpy views over the client's ring (or over the
+frames a remote client sent), and hands them to a writer: a whole file (``write_atomic``),
+a stream step (the stream writer's ``append``), or a save arriving in pieces (a ``Session``: laid out at
+``begin``, filled by each PART, renamed into place at END).
+
+Threads: ``JobRunner.run`` runs on writer threads, several at once, but never two jobs of
+one path at a time (the scheduler orders them). ``sessions`` is shared: a writer adds a
+save's session at ``begin`` and takes it at END; the control thread aborts the sessions
+of a client it drops, which happens only when that client has no job in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from matspool import _protocol as proto
+from matspool._errors import MatspoolError, ProtocolError, RingError, WriteFailed
+
+from .paths import resolve_target
+from .sessions import Client
+from .writers import WRITERS, Session, write_atomic
+
+__all__ = ["Job", "JobRunner", "Source", "check_ring_size", "in_ring", "payload_of"]
+
+log = logging.getLogger("matspoold")
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One unit of writer work: a whole save, a stream step, or a piece of a save."""
+
+    client: Client
+    request: proto.WriteRequest
+    kind: str = "write"  # or "begin", "part", "end" for a save that arrives in pieces
+    part: proto.Part | None = None
+    payload: dict[int, memoryview] | None = None  # a remote client's arrays, by ring offset
+    abort: bool = False  # an "end" that throws the save away
+
+    @property
+    def ring_bytes(self) -> int:
+        """Payload bytes of the ring this job reads."""
+        if self.part is not None:
+            return self.part.nbytes
+        if self.kind == "end":
+            return 0
+        return sum(leaf.nbytes for leaf in in_ring(self.request))
+
+
+def in_ring(request: proto.WriteRequest) -> list[proto.VarSpec]:
+    """The arrays of ``request`` whose bytes are in the ring now (not deferred to PARTs)."""
+    return [leaf for v in request.vars for leaf in proto.leaves(v) if not leaf.deferred]
+
+
+Source = mmap.mmap | dict[int, memoryview]  # a local client's ring, or a remote one's frames
+
+
+def _array(src: Source, spec: proto.VarSpec) -> np.ndarray:
+    """A read-only column-major view of the ring (or of the frame that carried the array
+    from a remote client): the writers read it in place."""
+    dt = np.dtype(spec.dtype)
+    if spec.nbytes == 0:
+        return np.zeros(spec.dims, dtype=dt, order="F")
+    if isinstance(src, dict):
+        return np.ndarray(spec.dims, dtype=dt, buffer=src[spec.offset], order="F")
+    return np.ndarray(spec.dims, dtype=dt, buffer=src, offset=spec.offset, order="F")
+
+
+def _materialize(mm: Source, node: proto.Tree) -> Any:
+    """A struct/cell/char tree as the Python objects scipy and hdf5storage write:
+    dict -> struct, object ndarray -> cell, str -> char, ndarray -> numeric."""
+    if isinstance(node, proto.VarSpec):
+        return _array(mm, node)
+    if isinstance(node, proto.Char):
+        return node.text
+    if isinstance(node, proto.Struct):
+        return {k: _materialize(mm, v) for k, v in node.fields}
+    cell = np.empty(node.dims, dtype=object)
+    for i, item in enumerate(node.items):
+        cell.flat[np.ravel_multi_index(np.unravel_index(i, node.dims, order="F"), node.dims)] = (
+            _materialize(mm, item))
+    return cell
+
+
+def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
+    src = job.payload if job.payload is not None else job.client.mm
+    assert src is not None  # a local client's ring stays mapped while it has jobs
+    return [(v, None if isinstance(v, proto.VarSpec) and v.deferred else
+             _array(src, v) if isinstance(v, proto.VarSpec) else _materialize(src, v.tree))
+            for v in job.request.vars]
+
+
+def payload_of(request: proto.WriteRequest, frames: list[memoryview]) -> dict[int, memoryview]:
+    """A remote WRITE's payload frames, matched to its arrays (ring order) and checked."""
+    want = in_ring(request)
+    want = [leaf for leaf in want if leaf.nbytes]
+    if len(frames) != len(want):
+        raise ProtocolError(f"{len(want)} payload frames expected, got {len(frames)}")
+    for leaf, frame in zip(want, frames):
+        if len(frame) != leaf.nbytes:
+            raise ProtocolError(f"payload frame for {leaf.name!r} is {len(frame)} bytes, not {leaf.nbytes}")
+    return {leaf.offset: frame for leaf, frame in zip(want, frames)}
+
+
+def check_ring_size(client: Client, request: proto.WriteRequest) -> None:
+    """Refuse to read past the end of a ring its client has truncated (that would be SIGBUS)."""
+    if client.mm is None:
+        return  # remote: the bytes are in frames the daemon holds
+    end = max((leaf.offset + leaf.nbytes for leaf in in_ring(request)), default=0)
+    size = os.fstat(client.fd).st_size
+    if size < end:
+        raise RingError(f"the client's ring shrank to {size} bytes; this save needs {end}")
+
+
+class JobRunner:
+    """Runs jobs on the writer threads; every failure comes back as the job's error."""
+
+    def __init__(self, roots: Sequence[str], write_delay: float = 0.0) -> None:
+        self.roots = tuple(roots)
+        self.write_delay = write_delay  # a deliberately slow disk, for overload tests
+        self.sessions: dict[tuple[bytes, int], Session] = {}
+
+    def run(self, job: Job) -> tuple[int | None, BaseException | None]:
+        """Bytes written (None for a piece or a layout) and the failure, if any."""
+        try:
+            if self.write_delay:
+                time.sleep(self.write_delay)
+            return (self.run_piece(job) if job.kind in ("part", "end") else self.run_file(job)), None
+        except MatspoolError as e:
+            return None, e
+        except OSError as e:
+            error = WriteFailed(f"cannot write {job.request.path!r}: {e.strerror or e}")
+            error.__cause__ = e  # its errno goes into the ERR message
+            return None, error
+        except Exception as e:
+            log.exception("writer failed on %s", job.request.path)
+            return None, WriteFailed(f"cannot write {job.request.path!r}: {type(e).__name__}: {e}")
+
+    def forget(self, client: Client) -> None:
+        """Abort the saves in pieces ``client`` began and will never end (it is dropped)."""
+        for seq in client.begun:
+            session = self.sessions.pop((client.ident, seq), None)
+            if session is not None:
+                session.abort()
+
+    def abort_all(self) -> None:
+        """At exit: saves in pieces never ended leave no temporary file."""
+        for session in self.sessions.values():
+            session.abort()
+        self.sessions.clear()
+
+    def run_file(self, job: Job) -> int | None:
+        """A whole save, a stream step, or the layout of a save whose pieces follow."""
+        req = job.request
+        final = resolve_target(req.path, self.roots)
+        check_ring_size(job.client, req)
+        views = _views(job)
+        if job.kind == "begin":
+            self.sessions[(job.client.ident, req.seq)] = Session.begin(final, req.format, views, req.fsync)
+            return None
+        if req.mode == "append":
+            return WRITERS["stream"].append(final, views, fsync=req.fsync)
+        fmt = "stream" if req.mode == "create" else req.format
+        return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress)
+
+    def run_piece(self, job: Job) -> int | None:
+        """Write one piece, or finish the file; after a failure, pieces are let go quietly
+        (the save's ERR has gone out) and END answers with that failure."""
+        key = (job.client.ident, job.request.seq)
+        session = self.sessions.get(key)
+        if job.kind == "end":
+            self.sessions.pop(key, None)
+            if session is not None and session.error is None and job.abort:
+                session.abort()
+                raise WriteFailed(f"the client abandoned the save to {job.request.path!r}; nothing was written")
+            if session is None:
+                raise WriteFailed(f"cannot write {job.request.path!r}: the save failed before its end")
+            if session.error is not None:
+                raise session.error
+            return session.end()
+        part = job.part
+        assert part is not None
+        if session is None or session.error is not None:
+            return None
+        try:
+            if job.payload is not None:
+                data = np.frombuffer(job.payload[part.offset], np.uint8)
+            else:
+                end = part.offset + part.nbytes
+                if os.fstat(job.client.fd).st_size < end:
+                    raise RingError(f"the client's ring shrank below {end} bytes")
+                assert job.client.mm is not None  # a local client: its ring is mapped
+                data = np.frombuffer(job.client.mm, np.uint8, part.nbytes, part.offset)
+            session.write(part.var, part.start, data)
+        except BaseException as e:
+            session.error = e if isinstance(e, MatspoolError) else WriteFailed(
+                f"cannot write {job.request.path!r}: {getattr(e, 'strerror', None) or e}")
+            if session.error is not e:
+                session.error.__cause__ = e  # keeps the errno for the END's ERR
+            session.abort()
+            raise session.error from e
+        return None

@@ -1,0 +1,106 @@
+"""The scheduler and the writer pool: per-path order, writer threads, their results.
+
+Writes to one path run in the order they arrived (a client's later save of a file must
+win); different paths run in parallel on ``n`` writer threads taking jobs from one queue
+(a ThreadPoolExecutor's Future per task costs the control thread more than a small
+file's whole write). A writer appends its outcome to a results queue and, only when it
+found the queue empty, wakes the control loop through an inproc socket.
+
+Threads: ``enqueue``, ``next_result``, ``wake_socket`` and ``shutdown`` belong to the
+control thread; ``_loop``/``_finish`` run on the writer threads; the results queue is
+shared under ``_lock``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+import zmq
+
+from .jobs import Job
+
+__all__ = ["Result", "Scheduler"]
+
+
+class Result(NamedTuple):
+    job: Job
+    nbytes: int | None
+    error: BaseException | None
+
+
+class Scheduler:
+    """Per-path queues in front of ``n`` writer threads running ``run``."""
+
+    def __init__(self, n: int, run: Callable[[Job], tuple[int | None, BaseException | None]],
+                 ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+        self._run = run
+        self._ctx = ctx
+        self._wake_addr = f"inproc://matspoold-wake-{id(self)}"
+        self._local = threading.local()
+        self._by_path: dict[str, deque[Job]] = {}
+        self._results: deque[Result] = deque()
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._loop, name=f"matspool-writer-{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def wake_socket(self) -> zmq.Socket[bytes]:
+        """The socket the control loop polls; readable when results are waiting."""
+        wake: zmq.Socket[bytes] = self._ctx.socket(zmq.PULL)
+        wake.bind(self._wake_addr)
+        return wake
+
+    def enqueue(self, job: Job) -> None:
+        key = os.path.normpath(job.request.path)
+        waiting = self._by_path.get(key)
+        if waiting is None:
+            self._by_path[key] = deque()
+            self._jobs.put(job)
+        else:
+            waiting.append(job)  # same file: keep the order the client saved in
+
+    def next_result(self) -> Result | None:
+        """The next finished job, its path's next job started; None when there is none."""
+        with self._lock:
+            if not self._results:
+                return None
+            result = self._results.popleft()
+        key = os.path.normpath(result.job.request.path)
+        waiting = self._by_path[key]
+        if waiting:
+            self._jobs.put(waiting.popleft())
+        else:
+            del self._by_path[key]
+        return result
+
+    def shutdown(self) -> None:
+        """Finish the queued jobs (the per-path queues must be empty), then stop."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._finish(Result(job, *self._run(job)))
+
+    def _finish(self, result: Result) -> None:
+        with self._lock:
+            self._results.append(result)
+            if len(self._results) > 1:
+                return  # an earlier result's wake-up is pending: the loop drains them all
+        sock = getattr(self._local, "wake", None)
+        if sock is None:
+            sock = self._local.wake = self._ctx.socket(zmq.PUSH)
+            sock.connect(self._wake_addr)
+        try:
+            sock.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # wake-ups are already queued; the loop also looks every 200 ms

@@ -1,0 +1,198 @@
+"""Client sessions: who is connected, with which ring, and when a client is gone.
+
+A local client says HELLO with the name of its ring (POSIX shared memory it created);
+the daemon maps it read-only and keeps the mapping until the client says BYE or is dead.
+A remote client (tcp://) has no ring here: its payloads come in message frames.
+
+Threads: the table and every :class:`Client` belong to the control thread. Writer
+threads read a job's client (its mapping, ``fd``, ``ident``) but change nothing in it;
+the mapping is released only when the client has no job in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from matspool import _protocol as proto
+from matspool._errors import ProtocolError
+from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
+
+from .cleanup import pid_alive
+
+__all__ = ["DONE_MEMORY", "MAX_RING_BYTES", "Client", "Clients"]
+
+log = logging.getLogger("matspoold")
+
+MAX_RING_BYTES = 1 << 46  # 64 TiB: anything larger is a lie
+DONE_MEMORY = 4096  # per client: answers kept to re-send when a WRITE arrives twice
+_PID_GRACE = 2.0  # s of silence before a vanished pid counts (its BYE may be on the way)
+
+
+@dataclass(eq=False, slots=True)
+class Client:
+    """One connected client: its ring, its saves in flight, its counters."""
+
+    ident: bytes
+    ring: str
+    mm: mmap.mmap | None  # None: a remote client (tcp://), whose payloads come in frames
+    fd: int  # kept open so each write can check the ring was not truncated under it
+    pid: int
+    ring_bytes: int = 0
+    inflight: int = 0
+    bye: bool = False
+    dead: bool = False
+    last_seen: float = 0.0
+    active: dict[int, float] = field(default_factory=dict)  # seq accepted -> when
+    begun: dict[int, proto.WriteRequest] = field(default_factory=dict)  # saves arriving in pieces
+    answered: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)
+    joined: float = field(default_factory=time.monotonic)
+    files: int = 0
+    bytes_written: int = 0
+    payload_inflight: int = 0
+    errors: int = 0
+
+    def status(self, now: float) -> dict[str, Any]:
+        """What ``matspool status`` shows for this client."""
+        age = max(now - self.joined, 1e-9)
+        return {"pid": self.pid, "ring": self.ring, "ring_bytes": self.ring_bytes,
+                "queue_depth": self.inflight, "ring_bytes_in_flight": self.payload_inflight,
+                "files_written": self.files, "bytes_written": self.bytes_written, "errors": self.errors,
+                "throughput_bytes_per_s": self.bytes_written / age, "connected_s": age,
+                "oldest_pending_s": now - min(self.active.values()) if self.active else 0.0,
+                "silent_s": now - self.last_seen, "dead": self.dead}
+
+    def remember(self, seq: int, reply: dict[str, Any]) -> None:
+        """Keep the answer to save ``seq``: a WRITE re-sent after a reconnect gets it again."""
+        self.active.pop(seq, None)
+        self.answered[seq] = reply
+        if len(self.answered) > DONE_MEMORY:
+            self.answered.popitem(last=False)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            if self.mm is not None:
+                self.mm.close()
+        except BufferError:
+            pass  # a writer's view is still alive; the mapping goes with it
+
+
+class Clients:
+    """The client table: HELLO, BYE, and reaping the dead.
+
+    ``forget`` is called when a client is dropped, to abort its saves in pieces that will
+    never end (the jobs' temporary files).
+    """
+
+    def __init__(self, *, tcp: bool, clean_stale: bool, client_timeout: float,
+                 forget: Callable[[Client], None]) -> None:
+        self.table: dict[bytes, Client] = {}
+        self._tcp = tcp
+        self._clean_stale = clean_stale
+        self._client_timeout = client_timeout
+        self._forget = forget
+
+    def get(self, ident: bytes) -> Client | None:
+        return self.table.get(ident)
+
+    def busy(self) -> bool:
+        return any(c.inflight for c in self.table.values())
+
+    def status(self, now: float) -> list[dict[str, Any]]:
+        return [c.status(now) for c in self.table.values()]
+
+    def release_all(self) -> None:
+        for c in self.table.values():
+            c.release()
+
+    def hello(self, ident: bytes, msg: dict[str, Any]) -> None:
+        """Register (or re-register, after a restart it saw) the client ``ident``."""
+        ring, size, pid = msg.get("ring"), msg.get("ring_bytes"), msg.get("pid")
+        if type(size) is not int or not 0 < size <= MAX_RING_BYTES:
+            raise ProtocolError(f"HELLO: bad ring_bytes {size!r}")
+        if type(pid) is not int:
+            raise ProtocolError("HELLO: pid must be an integer")
+        if msg.get("remote") is True:  # its ring is on another host: payloads come in frames
+            if not self._tcp:
+                raise ProtocolError("remote clients are served on tcp:// endpoints only")
+            self._replace(ident)
+            self.table[ident] = Client(ident, "(remote)", None, -1, pid, ring_bytes=size,
+                                       last_seen=time.monotonic())
+            log.info("remote client pid %d joined", pid)
+            return
+        if not isinstance(ring, str):
+            raise ProtocolError("HELLO needs a ring name")
+        mm, fd = open_ring_readonly(ring, size)
+        if not ring.startswith(f"{RING_PREFIX}{pid}-"):
+            # reaping trusts the pid: it must be the one that named (created) the ring
+            mm.close()
+            os.close(fd)
+            raise ProtocolError(f"HELLO: ring {ring[:80]!r} was not created by pid {pid}")
+        self._replace(ident)
+        self.table[ident] = Client(ident, ring, mm, fd, pid, ring_bytes=size, last_seen=time.monotonic())
+        log.info("client pid %d joined with a %d MiB ring", pid, size >> 20)
+
+    def _replace(self, ident: bytes) -> None:
+        old = self.table.get(ident)
+        if old is not None:  # the same client again (it saw a restart): the old mapping goes
+            old.bye = True  # as soon as its writes in flight are answered
+            if not old.inflight:
+                old.release()
+
+    def bye(self, ident: bytes) -> None:
+        c = self.table.get(ident)
+        if c is None:
+            return
+        c.bye = True
+        if not c.inflight:
+            self.drop(c)
+
+    def settled(self, c: Client) -> None:
+        """A job of ``c`` finished: a client leaving (BYE) or dead goes when its last did."""
+        if (c.bye or c.dead) and not c.inflight:
+            self.drop(c)
+
+    def drop(self, c: Client) -> None:
+        if self.table.get(c.ident) is c:
+            del self.table[c.ident]
+        self._forget(c)  # saves in pieces that will never end: no partial file stays
+        c.release()
+        if c.dead:  # its process cannot unlink the ring any more: do it for it
+            try:
+                os.unlink(ring_path(c.ring))
+                log.info("client pid %d died; its saves are written and its ring removed", c.pid)
+            except OSError as e:
+                log.warning("client pid %d died; cannot remove its ring %s: %s", c.pid, c.ring, e)
+
+    def reap(self) -> None:
+        """Clients gone without BYE: finish their accepted saves, then free their rings.
+
+        A local client is dead when its pid is gone (after a short grace): silence alone is
+        not death, since a process stopped by SIGSTOP, a debugger or swap comes back and
+        must find its registration and ring. Pids mean something only in our own pid
+        namespace, so with ``--no-clean-stale`` (clients in other containers), and for
+        remote clients, silence past ``client_timeout`` decides.
+        """
+        now = time.monotonic()
+        for c in list(self.table.values()):
+            silent = now - c.last_seen
+            if c.dead:
+                continue
+            if self._clean_stale and c.mm is not None:
+                dead = silent > _PID_GRACE and not pid_alive(c.pid)
+            else:
+                dead = silent > self._client_timeout
+            if not dead:
+                continue
+            c.dead = True
+            if not c.inflight:
+                self.drop(c)
