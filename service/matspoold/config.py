@@ -23,10 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tomllib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # requires-python is 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 from .config_values import PARSE, BadValue, absolute, check, parse_roots, suggest
 
