@@ -15,9 +15,13 @@ import textwrap
 import time
 from pathlib import Path
 
-import matspool
 import numpy as np
 import scipy.io
+
+import matspool
+from matspool._messages import ClientStatus, StatusQuery, StatusReply
+from matspoold.probe import ask
+
 from conftest import start_daemon
 
 
@@ -111,12 +115,10 @@ _STOPPED_CLIENT = textwrap.dedent("""
 """)
 
 
-def _client_status(endpoint: str, pid: int) -> dict | None:
-    from matspoold.probe import ask
-
-    st = ask(endpoint, "STATUS", 10)
-    assert st is not None, "the daemon stopped answering"
-    return next((c for c in st["clients"] if c["pid"] == pid), None)
+def _client_status(endpoint: str, pid: int) -> ClientStatus | None:
+    st = ask(endpoint, StatusQuery(), 10)
+    assert isinstance(st, StatusReply), "the daemon stopped answering"
+    return next((c for c in st.clients if c.pid == pid), None)
 
 
 def test_client_stopped_past_client_timeout_keeps_its_ring_and_saves(
@@ -132,16 +134,16 @@ def test_client_stopped_past_client_timeout_keeps_its_ring_and_saves(
         deadline = time.monotonic() + 120  # a hang guard, far beyond any expected wait
         while True:  # until the daemon holds every save: then stop the client mid-way
             me = _client_status(d.endpoint, client.pid)
-            if me is not None and me["queue_depth"] + me["files_written"] == n:
+            if me is not None and me.queue_depth + me.files_written == n:
                 break
             assert time.monotonic() < deadline, f"the daemon never received all {n} saves: {me}"
             time.sleep(0.01)
         os.kill(client.pid, signal.SIGSTOP)
-        assert me["queue_depth"] > 0, "no save was in flight when the client stopped"
+        assert me is not None and me.queue_depth > 0, "no save was in flight when the client stopped"
         deadline = time.monotonic() + 120
         while True:  # silent for well past --client-timeout, and its saves all written
             me = _client_status(d.endpoint, client.pid)
-            if me is None or (me["silent_s"] > 4 and me["queue_depth"] == 0):
+            if me is None or (me.silent_s > 4 and me.queue_depth == 0):
                 break
             assert time.monotonic() < deadline, f"the stopped client's saves were never written: {me}"
             time.sleep(0.1)

@@ -28,6 +28,7 @@ import torch
 import zmq
 
 import matspool
+from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._errors import MatspoolError
 from matspool._ring import Ring
@@ -371,9 +372,9 @@ class FakeDaemon:
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.writes: list[dict[str, Any]] = []
+        self.writes: list[proto.WriteRequest] = []
         self._ident: bytes | None = None
-        self._todo: list[dict[str, Any]] = []
+        self._todo: list[msgs.Reply | dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -387,32 +388,35 @@ class FakeDaemon:
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(self.endpoint)
         self._ready.set()
+        ring_bytes: int | None = None
         try:
             while not self._stop.is_set():
                 if sock.poll(20):
                     ident, *frames = sock.recv_multipart()
-                    msg = proto.decode(frames)
+                    raw = proto.decode(frames)
                     self._ident = ident
-                    if msg["op"] == "HELLO":
-                        sock.send_multipart([ident, *proto.encode({"op": "WELCOME", "pid": 0,
-                                                                   "version": "matspool/1"})])
-                    elif msg["op"] == "PING":
-                        sock.send_multipart([ident, *proto.encode({"op": "PONG"})])
-                    elif msg["op"] == "WRITE":
-                        with self._lock:
-                            self.writes.append(msg)
-                    elif msg["op"] == "BATCH":  # saves the client queued together
-                        with self._lock:
-                            self.writes.extend(msg["msgs"])
+                    # saves the client queued together come as one BATCH
+                    for one in msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else [raw]:
+                        msg = msgs.parse_request(one, ring_bytes)
+                        if isinstance(msg, msgs.Hello):
+                            ring_bytes = msg.ring_bytes
+                            sock.send_multipart([ident, *msgs.encode(msgs.Welcome(0, "fake", "matspool/1"))])
+                        elif isinstance(msg, msgs.Ping):
+                            sock.send_multipart([ident, *msgs.encode(msgs.Pong("fake"))])
+                        elif isinstance(msg, proto.WriteRequest):
+                            with self._lock:
+                                self.writes.append(msg)
                 with self._lock:
                     todo, self._todo = self._todo, []
                 for reply in todo:
                     assert self._ident is not None
-                    sock.send_multipart([self._ident, *proto.encode(reply)])
+                    frames = proto.encode(reply) if isinstance(reply, dict) else msgs.encode(reply)
+                    sock.send_multipart([self._ident, *frames])
         finally:
             sock.close(linger=0)
 
-    def reply(self, msg: dict[str, Any]) -> None:
+    def reply(self, msg: msgs.Reply | dict[str, Any]) -> None:
+        """Send ``msg`` to the client: a typed reply, or a raw (possibly malformed) one."""
         with self._lock:
             self._todo.append(msg)
 
@@ -454,12 +458,12 @@ def test_ring_full_raise(fake: FakeDaemon, tmp_path: Path) -> None:
         small = s.save(tmp_path / "c.mat", {"x": np.zeros(1000, np.uint8)})
         _wait_for(lambda: fake.n_writes() == 2)
         # once the daemon acknowledges, the space comes back
-        fake.reply({"op": "DONE", "seq": fake.writes[0]["seq"], "nbytes": 1})
+        fake.reply(msgs.Done(((fake.writes[0].seq, 1),)))
         assert first.result(5).path == str(tmp_path / "a.mat")
         again = s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})
         _wait_for(lambda: fake.n_writes() == 3)
-        fake.reply({"op": "DONE", "seq": fake.writes[1]["seq"], "nbytes": 1})
-        fake.reply({"op": "DONE", "seq": fake.writes[2]["seq"], "nbytes": 1})
+        fake.reply(msgs.Done(((fake.writes[1].seq, 1),)))
+        fake.reply(msgs.Done(((fake.writes[2].seq, 1),)))
         small.result(5)
         again.result(5)
         assert s.pending == 0
@@ -474,11 +478,11 @@ def test_ring_full_block_times_out(fake: FakeDaemon, tmp_path: Path) -> None:
         waited = time.monotonic() - t0
         assert 0.45 <= waited < 2.5, waited
         _wait_for(lambda: fake.n_writes() == 1)
-        fake.reply({"op": "DONE", "seq": fake.writes[0]["seq"], "nbytes": 1})
+        fake.reply(msgs.Done(((fake.writes[0].seq, 1),)))
         _wait_for(lambda: s.pending == 0)
         s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})  # fits again
         _wait_for(lambda: fake.n_writes() == 2)
-        fake.reply({"op": "DONE", "seq": fake.writes[1]["seq"], "nbytes": 1})
+        fake.reply(msgs.Done(((fake.writes[1].seq, 1),)))
         s.flush(5)
 
 
@@ -486,12 +490,12 @@ def test_ring_full_block_waits_for_space(fake: FakeDaemon, tmp_path: Path) -> No
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, on_full="block", timeout=10) as s:
         s.save(tmp_path / "a.mat", {"x": np.zeros(600_000, np.uint8)})
         _wait_for(lambda: fake.n_writes() == 1)
-        threading.Timer(0.3, fake.reply, [{"op": "DONE", "seq": fake.writes[0]["seq"], "nbytes": 1}]).start()
+        threading.Timer(0.3, fake.reply, [msgs.Done(((fake.writes[0].seq, 1),))]).start()
         t0 = time.monotonic()
         s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})
         assert 0.2 <= time.monotonic() - t0 < 5
         _wait_for(lambda: fake.n_writes() == 2)
-        fake.reply({"op": "DONE", "seq": fake.writes[1]["seq"], "nbytes": 1})
+        fake.reply(msgs.Done(((fake.writes[1].seq, 1),)))
         s.flush(5)
 
 
@@ -572,10 +576,10 @@ def test_err_from_the_daemon_maps_to_the_error_class(fake: FakeDaemon, tmp_path:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30) as s:
         futs = [s.save(tmp_path / f"{i}.mat", {"x": 1.0}) for i in range(3)]
         _wait_for(lambda: fake.n_writes() == 3)
-        seqs = [w["seq"] for w in fake.writes]
-        fake.reply({"op": "ERR", "seq": seqs[0], "code": "write_failed", "message": "disk full"})
-        fake.reply({"op": "ERR", "seq": seqs[1], "code": "no_such_code", "message": "odd"})
-        fake.reply({"op": "DONE", "seq": seqs[2], "nbytes": 7})
+        seqs = [w.seq for w in fake.writes]
+        fake.reply(msgs.Err(seqs[0], "write_failed", "disk full"))
+        fake.reply(msgs.Err(seqs[1], "no_such_code", "odd"))
+        fake.reply(msgs.Done(((seqs[2], 7),)))
         assert isinstance(futs[0].exception(5), matspool.WriteFailed)
         assert str(futs[0].exception()) == "disk full"
         assert type(futs[1].exception(5)) is MatspoolError
@@ -587,11 +591,11 @@ def test_one_done_answers_several_saves(fake: FakeDaemon, tmp_path: Path) -> Non
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30) as s:
         futs = [s.save(tmp_path / f"{i}.mat", {"x": float(i)}) for i in range(4)]
         _wait_for(lambda: fake.n_writes() == 4)
-        seqs = [w["seq"] for w in fake.writes]
-        fake.reply({"op": "DONE", "done": [[seqs[2], 30], [seqs[0], 10], [seqs[3], 40]]})
+        seqs = [w.seq for w in fake.writes]
+        fake.reply(msgs.Done(((seqs[2], 30), (seqs[0], 10), (seqs[3], 40))))
         assert [futs[i].result(5).nbytes for i in (0, 2, 3)] == [10, 30, 40]
         assert not futs[1].done()
-        fake.reply({"op": "DONE", "seq": seqs[1], "nbytes": 20})
+        fake.reply(msgs.Done(((seqs[1], 20),)))
         assert futs[1].result(5).nbytes == 20
         assert s._ring.used == 0
 
@@ -616,8 +620,7 @@ def test_client_survives_malformed_replies(fake: FakeDaemon, tmp_path: Path,
         fake.reply(bad_reply)
         time.sleep(0.2)
         assert s._link._io is not None and s._link._io.is_alive(), "a bad reply ended the client's I/O thread"
-        seq = fake.writes[0]["seq"]
-        fake.reply({"op": "DONE", "seq": seq, "nbytes": 3})  # the real answer still counts
+        fake.reply(msgs.Done(((fake.writes[0].seq, 3),)))  # the real answer still counts
         assert fut.result(5).nbytes == 3
         s.flush(5)
 

@@ -23,7 +23,7 @@ SAMPLES: list[m.Message] = [
     m.StatusQuery(),
     m.Bye(),
     m.Welcome(12, "0123456789abcdef", "matspool/1"),
-    m.Pong("0123456789abcdef"),
+    m.Pong("0123456789abcdef", 42),
     m.Pong(),
     m.Done(((5, 1024),)),
     m.Done(((5, 1024), (6, 2048))),

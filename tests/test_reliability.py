@@ -88,11 +88,12 @@ _CLIENT = textwrap.dedent("""
             for i in range(n)]
     # "signalled" = the daemon has every save (queued or written), not merely save() returned:
     # a save still in this process's send queue dies with it
+    from matspool._messages import StatusQuery
     from matspoold.probe import ask
     while True:
-        st = ask(sys.argv[1], "STATUS", 5)
-        me = [c for c in st["clients"] if c["pid"] == os.getpid()]
-        if me and me[0]["queue_depth"] + me[0]["files_written"] + me[0]["errors"] == n:
+        st = ask(sys.argv[1], StatusQuery(), 5)
+        me = [c for c in st.clients if c.pid == os.getpid()]
+        if me and me[0].queue_depth + me[0].files_written + me[0].errors == n:
             break
         time.sleep(0.01)
     print("SIGNALLED", flush=True)

@@ -11,9 +11,11 @@ import os
 import threading
 from typing import Any
 
-import matspool
 import numpy as np
 import pytest
+
+import matspool
+from matspool import _messages as m
 from matspool import _protocol as proto
 from matspool._ring import open_ring_readonly
 from matspool._transport import MemoryTransport
@@ -24,41 +26,38 @@ class FakeDaemon:
 
     def __init__(self) -> None:
         self.mm: mmap.mmap | None = None
-        self.size = 0
         self.files: dict[str, dict[str, bytes]] = {}
         self.silent = threading.Event()
-        self.held: list[dict[str, Any]] = []
+        self.held: list[m.Reply] = []
         self.fail_with: dict[str, Any] | None = None
         self.instance = "fake"
         self.writes: list[str] = []  # paths, one per WRITE received
 
-    def __call__(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
-        op = msg["op"]
-        if op == "HELLO":
-            self.mm, fd = open_ring_readonly(msg["ring"], msg["ring_bytes"])
+    def __call__(self, msg: m.Request) -> list[m.Reply]:
+        if isinstance(msg, m.Hello):
+            assert msg.ring is not None
+            self.mm, fd = open_ring_readonly(msg.ring, msg.ring_bytes)
             os.close(fd)
-            self.size = msg["ring_bytes"]
-            return [{"op": "WELCOME", "pid": os.getpid(), "instance": self.instance,
-                     "version": "matspool/1"}]
-        if op == "WRITE":
-            req = proto.parse_write(msg, self.size)
-            self.writes.append(req.path)
+            return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
+        if isinstance(msg, proto.WriteRequest):
+            self.writes.append(msg.path)
+            reply: m.Reply
             if self.fail_with is not None:
-                reply = {"op": "ERR", "seq": req.seq, **self.fail_with}
+                reply = m.Err(msg.seq, **self.fail_with)
             else:
                 assert self.mm is not None
-                self.files[req.path] = {v.name: bytes(self.mm[v.offset:v.offset + v.nbytes])
-                                        for v in req.vars if isinstance(v, proto.VarSpec)}
-                reply = {"op": "DONE", "seq": req.seq, "nbytes": 128}
+                self.files[msg.path] = {v.name: bytes(self.mm[v.offset:v.offset + v.nbytes])
+                                        for v in msg.vars if isinstance(v, proto.VarSpec)}
+                reply = m.Done(((msg.seq, 128),))
             if self.silent.is_set():
                 self.held.append(reply)
                 return []
             return [reply]
-        if op == "PING":
+        if isinstance(msg, m.Ping):
             if self.silent.is_set():
                 return []
             held, self.held = self.held, []
-            return [*held, {"op": "PONG", "instance": self.instance}]
+            return [*held, m.Pong(self.instance)]
         return []
 
 

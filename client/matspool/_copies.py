@@ -89,7 +89,7 @@ class CopyPipeline:
                     copy.wait()
             except Exception as e:  # a CUDA error: the bytes never arrived
                 self._table.fail(message.seq, MatspoolError(f"copy into the ring failed: {e}"))
-                self._table.unsent(message.seq, message.to_wire()["op"], lease)
+                self._table.unsent(message.seq, message.OP, lease)
             else:
                 self._send(message, lease)
             finally:

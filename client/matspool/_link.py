@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
+from . import _messages as msgs
 from . import _protocol as proto
 from ._errors import (
     DaemonUnavailable,
@@ -39,7 +40,7 @@ from ._errors import (
 from ._leases import Lease
 from ._pending import PendingTable, Save, failing
 from ._ring import Ring
-from ._saves import End, SaveResult
+from ._saves import SaveResult
 from ._transport import Transport
 
 __all__ = ["Link"]
@@ -104,24 +105,23 @@ class Link:
                 raise DaemonUnavailable(f"no matspool daemon answered at {self.endpoint} "
                                         f"within {connect_timeout} s")
 
-    def send(self, message: Any, lease: Lease | None = None) -> None:
-        """Queue ``message`` (a protocol message object or dict); ``lease``: the region it
-        names, released here if the message never goes."""
-        wire = message if isinstance(message, dict) else message.to_wire()
-        frames = [*proto.encode(wire), *self._payload(message)]
+    def send(self, message: msgs.Request, lease: Lease | None = None) -> None:
+        """Queue ``message``; ``lease``: the region it names, released here if the message
+        never goes."""
+        frames = [*msgs.encode(message), *self._payload(message)]
         with self._outbox_lock:
-            self._outbox.append((wire["op"], wire.get("seq", -1), frames, lease))
+            self._outbox.append((message.OP, getattr(message, "seq", -1), frames, lease))
             if len(self._outbox) == 1:
                 self.transport.wake()
 
     def close(self) -> None:
         if self._io is not None and self._io.is_alive():
-            self.send({"op": "BYE"})  # the I/O thread forwards it to the daemon, then stops
+            self.send(msgs.Bye())  # the I/O thread forwards it to the daemon, then stops
             self._io.join(timeout=5)
         if self._io is None or not self._io.is_alive():
             self.transport.close()
 
-    def _payload(self, message: Any) -> list[memoryview]:
+    def _payload(self, message: msgs.Request) -> list[memoryview]:
         """For a remote (tcp://) daemon, which cannot map our ring: the arrays as frames,
         zero-copy views of the ring, in the ring order the daemon expects."""
         if not self._remote:
@@ -137,12 +137,10 @@ class Link:
         return [memoryview(ring[off:off + n].data) for off, n in spans]
 
     # -- the I/O thread -----------------------------------------------------------------
-    def _hello_msg(self) -> dict[str, Any]:
+    def _hello_msg(self) -> msgs.Hello:
         if self._remote:  # the daemon is on another host: it gets payloads in frames
-            return {"op": "HELLO", "remote": True, "ring": None, "ring_bytes": self._ring.size,
-                    "pid": os.getpid()}
-        return {"op": "HELLO", "ring": self._ring.name, "ring_bytes": self._ring.size,
-                "pid": os.getpid()}
+            return msgs.Hello(None, self._ring.size, os.getpid(), remote=True)
+        return msgs.Hello(self._ring.name, self._ring.size, os.getpid())
 
     def _hello(self) -> None:
         """Register again with a daemon that does not know us. Until it answers, the
@@ -154,45 +152,39 @@ class Link:
                         "registered again with ring %s", self._ring.name)
         self._hello_pending = True
         self._hello_at = time.monotonic()
-        self.transport.send(proto.encode(self._hello_msg()))
+        self.transport.send(msgs.encode(self._hello_msg()))
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
-        op = msg.get("op")
-        instance = msg.get("instance")
-        if op == "WELCOME":
-            if self.instance is not None and instance != self.instance:
+    def _on_message(self, msg: msgs.Reply) -> None:
+        if isinstance(msg, msgs.Welcome):
+            if self.instance is not None and msg.instance != self.instance:
                 self._instance_gone(self.instance)
             again = self._hello_pending or self.instance is not None
-            self.instance, self._hello_pending = instance, False
-            pid = msg.get("pid")
-            self.daemon_pid = pid if type(pid) is int else None
+            self.instance, self._hello_pending = msg.instance, False
+            self.daemon_pid = msg.pid
             self._welcome.set()
             if again:
                 self._resend()
-        elif op == "PONG":
-            if self.instance is not None and instance != self.instance and not self._hello_pending:
+        elif isinstance(msg, msgs.Pong):
+            if self.instance is not None and msg.instance != self.instance and not self._hello_pending:
                 self._hello()  # a new daemon on the same endpoint: register again
-        elif op == "PART_DONE":
-            offset = msg.get("offset")
-            self._table.answer(msg.get("seq"), part=offset if type(offset) is int else None)
-        elif op == "DONE":  # one save ({seq, nbytes}) or several ({done: [[seq, nbytes], ...]})
-            answers = msg["done"] if "done" in msg else [[msg.get("seq"), msg.get("nbytes", 0)]]
-            for seq, nbytes in answers:
-                self._table.answer(seq, result=_result(int(nbytes)))
-        elif op == "ERR":
+        elif isinstance(msg, msgs.PartDone):
+            self._table.answer(msg.seq, part=msg.offset)
+        elif isinstance(msg, msgs.Done):
+            for seq, nbytes in msg.answers:
+                self._table.answer(seq, result=_result(nbytes))
+        elif isinstance(msg, msgs.Err):
             self._on_error(msg)
         else:
-            log.warning("matspool: ignoring unknown message %r from the daemon", op)
+            log.warning("matspool: ignoring a %s message from the daemon", msg.OP)
 
-    def _on_error(self, msg: dict[str, Any]) -> None:
-        code, seq = str(msg.get("code")), msg.get("seq")
-        if code == UnknownClient.code:  # the daemon forgot us: the save is re-sent after HELLO
+    def _on_error(self, msg: msgs.Err) -> None:
+        if msg.code == UnknownClient.code:  # the daemon forgot us: the save is re-sent after HELLO
             if not self._hello_pending:
                 self._hello()
             return
-        errno = msg.get("errno")
-        err = error_from_code(code, str(msg.get("message")), errno=errno if type(errno) is int else None)
-        if isinstance(seq, int) and seq >= 0:
+        err = error_from_code(msg.code, msg.message, errno=msg.errno)
+        seq = msg.seq
+        if seq >= 0:
             self._table.answer(seq, error=err)
         elif self._hello_pending and isinstance(err, RingError) and not self._ring.exists():
             self._hello()  # our ring went between our check and the daemon's open
@@ -232,7 +224,7 @@ class Link:
         size = 0
         for op, seq, frames, lease in items:
             if op == "END" and self._table.failed(seq):
-                frames = proto.encode(End(seq, True).to_wire())
+                frames = msgs.encode(msgs.End(seq, True))
             if op in ("WRITE", "PART", "END") and not self._table.sent(seq, op, frames, self.instance, lease):
                 continue
             if op == "WRITE" and len(frames) == 2:  # no payload frames to keep apart
@@ -256,7 +248,7 @@ class Link:
         if len(bodies) == 1:
             self.transport.send([proto.TAG, bodies[0]])
         elif bodies:
-            self.transport.send([proto.TAG, b'{"op":"BATCH","msgs":[' + b",".join(bodies) + b"]}"])
+            self.transport.send([proto.TAG, msgs.Batch.join(bodies)])
 
     def _loop(self) -> None:
         last_rx = last_ping = last_turn = time.monotonic()
@@ -272,7 +264,7 @@ class Link:
                     last_rx = now
                 for frames in got:
                     try:
-                        self._on_message(proto.decode(frames))
+                        self._on_message(msgs.decode_reply(frames))
                     except Exception as e:  # e.g. a DONE whose seq is a list: this thread
                         # must live on, or every pending future would hang forever
                         log.warning("matspool: bad message from the daemon: %r", e)
@@ -284,7 +276,7 @@ class Link:
                 elif now - self._hello_at > max(5.0, 3 * self._heartbeat):
                     self._hello()  # unanswered (lost across a reconnect): say it again
                 if now - last_ping >= self._heartbeat:
-                    self.transport.send(proto.encode({"op": "PING"}))
+                    self.transport.send(msgs.encode(msgs.Ping()))
                     last_ping = now
                     self._release_if_dead()
                 if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:

@@ -15,7 +15,7 @@ client -> daemon                              daemon -> client
   WRITE  {seq, path, format, fsync, vars, ...}  DONE      {seq, nbytes} | {done: [[seq, nbytes]]}
   BATCH  {msgs: [WRITE, ...]}                   ERR       {seq, code, message, errno}
   PART   {seq, var, start, offset, nbytes}      PART_DONE {seq, offset}
-  END    {seq, abort}                           PONG      {instance}
+  END    {seq, abort}                           PONG      {instance, pid}
   PING   {}                                     STATUS    {pid, instance, ..., clients}
   STATUS {}
   BYE    {}
@@ -45,8 +45,8 @@ __all__ = [
     "PartDone",
     "Ping",
     "Pong",
-    "Request",
     "Reply",
+    "Request",
     "StatusQuery",
     "StatusReply",
     "Welcome",
@@ -209,12 +209,16 @@ class Welcome(_Plain):
 
 @dataclass(frozen=True, slots=True)
 class Pong(_Plain):
+    """The answer to PING: which daemon instance (and process) is on the endpoint."""
+
     OP: ClassVar[str] = "PONG"
     instance: str | None = None
+    pid: int | None = None
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Pong:
-        return cls(None if raw.get("instance") is None else _text(raw, "instance", 64))
+        return cls(None if raw.get("instance") is None else _text(raw, "instance", 64),
+                   _opt_int(raw, "pid", 0, 2**31))
 
 
 @dataclass(frozen=True, slots=True)

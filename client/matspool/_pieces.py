@@ -21,7 +21,7 @@ from ._errors import SpoolFull
 from ._leases import Lease, Leases
 from ._pending import PendingTable, SaveFuture
 from ._planner import Plan
-from ._saves import End
+from ._messages import End
 
 if TYPE_CHECKING:
     from ._copies import CopyPipeline

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 
@@ -157,6 +157,7 @@ def leaves(node: Variable | Tree) -> list[VarSpec]:
 
 @dataclass(frozen=True, slots=True)
 class WriteRequest:
+    OP: ClassVar[str] = "WRITE"
     seq: int
     path: str
     format: str
@@ -362,6 +363,7 @@ class Part:
     """Bytes ``[start, start + nbytes)`` of deferred variable ``var`` of save ``seq``,
     now at ``offset`` in the ring."""
 
+    OP: ClassVar[str] = "PART"
     seq: int
     var: int
     start: int

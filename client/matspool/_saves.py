@@ -1,4 +1,4 @@
-"""Small value types of a save: its result, the END of a save in pieces, ring placement.
+"""Small value types of a save: its result and its placement in the ring.
 
 Threads: none of its own; immutable values.
 """
@@ -6,12 +6,11 @@ Threads: none of its own; immutable values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ._convert import Prepared
 from ._ring import ALIGN
 
-__all__ = ["End", "SaveResult", "aligned", "place"]
+__all__ = ["SaveResult", "aligned", "place"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,17 +20,6 @@ class SaveResult:
     path: str
     nbytes: int  # size of the file written
     format: str
-
-
-@dataclass(frozen=True, slots=True)
-class End:
-    """The last message of a save in pieces; ``abort`` throws the save away."""
-
-    seq: int
-    abort: bool
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"op": "END", "seq": self.seq, "abort": self.abort}
 
 
 def aligned(nbytes: int) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from . import _messages as msgs
 from . import _protocol as proto
 from ._curve import ClientKeys, is_tcp
 
@@ -118,29 +119,34 @@ class ZmqTransport:
         self._rx.close(linger=0)
 
 
-Handler = Callable[[dict[str, Any]], list[dict[str, Any]]]
+Handler = Callable[[msgs.Request], list[msgs.Reply]]
 
 
 class MemoryTransport:
     """A transport that hands each message to ``handler`` and delivers what it returns.
 
-    ``handler(message) -> [reply, ...]`` sees decoded messages (dicts) and returns
-    replies as dicts; it runs on the link's I/O thread. BATCHes are unpacked first.
+    ``handler(request) -> [reply, ...]`` sees the typed messages a daemon would parse
+    (WRITE and PART checked against the ring the HELLO named) and returns typed replies;
+    it runs on the link's I/O thread. BATCHes are unpacked first.
     """
 
     def __init__(self, handler: Handler, endpoint: str = "memory://") -> None:
         self.endpoint = endpoint
         self._handler = handler
+        self._ring_bytes: int | None = None
         self._inbox: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
 
     def open(self, identity: bytes) -> None:
         self.identity = identity
 
     def send(self, frames: list[Any]) -> None:
-        msg = proto.decode([bytes(frames[0]), bytes(frames[1])])
-        for one in msg["msgs"] if msg["op"] == "BATCH" else [msg]:
-            for reply in self._handler(one):
-                self._inbox.put(proto.encode(reply))
+        raw = proto.decode([bytes(frames[0]), bytes(frames[1])])
+        for one in msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else [raw]:
+            request = msgs.parse_request(one, self._ring_bytes)
+            if isinstance(request, msgs.Hello):
+                self._ring_bytes = request.ring_bytes
+            for reply in self._handler(request):
+                self._inbox.put(msgs.encode(reply))
 
     def poll(self, timeout: float) -> list[list[bytes]]:
         got: list[list[bytes]] = []

@@ -81,16 +81,17 @@ def _holder_pid(fd: int) -> int | None:
 def _answering_pid(endpoint: str) -> int | None:
     """The pid of a daemon answering a PING on ``endpoint`` (-1 if it does not say); None
     when nothing answers."""
+    from matspool._messages import Ping, Pong
+
     from .probe import ask
 
     try:
-        reply = ask(endpoint, "PING", _PROBE_TIMEOUT)
+        reply = ask(endpoint, Ping(), _PROBE_TIMEOUT)
     except Exception:  # noqa: BLE001 - a garbled answer is still not a daemon we can share with
         return None
-    if reply is None or reply.get("op") != "PONG":
+    if not isinstance(reply, Pong):
         return None
-    pid = reply.get("pid")
-    return pid if type(pid) is int else -1
+    return -1 if reply.pid is None else reply.pid
 
 
 def claim_ipc(endpoint: str) -> IpcClaim:

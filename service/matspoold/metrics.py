@@ -26,11 +26,11 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         st = self.daemon.snapshot
         yield CounterMetricFamily("matspool_files_written", "Files completed under their final name",
-                                  value=st["files_written"])
+                                  value=st.files_written)
         yield CounterMetricFamily("matspool_bytes_written", "Bytes of completed files",
-                                  value=st["bytes_written"])
-        yield CounterMetricFamily("matspool_errors", "Saves answered with an error", value=st["errors"])
-        yield GaugeMetricFamily("matspool_clients", "Connected client processes", value=len(st["clients"]))
+                                  value=st.bytes_written)
+        yield CounterMetricFamily("matspool_errors", "Saves answered with an error", value=st.errors)
+        yield GaugeMetricFamily("matspool_clients", "Connected client processes", value=len(st.clients))
         per = {
             "matspool_client_queue_depth": ("Saves accepted and not yet answered", "queue_depth"),
             "matspool_client_ring_bytes_in_flight": ("Ring bytes of saves being written", "ring_bytes_in_flight"),
@@ -39,15 +39,15 @@ class DaemonCollector(Collector):
         }
         for name, (doc, key) in per.items():
             g = GaugeMetricFamily(name, doc, labels=["pid"])
-            for c in st["clients"]:
-                g.add_metric([str(c["pid"])], c[key])
+            for c in st.clients:
+                g.add_metric([str(c.pid)], getattr(c, key))
             yield g
         for name, doc, key in (("matspool_client_files_written", "Files written for the client", "files_written"),
                                ("matspool_client_bytes_written", "Bytes written for the client", "bytes_written"),
                                ("matspool_client_errors", "Failed saves of the client", "errors")):
             ctr = CounterMetricFamily(name, doc, labels=["pid"])
-            for c in st["clients"]:
-                ctr.add_metric([str(c["pid"])], c[key])
+            for c in st.clients:
+                ctr.add_metric([str(c.pid)], getattr(c, key))
             yield ctr
 
 

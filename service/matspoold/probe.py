@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import zmq
-from matspool import _protocol as proto
+
+from matspool import _messages as msgs
 from matspool._curve import ClientKeys, is_tcp
 
 __all__ = ["ask", "format_status", "ping", "status"]
 
 
-def ask(endpoint: str, op: str, timeout: float) -> dict[str, Any] | None:
+def ask(endpoint: str, request: msgs.Request, timeout: float) -> msgs.Reply | None:
     """One request/answer on a fresh DEALER; None when nothing answers in time."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -26,10 +26,10 @@ def ask(endpoint: str, op: str, timeout: float) -> dict[str, Any] | None:
                                  "MATSPOOL_CURVE_SERVER_PUBLIC")
             keys.apply(sock)
         sock.connect(endpoint)
-        sock.send_multipart(proto.encode({"op": op}))
+        sock.send_multipart(msgs.encode(request))
         if not sock.poll(int(timeout * 1000)):
             return None
-        return proto.decode(sock.recv_multipart())
+        return msgs.decode_reply(sock.recv_multipart())
     finally:
         sock.close()
 
@@ -42,37 +42,37 @@ def _size(n: float) -> str:
     return str(n)
 
 
-def format_status(st: dict[str, Any]) -> str:
-    lines = [(f"daemon pid {st['pid']} at {st['endpoint']}, up {st['uptime_s']:.0f} s, "
-              f"{st['files_written']} files, {_size(st['bytes_written'])} written, {st['errors']} errors"),
-             f"roots: {', '.join(st['roots'])}"]
-    clients = st["clients"]
+def format_status(st: msgs.StatusReply) -> str:
+    lines = [(f"daemon pid {st.pid} at {st.endpoint}, up {st.uptime_s:.0f} s, "
+              f"{st.files_written} files, {_size(st.bytes_written)} written, {st.errors} errors"),
+             f"roots: {', '.join(st.roots)}"]
+    clients = st.clients
     if not clients:
         lines.append("no clients connected")
         return "\n".join(lines)
     head = f"{'pid':>8} {'queue':>5} {'ring use':>20} {'files':>7} {'written':>10} {'rate':>12} {'errors':>6} {'oldest':>8}"
     lines.append(head)
     for c in clients:
-        use = f"{_size(c['ring_bytes_in_flight'])}/{_size(c['ring_bytes'])}"
-        lines.append(f"{c['pid']:>8} {c['queue_depth']:>5} {use:>20} {c['files_written']:>7} "
-                     f"{_size(c['bytes_written']):>10} {_size(c['throughput_bytes_per_s']) + '/s':>12} "
-                     f"{c['errors']:>6} {c['oldest_pending_s']:>7.1f}s" + ("  (dead)" if c["dead"] else ""))
+        use = f"{_size(c.ring_bytes_in_flight)}/{_size(c.ring_bytes)}"
+        lines.append(f"{c.pid:>8} {c.queue_depth:>5} {use:>20} {c.files_written:>7} "
+                     f"{_size(c.bytes_written):>10} {_size(c.throughput_bytes_per_s) + '/s':>12} "
+                     f"{c.errors:>6} {c.oldest_pending_s:>7.1f}s" + ("  (dead)" if c.dead else ""))
     return "\n".join(lines)
 
 
 def ping(endpoint: str, timeout: float) -> int:
-    reply = ask(endpoint, "PING", timeout)
-    if reply is None or reply.get("op") != "PONG":
+    reply = ask(endpoint, msgs.Ping(), timeout)
+    if not isinstance(reply, msgs.Pong):
         print(f"matspool ping: no answer from {endpoint} within {timeout} s", file=sys.stderr)
         return 1
-    print(f"matspool daemon at {endpoint} is up (instance {reply.get('instance')})")
+    print(f"matspool daemon at {endpoint} is up (instance {reply.instance})")
     return 0
 
 
 def status(endpoint: str, timeout: float, as_json: bool) -> int:
-    reply = ask(endpoint, "STATUS", timeout)
-    if reply is None or reply.get("op") != "STATUS":
+    reply = ask(endpoint, msgs.StatusQuery(), timeout)
+    if not isinstance(reply, msgs.StatusReply):
         print(f"matspool status: no answer from {endpoint} within {timeout} s", file=sys.stderr)
         return 1
-    print(json.dumps(reply, indent=2) if as_json else format_status(reply))
+    print(json.dumps(reply.to_wire(), indent=2) if as_json else format_status(reply))
     return 0

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import zmq
-from matspool import _protocol as proto
+
+from matspool import _messages as msgs
 from matspool._errors import MatspoolError
 
 __all__ = ["done_messages", "error_msg", "os_errno", "refuse"]
@@ -31,15 +31,12 @@ def os_errno(err: BaseException | None) -> int | None:
     return None
 
 
-def error_msg(seq: object, err: BaseException) -> dict[str, Any]:
-    """``ERR {seq, code, message[, errno]}``: the code names the client's error class."""
+def error_msg(seq: object, err: BaseException) -> msgs.Err:
+    """``ERR``: the code names the client's error class; the errno (ENOENT, ENOSPC,
+    EACCES ...) becomes the client's ``WriteFailed.errno``."""
     code = err.code if isinstance(err, MatspoolError) else "error"
-    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else -1
-    msg: dict[str, Any] = {"op": "ERR", "seq": seq, "code": code, "message": str(err)}
-    number = os_errno(err)
-    if number is not None:
-        msg["errno"] = number  # e.g. ENOENT, ENOSPC, EACCES: for the client's WriteFailed.errno
-    return msg
+    number = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else -1
+    return msgs.Err(number, code, str(err), os_errno(err))
 
 
 def refuse(router: zmq.Socket[bytes], ident: bytes, seq: object, err: Exception) -> None:
@@ -49,14 +46,11 @@ def refuse(router: zmq.Socket[bytes], ident: bytes, seq: object, err: Exception)
         log.warning("client %r: %s", ident[:64], err)
     else:
         log.exception("client %r: unexpected error", ident[:64])
-    router.send_multipart([ident, *proto.encode(error_msg(seq, err))])
+    router.send_multipart([ident, *msgs.encode(error_msg(seq, err))])
 
 
-def done_messages(answers: list[list[int]]) -> Iterator[dict[str, Any]]:
-    """A client's finished saves ``[seq, nbytes]`` as few DONE messages: one message, not
+def done_messages(answers: list[tuple[int, int]]) -> Iterator[msgs.Done]:
+    """A client's finished saves ``(seq, nbytes)`` as few DONE messages: one message, not
     one per file, when many small files finish at once."""
-    if len(answers) == 1:
-        yield {"op": "DONE", "seq": answers[0][0], "nbytes": answers[0][1]}
-        return
     for i in range(0, len(answers), _DONE_BATCH):
-        yield {"op": "DONE", "done": answers[i:i + _DONE_BATCH]}
+        yield msgs.Done(tuple(answers[i:i + _DONE_BATCH]))

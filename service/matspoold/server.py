@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import zmq
+
+from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._curve import is_tcp, load_secret
 from matspool._errors import ProtocolError, RingError, UnknownClient, WriteFailed
@@ -47,7 +49,7 @@ from .jobs import Job, JobRunner, payload_of
 from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
 from .scheduler import Scheduler
-from .sessions import Clients
+from .sessions import Client, Clients
 from .writers._files import TEMPS
 
 __all__ = ["Daemon", "install_signal_handlers"]
@@ -109,7 +111,7 @@ class Daemon:
         self.state_dirs = [state_dir] if state_dir else default_state_dirs(endpoint)
         self._journal: TempJournal | None = None
         self._claim: IpcClaim | None = None
-        self.snapshot: dict[str, Any] = self.status()  # refreshed by the loop; read by metrics
+        self.snapshot: msgs.StatusReply = self.status()  # refreshed by the loop; read by metrics
 
     # -- life cycle ----------------------------------------------------------------------
     def stop(self) -> None:
@@ -217,12 +219,11 @@ class Daemon:
                 self._claim.release()  # removes the socket only if it is still ours
             log.info("stopped after %d files", self.files_written)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> msgs.StatusReply:
         now = time.monotonic()
-        return {"op": "STATUS", "pid": os.getpid(), "instance": self.instance, "endpoint": self.endpoint,
-                "roots": list(self.roots), "uptime_s": now - self.started, "files_written": self.files_written,
-                "bytes_written": self.bytes_written, "errors": self.errors,
-                "clients": self._clients.status(now)}
+        return msgs.StatusReply(os.getpid(), self.instance, self.endpoint, tuple(self.roots),
+                                now - self.started, self.files_written, self.bytes_written,
+                                self.errors, tuple(self._clients.status(now)))
 
     # -- control messages ----------------------------------------------------------------
     def _handle(self, router: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
@@ -232,64 +233,65 @@ class Daemon:
         try:
             if len(body) < 2:
                 raise ProtocolError(f"expected 2 frames, got {len(body)}")
-            msg = proto.decode_head(body[0].bytes, body[1].bytes)
+            raw = proto.decode_head(body[0].bytes, body[1].bytes)
             payload = [f.buffer for f in body[2:]]
             sender = self._clients.get(ident)
-            if payload and (msg["op"] not in ("WRITE", "PART") or sender is None or sender.mm is not None):
+            if payload and (raw["op"] not in ("WRITE", "PART") or sender is None or sender.mm is not None):
                 raise ProtocolError(f"expected 2 frames, got {len(body)}: payload frames come "
                                     "only with WRITE or PART from a remote (tcp://) client")
-            msgs = proto.parse_batch(msg) if msg["op"] == "BATCH" else [msg]
+            raws = msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,)
         except Exception as e:
             refuse(router, ident, -1, e)
             return
         client = self._clients.get(ident)
         if client is not None:
             client.last_seen = time.monotonic()
-        for m in msgs:
-            self._handle_one(router, ident, m, payload)
+        for one in raws:
+            self._handle_one(router, ident, one, payload)
 
-    def _handle_one(self, router: zmq.Socket[bytes], ident: bytes, msg: dict[str, Any],
+    def _handle_one(self, router: zmq.Socket[bytes], ident: bytes, raw: dict[str, Any],
                     payload: list[memoryview]) -> None:
-        seq: object = msg.get("seq", -1)
-        op = msg["op"]
         try:
-            if op == "PING":
-                router.send_multipart([ident, *proto.encode({"op": "PONG", "instance": self.instance,
-                                                             "pid": os.getpid()})])
-            elif op == "STATUS":
-                router.send_multipart([ident, *proto.encode(self.status())])
-            elif op == "HELLO":
+            client = self._clients.get(ident)
+            if raw["op"] == "WRITE" and client is not None and self._seen(router, client, raw.get("seq")):
+                return
+            msg = msgs.parse_request(raw, None if client is None else client.ring_bytes)
+            reply: msgs.Reply | None = None
+            if isinstance(msg, msgs.Ping):
+                reply = msgs.Pong(self.instance, os.getpid())
+            elif isinstance(msg, msgs.StatusQuery):
+                reply = self.status()
+            elif isinstance(msg, msgs.Hello):
                 self._clients.hello(ident, msg)
-                router.send_multipart([ident, *proto.encode({"op": "WELCOME", "pid": os.getpid(),
-                                                             "instance": self.instance,
-                                                             "version": proto.TAG.decode()})])
-            elif op == "WRITE":
-                self._write(router, ident, msg, payload)
-            elif op in ("PART", "END"):
+                reply = msgs.Welcome(os.getpid(), self.instance, proto.TAG.decode())
+            elif isinstance(msg, proto.WriteRequest):
+                assert client is not None  # parse_request refuses a WRITE before HELLO
+                self._write(client, msg, payload)
+            elif isinstance(msg, (proto.Part, msgs.End)):
                 self._piece(ident, msg, payload)
-            elif op == "BYE":
+            elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
-            else:
-                raise ProtocolError(f"unknown op {op[:40]!r}")
+            if reply is not None:
+                router.send_multipart([ident, *msgs.encode(reply)])
         except Exception as e:
-            refuse(router, ident, seq, e)
+            refuse(router, ident, raw.get("seq", -1), e)
 
-    def _write(self, router: zmq.Socket[bytes], ident: bytes, msg: dict[str, Any],
+    def _seen(self, router: zmq.Socket[bytes], client: Client, seq: object) -> bool:
+        """A WRITE sent again (after a reconnect): still being written, its answer is on the
+        way; written already, it is answered again, not written twice."""
+        if not isinstance(seq, int):
+            return False
+        if seq in client.answered:
+            router.send_multipart([client.ident, *msgs.encode(client.answered[seq])])
+            return True
+        return seq in client.active
+
+    def _write(self, client: Client, request: proto.WriteRequest,
                payload: list[memoryview] | None = None) -> None:
-        client = self._clients.get(ident)
-        if client is None:
-            raise UnknownClient("WRITE before HELLO: this daemon does not know the client's ring")
-        seq = msg.get("seq")
-        if isinstance(seq, int) and seq in client.active:
-            return  # a re-send of a save being written: its answer is on the way
-        if isinstance(seq, int) and seq in client.answered:
-            router.send_multipart([ident, *proto.encode(client.answered[seq])])  # written once, answered again
-            return
         if client.mm is not None and client.mm.closed:
             raise RingError("the client's ring is no longer mapped")
         if self._stop.is_set():
             raise WriteFailed("the daemon is shutting down and takes no new writes")
-        request = proto.parse_write(msg, client.ring_bytes)
         job = Job(client, request, "begin" if request.mode == "begin" else "write",
                    payload=payload_of(request, payload or []) if client.mm is None else None)
         client.active[request.seq] = time.monotonic()
@@ -297,17 +299,16 @@ class Daemon:
             client.begun[request.seq] = request
         self._enqueue(job)
 
-    def _piece(self, ident: bytes, msg: dict[str, Any], payload: list[memoryview] | None = None) -> None:
+    def _piece(self, ident: bytes, msg: proto.Part | msgs.End, payload: list[memoryview] | None = None) -> None:
         """PART (bytes of a deferred variable) or END (the save is complete) of a begun save."""
         client = self._clients.get(ident)
         if client is None:
-            raise UnknownClient("PART/END before HELLO: this daemon does not know the client's ring")
-        seq = msg.get("seq")
-        request = client.begun.get(seq) if isinstance(seq, int) else None
+            raise UnknownClient(f"{msg.OP} before HELLO: this daemon does not know the client's ring")
+        request = client.begun.get(msg.seq)
         if request is None:
-            raise ProtocolError(f"{msg['op']} for save {seq!r}, which this daemon did not begin")
-        if msg["op"] == "PART":
-            part = proto.parse_part(msg, client.ring_bytes)
+            raise ProtocolError(f"{msg.OP} for save {msg.seq!r}, which this daemon did not begin")
+        if isinstance(msg, proto.Part):
+            part = msg
             data = None
             if client.mm is None:
                 if not payload or len(payload) != 1 or len(payload[0]) != part.nbytes:
@@ -315,7 +316,7 @@ class Daemon:
                 data = {part.offset: payload[0]}
             self._enqueue(Job(client, request, "part", part, payload=data))
         else:
-            self._enqueue(Job(client, request, "end", abort=msg.get("abort") is True))
+            self._enqueue(Job(client, request, "end", abort=msg.abort))
 
     def _enqueue(self, job: Job) -> None:
         job.client.inflight += 1
@@ -324,31 +325,29 @@ class Daemon:
 
     def _drain_results(self, router: zmq.Socket[bytes]) -> None:
         """Answer the writers' finished jobs; a client's DONEs go out together."""
-        done: dict[bytes, list[list[int]]] = {}
+        done: dict[bytes, list[tuple[int, int]]] = {}
         while (result := self._scheduler.next_result()) is not None:
             job, nbytes, error = result
             req, client = job.request, job.client
             client.payload_inflight -= job.ring_bytes
             if job.kind == "part" and error is None:  # its ring space is free again
                 assert job.part is not None
-                router.send_multipart([client.ident, *proto.encode(
-                    {"op": "PART_DONE", "seq": req.seq, "offset": job.part.offset})])
+                router.send_multipart([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
             elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
-                router.send_multipart([client.ident, *proto.encode(  # space is free
-                    {"op": "PART_DONE", "seq": req.seq, "offset": None})])
+                router.send_multipart([client.ident, *msgs.encode(msgs.PartDone(req.seq, None))])  # space is free
             elif error is None:
                 self.files_written += 1
                 self.bytes_written += nbytes or 0
                 client.files += 1
                 client.bytes_written += nbytes or 0
-                done.setdefault(client.ident, []).append([req.seq, nbytes or 0])
-                client.remember(req.seq, {"op": "DONE", "seq": req.seq, "nbytes": nbytes})
+                done.setdefault(client.ident, []).append((req.seq, nbytes or 0))
+                client.remember(req.seq, msgs.Done(((req.seq, nbytes or 0),)))
             else:
                 log.warning("save %d to %s failed: %s", req.seq, req.path, error)
                 self.errors += 1
                 client.errors += 1
                 reply = error_msg(req.seq, error)
-                router.send_multipart([client.ident, *proto.encode(reply)])
+                router.send_multipart([client.ident, *msgs.encode(reply)])
                 client.remember(req.seq, reply)
             if job.kind == "end":
                 client.begun.pop(req.seq, None)
@@ -356,7 +355,7 @@ class Daemon:
             self._clients.settled(client)
         for ident, answers in done.items():
             for message in done_messages(answers):
-                router.send_multipart([ident, *proto.encode(message)])
+                router.send_multipart([ident, *msgs.encode(message)])
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

@@ -18,10 +18,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._errors import ProtocolError
+from matspool._messages import MAX_RING_BYTES
 from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 
 from .cleanup import pid_alive
@@ -30,7 +31,6 @@ __all__ = ["DONE_MEMORY", "MAX_RING_BYTES", "Client", "Clients"]
 
 log = logging.getLogger("matspoold")
 
-MAX_RING_BYTES = 1 << 46  # 64 TiB: anything larger is a lie
 DONE_MEMORY = 4096  # per client: answers kept to re-send when a WRITE arrives twice
 _PID_GRACE = 2.0  # s of silence before a vanished pid counts (its BYE may be on the way)
 
@@ -51,24 +51,25 @@ class Client:
     last_seen: float = 0.0
     active: dict[int, float] = field(default_factory=dict)  # seq accepted -> when
     begun: dict[int, proto.WriteRequest] = field(default_factory=dict)  # saves arriving in pieces
-    answered: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)
+    answered: OrderedDict[int, msgs.Reply] = field(default_factory=OrderedDict)
     joined: float = field(default_factory=time.monotonic)
     files: int = 0
     bytes_written: int = 0
     payload_inflight: int = 0
     errors: int = 0
 
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float) -> msgs.ClientStatus:
         """What ``matspool status`` shows for this client."""
         age = max(now - self.joined, 1e-9)
-        return {"pid": self.pid, "ring": self.ring, "ring_bytes": self.ring_bytes,
-                "queue_depth": self.inflight, "ring_bytes_in_flight": self.payload_inflight,
-                "files_written": self.files, "bytes_written": self.bytes_written, "errors": self.errors,
-                "throughput_bytes_per_s": self.bytes_written / age, "connected_s": age,
-                "oldest_pending_s": now - min(self.active.values()) if self.active else 0.0,
-                "silent_s": now - self.last_seen, "dead": self.dead}
+        return msgs.ClientStatus(
+            pid=self.pid, ring=self.ring, ring_bytes=self.ring_bytes, queue_depth=self.inflight,
+            ring_bytes_in_flight=self.payload_inflight, files_written=self.files,
+            bytes_written=self.bytes_written, errors=self.errors,
+            throughput_bytes_per_s=self.bytes_written / age, connected_s=age,
+            oldest_pending_s=now - min(self.active.values()) if self.active else 0.0,
+            silent_s=now - self.last_seen, dead=self.dead)
 
-    def remember(self, seq: int, reply: dict[str, Any]) -> None:
+    def remember(self, seq: int, reply: msgs.Reply) -> None:
         """Keep the answer to save ``seq``: a WRITE re-sent after a reconnect gets it again."""
         self.active.pop(seq, None)
         self.answered[seq] = reply
@@ -107,21 +108,18 @@ class Clients:
     def busy(self) -> bool:
         return any(c.inflight for c in self.table.values())
 
-    def status(self, now: float) -> list[dict[str, Any]]:
+    def status(self, now: float) -> list[msgs.ClientStatus]:
         return [c.status(now) for c in self.table.values()]
 
     def release_all(self) -> None:
         for c in self.table.values():
             c.release()
 
-    def hello(self, ident: bytes, msg: dict[str, Any]) -> None:
-        """Register (or re-register, after a restart it saw) the client ``ident``."""
-        ring, size, pid = msg.get("ring"), msg.get("ring_bytes"), msg.get("pid")
-        if type(size) is not int or not 0 < size <= MAX_RING_BYTES:
-            raise ProtocolError(f"HELLO: bad ring_bytes {size!r}")
-        if type(pid) is not int:
-            raise ProtocolError("HELLO: pid must be an integer")
-        if msg.get("remote") is True:  # its ring is on another host: payloads come in frames
+    def hello(self, ident: bytes, msg: msgs.Hello) -> None:
+        """Register (or re-register, after a restart it saw) the client ``ident``; the
+        message's fields are checked already (``_messages.Hello``)."""
+        ring, size, pid = msg.ring, msg.ring_bytes, msg.pid
+        if msg.remote:  # its ring is on another host: payloads come in frames
             if not self._tcp:
                 raise ProtocolError("remote clients are served on tcp:// endpoints only")
             self._replace(ident)
