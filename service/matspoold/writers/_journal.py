@@ -212,6 +212,7 @@ def journaled(path: str, *, fsync: bool) -> Iterator[UndoFile]:
         try:
             pwrite_all(jfd, head, 0)
         except OSError as e:
+            _unlink(jpath)
             raise _failed(path, e) from e
         undo = UndoFile(fd, base)
         try:
