@@ -88,13 +88,18 @@ def _phase(path: Path, size_before: int) -> str:
     return "between" if path.stat().st_size == size_before else "done-unacknowledged"
 
 
-def _opens(path: Path) -> bool:
+def _reads_in_full(path: Path, dims: tuple[int, ...], acked: int) -> bool:
+    """Every variable reads whole (as mat73 and MATLAB's load do) and the first ``acked``
+    steps are exact; a later, unacknowledged step may be partial before recovery."""
     try:
         with h5py.File(path, "r") as f:
-            f["u"][-1]
-        return True
+            full = {name: f[name][:] for name in f}
     except Exception:
         return False
+    steps = np.arange(acked)
+    return (min(a.shape[0] for a in full.values()) >= acked
+            and np.array_equal(full["u"][:acked], _base(dims).T[None] + steps.astype(np.float32)[:, None, None])
+            and np.array_equal(full["t"][:acked, 0, 0], steps * 0.5))
 
 
 def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path: Path) -> None:
@@ -112,7 +117,7 @@ def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path
     while kills < 200:
         name = rng.choice(list(streams))
         path, dims, k, durations = streams[name]
-        if k >= 30:  # a fresh file now and then keeps each check's read short
+        if k >= 20:  # a fresh file now and then keeps each check's read short
             path = path.with_name(f"{name}-{kills}.mat")
             write_atomic(str(path), "stream", _step(dims, 0), fsync=False, compress=dict(
                 (n, lv) for n, _, lv in STREAMS)[name])
@@ -145,7 +150,7 @@ def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path
         else:
             kills += 1
             phases[_phase(path, size_before)] += 1
-            readable_at_once += _opens(path)
+            readable_at_once += _reads_in_full(path, dims, k)
             acked = k
         # the next append (a restarted daemon) re-sends the unanswered step; it recovers first
         if acked == k:
@@ -154,10 +159,11 @@ def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path
         streams[name][2] = _check(path, dims, k + 1)
         if kills % 25 == 0:
             m = mat73.loadmat(path)
-            assert m["u"].shape[-1] == h5py.File(path)["u"].shape[0]
+            with h5py.File(path) as f:  # (an h5py file left open across a fork reads stale)
+                assert m["u"].shape[-1] == f["u"].shape[0]
     elapsed = time.monotonic() - start
-    print(f"\n{kills} kills in {elapsed:.1f} s: {dict(phases)}; file opened before recovery "
-          f"after {readable_at_once} kills")
+    print(f"\n{kills} kills in {elapsed:.1f} s: {dict(phases)}; the file read in full before "
+          f"recovery after {readable_at_once} kills")
     # the kills landed inside real appends, not only between them
     assert phases["append"] + phases["commit"] >= kills // 3, phases
     for path, dims, n, _ in streams.values():
@@ -222,12 +228,12 @@ def test_append_killed_before_each_of_its_writes_keeps_every_step(tmp_path: Path
     layout and at lengths where HDF5's chunk B-tree splits, then the next append."""
     if not _traceable():
         pytest.skip("needs strace and ptrace to kill a writer at a chosen write")
-    kills = unreadable_at_once = 0
+    kills = 0
     for name, dims, level in STREAMS:
         base = tmp_path / f"{name}.mat"
         write_atomic(str(base), "stream", _step(dims, 0), fsync=False, compress=level)
         k = 1
-        for length in (3, 32, 33, 65):
+        for length in (3, 32, 33, 65) if dims[0] <= 128 else (3, 33):  # 64 chunks fill a B-tree node
             while k < length:
                 append_step(str(base), _step(dims, k), fsync=False)
                 k += 1
@@ -237,14 +243,17 @@ def test_append_killed_before_each_of_its_writes_keeps_every_step(tmp_path: Path
                 if not _killed_at_write(path, _step(dims, k), n):
                     break
                 kills += 1
-                unreadable_at_once += not _opens(path)
+                # even before recovery (no daemon ever continues the stream) it reads
+                assert _reads_in_full(path, dims, k), (name, length, n)
+                if kills % 20 == 0:
+                    assert mat73.loadmat(path)["u"].shape[-1] >= k
                 append_step(str(path), _step(dims, k), fsync=False)  # the re-sent step
                 assert _check(path, dims, k + 1) == k + 1
                 with h5py.File(path) as f:
                     assert f["t"].shape[0] in (k + 1, k + 2)  # at most the killed step twice
                 path.unlink()
             assert n > 5, "the append made fewer writes than expected"
-    print(f"\n{kills} kills before a write; {unreadable_at_once} left the file unreadable until recovery")
+    print(f"\n{kills} kills before a write")
     assert not list(tmp_path.glob(".*" + JOURNAL_SUFFIX))
 
 
@@ -291,7 +300,7 @@ def test_kill_while_metadata_is_rewritten_is_undone_and_recovery_is_idempotent(
     assert recover(str(path)) is not None and recover(str(path)) is None
     assert path.read_bytes() == before
     append_step(str(path), _step(dims, 4), fsync=True)
-    assert _check(path, dims, 5) == 5 and h5py.File(path)["u"].shape[0] == 5
+    assert _check(path, dims, 5) == 5
     assert not journal.exists()
 
 
@@ -369,7 +378,8 @@ def test_daemon_on_a_full_disk_fails_the_append_and_serves_on(tmp_path: Path, ou
                 assert error is not None and "No space left" in str(error), error
                 assert d.alive(), "the daemon died on a full disk"
                 assert _check(full / "run.mat", dims, acked) == acked
-                assert h5py.File(full / "run.mat")["u"].shape[0] == acked
+                with h5py.File(full / "run.mat") as f:
+                    assert f["u"].shape[0] == acked
                 assert sorted(p.name for p in full.iterdir()) == ["run.mat"], "a journal or temporary was left"
                 spool.save(out_dir / "elsewhere.mat", {"a": np.arange(5.0)}).result(30)
                 assert (out_dir / "elsewhere.mat").stat().st_size > 0
