@@ -89,17 +89,18 @@ def _phase(path: Path, size_before: int) -> str:
 
 
 def _reads_in_full(path: Path, dims: tuple[int, ...], acked: int) -> bool:
-    """Every variable reads whole (as mat73 and MATLAB's load do) and the first ``acked``
-    steps are exact; a later, unacknowledged step may be partial before recovery."""
+    """Every variable reads whole (as mat73 and MATLAB's load do), holds the first
+    ``acked`` steps exactly and, if it already shows the interrupted step, that one exactly
+    too (before recovery, some variables may show it and others not yet)."""
     try:
         with h5py.File(path, "r") as f:
-            full = {name: f[name][:] for name in f}
+            u, t = f["u"][:], f["t"][:, 0, 0]
     except Exception:
         return False
-    steps = np.arange(acked)
-    return (min(a.shape[0] for a in full.values()) >= acked
-            and np.array_equal(full["u"][:acked], _base(dims).T[None] + steps.astype(np.float32)[:, None, None])
-            and np.array_equal(full["t"][:acked, 0, 0], steps * 0.5))
+    ku, kt = np.arange(len(u)), np.arange(len(t))
+    return (acked <= min(len(u), len(t)) and max(len(u), len(t)) <= acked + 1
+            and np.array_equal(u, _base(dims).T[None] + ku.astype(np.float32)[:, None, None])
+            and np.array_equal(t, kt * 0.5))
 
 
 def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path
     while kills < 200:
         name = rng.choice(list(streams))
         path, dims, k, durations = streams[name]
-        if k >= 20:  # a fresh file now and then keeps each check's read short
+        if k >= 12:  # a fresh file now and then keeps each check's read short
             path = path.with_name(f"{name}-{kills}.mat")
             write_atomic(str(path), "stream", _step(dims, 0), fsync=False, compress=dict(
                 (n, lv) for n, _, lv in STREAMS)[name])
@@ -134,13 +135,13 @@ def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path
                 code = 0
             finally:
                 os._exit(code)
-        if len(durations) < 3:  # learn how long this stream's appends take
+        if len(durations) < 5:  # learn how long this stream's appends take
             _, status = os.waitpid(pid, 0)
             durations.append(time.perf_counter() - t0)
             assert os.waitstatus_to_exitcode(status) == 0
             streams[name][2] = _check(path, dims, k + 1)
             continue
-        time.sleep(rng.uniform(0, 1.3 * sorted(durations)[1]))
+        time.sleep(rng.uniform(0, 1.1 * min(durations)))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         if os.WIFEXITED(status):

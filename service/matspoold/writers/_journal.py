@@ -63,6 +63,7 @@ _END = b"MSPUNDO."
 _HEAD = struct.Struct("<8sQQQI")  # magic, L, st_dev, st_ino, crc32 of the fields before
 _RECORD = struct.Struct("<QI")  # offset, length; the original bytes follow
 _TAIL = struct.Struct("<II8s")  # records, crc32 of everything before, end magic
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _HOLD_MAX = 1 << 20  # after a failure: larger writes are raw chunk data, dropped
 
 
@@ -171,31 +172,40 @@ class UndoFile:
         return _merge(spans + [(self.eof, self.base)] if self.eof < self.base else spans)
 
     def segments(self) -> list[tuple[int, bytes]]:
-        """The held writes as disjoint runs of their final bytes, in file order."""
-        spans = _merge([(o, o + len(d)) for o, d in self.held])
+        """The held writes as disjoint runs of their final bytes (overlapping writes
+        joined, later ones winning), in the order ``apply`` writes them."""
+        spans = _merge([(o, o + len(d)) for o, d in self.held], touching=False)
         starts = [lo for lo, _ in spans]
         bufs = [bytearray(hi - lo) for lo, hi in spans]
         for off, data in self.held:  # in write order: a later write wins
             i = bisect.bisect_right(starts, off) - 1
             bufs[i][off - starts[i]:off - starts[i] + len(data)] = data
-        return [(lo, bytes(buf)) for lo, buf in zip(starts, bufs)]
+        return sorted(((lo, bytes(buf)) for lo, buf in zip(starts, bufs)), key=_apply_rank)
 
     def apply(self) -> None:
-        """Put the held writes into the file in file order, and cut it if HDF5 shrank it.
-        File order writes the superblock (end-of-file address) first: measured on every
-        write boundary of an append (tests), a file cut short there still reads in full
-        with every earlier step exact; HDF5's own order leaves half of them unreadable
-        until recovery."""
+        """Put the held writes into the file, and cut it if HDF5 shrank it."""
         for off, data in self.segments():
             pwrite_all(self.fd, data, off)
         if self.eof < self.base:
             os.ftruncate(self.fd, self.eof)
 
 
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _apply_rank(segment: tuple[int, bytes]) -> tuple[int, int]:
+    """Superblock (its end-of-file address) first, then chunk B-tree nodes, then object
+    headers (a dataset's size) last: a reader of a file whose commit was cut short then
+    sees every earlier step, and new steps only once indexed. Measured at every write
+    boundary of an append (tests): the file reads in full with every earlier step exact
+    before any recovery; in HDF5's own order 100 of 256 such files did not."""
+    off, data = segment
+    return (0 if data[:8] == _HDF5_SIGNATURE else 1 if data[:4] == b"TREE" else 2), off
+
+
+def _merge(spans: list[tuple[int, int]], touching: bool = True) -> list[tuple[int, int]]:
+    """Sorted disjoint ranges covering ``spans``; ranges that only touch stay apart unless
+    ``touching``."""
     merged: list[tuple[int, int]] = []
     for lo, hi in sorted(spans):
-        if merged and lo <= merged[-1][1]:
+        if merged and (lo <= merged[-1][1] if touching else lo < merged[-1][1]):
             merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
         else:
             merged.append((lo, hi))
