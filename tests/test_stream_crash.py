@@ -31,7 +31,7 @@ import matspool
 from matspool._protocol import VarSpec
 from matspool._spool import Spool
 from matspoold.writers import write_atomic
-from matspoold.writers._journal import JOURNAL_SUFFIX, UndoFile, journal_path, recover
+from matspoold.writers._journal import JOURNAL_SUFFIX, UndoFile, journal_path, journaled, recover
 from matspoold.writers.stream import append_step
 
 from conftest import start_daemon
@@ -237,7 +237,7 @@ def test_append_killed_before_each_of_its_writes_keeps_every_step(tmp_path: Path
         base = tmp_path / f"{name}.mat"
         write_atomic(str(base), "stream", _step(dims, 0), fsync=False, compress=level)
         k = 1
-        for length in (3, 32, 33, 65) if dims[0] <= 128 else (3, 33):  # 64 chunks fill a B-tree node
+        for length in (3, 65) if dims[0] <= 128 else (3, 20):  # the 65th chunk splits a B-tree node
             while k < length:
                 append_step(str(base), _step(dims, k), fsync=False)
                 k += 1
@@ -314,6 +314,12 @@ def test_a_journal_of_a_replaced_file_is_dropped_and_touches_nothing(tmp_path: P
     write_atomic(str(path), "stream", _step(dims, 0), fsync=False)
     _child_dies_in(path, dims, 1, "0")
     write_atomic(str(path), "stream", _step(dims, 0), fsync=False)  # a new stream replaces it
+    fresh = path.read_bytes()
+    assert "replaced" in (recover(str(path)) or "")
+    assert path.read_bytes() == fresh
+    _child_dies_in(path, dims, 1, "0")
+    with open(path, "r+b") as f:  # same inode, other bytes: a new file that reused the number
+        f.write(b"MATLAB 7.3 MAT-file, created later")
     fresh = path.read_bytes()
     assert "replaced" in (recover(str(path)) or "")
     assert path.read_bytes() == fresh
@@ -426,3 +432,17 @@ def test_daemon_killed_during_appends_20_times(tmp_path: Path, out_dir: Path) ->
         assert not list(out_dir.glob(".*" + JOURNAL_SUFFIX))
     finally:
         d.stop()
+
+
+def test_a_file_without_a_userblock_is_refused_unchanged(tmp_path: Path) -> None:
+    """Recovery tells files apart by their first bytes, which HDF5 rewrites when there
+    is no userblock: such a file is refused rather than journaled unsafely."""
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", shape=(1,), maxshape=(None,), chunks=(1,), dtype="f8")
+    before = path.read_bytes()
+    with pytest.raises(matspool.WriteFailed, match="no userblock"):
+        with journaled(str(path), fsync=False) as undo, h5py.File(undo, "r+") as f:
+            f["x"].resize((2,))
+            f["x"][1] = 1.0
+    assert path.read_bytes() == before and not Path(journal_path(str(path))).exists()

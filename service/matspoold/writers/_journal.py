@@ -5,11 +5,12 @@ Why: a stream append opens an existing HDF5 file and rewrites its metadata in pl
 killed half way through those writes left hours of results unreadable, and a full disk
 made HDF5's close fail and the daemon crash later (SIGSEGV in the library).
 
-How (one append, ``JournaledAppend``):
+How (one append, ``journaled``):
 
 1. ``L`` = the file's length. The journal ``.NAME.matspool-journal`` (hidden, beside the
-   file) is created holding a header: magic, ``L``, the file's device and inode, a CRC.
-   The file is not touched before this header is written.
+   file) is created holding a header: magic, ``L``, the file's device, inode and a
+   checksum of its first 128 bytes (the MAT header, which HDF5 never writes; a file that
+   reuses the inode number differs there), and a CRC. The file is not touched before.
 2. HDF5 works on an ``UndoFile`` (h5py's ``driver='fileobj'``), so every byte it reads or
    writes passes through Python. Writes at or beyond ``L`` (the new chunks, new B-tree
    nodes) go straight to the file. Writes below ``L`` are *held in memory*; reads see them.
@@ -19,13 +20,14 @@ How (one append, ``JournaledAppend``):
    to the journal with a CRC over the whole journal (one write; with ``fsync``, the journal
    and its directory are fsynced), then the held writes go into the file (fsynced when
    asked), then the journal is unlinked (the directory fsynced when asked: a journal that
-   survived a power loss would roll an acknowledged step back).
+   survived a power loss would roll an acknowledged step back). The held writes go in
+   the order that keeps the file readable at every write boundary (``_apply_rank``).
 4. ``recover(path)`` runs before every append (and may run any time; it is idempotent):
    no journal: nothing to do. Header unreadable: the file was never touched, drop it.
-   Device or inode differ: the journal belongs to a file since replaced, drop it. Body
-   complete and valid: put the original bytes back, truncate to ``L``, fsync, drop it.
-   Body torn or absent: nothing below ``L`` was written yet; truncate to ``L``, drop it.
-   A kill during recovery repeats the same writes next time.
+   Device, inode or first bytes differ: the journal belongs to a file since replaced,
+   drop it. Body complete and valid: put the original bytes back, truncate to ``L``,
+   fsync, drop it. Body torn or absent: nothing below ``L`` was written yet; truncate to
+   ``L``, drop it. A kill during recovery repeats the same writes next time.
 
 A write that fails (ENOSPC, EIO) is never reported to HDF5: the error is kept, that and
 every later write are held in memory (writes over 1 MiB, raw chunk data HDF5 never
@@ -33,13 +35,20 @@ reads back, are dropped), so HDF5 finishes and closes cleanly; the append then r
 back (truncate to ``L``, drop the journal) and raises ``WriteFailed``. HDF5's own close
 failing on a real descriptor is what crashed the daemon.
 
-Cost per append: one journal file created, written twice and unlinked, plus the
-metadata bytes copied once more (a few KiB). With ``fsync``: four fsyncs instead of one.
+Why not the alternatives: pre-allocating chunk space still rewrites one object header
+per variable and the superblock, so a multi-variable step is never one in-place write;
+writing the journal entry before each overwrite (no holding) costs a journal write (and
+with ``fsync`` an fsync) per metadata block instead of one per append.
+
+Cost per append (``python -m bench.stream_append``): the journal file's create, two
+writes and unlink, the held metadata (a few KiB) copied once more, and h5py's Python
+file-object driver instead of its C one; with ``fsync``, four fsyncs instead of one.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import logging
 import os
@@ -60,7 +69,8 @@ log = logging.getLogger("matspoold")
 JOURNAL_SUFFIX = ".matspool-journal"
 _MAGIC = b"MSPUNDO1"
 _END = b"MSPUNDO."
-_HEAD = struct.Struct("<8sQQQI")  # magic, L, st_dev, st_ino, crc32 of the fields before
+_HEAD = struct.Struct("<8sQQQII")  # magic, L, st_dev, st_ino, identity, crc32 of the fields before
+_IDENT_BYTES = 128  # the MAT header ("Created on: ..."), in HDF5's userblock: never written
 _RECORD = struct.Struct("<QI")  # offset, length; the original bytes follow
 _TAIL = struct.Struct("<II8s")  # records, crc32 of everything before, end magic
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -135,6 +145,8 @@ class UndoFile:
         off, n = self._pos, len(view)
         self._pos += n
         self.eof = max(self.eof, off + n)
+        if off < _IDENT_BYTES and self.error is None:  # a file without a userblock
+            self.error = OSError(errno.EINVAL, "the file has no userblock: its first bytes would be rewritten")
         if self.error is not None:
             self._hold(off, view)
             return n
@@ -233,7 +245,7 @@ def journaled(path: str, *, fsync: bool) -> Iterator[UndoFile]:
         st = os.fstat(fd)
         base = st.st_size
         jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        fields = (_MAGIC, base, st.st_dev, st.st_ino)
+        fields = (_MAGIC, base, st.st_dev, st.st_ino, _identity(fd))
         head = _HEAD.pack(*fields, zlib.crc32(_HEAD.pack(*fields, 0)[:-4]))
         try:
             pwrite_all(jfd, head, 0)
@@ -293,14 +305,21 @@ def _roll_back(fd: int, base: int, jpath: str) -> None:
     _unlink(jpath)
 
 
-def _parse(blob: bytes) -> tuple[tuple[int, int, int], list[tuple[int, bytes]] | None] | None:
-    """``((L, dev, ino), records or None if the body is torn)``, or None if the header is."""
+def _identity(fd: int) -> int:
+    """A checksum of the file's first bytes: with the device and inode, it tells the file
+    a journal was written for from a later one that reuses its inode number."""
+    return zlib.crc32(os.pread(fd, _IDENT_BYTES, 0))
+
+
+def _parse(blob: bytes) -> tuple[tuple[int, int, int, int], list[tuple[int, bytes]] | None] | None:
+    """``((L, dev, ino, identity), records or None if the body is torn)``, or None if
+    the header is."""
     if len(blob) < _HEAD.size:
         return None
-    magic, base, dev, ino, crc = _HEAD.unpack_from(blob)
+    magic, base, dev, ino, ident, crc = _HEAD.unpack_from(blob)
     if magic != _MAGIC or crc != zlib.crc32(blob[:_HEAD.size - 4]):
         return None
-    head = (base, dev, ino)
+    head = (base, dev, ino, ident)
     if len(blob) < _HEAD.size + _TAIL.size:
         return head, None
     count, crc, end = _TAIL.unpack_from(blob, len(blob) - _TAIL.size)
@@ -331,7 +350,7 @@ def recover(path: str) -> str | None:
     if parsed is None:
         _unlink(jpath)
         return "dropped an unwritten journal"
-    (base, dev, ino), records = parsed
+    (base, dev, ino, ident), records = parsed
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -339,7 +358,7 @@ def recover(path: str) -> str | None:
         return "dropped the journal of a removed file"
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (dev, ino):
+        if (st.st_dev, st.st_ino, _identity(fd)) != (dev, ino, ident):
             _unlink(jpath)
             return "dropped the journal of a replaced file"
         for off, data in records or ():
