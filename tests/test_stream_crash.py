@@ -35,6 +35,7 @@ from matspoold.writers._journal import JOURNAL_SUFFIX, UndoFile, journal_path, j
 from matspoold.writers.stream import append_step
 
 from conftest import start_daemon
+from test_reliability import _tmpfs  # mounts a small tmpfs when root (False otherwise)
 
 # (name, MATLAB dims of u, gzip level): 4 KiB, 64 KiB and 1 MiB steps, one of them deflated
 STREAMS = [("tiny", (32, 32), 0), ("mid", (128, 128), 0), ("big", (512, 512), 0), ("zip", (256, 256), 3)]
@@ -326,14 +327,6 @@ def test_a_journal_of_a_replaced_file_is_dropped_and_touches_nothing(tmp_path: P
     Path(journal_path(str(path))).write_bytes(b"MSPUNDO1 torn")  # a header cut by a kill
     assert "unwritten" in (recover(str(path)) or "")
     assert path.read_bytes() == fresh and not Path(journal_path(str(path))).exists()
-
-
-def _tmpfs(path: Path, size: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
 
 
 def test_full_disk_at_every_phase_of_an_append_rolls_back(tmp_path: Path) -> None:
