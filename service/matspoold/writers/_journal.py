@@ -62,7 +62,7 @@ from matspool._errors import WriteFailed
 
 from ._files import pwrite_all
 
-__all__ = ["JOURNAL_SUFFIX", "UndoFile", "journal_path", "journaled", "recover"]
+__all__ = ["HEADER_BYTES", "JOURNAL_SUFFIX", "UndoFile", "journal_path", "journaled", "recover"]
 
 log = logging.getLogger("matspoold")
 
@@ -70,6 +70,7 @@ JOURNAL_SUFFIX = ".matspool-journal"
 _MAGIC = b"MSPUNDO1"
 _END = b"MSPUNDO."
 _HEAD = struct.Struct("<8sQQQII")  # magic, L, st_dev, st_ino, identity, crc32 of the fields before
+HEADER_BYTES = _HEAD.size  # a journal no longer than this: the commit had not begun
 _IDENT_BYTES = 128  # the MAT header ("Created on: ..."), in HDF5's userblock: never written
 _RECORD = struct.Struct("<QI")  # offset, length; the original bytes follow
 _TAIL = struct.Struct("<II8s")  # records, crc32 of everything before, end magic
