@@ -7,8 +7,10 @@ MATLAB's own files hold such chunked datasets, and it reads them like any other.
 
 The first step creates the file under a temporary name and renames it into place; each
 later step opens the file, extends every variable by one and closes it again, so between
-steps the file is complete and any reader can open it. The window in which a killed
-daemon could leave HDF5's metadata half-updated is the few milliseconds of one append.
+steps the file is complete and any reader can open it. An append rewrites HDF5 metadata
+in place, so it runs under an undo journal (``_journal``): a daemon killed at any
+instant of it, or a disk that fills up, leaves the file as it was before that step
+once the journal is recovered, which the next append or create of the stream does first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from matspool._errors import WriteFailed
 from matspool._protocol import VarSpec
 
+from ._journal import journaled, recover
 from .v73 import USERBLOCK, _stored, _str_attr, header
 
 __all__ = ["append_step", "create_stream"]
@@ -52,9 +55,10 @@ def create_stream(path: str, variables: Sequence[tuple[VarSpec, Any]], level: in
 def append_step(path: str, variables: Sequence[tuple[VarSpec, Any]], *, fsync: bool) -> int:
     """Extend every variable of the stream at ``path`` by one step; returns the file size."""
     if not os.path.exists(path):
+        recover(path)  # drops a journal the removed file left behind
         raise WriteFailed(f"cannot append to {path!r}: the stream's file is gone "
                           "(its first step failed, or it was removed)")
-    with h5py.File(path, "r+") as f:
+    with journaled(path, fsync=fsync) as undo, h5py.File(undo, "r+") as f:
         names = {spec.name for spec, _ in variables}
         if names != set(f.keys()):
             raise WriteFailed(f"cannot append to {path!r}: this step has variables "
@@ -73,10 +77,4 @@ def append_step(path: str, variables: Sequence[tuple[VarSpec, Any]], *, fsync: b
             ds = f[spec.name]
             ds.resize(n + 1, axis=0)
             ds[n] = _stored(spec, arr)
-    if fsync:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     return os.stat(path).st_size
