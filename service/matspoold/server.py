@@ -32,6 +32,7 @@ from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 from .cleanup import pid_alive, remove_stale_rings
 from .paths import normalize_roots, resolve_target
 from .writers import Session, write_atomic
+from .writers._values import materialize
 from .writers.stream import append_step
 
 __all__ = ["Daemon"]
@@ -130,19 +131,8 @@ def _array(src: Source, spec: proto.VarSpec) -> np.ndarray:
 
 
 def _materialize(mm: Source, node: proto.Tree) -> Any:
-    """A struct/cell/char tree as the Python objects scipy and hdf5storage write:
-    dict -> struct, object ndarray -> cell, str -> char, ndarray -> numeric."""
-    if isinstance(node, proto.VarSpec):
-        return _array(mm, node)
-    if isinstance(node, proto.Char):
-        return node.text
-    if isinstance(node, proto.Struct):
-        return {k: _materialize(mm, v) for k, v in node.fields}
-    cell = np.empty(node.dims, dtype=object)
-    for i, item in enumerate(node.items):
-        cell.flat[np.ravel_multi_index(np.unravel_index(i, node.dims, order="F"), node.dims)] = (
-            _materialize(mm, item))
-    return cell
+    """A struct/cell/char/sparse tree as the values the writers lay out (writers/_values.py)."""
+    return materialize(node, lambda spec: _array(mm, spec))
 
 
 def _views(job: _Job) -> list[tuple[proto.Variable, Any]]:
