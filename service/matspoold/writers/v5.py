@@ -38,7 +38,7 @@ _FLAG_COMPLEX: Final = 0x0800
 _FLAG_LOGICAL: Final = 0x0200
 _FLAG_SPARSE: Final = 0x1000  # undocumented; MATLAB sets it on every sparse array
 _MX_CELL, _MX_STRUCT, _MX_CHAR, _MX_SPARSE = 1, 2, 4, 5
-_MI_INT8, _MI_INT32, _MI_UINT16, _MI_UTF8 = 1, 5, 4, 16
+_MI_INT8, _MI_INT32, _MI_UTF8, _MI_UTF16 = 1, 5, 16, 17
 _BUFFER: Final = 64 << 10  # under malloc's mmap threshold: no mmap/munmap per file
 _CHUNK: Final = 16 << 20  # complex parts are split in pieces of this many elements' bytes
 
@@ -91,7 +91,7 @@ def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[byte
     else:
         flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
         parts = [flat.real, flat.imag] if is_complex else [flat.view(part_dt)]
-    mi = _MI[part_dt.str[1:]]
+    mi = _MI_UTF16 if spec.mclass == "char" else _MI[part_dt.str[1:]]
     sizes = [p if isinstance(p, Hole) else p.nbytes for p in parts]
     name = spec.name.encode("ascii")
     ndim = len(spec.dims)
@@ -187,13 +187,14 @@ def _numeric(arr: np.ndarray) -> tuple[int, bytes]:
 
 def _matrix(name: str, value: Any) -> bytes:
     """One miMATRIX element for any value of a tree, as MATLAB lays it out: ASCII text as
-    miUTF8 and any other text as UTF-16 code units (miUINT16); struct field names padded to
+    miUTF8 and any other text as UTF-16 code units (miUTF16, as in MATLAB's own
+    ``testunicode`` files); struct field names padded to
     the longest name plus its NUL; sparse with MATLAB's sparse flag and nzmax >= 1."""
     if isinstance(value, Char):
         units = value.units.reshape(-1, order="F")
         ascii_only = not units.size or int(units.max()) < 0x80
         data = _tagged(_MI_UTF8, units.astype(np.uint8).tobytes()) if ascii_only else \
-            _tagged(_MI_UINT16, units.astype("<u2").tobytes())
+            _tagged(_MI_UTF16, units.astype("<u2").tobytes())
         body = _matrix_head(_MX_CHAR, value.units.shape, name) + data
     elif isinstance(value, Cell):
         body = _matrix_head(_MX_CELL, value.dims, name) + b"".join(_matrix("", v) for v in value.items)
