@@ -15,6 +15,7 @@ from ._errors import (
     DaemonUnavailable,
     FlushError,
     FormatLimitError,
+    InvalidOptionError,
     InvalidVariableError,
     MatspoolError,
     PathNotAllowedError,
@@ -28,6 +29,7 @@ from ._errors import (
     WriteFailed,
 )
 from ._curve import ClientKeys
+from ._savemat import savemat
 from ._spool import SaveResult, Spool
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",
+    "InvalidOptionError",
     "InvalidVariableError",
     "MatspoolError",
     "PathNotAllowedError",
@@ -51,6 +54,7 @@ __all__ = [
     "default_spool",
     "flush",
     "save",
+    "savemat",
 ]
 
 __version__ = "0.1.0"

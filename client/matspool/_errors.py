@@ -5,6 +5,7 @@ builtin, so ``except ValueError`` or ``except OSError`` keeps working::
 
     MatspoolError(Exception)
     ├── InvalidVariableError(MatspoolError, ValueError)    bad MATLAB variable name
+    ├── InvalidOptionError(MatspoolError, ValueError)      unknown format/layout/option value
     ├── UnsupportedTypeError(MatspoolError, TypeError)     value with no MATLAB class
     ├── FormatLimitError(MatspoolError, ValueError)        variable too large for the format
     ├── PayloadTooLarge(MatspoolError, ValueError)         one save larger than the whole ring
@@ -29,6 +30,7 @@ __all__ = [
     "ERROR_CODES",
     "FlushError",
     "FormatLimitError",
+    "InvalidOptionError",
     "InvalidVariableError",
     "MatspoolError",
     "PathNotAllowedError",
@@ -52,6 +54,13 @@ class MatspoolError(Exception):
 
 class InvalidVariableError(MatspoolError, ValueError):
     code = "invalid_variable"
+
+
+class InvalidOptionError(MatspoolError, ValueError):
+    """An option value (format, layout, oned_as, ...) outside its valid set; the message
+    lists the valid values."""
+
+    code = "invalid_option"
 
 
 class UnsupportedTypeError(MatspoolError, TypeError):
@@ -115,6 +124,7 @@ ERROR_CODES: dict[str, type[MatspoolError]] = {
     for cls in (
         MatspoolError,
         InvalidVariableError,
+        InvalidOptionError,
         UnsupportedTypeError,
         FormatLimitError,
         PayloadTooLarge,

@@ -34,8 +34,8 @@ from . import _protocol as proto
 from ._convert import LAYOUTS, ONED_AS, copy_host, iter_arrays, prepare_value, to_spec
 from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
-from ._errors import FlushError, MatspoolError, SpoolClosed
-from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
+from ._errors import FlushError, InvalidOptionError, MatspoolError, SpoolClosed
+from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name, normalize_format
 from ._link import DaemonLink
 from ._pieces import PiecesMixin
 from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
@@ -50,7 +50,6 @@ __all__ = ["DEFAULT_RING_BYTES", "SaveResult", "Spool"]
 log = logging.getLogger("matspool")
 
 DEFAULT_RING_BYTES: Final = int(os.environ.get("MATSPOOL_RING_BYTES", 256 << 20))
-_FORMATS: Final = ("auto", "v5", "v7.3")
 _ON_FULL: Final = ("block", "raise")
 
 
@@ -122,7 +121,7 @@ def _level(compress: object) -> int:
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InvalidOptionError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value  # type: ignore[return-value]
 
 
@@ -211,7 +210,7 @@ class Spool(DaemonLink, PiecesMixin):
         ``"hwc"`` turns 3-d CHW / 4-d NCHW images into HxWxC(xN). ``compress``
         (default: the spool's) deflates in the daemon: True is level 3, or give 1-9.
         """
-        _check_choice("format", format, _FORMATS)
+        format = normalize_format(format)
         return self._submit(path, variables, format, layout, oned_as, fsync, compress, "write")
 
     def stream(
