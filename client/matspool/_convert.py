@@ -8,6 +8,7 @@ ring; for CUDA tensors it happens on the GPU before the one device-to-host copy.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import sys
@@ -18,11 +19,11 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from ._errors import InvalidVariableError, UnsupportedTypeError
+from ._errors import FormatLimitError, InvalidVariableError, UnsupportedTypeError
 from ._matlab import STORED_DTYPES, check_name, stored_dtype
 
-__all__ = ["INLINE_TEXT", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "copy_host", "iter_arrays",
-           "prepare", "prepare_value", "to_spec", "torch_dtype", "utf16_units"]
+__all__ = ["INLINE_TEXT", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size", "copy_host",
+           "iter_arrays", "prepare", "prepare_value", "to_spec", "torch_dtype", "utf16_units"]
 
 _ITEMSIZE: Final = {dt: np.dtype(dt).itemsize for dt in STORED_DTYPES}
 Layout = Literal["matlab", "raw", "hwc"]
@@ -358,6 +359,24 @@ def to_spec(name: str, value: Value, offsets: dict[int, int]) -> Any:
 
     tree = node(value, name)
     return tree if isinstance(tree, proto.VarSpec) else proto.TreeSpec(name, tree)
+
+
+def check_wire_size(values: Mapping[str, Value]) -> None:
+    """Refuse, before any ring space is taken, a save whose description (struct fields,
+    cell elements, inline text) would not fit one control message: the daemon could not
+    even read its sequence number to answer it."""
+    from . import _protocol as proto
+
+    if all(isinstance(v, Prepared) for v in values.values()):
+        return  # plain arrays: MAX_VARS small entries always fit
+    arrays = [a for v in values.values() for a in iter_arrays(v)]
+    wire = [to_spec(n, v, {id(a): 0 for a in arrays}).to_wire() for n, v in values.items()]
+    size = len(json.dumps(wire, separators=(",", ":"))) + 16 * len(arrays) + 1024  # offsets, header
+    if size > proto.MAX_MESSAGE_BYTES:
+        raise FormatLimitError(
+            f"the description of this save (struct fields, cell elements, inline text) is about "
+            f"{size} bytes, over the {proto.MAX_MESSAGE_BYTES} a control message carries: split it "
+            "over several variables or saves")
 
 
 _TILE: Final = 256

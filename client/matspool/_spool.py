@@ -31,7 +31,7 @@ from concurrent.futures import wait
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _protocol as proto
-from ._convert import LAYOUTS, ONED_AS, copy_host, iter_arrays, prepare_value, to_spec
+from ._convert import LAYOUTS, ONED_AS, check_wire_size, copy_host, iter_arrays, prepare_value, to_spec
 from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
 from ._errors import FlushError, InvalidOptionError, MatspoolError, SpoolClosed
@@ -249,6 +249,7 @@ class Spool(DaemonLink, PiecesMixin):
         level = self.compress if compress is None else _level(compress)
         values = {check_name(name): prepare_value(name, value, layout, oned_as)
                   for name, value in variables.items()}
+        check_wire_size(values)
         arrays = [a for v in values.values() for a in iter_arrays(v)]
         if fmt == "auto":
             fmt = "v7.3" if any(a.nbytes > V5_MAX_VARIABLE_BYTES for a in arrays) else "v5"
