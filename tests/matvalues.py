@@ -160,6 +160,8 @@ def _v73(f: h5py.File, obj: h5py.HLObject) -> Any:
             num = _num(cls, (len(ir),), real, imag)
             return ("sparse", cls, (m, len(jc) - 1), cplx, ir, jc, num[4])
         names = _fields(f, obj) or tuple(obj)
+        if not names:  # a group without fields (not MATLAB's layout, but readable)
+            return ("struct", (1, 1), (), ((),))
         first = obj[names[0]]
         if isinstance(first, h5py.Dataset) and first.dtype == h5py.ref_dtype and "MATLAB_class" not in first.attrs:
             dims = first.shape[::-1]
