@@ -488,3 +488,88 @@ def test_savemat_refuses_what_scipy_refuses(mspool: matspool.Spool, root: Path) 
 def test_save_takes_format_aliases(mspool: matspool.Spool, root: Path, alias: str) -> None:
     r = mspool.save(root / "alias.mat", {"a": 1.0}, format=alias).result(timeout=60)
     assert r.format == ("v7.3" if "7.3" in alias else "v5")
+
+
+# -- the wire: new tree kinds are schema-checked like the old ones --------------------------------
+RING = 1 << 16
+
+
+def _msg(tree: Any) -> dict[str, Any]:
+    return {"op": "WRITE", "seq": 1, "path": "/tmp/x.mat", "format": "v7.3", "fsync": False,
+            "vars": [{"name": "v", "tree": tree}]}
+
+
+def _leaf(dtype: str = "<f8", n: int = 1, offset: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"dtype": dtype, "dims": [n, 1], "offset": offset, "nbytes": n * np.dtype(dtype).itemsize, **extra}
+
+
+def _sparse(data: Any = None, ir: Any = None, jc: Any = None, dims: Any = (2, 2)) -> dict[str, Any]:
+    return {"sparse": {"data": data or _leaf("<f8", 1), "ir": ir or _leaf("<i8", 1, 8),
+                       "jc": jc or _leaf("<i8", 3, 16)}, "dims": list(dims)}
+
+
+def test_parse_write_accepts_new_kinds() -> None:
+    from matspool import _protocol as proto
+    tree = {"struct": [
+        ["sa", {"structs": ["a", "b"], "dims": [1, 2], "elems": [[_leaf(), {"char": "x"}], [_leaf(offset=8), {"char": ""}]]}],
+        ["sp", _sparse()],
+        ["txt", _leaf("<u2", 3, 64, mclass="char")],
+        ["c3", {"cell": [{"char": "a"}] * 8, "dims": [2, 2, 2]}],
+    ]}
+    (var,) = proto.parse_write(_msg(tree), RING).vars
+    kinds = [type(v).__name__ for _, v in var.tree.fields]
+    assert kinds == ["StructArray", "Sparse", "VarSpec", "Cell"]
+    assert var.tree.fields[2][1].matlab_class == "char"
+    assert len(proto.leaves(var)) == 6
+    again = proto.parse_write(proto.parse_write(_msg(tree), RING).to_wire(), RING)
+    assert again.vars == (var,)  # the wire form round-trips
+
+
+HOSTILE_NEW = [
+    ("structs_dims_mismatch", {"structs": ["a"], "dims": [1, 3], "elems": [[_leaf()]]}),
+    ("structs_elem_short", {"structs": ["a", "b"], "dims": [1, 1], "elems": [[_leaf()]]}),
+    ("structs_bad_field", {"structs": ["1a"], "dims": [1, 1], "elems": [[_leaf()]]}),
+    ("structs_repeat", {"structs": ["a", "a"], "dims": [1, 1], "elems": [[_leaf(), _leaf()]]}),
+    ("structs_no_elems", {"structs": ["a"], "dims": [0, 0]}),
+    ("sparse_int_data", _sparse(data=_leaf("<i4", 1))),
+    ("sparse_short_jc", _sparse(jc=_leaf("<i8", 2, 16))),
+    ("sparse_ir_float", _sparse(ir=_leaf("<f8", 1, 8))),
+    ("sparse_missing_jc", {"sparse": {"data": _leaf(), "ir": _leaf("<i8", 1, 8)}, "dims": [2, 2]}),
+    ("sparse_3d", _sparse(dims=(2, 2, 1))),
+    ("sparse_past_ring", _sparse(data=_leaf("<f8", 1, RING))),
+    ("mclass_other", _leaf("<f8", 1, mclass="string")),
+    ("mclass_char_wrong_dtype", _leaf("<f8", 1, mclass="char")),
+    ("cell_nd_too_many_dims", {"cell": [{"char": "a"}], "dims": [1] * 40}),
+]
+
+
+@pytest.mark.parametrize("tree", [t for _, t in HOSTILE_NEW], ids=[i for i, _ in HOSTILE_NEW])
+def test_parse_write_refuses_bad_new_kinds(tree: Any) -> None:
+    from matspool import _protocol as proto
+    with pytest.raises(matspool.MatspoolError) as ei:
+        proto.parse_write(_msg(tree), RING)
+    assert isinstance(ei.value, matspool.ProtocolError | matspool.InvalidVariableError) and str(ei.value)
+
+
+def test_daemon_refuses_inconsistent_sparse_indices() -> None:
+    """Row indices out of range or falling column starts are caught before any byte is written."""
+    from matspool import _protocol as proto
+    from matspoold.writers._values import materialize
+    ring = np.zeros(64, np.uint8)
+    ring[:8] = np.frombuffer(np.float64(1.0).tobytes(), np.uint8)
+    ring[8:16] = np.frombuffer(np.int64(5).tobytes(), np.uint8)  # row 5 of a 2-row matrix
+    ring[16:40] = np.frombuffer(np.array([0, 1, 1], np.int64).tobytes(), np.uint8)
+    (var,) = proto.parse_write(_msg(_sparse()), RING).vars
+
+    def array(spec: Any) -> np.ndarray:
+        return np.ndarray(spec.dims, dtype=spec.dtype, buffer=ring, offset=spec.offset, order="F")
+
+    with pytest.raises(matspool.ProtocolError, match="row indices"):
+        materialize(var.tree, array)
+
+
+def test_verify_accepts_what_we_write(shapes: dict[str, Path], sparse_files: dict[str, Path]) -> None:
+    from matspoold.verify import verify_file
+    for p in [*shapes.values(), *sparse_files.values()]:
+        rep = verify_file(str(p))
+        assert rep.ok, (p, rep.errors)
