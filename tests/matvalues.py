@@ -61,7 +61,7 @@ class _V5:
                 p += 8
                 continue
             out.append((mi, buf[p + 8:p + 8 + n]))
-            p += 8 + n + (-n % 8)
+            p += 8 + n + (0 if mi == 15 else -n % 8)  # a compressed element is not padded
         return out
 
     def data(self, mi: int, raw: bytes) -> np.ndarray:

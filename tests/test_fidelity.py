@@ -573,3 +573,55 @@ def test_verify_accepts_what_we_write(shapes: dict[str, Path], sparse_files: dic
     for p in [*shapes.values(), *sparse_files.values()]:
         rep = verify_file(str(p))
         assert rep.ok, (p, rep.errors)
+
+
+# -- save(..., append=True): MATLAB's save -append ------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_append_adds_and_replaces(mspool: matspool.Spool, root: Path, fmt: str) -> None:
+    p = save(mspool, root / "ap.mat", {"a": np.arange(3.0), "b": "old", "s": {"c": ["x", 1.0]}}, fmt)
+    r = mspool.save(p, {"b": "new", "t": {"d": ["y", np.ones(2)]}}, format=fmt, append=True).result(timeout=60)
+    assert r.nbytes == p.stat().st_size
+    got = matvalues_load(p)
+    assert list(got) == ["a", "s", "b", "t"] if fmt == "v5" else sorted(got) == ["a", "b", "s", "t"]
+    if fmt == "v5":
+        m = scipy.io.loadmat(p, simplify_cells=True)
+    else:
+        m = mat73.loadmat(p)
+    np.testing.assert_array_equal(m["a"], np.arange(3.0))
+    assert m["b"] == "new" and m["s"]["c"][0] == "x" and m["t"]["d"][0] == "y"
+
+
+@needs_reference
+@pytest.mark.parametrize("name", ["matlab_basic_v7.mat", "matlab_basic_v73.mat"])
+def test_append_to_matlabs_own_file(mspool: matspool.Spool, root: Path, name: str) -> None:
+    """MATLAB's file keeps its format (v7 compressed elements copied byte for byte) and every
+    variable it had; the save's own format is not used, as in MATLAB."""
+    p = root / name
+    shutil.copyfile(REFERENCE_V73.with_name(name), p)
+    before = matvalues_load(p)
+    mspool.save(p, {"added": {"x": [1.0, "two"]}, "double_scalar": 2.5}, format="v5", append=True).result(timeout=60)
+    after = matvalues_load(p)
+    assert h5py.is_hdf5(p) == name.endswith("v73.mat")
+    assert {k: v for k, v in after.items() if k not in ("added", "double_scalar")} == {
+        k: v for k, v in before.items() if k != "double_scalar"}
+    assert after["double_scalar"] == ("num", "double", (1, 1), False, np.float64(2.5).tobytes())
+    assert after["added"][2] == ("x",)
+
+
+def test_append_is_atomic_and_creates(mspool: matspool.Spool, root: Path) -> None:
+    p = save(mspool, root / "new.mat", {"a": 1.0}, "v7.3")  # (a plain save, for comparison)
+    fresh = root / "fresh.mat"
+    mspool.save(fresh, {"a": 1.0}, format="v7.3", append=True).result(timeout=60)  # no file yet
+    assert matvalues_load(fresh) == matvalues_load(p)
+    junk = root / "junk.mat"
+    junk.write_bytes(b"not a MAT file at all" * 10)
+    fut = mspool.save(junk, {"a": 1.0}, format="v5", append=True)
+    with pytest.raises(matspool.UnsupportedTypeError, match="not a MAT"):
+        fut.result(timeout=60)
+    assert junk.read_bytes() == b"not a MAT file at all" * 10  # the old file is untouched
+    assert not [q for q in root.iterdir() if "matspool-tmp" in q.name]
+
+
+def matvalues_load(p: Path) -> dict[str, Any]:
+    from matvalues import load
+    return load(p)

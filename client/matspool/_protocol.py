@@ -204,11 +204,15 @@ class WriteRequest:
     vars: tuple[Variable, ...]
     compress: int = 0  # deflate level, 0 = off
     mode: str = "write"  # or a stream's first step ("create") and the steps after ("append")
+    append: bool = False  # MATLAB's save -append: into an existing file, which keeps its format
 
     def to_wire(self) -> dict[str, Any]:
-        return {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
+        wire = {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
                 "fsync": self.fsync, "compress": self.compress, "mode": self.mode,
                 "vars": [v.to_wire() for v in self.vars]}
+        if self.append:
+            wire["append"] = True
+        return wire
 
 
 def encode(msg: dict[str, Any]) -> list[bytes]:
@@ -450,7 +454,10 @@ def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
         raise ProtocolError("deferred variables come only with mode 'begin' and no compression")
     if mode in ("create", "append"):
         check_stream_step(fmt, vars_)
-    return WriteRequest(seq, path, fmt, fsync, vars_, compress, mode)
+    append = msg.get("append", False)
+    if not isinstance(append, bool) or append and (mode != "write" or deferred):
+        raise ProtocolError("append must be true or false, and true only for a whole save (mode 'write')")
+    return WriteRequest(seq, path, fmt, fsync, vars_, compress, mode, append)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from . import _protocol as proto
 from ._convert import LAYOUTS, ONED_AS, check_wire_size, copy_host, iter_arrays, prepare_value, to_spec
 from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
-from ._errors import FlushError, InvalidOptionError, MatspoolError, SpoolClosed
+from ._errors import FlushError, InvalidOptionError, MatspoolError, PayloadTooLarge, SpoolClosed
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name, normalize_format
 from ._link import DaemonLink
 from ._pieces import PiecesMixin
@@ -201,6 +201,7 @@ class Spool(DaemonLink, PiecesMixin):
         oned_as: str = "row",
         fsync: bool = False,
         compress: bool | int | None = None,
+        append: bool = False,
     ) -> Future[SaveResult]:
         """Queue ``variables`` for ``path``; returns a future at once.
 
@@ -209,9 +210,11 @@ class Spool(DaemonLink, PiecesMixin):
         ``"raw"`` stores C-order bytes as they are (MATLAB sees the dims reversed),
         ``"hwc"`` turns 3-d CHW / 4-d NCHW images into HxWxC(xN). ``compress``
         (default: the spool's) deflates in the daemon: True is level 3, or give 1-9.
+        ``append=True`` is MATLAB's ``save -append``: the variables are added to (or
+        replace those in) an existing file, which keeps its format; atomically.
         """
         format = normalize_format(format)
-        return self._submit(path, variables, format, layout, oned_as, fsync, compress, "write")
+        return self._submit(path, variables, format, layout, oned_as, fsync, compress, "write", append)
 
     def stream(
         self,
@@ -235,7 +238,7 @@ class Spool(DaemonLink, PiecesMixin):
 
     def _submit(self, path: str | os.PathLike[str], variables: Mapping[str, Any], fmt: str,
                 layout: str, oned_as: str, fsync: bool, compress: bool | int | None,
-                mode: str) -> Future[SaveResult]:
+                mode: str, append: bool = False) -> Future[SaveResult]:
         self._check_open()
         _check_choice("layout", layout, LAYOUTS)
         _check_choice("oned_as", oned_as, ONED_AS)
@@ -265,6 +268,9 @@ class Spool(DaemonLink, PiecesMixin):
         ring = self._ring
         assert ring is not None
         if total > ring.size and mode == "write":
+            if append:
+                raise PayloadTooLarge(f"append=True needs the whole save in the ring ({ring.size} bytes); "
+                                      f"this one is {total}")
             return self._submit_in_pieces(abspath, values, fmt, fsync, level)
 
         deferred = {id(a): aligned(staged_bytes(a)) for a in arrays if defers(a)}
@@ -283,7 +289,7 @@ class Spool(DaemonLink, PiecesMixin):
         seq = next(self._seq)
         fut: Future[SaveResult] = Future()
         fut.set_running_or_notify_cancel()
-        request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs), level, mode)
+        request = proto.WriteRequest(seq, abspath, fmt, fsync, tuple(specs), level, mode, append)
         copying = any(a.is_cuda for a in arrays) or bool(deferred)
         with self._lock:
             self._pending[seq] = Pending(fut, base, abspath, fmt, holds=2 if copying else 1)

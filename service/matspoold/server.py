@@ -592,7 +592,7 @@ class Daemon:
         if req.mode == "append":
             return append_step(final, views, fsync=req.fsync)  # type: ignore[arg-type]
         fmt = "stream" if req.mode == "create" else req.format
-        return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress)
+        return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append)
 
     def _run_piece(self, job: _Job) -> int | None:
         """Write one piece, or finish the file; after a failure, pieces are let go quietly

@@ -22,6 +22,7 @@ import numpy as np
 from matspool._errors import ProtocolError
 from matspool._protocol import Variable, VarSpec
 
+from ._append import append_into
 from .stream import create_stream
 from .v5 import write_v5
 from ._files import pwrite_all
@@ -71,12 +72,17 @@ def _publish(tmp: str, final: str, fsync: bool) -> int:
     return os.stat(final).st_size
 
 
-def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0) -> int:
+def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0,
+                 append: bool = False) -> int:
     """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
-    returns the file's size in bytes."""
+    with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``).
+    Returns the file's size in bytes."""
     tmp = _tmp_name(final)
     try:
-        WRITERS[fmt](tmp, variables, compress)
+        if append and os.path.exists(final):
+            append_into(final, tmp, variables, compress)
+        else:
+            WRITERS[fmt](tmp, variables, compress)
         return _publish(tmp, final, fsync)
     except BaseException:
         _unlink(tmp)

@@ -31,7 +31,7 @@ from ._deflate import ordered_map
 from ._files import pwrite_all, write_new_file
 from ._values import Cell, Char, Sparse, Struct
 
-__all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "header", "write_v73"]
+__all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "append_v73", "header", "write_v73"]
 
 USERBLOCK = 512
 
@@ -167,6 +167,8 @@ class _Tree:
         self.count = 0
 
     def _new_ref(self) -> str:
+        if self.refs is None and "#refs#" in self.f:  # appending to a file that has one
+            self.refs = self.f["#refs#"]
         if self.refs is None:
             self.refs = self.f.create_group("#refs#")
             ds = self.refs.create_dataset("a", data=np.zeros(2, dtype=np.uint64))
@@ -175,6 +177,9 @@ class _Tree:
             self.count = 1
         name = _ref_name(self.count)
         self.count += 1
+        while name in self.refs:  # names an earlier save already took
+            name = _ref_name(self.count)
+            self.count += 1
         return name
 
     def _in_refs(self, value: Any) -> h5py.Reference:
@@ -336,6 +341,57 @@ def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Vari
     write_new_file(path, image)
 
 
+def _fill(f: h5py.File, variables: Sequence[tuple[Variable, Any]], level: int
+          ) -> tuple[list[int | None], dict[str, list[int]]]:
+    """Lay the variables out in ``f``; returns each one's payload offset (None: written
+    already, or none) and the holes of deferred variables."""
+    holes: dict[str, list[int]] = {}
+    offsets: list[int | None] = []
+    tree = _Tree(f, level)
+    for spec, arr in variables:
+        offsets.append(None)
+        if isinstance(spec, TreeSpec):
+            tree.write(f, spec.name, arr, None, f"/{spec.name}")
+            continue
+        if spec.mclass and not spec.deferred:
+            tree.write(f, spec.name, Char(arr), None, f"/{spec.name}")
+            continue
+        if math.prod(spec.dims) == 0:
+            ds = f.create_dataset(spec.name, data=np.array(spec.dims, dtype=np.uint64))
+            _str_attr(ds, "MATLAB_class", spec.matlab_class)
+            ds.attrs.create("MATLAB_empty", np.uint8(1))
+            continue
+        if spec.deferred:
+            ds, offset = _reserve(f, spec.name, spec.dims[::-1], _stored_dtype(np.dtype(spec.dtype)))
+            holes[spec.name] = [offset]
+        elif level and (data := _stored(spec, arr)).nbytes >= _MIN_COMPRESS_BYTES:
+            ds = _write_deflated(f, spec.name, data, level)
+        else:
+            data = _stored(spec, arr)
+            ds, offsets[-1] = _reserve(f, spec.name, data.shape, data.dtype)
+        _str_attr(ds, "MATLAB_class", spec.matlab_class)
+        if spec.matlab_class in ("logical", "char"):
+            ds.attrs.create("MATLAB_int_decode", np.int32(1 if spec.matlab_class == "logical" else 2))
+    return offsets, holes
+
+
+def append_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
+    """Add or replace ``variables`` in the v7.3 file at ``path`` (a private copy of the
+    user's file: the caller renames it into place). A replaced variable's old objects in
+    ``#refs#`` are left unreferenced, as MATLAB leaves them."""
+    with h5py.File(path, "r+", libver=("earliest", "v108")) as f:
+        for spec, _ in variables:
+            if spec.name in f:
+                del f[spec.name]
+        offsets, _ = _fill(f, variables, level)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for offset, data in _payloads(variables, offsets):
+            pwrite_all(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
 def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
     """``level`` 1-9: deflate in chunks of at most 64 KiB, as MATLAB's ``save -v7.3`` does.
 
@@ -346,34 +402,8 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
     if key is not None and (template := TEMPLATES.get(key)) is not None:
         _write_from_template(path, template, variables)
         return {}
-    holes: dict[str, list[int]] = {}
-    offsets: list[int | None] = []
     with h5py.File(path, "w-", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
-        tree = _Tree(f, level)
-        for spec, arr in variables:
-            offsets.append(None)
-            if isinstance(spec, TreeSpec):
-                tree.write(f, spec.name, arr, None, f"/{spec.name}")
-                continue
-            if spec.mclass and not spec.deferred:
-                tree.write(f, spec.name, Char(arr), None, f"/{spec.name}")
-                continue
-            if math.prod(spec.dims) == 0:
-                ds = f.create_dataset(spec.name, data=np.array(spec.dims, dtype=np.uint64))
-                _str_attr(ds, "MATLAB_class", spec.matlab_class)
-                ds.attrs.create("MATLAB_empty", np.uint8(1))
-                continue
-            if spec.deferred:
-                ds, offset = _reserve(f, spec.name, spec.dims[::-1], _stored_dtype(np.dtype(spec.dtype)))
-                holes[spec.name] = [offset]
-            elif level and (data := _stored(spec, arr)).nbytes >= _MIN_COMPRESS_BYTES:
-                ds = _write_deflated(f, spec.name, data, level)
-            else:
-                data = _stored(spec, arr)
-                ds, offsets[-1] = _reserve(f, spec.name, data.shape, data.dtype)
-            _str_attr(ds, "MATLAB_class", spec.matlab_class)
-            if spec.matlab_class in ("logical", "char"):
-                ds.attrs.create("MATLAB_int_decode", np.int32(1 if spec.matlab_class == "logical" else 2))
+        offsets, holes = _fill(f, variables, level)
     fd = os.open(path, os.O_RDWR)
     try:
         for offset, data in _payloads(variables, offsets):
