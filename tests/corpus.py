@@ -26,7 +26,7 @@ import scipy.io
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
-import matvalues  # noqa: E402
+import matvalues
 
 __all__ = ["CORPUS", "READERS", "Row", "corpus_files", "run", "same", "table"]
 
@@ -133,11 +133,11 @@ def _compare(rows: dict[str, Row], reader: str, fmt: str, theirs: Callable[[], A
     for name, row in rows.items():
         if not row.expressible:
             continue
-        vt = _try(lambda: pick(t, name)) if ok_t else (False, None)
+        vt = _try(lambda name=name: pick(t, name)) if ok_t else (False, None)
         if not vt[0]:
             row.results[(reader, fmt)] = None  # the reader cannot read MATLAB's own value
             continue
-        vo = _try(lambda: pick(o, name)) if ok_o else (False, None)
+        vo = _try(lambda name=name: pick(o, name)) if ok_o else (False, None)
         row.results[(reader, fmt)] = vo[0] and same(vt[1], vo[1], loose)
 
 
@@ -152,7 +152,7 @@ def _octave(pairs: list[tuple[Path, Path, list[str]]]) -> dict[tuple[str, str], 
                          f"strcmp(class(a.{n}), class(b.{n})) && isequal(size(a.{n}), size(b.{n})); "
                          f"catch; ok = 0; end; end; printf('%s %s %d\\n', '{ours.name}', '{n}', ok);")
     out = subprocess.run([OCTAVE, "--no-gui", "--quiet", "--no-init-file", "--eval", "\n".join(lines)],  # type: ignore[list-item]
-                         capture_output=True, text=True, timeout=600)
+                         check=False, capture_output=True, text=True, timeout=600)
     res = {}
     for line in out.stdout.splitlines():
         parts = line.split()
@@ -164,7 +164,7 @@ def _octave(pairs: list[tuple[Path, Path, list[str]]]) -> dict[tuple[str, str], 
 def _matdump(path: Path, name: str) -> str:
     """matio's view, less the storage type of text (MATLAB 6 wrote ASCII as 16-bit, MATLAB
     7 and later as UTF-8, as we do: the characters are compared either way)."""
-    out = subprocess.run([MATDUMP, "-d", str(path), name], capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
+    out = subprocess.run([MATDUMP, "-d", str(path), name], check=False, capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
     if out.returncode:
         raise RuntimeError(out.stderr)
     lines = out.stdout.splitlines()
@@ -201,22 +201,21 @@ def run(save: Callable[[Path, dict[str, Any], str], Path], out: Path) -> list[Ro
         theirs_fmt = "v7.3" if is_v73 else "v5"
         ours_same = paths[theirs_fmt]
         if not is_v73:
-            _compare(rows, "scipy", "v5", lambda: scipy.io.loadmat(f, mat_dtype=True),
-                     lambda: scipy.io.loadmat(ours_v5, mat_dtype=True))
+            _compare(rows, "scipy", "v5", lambda f=f: scipy.io.loadmat(f, mat_dtype=True),
+                     lambda p=ours_v5: scipy.io.loadmat(p, mat_dtype=True))
             if OCTAVE:
                 octave_pairs.append((f, ours_v5, [rows[k] for k in inputs]))
         # pymatreader reads both formats: MATLAB's file against ours in the same format; its
         # v5 view keeps MATLAB's on-disk storage type (uint8 for a double of small integers),
         # so there it compares values and shapes, not dtypes
-        _compare(rows, "pymatreader", theirs_fmt, lambda: pymatreader.read_mat(str(f)),
-                 lambda: pymatreader.read_mat(str(ours_same)), loose=not is_v73)
+        _compare(rows, "pymatreader", theirs_fmt, lambda f=f: pymatreader.read_mat(str(f)),
+                 lambda p=ours_same: pymatreader.read_mat(str(p)), loose=not is_v73)
         if is_v73:
-            _compare(rows, "mat73", "v7.3", lambda: mat73.loadmat(f), lambda: mat73.loadmat(ours_v73),
-                     lambda m, k: m[k])
-            _compare(rows, "hdf5storage", "v7.3", lambda: str(f), lambda: str(ours_v73),
+            _compare(rows, "mat73", "v7.3", lambda f=f: mat73.loadmat(f), lambda p=ours_v73: mat73.loadmat(p))
+            _compare(rows, "hdf5storage", "v7.3", lambda f=f: str(f), lambda p=ours_v73: str(p),
                      lambda p, k: hdf5storage.loadmat(p, variable_names=[k])[k])
         if MATDUMP:
-            _compare(rows, "matdump", theirs_fmt, lambda: f, lambda: ours_same, _matdump)
+            _compare(rows, "matdump", theirs_fmt, lambda f=f: f, lambda p=ours_same: p, _matdump)
     if octave_pairs:
         res = _octave([(t, o, [r.name for r in rs]) for t, o, rs in octave_pairs])
         for _, ours, rs in octave_pairs:

@@ -10,9 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import matspool
+import pytest
 from conftest import DaemonProc
 from corpus import Row, corpus_files, run, table
 

@@ -220,7 +220,7 @@ def _sparse_dtype(label: str, kind: str) -> str:
     raise UnsupportedTypeError(f"variable {label!r}: a sparse matrix of {kind!r} values has no MATLAB class")
 
 
-def _sparse(label: str, value: Any, oned_as: str) -> Meta:
+def _sparse(label: str, value: Any) -> Meta:
     """scipy.sparse (any format) or a torch sparse COO/CSR/CSC tensor -> MATLAB sparse, in
     compressed-column form with sorted row indices. A CUDA tensor's indices and values stay
     on the GPU and are copied like dense tensors."""
@@ -304,7 +304,7 @@ def prepare_value(label: str, value: object, layout: str, oned_as: str, depth: i
         items = [sub(f"{label}{{{i + 1}}}", v) for i, v in enumerate(arr.ravel(order="F"))]
         return Meta("cell", items=items, dims=tuple(int(d) for d in arr.shape))
     if _is_sparse(value):
-        return _sparse(label, value, oned_as)
+        return _sparse(label, value)
     if isinstance(value, list | tuple):
         dims = (1, len(value)) if oned_as == "row" else (len(value), 1)
         if _same_keys(value):

@@ -342,8 +342,13 @@ def _sparse(raw: dict[str, Any], ring_bytes: int, label: str, budget: _Budget) -
     if not isinstance(parts, dict) or not isinstance(dims_raw, list) or len(dims_raw) != 2:
         raise ProtocolError(f"{label}: sparse needs data/ir/jc and 2 dims")
     m, n = (_int(d, f"{label} dimension", 0, V5_MAX_DIM) for d in dims_raw)
-    data, ir, jc = (_array(parts.get(k), ring_bytes, f"{label}.{k}") if isinstance(parts.get(k), dict)
-                    else _missing(label, k) for k in ("data", "ir", "jc"))
+    leaves_ = []
+    for k in ("data", "ir", "jc"):
+        part = parts.get(k)
+        if not isinstance(part, dict):
+            raise ProtocolError(f"{label}: sparse part {k!r} is missing")
+        leaves_.append(_array(part, ring_bytes, f"{label}.{k}"))
+    data, ir, jc = leaves_
     budget.take(0)
     if data.dtype not in SPARSE_DTYPES or data.mclass:
         raise ProtocolError(f"{label}: sparse data must be one of {SPARSE_DTYPES}, got {data.dtype}")
@@ -354,9 +359,6 @@ def _sparse(raw: dict[str, Any], ring_bytes: int, label: str, budget: _Budget) -
         raise ProtocolError(f"{label}: sparse parts cannot be deferred")
     return Sparse((m, n), data, ir, jc)
 
-
-def _missing(label: str, key: str) -> VarSpec:
-    raise ProtocolError(f"{label}: sparse part {key!r} is missing")
 
 
 def _var(raw: object, ring_bytes: int) -> Variable:

@@ -14,7 +14,7 @@ import scipy.io
 
 torch = pytest.importorskip("torch")
 
-import matspool  # noqa: E402
+import matspool
 
 pytestmark = [
     pytest.mark.gpu,

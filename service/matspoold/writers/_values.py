@@ -8,10 +8,8 @@ nnz, row indices in range) before any byte of it reaches a file.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from matspool import _protocol as proto
@@ -94,11 +92,3 @@ def materialize(node: proto.Tree, array: Callable[[proto.VarSpec], np.ndarray]) 
         return Sparse(node.dims, data, ir, jc)
     return Cell(node.dims, [materialize(v, array) for v in node.items])
 
-
-def size(value: Any) -> int:
-    """Number of elements MATLAB sees."""
-    if isinstance(value, Char):
-        return value.units.size
-    if isinstance(value, Cell | Struct):
-        return math.prod(value.dims)
-    return int(value.size)

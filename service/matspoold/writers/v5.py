@@ -11,6 +11,7 @@ scipy writes; scipy, Octave and MATLAB read the result.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import time
@@ -293,7 +294,7 @@ def _element_name(mi: int, body: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
-def variable_names(data: bytes | memoryview) -> list[tuple[str, int, int]]:
+def variable_names(data: bytes | memoryview | mmap.mmap) -> list[tuple[str, int, int]]:
     """(name, start, end) of every top-level element of a little-endian v5 file's bytes."""
     out, pos = [], 128
     while pos + 8 <= len(data):
@@ -307,8 +308,6 @@ def variable_names(data: bytes | memoryview) -> list[tuple[str, int, int]]:
 def append_v5(existing: str, path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
     """MATLAB's ``save -append``: ``path`` gets ``existing``'s variables, but for those
     ``variables`` replace, byte for byte, then ``variables`` at the end."""
-    import mmap
-
     write_v5(path, variables, level)
     with open(existing, "rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as old:
         if old[126:128] != b"IM":
