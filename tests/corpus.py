@@ -38,6 +38,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "matvalues": ("v5", "v7.3"),  # tests/matvalues.py: class, size, bits, fields, cells
     "scipy": ("v5",),
     "pymatreader": ("v5", "v7.3"),
+    "h5py": ("v7.3",),  # HDF5 structure: attributes and their types, datasets, #refs#
     "mat73": ("v7.3",),
     "hdf5storage": ("v7.3",),
     "octave": ("v5",),
@@ -161,6 +162,49 @@ def _octave(pairs: list[tuple[Path, Path, list[str]]]) -> dict[tuple[str, str], 
     return res
 
 
+def _h5_attr_sig(obj: Any, name: str) -> tuple[Any, ...]:
+    aid = obj.attrs.get_id(name)
+    t, space = aid.get_type(), aid.get_space()
+    sig: tuple[Any, ...] = (name, t.get_class(), t.get_size(), space.get_simple_extent_type(), space.shape)
+    if isinstance(t, h5py.h5t.TypeStringID):
+        sig += (t.get_strpad(), t.get_cset())
+    if isinstance(t, h5py.h5t.TypeVlenID):
+        sup = t.get_super()
+        sig += (sup.get_class(), sup.get_size(), sup.get_strpad() if isinstance(sup, h5py.h5t.TypeStringID) else None)
+    return sig
+
+
+def _h5sig(f: h5py.File, obj: Any, depth: int = 0) -> Any:
+    """The HDF5 structure of a variable as MATLAB would compare it: object kinds, attribute
+    names, HDF5 types and values, dataset types and shapes, and what references point to
+    (followed into #refs#, whose object names and storage layout are left out)."""
+    attrs = []
+    for k in sorted(obj.attrs):
+        value = obj.attrs[k]
+        if k == "H5PATH":  # the rule, not the name a save order gave in #refs#
+            value = obj.name.startswith("/#refs#/") and value.decode() == obj.name
+        elif isinstance(value, h5py.Reference):
+            value = ("ref", _h5sig(f, f[value], depth + 1))
+        elif isinstance(value, np.ndarray) and value.dtype == object:
+            value = tuple(bytes(b"".join(v)) for v in value)
+        attrs.append((_h5_attr_sig(obj, k), repr(value)))
+    if isinstance(obj, h5py.Group):
+        return ("group", tuple(attrs), tuple((k, _h5sig(f, obj[k], depth + 1)) for k in sorted(obj)))
+    data = obj[()]
+    if obj.dtype == h5py.ref_dtype:
+        content: Any = tuple(_h5sig(f, f[r], depth + 1) for r in data.ravel())
+    elif obj.dtype.kind == "O":
+        content = tuple(bytes(b"".join(v)) for v in data.ravel())
+    else:
+        content = np.ascontiguousarray(data).tobytes()
+    return ("dataset", tuple(attrs), obj.dtype.str if obj.dtype.kind != "O" else "O", obj.shape, content)
+
+
+def _h5_view(path: Path, name: str) -> Any:
+    with h5py.File(path, "r") as f:
+        return _h5sig(f, f[name])
+
+
 def _matdump(path: Path, name: str) -> str:
     """matio's view, less the storage type of text (MATLAB 6 wrote ASCII as 16-bit, MATLAB
     7 and later as UTF-8, as we do: the characters are compared either way)."""
@@ -211,6 +255,7 @@ def run(save: Callable[[Path, dict[str, Any], str], Path], out: Path) -> list[Ro
         _compare(rows, "pymatreader", theirs_fmt, lambda f=f: pymatreader.read_mat(str(f)),
                  lambda p=ours_same: pymatreader.read_mat(str(p)), loose=not is_v73)
         if is_v73:
+            _compare(rows, "h5py", "v7.3", lambda f=f: f, lambda p=ours_v73: p, _h5_view)
             _compare(rows, "mat73", "v7.3", lambda f=f: mat73.loadmat(f), lambda p=ours_v73: mat73.loadmat(p))
             _compare(rows, "hdf5storage", "v7.3", lambda f=f: str(f), lambda p=ours_v73: str(p),
                      lambda p, k: hdf5storage.loadmat(p, variable_names=[k])[k])

@@ -54,7 +54,7 @@ def test_every_reader_compared(rows: list[Row]) -> None:
     formats by at least our own reader and one independent reader per format."""
     seen = {key for r in rows for key, ok in r.results.items() if ok is not None}
     readers = {r for r, _ in seen}
-    assert {"matvalues", "scipy", "pymatreader", "mat73", "hdf5storage"} <= readers
+    assert {"matvalues", "scipy", "pymatreader", "h5py", "mat73", "hdf5storage"} <= readers
     if shutil.which("octave"):
         assert "octave" in readers
     if shutil.which("matdump"):
