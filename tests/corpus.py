@@ -191,7 +191,7 @@ def _h5sig(f: h5py.File, obj: Any, depth: int = 0) -> Any:
     if isinstance(obj, h5py.Group):
         return ("group", tuple(attrs), tuple((k, _h5sig(f, obj[k], depth + 1)) for k in sorted(obj)))
     data = obj[()]
-    if obj.dtype == h5py.ref_dtype:
+    if h5py.check_ref_dtype(obj.dtype) is not None:  # (a vlen dtype also compares == ref_dtype)
         content: Any = tuple(_h5sig(f, f[r], depth + 1) for r in data.ravel())
     elif obj.dtype.kind == "O":
         content = tuple(bytes(b"".join(v)) for v in data.ravel())

@@ -163,7 +163,8 @@ def _v73(f: h5py.File, obj: h5py.HLObject) -> Any:
         if not names:  # a group without fields (not MATLAB's layout, but readable)
             return ("struct", (1, 1), (), ((),))
         first = obj[names[0]]
-        if isinstance(first, h5py.Dataset) and first.dtype == h5py.ref_dtype and "MATLAB_class" not in first.attrs:
+        if (isinstance(first, h5py.Dataset) and h5py.check_ref_dtype(first.dtype) is not None
+                and "MATLAB_class" not in first.attrs):
             dims = first.shape[::-1]
             cols = [[_v73(f, f[r]) for r in obj[k][()].ravel()] for k in names]
             return ("struct", dims, names, tuple(zip(*cols)))
