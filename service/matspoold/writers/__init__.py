@@ -1,7 +1,7 @@
 """MAT-file writers. Each takes a final path and ``(variable, value)`` pairs: a numeric
 ``VarSpec`` comes with a read-only column-major view over the client's ring; a struct,
-cell or char ``TreeSpec`` with Python objects (dict, object ndarray, str) whose numeric
-leaves are such views.
+cell, char or sparse ``TreeSpec`` with the values of ``_values.py`` whose numeric leaves
+are such views.
 
 ``write_atomic`` is the one way a file reaches its final name: written under a temporary
 name in the same directory, optionally fsynced, then renamed, so readers never see a

@@ -6,7 +6,8 @@ the ring's own memory to ``write()`` and the payload is copied once, into the pa
 cache. Only complex variables are split (v5 stores real and imaginary parts apart), in
 bounded chunks. The element layout is MathWorks' "MAT-File Format" (miMATRIX with array
 flags, dimensions, name, real and imaginary parts, each padded to 8 bytes), the same as
-scipy writes; scipy, Octave and MATLAB read the result.
+scipy writes; scipy, Octave and MATLAB read the result. Structs, cells, text and sparse
+matrices are built in memory (``_matrix``) byte for byte as MATLAB writes them.
 """
 
 from __future__ import annotations

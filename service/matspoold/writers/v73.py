@@ -7,6 +7,13 @@ row-major (n, m) dataset: the ring bytes go in unchanged), ``MATLAB_class`` as a
 fixed-length NULLTERM ASCII scalar attribute, logical as uint8 with
 ``MATLAB_int_decode`` = 1, complex as a ``{real, imag}`` compound, and empty arrays as a
 uint64 vector of their size with ``MATLAB_empty`` = 1.
+
+Structs, cells, text and sparse matrices (``_Tree``) follow the same file: char as UTF-16
+code units with ``MATLAB_int_decode`` = 2; struct groups with ``MATLAB_fields`` (a vlen of
+1-byte NULLTERM strings, left out of a one-field struct, moved into ``#refs#`` behind an
+object reference once the names reach 4096 characters); cell elements and struct-array
+fields as object references into ``#refs#``, which opens with MATLAB's ``canonical empty``;
+``H5PATH`` as MATLAB stamps it; sparse as a group of ``data``/``ir``/``jc``.
 """
 
 from __future__ import annotations
