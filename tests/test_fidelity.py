@@ -452,6 +452,13 @@ def test_savemat_like_scipy(mspool: matspool.Spool, root: Path) -> None:
     theirs = scipy.io.loadmat(root / "sc.mat", simplify_cells=True)
     for k in mdict:
         np.testing.assert_equal(ours[k], theirs[k])
+    empties = {"e": [], "z": np.zeros(0, np.int8), "s": {"e": []}, "c": [np.zeros(0), "x"]}
+    scipy.io.savemat(root / "sce.mat", empties)
+    r = matspool.savemat(root / "sme.mat", empties, spool=mspool).result(timeout=60)
+    assert scipy.io.whosmat(r.path) == scipy.io.whosmat(root / "sce.mat")[:2] + [("s", (1, 1), "struct"),
+                                                                               ("c", (1, 2), "cell")]
+    m = scipy.io.loadmat(r.path)
+    assert m["e"].shape == m["z"].shape == m["s"][0, 0]["e"].shape == m["c"][0, 0].shape == (0, 0)
     col = matspool.savemat(root / "col.mat", {"a": np.arange(3.0)}, oned_as="column", spool=mspool)
     assert scipy.io.loadmat(col.result(timeout=60).path)["a"].shape == (3, 1)
     for fmt in ("7.3", "-v7.3", "v7.3"):

@@ -4,7 +4,7 @@ whole migration; the call returns the save's future instead of blocking.
 
 Where scipy and matspool map a value differently, matspool's mapping (README's table)
 holds: a list of str is a cell of char rows (scipy makes a char matrix), a list of arrays a
-cell (scipy stacks them when it can).
+cell (scipy stacks them when it can). An empty 1-d array or list is 0x0, as in scipy.
 """
 
 from __future__ import annotations
@@ -52,6 +52,27 @@ def _check_field_lengths(label: str, value: object, depth: int = 0) -> None:
             _check_field_lengths(lab, v, depth + 1)
 
 
+def _scipy_empties(value: Any, depth: int = 0) -> Any:
+    """scipy saves an empty 1-d array or list as MATLAB's ``[]`` (0x0), where ``save()``
+    follows ``oned_as`` (1x0); keep scipy's answer here, at any depth."""
+    if depth > 32:
+        return value
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.size == 0 and value.dtype.kind in "biufc":
+        return value.reshape(0, 0)
+    if isinstance(value, list | tuple) and not value:
+        return np.zeros((0, 0))
+    if isinstance(value, Mapping):
+        return {k: _scipy_empties(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple) and any(isinstance(v, list | tuple | Mapping | np.ndarray) for v in value):
+        return type(value)(_scipy_empties(v, depth + 1) for v in value)
+    if isinstance(value, np.ndarray) and value.dtype.kind == "O":
+        out = np.empty(value.shape, dtype=object)
+        for i, v in enumerate(value.flat):
+            out.flat[i] = _scipy_empties(v, depth + 1)
+        return out
+    return value
+
+
 def savemat(
     file_name: str | os.PathLike[str],
     mdict: Mapping[str, Any],
@@ -96,7 +117,7 @@ def savemat(
             continue
         if not long_field_names:
             _check_field_lengths(str(name), value)
-        variables[name] = value
+        variables[name] = _scipy_empties(value)
     if spool is None:
         from . import default_spool
         spool = default_spool()
