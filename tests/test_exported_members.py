@@ -23,6 +23,7 @@ PUBLIC = [
     "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",
+    "InvalidOptionError",
     "InvalidVariableError",
     "MatspoolError",
     "PathNotAllowedError",
@@ -40,6 +41,7 @@ PUBLIC = [
     "default_spool",
     "flush",
     "save",
+    "savemat",
 ]
 
 PACKAGES = {"matspool": Path(matspool.__file__).parent, "matspoold": Path(matspoold.__file__).parent}

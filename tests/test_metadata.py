@@ -13,23 +13,16 @@ One daemon serves the whole module. What is checked:
   limits, and hostile trees straight into ``_protocol.parse_write``;
 * Unicode text round-trips exactly in both formats.
 
-Known deviations from MATLAB's v7.3 layout. The first three are what
-``test_layout_matches_matlab`` finds and allows, and no reader here sees them; the empty
-struct is not compared there, and whether MATLAB itself loads our form is unverified:
+The v7.3 layout is MATLAB's, and ``test_layout_matches_matlab`` allows no deviation:
 
-* ``H5PATH`` values: we write the parent group's path (``/s`` for ``s.f``,
-  ``/s/a`` for ``s.a.f``, ``/#refs#`` for a cell element). MATLAB writes the same for
-  fields of a top-level struct but concatenates deeper paths without separators
-  (``/struct_nestedlevel1``) and names the object itself inside ``#refs#``
-  (``/#refs#/b``; ``/#refs#/ww`` for a field of a struct inside a cell). Ours are
-  NULLPAD fixed-length strings, MATLAB's NULLTERM.
-* ``MATLAB_fields``: a vlen of 1-byte ASCII strings in both, but our base string is
-  NULLPAD, MATLAB's NULLTERM. MATLAB leaves ``MATLAB_fields`` out of a struct with a
-  single field; we always write it.
-* A struct with no fields (``{}``): MATLAB writes a uint64 ``[1 1]`` dataset with
-  ``MATLAB_empty`` = 1 (``struct_no_fields``); we write a group with a zero-length
-  ``MATLAB_fields``. mat73 reads ours as ``{}`` (and MATLAB's as ``[[[]]]``);
-  hdf5storage.loadmat crashes on ours (a reader bug), so it is left out of that check.
+* ``H5PATH``: an object inside ``#refs#`` carries its own path (``/#refs#/b``); a field
+  carries its parent's H5PATH followed by the parent's name, so paths concatenate without
+  separators (``/struct_nested``, ``/struct_nestedlevel1``, ``/#refs#/ww`` for a field of
+  ``#refs#/w``); top-level objects and the ``canonical empty`` have none. NULLTERM strings.
+* ``MATLAB_fields``: a vlen of 1-byte NULLTERM ASCII strings, left out of a one-field
+  struct as MATLAB leaves it out.
+* A struct with no fields (``{}``) is MATLAB's ``struct_no_fields``: a uint64 ``[1 1]``
+  dataset with ``MATLAB_empty`` = 1; mat73 reads it (ours and MATLAB's) as ``[[[]]]``.
 * Storage layout: MATLAB writes these small datasets COMPACT, we write CONTIGUOUS.
 
 An empty string is stored as MATLAB stores ``''`` (size ``[0 0]``, ``MATLAB_empty``, no
@@ -246,25 +239,36 @@ def test_v73_mat73(saved: dict[str, Path]) -> None:
     assert m["table"].shape == (2, 3) and m["table"].dtype == np.int64
     assert m["u"].dtype == np.float32 and m["u"].shape == (2, 3)
     assert m["model"]["mask"].dtype == np.bool_
-    assert m["nothing"] == {}  # a struct with no fields
+    # a struct with no fields: MATLAB's own layout (uint64 [1 1], MATLAB_empty), which mat73
+    # reads as it reads MATLAB's struct_no_fields
+    assert m["nothing"] == [[[]]]
 
 
 def _field_names(obj: h5py.Group) -> list[str]:
+    if "MATLAB_fields" not in obj.attrs:  # MATLAB leaves it out of a one-field struct
+        assert len(obj) == 1
+        return list(obj)
     return [b"".join(f).decode("ascii") for f in obj.attrs["MATLAB_fields"]]
 
 
-def _check_h5(f: h5py.File, obj: h5py.HLObject, e: Any, where: str) -> None:
-    """One object of our v7.3 file against EXPECTED, at the HDF5 level."""
+def _check_h5(f: h5py.File, obj: h5py.HLObject, e: Any, where: str, label: str = "") -> None:
+    """One object of our v7.3 file against EXPECTED, at the HDF5 level; ``label`` is what
+    MATLAB appends to this object's H5PATH for its children (see the module docstring)."""
     cls = obj.attrs["MATLAB_class"]
     assert isinstance(cls, bytes)
-    if isinstance(e, dict):
+    if e == {}:  # a 1x1 struct with no fields, as MATLAB writes it: its size and MATLAB_empty
+        assert isinstance(obj, h5py.Dataset) and cls == b"struct", where
+        assert obj[()].tolist() == [1, 1] and obj.attrs["MATLAB_empty"] == 1, where
+    elif isinstance(e, dict):
         assert isinstance(obj, h5py.Group) and cls == b"struct", where
+        assert ("MATLAB_fields" in obj.attrs) == (len(e) > 1), where
         assert _field_names(obj) == list(e), where  # MATLAB_fields keeps the given order
         assert sorted(obj) == sorted(e), where
+        inner = obj.attrs.get("H5PATH", b"").decode() + (label or obj.name)
         for k, v in e.items():
             child = obj[k]
-            assert child.attrs["H5PATH"] == obj.name.encode(), (where, k)  # see the module docstring
-            _check_h5(f, child, v, f"{where}.{k}")
+            assert child.attrs["H5PATH"] == inner.encode(), (where, k)  # see the module docstring
+            _check_h5(f, child, v, f"{where}.{k}", k)
     elif isinstance(e, list):
         assert isinstance(obj, h5py.Dataset) and cls == b"cell", where
         assert obj.dtype == h5py.ref_dtype and h5py.check_ref_dtype(obj.dtype) is h5py.Reference
@@ -272,8 +276,8 @@ def _check_h5(f: h5py.File, obj: h5py.HLObject, e: Any, where: str) -> None:
         for i, (ref, v) in enumerate(zip(obj[()].ravel(), e, strict=True)):
             target = f[ref]
             assert target.name.startswith("/#refs#/"), (where, target.name)
-            assert target.attrs["H5PATH"] == b"/#refs#", where
-            _check_h5(f, target, v, f"{where}{{{i + 1}}}")
+            assert target.attrs["H5PATH"] == target.name.encode(), where  # its own path
+            _check_h5(f, target, v, f"{where}{{{i + 1}}}", target.name.rsplit("/", 1)[1])
     elif isinstance(e, str):
         assert isinstance(obj, h5py.Dataset) and cls == b"char", where
         if not e:  # '' as MATLAB writes it: its size [0 0], MATLAB_empty, no MATLAB_int_decode
@@ -304,11 +308,14 @@ def test_v73_h5py_structure(saved: dict[str, Path]) -> None:
         for name, e in EXPECTED.items():
             assert "H5PATH" not in f[name].attrs  # top-level objects have none, as in MATLAB
             _check_h5(f, f[name], e, name)
-            if isinstance(f[name], h5py.Group):
+            if isinstance(f[name], h5py.Group) and not f[name].attrs.get("MATLAB_sparse"):
+                if len(EXPECTED[name]) < 2:
+                    continue
                 sig = attr_signature(f[name], "MATLAB_fields")
                 assert sig["class"] == h5py.h5t.VLEN and sig["space"] == h5py.h5s.SIMPLE
                 assert sig["super_class"] == h5py.h5t.STRING and sig["super_size"] == 1
                 assert sig["super_cset"] == h5py.h5t.CSET_ASCII
+                assert sig["super_strpad"] == h5py.h5t.STR_NULLTERM  # as MATLAB writes it
                 assert sig["shape"] == (len(EXPECTED[name]),)
 
 
@@ -368,6 +375,8 @@ def _norm(x: Any) -> Any:
 def test_both_formats_give_the_same_tree(saved: dict[str, Path]) -> None:
     v5 = _simplify(scipy.io.loadmat(saved["v5"], simplify_cells=True))
     v73 = mat73.loadmat(saved["v7.3"])
+    assert v73["nothing"] == [[[]]]  # how mat73 reads MATLAB's no-field struct
+    v73["nothing"] = {}
     a = _norm({k: v for k, v in v5.items() if not k.startswith("__")})
     b = _norm(v73)
     assert a == b
@@ -400,11 +409,13 @@ def test_empty_struct_and_empty_string(mspool: matspool.Spool, root: Path) -> No
     assert raw["c"].shape == (0, 0) and raw["inner"][0, 0]["t"].shape == (0, 0)
     assert raw["s"].shape == (1, 1) and raw["s"].dtype.names is None
     m = mat73.loadmat(p7)
-    assert m == {"s": {}, "c": "", "inner": {"e": {}, "t": ""}, "cell": ["", {}]}
+    # mat73 reads a no-field struct as [[[]]], MATLAB's own struct_no_fields too
+    assert m == {"s": [[[]]], "c": "", "inner": {"e": [[[]]], "t": ""}, "cell": ["", [[[]]]]}
     with h5py.File(p7, "r") as f:
         for path in ("c", "inner/t"):
             assert f[path][()].tolist() == [0, 0]  # '' is 0x0, as in v5 and in MATLAB
-        assert isinstance(f["s"], h5py.Group) and len(f["s"].attrs["MATLAB_fields"]) == 0
+        for path in ("s", "inner/e"):  # MATLAB's struct_no_fields: uint64 [1 1], MATLAB_empty
+            assert f[path][()].tolist() == [1, 1] and f[path].attrs["MATLAB_empty"] == 1
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -440,32 +451,32 @@ REFERENCE_VALUES: dict[str, Any] = {
 }
 
 
+def _matlab_h5path(obj: h5py.HLObject) -> str:
+    """The H5PATH MATLAB stamps: an object in ``#refs#`` its own path; a field its parent's
+    H5PATH followed by the parent's name (with a leading ``/`` for a top-level variable)."""
+    parent = obj.parent
+    if parent.name == "/#refs#":
+        return obj.name
+    base = parent.name.rsplit("/", 1)[1]
+    label = f"/{base}" if parent.parent.name == "/" else base
+    return parent.attrs.get("H5PATH", b"").decode() + label
+
+
 def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviations: set[str]) -> None:
     """Our object against MATLAB's, recursively (cells through their references)."""
     assert type(mine) is type(ref), (where, type(mine), type(ref))
     mine_attrs, ref_attrs = set(mine.attrs), set(ref.attrs)
-    if "MATLAB_fields" in mine_attrs and "MATLAB_fields" not in ref_attrs:
-        # MATLAB leaves MATLAB_fields out of a struct with one field; we always write it
-        assert isinstance(ref, h5py.Group) and len(ref) == 1 and _field_names(mine) == list(ref), where
-        mine_attrs.discard("MATLAB_fields")
-        deviations.add("MATLAB_fields on a one-field struct")
     assert mine_attrs == ref_attrs, (where, sorted(mine_attrs), sorted(ref_attrs))
     for attr in sorted(ref_attrs):
         ms, rs = attr_signature(mine, attr), attr_signature(ref, attr)
         if attr == "H5PATH":
-            # both: a fixed-length ASCII scalar string; the value and strpad differ (docstring)
-            for s in (ms, rs):
-                assert s["class"] == h5py.h5t.STRING and not s["vlen"] and s["space"] == h5py.h5s.SCALAR
-                assert s["cset"] == h5py.h5t.CSET_ASCII
-            ours, matlabs = mine.attrs[attr].decode(), ref.attrs[attr].decode()
-            assert ours == mine.parent.name, (where, ours)  # ours: the parent group's path
-            if ours != matlabs:
-                # equal for a field of a top-level struct; deeper down and inside #refs#
-                # MATLAB's differ (module docstring)
-                assert ours.startswith("/#refs#") or ours.count("/") > 1, (where, ours, matlabs)
-                deviations.add(f"H5PATH {ours} where MATLAB has {matlabs}")
-            if ms["strpad"] != rs["strpad"]:
-                deviations.add("H5PATH strpad")
+            # MATLAB's value: its own path in #refs#, else the parent's H5PATH + its label
+            assert ms["class"] == rs["class"] == h5py.h5t.STRING and not ms["vlen"], (where, ms, rs)
+            assert (ms["strpad"], ms["cset"]) == (rs["strpad"], rs["cset"]), where
+            # #refs# names follow save order, so compare the rule both files follow
+            for obj in (mine, ref):
+                if obj.attrs[attr].decode() != _matlab_h5path(obj):
+                    deviations.add(f"H5PATH {obj.attrs[attr].decode()} at {obj.name} in {obj.file.filename}")
             continue
         if attr == "MATLAB_fields":
             assert _field_names(mine) == _field_names(ref), where
@@ -474,8 +485,7 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
             assert ms["super_class"] == rs["super_class"] == h5py.h5t.STRING, where
             assert ms["super_size"] == rs["super_size"] == 1, where
             assert ms["super_cset"] == rs["super_cset"] == h5py.h5t.CSET_ASCII, where
-            if ms["super_strpad"] != rs["super_strpad"]:
-                deviations.add("MATLAB_fields strpad")
+            assert ms["super_strpad"] == rs["super_strpad"] == h5py.h5t.STR_NULLTERM, where
             continue
         assert ms == rs, (where, attr, ms, rs)  # MATLAB_class, MATLAB_int_decode, MATLAB_empty
         mv, rv = mine.attrs[attr], ref.attrs[attr]
@@ -531,15 +541,11 @@ def test_layout_matches_matlab(ours_like_reference: dict[str, Path]) -> None:
     with h5py.File(ours_like_reference["v7.3"], "r") as mine, h5py.File(REFERENCE_V73, "r") as ref:
         for name in REFERENCE_VALUES:
             _compare_layout(mine[name], ref[name], name, deviations)
-        # the canonical empty hdf5storage puts into #refs#, as MATLAB does
+        # the canonical empty MATLAB puts first into #refs#
         _compare_layout(mine["#refs#/a"], ref["#refs#/a"], "#refs#/a", deviations)
-        assert isinstance(mine["#refs#"], h5py.Group)
-        assert dict(mine["#refs#"].attrs) == dict(ref["#refs#"].attrs)
-    # the deviations seen are the documented ones (module docstring)
-    assert {d for d in deviations if not d.startswith("H5PATH /")} == {
-        "MATLAB_fields on a one-field struct", "MATLAB_fields strpad", "H5PATH strpad"}, deviations
-    assert "H5PATH /struct_nested/level1 where MATLAB has /struct_nestedlevel1" in deviations
-    assert "H5PATH /#refs# where MATLAB has /#refs#/b" in deviations
+        assert isinstance(mine["#refs#"], h5py.Group) and dict(mine["#refs#"].attrs) == dict(ref["#refs#"].attrs)
+    # no deviation left: attribute names, types, values (H5PATH too) and dataset shapes
+    assert deviations == set(), deviations
 
 
 def test_v5_reads_like_matlabs_v7(ours_like_reference: dict[str, Path]) -> None:
@@ -678,7 +684,7 @@ BAD_LEAVES: list[tuple[str, Any, str]] = [
     ("none_in_cell", {"bad": {"inner": ["a", None]}}, "'bad.inner{2}'"),
     ("bytes_in_cell", {"bad": ["a", {"x": [b"q", "z"]}]}, "'bad{2}.x{1}'"),
     ("set", {"bad": {"inner": {1, 2}}}, "'bad.inner'"),
-    ("object_array", {"bad": {"inner": np.array([object()])}}, "'bad.inner'"),
+    ("object_array", {"bad": {"inner": np.array([object()])}}, "'bad.inner{1}'"),  # a cell
 ]
 
 
@@ -758,7 +764,8 @@ HOSTILE: list[tuple[str, Any, type[Exception]]] = [
     ("cell_dims_too_few", {"cell": [{"char": "a"}, {"char": "b"}], "dims": [1, 1]}, matspool.ProtocolError),
     ("cell_dims_zero", {"cell": [{"char": "a"}], "dims": [0, 1]}, matspool.ProtocolError),
     ("cell_dims_negative", {"cell": [{"char": "a"}], "dims": [-1, -1]}, matspool.ProtocolError),
-    ("cell_dims_three", {"cell": [{"char": "a"}], "dims": [1, 1, 1]}, matspool.ProtocolError),
+    ("cell_dims_one", {"cell": [{"char": "a"}], "dims": [1]}, matspool.ProtocolError),
+    ("cell_dims_three_wrong", {"cell": [{"char": "a"}], "dims": [1, 1, 2]}, matspool.ProtocolError),
     ("cell_dims_missing", {"cell": [{"char": "a"}]}, matspool.ProtocolError),
     ("cell_dims_float", {"cell": [{"char": "a"}], "dims": [1.0, 1]}, matspool.ProtocolError),
     ("cell_dims_bool", {"cell": [{"char": "a"}], "dims": [True, True]}, matspool.ProtocolError),

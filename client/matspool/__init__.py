@@ -15,6 +15,7 @@ from ._errors import (
     DaemonUnavailable,
     FlushError,
     FormatLimitError,
+    InvalidOptionError,
     InvalidVariableError,
     MatspoolError,
     PathNotAllowedError,
@@ -27,6 +28,7 @@ from ._errors import (
     UnsupportedTypeError,
     WriteFailed,
 )
+from ._savemat import savemat
 from ._spool import SaveResult, Spool
 from ._stream import Stream
 
@@ -35,6 +37,7 @@ __all__ = [
     "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",
+    "InvalidOptionError",
     "InvalidVariableError",
     "MatspoolError",
     "PathNotAllowedError",
@@ -52,6 +55,7 @@ __all__ = [
     "default_spool",
     "flush",
     "save",
+    "savemat",
 ]
 
 try:  # pyproject.toml's version is the only one

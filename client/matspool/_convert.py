@@ -8,6 +8,7 @@ ring; for CUDA tensors it happens on the GPU before the one device-to-host copy.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import sys
@@ -18,11 +19,11 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from ._errors import InvalidVariableError, UnsupportedTypeError
+from ._errors import FormatLimitError, InvalidVariableError, UnsupportedTypeError
 from ._matlab import STORED_DTYPES, check_name, stored_dtype
 
-__all__ = ["LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "copy_host", "iter_arrays", "prepare",
-           "prepare_value", "to_spec", "torch_dtype"]
+__all__ = ["INLINE_TEXT", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size", "copy_host",
+           "iter_arrays", "prepare", "prepare_value", "to_spec", "torch_dtype", "utf16_units"]
 
 _ITEMSIZE: Final = {dt: np.dtype(dt).itemsize for dt in STORED_DTYPES}
 Layout = Literal["matlab", "raw", "hwc"]
@@ -39,6 +40,7 @@ class Prepared:
     dims: tuple[int, ...]  # MATLAB size
     array: Any  # numpy array or torch tensor, in MATLAB index order
     is_cuda: bool
+    mclass: str | None = None  # "char": UTF-16 code units (uint16) that MATLAB sees as text
 
     @property
     def nbytes(self) -> int:
@@ -96,9 +98,22 @@ def _as_array(name: str, value: object) -> Any:
     )
 
 
+def _plain_numbers(value: list[Any] | tuple[Any, ...], depth: int = 0) -> bool:
+    """Only numbers, possibly in nested lists: never arrays or tensors, which would be
+    silently stacked (a list of arrays is a cell; to get one array, the caller stacks)."""
+    for v in value:
+        if isinstance(v, list | tuple):
+            if depth >= MAX_DEPTH or not _plain_numbers(v, depth + 1):
+                return False
+        elif not (isinstance(v, bool | numbers.Number)
+                  or isinstance(v, np.generic) and v.dtype.kind in "biufc"):
+            return False
+    return True
+
+
 def _numeric_list(value: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
     """A list that numpy turns into a numeric array; None means it becomes a cell."""
-    if any(isinstance(v, str | bytes | Mapping) or _is_tensor(v) for v in value):
+    if not _plain_numbers(value):
         return None
     try:
         arr = np.asarray(value)
@@ -129,39 +144,176 @@ def prepare(name: str, value: object, layout: str, oned_as: str) -> Prepared:
 
 @dataclass(slots=True)
 class Meta:
-    """A struct (``fields``), cell (``items``, a 1xN row) or char (``text``) before placement."""
+    """A struct, struct array, cell, char or sparse value before placement.
 
-    kind: Literal["struct", "cell", "char"]
+    ``fields`` is a 1x1 struct; ``names`` and ``elems`` a struct array of size ``dims``;
+    ``items`` a cell of size ``dims``; ``text`` a char row; ``parts`` the data, row
+    indices and column starts of a sparse matrix of size ``dims``. Elements of cells and
+    struct arrays are in column-major order, as MATLAB stores them.
+    """
+
+    kind: Literal["struct", "cell", "char", "structs", "sparse"]
     text: str = ""
     fields: list[tuple[str, Value]] = field(default_factory=list)
     items: list[Value] = field(default_factory=list)
+    dims: tuple[int, ...] = (1, 1)
+    names: tuple[str, ...] = ()
+    elems: list[list[Value]] = field(default_factory=list)
+    parts: tuple[Prepared, ...] = ()
 
 
 Value = Prepared | Meta
 MAX_DEPTH: Final = 16
+#: Text longer than this travels through the ring as UTF-16 code units, not in the message.
+INLINE_TEXT: Final = 1024
+
+
+def utf16_units(label: str, text: str) -> np.ndarray:
+    """``text`` as MATLAB's char holds it: UTF-16 code units (a character beyond the BMP
+    is two). A lone surrogate has no UTF-16 form: refused, naming the variable."""
+    try:
+        raw = text.encode("utf-16-le")
+    except UnicodeEncodeError as e:
+        raise InvalidVariableError(
+            f"variable {label!r}: text holds a lone surrogate {text[e.start]!r} at index {e.start}, "
+            "which MATLAB's UTF-16 char cannot store") from None
+    return np.frombuffer(raw, dtype="<u2")
+
+
+def _char_leaf(label: str, units: np.ndarray) -> Prepared:
+    return Prepared(label, "<u2", tuple(int(d) for d in units.shape), units, False, mclass="char")
+
+
+def _char_matrix(label: str, arr: np.ndarray) -> Value:
+    """A numpy str array: shape ``s`` of strings -> a char array of size ``s + (L,)`` (a 1-d
+    array of n strings is an n x L matrix), each row padded with spaces to the longest
+    row's UTF-16 length, as MATLAB's ``char()`` pads."""
+    if arr.ndim == 0:
+        return prepare_value(label, str(arr), "matlab", "row")
+    rows = [utf16_units(label, str(x)) for x in arr.reshape(-1)]
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), 0x20, dtype="<u2")
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return _char_leaf(label, out.reshape(*arr.shape, width))
+
+
+def _is_sparse(value: object) -> bool:
+    if type(value).__module__.startswith("scipy.sparse"):
+        return hasattr(value, "tocsc")
+    return _is_tensor(value) and value.layout in _sparse_layouts()  # type: ignore[attr-defined]
+
+
+def _sparse_layouts() -> tuple[Any, ...]:
+    torch = _torch()
+    return (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc)
+
+
+def _sparse_dtype(label: str, kind: str) -> str:
+    """MATLAB's sparse classes: double, complex double and logical; other numbers widen."""
+    if kind == "b":
+        return "|b1"
+    if kind == "c":
+        return "<c16"
+    if kind in "iuf":
+        return "<f8"
+    raise UnsupportedTypeError(f"variable {label!r}: a sparse matrix of {kind!r} values has no MATLAB class")
+
+
+def _sparse(label: str, value: Any) -> Meta:
+    """scipy.sparse (any format) or a torch sparse COO/CSR/CSC tensor -> MATLAB sparse, in
+    compressed-column form with sorted row indices. A CUDA tensor's indices and values stay
+    on the GPU and are copied like dense tensors."""
+    if _is_tensor(value):
+        t = value.detach()
+        if t.ndim != 2:
+            raise UnsupportedTypeError(f"variable {label!r}: MATLAB sparse matrices are 2-d, got {t.ndim}-d")
+        if t.layout == _torch().sparse_coo:
+            t = t.coalesce()
+        c = t.to_sparse_csc()
+        dtype = _sparse_dtype(label, "b" if c.dtype == _torch().bool else "c" if c.dtype.is_complex else "f")
+        data = c.values().to(torch_dtype(dtype))
+        ir, jc = c.row_indices().to(_torch().int64), c.ccol_indices().to(_torch().int64)
+        parts = tuple(prepare(f"{label}.{k}", x.reshape(-1, 1), "matlab", "column")
+                      for k, x in (("data", data), ("ir", ir), ("jc", jc)))
+        return Meta("sparse", dims=(int(t.shape[0]), int(t.shape[1])), parts=parts)
+    if len(value.shape) != 2:
+        raise UnsupportedTypeError(f"variable {label!r}: MATLAB sparse matrices are 2-d")
+    c = value.tocsc(copy=True)
+    c.sum_duplicates()
+    c.eliminate_zeros()  # MATLAB never stores a zero
+    c.sort_indices()
+    dtype = _sparse_dtype(label, c.dtype.kind)
+    arrays = (("data", c.data.astype(dtype)), ("ir", c.indices.astype("<i8")), ("jc", c.indptr.astype("<i8")))
+    parts = tuple(Prepared(f"{label}.{k}", np.dtype(x.dtype).str, (x.size, 1), x.reshape(-1, 1), False)
+                  for k, x in arrays)
+    return Meta("sparse", dims=(int(c.shape[0]), int(c.shape[1])), parts=parts)
+
+
+def _struct_names(label: str, keys: Iterator[Any] | list[Any]) -> tuple[str, ...]:
+    names = []
+    for k in keys:
+        try:
+            names.append(check_name(k))
+        except InvalidVariableError as e:
+            raise InvalidVariableError(f"struct {label!r}: field {e}") from None
+    return tuple(names)
+
+
+def _same_keys(value: list[Any] | tuple[Any, ...]) -> bool:
+    """A non-empty list of dicts that all have the same keys is a struct array."""
+    if not value or not all(isinstance(v, Mapping) for v in value):
+        return False
+    first = set(value[0])
+    return all(set(v) == first for v in value[1:])
 
 
 def prepare_value(label: str, value: object, layout: str, oned_as: str, depth: int = 0) -> Value:
-    """dict -> struct, str -> char, a list that is not numeric -> cell, else an array.
+    """dict -> struct; list of same-keyed dicts or a record array -> struct array; str or a
+    str array -> char; list or object array -> cell; scipy/torch sparse -> sparse; else an array.
 
-    Both formats get the same tree, so a struct reads the same from v5 and v7.3.
+    Both formats get the same tree, so a value reads the same from v5 and v7.3.
     """
     if depth > MAX_DEPTH:
         raise UnsupportedTypeError(f"{label}: nesting deeper than {MAX_DEPTH} levels")
+
+    def sub(lab: str, v: object) -> Value:
+        return prepare_value(lab, v, layout, oned_as, depth + 1)
+
     if isinstance(value, str):
+        units = utf16_units(label, value)
+        if len(units) > INLINE_TEXT:
+            return _char_leaf(label, units.reshape(1, -1) if len(units) else units.reshape(0, 0))
         return Meta("char", text=value)
     if isinstance(value, Mapping):
-        fields = []
-        for k, v in value.items():
-            try:
-                check_name(k)
-            except InvalidVariableError as e:
-                raise InvalidVariableError(f"struct {label!r}: field {e}") from None
-            fields.append((k, prepare_value(f"{label}.{k}", v, layout, oned_as, depth + 1)))
-        return Meta("struct", fields=fields)
-    if isinstance(value, list | tuple) and _numeric_list(value) is None:
-        return Meta("cell", items=[prepare_value(f"{label}{{{i + 1}}}", v, layout, oned_as, depth + 1)
-                                   for i, v in enumerate(value)])
+        names = _struct_names(label, list(value))
+        return Meta("struct", fields=[(k, sub(f"{label}.{k}", value[k])) for k in names])
+    if isinstance(value, np.ndarray | np.generic) and value.dtype.kind in "US":
+        arr = np.asarray(value)
+        if arr.dtype.kind == "S":
+            arr = np.char.decode(arr, "latin-1")
+        return _char_matrix(label, arr)
+    if isinstance(value, np.ndarray | np.generic) and value.dtype.names is not None:
+        arr = _matlab_order(np.asarray(value), layout, oned_as)
+        names = _struct_names(label, list(arr.dtype.names))
+        flat = arr.ravel(order="F")
+        elems = [[sub(f"{label}({i + 1}).{k}", e[k]) for k in names] for i, e in enumerate(flat)]
+        return Meta("structs", dims=tuple(int(d) for d in arr.shape), names=names, elems=elems)
+    if isinstance(value, np.ndarray) and value.dtype.kind == "O":
+        arr = _matlab_order(value, layout, oned_as)
+        items = [sub(f"{label}{{{i + 1}}}", v) for i, v in enumerate(arr.ravel(order="F"))]
+        return Meta("cell", items=items, dims=tuple(int(d) for d in arr.shape))
+    if _is_sparse(value):
+        return _sparse(label, value)
+    if isinstance(value, list | tuple):
+        dims = (1, len(value)) if oned_as == "row" else (len(value), 1)
+        if _same_keys(value):
+            names = _struct_names(label, list(value[0]))
+            elems = [[sub(f"{label}({i + 1}).{k}", v[k]) for k in names] for i, v in enumerate(value)]
+            return Meta("structs", dims=dims, names=names, elems=elems)
+        if _numeric_list(value) is None:
+            return Meta("cell", dims=dims,
+                        items=[sub(f"{label}{{{i + 1}}}", v) for i, v in enumerate(value)])
     return prepare(label, value, layout, oned_as)
 
 
@@ -175,23 +327,56 @@ def iter_arrays(value: Value) -> Iterator[Prepared]:
     elif value.kind == "cell":
         for v in value.items:
             yield from iter_arrays(v)
+    elif value.kind == "structs":
+        for e in value.elems:
+            for v in e:
+                yield from iter_arrays(v)
+    elif value.kind == "sparse":
+        yield from value.parts
 
 
 def to_spec(name: str, value: Value, offsets: dict[int, int]) -> Any:
     """The wire form of a value whose arrays were placed at ``offsets`` (keyed by id)."""
     from . import _protocol as proto
 
+    def leaf(v: Prepared, label: str) -> Any:
+        return proto.VarSpec(label, v.dtype, v.dims, offsets[id(v)], v.nbytes, mclass=v.mclass)
+
     def node(v: Value, label: str) -> Any:
         if isinstance(v, Prepared):
-            return proto.VarSpec(label, v.dtype, v.dims, offsets[id(v)], v.nbytes)
+            return leaf(v, label)
         if v.kind == "char":
             return proto.Char(v.text)
         if v.kind == "struct":
             return proto.Struct(tuple((k, node(x, f"{label}.{k}")) for k, x in v.fields))
-        return proto.Cell((1, len(v.items)), tuple(node(x, label) for x in v.items))
+        if v.kind == "structs":
+            return proto.StructArray(v.dims, v.names, tuple(
+                tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e)) for e in v.elems))
+        if v.kind == "sparse":
+            data, ir, jc = (leaf(p, label) for p in v.parts)
+            return proto.Sparse(v.dims, data, ir, jc)  # type: ignore[arg-type]
+        return proto.Cell(v.dims, tuple(node(x, label) for x in v.items))
 
     tree = node(value, name)
     return tree if isinstance(tree, proto.VarSpec) else proto.TreeSpec(name, tree)
+
+
+def check_wire_size(values: Mapping[str, Value]) -> None:
+    """Refuse, before any ring space is taken, a save whose description (struct fields,
+    cell elements, inline text) would not fit one control message: the daemon could not
+    even read its sequence number to answer it."""
+    from . import _protocol as proto
+
+    if all(isinstance(v, Prepared) for v in values.values()):
+        return  # plain arrays: MAX_VARS small entries always fit
+    arrays = [a for v in values.values() for a in iter_arrays(v)]
+    wire = [to_spec(n, v, {id(a): 0 for a in arrays}).to_wire() for n, v in values.items()]
+    size = len(json.dumps(wire, separators=(",", ":"))) + 16 * len(arrays) + 1024  # offsets, header
+    if size > proto.MAX_MESSAGE_BYTES:
+        raise FormatLimitError(
+            f"the description of this save (struct fields, cell elements, inline text) is about "
+            f"{size} bytes, over the {proto.MAX_MESSAGE_BYTES} a control message carries: split it "
+            "over several variables or saves")
 
 
 _TILE: Final = 256

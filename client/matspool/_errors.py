@@ -5,6 +5,7 @@ builtin, so ``except ValueError`` or ``except OSError`` keeps working::
 
     MatspoolError(Exception)
     ├── InvalidVariableError(MatspoolError, ValueError)    bad MATLAB variable name
+    ├── InvalidOptionError(MatspoolError, ValueError)      unknown format/layout/option value
     ├── UnsupportedTypeError(MatspoolError, TypeError)     value with no MATLAB class
     ├── FormatLimitError(MatspoolError, ValueError)        variable too large for the format
     ├── PayloadTooLarge(MatspoolError, ValueError)         one save larger than the whole ring
@@ -35,6 +36,7 @@ __all__ = [
     "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",
+    "InvalidOptionError",
     "InvalidVariableError",
     "MatspoolError",
     "PathNotAllowedError",
@@ -61,6 +63,13 @@ class MatspoolError(Exception):
 
 class InvalidVariableError(MatspoolError, ValueError):
     code = "invalid_variable"
+
+
+class InvalidOptionError(MatspoolError, ValueError):
+    """An option value (format, layout, oned_as, ...) outside its valid set; the message
+    lists the valid values."""
+
+    code = "invalid_option"
 
 
 class UnsupportedTypeError(MatspoolError, TypeError):
@@ -124,6 +133,7 @@ ERROR_CODES: dict[str, type[MatspoolError]] = {
     for cls in (
         MatspoolError,
         InvalidVariableError,
+        InvalidOptionError,
         UnsupportedTypeError,
         FormatLimitError,
         PayloadTooLarge,

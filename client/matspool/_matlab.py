@@ -8,15 +8,17 @@ from typing import Final
 
 import numpy as np
 
-from ._errors import InvalidVariableError, UnsupportedTypeError
+from ._errors import InvalidOptionError, InvalidVariableError, UnsupportedTypeError
 
 __all__ = [
+    "FORMAT_ALIASES",
     "MATLAB_KEYWORDS",
     "MAX_NAME_LENGTH",
     "STORED_DTYPES",
     "V5_MAX_DIM",
     "V5_MAX_VARIABLE_BYTES",
     "check_name",
+    "normalize_format",
     "matlab_class",
     "stored_dtype",
 ]
@@ -103,3 +105,22 @@ def stored_dtype(name: str, source: str) -> str:
 def matlab_class(dtype: str) -> str:
     return STORED_DTYPES[dtype]
 
+
+
+#: Every spelling of a format ``save()`` and ``savemat()`` take -> the format written.
+#: scipy's "5" and MATLAB's "-v6"/"-v7" are all the v5 container (``-v7`` compresses in
+#: MATLAB: pass ``compress=True`` / ``do_compression=True`` for that).
+FORMAT_ALIASES: Final[dict[str, str]] = {
+    "auto": "auto",
+    "v5": "v5", "5": "v5", "7": "v5", "v7": "v5", "-v7": "v5", "v6": "v5", "-v6": "v5",
+    "v7.3": "v7.3", "7.3": "v7.3", "-v7.3": "v7.3",
+}
+
+
+def normalize_format(fmt: object) -> str:
+    """``"auto"``, ``"v5"`` or ``"v7.3"`` for any accepted spelling; anything else raises
+    :class:`InvalidOptionError` listing the valid values."""
+    if isinstance(fmt, str) and fmt in FORMAT_ALIASES:
+        return FORMAT_ALIASES[fmt]
+    raise InvalidOptionError(f"format must be one of {', '.join(map(repr, FORMAT_ALIASES))}, got {fmt!r}"
+                             + ("; MAT v4 is not written" if fmt in ("4", "v4") else ""))

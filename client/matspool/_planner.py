@@ -21,24 +21,24 @@ from ._convert import (
     ONED_AS,
     Prepared,
     Value,
+    check_wire_size,
     iter_arrays,
     prepare_value,
     to_spec,
 )
-from ._errors import PayloadTooLarge
+from ._errors import InvalidOptionError, PayloadTooLarge
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
 from ._saves import place
 
-__all__ = ["DEFAULT_LEVEL", "FORMATS", "ON_FULL", "Plan", "check_choice", "level", "plan"]
+__all__ = ["DEFAULT_LEVEL", "ON_FULL", "Plan", "check_choice", "level", "plan"]
 
-FORMATS: Final = ("auto", "v5", "v7.3")
 ON_FULL: Final = ("block", "raise")
 DEFAULT_LEVEL: Final = 3  # what MATLAB's own v7.3 writer uses
 
 
 def check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InvalidOptionError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
 
 
@@ -80,6 +80,7 @@ class Plan:
     relative: dict[int, int]
     total: int  # bytes of the region
     slabs: dict[str, tuple[int, int]] | None = None  # in pieces: name -> (axis, planes per slab)
+    append: bool = False  # MATLAB's save -append (a whole save only)
 
     def specs(self, base: int) -> list[proto.Variable]:
         """The WRITE's variables with the region at ``base``."""
@@ -90,7 +91,7 @@ class Plan:
 
 
 def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned_as: str,
-         fsync: bool, compress: int, mode: str, ring_size: int) -> Plan:
+         fsync: bool, compress: int, mode: str, ring_size: int, append: bool = False) -> Plan:
     """Check a save and lay it out for a ring of ``ring_size`` bytes."""
     check_choice("layout", layout, LAYOUTS)
     check_choice("oned_as", oned_as, ONED_AS)
@@ -103,6 +104,7 @@ def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned
     abspath = check_path(path)
     values = {check_name(name): prepare_value(name, value, layout, oned_as)
               for name, value in variables.items()}
+    check_wire_size(values)
     arrays = [a for v in values.values() for a in iter_arrays(v)]
     if fmt == "auto":
         fmt = "v7.3" if any(a.nbytes > V5_MAX_VARIABLE_BYTES for a in arrays) else "v5"
@@ -116,7 +118,10 @@ def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned
         if mode != "write":
             proto.check_stream_step(fmt, provisional)
     if total <= ring_size or mode != "write":
-        return Plan(abspath, fmt, fsync, compress, mode, values, arrays, relative, total)
+        return Plan(abspath, fmt, fsync, compress, mode, values, arrays, relative, total, append=append)
+    if append:
+        raise PayloadTooLarge(f"append=True needs the whole save in the ring ({ring_size} bytes); "
+                              f"this one is {total}")
     return _in_pieces(Plan(abspath, fmt, fsync, compress, mode, values, arrays, relative, total),
                       ring_size)
 

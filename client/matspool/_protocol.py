@@ -43,7 +43,9 @@ __all__ = [
     "TAG",
     "Cell",
     "Char",
+    "Sparse",
     "Struct",
+    "StructArray",
     "Tree",
     "TreeSpec",
     "VarSpec",
@@ -81,16 +83,19 @@ class VarSpec:
     offset: int
     nbytes: int
     deferred: bool = False  # larger than the ring: its bytes follow in PART messages
+    mclass: str | None = None  # "char": uint16 UTF-16 code units that MATLAB sees as text
 
     @property
     def matlab_class(self) -> str:
-        return STORED_DTYPES[self.dtype]
+        return self.mclass or STORED_DTYPES[self.dtype]
 
     def to_wire(self) -> dict[str, Any]:
-        wire = {"name": self.name, "dtype": self.dtype, "dims": list(self.dims),
-                "offset": self.offset, "nbytes": self.nbytes}
+        wire: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "dims": list(self.dims),
+                                "offset": self.offset, "nbytes": self.nbytes}
         if self.deferred:
             wire["deferred"] = True
+        if self.mclass:
+            wire["mclass"] = self.mclass
         return wire
 
 
@@ -125,7 +130,38 @@ class Cell:
         return {"cell": [v.to_wire() for v in self.items], "dims": list(self.dims)}
 
 
-Tree = VarSpec | Char | Struct | Cell  # a VarSpec inside a tree is a numeric leaf in the ring
+@dataclass(frozen=True, slots=True)
+class StructArray:
+    """A MATLAB struct array of any size (0x0, MxN, N-d): every element has the same
+    fields; ``elems`` in column-major order, each the field values in ``names`` order."""
+
+    dims: tuple[int, ...]
+    names: tuple[str, ...]
+    elems: tuple[tuple[Tree, ...], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"structs": list(self.names), "dims": list(self.dims),
+                "elems": [[v.to_wire() for v in e] for e in self.elems]}
+
+
+@dataclass(frozen=True, slots=True)
+class Sparse:
+    """A MATLAB sparse matrix (double, complex double or logical) in compressed-column form:
+    ``data`` and ``ir`` (int64 row indices) hold the nonzeros, ``jc`` (int64) ``n + 1``
+    column starts; all three are leaves in the ring."""
+
+    dims: tuple[int, int]
+    data: VarSpec
+    ir: VarSpec
+    jc: VarSpec
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"sparse": {"data": self.data.to_wire(), "ir": self.ir.to_wire(),
+                           "jc": self.jc.to_wire()}, "dims": list(self.dims)}
+
+
+Tree = VarSpec | Char | Struct | Cell | StructArray | Sparse  # a VarSpec in a tree is a ring leaf
+SPARSE_DTYPES: Final = ("<f8", "<c16", "|b1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +188,10 @@ def leaves(node: Variable | Tree) -> list[VarSpec]:
         return [leaf for _, v in node.fields for leaf in leaves(v)]
     if isinstance(node, Cell):
         return [leaf for v in node.items for leaf in leaves(v)]
+    if isinstance(node, StructArray):
+        return [leaf for e in node.elems for v in e for leaf in leaves(v)]
+    if isinstance(node, Sparse):
+        return [node.data, node.ir, node.jc]
     return []
 
 
@@ -165,11 +205,15 @@ class WriteRequest:
     vars: tuple[Variable, ...]
     compress: int = 0  # deflate level, 0 = off
     mode: str = "write"  # or a stream's first step ("create") and the steps after ("append")
+    append: bool = False  # MATLAB's save -append: into an existing file, which keeps its format
 
     def to_wire(self) -> dict[str, Any]:
-        return {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
+        wire = {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
                 "fsync": self.fsync, "compress": self.compress, "mode": self.mode,
                 "vars": [v.to_wire() for v in self.vars]}
+        if self.append:
+            wire["append"] = True
+        return wire
 
 
 def encode(msg: dict[str, Any]) -> list[bytes]:
@@ -254,14 +298,68 @@ def _tree(raw: object, ring_bytes: int, label: str, budget: _Budget, depth: int 
                             for n, (_, v) in zip(names, fields)))
     if "cell" in raw:
         items, dims_raw = raw["cell"], raw.get("dims")
-        if not isinstance(items, list) or not isinstance(dims_raw, list) or len(dims_raw) != 2:
-            raise ProtocolError(f"{label}: cell needs a list of items and 2 dims")
-        dims = tuple(_int(d, f"{label} cell dimension", 0, MAX_TREE_NODES) for d in dims_raw)
-        if math.prod(dims) != len(items):
-            raise ProtocolError(f"{label}: cell dims {list(dims)} do not hold {len(items)} items")
+        if not isinstance(items, list):
+            raise ProtocolError(f"{label}: cell needs a list of items and 2 to {MAX_NDIM} dims")
+        dims = _tree_dims(dims_raw, label, len(items))
         return Cell(dims, tuple(_tree(v, ring_bytes, f"{label}{{{i + 1}}}", budget, depth + 1)
                                 for i, v in enumerate(items)))
+    if "structs" in raw:
+        return _struct_array(raw, ring_bytes, label, budget, depth)
+    if "sparse" in raw:
+        return _sparse(raw, ring_bytes, label, budget)
     return _array(raw, ring_bytes, label)
+
+
+def _tree_dims(dims_raw: object, label: str, count: int) -> tuple[int, ...]:
+    """The size of a cell or struct array: 2 to MAX_NDIM dims holding ``count`` elements."""
+    if not isinstance(dims_raw, list) or not 2 <= len(dims_raw) <= MAX_NDIM:
+        raise ProtocolError(f"{label}: dims must be a list of 2 to {MAX_NDIM} integers")
+    dims = tuple(_int(d, f"{label} dimension", 0, MAX_TREE_NODES) for d in dims_raw)
+    if math.prod(dims) != count:
+        raise ProtocolError(f"{label}: dims {list(dims)} do not hold {count} elements")
+    return dims
+
+
+def _struct_array(raw: dict[str, Any], ring_bytes: int, label: str, budget: _Budget,
+                  depth: int) -> StructArray:
+    names_raw, elems = raw["structs"], raw.get("elems")
+    if not isinstance(names_raw, list) or not isinstance(elems, list):
+        raise ProtocolError(f"{label}: a struct array needs 'structs' (field names) and 'elems'")
+    names = tuple(check_name(n) for n in names_raw)
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"{label}: struct field names repeat")
+    dims = _tree_dims(raw.get("dims"), label, len(elems))
+    out = []
+    for i, e in enumerate(elems):
+        if not isinstance(e, list) or len(e) != len(names):
+            raise ProtocolError(f"{label}({i + 1}): each element holds one value per field")
+        out.append(tuple(_tree(v, ring_bytes, f"{label}({i + 1}).{n}", budget, depth + 1)
+                         for n, v in zip(names, e)))
+    return StructArray(dims, names, tuple(out))
+
+
+def _sparse(raw: dict[str, Any], ring_bytes: int, label: str, budget: _Budget) -> Sparse:
+    parts, dims_raw = raw["sparse"], raw.get("dims")
+    if not isinstance(parts, dict) or not isinstance(dims_raw, list) or len(dims_raw) != 2:
+        raise ProtocolError(f"{label}: sparse needs data/ir/jc and 2 dims")
+    m, n = (_int(d, f"{label} dimension", 0, V5_MAX_DIM) for d in dims_raw)
+    leaves_ = []
+    for k in ("data", "ir", "jc"):
+        part = parts.get(k)
+        if not isinstance(part, dict):
+            raise ProtocolError(f"{label}: sparse part {k!r} is missing")
+        leaves_.append(_array(part, ring_bytes, f"{label}.{k}"))
+    data, ir, jc = leaves_
+    budget.take(0)
+    if data.dtype not in SPARSE_DTYPES or data.mclass:
+        raise ProtocolError(f"{label}: sparse data must be one of {SPARSE_DTYPES}, got {data.dtype}")
+    nnz = math.prod(data.dims)
+    if (ir.dtype, jc.dtype) != ("<i8", "<i8") or math.prod(ir.dims) != nnz or math.prod(jc.dims) != n + 1:
+        raise ProtocolError(f"{label}: sparse ir must be {nnz} and jc {n + 1} int64 values")
+    if any(x.deferred for x in (data, ir, jc)):
+        raise ProtocolError(f"{label}: sparse parts cannot be deferred")
+    return Sparse((m, n), data, ir, jc)
+
 
 
 def _var(raw: object, ring_bytes: int) -> Variable:
@@ -277,6 +375,10 @@ def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
     dtype = raw.get("dtype")
     if not isinstance(dtype, str) or dtype not in STORED_DTYPES:  # a list is unhashable
         raise ProtocolError(f"variable {name!r}: unknown dtype {dtype!r}")
+    mclass = raw.get("mclass")
+    if mclass is not None and (mclass, dtype) != ("char", "<u2"):
+        raise ProtocolError(f"variable {name!r}: mclass may only be 'char' (with dtype '<u2'), "
+                            f"got {mclass!r} with {dtype!r}")
     dims_raw = raw.get("dims")
     if not isinstance(dims_raw, list) or not 2 <= len(dims_raw) <= MAX_NDIM:
         raise ProtocolError(f"variable {name!r}: dims must be a list of 2 to {MAX_NDIM} integers")
@@ -286,7 +388,7 @@ def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
         if raw.get("offset") != 0 or raw.get("nbytes") != expected or expected > MAX_DEFERRED_BYTES:
             raise ProtocolError(f"variable {name!r}: a deferred variable has offset 0 and "
                                 f"nbytes {expected} (at most {MAX_DEFERRED_BYTES})")
-        return VarSpec(name, dtype, dims, 0, expected, deferred=True)
+        return VarSpec(name, dtype, dims, 0, expected, deferred=True, mclass=mclass)
     offset = _int(raw.get("offset"), f"variable {name!r} offset", 0, ring_bytes)
     nbytes = _int(raw.get("nbytes"), f"variable {name!r} nbytes", 0, ring_bytes - offset)
     if expected != nbytes:
@@ -295,7 +397,7 @@ def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
         )
     if offset % np.dtype(dtype).alignment:
         raise ProtocolError(f"variable {name!r}: offset {offset} is not aligned for {dtype}")
-    return VarSpec(name, dtype, dims, offset, nbytes)
+    return VarSpec(name, dtype, dims, offset, nbytes, mclass=mclass)
 
 
 def check_v5_limits(vars: tuple[Variable, ...] | list[Variable]) -> None:
@@ -318,7 +420,7 @@ def check_stream_step(fmt: str, vars: tuple[Variable, ...] | list[Variable]) -> 
             "rewriting the whole file at every step would make each step cost the whole run"
         )
     for v in vars:
-        if not isinstance(v, VarSpec):
+        if not isinstance(v, VarSpec) or v.mclass:
             raise ProtocolError(f"stream variable {v.name!r}: only numeric arrays can grow "
                                 "(save structs and text with save())")
         if 0 in v.dims:
@@ -355,7 +457,10 @@ def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
         raise ProtocolError("deferred variables come only with mode 'begin' and no compression")
     if mode in ("create", "append"):
         check_stream_step(fmt, vars_)
-    return WriteRequest(seq, path, fmt, fsync, vars_, compress, mode)
+    append = msg.get("append", False)
+    if not isinstance(append, bool) or append and (mode != "write" or deferred):
+        raise ProtocolError("append must be true or false, and true only for a whole save (mode 'write')")
+    return WriteRequest(seq, path, fmt, fsync, vars_, compress, mode, append)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,8 @@ from ._leases import Lease, Leases
 from ._link import Link
 from ._pending import PendingTable, SaveFuture, failing
 from ._pieces import send_in_pieces
-from ._planner import FORMATS, ON_FULL, Plan, check_choice, level, plan
+from ._matlab import normalize_format
+from ._planner import ON_FULL, Plan, check_choice, level, plan
 from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import Ring
 from ._saves import SaveResult, aligned
@@ -199,6 +200,7 @@ class Spool:
         oned_as: str = "row",
         fsync: bool = False,
         compress: bool | int | None = None,
+        append: bool = False,
     ) -> Future[SaveResult]:
         """Queue ``variables`` for ``path``; returns a future at once.
 
@@ -207,9 +209,13 @@ class Spool:
         ``"raw"`` stores C-order bytes as they are (MATLAB sees the dims reversed),
         ``"hwc"`` turns 3-d CHW / 4-d NCHW images into HxWxC(xN). ``compress``
         (default: the spool's) deflates in the daemon: True is level 3, or give 1-9.
+        ``append=True`` is MATLAB's ``save -append``: the variables are added to (or
+        replace those in) an existing file, which keeps its format; atomically.
         """
-        check_choice("format", format, FORMATS)
-        return self._submit(path, variables, format, layout, oned_as, fsync, compress, "write")
+        if not isinstance(append, bool):
+            raise TypeError(f"append must be a bool, got {append!r}")
+        return self._submit(path, variables, normalize_format(format), layout, oned_as, fsync,
+                            compress, "write", append)
 
     def stream(
         self,
@@ -233,12 +239,12 @@ class Spool:
 
     def _submit(self, path: str | os.PathLike[str], variables: Mapping[str, Any], fmt: str,
                 layout: str, oned_as: str, fsync: bool, compress: bool | int | None,
-                mode: str) -> SaveFuture:
+                mode: str, append: bool = False) -> SaveFuture:
         self._check_open()
         ring = self._ring
         assert ring is not None
         p = plan(path, variables, fmt, layout, oned_as, fsync,
-                 self.compress if compress is None else level(compress), mode, ring.size)
+                 self.compress if compress is None else level(compress), mode, ring.size, append)
         block = self.on_full == "block"
         assert self._copies is not None
         if p.slabs is not None:
@@ -263,7 +269,7 @@ class Spool:
         seq = next(self._seq)
         save = self._table.add(seq, p.path, p.format, [region])
         request = proto.WriteRequest(seq, p.path, p.format, p.fsync, tuple(p.specs(region.offset)),
-                                     p.level, p.mode)
+                                     p.level, p.mode, p.append)
         try:
             copy = self._copy_in(p, region, staging, deferred)
         except BaseException:

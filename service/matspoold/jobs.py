@@ -28,6 +28,7 @@ from matspool._errors import MatspoolError, ProtocolError, RingError, WriteFaile
 from .paths import resolve_target
 from .sessions import Client
 from .writers import WRITERS, Session, write_atomic
+from .writers._values import materialize
 
 __all__ = ["Job", "JobRunner", "Source", "check_ring_size", "in_ring", "payload_of"]
 
@@ -75,19 +76,8 @@ def _array(src: Source, spec: proto.VarSpec) -> np.ndarray:
 
 
 def _materialize(mm: Source, node: proto.Tree) -> Any:
-    """A struct/cell/char tree as the Python objects scipy and hdf5storage write:
-    dict -> struct, object ndarray -> cell, str -> char, ndarray -> numeric."""
-    if isinstance(node, proto.VarSpec):
-        return _array(mm, node)
-    if isinstance(node, proto.Char):
-        return node.text
-    if isinstance(node, proto.Struct):
-        return {k: _materialize(mm, v) for k, v in node.fields}
-    cell = np.empty(node.dims, dtype=object)
-    for i, item in enumerate(node.items):
-        cell.flat[np.ravel_multi_index(np.unravel_index(i, node.dims, order="F"), node.dims)] = (
-            _materialize(mm, item))
-    return cell
+    """A struct/cell/char/sparse tree as the values the writers lay out (writers/_values.py)."""
+    return materialize(node, lambda spec: _array(mm, spec))
 
 
 def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
@@ -169,7 +159,7 @@ class JobRunner:
         if req.mode == "append":
             return WRITERS["stream"].append(final, views, fsync=req.fsync)
         fmt = "stream" if req.mode == "create" else req.format
-        return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress)
+        return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append)
 
     def run_piece(self, job: Job) -> int | None:
         """Write one piece, or finish the file; after a failure, pieces are let go quietly

@@ -2,9 +2,8 @@
 
 A :class:`Writer` writes a new file at a path from ``(variable, value)`` pairs: a numeric
 ``VarSpec`` comes with a read-only column-major view over the client's ring (``None``
-for a deferred variable, whose bytes arrive later in pieces); a struct, cell or char
-``TreeSpec`` with Python objects (dict, object ndarray, str) whose numeric leaves are
-such views. What a writer can do beyond that it says in capability flags, which callers
+for a deferred variable, whose bytes arrive later in pieces); a struct, cell, char or
+sparse ``TreeSpec`` with the values of ``_values.py`` whose numeric leaves are such views. What a writer can do beyond that it says in capability flags, which callers
 ask instead of checking the class (zarr's stores do the same):
 
 - ``supports_parts``: it can lay a file out with holes for deferred variables and say
@@ -31,6 +30,7 @@ import numpy as np
 from matspool._errors import FormatLimitError, ProtocolError
 from matspool._protocol import Variable, VarSpec
 
+from ._append import append_into
 from ._files import TMP_SUFFIX, Temporary, pwrite_all
 from .stream import append_step, create_stream
 from .v5 import write_v5
@@ -115,13 +115,18 @@ def writer_for(fmt: str) -> Writer:
         raise ProtocolError(f"unknown format {fmt!r}; known: {', '.join(WRITERS)}") from None
 
 
-def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0) -> int:
+def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0,
+                 append: bool = False) -> int:
     """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
-    returns the file's size in bytes."""
+    with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``).
+    Returns the file's size in bytes."""
     writer = writer_for(fmt)
     temp = Temporary(final)
     try:
-        writer.write(temp.path, variables, compress)
+        if append and os.path.exists(final):
+            append_into(final, temp.path, variables, compress)
+        else:
+            writer.write(temp.path, variables, compress)
         return temp.publish(fsync)
     except BaseException:
         temp.discard()

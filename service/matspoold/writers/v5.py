@@ -6,35 +6,42 @@ the ring's own memory to ``write()`` and the payload is copied once, into the pa
 cache. Only complex variables are split (v5 stores real and imaginary parts apart), in
 bounded chunks. The element layout is MathWorks' "MAT-File Format" (miMATRIX with array
 flags, dimensions, name, real and imaginary parts, each padded to 8 bytes), the same as
-scipy writes; scipy, Octave and MATLAB read the result.
+scipy writes; scipy, Octave and MATLAB read the result. Structs, cells, text and sparse
+matrices are built in memory (``_matrix``) byte for byte as MATLAB writes them.
 """
 
 from __future__ import annotations
 
-import io
+import mmap
 import os
 import struct
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO, Final
 
 import numpy as np
+from matspool._errors import UnsupportedTypeError
+from matspool._matlab import STORED_DTYPES
 from matspool._protocol import TreeSpec, Variable, VarSpec
-from scipy.io.matlab._mio5 import MatFile5Writer
 
 from ._deflate import BLOCK, zlib_stream
 from ._files import write_new_file
+from ._values import Cell, Char, Sparse, Struct
 
-__all__ = ["header", "write_v5"]
+__all__ = ["append_v5", "header", "variable_names", "write_v5"]
 
 _MI: Final = {"i1": 1, "u1": 2, "i2": 3, "u2": 4, "i4": 5, "u4": 6, "f4": 7, "f8": 9,
               "i8": 12, "u8": 13, "b1": 2}
 _MX: Final = {"double": 6, "single": 7, "int8": 8, "uint8": 9, "int16": 10, "uint16": 11,
-              "int32": 12, "uint32": 13, "int64": 14, "uint64": 15, "logical": 9}
+              "int32": 12, "uint32": 13, "int64": 14, "uint64": 15, "logical": 9, "char": 4}
 _MI_MATRIX: Final = 14
 _MI_COMPRESSED: Final = 15
 _FLAG_COMPLEX: Final = 0x0800
 _FLAG_LOGICAL: Final = 0x0200
+_FLAG_SPARSE: Final = 0x1000  # undocumented; MATLAB sets it on every sparse array
+_MX_CELL, _MX_STRUCT, _MX_CHAR, _MX_SPARSE = 1, 2, 4, 5
+_MI_INT8, _MI_INT32, _MI_UTF8, _MI_UTF16 = 1, 5, 16, 17
 _BUFFER: Final = 64 << 10  # under malloc's mmap threshold: no mmap/munmap per file
 _CHUNK: Final = 16 << 20  # complex parts are split in pieces of this many elements' bytes
 
@@ -87,7 +94,7 @@ def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[byte
     else:
         flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
         parts = [flat.real, flat.imag] if is_complex else [flat.view(part_dt)]
-    mi = _MI[part_dt.str[1:]]
+    mi = _MI_UTF16 if spec.mclass == "char" else _MI[part_dt.str[1:]]
     sizes = [p if isinstance(p, Hole) else p.nbytes for p in parts]
     name = spec.name.encode("ascii")
     ndim = len(spec.dims)
@@ -157,16 +164,77 @@ def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray | None, level: int) -
     return holes
 
 
-def _write_tree(f: BinaryIO, spec: TreeSpec, value: Any, level: int) -> None:
-    """Structs, cells and chars through scipy's own element writer (they are small and
-    nested; scipy already gets every corner of them right)."""
-    buf = io.BytesIO()
-    MatFile5Writer(buf, long_field_names=True, oned_as="row", unicode_strings=True).put_variables(
-        {spec.name: value}, write_header=False)
-    if level:
-        _write_compressed(f, [buf.getbuffer()], level)
+def _tagged(mi: int, data: bytes) -> bytes:
+    return struct.pack("<II", mi, len(data)) + data + b"\x00" * _pad(len(data))
+
+
+def _matrix_head(cls: int, dims: tuple[int, ...], name: str, nzmax: int = 0) -> bytes:
+    """Array flags, dimensions and name: the start of every miMATRIX."""
+    return (struct.pack("<IIII", 6, 8, cls, nzmax)
+            + _tagged(_MI_INT32, struct.pack(f"<{len(dims)}i", *dims))
+            + _tagged(_MI_INT8, name.encode("ascii")))
+
+
+def _numeric(arr: np.ndarray) -> tuple[int, bytes]:
+    """Array flags and data elements of a numeric or logical array."""
+    dt = arr.dtype
+    flat = arr.reshape(-1, order="F")
+    cls = _MX[STORED_DTYPES[dt.str]]
+    if dt.kind == "c":
+        part = f"<f{dt.itemsize // 2}"
+        return cls | _FLAG_COMPLEX, (_tagged(_MI[part[1:]], flat.real.astype(part).tobytes())
+                                     + _tagged(_MI[part[1:]], flat.imag.astype(part).tobytes()))
+    flags = cls | (_FLAG_LOGICAL if dt.kind == "b" else 0)
+    return flags, _tagged(_MI[dt.str[1:]], flat.view(np.uint8 if dt.kind == "b" else dt).tobytes())
+
+
+def _matrix(name: str, value: Any) -> bytes:
+    """One miMATRIX element for any value of a tree, as MATLAB lays it out: ASCII text as
+    miUTF8 and any other text as UTF-16 code units (miUTF16, as in MATLAB's own
+    ``testunicode`` files); struct field names padded to
+    the longest name plus its NUL; sparse with MATLAB's sparse flag and nzmax >= 1."""
+    if isinstance(value, Char):
+        units = value.units.reshape(-1, order="F")
+        ascii_only = not units.size or int(units.max()) < 0x80
+        data = _tagged(_MI_UTF8, units.astype(np.uint8).tobytes()) if ascii_only else \
+            _tagged(_MI_UTF16, units.astype("<u2").tobytes())
+        body = _matrix_head(_MX_CHAR, value.units.shape, name) + data
+    elif isinstance(value, Cell):
+        body = _matrix_head(_MX_CELL, value.dims, name) + b"".join(_matrix("", v) for v in value.items)
+    elif isinstance(value, Struct):
+        width = max((len(n) for n in value.names), default=0) + 1
+        names = b"".join(n.encode("ascii").ljust(width, b"\x00") for n in value.names)
+        body = (_matrix_head(_MX_STRUCT, value.dims, name)
+                + struct.pack("<HHI", _MI_INT32, 4, width)  # the small-element form MATLAB uses
+                + _tagged(_MI_INT8, names)
+                + b"".join(_matrix("", v) for e in value.elems for v in e))
+    elif isinstance(value, Sparse):
+        logical = value.data.dtype.kind == "b"
+        is_complex = value.data.dtype.kind == "c"
+        flags = _MX_SPARSE | _FLAG_SPARSE | (_FLAG_LOGICAL if logical else 0) | (_FLAG_COMPLEX if is_complex else 0)
+        body = (_matrix_head(flags, value.dims, name, max(1, value.data.size))
+                + _tagged(_MI_INT32, value.ir.astype("<i4").tobytes())
+                + _tagged(_MI_INT32, value.jc.astype("<i4").tobytes()))
+        if logical:
+            body += _tagged(_MI["u1"], value.data.view(np.uint8).tobytes())
+        else:
+            body += _tagged(_MI["f8"], value.data.real.astype("<f8").tobytes())
+            if is_complex:
+                body += _tagged(_MI["f8"], value.data.imag.astype("<f8").tobytes())
     else:
-        _write_all(f, buf.getbuffer())
+        arr = np.asarray(value)
+        flags, data = _numeric(arr)
+        body = _matrix_head(flags, arr.shape, name) + data
+    return struct.pack("<II", _MI_MATRIX, len(body)) + body
+
+
+def _write_tree(f: BinaryIO, spec: Variable, value: Any, level: int) -> None:
+    """Structs, cells, chars and sparse matrices (small and nested: built in memory)."""
+    element = _matrix(spec.name, value)
+    if level:
+        _write_compressed(f, [element], level)
+    else:
+        _write_all(f, element)
 
 
 _SMALL_FILE: Final = 1 << 20
@@ -186,7 +254,8 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
     Deferred variables leave holes (the real part, and the imaginary part of a complex
     one); the returned file offsets are where their pieces go.
     """
-    if not level and sum(spec.nbytes if isinstance(spec, VarSpec) and not spec.deferred else _SMALL_FILE + 1
+    if not level and sum(spec.nbytes if isinstance(spec, VarSpec) and not spec.deferred and not spec.mclass
+                         else _SMALL_FILE + 1
                          for spec, _ in variables) <= _SMALL_FILE:
         _write_small(path, variables)
         return {}
@@ -198,6 +267,8 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
         for spec, value in variables:
             if isinstance(spec, TreeSpec):
                 _write_tree(f, spec, value, level)
+            elif spec.mclass and not spec.deferred:
+                _write_tree(f, spec, Char(value), level)
             elif spec.deferred:
                 holes[spec.name] = _write_var(f, spec, None, level)
             else:
@@ -205,3 +276,50 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
         if holes:
             f.truncate(f.tell())  # a hole at the very end still counts in the file's size
     return holes
+
+
+def _element_name(mi: int, body: bytes) -> str:
+    """The variable name inside a top-level element (a plain or compressed miMATRIX)."""
+    if mi == _MI_COMPRESSED:
+        head = zlib.decompressobj().decompress(body, 1024)
+        mi, body = struct.unpack("<I", head[:4])[0], head[8:]
+    if mi != _MI_MATRIX:
+        return ""
+    p = 16  # past the array flags
+    for _ in range(2):  # the dimensions, then the name
+        tag, n = struct.unpack("<II", body[p:p + 8])
+        if tag >> 16:
+            n, data, p = tag >> 16, body[p + 4:p + 4 + (tag >> 16)], p + 8
+        else:
+            data, p = body[p + 8:p + 8 + n], p + 8 + n + _pad(n)
+    return data.decode("utf-8", "replace")
+
+
+def variable_names(data: bytes | memoryview | mmap.mmap) -> list[tuple[str, int, int]]:
+    """(name, start, end) of every top-level element of a little-endian v5 file's bytes."""
+    out, pos = [], 128
+    while pos + 8 <= len(data):
+        mi, n = struct.unpack("<II", data[pos:pos + 8])
+        end = pos + 8 + n + (0 if mi == _MI_COMPRESSED else _pad(n))
+        out.append((_element_name(mi, bytes(data[pos + 8:min(end, pos + 8 + 4096)])), pos, min(end, len(data))))
+        pos = end
+    return out
+
+
+def append_v5(existing: str, path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
+    """MATLAB's ``save -append``: ``path`` gets ``existing``'s variables, but for those
+    ``variables`` replace, byte for byte, then ``variables`` at the end."""
+    write_v5(path, variables, level)
+    with open(existing, "rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as old:
+        if old[126:128] != b"IM":
+            raise UnsupportedTypeError(f"{existing}: a big-endian MAT file cannot be appended to")
+        replaced = {spec.name for spec, _ in variables}
+        kept = [(start, end) for name, start, end in variable_names(old) if name not in replaced]
+        with open(path, "rb") as new:
+            new.seek(128)
+            fresh = new.read()
+        with open(path, "wb") as out:
+            _write_all(out, header())
+            for start, end in kept:
+                _write_all(out, old[start:end])
+            _write_all(out, fresh)
