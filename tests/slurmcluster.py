@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -163,6 +164,7 @@ def _conf_text(base: Path, node: str, cpus: int, mem_mb: int, extra: str) -> str
     ctld, slurmd = _free_port(), _free_port()
     return f"""\
 ClusterName=matspooltest
+FirstJobId={random.randrange(10_000, 1_000_000)}
 SlurmctldHost={node}(127.0.0.1)
 SlurmctldPort={ctld}
 SlurmdPort={slurmd}

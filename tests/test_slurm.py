@@ -36,11 +36,24 @@ SBATCH = REPO / "deploy" / "slurm" / "job-local-daemon.sbatch"
 JOB_USER = "matspool-slurm"
 RING_BYTES = 128 << 20
 
-# The arrays a job saves: the test makes the same ones to compare (seed, shape, dtype).
+# The arrays a job saves: the test makes the same ones to compare (seed, shape, dtype); and,
+# for the jobs, a wait until the daemon has accepted this process's first n saves (queued or
+# written: what `matspool status` shows).
 DATA = '''
 import numpy as np
 def data(seed, shape, dtype="float64"):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+def wait_accepted(n, timeout=60):
+    import os, time
+    from matspoold.probe import ask
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = ask(os.environ["MATSPOOL_ENDPOINT"], "STATUS", 5) or {}
+        me = [c for c in st.get("clients", []) if c["pid"] == os.getpid()]
+        if me and me[0]["queue_depth"] + me[0]["files_written"] >= n:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"the daemon did not accept {n} saves")
 '''
 exec(DATA)  # defines data() here exactly as in the jobs
 
@@ -173,7 +186,21 @@ def wait_output(job: Job, text: str, timeout: float = 60) -> None:
 
 
 def finish(cluster: Cluster, job: Job, timeout: float = 120) -> dict[str, str]:
-    cluster.wait_job(job.id, timeout)
+    try:
+        cluster.wait_job(job.id, timeout)
+    except TimeoutError as e:
+        steps = cluster.cmd(["squeue", "--steps", f"--jobs={job.id}"]).stdout
+        procs = subprocess.run(["ps", "-eo", "pid,ppid,user,stat,wchan:20,args"], capture_output=True,
+                               text=True, check=False).stdout
+        signals = ""
+        for line in _user_pids(pwd.getpwnam(JOB_USER).pw_uid):
+            try:
+                status = Path(f"/proc/{line.split()[0]}/status").read_text().splitlines()
+            except OSError:
+                continue
+            signals += line + " " + " ".join(x for x in status if x.startswith(("Sig", "Shd", "State"))) + "\n"
+        raise AssertionError(f"{e}\n--- steps ---\n{steps}\n--- job output ---\n{output(job)}"
+                             f"\n--- processes ---\n{procs}\n--- signals ---\n{signals}") from None
     return cluster.job_info(job.id)
 
 
@@ -299,7 +326,7 @@ def test_scancel_mid_run(cluster: Cluster, job_user: User, workdir: Path) -> Non
         for i in range(2):
             s.save("{out}/acked{{}}.mat".format(i), {{"u": data(40 + i, (200, 300))}}, format="v7.3").result(60)
         s.save("{out}/big.mat", {{"big": data(49, (2048, 4096))}}, format="v7.3", compress=9)
-        time.sleep(0.5)
+        wait_accepted(3)
         print("big queued", flush=True)
         time.sleep(300)
     """, env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"))
@@ -324,7 +351,7 @@ def test_client_killed_right_after_a_large_save(cluster: Cluster, job_user: User
         s = matspool.Spool()
         s.save("{out}/big.mat", {{"big": data(50, (2048, 4096))}}, format="v7.3", compress=9)
         s.save("{out}/small.mat", {{"s": data(51, (4, 4))}}, format="v5")
-        time.sleep(0.5)
+        wait_accepted(2)
         print("killing myself", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """, env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"))
@@ -399,3 +426,127 @@ def test_gpus_are_an_option_not_a_requirement() -> None:
     text = SBATCH.read_text()
     assert not [ln for ln in text.splitlines() if ln.startswith("#SBATCH") and "gpu" in ln.lower()]
     assert "sbatch --gpus-per-node=1 job-local-daemon.sbatch" in text  # documented in the header
+
+
+# -- the node-daemon hooks (prolog, taskprolog, epilog) as deploy/README installs them ------------
+
+def _installed_hooks(dest: Path, sock: Path) -> dict[str, Path]:
+    """deploy/slurm's hooks copied as an administrator installs them (prolog.d/, epilog.d/),
+    with the defaults at their tops edited for this machine, as their headers say: the node
+    daemon's socket, and the venv matspool is installed in (the tests' venv, not /opt/matspool)."""
+    venv = Path(sys.executable).parent.parent
+    edits = {"/run/matspool/matspool.sock": str(sock), "install_dir=/opt/matspool": f"install_dir={venv}"}
+    out = {}
+    for name, where in [("prolog.sh", "prolog.d/50-matspool.sh"), ("epilog.sh", "epilog.d/50-matspool.sh"),
+                        ("taskprolog.sh", "taskprolog.sh")]:
+        text = (REPO / "deploy" / "slurm" / name).read_text()
+        for old, new in edits.items():
+            text = text.replace(old, new)
+        path = dest / where
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+        out[name] = path
+    return out
+
+
+@pytest.fixture
+def hook_cluster(cluster: Cluster, job_user: User) -> Iterator[tuple[Cluster, Path]]:
+    """A second one-node cluster (beside the first, other ports and state) whose slurm.conf
+    has the matspool hooks; returns it and the node daemon's socket path."""
+    base = Path(tempfile.mkdtemp(prefix="matspool-slurm-hooks-", dir="/tmp"))
+    base.chmod(0o755)
+    sock_dir = base / "node-run"
+    sock_dir.mkdir()
+    os.chown(sock_dir, job_user.uid, job_user.gid)
+    sock = sock_dir / "matspool.sock"
+    hooks = _installed_hooks(base / "etc", sock)
+    conf = (f"Prolog={hooks['prolog.sh'].parent}/*\nEpilog={hooks['epilog.sh'].parent}/*\n"
+            f"TaskProlog={hooks['taskprolog.sh']}\n")
+    try:
+        try:
+            c = start_cluster(base / "cluster", extra_conf=conf)
+        except SlurmUnavailable as e:
+            pytest.skip(f"no second Slurm cluster here: {e}")
+        try:
+            yield c, sock
+        finally:
+            c.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_node_daemon_hooks_as_installed(hook_cluster: tuple[Cluster, Path], job_user: User,
+                                        workdir: Path) -> None:
+    """A node daemon (here the job user's own: a node given whole to one user) and the three
+    hooks from slurm.conf: the prolog finds its python without any environment from slurmd and
+    passes, the task gets MATSPOOL_ENDPOINT, a plain Spool() writes through the node daemon,
+    the epilog removes the ring a killed client left. With the daemon stopped, the prolog
+    fails: the node is drained and the job does not run."""
+    cluster, sock = hook_cluster
+    out = workdir / "out"
+    env = _env(job_user, workdir)
+    daemon = subprocess.Popen(
+        [shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin") or "runuser", "-u", job_user.name, "--",
+         "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in env.items()], str(job_user.bin / "python"),
+         "-m", "matspoold", "serve", "--endpoint", f"ipc://{sock}", "--root", str(out), "--log-level", "info"],
+        stdout=subprocess.DEVNULL, stderr=(workdir / "node-daemon.log").open("wb"))
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, \
+                (workdir / "node-daemon.log").read_text()
+            time.sleep(0.1)
+        script = workdir / "job.sh"
+        script.write_text(f"#!/bin/bash\nsrun python {workdir / 'job.py'}\n")
+        (workdir / "job.py").write_text(DATA + textwrap.dedent(f"""
+            import os, subprocess, matspool
+            print("endpoint", os.environ.get("MATSPOOL_ENDPOINT"), flush=True)
+            with matspool.Spool() as s:
+                s.save("{out}/node.mat", {{"n": data(70, (64, 48))}}, format="v7.3").result(60)
+            # the ring a SIGKILLed client leaves: named after its (now dead) pid, the user's
+            p = subprocess.Popen(["true"])
+            p.wait()
+            with open(f"/dev/shm/matspool-{{p.pid}}-0123456789ab", "wb") as f:
+                f.write(bytes(4096))
+            print("stale ring", p.pid, flush=True)
+        """))
+        for p in (script, workdir / "job.py"):
+            os.chown(p, job_user.uid, job_user.gid)
+        script.chmod(0o755)
+        r = cluster.cmd(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/job.out",
+                         str(script)], user=job_user.name, env=env, cwd=workdir)
+        assert r.returncode == 0, r.stderr
+        job = Job(r.stdout.strip(), workdir, workdir / "job.out")
+        info = finish(cluster, job)
+        assert info["JobState"] == "COMPLETED", (info, output(job), cluster.log("slurmd")[-3000:])
+        assert f"endpoint ipc://{sock}" in output(job)
+        assert_file(out / "node.mat", "v7.3", {"n": data(70, (64, 48))}, job_user)
+        pid = output(job).split("stale ring ")[1].split()[0]
+        assert not Path(f"/dev/shm/matspool-{pid}-0123456789ab").exists(), "the epilog left the ring"
+        state = cluster.cmd(["sinfo", "--noheader", "--format=%T", f"--nodes={cluster.node}"]).stdout.strip()
+        assert state == "idle", state
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    # no daemon: the prolog fails, Slurm drains the node and the job does not run
+    assert not sock.exists()
+    r = cluster.cmd(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/job2.out",
+                     "--wrap", "echo the job ran"], user=job_user.name, env=env, cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    job2 = r.stdout.strip()
+    deadline = time.monotonic() + 60
+    while True:
+        r = cluster.cmd(["sinfo", "--noheader", "--format=%T %E", f"--nodes={cluster.node}"])
+        if r.stdout.startswith("drain"):
+            break
+        assert time.monotonic() < deadline, (r.stdout, cluster.log("slurmd")[-3000:])
+        time.sleep(0.3)
+    assert "Prolog" in r.stdout or "prolog" in r.stdout, r.stdout
+    assert "no daemon socket" in cluster.log("slurmd"), cluster.log("slurmd")[-3000:]
+    deadline = time.monotonic() + 30  # requeued: COMPLETING, then back to PENDING
+    while cluster.job_state(job2) in ("COMPLETING", "CONFIGURING") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert cluster.job_state(job2) in ("PENDING", "REQUEUED", "REQUEUE_HOLD"), cluster.job_info(job2)
+    assert not (workdir / "job2.out").exists() or "the job ran" not in (workdir / "job2.out").read_text()
+    cluster.cmd(["scancel", job2])
