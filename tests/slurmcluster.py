@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,8 @@ class Cluster:
         """A Slurm command (sbatch, squeue, ...), as ``user`` when given (through runuser)."""
         full = {**(env if env is not None else os.environ), **self.env}
         if user is not None:  # exactly this environment, as sbatch passes it on to the job
-            argv = [_which("runuser") or "runuser", "-u", user, "--", "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in full.items()], *argv]
+            argv = [_which("runuser") or "runuser", "-u", user, "--", "/usr/bin/env", "-i",
+                    *[f"{k}={v}" for k, v in full.items()], *argv]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full,
                               cwd=cwd, check=False)
 
@@ -113,9 +115,9 @@ class Cluster:
         state = None
         while time.monotonic() < deadline:
             state = self.job_state(job_id)
-            if state not in (None, "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"):
-                if not self.stepds(job_id):
-                    return state
+            ended = state not in (None, "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED")
+            if ended and not self.stepds(job_id):
+                return state
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} still {state} after {timeout} s\n{self.log('slurmctld')[-3000:]}")
 
@@ -253,7 +255,7 @@ def _node_idle(cluster: Cluster) -> bool:
     return r.returncode == 0 and r.stdout.strip() == "idle"
 
 
-def _wait_for(cond, timeout: float, cluster: Cluster, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(cond: Callable[[], bool], timeout: float, cluster: Cluster, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name, proc in cluster.procs.items():

@@ -12,6 +12,7 @@ why otherwise.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pwd
 import shutil
@@ -27,25 +28,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from slurmcluster import Cluster, SlurmUnavailable, start_cluster
 
 from readback import assert_variables, read
-from slurmcluster import Cluster, SlurmUnavailable, start_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SBATCH = REPO / "deploy" / "slurm" / "job-local-daemon.sbatch"
 JOB_USER = "matspool-slurm"
+RUNUSER = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "runuser"
 RING_BYTES = 128 << 20
 
-# The arrays a job saves: the test makes the same ones to compare (seed, shape, dtype); and,
-# for the jobs, a wait until the daemon has accepted this process's first n saves (queued or
-# written: what `matspool status` shows).
-DATA = '''
-import numpy as np
-def data(seed, shape, dtype="float64"):
+def data(seed: int, shape: tuple[int, ...], dtype: str = "float64") -> np.ndarray:
+    """The arrays a job saves; the test makes the same ones to compare."""
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-def wait_accepted(n, timeout=60):
-    import os, time
+
+
+def wait_accepted(n: int, timeout: float = 60) -> None:
+    """(In a job) until the daemon has accepted this process's first ``n`` saves: queued or
+    written, what ``matspool status`` shows."""
+    import os
+    import time
+
     from matspoold.probe import ask
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = ask(os.environ["MATSPOOL_ENDPOINT"], "STATUS", 5) or {}
@@ -54,8 +59,10 @@ def wait_accepted(n, timeout=60):
             return
         time.sleep(0.02)
     raise TimeoutError(f"the daemon did not accept {n} saves")
-'''
-exec(DATA)  # defines data() here exactly as in the jobs
+
+
+# what every job's python file starts with
+DATA = "import numpy as np\n\n" + inspect.getsource(data) + "\n" + inspect.getsource(wait_accepted)
 
 
 # -- the cluster and the user ---------------------------------------------------------------
@@ -117,7 +124,7 @@ def job_user(cluster: Cluster) -> Iterator[User]:
         # the user runs the venv's interpreter and imports this checkout's client and service
         for p in (Path(os.path.realpath(sys.executable)), venv_bin, REPO / "client", REPO / "service"):
             _grant_traverse(p, restore)
-        r = subprocess.run([shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin") or "runuser", "-u", JOB_USER, "--", str(venv_bin / "python"), "-c",
+        r = subprocess.run([RUNUSER, "-u", JOB_USER, "--", str(venv_bin / "python"), "-c",
                             "import zmq, numpy, matspool, matspoold"],
                            env={"PYTHONPATH": _pythonpath(), "PATH": "/usr/bin:/bin"},
                            capture_output=True, text=True, check=False)
@@ -198,7 +205,8 @@ def finish(cluster: Cluster, job: Job, timeout: float = 120) -> dict[str, str]:
                 status = Path(f"/proc/{line.split()[0]}/status").read_text().splitlines()
             except OSError:
                 continue
-            signals += line + " " + " ".join(x for x in status if x.startswith(("Sig", "Shd", "State"))) + "\n"
+            wanted = [x for x in status if x.startswith(("Sig", "Shd", "State"))]
+            signals += f"{line} {' '.join(wanted)}\n"
         raise AssertionError(f"{e}\n--- steps ---\n{steps}\n--- job output ---\n{output(job)}"
                              f"\n--- processes ---\n{procs}\n--- signals ---\n{signals}") from None
     return cluster.job_info(job.id)
@@ -302,7 +310,8 @@ def test_job_failing_midway(cluster: Cluster, job_user: User, workdir: Path) -> 
         import matspool
         with matspool.Spool() as s:
             for i in range(3):
-                s.save("{out}/step{{}}.mat".format(i), {{"u": data(20 + i, (256, 256))}}, format="v7.3").result(60)
+                u = data(20 + i, (256, 256))
+                s.save("{out}/step{{}}.mat".format(i), {{"u": u}}, format="v7.3").result(60)
                 print("saved", i, flush=True)
             s.save("{out}/last.mat", {{"u": data(30, (512, 512))}}, format="v7.3")
             raise RuntimeError("simulated failure midway")
@@ -324,7 +333,8 @@ def test_scancel_mid_run(cluster: Cluster, job_user: User, workdir: Path) -> Non
         import time, matspool
         s = matspool.Spool()
         for i in range(2):
-            s.save("{out}/acked{{}}.mat".format(i), {{"u": data(40 + i, (200, 300))}}, format="v7.3").result(60)
+            u = data(40 + i, (200, 300))
+            s.save("{out}/acked{{}}.mat".format(i), {{"u": u}}, format="v7.3").result(60)
         s.save("{out}/big.mat", {{"big": data(49, (2048, 4096))}}, format="v7.3", compress=9)
         wait_accepted(3)
         print("big queued", flush=True)
@@ -486,11 +496,12 @@ def test_node_daemon_hooks_as_installed(hook_cluster: tuple[Cluster, Path], job_
     cluster, sock = hook_cluster
     out = workdir / "out"
     env = _env(job_user, workdir)
-    daemon = subprocess.Popen(
-        [shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin") or "runuser", "-u", job_user.name, "--",
-         "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in env.items()], str(job_user.bin / "python"),
-         "-m", "matspoold", "serve", "--endpoint", f"ipc://{sock}", "--root", str(out), "--log-level", "info"],
-        stdout=subprocess.DEVNULL, stderr=(workdir / "node-daemon.log").open("wb"))
+    serve = [str(job_user.bin / "python"), "-m", "matspoold", "serve", "--endpoint", f"ipc://{sock}",
+             "--root", str(out), "--log-level", "info"]
+    with (workdir / "node-daemon.log").open("wb") as log:
+        daemon = subprocess.Popen([RUNUSER, "-u", job_user.name, "--", "/usr/bin/env", "-i",
+                                   *[f"{k}={v}" for k, v in env.items()], *serve],
+                                  stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
