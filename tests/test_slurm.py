@@ -374,6 +374,36 @@ def test_client_killed_right_after_a_large_save(cluster: Cluster, job_user: User
     assert_nothing_left(job, job_user)
 
 
+def test_daemon_killed_mid_write(cluster: Cluster, job_user: User, workdir: Path) -> None:
+    """The daemon itself is SIGKILLed (the OOM killer's choice) while writing a large save:
+    its half-written temporary file, its socket and directory and the client's ring are
+    removed; the files it had finished stay exact."""
+    out = workdir / "out"
+    job = submit(cluster, job_user, workdir, f"""
+        import os, signal, time, matspool
+        from matspoold.probe import ask
+        s = matspool.Spool()
+        s.save("{out}/done.mat", {{"d": data(80, (100, 100))}}, format="v7.3").result(60)
+        s.save("{out}/big.mat", {{"big": data(81, (2048, 4096))}}, format="v7.3", compress=9)
+        wait_accepted(2)
+        deadline = time.monotonic() + 30  # until its temporary file exists: mid-write
+        while not any(n.endswith(".matspool-tmp") for n in os.listdir("{out}")):
+            assert time.monotonic() < deadline, os.listdir("{out}")
+            time.sleep(0.01)
+        os.kill(ask(os.environ["MATSPOOL_ENDPOINT"], "STATUS", 5)["pid"], signal.SIGKILL)
+        print("daemon killed", flush=True)
+        time.sleep(1)
+        os._exit(0)  # no close(): the save cannot be answered any more
+    """, env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"))
+    info = finish(cluster, job)
+    assert info["ExitCode"] == "0:0", (info, output(job))
+    assert "daemon killed" in output(job), output(job)
+    assert_file(out / "done.mat", "v7.3", {"d": data(80, (100, 100))}, job_user)
+    assert not (out / "big.mat").exists()
+    assert_nothing_left(job, job_user)
+    assert "exited with status 137" in output(job), output(job)  # and the job's log says so
+
+
 # -- finding the interpreter ------------------------------------------------------------------------
 
 def test_finds_the_python_beside_matspool(cluster: Cluster, job_user: User, workdir: Path) -> None:
