@@ -26,6 +26,7 @@ from pathlib import Path
 
 __all__ = ["Cluster", "SlurmUnavailable", "ensure_installed", "start_cluster"]
 
+PARTITION = "test"
 BINARIES = ("slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "squeue", "scancel", "munged",
             "mungekey")
 
@@ -61,20 +62,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @dataclass
@@ -158,8 +145,6 @@ class Cluster:
                 proc.kill()
                 proc.wait()
 
-
-PARTITION = "test"
 
 
 def _conf_text(base: Path, node: str, cpus: int, mem_mb: int, extra: str) -> str:
