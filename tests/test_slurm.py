@@ -274,6 +274,9 @@ def _clean_slate(request: pytest.FixtureRequest) -> Iterator[None]:
                 ring.unlink()
         except FileNotFoundError:
             pass
+    for sock_dir in Path("/tmp").glob(f"matspool-{JOB_USER}-*"):
+        if sock_dir.lstat().st_uid == uid:
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 # -- the per-job daemon ---------------------------------------------------------------------------
