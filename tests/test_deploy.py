@@ -568,7 +568,7 @@ def test_sbatch_runs_the_job_against_its_own_daemon(fake_slurm: tuple[dict[str, 
     # the daemon was stopped (SIGTERM) and waited for: it removed its socket on the way out
     assert not (tmp_path / "s" / "matspool.sock").exists()
     assert "stopped after 1 files" in r.stderr
-    assert (tmp_path / "s").stat().st_mode & 0o777 == 0o700
+    assert not (tmp_path / "s").exists(), "the socket directory was left behind"
     # and what ran was the serve command the tests run
     argv = log.read_text().splitlines()
     args = _parse_serve(argv, monkeypatch)

@@ -6,15 +6,20 @@
 #
 #   slurm.conf:  Prolog=/etc/slurm/prolog.d/*     (install as /etc/slurm/prolog.d/50-matspool.sh)
 #
-# Settings (environment of slurmd, or edit the defaults here):
-#   MATSPOOL_ENDPOINT      the daemon's endpoint   (ipc:///run/matspool/matspool.sock)
-#   MATSPOOL_PYTHON        a python with pyzmq, e.g. the one matspool is installed in (python3)
-#   MATSPOOL_PING_TIMEOUT  seconds to wait for the answer (5)
+# Settings: edit the defaults below. Slurm runs a prolog with an environment of its own (the
+# job's SLURM_* variables), not slurmd's: variables set for slurmd do not reach this script.
+# (Set in its environment, e.g. by a test, MATSPOOL_ENDPOINT, MATSPOOL_PYTHON and
+# MATSPOOL_PING_TIMEOUT still override them.)
+#   endpoint      the daemon's endpoint                     (ipc:///run/matspool/matspool.sock)
+#   install_dir   the venv matspool is installed in (deploy/README.md)          (/opt/matspool)
+#   timeout_s     seconds to wait for the answer                                              (5)
+# The check runs install_dir's python; without one, the python beside the `matspool` command
+# on PATH (symlinks followed: /usr/local/bin/matspool -> /opt/matspool/bin/matspool).
 set -u
 
 endpoint=${MATSPOOL_ENDPOINT:-ipc:///run/matspool/matspool.sock}
+install_dir=/opt/matspool
 timeout_s=${MATSPOOL_PING_TIMEOUT:-5}
-python=${MATSPOOL_PYTHON:-python3}
 
 # One PING in the daemon's protocol (two frames: tag, JSON); success only on a PONG.
 ping='
@@ -36,6 +41,19 @@ fail() {
   echo "matspool prolog: $*" >&2
   exit 1
 }
+
+# The interpreter: install_dir's, else the one beside `matspool` (a prolog may get no PATH).
+if [[ -n ${MATSPOOL_PYTHON:-} ]]; then
+  python=$MATSPOOL_PYTHON
+elif [[ -x $install_dir/bin/python3 ]]; then
+  python=$install_dir/bin/python3
+elif exe=$(PATH=${PATH:-/usr/local/bin:/usr/bin:/bin} command -v matspool) &&
+  [[ -x $(dirname -- "$(readlink -f -- "$exe")")/python3 ]]; then
+  python=$(dirname -- "$(readlink -f -- "$exe")")/python3
+else
+  fail "no python with matspool: nothing in $install_dir (deploy/README.md installs it there)" \
+    "and no matspool command on PATH; install it, or set install_dir in this script"
+fi
 
 if [[ $endpoint == ipc://* ]]; then
   socket=${endpoint#ipc://}
