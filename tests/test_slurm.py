@@ -49,13 +49,14 @@ def wait_accepted(n: int, timeout: float = 60) -> None:
     import os
     import time
 
+    from matspool._messages import StatusQuery, StatusReply
     from matspoold.probe import ask
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = ask(os.environ["MATSPOOL_ENDPOINT"], "STATUS", 5) or {}
-        me = [c for c in st.get("clients", []) if c["pid"] == os.getpid()]
-        if me and me[0]["queue_depth"] + me[0]["files_written"] >= n:
+        st = ask(os.environ["MATSPOOL_ENDPOINT"], StatusQuery(), 5)
+        me = [c for c in st.clients if c.pid == os.getpid()] if isinstance(st, StatusReply) else []
+        if me and me[0].queue_depth + me[0].files_written >= n:
             return
         time.sleep(0.02)
     raise TimeoutError(f"the daemon did not accept {n} saves")
@@ -384,6 +385,7 @@ def test_daemon_killed_mid_write(cluster: Cluster, job_user: User, workdir: Path
     out = workdir / "out"
     job = submit(cluster, job_user, workdir, f"""
         import os, signal, time, matspool
+        from matspool._messages import StatusQuery
         from matspoold.probe import ask
         s = matspool.Spool()
         s.save("{out}/done.mat", {{"d": data(80, (100, 100))}}, format="v7.3").result(60)
@@ -393,7 +395,7 @@ def test_daemon_killed_mid_write(cluster: Cluster, job_user: User, workdir: Path
         while not any(n.endswith(".matspool-tmp") for n in os.listdir("{out}")):
             assert time.monotonic() < deadline, os.listdir("{out}")
             time.sleep(0.01)
-        os.kill(ask(os.environ["MATSPOOL_ENDPOINT"], "STATUS", 5)["pid"], signal.SIGKILL)
+        os.kill(ask(os.environ["MATSPOOL_ENDPOINT"], StatusQuery(), 5).pid, signal.SIGKILL)
         print("daemon killed", flush=True)
         time.sleep(1)
         os._exit(0)  # no close(): the save cannot be answered any more
