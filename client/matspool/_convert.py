@@ -106,7 +106,7 @@ def _plain_numbers(value: list[Any] | tuple[Any, ...], depth: int = 0) -> bool:
             if depth >= MAX_DEPTH or not _plain_numbers(v, depth + 1):
                 return False
         elif not (isinstance(v, bool | numbers.Number)
-                  or isinstance(v, np.generic) and v.dtype.kind in "biufc"):
+                  or (isinstance(v, np.generic) and v.dtype.kind in "biufc")):
             return False
     return True
 
@@ -351,7 +351,7 @@ def to_spec(name: str, value: Value, offsets: dict[int, int]) -> Any:
             return proto.Struct(tuple((k, node(x, f"{label}.{k}")) for k, x in v.fields))
         if v.kind == "structs":
             return proto.StructArray(v.dims, v.names, tuple(
-                tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e)) for e in v.elems))
+                tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e, strict=True)) for e in v.elems))
         if v.kind == "sparse":
             data, ir, jc = (leaf(p, label) for p in v.parts)
             return proto.Sparse(v.dims, data, ir, jc)  # type: ignore[arg-type]

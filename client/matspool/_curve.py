@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.auth
 
-__all__ = ["ClientKeys", "is_tcp", "make_keys", "load_secret"]
+__all__ = ["ClientKeys", "is_tcp", "load_secret", "make_keys"]
 
 
 def is_tcp(endpoint: str) -> bool:

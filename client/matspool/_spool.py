@@ -38,9 +38,9 @@ from ._embedded import EmbeddedDaemon
 from ._errors import FlushError, SpoolClosed
 from ._leases import Lease, Leases
 from ._link import Link
+from ._matlab import normalize_format
 from ._pending import PendingTable, SaveFuture, failing
 from ._pieces import send_in_pieces
-from ._matlab import normalize_format
 from ._planner import ON_FULL, Plan, check_choice, level, plan
 from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import Ring
