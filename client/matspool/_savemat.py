@@ -13,13 +13,16 @@ import os
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 from ._convert import ONED_AS
 from ._errors import InvalidOptionError, InvalidVariableError, UnsupportedTypeError
 from ._matlab import normalize_format
+
+if TYPE_CHECKING:
+    from ._spool import Spool
 
 __all__ = ["SHORT_FIELD_NAME_LENGTH", "savemat"]
 
@@ -84,7 +87,7 @@ def savemat(
     do_compression: bool = False,
     oned_as: str = "row",
     *,
-    spool: Any = None,
+    spool: Spool | None = None,
     fsync: bool = False,
 ) -> Future[Any]:
     """Save ``mdict`` like ``scipy.io.savemat`` does, through the writer daemon.

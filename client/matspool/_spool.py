@@ -353,7 +353,11 @@ class Spool:
         except FlushError as e:
             if not isinstance(exc, BaseException):
                 raise
-            exc.add_note(str(e))  # the caller's error stays the one raised
+            # the caller's error stays the one raised, the flush error a note on it
+            if sys.version_info >= (3, 11):
+                exc.add_note(str(e))
+            else:  # no add_note before 3.11: PEP 678's attribute, which pytest also prints
+                vars(exc).setdefault("__notes__", []).append(str(e))
 
     @property
     def pending(self) -> int:

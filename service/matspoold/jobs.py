@@ -71,9 +71,12 @@ def _array(src: Source, spec: proto.VarSpec) -> np.ndarray:
     dt = np.dtype(spec.dtype)
     if spec.nbytes == 0:
         return np.zeros(spec.dims, dtype=dt, order="F")
+    view: np.ndarray
     if isinstance(src, dict):
-        return np.ndarray(spec.dims, dtype=dt, buffer=src[spec.offset], order="F")
-    return np.ndarray(spec.dims, dtype=dt, buffer=src, offset=spec.offset, order="F")
+        view = np.ndarray(spec.dims, dtype=dt, buffer=src[spec.offset], order="F")
+    else:
+        view = np.ndarray(spec.dims, dtype=dt, buffer=src, offset=spec.offset, order="F")
+    return view
 
 
 def _materialize(mm: Source, node: proto.Tree) -> Any:

@@ -18,7 +18,7 @@ import struct
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, overload
 
 import numpy as np
 
@@ -73,7 +73,7 @@ def _pieces(data: np.ndarray, block: int) -> Iterator[bytes | memoryview]:
     """A 1-d column-major view of the ring as buffers of at most ``block`` bytes."""
     step = max(1, block // max(1, data.itemsize))
     if data.flags.c_contiguous:
-        view = memoryview(data).cast("B")
+        view = data.data.cast("B")
         yield from (view[i:i + step * data.itemsize] for i in range(0, len(view), step * data.itemsize))
     else:  # the real or imaginary half of a complex array: strided, copied block by block
         for i in range(0, data.size, step):
@@ -84,6 +84,10 @@ class Hole(int):
     """Bytes of a deferred variable: skipped now, written by its pieces later."""
 
 
+@overload
+def _element(spec: VarSpec, arr: np.ndarray, block: int) -> Iterator[bytes | memoryview]: ...
+@overload
+def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]: ...
 def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]:
     """The bytes of one miMATRIX element, in order, without copying real payloads
     (``arr`` None: the variable is deferred and its parts are ``Hole``s)."""
@@ -259,10 +263,10 @@ def _write_tree(f: BinaryIO, spec: Variable, value: Any, level: int) -> None:
 _SMALL_FILE: Final = 1 << 20
 
 
-def _write_small(path: str, variables: Sequence[tuple[Variable, Any]]) -> None:
+def _write_small(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> None:
     """A small plain numeric file, assembled in memory and written with one ``write()``:
     for 4 KiB variables the file object and its per-call overheads cost more than the bytes."""
-    image = b"".join([header(), *(buf for spec, value in variables for buf in _element(spec, value, _CHUNK))])  # type: ignore[arg-type]
+    image = b"".join([header(), *(buf for spec, value in variables for buf in _element(spec, value, _CHUNK))])
     write_new_file(path, image)
 
 
@@ -272,18 +276,11 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
     Deferred variables leave holes (the real part, and the imaginary part of a complex
     one); the returned file offsets are where their pieces go.
     """
-    if (
-        not level
-        and sum(
-            spec.nbytes
-            if isinstance(spec, VarSpec) and not spec.deferred and not spec.mclass
-            else _SMALL_FILE + 1
-            for spec, _ in variables
-        )
-        <= _SMALL_FILE
-    ):
-        _write_small(path, variables)
-        return {}
+    if not level:
+        plain = [(s, v) for s, v in variables if isinstance(s, VarSpec) and not s.deferred and not s.mclass]
+        if len(plain) == len(variables) and sum(s.nbytes for s, _ in plain) <= _SMALL_FILE:
+            _write_small(path, plain)
+            return {}
     holes: dict[str, list[int]] = {}
     # buffered: headers, tags and padding leave together; payloads larger than the
     # buffer still go to write() straight from the ring, uncopied

@@ -101,7 +101,7 @@ def _write_deflated(f: h5py.File, name: str, data: np.ndarray, level: int) -> h5
                 full[tuple(slice(0, n) for n in block.shape)] = block
                 block = full
             raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
-            out.append((origin, zlib.compress(raw, level)))
+            out.append((origin, zlib.compress(raw.data, level)))
         return out
 
     batches = [origins[i:i + _CHUNKS_PER_TASK] for i in range(0, len(origins), _CHUNKS_PER_TASK)]
@@ -280,7 +280,7 @@ class _Tree:
             return self._empty(group, name, arr.shape, cls)
         data = arr.reshape(-1, order="F").view(_stored_dtype(arr.dtype)).reshape(arr.shape[::-1])
         if self.level and data.nbytes >= _MIN_COMPRESS_BYTES:
-            ds = _write_deflated(group, name, data, self.level)  # type: ignore[arg-type]
+            ds = _write_deflated(group, name, data, self.level)
         else:
             ds = group.create_dataset(name, data=data)
         _str_attr(ds, "MATLAB_class", cls)
@@ -355,7 +355,7 @@ def _payloads(
 def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
     image = bytearray(t.image)
     for offset, data in _payloads(variables, t.offsets):
-        image[offset : offset + data.nbytes] = memoryview(data)
+        image[offset : offset + data.nbytes] = data.data
     image[:128] = header()
     write_new_file(path, image)
 
