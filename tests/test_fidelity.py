@@ -248,7 +248,7 @@ def test_empties_v73_as_matlab(mspool: matspool.Spool, root: Path) -> None:
         assert a[()].tolist() == [0, 0] and a.attrs["MATLAB_class"] == b"canonical empty"
         assert a.attrs["MATLAB_empty"] == 1 and "H5PATH" not in a.attrs
         refs = f["c"][()].ravel()
-        for ref, (dims, cls) in zip(refs, expect, strict=True):
+        for ref, (dims, cls) in zip(refs[: len(expect)], expect, strict=True):  # the empties; then 1.5
             ds = f[ref]
             assert ds.dtype == np.uint64 and tuple(ds[()]) == dims, (cls, ds[()])
             assert ds.attrs["MATLAB_class"] == cls.encode() and ds.attrs["MATLAB_empty"] == 1
