@@ -16,6 +16,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+
 from matspool._protocol import VarSpec
 from matspoold.writers import write_atomic
 from matspoold.writers.stream import append_step

@@ -53,7 +53,11 @@ def corpus_files() -> list[Path]:
 def same(a: Any, b: Any, loose: bool = False) -> bool:
     """Deep equality of two readers' values: types, dtypes, shapes, field order, bits
     (``loose``: numbers compare by value, whatever their dtype)."""
-    if loose and isinstance(a, np.ndarray | np.generic | int | float) and isinstance(b, np.ndarray | np.generic | int | float):
+    if (
+        loose
+        and isinstance(a, np.ndarray | np.generic | int | float)
+        and isinstance(b, np.ndarray | np.generic | int | float)
+    ):
         x, y = np.asarray(a), np.asarray(b)
         if x.dtype.kind in "biufc" and y.dtype.kind in "biufc":
             nan = x.dtype.kind in "fc" and y.dtype.kind in "fc"
@@ -70,7 +74,7 @@ def same(a: Any, b: Any, loose: bool = False) -> bool:
     if isinstance(a, dict):
         return list(a) == list(b) and all(same(a[k], b[k], loose) for k in a)
     if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(same(x, y, loose) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y, loose) for x, y in zip(a, b, strict=True))
     if isinstance(a, np.ndarray):
         if a.dtype.byteorder not in "=|" or b.dtype.byteorder not in "=|":  # a big-endian file
             a, b = a.astype(a.dtype.newbyteorder("=")), b.astype(b.dtype.newbyteorder("="))
@@ -79,12 +83,14 @@ def same(a: Any, b: Any, loose: bool = False) -> bool:
         if a.dtype.names:
             return all(same(a[k], b[k], loose) for k in a.dtype.names)
         if a.dtype == object:
-            return all(same(x, y, loose) for x, y in zip(a.ravel(), b.ravel()))
+            return all(same(x, y, loose) for x, y in zip(a.ravel(), b.ravel(), strict=True))
         if a.dtype.kind in "USb":
             return bool(np.array_equal(a, b))
         return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
     if hasattr(a, "_fieldnames"):  # scipy's mat_struct
-        return a._fieldnames == b._fieldnames and all(same(getattr(a, k), getattr(b, k), loose) for k in a._fieldnames)
+        return a._fieldnames == b._fieldnames and all(
+            same(getattr(a, k), getattr(b, k), loose) for k in a._fieldnames
+        )
     if isinstance(a, float) and math.isnan(a):
         return isinstance(b, float) and math.isnan(b)
     if isinstance(a, np.generic):
@@ -101,7 +107,9 @@ class Row:
     kind: str
     expressible: bool = True
     why: str = ""
-    results: dict[tuple[str, str], bool | None] = field(default_factory=dict)  # None: reader can't read MATLAB's
+    results: dict[tuple[str, str], bool | None] = field(
+        default_factory=dict
+    )  # None: reader can't read MATLAB's
 
     @property
     def differences(self) -> list[str]:
@@ -127,8 +135,15 @@ def _try(read: Callable[[], Any]) -> tuple[bool, Any]:
         return False, e
 
 
-def _compare(rows: dict[str, Row], reader: str, fmt: str, theirs: Callable[[], Any], ours: Callable[[], Any],
-             pick: Callable[[Any, str], Any] = lambda m, k: m[k], loose: bool = False) -> None:
+def _compare(
+    rows: dict[str, Row],
+    reader: str,
+    fmt: str,
+    theirs: Callable[[], Any],
+    ours: Callable[[], Any],
+    pick: Callable[[Any, str], Any] = lambda m, k: m[k],
+    loose: bool = False,
+) -> None:
     ok_t, t = _try(theirs)
     ok_o, o = _try(ours)
     for name, row in rows.items():
@@ -146,14 +161,23 @@ def _octave(pairs: list[tuple[Path, Path, list[str]]]) -> dict[tuple[str, str], 
     """One Octave run: for each (MATLAB's file, ours, names): isequal and same class."""
     lines = []
     for theirs, ours, names in pairs:
-        lines.append(f"try; a = load('{theirs}'); catch; a = struct(); end; "
-                     f"try; b = load('{ours}'); catch; b = struct(); end;")
+        lines.append(
+            f"try; a = load('{theirs}'); catch; a = struct(); end; "
+            f"try; b = load('{ours}'); catch; b = struct(); end;"
+        )
         for n in names:  # 2: Octave cannot read MATLAB's own value
-            lines.append(f"if ~isfield(a, '{n}'); ok = 2; else; try; ok = isequaln(a.{n}, b.{n}) && "
-                         f"strcmp(class(a.{n}), class(b.{n})) && isequal(size(a.{n}), size(b.{n})); "
-                         f"catch; ok = 0; end; end; printf('%s %s %d\\n', '{ours.name}', '{n}', ok);")
-    out = subprocess.run([OCTAVE, "--no-gui", "--quiet", "--no-init-file", "--eval", "\n".join(lines)],  # type: ignore[list-item]
-                         check=False, capture_output=True, text=True, timeout=600)
+            lines.append(
+                f"if ~isfield(a, '{n}'); ok = 2; else; try; ok = isequaln(a.{n}, b.{n}) && "
+                f"strcmp(class(a.{n}), class(b.{n})) && isequal(size(a.{n}), size(b.{n})); "
+                f"catch; ok = 0; end; end; printf('%s %s %d\\n', '{ours.name}', '{n}', ok);"
+            )
+    out = subprocess.run(
+        [OCTAVE, "--no-gui", "--quiet", "--no-init-file", "--eval", "\n".join(lines)],  # type: ignore[list-item]
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     res = {}
     for line in out.stdout.splitlines():
         parts = line.split()
@@ -170,7 +194,11 @@ def _h5_attr_sig(obj: Any, name: str) -> tuple[Any, ...]:
         sig += (t.get_strpad(), t.get_cset())
     if isinstance(t, h5py.h5t.TypeVlenID):
         sup = t.get_super()
-        sig += (sup.get_class(), sup.get_size(), sup.get_strpad() if isinstance(sup, h5py.h5t.TypeStringID) else None)
+        sig += (
+            sup.get_class(),
+            sup.get_size(),
+            sup.get_strpad() if isinstance(sup, h5py.h5t.TypeStringID) else None,
+        )
     return sig
 
 
@@ -208,12 +236,17 @@ def _h5_view(path: Path, name: str) -> Any:
 def _matdump(path: Path, name: str) -> str:
     """matio's view, less the storage type of text (MATLAB 6 wrote ASCII as 16-bit, MATLAB
     7 and later as UTF-8, as we do: the characters are compared either way)."""
-    out = subprocess.run([MATDUMP, "-d", str(path), name], check=False, capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
+    out = subprocess.run(
+        [MATDUMP, "-d", str(path), name], check=False, capture_output=True, text=True, timeout=60
+    )  # type: ignore[list-item]
     if out.returncode:
         raise RuntimeError(out.stderr)
     lines = out.stdout.splitlines()
-    return "\n".join(line for i, line in enumerate(lines)
-                     if not (line.startswith(" Data Type:") and i and "Character Array" in lines[i - 1]))
+    return "\n".join(
+        line
+        for i, line in enumerate(lines)
+        if not (line.startswith(" Data Type:") and i and "Character Array" in lines[i - 1])
+    )
 
 
 def run(save: Callable[[Path, dict[str, Any], str], Path], out: Path) -> list[Row]:
@@ -236,7 +269,9 @@ def run(save: Callable[[Path, dict[str, Any], str], Path], out: Path) -> list[Ro
         if not inputs:
             continue
         is_v73 = f.read_bytes()[:10] != b"MATLAB 5.0"
-        paths = {fmt: save(out / f"{f.stem}_{fmt.replace('.', '')}.mat", inputs, fmt) for fmt in ("v5", "v7.3")}
+        paths = {
+            fmt: save(out / f"{f.stem}_{fmt.replace('.', '')}.mat", inputs, fmt) for fmt in ("v5", "v7.3")
+        }
         for fmt, p in paths.items():
             got = matvalues.load(p)
             for k in inputs:
@@ -245,20 +280,37 @@ def run(save: Callable[[Path, dict[str, Any], str], Path], out: Path) -> list[Ro
         theirs_fmt = "v7.3" if is_v73 else "v5"
         ours_same = paths[theirs_fmt]
         if not is_v73:
-            _compare(rows, "scipy", "v5", lambda f=f: scipy.io.loadmat(f, mat_dtype=True),
-                     lambda p=ours_v5: scipy.io.loadmat(p, mat_dtype=True))
+            _compare(
+                rows,
+                "scipy",
+                "v5",
+                lambda f=f: scipy.io.loadmat(f, mat_dtype=True),
+                lambda p=ours_v5: scipy.io.loadmat(p, mat_dtype=True),
+            )
             if OCTAVE:
                 octave_pairs.append((f, ours_v5, [rows[k] for k in inputs]))
         # pymatreader reads both formats: MATLAB's file against ours in the same format; its
         # v5 view keeps MATLAB's on-disk storage type (uint8 for a double of small integers),
         # so there it compares values and shapes, not dtypes
-        _compare(rows, "pymatreader", theirs_fmt, lambda f=f: pymatreader.read_mat(str(f)),
-                 lambda p=ours_same: pymatreader.read_mat(str(p)), loose=not is_v73)
+        _compare(
+            rows,
+            "pymatreader",
+            theirs_fmt,
+            lambda f=f: pymatreader.read_mat(str(f)),
+            lambda p=ours_same: pymatreader.read_mat(str(p)),
+            loose=not is_v73,
+        )
         if is_v73:
             _compare(rows, "h5py", "v7.3", lambda f=f: f, lambda p=ours_v73: p, _h5_view)
             _compare(rows, "mat73", "v7.3", lambda f=f: mat73.loadmat(f), lambda p=ours_v73: mat73.loadmat(p))
-            _compare(rows, "hdf5storage", "v7.3", lambda f=f: str(f), lambda p=ours_v73: str(p),
-                     lambda p, k: hdf5storage.loadmat(p, variable_names=[k])[k])
+            _compare(
+                rows,
+                "hdf5storage",
+                "v7.3",
+                lambda f=f: str(f),
+                lambda p=ours_v73: str(p),
+                lambda p, k: hdf5storage.loadmat(p, variable_names=[k])[k],
+            )
         if MATDUMP:
             _compare(rows, "matdump", theirs_fmt, lambda f=f: f, lambda p=ours_same: p, _matdump)
     if octave_pairs:
@@ -279,8 +331,16 @@ def table(rows: list[Row]) -> str:
         if not row.expressible:
             cells = [f"not expressible: {row.why}"] + [""] * (len(used) - 1)
         else:
-            cells = ["" if c not in row.results else "—" if row.results[c] is None
-                     else "✓" if row.results[c] else "✗" for c in used]
+            cells = [
+                ""
+                if c not in row.results
+                else "—"
+                if row.results[c] is None
+                else "✓"
+                if row.results[c]
+                else "✗"
+                for c in used
+            ]
         lines.append(f"| {row.file} | {row.name} | {row.kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -291,6 +351,7 @@ if __name__ == "__main__":
     import matspool
 
     with tempfile.TemporaryDirectory() as tmp:
+
         def save(p: Path, v: dict[str, Any], fmt: str) -> Path:
             matspool.save(p, v, format=fmt).result(timeout=120)
             return p
@@ -298,6 +359,8 @@ if __name__ == "__main__":
         rows = run(save, Path(tmp))
         print(table(rows))
         compared = sum(1 for r in rows for ok in r.results.values() if ok is not None)
-        print(f"\n{sum(r.expressible for r in rows)} values expressible of {len(rows)}; "
-              f"{compared} reader x output comparisons; "
-              f"{sum(len(r.differences) for r in rows)} differences")
+        print(
+            f"\n{sum(r.expressible for r in rows)} values expressible of {len(rows)}; "
+            f"{compared} reader x output comparisons; "
+            f"{sum(len(r.differences) for r in rows)} differences"
+        )

@@ -167,7 +167,7 @@ def _v73(f: h5py.File, obj: h5py.HLObject) -> Any:
                 and "MATLAB_class" not in first.attrs):
             dims = first.shape[::-1]
             cols = [[_v73(f, f[r]) for r in obj[k][()].ravel()] for k in names]
-            return ("struct", dims, names, tuple(zip(*cols)))
+            return ("struct", dims, names, tuple(zip(*cols, strict=True)))
         return ("struct", (1, 1), names, (tuple(_v73(f, obj[k]) for k in names),))
     if obj.attrs.get("MATLAB_empty", 0):
         dims = tuple(int(d) for d in obj[()])
@@ -176,7 +176,8 @@ def _v73(f: h5py.File, obj: h5py.HLObject) -> Any:
         if cls == "cell":
             return ("cell", dims, ())
         if cls == "struct":
-            return ("struct", dims, _fields(f, obj) or (), () if math.prod(dims) == 0 else ((),) * math.prod(dims))
+            elems = () if math.prod(dims) == 0 else ((),) * math.prod(dims)
+            return ("struct", dims, _fields(f, obj) or (), elems)
         return ("num", cls, dims, False, b"")
     data = obj[()]
     dims = data.shape[::-1]
@@ -242,17 +243,17 @@ def to_input(v: Any) -> Any:
     if kind == "struct":
         _, dims, names, elems = v
         if dims == (1, 1):
-            return {k: to_input(x) for k, x in zip(names, elems[0])}
+            return {k: to_input(x) for k, x in zip(names, elems[0], strict=True)}
         dt = np.dtype([(k, object) for k in names])
         arr = np.empty(math.prod(dims), dtype=dt)
         for i, e in enumerate(elems):
-            for k, x in zip(names, e):
+            for k, x in zip(names, e, strict=True):
                 arr[i][k] = to_input(x)
         return arr.reshape(dims, order="F")
     _, cls, dims, cplx, ir, jc, data = v
     flat = np.frombuffer(data, dtype="<f8" if cls == "double" else "<u1")
     if cplx:
-        flat = flat[:len(ir)] + 1j * flat[len(ir):]
+        flat = flat[: len(ir)] + 1j * flat[len(ir) :]
     if cls == "logical":
         flat = flat != 0
     return sp.csc_matrix((flat, np.array(ir, dtype=np.int64), np.array(jc, dtype=np.int64)), shape=dims)

@@ -10,10 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import matspool
 import pytest
-from conftest import DaemonProc
 from corpus import Row, corpus_files, run, table
+
+import matspool
+
+from conftest import DaemonProc
 
 #: The one difference left, between two MATLAB versions rather than between MATLAB and us:
 #: MATLAB R2015 tagged a logical sparse's 1-byte data as miDOUBLE (scipy issue 3539, which
@@ -61,7 +63,9 @@ def test_every_reader_compared(rows: list[Row]) -> None:
         assert "matdump" in readers
     for r in rows:
         if r.expressible:
-            formats = {fmt for (reader, fmt), ok in r.results.items() if ok is not None and reader != "matvalues"}
+            formats = {
+                fmt for (reader, fmt), ok in r.results.items() if ok is not None and reader != "matvalues"
+            }
             assert r.results[("matvalues", "v5")] is not None and r.results[("matvalues", "v7.3")] is not None
             assert formats, (r.file, r.name)
     assert sum(ok is not None for r in rows for ok in r.results.values()) >= 500

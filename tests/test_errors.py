@@ -562,7 +562,7 @@ def test_flush_timeout_when_a_save_is_stuck(fake: FakeDaemon, tmp_path: Path) ->
         assert 0.25 <= time.monotonic() - t0 < 3
         assert not fut.done()
     finally:
-        with pytest.raises(matspool.FlushError, match="a.mat: SpoolClosed"):
+        with pytest.raises(matspool.FlushError, match=r"a\.mat: SpoolClosed"):
             s.close(timeout=0.2)  # the save it failed was never looked at
     assert isinstance(fut.exception(0), matspool.SpoolClosed)
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-from conftest import DaemonProc
+
 from matspool._ring import RING_PREFIX, SHM_DIR
+
+from conftest import DaemonProc
 
 _SCRIPT = r'''
 import json, multiprocessing, os, sys
@@ -108,11 +110,14 @@ def test_forked_children_save_through_inherited_spools(daemon: DaemonProc, out_d
     assert len(children) >= 3, children  # the fork, pool workers, loader workers
     want = _expected()
     got = sorted(p.name for p in out_dir.iterdir())
-    assert got == sorted(want), f"missing: {sorted(set(want) - set(got))}, extra: {sorted(set(got) - set(want))}"
+    assert got == sorted(want), (
+        f"missing: {sorted(set(want) - set(got))}, extra: {sorted(set(got) - set(want))}"
+    )
     for name, value in want.items():
         v = scipy.io.loadmat(out_dir / name)["v"]
         assert v.tobytes() == value.tobytes(), f"{name} holds other bytes than were saved"
-    stray = [n for n in os.listdir(SHM_DIR) for pid in [parent, *children]
-             if n.startswith(f"{RING_PREFIX}{pid}-")]
+    stray = [
+        n for n in os.listdir(SHM_DIR) for pid in [parent, *children] if n.startswith(f"{RING_PREFIX}{pid}-")
+    ]
     assert not stray, f"rings left in {SHM_DIR}: {stray}"
     assert "Traceback" not in proc.stderr, proc.stderr

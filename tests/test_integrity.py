@@ -13,13 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-import matspool
 import numpy as np
 import pytest
 import scipy.io
-from conftest import DaemonProc, start_daemon
+
+import matspool
 from matspool import Spool
 from matspool._ring import RING_PREFIX, SHM_DIR
+
+from conftest import DaemonProc, start_daemon
 
 
 def _same(path: Path, name: str, expected: np.ndarray) -> None:

@@ -543,7 +543,8 @@ def test_layout_matches_matlab(ours_like_reference: dict[str, Path]) -> None:
             _compare_layout(mine[name], ref[name], name, deviations)
         # the canonical empty MATLAB puts first into #refs#
         _compare_layout(mine["#refs#/a"], ref["#refs#/a"], "#refs#/a", deviations)
-        assert isinstance(mine["#refs#"], h5py.Group) and dict(mine["#refs#"].attrs) == dict(ref["#refs#"].attrs)
+        assert isinstance(mine["#refs#"], h5py.Group)
+        assert dict(mine["#refs#"].attrs) == dict(ref["#refs#"].attrs)
     # no deviation left: attribute names, types, values (H5PATH too) and dataset shapes
     assert deviations == set(), deviations
 
@@ -616,7 +617,10 @@ printf('END\n');
 def test_octave_reads_v5_metadata(saved: dict[str, Path]) -> None:
     proc = subprocess.run(
         [OCTAVE, "--no-gui", "--no-window-system", "--norc", "-q", "--eval", _OCTAVE_SCRIPT],
-        env={**os.environ, "MATSPOOL_MAT": str(saved["v5"])}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MATSPOOL_MAT": str(saved["v5"])},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"octave failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     lines = proc.stdout.splitlines()
@@ -634,9 +638,13 @@ def test_octave_reads_v5_metadata(saved: dict[str, Path]) -> None:
         "step": "int64 120",
         "title": "char [1 5] run 1",
         "tags": "cell [1 4]",
-        "tag1.class": "char [1 1]", "tag2.class": "char [1 2]",
-        "tag3.class": "double [1 1]", "tag4.class": "double [2 2]",
-        "tags1": "a", "tags2": "bc", "tags3": "3.5",
+        "tag1.class": "char [1 1]",
+        "tag2.class": "char [1 2]",
+        "tag3.class": "double [1 1]",
+        "tag4.class": "double [2 2]",
+        "tags1": "a",
+        "tags2": "bc",
+        "tags3": "3.5",
         "names": "cell [1 3] 1 x,yy,zzz",
         "table": "int64 [2 3] [1 2 3;4 5 6]",
         "u": "single [2 3]",
@@ -664,8 +672,9 @@ BAD_FIELDS: list[tuple[Any, str]] = [
 
 
 @pytest.mark.parametrize(("key", "said"), BAD_FIELDS, ids=[repr(k)[:12] for k, _ in BAD_FIELDS])
-def test_invalid_field_name(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, key: Any,
-                            said: str) -> None:
+def test_invalid_field_name(
+    mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, key: Any, said: str
+) -> None:
     with pytest.raises(matspool.InvalidVariableError) as ei:
         mspool.save(root / "bad.mat", {"meta": {"ok": 1.0, "inner": {key: 1.0}}}, format="v7.3")
     msg = str(ei.value)
@@ -688,10 +697,12 @@ BAD_LEAVES: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("variables", "said"), [(v, s) for _, v, s in BAD_LEAVES],
-                         ids=[i for i, _, _ in BAD_LEAVES])
-def test_unsupported_leaf_names_its_path(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
-                                         variables: dict[str, Any], said: str) -> None:
+@pytest.mark.parametrize(
+    ("variables", "said"), [(v, s) for _, v, s in BAD_LEAVES], ids=[i for i, _, _ in BAD_LEAVES]
+)
+def test_unsupported_leaf_names_its_path(
+    mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, variables: dict[str, Any], said: str
+) -> None:
     for fmt in FORMATS:
         with pytest.raises(matspool.UnsupportedTypeError) as ei:
             mspool.save(root / "bad.mat", variables, format=fmt)
@@ -702,8 +713,9 @@ def test_unsupported_leaf_names_its_path(mspool: matspool.Spool, mdaemon: Daemon
 
 
 @pytest.mark.parametrize("kind", ["struct", "cell"])
-def test_nesting_deeper_than_the_limit(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
-                                       kind: str) -> None:
+def test_nesting_deeper_than_the_limit(
+    mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, kind: str
+) -> None:
     value: Any = 1.0
     for _ in range(MAX_DEPTH + 1):
         value = {"a": value} if kind == "struct" else ["x", value]
@@ -720,8 +732,14 @@ RING = 1 << 16
 
 
 def _write_msg(tree: Any, **over: Any) -> dict[str, Any]:
-    msg = {"op": "WRITE", "seq": 1, "path": "/tmp/x.mat", "format": "v7.3", "fsync": False,
-           "vars": [{"name": "meta", "tree": tree}]}
+    msg = {
+        "op": "WRITE",
+        "seq": 1,
+        "path": "/tmp/x.mat",
+        "format": "v7.3",
+        "fsync": False,
+        "vars": [{"name": "meta", "tree": tree}],
+    }
     msg.update(over)
     return msg
 
@@ -739,8 +757,13 @@ def _leaf(offset: int = 0, nbytes: int = 8, dims: list[int] | None = None) -> di
 
 
 def test_parse_write_accepts_a_good_tree() -> None:
-    tree = {"struct": [["a", _leaf()], ["s", {"char": "hi"}],
-                       ["c", {"cell": [{"char": "x"}, _leaf(8)], "dims": [1, 2]}]]}
+    tree = {
+        "struct": [
+            ["a", _leaf()],
+            ["s", {"char": "hi"}],
+            ["c", {"cell": [{"char": "x"}, _leaf(8)], "dims": [1, 2]}],
+        ]
+    }
     req = proto.parse_write(_write_msg(tree), RING)
     (var,) = req.vars
     assert isinstance(var, proto.TreeSpec) and var.name == "meta"
@@ -756,10 +779,16 @@ def test_parse_write_accepts_a_good_tree() -> None:
 HOSTILE: list[tuple[str, Any, type[Exception]]] = [
     ("too_deep_struct", _chain(proto.MAX_TREE_DEPTH + 1, "struct"), matspool.ProtocolError),
     ("too_deep_cell", _chain(proto.MAX_TREE_DEPTH + 1, "cell"), matspool.ProtocolError),
-    ("too_many_nodes", {"cell": [{"char": ""}] * proto.MAX_TREE_NODES, "dims": [1, proto.MAX_TREE_NODES]},
-     matspool.ProtocolError),
-    ("too_many_nodes_nested", {"cell": [{"cell": [{"char": ""}] * 300, "dims": [300, 1]}] * 300,
-                               "dims": [1, 300]}, matspool.ProtocolError),
+    (
+        "too_many_nodes",
+        {"cell": [{"char": ""}] * proto.MAX_TREE_NODES, "dims": [1, proto.MAX_TREE_NODES]},
+        matspool.ProtocolError,
+    ),
+    (
+        "too_many_nodes_nested",
+        {"cell": [{"cell": [{"char": ""}] * 300, "dims": [300, 1]}] * 300, "dims": [1, 300]},
+        matspool.ProtocolError,
+    ),
     ("cell_dims_too_many", {"cell": [{"char": "a"}], "dims": [1, 2]}, matspool.ProtocolError),
     ("cell_dims_too_few", {"cell": [{"char": "a"}, {"char": "b"}], "dims": [1, 1]}, matspool.ProtocolError),
     ("cell_dims_zero", {"cell": [{"char": "a"}], "dims": [0, 1]}, matspool.ProtocolError),
@@ -787,8 +816,11 @@ HOSTILE: list[tuple[str, Any, type[Exception]]] = [
     ("empty_node", {}, matspool.ProtocolError),
     ("leaf_past_ring", {"struct": [["a", _leaf(RING)]]}, matspool.ProtocolError),
     ("leaf_bad_nbytes", {"cell": [_leaf(0, 16)], "dims": [1, 1]}, matspool.ProtocolError),
-    ("leaf_bad_dtype", {"cell": [{"dtype": "|O", "dims": [1, 1], "offset": 0, "nbytes": 8}], "dims": [1, 1]},
-     matspool.ProtocolError),
+    (
+        "leaf_bad_dtype",
+        {"cell": [{"dtype": "|O", "dims": [1, 1], "offset": 0, "nbytes": 8}], "dims": [1, 1]},
+        matspool.ProtocolError,
+    ),
 ]
 
 
@@ -804,8 +836,10 @@ def test_hostile_tree_in_a_v5_request_too() -> None:
     with pytest.raises(matspool.ProtocolError):
         proto.parse_write(_write_msg(_chain(proto.MAX_TREE_DEPTH + 1, "struct"), format="v5"), RING)
     with pytest.raises(matspool.ProtocolError):  # a tree and a plain array under one name
-        proto.parse_write(_write_msg({"char": "x"}, vars=[{"name": "m", "tree": {"char": "x"}},
-                                                          {"name": "m", **_leaf()}]), RING)
+        proto.parse_write(
+            _write_msg({"char": "x"}, vars=[{"name": "m", "tree": {"char": "x"}}, {"name": "m", **_leaf()}]),
+            RING,
+        )
 
 
 # -- Unicode -------------------------------------------------------------------------------------------

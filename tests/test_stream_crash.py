@@ -24,10 +24,11 @@ from typing import Any
 
 import h5py
 import mat73
-import matspool
 import numpy as np
 import pytest
-from conftest import start_daemon
+from test_reliability import _tmpfs  # mounts a small tmpfs when root (False otherwise)
+
+import matspool
 from matspool._protocol import VarSpec
 from matspool._spool import Spool
 from matspoold.writers import write_atomic
@@ -40,7 +41,8 @@ from matspoold.writers._journal import (
     recover,
 )
 from matspoold.writers.stream import append_step
-from test_reliability import _tmpfs  # mounts a small tmpfs when root (False otherwise)
+
+from conftest import start_daemon
 
 # (name, MATLAB dims of u, gzip level): 4 KiB, 64 KiB and 1 MiB steps, one of them deflated
 STREAMS = [("tiny", (32, 32), 0), ("mid", (128, 128), 0), ("big", (512, 512), 0), ("zip", (256, 256), 3)]
@@ -129,7 +131,8 @@ def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path
         path, dims, k, window = streams[name]
         if k >= 12:  # a fresh file now and then keeps each check's read short
             path = path.with_name(f"{name}-{kills}.mat")
-            write_atomic(str(path), "stream", _step(dims, 0), fsync=False, compress={n: lv for n, _, lv in STREAMS}[name])
+            level = {n: lv for n, _, lv in STREAMS}[name]
+            write_atomic(str(path), "stream", _step(dims, 0), fsync=False, compress=level)
             streams[name][:3] = [path, dims, 1]
             k = 1
         variables = _step(dims, k)
@@ -173,11 +176,13 @@ def test_append_killed_at_random_instants_keeps_every_acknowledged_step(tmp_path
             with h5py.File(path) as f:  # (an h5py file left open across a fork reads stale)
                 assert m["u"].shape[-1] == f["u"].shape[0]
     elapsed = time.monotonic() - start
-    print(f"\n{kills} kills in {elapsed:.1f} s: {dict(phases)}; the file read in full before "
-          f"recovery after {readable_at_once} kills")
+    print(
+        f"\n{kills} kills in {elapsed:.1f} s: {dict(phases)}; the file read in full before "
+        f"recovery after {readable_at_once} kills"
+    )
     # the kills landed inside real appends, not only between them
     assert phases["append"] + phases["commit"] >= kills // 3, phases
-    for path, dims, n, _ in streams.values():
+    for path, _dims, n, _ in streams.values():
         assert mat73.loadmat(path)["u"].shape[-1] >= n
     assert not list(tmp_path.glob(".*" + JOURNAL_SUFFIX)) and not list(tmp_path.glob(".*matspool-tmp"))
     _octave_agrees(streams["mid"][0], streams["mid"][1])
@@ -189,9 +194,20 @@ def _octave_agrees(path: Path, dims: tuple[int, ...]) -> None:
         return
     with h5py.File(path) as f:
         steps, total = f["u"].shape[0], float(np.sum(f["u"][:], dtype=np.float64))
-    r = subprocess.run(["octave", "--no-gui", "--no-window-system", "--quiet", "--eval",
-                        f"S = load('{path}'); printf('%d %d %d %.6f\\n', size(S.u), sum(double(S.u(:))))"],
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [
+            "octave",
+            "--no-gui",
+            "--no-window-system",
+            "--quiet",
+            "--eval",
+            f"S = load('{path}'); printf('%d %d %d %.6f\\n', size(S.u), sum(double(S.u(:))))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     got = r.stdout.split()
     assert [int(x) for x in got[:3]] == [*dims, steps]
@@ -201,7 +217,12 @@ def _octave_agrees(path: Path, dims: tuple[int, ...]) -> None:
 def _traceable() -> bool:
     if shutil.which("strace") is None:
         return False
-    return subprocess.run(["strace", "-qq", "-o", "/dev/null", "true"], capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run(
+            ["strace", "-qq", "-o", "/dev/null", "true"], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
 
 
 def _killed_at_write(path: Path, variables: list[tuple[VarSpec, np.ndarray]], n: int) -> bool:
@@ -218,8 +239,20 @@ def _killed_at_write(path: Path, variables: list[tuple[VarSpec, np.ndarray]], n:
         finally:
             os._exit(code)
     os.close(r)
-    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(pid), "-e", "trace=pwrite64",
-                               "-e", f"inject=pwrite64:signal=KILL:when={n}"])
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-p",
+            str(pid),
+            "-e",
+            "trace=pwrite64",
+            "-e",
+            f"inject=pwrite64:signal=KILL:when={n}",
+        ]
+    )
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # go once the tracer holds the child
@@ -302,7 +335,8 @@ def _child_dies_in(path: Path, dims: tuple[int, ...], k: int, where: str) -> Non
 
 @pytest.mark.parametrize("where", ["0", "2", "after"])
 def test_kill_while_metadata_is_rewritten_is_undone_and_recovery_is_idempotent(
-        tmp_path: Path, where: str) -> None:
+    tmp_path: Path, where: str
+) -> None:
     dims = (64, 64)
     path = tmp_path / "s.mat"
     write_atomic(str(path), "stream", _step(dims, 0), fsync=False)
@@ -385,7 +419,7 @@ def test_daemon_on_a_full_disk_fails_the_append_and_serves_on(tmp_path: Path, ou
             with Spool(d.endpoint, ring_bytes=16 << 20, timeout=30) as spool:
                 s = spool.stream(full / "run.mat")
                 dims, acked, error = (256, 256), 0, None
-                for k in range(40):  # 256 KiB a step: the disk is full after about 15
+                for _ in range(40):  # 256 KiB a step: the disk is full after about 15
                     try:
                         s.append(**_values(dims, acked)).result(30)
                         acked += 1
@@ -397,7 +431,9 @@ def test_daemon_on_a_full_disk_fails_the_append_and_serves_on(tmp_path: Path, ou
                 assert _check(full / "run.mat", dims, acked) == acked
                 with h5py.File(full / "run.mat") as f:
                     assert f["u"].shape[0] == acked
-                assert sorted(p.name for p in full.iterdir()) == ["run.mat"], "a journal or temporary was left"
+                assert sorted(p.name for p in full.iterdir()) == ["run.mat"], (
+                    "a journal or temporary was left"
+                )
                 spool.save(out_dir / "elsewhere.mat", {"a": np.arange(5.0)}).result(30)
                 assert (out_dir / "elsewhere.mat").stat().st_size > 0
         finally:
@@ -426,8 +462,10 @@ def test_daemon_killed_during_appends_20_times(tmp_path: Path, out_dir: Path) ->
                 time.sleep(rng.uniform(0.0, 0.08))
                 os.kill(d.proc.pid, signal.SIGKILL)
                 d.proc.wait()
-                acked = next((i for i, f in enumerate(futures) if not (f.done() and f.exception() is None)),
-                             len(futures))
+                acked = next(
+                    (i for i, f in enumerate(futures) if not (f.done() and f.exception() is None)),
+                    len(futures),
+                )
                 inside += Path(journal_path(str(path))).exists()
                 recover(str(path))  # what the restarted daemon's next append does first
                 _check(path, dims, acked)
@@ -448,8 +486,11 @@ def test_a_file_without_a_userblock_is_refused_unchanged(tmp_path: Path) -> None
     with h5py.File(path, "w") as f:
         f.create_dataset("x", shape=(1,), maxshape=(None,), chunks=(1,), dtype="f8")
     before = path.read_bytes()
-    with (pytest.raises(matspool.WriteFailed, match="no userblock"),
-          journaled(str(path), fsync=False) as undo, h5py.File(undo, "r+") as f):
+    with (
+        pytest.raises(matspool.WriteFailed, match="no userblock"),
+        journaled(str(path), fsync=False) as undo,
+        h5py.File(undo, "r+") as f,
+    ):
         f["x"].resize((2,))
         f["x"][1] = 1.0
     assert path.read_bytes() == before and not Path(journal_path(str(path))).exists()

@@ -17,9 +17,11 @@ from typing import Any, ClassVar
 import mat73
 import numpy as np
 import pytest
+
 from matspool._errors import FormatLimitError, ProtocolError
 from matspool._protocol import VarSpec
 from matspoold.writers import WRITERS, Session, Writer, write_atomic, writer_for
+
 from readback import read_v5, read_v73
 
 _DTYPES = ["<f8", "<f4", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "|b1", "<c16", "<c8"]

@@ -15,12 +15,16 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeGuard
 
 import numpy as np
 
 from ._errors import FormatLimitError, InvalidVariableError, UnsupportedTypeError
 from ._matlab import STORED_DTYPES, check_name, stored_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["INLINE_TEXT", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size", "copy_host",
            "iter_arrays", "prepare", "prepare_value", "to_spec", "torch_dtype", "utf16_units"]
@@ -47,7 +51,8 @@ class Prepared:
         return math.prod(self.dims) * _ITEMSIZE[self.dtype]
 
 
-def _torch():
+def _torch() -> ModuleType | None:
+    """The torch module, or None where the optional extra is not installed."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is an optional extra
@@ -55,9 +60,9 @@ def _torch():
     return torch
 
 
-def _is_tensor(value: object) -> bool:
-    torch = _torch() if type(value).__module__.startswith("torch") else None
-    return torch is not None and isinstance(value, torch.Tensor)
+def _is_tensor(value: object) -> TypeGuard[torch.Tensor]:
+    lib = _torch() if type(value).__module__.startswith("torch") else None
+    return lib is not None and isinstance(value, lib.Tensor)
 
 
 def _matlab_order(x: Any, layout: str, oned_as: str) -> Any:
@@ -77,8 +82,10 @@ def _matlab_order(x: Any, layout: str, oned_as: str) -> Any:
 
 def _as_array(name: str, value: object) -> Any:
     if _is_tensor(value):
+        import torch  # loaded already: value is one of its tensors
+
         t = value.detach()
-        if t.layout != _torch().strided:
+        if t.layout != torch.strided:
             raise UnsupportedTypeError(f"variable {name!r}: {t.layout} tensors are not supported; "
                                        "call .to_dense() first")
         if t.device.type not in ("cpu", "cuda"):
@@ -106,7 +113,7 @@ def _plain_numbers(value: list[Any] | tuple[Any, ...], depth: int = 0) -> bool:
             if depth >= MAX_DEPTH or not _plain_numbers(v, depth + 1):
                 return False
         elif not (isinstance(v, bool | numbers.Number)
-                  or isinstance(v, np.generic) and v.dtype.kind in "biufc"):
+                  or (isinstance(v, np.generic) and v.dtype.kind in "biufc")):
             return False
     return True
 
@@ -201,11 +208,12 @@ def _char_matrix(label: str, arr: np.ndarray) -> Value:
 def _is_sparse(value: object) -> bool:
     if type(value).__module__.startswith("scipy.sparse"):
         return hasattr(value, "tocsc")
-    return _is_tensor(value) and value.layout in _sparse_layouts()  # type: ignore[attr-defined]
+    return _is_tensor(value) and value.layout in _sparse_layouts()
 
 
-def _sparse_layouts() -> tuple[Any, ...]:
-    torch = _torch()
+def _sparse_layouts() -> tuple[torch.layout, ...]:
+    import torch  # loaded already: only asked about a tensor
+
     return (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc)
 
 
@@ -225,15 +233,17 @@ def _sparse(label: str, value: Any) -> Meta:
     compressed-column form with sorted row indices. A CUDA tensor's indices and values stay
     on the GPU and are copied like dense tensors."""
     if _is_tensor(value):
+        import torch  # loaded already: value is one of its tensors
+
         t = value.detach()
         if t.ndim != 2:
             raise UnsupportedTypeError(f"variable {label!r}: MATLAB sparse matrices are 2-d, got {t.ndim}-d")
-        if t.layout == _torch().sparse_coo:
+        if t.layout == torch.sparse_coo:
             t = t.coalesce()
         c = t.to_sparse_csc()
-        dtype = _sparse_dtype(label, "b" if c.dtype == _torch().bool else "c" if c.dtype.is_complex else "f")
+        dtype = _sparse_dtype(label, "b" if c.dtype == torch.bool else "c" if c.dtype.is_complex else "f")
         data = c.values().to(torch_dtype(dtype))
-        ir, jc = c.row_indices().to(_torch().int64), c.ccol_indices().to(_torch().int64)
+        ir, jc = c.row_indices().to(torch.int64), c.ccol_indices().to(torch.int64)
         parts = tuple(prepare(f"{label}.{k}", x.reshape(-1, 1), "matlab", "column")
                       for k, x in (("data", data), ("ir", ir), ("jc", jc)))
         return Meta("sparse", dims=(int(t.shape[0]), int(t.shape[1])), parts=parts)
@@ -351,7 +361,7 @@ def to_spec(name: str, value: Value, offsets: dict[int, int]) -> Any:
             return proto.Struct(tuple((k, node(x, f"{label}.{k}")) for k, x in v.fields))
         if v.kind == "structs":
             return proto.StructArray(v.dims, v.names, tuple(
-                tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e)) for e in v.elems))
+                tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e, strict=True)) for e in v.elems))
         if v.kind == "sparse":
             data, ir, jc = (leaf(p, label) for p in v.parts)
             return proto.Sparse(v.dims, data, ir, jc)  # type: ignore[arg-type]

@@ -71,7 +71,7 @@ class CudaCopier:
                         snap.copy_(p.array.permute(*range(len(p.dims) - 1, -1, -1)))
                         snaps.append(snap)
                     snapped.record(side)
-                    for (p, off), snap in zip(group, snaps):
+                    for (p, off), snap in zip(group, snaps, strict=True):
                         if p.nbytes:
                             dst = self._ring[off:off + p.nbytes].view(snap.dtype).view(snap.shape)
                             dst.copy_(snap, non_blocking=True)
@@ -83,5 +83,5 @@ class CudaCopier:
         return pending
 
     def synchronize(self) -> None:
-        for index, s in self._streams.items():
+        for s in self._streams.values():
             s.synchronize()

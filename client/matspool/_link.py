@@ -265,7 +265,7 @@ class Link:
                 for frames in got:
                     try:
                         self._on_message(msgs.decode_reply(frames))
-                    except Exception as e:  # e.g. a DONE whose seq is a list: this thread
+                    except Exception as e:  # noqa: BLE001 - e.g. a DONE whose seq is a list: this thread
                         # must live on, or every pending future would hang forever
                         log.warning("matspool: bad message from the daemon: %r", e)
                 if self.transport.reconnected():

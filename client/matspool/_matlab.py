@@ -18,16 +18,40 @@ __all__ = [
     "V5_MAX_DIM",
     "V5_MAX_VARIABLE_BYTES",
     "check_name",
-    "normalize_format",
     "matlab_class",
+    "normalize_format",
     "stored_dtype",
 ]
 
 #: ``iskeyword`` list of MATLAB R2024b; a variable may not take any of these names.
 MATLAB_KEYWORDS: Final = frozenset(
-    "break case catch classdef continue else elseif end for function global if otherwise "
-    "parfor persistent return spmd switch try while arguments enumeration events methods "
-    "properties".split()
+    [
+        "break",
+        "case",
+        "catch",
+        "classdef",
+        "continue",
+        "else",
+        "elseif",
+        "end",
+        "for",
+        "function",
+        "global",
+        "if",
+        "otherwise",
+        "parfor",
+        "persistent",
+        "return",
+        "spmd",
+        "switch",
+        "try",
+        "while",
+        "arguments",
+        "enumeration",
+        "events",
+        "methods",
+        "properties",
+    ]
 )
 MAX_NAME_LENGTH: Final = 63
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
@@ -106,14 +130,21 @@ def matlab_class(dtype: str) -> str:
     return STORED_DTYPES[dtype]
 
 
-
 #: Every spelling of a format ``save()`` and ``savemat()`` take -> the format written.
 #: scipy's "5" and MATLAB's "-v6"/"-v7" are all the v5 container (``-v7`` compresses in
 #: MATLAB: pass ``compress=True`` / ``do_compression=True`` for that).
 FORMAT_ALIASES: Final[dict[str, str]] = {
     "auto": "auto",
-    "v5": "v5", "5": "v5", "7": "v5", "v7": "v5", "-v7": "v5", "v6": "v5", "-v6": "v5",
-    "v7.3": "v7.3", "7.3": "v7.3", "-v7.3": "v7.3",
+    "v5": "v5",
+    "5": "v5",
+    "7": "v5",
+    "v7": "v5",
+    "-v7": "v5",
+    "v6": "v5",
+    "-v6": "v5",
+    "v7.3": "v7.3",
+    "7.3": "v7.3",
+    "-v7.3": "v7.3",
 }
 
 
@@ -122,5 +153,7 @@ def normalize_format(fmt: object) -> str:
     :class:`InvalidOptionError` listing the valid values."""
     if isinstance(fmt, str) and fmt in FORMAT_ALIASES:
         return FORMAT_ALIASES[fmt]
-    raise InvalidOptionError(f"format must be one of {', '.join(map(repr, FORMAT_ALIASES))}, got {fmt!r}"
-                             + ("; MAT v4 is not written" if fmt in ("4", "v4") else ""))
+    raise InvalidOptionError(
+        f"format must be one of {', '.join(map(repr, FORMAT_ALIASES))}, got {fmt!r}"
+        + ("; MAT v4 is not written" if fmt in ("4", "v4") else "")
+    )

@@ -123,7 +123,7 @@ class PendingTable:
     def failed(self, seq: int) -> bool:
         with self._lock:
             save = self._saves.get(seq)
-            return save is None or save.future.done() and save.future.exception() is not None
+            return save is None or (save.future.done() and save.future.exception() is not None)
 
     # -- the I/O thread's side ------------------------------------------------------------
     def sent(self, seq: int, op: str, frames: list[Any], instance: str | None,
@@ -158,7 +158,7 @@ class PendingTable:
         return save is not None
 
     def answer(self, seq: object, result: Callable[[Save], SaveResult] | None = None,
-               error: MatspoolError | None = None, part: int | None | bool = False) -> None:
+               error: MatspoolError | None = None, part: int | bool | None = False) -> None:
         """The daemon answered one message of save ``seq``: DONE (``result``), ERR
         (``error``) or PART_DONE (``part``: the piece's offset, None for the laid-out
         save's own region)."""
@@ -261,10 +261,11 @@ class PendingTable:
             lost = self._lost_failures
         if not futures:
             return None
-        errors = [e for f in futures if (e := f.exception()) is not None]
+        failed = [(f, e) for f in futures if (e := f.exception()) is not None]
+        errors = [e for _, e in failed]
         for f in futures:
             f.observed = True
-        lines = "\n".join(f"  {f.path}: {type(e).__name__}: {e}" for f, e in zip(futures, errors))
+        lines = "\n".join(f"  {f.path}: {type(e).__name__}: {e}" for f, e in failed)
         more = f"\n  ... and {lost} more" if lost else ""
         return FlushError(f"{len(errors) + lost} saves failed and nobody looked at their "
                           f"futures:\n{lines}{more}", list(errors))

@@ -19,9 +19,9 @@ from . import _protocol as proto
 from ._convert import Prepared, copy_host
 from ._errors import SpoolFull
 from ._leases import Lease, Leases
+from ._messages import End
 from ._pending import PendingTable, SaveFuture
 from ._planner import Plan
-from ._messages import End
 
 if TYPE_CHECKING:
     from ._copies import CopyPipeline

@@ -34,15 +34,18 @@ from ._matlab import STORED_DTYPES, V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_nam
 
 __all__ = [
     "FORMATS",
-    "MAX_MESSAGE_BYTES",
     "MAX_BATCH",
+    "MAX_DEFERRED_BYTES",
+    "MAX_MESSAGE_BYTES",
     "MAX_NDIM",
     "MAX_TREE_DEPTH",
     "MAX_TREE_NODES",
     "MAX_VARS",
+    "MODES",
     "TAG",
     "Cell",
     "Char",
+    "Part",
     "Sparse",
     "Struct",
     "StructArray",
@@ -51,17 +54,14 @@ __all__ = [
     "VarSpec",
     "Variable",
     "WriteRequest",
-    "MAX_DEFERRED_BYTES",
-    "MODES",
-    "Part",
-    "parse_batch",
-    "parse_part",
     "check_stream_step",
     "check_v5_limits",
     "decode",
     "decode_head",
     "encode",
     "leaves",
+    "parse_batch",
+    "parse_part",
     "parse_write",
 ]
 
@@ -295,7 +295,7 @@ def _tree(raw: object, ring_bytes: int, label: str, budget: _Budget, depth: int 
         if len(set(names)) != len(names):
             raise ProtocolError(f"{label}: struct field names repeat")
         return Struct(tuple((n, _tree(v, ring_bytes, f"{label}.{n}", budget, depth + 1))
-                            for n, (_, v) in zip(names, fields)))
+                            for n, (_, v) in zip(names, fields, strict=True)))
     if "cell" in raw:
         items, dims_raw = raw["cell"], raw.get("dims")
         if not isinstance(items, list):
@@ -334,7 +334,7 @@ def _struct_array(raw: dict[str, Any], ring_bytes: int, label: str, budget: _Bud
         if not isinstance(e, list) or len(e) != len(names):
             raise ProtocolError(f"{label}({i + 1}): each element holds one value per field")
         out.append(tuple(_tree(v, ring_bytes, f"{label}({i + 1}).{n}", budget, depth + 1)
-                         for n, v in zip(names, e)))
+                         for n, v in zip(names, e, strict=True)))
     return StructArray(dims, names, tuple(out))
 
 
@@ -458,7 +458,7 @@ def parse_write(msg: dict[str, Any], ring_bytes: int) -> WriteRequest:
     if mode in ("create", "append"):
         check_stream_step(fmt, vars_)
     append = msg.get("append", False)
-    if not isinstance(append, bool) or append and (mode != "write" or deferred):
+    if not isinstance(append, bool) or (append and (mode != "write" or deferred)):
         raise ProtocolError("append must be true or false, and true only for a whole save (mode 'write')")
     return WriteRequest(seq, path, fmt, fsync, vars_, compress, mode, append)
 

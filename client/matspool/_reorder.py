@@ -72,7 +72,7 @@ class AllOf:
         for part in self.parts:
             try:
                 part.wait()
-            except Exception as e:  # the others still run: their cleanup frees ring space
+            except Exception as e:  # noqa: BLE001 - raised below; the others still run: their cleanup frees ring space
                 errors.append(e)
         if errors:
             raise errors[0]

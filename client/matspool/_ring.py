@@ -176,8 +176,9 @@ class Ring:
                     raise RingError("ring is closed")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if not block or (remaining is not None and remaining <= 0):
+                    free = self.size - sum(s for s, _ in self._live.values())
                     raise SpoolFull(
-                        f"ring full: {nbytes} bytes wanted, {self.size - sum(s for s, _ in self._live.values())}"
+                        f"ring full: {nbytes} bytes wanted, {free}"
                         f" of {self.size} free" + ("" if not block else f" after waiting {timeout} s")
                     )
                 self._cond.wait(remaining)
@@ -200,7 +201,7 @@ class Ring:
                 return
             entry[1] = 1
             while self._live:
-                first_off, (size, freed) = next(iter(self._live.items()))
+                first_off, (_size, freed) = next(iter(self._live.items()))
                 if not freed:
                     self._head = first_off
                     break

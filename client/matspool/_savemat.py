@@ -13,13 +13,16 @@ import os
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 from ._convert import ONED_AS
 from ._errors import InvalidOptionError, InvalidVariableError, UnsupportedTypeError
 from ._matlab import normalize_format
+
+if TYPE_CHECKING:
+    from ._spool import Spool
 
 __all__ = ["SHORT_FIELD_NAME_LENGTH", "savemat"]
 
@@ -63,7 +66,9 @@ def _scipy_empties(value: Any, depth: int = 0) -> Any:
         return np.zeros((0, 0))
     if isinstance(value, Mapping):
         return {k: _scipy_empties(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple) and any(isinstance(v, list | tuple | Mapping | np.ndarray) for v in value):
+    if isinstance(value, list | tuple) and any(
+        isinstance(v, list | tuple | Mapping | np.ndarray) for v in value
+    ):
         return type(value)(_scipy_empties(v, depth + 1) for v in value)
     if isinstance(value, np.ndarray) and value.dtype.kind == "O":
         out = np.empty(value.shape, dtype=object)
@@ -82,7 +87,7 @@ def savemat(
     do_compression: bool = False,
     oned_as: str = "row",
     *,
-    spool: Any = None,
+    spool: Spool | None = None,
     fsync: bool = False,
 ) -> Future[Any]:
     """Save ``mdict`` like ``scipy.io.savemat`` does, through the writer daemon.
@@ -97,14 +102,18 @@ def savemat(
     if not isinstance(file_name, str):
         raise UnsupportedTypeError(
             f"file_name must be a path (str or os.PathLike), got {type(file_name).__name__}: the "
-            "daemon writes the file itself, so file objects cannot be passed")
+            "daemon writes the file itself, so file objects cannot be passed"
+        )
     if appendmat and not file_name.endswith(".mat"):
         file_name += ".mat"
     fmt = normalize_format(format)
     if oned_as not in ONED_AS:
         raise InvalidOptionError(f"oned_as must be one of {', '.join(map(repr, ONED_AS))}, got {oned_as!r}")
-    for what, flag in (("appendmat", appendmat), ("long_field_names", long_field_names),
-                       ("do_compression", do_compression)):
+    for what, flag in (
+        ("appendmat", appendmat),
+        ("long_field_names", long_field_names),
+        ("do_compression", do_compression),
+    ):
         if not isinstance(flag, bool | np.bool_):
             raise InvalidOptionError(f"{what} must be True or False, got {flag!r}")
     if not isinstance(mdict, Mapping):
@@ -112,14 +121,19 @@ def savemat(
     variables = {}
     for name, value in mdict.items():
         if isinstance(name, str) and name.startswith("_"):
-            warnings.warn(f"variable {name!r} starts with '_' and is not saved (as in scipy.io.savemat)",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                f"variable {name!r} starts with '_' and is not saved (as in scipy.io.savemat)",
+                UserWarning,
+                stacklevel=2,
+            )
             continue
         if not long_field_names:
             _check_field_lengths(str(name), value)
         variables[name] = _scipy_empties(value)
     if spool is None:
         from . import default_spool
+
         spool = default_spool()
-    return spool.save(file_name, variables, format=fmt, oned_as=oned_as, compress=bool(do_compression),
-                      fsync=fsync)
+    return spool.save(
+        file_name, variables, format=fmt, oned_as=oned_as, compress=bool(do_compression), fsync=fsync
+    )

@@ -38,9 +38,9 @@ from ._embedded import EmbeddedDaemon
 from ._errors import FlushError, SpoolClosed
 from ._leases import Lease, Leases
 from ._link import Link
+from ._matlab import normalize_format
 from ._pending import PendingTable, SaveFuture, failing
 from ._pieces import send_in_pieces
-from ._matlab import normalize_format
 from ._planner import ON_FULL, Plan, check_choice, level, plan
 from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import Ring
@@ -353,7 +353,11 @@ class Spool:
         except FlushError as e:
             if not isinstance(exc, BaseException):
                 raise
-            exc.add_note(str(e))  # the caller's error stays the one raised
+            # the caller's error stays the one raised, the flush error a note on it
+            if sys.version_info >= (3, 11):
+                exc.add_note(str(e))
+            else:  # no add_note before 3.11: PEP 678's attribute, which pytest also prints
+                vars(exc).setdefault("__notes__", []).append(str(e))
 
     @property
     def pending(self) -> int:

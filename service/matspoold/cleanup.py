@@ -10,7 +10,8 @@ in the daemon's own pid namespace, so deployments where jobs run in another one
 (containers without a shared pid namespace) turn this off with ``--no-clean-stale`` and
 rely on the per-client liveness check instead.
 
-**Temporaries of killed daemons.** A file is written as ``.NAME.<tag>-<n>.matspool-tmp`` beside its final name, then renamed.
+**Temporaries of killed daemons.** A file is written as ``.NAME.<tag>-<n>.matspool-tmp``
+beside its final name, then renamed.
 A daemon killed mid-write (SIGKILL, OOM) leaves that temporary. So each daemon keeps a
 journal in its state directory, ``<state_dir>/tmp-<tag>.journal``:
 
@@ -46,8 +47,16 @@ from matspool._ring import RING_PREFIX, SHM_DIR
 
 from .writers._files import TMP_SUFFIX
 
-__all__ = ["StateDirError", "TempJournal", "default_state_dirs", "open_journal", "pid_alive",
-           "remove_stale_rings", "sweep_dead", "temp_pattern"]
+__all__ = [
+    "StateDirError",
+    "TempJournal",
+    "default_state_dirs",
+    "open_journal",
+    "pid_alive",
+    "remove_stale_rings",
+    "sweep_dead",
+    "temp_pattern",
+]
 
 log = logging.getLogger("matspoold")
 
@@ -73,7 +82,7 @@ def default_state_dirs(endpoint: str) -> list[str]:
         first = os.path.join(base, "matspool")
     out = [first]
     if endpoint.startswith("ipc://"):
-        out.append(os.path.join(os.path.dirname(endpoint[len("ipc://"):]) or ".", "matspool-state"))
+        out.append(os.path.join(os.path.dirname(endpoint[len("ipc://") :]) or ".", "matspool-state"))
     out.append(f"/tmp/matspool-{os.getuid()}/state")
     return out
 
@@ -134,8 +143,10 @@ def open_journal(state_dirs: list[str], tag: str) -> TempJournal:
         fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
         os.write(fd, (json.dumps({"tag": tag, "pid": os.getpid()}) + "\n").encode())
         return TempJournal(path, fd, tag)
-    raise StateDirError("cannot keep the temporary-file journal in a state directory (give a "
-                        "writable one with --state-dir): " + "; ".join(failures))
+    raise StateDirError(
+        "cannot keep the temporary-file journal in a state directory (give a "
+        "writable one with --state-dir): " + "; ".join(failures)
+    )
 
 
 def _sweep_one(path: str, fd: int) -> list[str] | None:
@@ -163,8 +174,9 @@ def _sweep_one(path: str, fd: int) -> list[str] | None:
         try:
             names = os.listdir(directory)
         except OSError as e:
-            log.warning("cannot look for temporaries of dead daemon %s in %s: %s", tag, directory,
-                        e.strerror or e)
+            log.warning(
+                "cannot look for temporaries of dead daemon %s in %s: %s", tag, directory, e.strerror or e
+            )
             continue
         for name in names:
             if not pattern.match(name):
@@ -208,8 +220,11 @@ def sweep_dead(state_dir: str) -> list[str]:
         finally:
             os.close(fd)
     if removed:
-        log.info("removed %d temporary file(s) left by killed daemons: %s", len(removed),
-                 ", ".join(removed[:20]) + (" ..." if len(removed) > 20 else ""))
+        log.info(
+            "removed %d temporary file(s) left by killed daemons: %s",
+            len(removed),
+            ", ".join(removed[:20]) + (" ..." if len(removed) > 20 else ""),
+        )
     return removed
 
 
@@ -234,7 +249,7 @@ def remove_stale_rings(shm_dir: str = SHM_DIR) -> list[str]:
     for name in names:
         if not name.startswith(RING_PREFIX):
             continue
-        pid_text = name[len(RING_PREFIX):].split("-", 1)[0]
+        pid_text = name[len(RING_PREFIX) :].split("-", 1)[0]
         if not pid_text.isdigit() or pid_alive(int(pid_text)):
             continue
         path = os.path.join(shm_dir, name)

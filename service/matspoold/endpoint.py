@@ -11,8 +11,8 @@ cutting the first daemon's clients off. Before binding, a daemon therefore
 2. asks the socket, if one exists, for a PING: an answer (a daemon of an older version
    that takes no lock, or one in another mount namespace) means the endpoint is taken.
 
-Only a socket nobody answers is replaced (never a file of another kind). At exit the socket is removed only when the
-file at the path is still the one this daemon bound (same device and inode).
+Only a socket nobody answers is replaced (never a file of another kind). At exit the
+socket is removed only when the file at the path is still the one this daemon bound (same device and inode).
 
 Owned by the thread that runs ``Daemon.serve`` (it claims before binding and releases
 after closing the socket).
@@ -97,7 +97,7 @@ def _answering_pid(endpoint: str) -> int | None:
 def claim_ipc(endpoint: str) -> IpcClaim:
     """Claim ``ipc://PATH`` for this daemon, or raise :class:`EndpointBusy` naming the one
     that has it."""
-    path = endpoint[len("ipc://"):]
+    path = endpoint[len("ipc://") :]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -108,17 +108,22 @@ def claim_ipc(endpoint: str) -> IpcClaim:
             answering = _answering_pid(endpoint)
             pid = answering if answering not in (None, -1) else holder
             if answering is None:
-                raise EndpointBusy(f"a daemon (pid {pid}) holds {endpoint} but does not answer "
-                                   "(stopped?); not taking it over") from None
+                raise EndpointBusy(
+                    f"a daemon (pid {pid}) holds {endpoint} but does not answer "
+                    "(stopped?); not taking it over"
+                ) from None
             raise EndpointBusy(f"a daemon already serves {endpoint}, pid {pid}") from None
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise EndpointBusy(f"{path} exists and is not a socket; not replacing it "
-                                   f"(remove it, or serve another endpoint)")
+                raise EndpointBusy(
+                    f"{path} exists and is not a socket; not replacing it "
+                    f"(remove it, or serve another endpoint)"
+                )
             answering = _answering_pid(endpoint)
             if answering is not None:
-                raise EndpointBusy(f"a daemon already serves {endpoint}, pid "
-                                   f"{answering if answering >= 0 else 'unknown'}")
+                raise EndpointBusy(
+                    f"a daemon already serves {endpoint}, pid {answering if answering >= 0 else 'unknown'}"
+                )
             log.info("replacing the stale socket %s (nothing answers on it)", path)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from matspool import _protocol as proto
 from matspool._errors import MatspoolError, ProtocolError, RingError, WriteFailed
 
@@ -70,9 +71,12 @@ def _array(src: Source, spec: proto.VarSpec) -> np.ndarray:
     dt = np.dtype(spec.dtype)
     if spec.nbytes == 0:
         return np.zeros(spec.dims, dtype=dt, order="F")
+    view: np.ndarray
     if isinstance(src, dict):
-        return np.ndarray(spec.dims, dtype=dt, buffer=src[spec.offset], order="F")
-    return np.ndarray(spec.dims, dtype=dt, buffer=src, offset=spec.offset, order="F")
+        view = np.ndarray(spec.dims, dtype=dt, buffer=src[spec.offset], order="F")
+    else:
+        view = np.ndarray(spec.dims, dtype=dt, buffer=src, offset=spec.offset, order="F")
+    return view
 
 
 def _materialize(mm: Source, node: proto.Tree) -> Any:
@@ -94,10 +98,10 @@ def payload_of(request: proto.WriteRequest, frames: list[memoryview]) -> dict[in
     want = [leaf for leaf in want if leaf.nbytes]
     if len(frames) != len(want):
         raise ProtocolError(f"{len(want)} payload frames expected, got {len(frames)}")
-    for leaf, frame in zip(want, frames):
+    for leaf, frame in zip(want, frames, strict=True):
         if len(frame) != leaf.nbytes:
             raise ProtocolError(f"payload frame for {leaf.name!r} is {len(frame)} bytes, not {leaf.nbytes}")
-    return {leaf.offset: frame for leaf, frame in zip(want, frames)}
+    return {leaf.offset: frame for leaf, frame in zip(want, frames, strict=True)}
 
 
 def check_ring_size(client: Client, request: proto.WriteRequest) -> None:
@@ -170,7 +174,9 @@ class JobRunner:
             self.sessions.pop(key, None)
             if session is not None and session.error is None and job.abort:
                 session.abort()
-                raise WriteFailed(f"the client abandoned the save to {job.request.path!r}; nothing was written")
+                raise WriteFailed(
+                    f"the client abandoned the save to {job.request.path!r}; nothing was written"
+                )
             if session is None:
                 raise WriteFailed(f"cannot write {job.request.path!r}: the save failed before its end")
             if session.error is not None:
@@ -191,8 +197,11 @@ class JobRunner:
                 data = np.frombuffer(job.client.mm, np.uint8, part.nbytes, part.offset)
             session.write(part.var, part.start, data)
         except BaseException as e:
-            session.error = e if isinstance(e, MatspoolError) else WriteFailed(
-                f"cannot write {job.request.path!r}: {getattr(e, 'strerror', None) or e}")
+            session.error = (
+                e
+                if isinstance(e, MatspoolError)
+                else WriteFailed(f"cannot write {job.request.path!r}: {getattr(e, 'strerror', None) or e}")
+            )
             if session.error is not e:
                 session.error.__cause__ = e  # keeps the errno for the END's ERR
             session.abort()

@@ -33,18 +33,26 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("matspool_clients", "Connected client processes", value=len(st.clients))
         per = {
             "matspool_client_queue_depth": ("Saves accepted and not yet answered", "queue_depth"),
-            "matspool_client_ring_bytes_in_flight": ("Ring bytes of saves being written", "ring_bytes_in_flight"),
+            "matspool_client_ring_bytes_in_flight": (
+                "Ring bytes of saves being written",
+                "ring_bytes_in_flight",
+            ),
             "matspool_client_ring_bytes": ("Size of the client's ring", "ring_bytes"),
-            "matspool_client_oldest_pending_seconds": ("Age of the oldest unanswered save", "oldest_pending_s"),
+            "matspool_client_oldest_pending_seconds": (
+                "Age of the oldest unanswered save",
+                "oldest_pending_s",
+            ),
         }
         for name, (doc, key) in per.items():
             g = GaugeMetricFamily(name, doc, labels=["pid"])
             for c in st.clients:
                 g.add_metric([str(c.pid)], getattr(c, key))
             yield g
-        for name, doc, key in (("matspool_client_files_written", "Files written for the client", "files_written"),
-                               ("matspool_client_bytes_written", "Bytes written for the client", "bytes_written"),
-                               ("matspool_client_errors", "Failed saves of the client", "errors")):
+        for name, doc, key in (
+            ("matspool_client_files_written", "Files written for the client", "files_written"),
+            ("matspool_client_bytes_written", "Bytes written for the client", "bytes_written"),
+            ("matspool_client_errors", "Failed saves of the client", "errors"),
+        ):
             ctr = CounterMetricFamily(name, doc, labels=["pid"])
             for c in st.clients:
                 ctr.add_metric([str(c.pid)], getattr(c, key))

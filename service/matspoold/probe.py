@@ -50,13 +50,18 @@ def format_status(st: msgs.StatusReply) -> str:
     if not clients:
         lines.append("no clients connected")
         return "\n".join(lines)
-    head = f"{'pid':>8} {'queue':>5} {'ring use':>20} {'files':>7} {'written':>10} {'rate':>12} {'errors':>6} {'oldest':>8}"
+    head = (
+        f"{'pid':>8} {'queue':>5} {'ring use':>20} {'files':>7} "
+        f"{'written':>10} {'rate':>12} {'errors':>6} {'oldest':>8}"
+    )
     lines.append(head)
     for c in clients:
         use = f"{_size(c.ring_bytes_in_flight)}/{_size(c.ring_bytes)}"
-        lines.append(f"{c.pid:>8} {c.queue_depth:>5} {use:>20} {c.files_written:>7} "
-                     f"{_size(c.bytes_written):>10} {_size(c.throughput_bytes_per_s) + '/s':>12} "
-                     f"{c.errors:>6} {c.oldest_pending_s:>7.1f}s" + ("  (dead)" if c.dead else ""))
+        lines.append(
+            f"{c.pid:>8} {c.queue_depth:>5} {use:>20} {c.files_written:>7} "
+            f"{_size(c.bytes_written):>10} {_size(c.throughput_bytes_per_s) + '/s':>12} "
+            f"{c.errors:>6} {c.oldest_pending_s:>7.1f}s" + ("  (dead)" if c.dead else "")
+        )
     return "\n".join(lines)
 
 

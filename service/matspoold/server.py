@@ -240,7 +240,7 @@ class Daemon:
                 raise ProtocolError(f"expected 2 frames, got {len(body)}: payload frames come "
                                     "only with WRITE or PART from a remote (tcp://) client")
             raws = msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any bad message is refused to its sender; the loop lives on
             refuse(router, ident, -1, e)
             return
         client = self._clients.get(ident)
@@ -273,7 +273,7 @@ class Daemon:
                 self._clients.bye(ident)
             if reply is not None:
                 router.send_multipart([ident, *msgs.encode(reply)])
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure is answered as ERR; the loop lives on
             refuse(router, ident, raw.get("seq", -1), e)
 
     def _seen(self, router: zmq.Socket[bytes], client: Client, seq: object) -> bool:
@@ -299,7 +299,9 @@ class Daemon:
             client.begun[request.seq] = request
         self._enqueue(job)
 
-    def _piece(self, ident: bytes, msg: proto.Part | msgs.End, payload: list[memoryview] | None = None) -> None:
+    def _piece(
+        self, ident: bytes, msg: proto.Part | msgs.End, payload: list[memoryview] | None = None
+    ) -> None:
         """PART (bytes of a deferred variable) or END (the save is complete) of a begun save."""
         client = self._clients.get(ident)
         if client is None:
@@ -334,7 +336,9 @@ class Daemon:
                 assert job.part is not None
                 router.send_multipart([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
             elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
-                router.send_multipart([client.ident, *msgs.encode(msgs.PartDone(req.seq, None))])  # space is free
+                router.send_multipart(
+                    [client.ident, *msgs.encode(msgs.PartDone(req.seq, None))]
+                )  # space is free
             elif error is None:
                 self.files_written += 1
                 self.bytes_written += nbytes or 0

@@ -22,7 +22,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -77,7 +77,7 @@ class FileReport:
 # -- helpers -------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _quiet() -> Iterable[None]:
+def _quiet() -> Iterator[None]:
     """mat73 prints and logs on its own (a file name not ending in .mat, a variable not
     found); none of that may land in the report, least of all in --json output."""
     logging.disable(logging.CRITICAL)
@@ -203,14 +203,16 @@ def _field_names(group: Any) -> list[str]:
 
 
 def _dtype_ok(cls: str, dt: np.dtype, h5py: Any) -> bool:
+    code: str = dt.str[1:]  # without the byte order
     if cls in _NUMERIC:
         if dt.names is not None:
-            return set(dt.names) == {"real", "imag"} and dt["real"].str[1:] == _NUMERIC[cls]
-        return dt.str[1:] == _NUMERIC[cls]
+            real: str = dt["real"].str[1:]
+            return set(dt.names) == {"real", "imag"} and real == _NUMERIC[cls]
+        return code == _NUMERIC[cls]
     if cls == "logical":
-        return dt.str[1:] == "u1"
+        return code == "u1"
     if cls == "char":
-        return dt.str[1:] == "u2"
+        return code == "u2"
     if cls == "cell":
         return h5py.check_dtype(ref=dt) is not None
     return True  # classes matspool does not write are reported as they are

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import scipy.io
 
-torch = pytest.importorskip("torch")
-
 import matspool
+
+torch = pytest.importorskip("torch")
 
 pytestmark = [
     pytest.mark.gpu,

@@ -3,7 +3,8 @@
 A :class:`Writer` writes a new file at a path from ``(variable, value)`` pairs: a numeric
 ``VarSpec`` comes with a read-only column-major view over the client's ring (``None``
 for a deferred variable, whose bytes arrive later in pieces); a struct, cell, char or
-sparse ``TreeSpec`` with the values of ``_values.py`` whose numeric leaves are such views. What a writer can do beyond that it says in capability flags, which callers
+sparse ``TreeSpec`` with the values of ``_values.py`` whose numeric leaves are such views.
+What a writer can do beyond that it says in capability flags, which callers
 ask instead of checking the class (zarr's stores do the same):
 
 - ``supports_parts``: it can lay a file out with holes for deferred variables and say
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+
 from matspool._errors import FormatLimitError, ProtocolError
 from matspool._protocol import Variable, VarSpec
 
@@ -36,8 +38,18 @@ from .stream import append_step, create_stream
 from .v5 import write_v5
 from .v73 import write_v73
 
-__all__ = ["TMP_SUFFIX", "WRITERS", "Holes", "MatWriter", "Session", "StreamWriter", "Variables", "Writer",
-           "write_atomic", "writer_for"]
+__all__ = [
+    "TMP_SUFFIX",
+    "WRITERS",
+    "Holes",
+    "MatWriter",
+    "Session",
+    "StreamWriter",
+    "Variables",
+    "Writer",
+    "write_atomic",
+    "writer_for",
+]
 
 Variables = Sequence[tuple[Variable, Any]]
 Holes = dict[str, list[int]]  # deferred variable -> file offsets where its bytes go
@@ -98,14 +110,17 @@ def _arrays(fmt: str, variables: Variables) -> list[tuple[VarSpec, Any]]:
         if not isinstance(spec, VarSpec) or spec.deferred:
             raise ProtocolError(f"the {fmt} format takes whole numeric arrays only, not {spec.name!r}")
         if 0 in spec.dims:  # HDF5 cannot chunk a step of nothing
-            raise FormatLimitError(f"{spec.name!r} is empty ({'x'.join(map(str, spec.dims))}); a "
-                                   f"{fmt} variable needs at least one element per step")
+            raise FormatLimitError(
+                f"{spec.name!r} is empty ({'x'.join(map(str, spec.dims))}); a "
+                f"{fmt} variable needs at least one element per step"
+            )
         out.append((spec, value))
     return out
 
 
-WRITERS: dict[str, Writer] = {w.name: w for w in (MatWriter("v5", write_v5), MatWriter("v7.3", write_v73),
-                                                   StreamWriter())}
+WRITERS: dict[str, Writer] = {
+    w.name: w for w in (MatWriter("v5", write_v5), MatWriter("v7.3", write_v73), StreamWriter())
+}
 
 
 def writer_for(fmt: str) -> Writer:
@@ -115,8 +130,9 @@ def writer_for(fmt: str) -> Writer:
         raise ProtocolError(f"unknown format {fmt!r}; known: {', '.join(WRITERS)}") from None
 
 
-def write_atomic(final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0,
-                 append: bool = False) -> int:
+def write_atomic(
+    final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0, append: bool = False
+) -> int:
     """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
     with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``).
     Returns the file's size in bytes."""
@@ -156,8 +172,11 @@ class Session:
         temp = Temporary(final)
         try:
             by_name = writer.write(temp.path, variables, 0)
-            holes = {i: (spec, by_name[spec.name]) for i, (spec, _) in enumerate(variables)
-                     if isinstance(spec, VarSpec) and spec.deferred}
+            holes = {
+                i: (spec, by_name[spec.name])
+                for i, (spec, _) in enumerate(variables)
+                if isinstance(spec, VarSpec) and spec.deferred
+            }
             return cls(temp, fsync, holes, os.open(temp.path, os.O_WRONLY | os.O_CLOEXEC))
         except BaseException:
             temp.discard()
@@ -170,8 +189,10 @@ class Session:
         spec, offsets = self.holes[var]
         itemsize = np.dtype(spec.dtype).itemsize
         if start % itemsize or data.nbytes % itemsize or start + data.nbytes > spec.nbytes:
-            raise ProtocolError(f"piece [{start}, {start + data.nbytes}) does not fit variable "
-                                f"{spec.name!r} of {spec.nbytes} bytes in whole elements")
+            raise ProtocolError(
+                f"piece [{start}, {start + data.nbytes}) does not fit variable "
+                f"{spec.name!r} of {spec.nbytes} bytes in whole elements"
+            )
         if len(offsets) == 2:  # v5 complex: real and imaginary parts are stored apart
             values = data.view(spec.dtype)
             pwrite_all(self.fd, np.ascontiguousarray(values.real).view(np.uint8), offsets[0] + start // 2)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import h5py
+
 from matspool._errors import UnsupportedTypeError
 from matspool._protocol import Variable
 

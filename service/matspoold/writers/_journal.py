@@ -147,19 +147,21 @@ class UndoFile:
         self._pos += n
         self.eof = max(self.eof, off + n)
         if off < _IDENT_BYTES and self.error is None:  # a file without a userblock
-            self.error = OSError(errno.EINVAL, "the file has no userblock: its first bytes would be rewritten")
+            self.error = OSError(
+                errno.EINVAL, "the file has no userblock: its first bytes would be rewritten"
+            )
         if self.error is not None:
             self._hold(off, view)
             return n
         if off < self.base:
-            self.held.append((off, bytes(view[:self.base - off])))
+            self.held.append((off, bytes(view[: self.base - off])))
         if off + n > self.base:
             start = max(off, self.base)
             try:
-                pwrite_all(self.fd, view[start - off:], start)
+                pwrite_all(self.fd, view[start - off :], start)
             except OSError as e:
                 self.error = e
-                self._hold(start, view[start - off:])
+                self._hold(start, view[start - off :])
         return n
 
     def truncate(self, size: int | None = None) -> int:
@@ -182,7 +184,7 @@ class UndoFile:
     def undo_ranges(self) -> list[tuple[int, int]]:
         """Disjoint ``[start, end)`` ranges below ``base`` the commit will change."""
         spans = [(o, o + len(d)) for o, d in self.held]
-        return _merge(spans + [(self.eof, self.base)] if self.eof < self.base else spans)
+        return _merge([*spans, (self.eof, self.base)] if self.eof < self.base else spans)
 
     def segments(self) -> list[tuple[int, bytes]]:
         """The held writes as disjoint runs of their final bytes (overlapping writes
@@ -192,8 +194,8 @@ class UndoFile:
         bufs = [bytearray(hi - lo) for lo, hi in spans]
         for off, data in self.held:  # in write order: a later write wins
             i = bisect.bisect_right(starts, off) - 1
-            bufs[i][off - starts[i]:off - starts[i] + len(data)] = data
-        return sorted(((lo, bytes(buf)) for lo, buf in zip(starts, bufs)), key=_apply_rank)
+            bufs[i][off - starts[i] : off - starts[i] + len(data)] = data
+        return sorted(((lo, bytes(buf)) for lo, buf in zip(starts, bufs, strict=True)), key=_apply_rank)
 
     def apply(self) -> None:
         """Put the held writes into the file, and cut it if HDF5 shrank it."""
@@ -289,7 +291,7 @@ def _journal_originals(undo: UndoFile, jfd: int, head: bytes, path: str, jpath: 
         parts += [_RECORD.pack(lo, hi - lo), original]
     body = b"".join(parts)
     try:
-        pwrite_all(jfd, body[len(head):] + _TAIL.pack(len(ranges), zlib.crc32(body), _END), len(head))
+        pwrite_all(jfd, body[len(head) :] + _TAIL.pack(len(ranges), zlib.crc32(body), _END), len(head))
         if fsync:
             os.fsync(jfd)
             _fsync_dir(jpath)
@@ -318,13 +320,13 @@ def _parse(blob: bytes) -> tuple[tuple[int, int, int, int], list[tuple[int, byte
     if len(blob) < _HEAD.size:
         return None
     magic, base, dev, ino, ident, crc = _HEAD.unpack_from(blob)
-    if magic != _MAGIC or crc != zlib.crc32(blob[:_HEAD.size - 4]):
+    if magic != _MAGIC or crc != zlib.crc32(blob[: _HEAD.size - 4]):
         return None
     head = (base, dev, ino, ident)
     if len(blob) < _HEAD.size + _TAIL.size:
         return head, None
     count, crc, end = _TAIL.unpack_from(blob, len(blob) - _TAIL.size)
-    body = blob[:len(blob) - _TAIL.size]
+    body = blob[: len(blob) - _TAIL.size]
     if end != _END or crc != zlib.crc32(body):
         return head, None
     records, pos = [], _HEAD.size
@@ -333,7 +335,7 @@ def _parse(blob: bytes) -> tuple[tuple[int, int, int, int], list[tuple[int, byte
             return head, None
         off, n = _RECORD.unpack_from(body, pos)
         pos += _RECORD.size
-        records.append((off, body[pos:pos + n]))
+        records.append((off, body[pos : pos + n]))
         pos += n
     return (head, records) if pos == len(body) else (head, None)
 
@@ -374,5 +376,8 @@ def recover(path: str) -> str | None:
         os.close(fd)
     os.unlink(jpath)
     _fsync_dir(jpath)
-    return f"restored {len(records)} ranges and cut to {base} bytes" if records is not None else \
-        f"cut to {base} bytes (the append had not changed earlier bytes)"
+    return (
+        f"restored {len(records)} ranges and cut to {base} bytes"
+        if records is not None
+        else f"cut to {base} bytes (the append had not changed earlier bytes)"
+    )

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from matspool import _protocol as proto
 from matspool._errors import ProtocolError
 

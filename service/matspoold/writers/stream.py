@@ -21,6 +21,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+
 from matspool._errors import WriteFailed
 from matspool._protocol import VarSpec
 

@@ -18,9 +18,10 @@ import struct
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, overload
 
 import numpy as np
+
 from matspool._errors import UnsupportedTypeError
 from matspool._matlab import STORED_DTYPES
 from matspool._protocol import TreeSpec, Variable, VarSpec
@@ -72,7 +73,7 @@ def _pieces(data: np.ndarray, block: int) -> Iterator[bytes | memoryview]:
     """A 1-d column-major view of the ring as buffers of at most ``block`` bytes."""
     step = max(1, block // max(1, data.itemsize))
     if data.flags.c_contiguous:
-        view = memoryview(data).cast("B")
+        view = data.data.cast("B")
         yield from (view[i:i + step * data.itemsize] for i in range(0, len(view), step * data.itemsize))
     else:  # the real or imaginary half of a complex array: strided, copied block by block
         for i in range(0, data.size, step):
@@ -83,6 +84,10 @@ class Hole(int):
     """Bytes of a deferred variable: skipped now, written by its pieces later."""
 
 
+@overload
+def _element(spec: VarSpec, arr: np.ndarray, block: int) -> Iterator[bytes | memoryview]: ...
+@overload
+def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]: ...
 def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]:
     """The bytes of one miMATRIX element, in order, without copying real payloads
     (``arr`` None: the variable is deferred and its parts are ``Hole``s)."""
@@ -90,7 +95,9 @@ def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[byte
     is_complex = dt.kind == "c"
     part_dt = np.dtype(f"<f{dt.itemsize // 2}") if is_complex else np.dtype("|u1") if dt.kind == "b" else dt
     if arr is None:
-        parts: list[np.ndarray | Hole] = [Hole(spec.nbytes // (2 if is_complex else 1))] * (2 if is_complex else 1)
+        parts: list[np.ndarray | Hole] = [Hole(spec.nbytes // (2 if is_complex else 1))] * (
+            2 if is_complex else 1
+        )
     else:
         flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
         parts = [flat.real, flat.imag] if is_complex else [flat.view(part_dt)]
@@ -106,7 +113,7 @@ def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[byte
     head += struct.pack(f"<II{ndim}i", 5, 4 * ndim, *spec.dims) + b"\x00" * _pad(4 * ndim)
     head += struct.pack("<II", 1, len(name)) + name + b"\x00" * _pad(len(name))
     yield head
-    for part, n in zip(parts, sizes):
+    for part, n in zip(parts, sizes, strict=True):
         yield struct.pack("<II", mi, n)
         if isinstance(part, Hole):
             yield part
@@ -170,9 +177,11 @@ def _tagged(mi: int, data: bytes) -> bytes:
 
 def _matrix_head(cls: int, dims: tuple[int, ...], name: str, nzmax: int = 0) -> bytes:
     """Array flags, dimensions and name: the start of every miMATRIX."""
-    return (struct.pack("<IIII", 6, 8, cls, nzmax)
-            + _tagged(_MI_INT32, struct.pack(f"<{len(dims)}i", *dims))
-            + _tagged(_MI_INT8, name.encode("ascii")))
+    return (
+        struct.pack("<IIII", 6, 8, cls, nzmax)
+        + _tagged(_MI_INT32, struct.pack(f"<{len(dims)}i", *dims))
+        + _tagged(_MI_INT8, name.encode("ascii"))
+    )
 
 
 def _numeric(arr: np.ndarray) -> tuple[int, bytes]:
@@ -182,8 +191,10 @@ def _numeric(arr: np.ndarray) -> tuple[int, bytes]:
     cls = _MX[STORED_DTYPES[dt.str]]
     if dt.kind == "c":
         part = f"<f{dt.itemsize // 2}"
-        return cls | _FLAG_COMPLEX, (_tagged(_MI[part[1:]], flat.real.astype(part).tobytes())
-                                     + _tagged(_MI[part[1:]], flat.imag.astype(part).tobytes()))
+        return cls | _FLAG_COMPLEX, (
+            _tagged(_MI[part[1:]], flat.real.astype(part).tobytes())
+            + _tagged(_MI[part[1:]], flat.imag.astype(part).tobytes())
+        )
     flags = cls | (_FLAG_LOGICAL if dt.kind == "b" else 0)
     return flags, _tagged(_MI[dt.str[1:]], flat.view(np.uint8 if dt.kind == "b" else dt).tobytes())
 
@@ -196,25 +207,37 @@ def _matrix(name: str, value: Any) -> bytes:
     if isinstance(value, Char):
         units = value.units.reshape(-1, order="F")
         ascii_only = not units.size or int(units.max()) < 0x80
-        data = _tagged(_MI_UTF8, units.astype(np.uint8).tobytes()) if ascii_only else \
-            _tagged(_MI_UTF16, units.astype("<u2").tobytes())
+        data = (
+            _tagged(_MI_UTF8, units.astype(np.uint8).tobytes())
+            if ascii_only
+            else _tagged(_MI_UTF16, units.astype("<u2").tobytes())
+        )
         body = _matrix_head(_MX_CHAR, value.units.shape, name) + data
     elif isinstance(value, Cell):
         body = _matrix_head(_MX_CELL, value.dims, name) + b"".join(_matrix("", v) for v in value.items)
     elif isinstance(value, Struct):
         width = max((len(n) for n in value.names), default=0) + 1
         names = b"".join(n.encode("ascii").ljust(width, b"\x00") for n in value.names)
-        body = (_matrix_head(_MX_STRUCT, value.dims, name)
-                + struct.pack("<HHI", _MI_INT32, 4, width)  # the small-element form MATLAB uses
-                + _tagged(_MI_INT8, names)
-                + b"".join(_matrix("", v) for e in value.elems for v in e))
+        body = (
+            _matrix_head(_MX_STRUCT, value.dims, name)
+            + struct.pack("<HHI", _MI_INT32, 4, width)  # the small-element form MATLAB uses
+            + _tagged(_MI_INT8, names)
+            + b"".join(_matrix("", v) for e in value.elems for v in e)
+        )
     elif isinstance(value, Sparse):
         logical = value.data.dtype.kind == "b"
         is_complex = value.data.dtype.kind == "c"
-        flags = _MX_SPARSE | _FLAG_SPARSE | (_FLAG_LOGICAL if logical else 0) | (_FLAG_COMPLEX if is_complex else 0)
-        body = (_matrix_head(flags, value.dims, name, max(1, value.data.size))
-                + _tagged(_MI_INT32, value.ir.astype("<i4").tobytes())
-                + _tagged(_MI_INT32, value.jc.astype("<i4").tobytes()))
+        flags = (
+            _MX_SPARSE
+            | _FLAG_SPARSE
+            | (_FLAG_LOGICAL if logical else 0)
+            | (_FLAG_COMPLEX if is_complex else 0)
+        )
+        body = (
+            _matrix_head(flags, value.dims, name, max(1, value.data.size))
+            + _tagged(_MI_INT32, value.ir.astype("<i4").tobytes())
+            + _tagged(_MI_INT32, value.jc.astype("<i4").tobytes())
+        )
         if logical:
             body += _tagged(_MI["u1"], value.data.view(np.uint8).tobytes())
         else:
@@ -240,11 +263,10 @@ def _write_tree(f: BinaryIO, spec: Variable, value: Any, level: int) -> None:
 _SMALL_FILE: Final = 1 << 20
 
 
-def _write_small(path: str, variables: Sequence[tuple[Variable, Any]]) -> None:
+def _write_small(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> None:
     """A small plain numeric file, assembled in memory and written with one ``write()``:
     for 4 KiB variables the file object and its per-call overheads cost more than the bytes."""
-    image = b"".join([header(), *(buf for spec, value in variables
-                                   for buf in _element(spec, value, _CHUNK))])  # type: ignore[arg-type]
+    image = b"".join([header(), *(buf for spec, value in variables for buf in _element(spec, value, _CHUNK))])
     write_new_file(path, image)
 
 
@@ -254,11 +276,11 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
     Deferred variables leave holes (the real part, and the imaginary part of a complex
     one); the returned file offsets are where their pieces go.
     """
-    if not level and sum(spec.nbytes if isinstance(spec, VarSpec) and not spec.deferred and not spec.mclass
-                         else _SMALL_FILE + 1
-                         for spec, _ in variables) <= _SMALL_FILE:
-        _write_small(path, variables)
-        return {}
+    if not level:
+        plain = [(s, v) for s, v in variables if isinstance(s, VarSpec) and not s.deferred and not s.mclass]
+        if len(plain) == len(variables) and sum(s.nbytes for s, _ in plain) <= _SMALL_FILE:
+            _write_small(path, plain)
+            return {}
     holes: dict[str, list[int]] = {}
     # buffered: headers, tags and padding leave together; payloads larger than the
     # buffer still go to write() straight from the ring, uncopied
@@ -287,11 +309,11 @@ def _element_name(mi: int, body: bytes) -> str:
         return ""
     p = 16  # past the array flags
     for _ in range(2):  # the dimensions, then the name
-        tag, n = struct.unpack("<II", body[p:p + 8])
+        tag, n = struct.unpack("<II", body[p : p + 8])
         if tag >> 16:
-            n, data, p = tag >> 16, body[p + 4:p + 4 + (tag >> 16)], p + 8
+            n, data, p = tag >> 16, body[p + 4 : p + 4 + (tag >> 16)], p + 8
         else:
-            data, p = body[p + 8:p + 8 + n], p + 8 + n + _pad(n)
+            data, p = body[p + 8 : p + 8 + n], p + 8 + n + _pad(n)
     return data.decode("utf-8", "replace")
 
 
@@ -299,9 +321,11 @@ def variable_names(data: bytes | memoryview | mmap.mmap) -> list[tuple[str, int,
     """(name, start, end) of every top-level element of a little-endian v5 file's bytes."""
     out, pos = [], 128
     while pos + 8 <= len(data):
-        mi, n = struct.unpack("<II", data[pos:pos + 8])
+        mi, n = struct.unpack("<II", data[pos : pos + 8])
         end = pos + 8 + n + (0 if mi == _MI_COMPRESSED else _pad(n))
-        out.append((_element_name(mi, bytes(data[pos + 8:min(end, pos + 8 + 4096)])), pos, min(end, len(data))))
+        out.append(
+            (_element_name(mi, bytes(data[pos + 8 : min(end, pos + 8 + 4096)])), pos, min(end, len(data)))
+        )
         pos = end
     return out
 

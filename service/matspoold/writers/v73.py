@@ -31,6 +31,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+
 from matspool._matlab import STORED_DTYPES
 from matspool._protocol import TreeSpec, Variable, VarSpec
 
@@ -89,18 +90,18 @@ def _write_deflated(f: h5py.File, name: str, data: np.ndarray, level: int) -> h5
     chunk = _chunk_shape(data.shape, data.dtype.itemsize)
     ds = f.create_dataset(name, shape=data.shape, dtype=data.dtype, chunks=chunk,
                           compression="gzip", compression_opts=level)
-    origins = list(itertools.product(*(range(0, n, c) for n, c in zip(data.shape, chunk))))
+    origins = list(itertools.product(*(range(0, n, c) for n, c in zip(data.shape, chunk, strict=True))))
 
     def compress(batch: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], bytes]]:
         out = []
         for origin in batch:
-            block = data[tuple(slice(o, o + c) for o, c in zip(origin, chunk))]
+            block = data[tuple(slice(o, o + c) for o, c in zip(origin, chunk, strict=True))]
             if block.shape != chunk:  # edge chunks are stored full size, padded
                 full = np.zeros(chunk, dtype=data.dtype)
                 full[tuple(slice(0, n) for n in block.shape)] = block
                 block = full
             raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
-            out.append((origin, zlib.compress(raw, level)))
+            out.append((origin, zlib.compress(raw.data, level)))
         return out
 
     batches = [origins[i:i + _CHUNKS_PER_TASK] for i in range(0, len(origins), _CHUNKS_PER_TASK)]
@@ -202,7 +203,8 @@ class _Tree:
         else:
             name = self._new_ref()
             assert self.refs is not None
-            dsid = h5py.h5d.create(self.refs.id, name.encode(), _VLEN_S1, h5py.h5s.create_simple((len(names),)))
+            space = h5py.h5s.create_simple((len(names),))
+            dsid = h5py.h5d.create(self.refs.id, name.encode(), _VLEN_S1, space)
             dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, hvl, mtype=_VLEN_S1)
             obj.attrs.create("MATLAB_fields", h5py.Dataset(dsid).ref, dtype=h5py.ref_dtype)
         del keep
@@ -213,7 +215,9 @@ class _Tree:
         ds.attrs.create("MATLAB_empty", np.uint8(1))
         return ds
 
-    def write(self, group: h5py.Group, name: str, value: Any, h5path: str | None, label: str) -> h5py.HLObject:
+    def write(
+        self, group: h5py.Group, name: str, value: Any, h5path: str | None, label: str
+    ) -> h5py.HLObject:
         """``value`` as ``group[name]``; ``h5path`` its H5PATH (None: none), ``label`` what
         its children's H5PATH appends (MATLAB's concatenation: ``/s`` then ``/slevel1``)."""
         obj = self._write(group, name, value, h5path, label)
@@ -221,13 +225,16 @@ class _Tree:
             _str_attr(obj, "H5PATH", h5path)
         return obj
 
-    def _write(self, group: h5py.Group, name: str, value: Any, h5path: str | None, label: str) -> h5py.HLObject:
+    def _write(
+        self, group: h5py.Group, name: str, value: Any, h5path: str | None, label: str
+    ) -> h5py.HLObject:
         inner = (h5path or "") + label
         if isinstance(value, Char):
             if value.units.size == 0:
                 return self._empty(group, name, value.units.shape, "char")
-            ds = group.create_dataset(name, data=value.units.reshape(-1, order="F").astype("<u2")
-                                      .reshape(value.units.shape[::-1]))
+            ds = group.create_dataset(
+                name, data=value.units.reshape(-1, order="F").astype("<u2").reshape(value.units.shape[::-1])
+            )
             _str_attr(ds, "MATLAB_class", "char")
             ds.attrs.create("MATLAB_int_decode", np.int32(2))
             return ds
@@ -273,7 +280,7 @@ class _Tree:
             return self._empty(group, name, arr.shape, cls)
         data = arr.reshape(-1, order="F").view(_stored_dtype(arr.dtype)).reshape(arr.shape[::-1])
         if self.level and data.nbytes >= _MIN_COMPRESS_BYTES:
-            ds = _write_deflated(group, name, data, self.level)  # type: ignore[arg-type]
+            ds = _write_deflated(group, name, data, self.level)
         else:
             ds = group.create_dataset(name, data=data)
         _str_attr(ds, "MATLAB_class", cls)
@@ -335,21 +342,27 @@ def _template_key(variables: Sequence[tuple[Variable, Any]], level: int) -> tupl
     return tuple(key) if total <= TEMPLATE_MAX_BYTES else None
 
 
-def _payloads(variables: Sequence[tuple[Variable, Any]], offsets: Sequence[int | None]) -> list[tuple[int, np.ndarray]]:
-    return [(off, _stored(spec, arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-            for (spec, arr), off in zip(variables, offsets) if off is not None]
+def _payloads(
+    variables: Sequence[tuple[Variable, Any]], offsets: Sequence[int | None]
+) -> list[tuple[int, np.ndarray]]:
+    return [
+        (off, _stored(spec, arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        for (spec, arr), off in zip(variables, offsets, strict=True)
+        if off is not None
+    ]
 
 
 def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
     image = bytearray(t.image)
     for offset, data in _payloads(variables, t.offsets):
-        image[offset:offset + data.nbytes] = memoryview(data)
+        image[offset : offset + data.nbytes] = data.data
     image[:128] = header()
     write_new_file(path, image)
 
 
-def _fill(f: h5py.File, variables: Sequence[tuple[Variable, Any]], level: int
-          ) -> tuple[list[int | None], dict[str, list[int]]]:
+def _fill(
+    f: h5py.File, variables: Sequence[tuple[Variable, Any]], level: int
+) -> tuple[list[int | None], dict[str, list[int]]]:
     """Lay the variables out in ``f``; returns each one's payload offset (None: written
     already, or none) and the holes of deferred variables."""
     holes: dict[str, list[int]] = {}
