@@ -26,6 +26,7 @@ import pytest
 import scipy.io
 import torch
 import zmq
+from fakedaemon import FakeDaemon, ZmqFake
 
 import matspool
 from matspool import _messages as msgs
@@ -362,71 +363,10 @@ def test_v5_dimension_over_int32(mspool: matspool.Spool, root: Path) -> None:
 
 
 # -- a daemon that accepts but never writes -----------------------------------------------------
-class FakeDaemon:
-    """A ROUTER that says WELCOME and PONG but holds every WRITE until told otherwise."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.writes: list[proto.WriteRequest] = []
-        self._ident: bytes | None = None
-        self._todo: list[msgs.Reply | dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
-
-    def _loop(self) -> None:
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.endpoint)
-        self._ready.set()
-        ring_bytes: int | None = None
-        try:
-            while not self._stop.is_set():
-                if sock.poll(20):
-                    ident, *frames = sock.recv_multipart()
-                    raw = proto.decode(frames)
-                    self._ident = ident
-                    # saves the client queued together come as one BATCH
-                    for one in msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else [raw]:
-                        msg = msgs.parse_request(one, ring_bytes)
-                        if isinstance(msg, msgs.Hello):
-                            ring_bytes = msg.ring_bytes
-                            sock.send_multipart([ident, *msgs.encode(msgs.Welcome(0, "fake", "matspool/1"))])
-                        elif isinstance(msg, msgs.Ping):
-                            sock.send_multipart([ident, *msgs.encode(msgs.Pong("fake"))])
-                        elif isinstance(msg, proto.WriteRequest):
-                            with self._lock:
-                                self.writes.append(msg)
-                with self._lock:
-                    todo, self._todo = self._todo, []
-                for reply in todo:
-                    assert self._ident is not None
-                    frames = proto.encode(reply) if isinstance(reply, dict) else msgs.encode(reply)
-                    sock.send_multipart([self._ident, *frames])
-        finally:
-            sock.close(linger=0)
-
-    def reply(self, msg: msgs.Reply | dict[str, Any]) -> None:
-        """Send ``msg`` to the client: a typed reply, or a raw (possibly malformed) one."""
-        with self._lock:
-            self._todo.append(msg)
-
-    def n_writes(self) -> int:
-        with self._lock:
-            return len(self.writes)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeDaemon]:
-    f = FakeDaemon(f"ipc://{tmp_path}/fake.sock")
+def fake(tmp_path: Path) -> Iterator[ZmqFake]:
+    """A daemon that accepts every WRITE but never writes: tests answer for it."""
+    f = ZmqFake(FakeDaemon(hold=True), f"ipc://{tmp_path}/fake.sock")
     yield f
     f.close()
 
@@ -438,10 +378,10 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_ring_full_raise(fake: FakeDaemon, tmp_path: Path) -> None:
+def test_ring_full_raise(fake: ZmqFake, tmp_path: Path) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, on_full="raise", timeout=30) as s:
         first = s.save(tmp_path / "a.mat", {"x": np.zeros(600_000, np.uint8)})
-        _wait_for(lambda: fake.n_writes() == 1)
+        _wait_for(lambda: fake.daemon.n_writes() == 1)
         t0 = time.monotonic()
         with pytest.raises(matspool.SpoolFull) as ei:
             s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})
@@ -451,20 +391,20 @@ def test_ring_full_raise(fake: FakeDaemon, tmp_path: Path) -> None:
         assert s.pending == 1 and not first.done()
         # a small save still fits beside the one in flight
         small = s.save(tmp_path / "c.mat", {"x": np.zeros(1000, np.uint8)})
-        _wait_for(lambda: fake.n_writes() == 2)
+        _wait_for(lambda: fake.daemon.n_writes() == 2)
         # once the daemon acknowledges, the space comes back
-        fake.reply(msgs.Done(((fake.writes[0].seq, 1),)))
+        fake.reply(msgs.Done(((fake.daemon.writes[0].seq, 1),)))
         assert first.result(5).path == str(tmp_path / "a.mat")
         again = s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})
-        _wait_for(lambda: fake.n_writes() == 3)
-        fake.reply(msgs.Done(((fake.writes[1].seq, 1),)))
-        fake.reply(msgs.Done(((fake.writes[2].seq, 1),)))
+        _wait_for(lambda: fake.daemon.n_writes() == 3)
+        fake.reply(msgs.Done(((fake.daemon.writes[1].seq, 1),)))
+        fake.reply(msgs.Done(((fake.daemon.writes[2].seq, 1),)))
         small.result(5)
         again.result(5)
         assert s.pending == 0
 
 
-def test_ring_full_block_times_out(fake: FakeDaemon, tmp_path: Path) -> None:
+def test_ring_full_block_times_out(fake: ZmqFake, tmp_path: Path) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, on_full="block", timeout=0.5) as s:
         s.save(tmp_path / "a.mat", {"x": np.zeros(600_000, np.uint8)})
         t0 = time.monotonic()
@@ -472,25 +412,25 @@ def test_ring_full_block_times_out(fake: FakeDaemon, tmp_path: Path) -> None:
             s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})
         waited = time.monotonic() - t0
         assert 0.45 <= waited < 2.5, waited
-        _wait_for(lambda: fake.n_writes() == 1)
-        fake.reply(msgs.Done(((fake.writes[0].seq, 1),)))
+        _wait_for(lambda: fake.daemon.n_writes() == 1)
+        fake.reply(msgs.Done(((fake.daemon.writes[0].seq, 1),)))
         _wait_for(lambda: s.pending == 0)
         s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})  # fits again
-        _wait_for(lambda: fake.n_writes() == 2)
-        fake.reply(msgs.Done(((fake.writes[1].seq, 1),)))
+        _wait_for(lambda: fake.daemon.n_writes() == 2)
+        fake.reply(msgs.Done(((fake.daemon.writes[1].seq, 1),)))
         s.flush(5)
 
 
-def test_ring_full_block_waits_for_space(fake: FakeDaemon, tmp_path: Path) -> None:
+def test_ring_full_block_waits_for_space(fake: ZmqFake, tmp_path: Path) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, on_full="block", timeout=10) as s:
         s.save(tmp_path / "a.mat", {"x": np.zeros(600_000, np.uint8)})
-        _wait_for(lambda: fake.n_writes() == 1)
-        threading.Timer(0.3, fake.reply, [msgs.Done(((fake.writes[0].seq, 1),))]).start()
+        _wait_for(lambda: fake.daemon.n_writes() == 1)
+        threading.Timer(0.3, fake.reply, [msgs.Done(((fake.daemon.writes[0].seq, 1),))]).start()
         t0 = time.monotonic()
         s.save(tmp_path / "b.mat", {"x": np.zeros(600_000, np.uint8)})
         assert 0.2 <= time.monotonic() - t0 < 5
-        _wait_for(lambda: fake.n_writes() == 2)
-        fake.reply(msgs.Done(((fake.writes[1].seq, 1),)))
+        _wait_for(lambda: fake.daemon.n_writes() == 2)
+        fake.reply(msgs.Done(((fake.daemon.writes[1].seq, 1),)))
         s.flush(5)
 
 
@@ -552,7 +492,7 @@ def test_flush_collects_every_failure(mspool: matspool.Spool, root: Path, outsid
     assert_serves(mspool, root)
 
 
-def test_flush_timeout_when_a_save_is_stuck(fake: FakeDaemon, tmp_path: Path) -> None:
+def test_flush_timeout_when_a_save_is_stuck(fake: ZmqFake, tmp_path: Path) -> None:
     s = matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30)
     try:
         fut = s.save(tmp_path / "a.mat", {"x": 1.0})
@@ -567,11 +507,11 @@ def test_flush_timeout_when_a_save_is_stuck(fake: FakeDaemon, tmp_path: Path) ->
     assert isinstance(fut.exception(0), matspool.SpoolClosed)
 
 
-def test_err_from_the_daemon_maps_to_the_error_class(fake: FakeDaemon, tmp_path: Path) -> None:
+def test_err_from_the_daemon_maps_to_the_error_class(fake: ZmqFake, tmp_path: Path) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30) as s:
         futs = [s.save(tmp_path / f"{i}.mat", {"x": 1.0}) for i in range(3)]
-        _wait_for(lambda: fake.n_writes() == 3)
-        seqs = [w.seq for w in fake.writes]
+        _wait_for(lambda: fake.daemon.n_writes() == 3)
+        seqs = [w.seq for w in fake.daemon.writes]
         fake.reply(msgs.Err(seqs[0], "write_failed", "disk full"))
         fake.reply(msgs.Err(seqs[1], "no_such_code", "odd"))
         fake.reply(msgs.Done(((seqs[2], 7),)))
@@ -582,11 +522,11 @@ def test_err_from_the_daemon_maps_to_the_error_class(fake: FakeDaemon, tmp_path:
         assert s._ring.used == 0
 
 
-def test_one_done_answers_several_saves(fake: FakeDaemon, tmp_path: Path) -> None:
+def test_one_done_answers_several_saves(fake: ZmqFake, tmp_path: Path) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30) as s:
         futs = [s.save(tmp_path / f"{i}.mat", {"x": float(i)}) for i in range(4)]
-        _wait_for(lambda: fake.n_writes() == 4)
-        seqs = [w.seq for w in fake.writes]
+        _wait_for(lambda: fake.daemon.n_writes() == 4)
+        seqs = [w.seq for w in fake.daemon.writes]
         fake.reply(msgs.Done(((seqs[2], 30), (seqs[0], 10), (seqs[3], 40))))
         assert [futs[i].result(5).nbytes for i in (0, 2, 3)] == [10, 30, 40]
         assert not futs[1].done()
@@ -607,15 +547,15 @@ def test_one_done_answers_several_saves(fake: FakeDaemon, tmp_path: Path) -> Non
     {"op": "DONE", "done": [None]},
 ], ids=["seq_list", "nbytes_str", "nbytes_null", "unknown_op", "no_seq", "done_str", "done_short",
         "done_seq_list", "done_null"])
-def test_client_survives_malformed_replies(fake: FakeDaemon, tmp_path: Path,
+def test_client_survives_malformed_replies(fake: ZmqFake, tmp_path: Path,
                                            bad_reply: dict[str, Any]) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30) as s:
         fut = s.save(tmp_path / "a.mat", {"x": 1.0})
-        _wait_for(lambda: fake.n_writes() == 1)
+        _wait_for(lambda: fake.daemon.n_writes() == 1)
         fake.reply(bad_reply)
         time.sleep(0.2)
         assert s._link._io is not None and s._link._io.is_alive(), "a bad reply ended the client's I/O thread"
-        fake.reply(msgs.Done(((fake.writes[0].seq, 3),)))  # the real answer still counts
+        fake.reply(msgs.Done(((fake.daemon.writes[0].seq, 3),)))  # the real answer still counts
         assert fut.result(5).nbytes == 3
         s.flush(5)
 

@@ -6,59 +6,12 @@ names, so these tests check what a daemon would receive, quickly and in one proc
 
 from __future__ import annotations
 
-import mmap
-import os
-import threading
-from typing import Any
-
 import numpy as np
 import pytest
+from fakedaemon import FakeDaemon
 
 import matspool
-from matspool import _messages as m
-from matspool import _protocol as proto
-from matspool._ring import open_ring_readonly
 from matspool._transport import MemoryTransport
-
-
-class FakeDaemon:
-    """Answers like matspoold; ``silent`` holds answers back until it is cleared."""
-
-    def __init__(self) -> None:
-        self.mm: mmap.mmap | None = None
-        self.files: dict[str, dict[str, bytes]] = {}
-        self.silent = threading.Event()
-        self.held: list[m.Reply] = []
-        self.fail_with: dict[str, Any] | None = None
-        self.instance = "fake"
-        self.writes: list[str] = []  # paths, one per WRITE received
-
-    def __call__(self, msg: m.Request) -> list[m.Reply]:
-        if isinstance(msg, m.Hello):
-            assert msg.ring is not None
-            self.mm, fd = open_ring_readonly(msg.ring, msg.ring_bytes)
-            os.close(fd)
-            return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
-        if isinstance(msg, proto.WriteRequest):
-            self.writes.append(msg.path)
-            reply: m.Reply
-            if self.fail_with is not None:
-                reply = m.Err(msg.seq, **self.fail_with)
-            else:
-                assert self.mm is not None
-                self.files[msg.path] = {v.name: bytes(self.mm[v.offset:v.offset + v.nbytes])
-                                        for v in msg.vars if isinstance(v, proto.VarSpec)}
-                reply = m.Done(((msg.seq, 128),))
-            if self.silent.is_set():
-                self.held.append(reply)
-                return []
-            return [reply]
-        if isinstance(msg, m.Ping):
-            if self.silent.is_set():
-                return []
-            held, self.held = self.held, []
-            return [*held, m.Pong(self.instance)]
-        return []
 
 
 @pytest.fixture
@@ -129,7 +82,7 @@ def test_a_new_daemon_instance_frees_what_the_silent_one_held(fake: FakeDaemon) 
         fake.instance = "restarted"
         fake.silent.clear()
         s.save("/data/after.mat", {"v": np.zeros((64, 80))}).result(10)  # needs that region
-        assert fake.writes.count("/data/held.mat") == 1  # a failed save is not re-sent
+        assert fake.paths().count("/data/held.mat") == 1  # a failed save is not re-sent
         assert s.pending == 0
     finally:
         s.close(5)

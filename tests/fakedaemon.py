@@ -1,0 +1,136 @@
+"""One fake daemon for the tests, built on the typed protocol (``matspool._messages``).
+
+:class:`FakeDaemon` is the daemon's side as a function of typed requests: it maps the
+client's ring on HELLO, reads the bytes each WRITE names and answers DONE (or the ERR in
+``fail_with``), or, with ``hold=True``, records the WRITE and answers nothing until a test
+says so. Hand it to ``MemoryTransport`` to run a whole Spool in one process, or serve it
+on a real socket with :class:`ZmqFake`, where a test can also inject raw (even malformed)
+replies.
+
+Threads: the handler runs on whichever thread delivers requests (the link's I/O thread, or
+ZmqFake's); the lock guards what tests read from theirs.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from typing import Any
+
+import zmq
+
+from matspool import _messages as m
+from matspool import _protocol as proto
+from matspool._ring import open_ring_readonly
+
+__all__ = ["FakeDaemon", "ZmqFake"]
+
+
+class FakeDaemon:
+    """Answers like matspoold. ``silent`` holds answers back (PONG too) until cleared;
+    ``instance`` can change to play a restarted daemon."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.hold = hold
+        self.mm: mmap.mmap | None = None
+        self.files: dict[str, dict[str, bytes]] = {}  # path -> variable -> bytes as read
+        self.writes: list[proto.WriteRequest] = []
+        self.silent = threading.Event()
+        self.held: list[m.Reply] = []
+        self.fail_with: dict[str, Any] | None = None  # Err fields for every WRITE
+        self.instance = "fake"
+        self.lock = threading.Lock()
+
+    def n_writes(self) -> int:
+        with self.lock:
+            return len(self.writes)
+
+    def paths(self) -> list[str]:
+        with self.lock:
+            return [w.path for w in self.writes]
+
+    def __call__(self, msg: m.Request) -> list[m.Reply]:
+        if isinstance(msg, m.Hello):
+            if msg.ring is not None:
+                self.mm, fd = open_ring_readonly(msg.ring, msg.ring_bytes)
+                os.close(fd)
+            return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
+        if isinstance(msg, proto.WriteRequest):
+            return self._write(msg)
+        if isinstance(msg, m.Ping):
+            if self.silent.is_set():
+                return []
+            held, self.held = self.held, []
+            return [*held, m.Pong(self.instance, os.getpid())]
+        return []
+
+    def _write(self, msg: proto.WriteRequest) -> list[m.Reply]:
+        with self.lock:
+            self.writes.append(msg)
+        if self.hold:
+            return []
+        reply: m.Reply
+        if self.fail_with is not None:
+            reply = m.Err(msg.seq, **self.fail_with)
+        else:
+            assert self.mm is not None
+            self.files[msg.path] = {v.name: bytes(self.mm[v.offset:v.offset + v.nbytes])
+                                    for v in msg.vars if isinstance(v, proto.VarSpec)}
+            reply = m.Done(((msg.seq, 128),))
+        if self.silent.is_set():
+            self.held.append(reply)
+            return []
+        return [reply]
+
+
+class ZmqFake:
+    """Serves a :class:`FakeDaemon` on a real ROUTER socket at ``endpoint``."""
+
+    def __init__(self, daemon: FakeDaemon, endpoint: str) -> None:
+        self.daemon = daemon
+        self.endpoint = endpoint
+        self._ident: bytes | None = None
+        self._todo: list[m.Reply | dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fake-daemon", daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    def reply(self, msg: m.Reply | dict[str, Any]) -> None:
+        """Send ``msg`` to the client: a typed reply, or a raw (possibly malformed) one."""
+        with self._lock:
+            self._todo.append(msg)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.endpoint)
+        self._ready.set()
+        ring_bytes: int | None = None
+        try:
+            while not self._stop.is_set():
+                if sock.poll(20):
+                    ident, *frames = sock.recv_multipart()
+                    self._ident = ident
+                    raw = proto.decode(frames)
+                    for one in m.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,):
+                        request = m.parse_request(one, ring_bytes)
+                        if isinstance(request, m.Hello):
+                            ring_bytes = request.ring_bytes
+                        for answer in self.daemon(request):
+                            sock.send_multipart([ident, *m.encode(answer)])
+                with self._lock:
+                    todo, self._todo = self._todo, []
+                for item in todo:
+                    assert self._ident is not None
+                    out = proto.encode(item) if isinstance(item, dict) else m.encode(item)
+                    sock.send_multipart([self._ident, *out])
+        finally:
+            sock.close(linger=0)
