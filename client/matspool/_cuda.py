@@ -193,7 +193,7 @@ class CudaCopier:
         self._ring = torch.from_numpy(ring_array)  # shares the ring's memory
         self._pinned = pinned
         self._lock = threading.Lock()
-        self._streams: dict[int, Any] = {}
+        self._streams: dict[int, list[Any]] = {}  # every copy stream drawn, per device
         self._budgets: dict[int, int] = {}
         self._inflight: dict[int, int] = {}
 
@@ -204,12 +204,14 @@ class CudaCopier:
         drawn from it could be a stream the caller computes on; then a new one is drawn."""
         torch = self._torch
         with self._lock:
-            s = self._streams.get(index)
-            tries = 0
-            while s is None or (s.cuda_stream == avoid.cuda_stream and tries < 64):
+            drawn = self._streams.setdefault(index, [])
+            for s in drawn:
+                if s.cuda_stream != avoid.cuda_stream:
+                    return s
+            s = torch.cuda.Stream(device=index, priority=-1)
+            if s.cuda_stream == avoid.cuda_stream:  # the next one in the pool is another
                 s = torch.cuda.Stream(device=index, priority=-1)
-                tries += 1
-            self._streams[index] = s
+            drawn.append(s)
             return s
 
     def budget(self, index: int) -> int:
@@ -389,7 +391,7 @@ class CudaCopier:
         """Wait for everything queued so far on the copy streams of ``devices``."""
         torch = self._torch
         with self._lock:
-            streams = [(i, s) for i, s in self._streams.items() if i in devices]
+            streams = [(i, s) for i, drawn in self._streams.items() if i in devices for s in drawn]
         events = []
         for index, s in streams:
             with torch.cuda.device(index):

@@ -125,7 +125,7 @@ def test_copy_stream_is_matspools_own(fresh: Any, daemon: Any) -> None:
     user = torch.cuda.Stream()
     with torch.cuda.stream(user):
         spool.save(daemon.root / "own.mat", {"u": torch.ones(10, device="cuda")}).result(60)
-        copy = _copier(spool)._streams[torch.cuda.current_device()]
+        copy = _copier(spool)._streams[torch.cuda.current_device()][0]
         assert copy != torch.cuda.current_stream() and copy != torch.cuda.default_stream()
         assert copy != user
 
@@ -297,7 +297,7 @@ def test_failed_start_drains_queued_chunks(fresh: Any, daemon: Any, monkeypatch:
     _sleep_ms(300)
     with pytest.raises(KeyboardInterrupt):
         spool.save(daemon.root / "interrupted.mat", {"x": x})
-    copy = _copier(spool)._streams[torch.cuda.current_device()]
+    copy = _copier(spool)._streams[torch.cuda.current_device()][0]
     assert copy.query(), "save() raised while a copy into its region was still queued"
     assert spool._ring.used == 0
     monkeypatch.setattr(_cuda, "_split", split)
@@ -327,7 +327,7 @@ def test_failed_second_device_drains_the_first(fresh: Any, daemon: Any,
         _sleep_ms(300)
     with pytest.raises(KeyboardInterrupt):
         spool.save(daemon.root / "fail2.mat", {"a0": a0, "a1": a1})
-    assert _copier(spool)._streams[0].query()
+    assert _copier(spool)._streams[0][0].query()
     assert spool._ring.used == 0
 
 
