@@ -476,3 +476,35 @@ def test_more_dtypes(fresh: Any, daemon: Any, dtype: str, fmt: str) -> None:
     got = read(path, fmt)
     assert_exact(got["x"], _expected(x))
     assert_exact(got["xt"], _expected(x.t()))
+
+
+# -- the ring is as fast a D2H target as cudaMallocHost memory -----------------------------
+def test_d2h_into_the_ring_reaches_pinned_bandwidth() -> None:
+    """>= 90 % of the bandwidth into a ``pin_memory=True`` buffer (cudaMallocHost), best of 5."""
+    from matspool._ring import Ring
+
+    n = 256 * MiB
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    ring = Ring(n)
+    try:
+        ring.register_cuda(torch.cuda.current_device())
+        targets = {"ring": torch.from_numpy(ring.array)[:n],
+                   "pinned": torch.empty(n, dtype=torch.uint8, pin_memory=True)}
+        copy = torch.cuda.Stream()
+        best = {}
+        for name, dst in targets.items():
+            times = []
+            for _ in range(6):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.cuda.stream(copy):
+                    a.record()
+                    dst.copy_(src, non_blocking=True)
+                    b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            best[name] = n / (min(times[1:]) / 1e3) / 1e9  # GB/s, the first is a warm-up
+        print(f"\nD2H GB/s: ring {best['ring']:.1f}, pinned {best['pinned']:.1f}")
+        assert best["ring"] >= 0.9 * best["pinned"], best
+    finally:
+        torch.cuda.synchronize()
+        ring.close()
