@@ -213,8 +213,10 @@ class Spool:
         """
         if not isinstance(append, bool):
             raise TypeError(f"append must be a bool, got {append!r}")
-        return eager(Spool._submit)(self, path, variables, normalize_format(format), layout,  # type: ignore[no-any-return]
-                                    oned_as, fsync, compress, "write", append, stream)
+        submit = eager(Spool._submit)  # under torch.compile: eager, behind a graph break
+        future: SaveFuture = submit(self, path, variables, normalize_format(format), layout, oned_as,
+                                    fsync, compress, "write", append, stream)
+        return future
 
     def stream(
         self,
