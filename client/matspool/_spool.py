@@ -392,4 +392,5 @@ class Spool:
         if not stuck:
             return None
         return CudaError(f"close(): a copy into the ring did not end within {_COPIES_CLOSE_TIMEOUT} s "
-                         "(a CUDA stream it waits on is stuck); the ring is unmapped once it ends")
+                         "(a CUDA stream it waits on is stuck, or a host reorder still runs); the ring is "
+                         "unmapped once it ends")
