@@ -20,6 +20,8 @@ import matspoold
 
 PUBLIC = [
     "ClientKeys",
+    "CudaCaptureError",
+    "CudaError",
     "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",

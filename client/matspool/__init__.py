@@ -12,6 +12,8 @@ from typing import Any as _Any
 
 from ._curve import ClientKeys
 from ._errors import (
+    CudaCaptureError,
+    CudaError,
     DaemonUnavailable,
     FlushError,
     FormatLimitError,
@@ -34,6 +36,8 @@ from ._stream import Stream
 
 __all__ = [
     "ClientKeys",
+    "CudaCaptureError",
+    "CudaError",
     "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",

@@ -6,17 +6,25 @@ waits for each in order, releases the copy holds of the regions involved, and pa
 message on. While anything is queued there, every message queues behind it, so saves to
 one path, a stream's steps and a big save's pieces reach the daemon in save order.
 
-Threads: ``dispatch`` runs in callers' threads; the copy thread owns the queue's items.
+The CUDA copier is made on the first CUDA save, which page-locks the ring from the
+context of that save's device (not GPU 0 for every rank), once, under ``_lock`` (two
+threads' first saves). Where page-locking is refused (memlock limit, a driver without
+host registration) saves still work through pageable memory, and a ``RuntimeWarning``
+says so once per process.
+
+Threads: ``dispatch`` runs in callers' threads; the copy thread owns the queue's items;
+``_lock`` guards the queue count, the thread and the copier.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ._errors import MatspoolError
+from ._errors import MatspoolError, RingError
 from ._leases import Lease, Leases
 from ._pending import PendingTable
 from ._ring import Ring
@@ -31,6 +39,23 @@ class Copy(Protocol):
 
 
 Send = Callable[[Any, "Lease | None"], None]
+
+_warned_pageable = False  # the pageable fallback is reported once per process
+
+
+def _pin(ring: Ring, device: int) -> bool:
+    """Page-lock ``ring`` from ``device``'s context; False (warned once) where refused."""
+    global _warned_pageable
+    try:
+        ring.register_cuda(device)
+    except RingError as e:
+        if not _warned_pageable:
+            _warned_pageable = True
+            warnings.warn(f"matspool: {e}. CUDA saves go through pageable memory instead: they "
+                          "still work, but each device-to-host copy is synchronous and slower",
+                          RuntimeWarning, stacklevel=4)
+        return False
+    return True
 
 
 class CopyPipeline:
@@ -47,15 +72,15 @@ class CopyPipeline:
         self._copier: Any = None
         self._copier_for: Any = None  # the ring mapping the copier writes into
 
-    def cuda(self) -> Any:
-        """The CUDA copier; the first call page-locks the ring (12 ms per 256 MiB)."""
+    def cuda(self, device: int) -> Any:
+        """The CUDA copier; the first call page-locks the ring from ``device``'s context
+        (12 ms per 256 MiB), or falls back to pageable copies where that is refused."""
         with self._lock:
             if self._copier is None or self._copier_for is not self._ring.array:
                 from ._cuda import CudaCopier  # (again after the ring moved: Ring.move)
 
-                if not self._ring.cuda_registered:
-                    self._ring.register_cuda()
-                self._copier = CudaCopier(self._ring.array)
+                pinned = self._ring.cuda_registered or _pin(self._ring, device)
+                self._copier = CudaCopier(self._ring.array, pinned=pinned)
                 self._copier_for = self._ring.array
             return self._copier
 
@@ -98,8 +123,24 @@ class CopyPipeline:
                 with self._lock:
                     self._queued -= 1
 
-    def close(self) -> None:
-        """Stop the copy thread once what is queued has been passed on."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the copy thread once what is queued has been passed on; False when it
+        is still waiting on a copy after ``timeout`` (a stuck CUDA stream): the ring must
+        then stay mapped until :meth:`after_copies` runs its callback."""
         if self._thread is not None:
             self._queue.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def after_copies(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (unmapping the ring) once the copy thread has ended, on a thread of
+        its own: the GPU may still write into the ring until then."""
+        thread = self._thread
+        assert thread is not None
+
+        def later() -> None:
+            thread.join()
+            fn()
+
+        threading.Thread(target=later, name="matspool-unmap", daemon=True).start()

@@ -17,6 +17,9 @@ builtin, so ``except ValueError`` or ``except OSError`` keeps working::
     │   └── UnknownClient                                  WRITE from a client it has no ring for
     ├── RingError(MatspoolError, OSError)                  shared memory could not be set up
     ├── SpoolClosed(MatspoolError, RuntimeError)           save() after close()
+    ├── CudaError(MatspoolError, RuntimeError)             the CUDA path could not copy (no
+    │   │                                                  staging memory, copies stuck)
+    │   └── CudaCaptureError                               save() during CUDA graph capture
     └── FlushError(MatspoolError)                          flush() saw failed saves (``.errors``)
 
 Threads: none; plain exception classes.
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 __all__ = [
     "ERROR_CODES",
+    "CudaCaptureError",
+    "CudaError",
     "DaemonUnavailable",
     "FlushError",
     "FormatLimitError",
@@ -116,6 +121,22 @@ class RingError(MatspoolError, OSError):
 
 class SpoolClosed(MatspoolError, RuntimeError):
     code = "closed"
+
+
+class CudaError(MatspoolError, RuntimeError):
+    """The CUDA copy path failed in the client: not even the smallest staging buffer fit
+    on the device, or copies into the ring did not end within a bounded wait (a stream
+    they wait on is stuck). Never raised by the daemon."""
+
+    code = "cuda"
+
+
+class CudaCaptureError(CudaError):
+    """``save()`` was called while the current CUDA stream is capturing a graph. A save
+    cannot be captured: replaying the graph would copy into ring offsets long reused.
+    Save the graph's outputs after ``replay()`` instead."""
+
+    code = "cuda_capture"
 
 
 class FlushError(MatspoolError):

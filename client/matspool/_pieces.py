@@ -13,7 +13,7 @@ the caller waits for the disk by as much as the save exceeds the ring.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _protocol as proto
 from ._convert import Prepared, copy_host
@@ -32,8 +32,14 @@ _POLL: Final = 0.05  # how often a slab waiting for room looks whether its save 
 
 
 def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, copies: CopyPipeline,
-                   *, block: bool, timeout: float | None) -> SaveFuture:
-    """Send a save the planner split (``plan.slabs``); returns its future."""
+                   *, block: bool, timeout: float | None, stream: Any = None) -> SaveFuture:
+    """Send a save the planner split (``plan.slabs``); returns its future.
+
+    A CUDA slab's region keeps its copy hold until the copy thread saw its D2H end (the
+    ``copied`` list given to ``dispatch``); a slab whose copy could not be queued is
+    released only after ``CudaCopier.start`` drained what it had queued, or stays held
+    when that drain timed out (:class:`CudaError`): never freed under a running copy.
+    """
     assert plan.slabs is not None
     ring = leases.ring
     base = leases.take(plan.total, block=block, timeout=timeout)
@@ -48,7 +54,8 @@ def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, co
             for a in plan.arrays:
                 if not a.is_cuda:
                     copy_host(a, ring.array, offsets[id(a)])
-            copy = copies.cuda().start(cuda_items) if cuda_items else None
+            copy = (copies.cuda(cuda_items[0][0].array.device.index or 0).start(cuda_items, stream)
+                    if cuda_items else None)
         except BaseException:
             copies.synchronize()
             leases.copied(base)
@@ -60,7 +67,7 @@ def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, co
                 if name in plan.slabs:
                     assert isinstance(v, Prepared)
                     _send_slabs(seq, index, v, *plan.slabs[name], save.future, leases, table,
-                                copies, block=block, timeout=timeout)
+                                copies, block=block, timeout=timeout, stream=stream)
         except BaseException:
             save.future.observed = True  # save() raises: the caller never gets the future
             raise
@@ -91,7 +98,7 @@ def _take(leases: Leases, nbytes: int, future: SaveFuture, *, block: bool,
 
 def _send_slabs(seq: int, index: int, v: Prepared, axis: int, per: int, future: SaveFuture,
                 leases: Leases, table: PendingTable, copies: CopyPipeline, *,
-                block: bool, timeout: float | None) -> None:
+                block: bool, timeout: float | None, stream: Any = None) -> None:
     ring = leases.ring
     plane = v.nbytes // v.dims[axis]
     for k in range(0, v.dims[axis], per):
@@ -111,7 +118,7 @@ def _send_slabs(seq: int, index: int, v: Prepared, axis: int, per: int, future: 
         copy = None
         try:
             if v.is_cuda:
-                copy = copies.cuda().start([(piece, lease.offset)])
+                copy = copies.cuda(v.array.device.index or 0).start([(piece, lease.offset)], stream)
             else:
                 copy_host(piece, ring.array, lease.offset)
         except BaseException:

@@ -211,20 +211,64 @@ class Ring:
             self._cond.notify_all()
 
     # -- CUDA ------------------------------------------------------------------------
-    def register_cuda(self) -> None:
-        """Page-lock the ring for CUDA so device-to-host copies are truly asynchronous."""
+    def register_cuda(self, device: int | None = None) -> None:
+        """Page-lock the ring for CUDA so device-to-host copies are truly asynchronous.
+
+        From ``device``'s context (default: the one used before a move, else the current
+        device), so a rank that saves from GPU 3 never creates a context on GPU 0. Once:
+        idempotent under the ring's lock. The call runs on a helper thread, because a
+        refused ``cudaHostRegister`` leaves a pending error in its thread that the next
+        kernel launch there would report as its own; it is also cleared with
+        ``cudaGetLastError`` where the process's libcudart is found. Raises
+        :class:`RingError` with CUDA's name for the error.
+        """
         import torch
 
-        # cudaHostRegisterPortable: pinned for every device's context, so tensors on any
-        # CUDA device index copy into the ring asynchronously
-        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-        ret = cudart.cudaHostRegister(self.array.ctypes.data, self.size, 1)
-        if int(ret) != 0:
-            raise RingError(
-                f"cudaHostRegister of the {self.size >> 20} MiB ring failed ({ret}); the memlock limit "
-                "(ulimit -l, container memlock) is probably too low"
-            )
-        self._cuda_registered = True
+        with self._cond:
+            if self._cuda_registered:
+                return
+            if device is None:
+                device = getattr(self, "_cuda_device", None)
+            if device is None:
+                device = torch.cuda.current_device()
+            cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+            outcome: dict[str, object] = {}
+
+            def clear_error() -> None:  # cudaGetLastError on the libcudart torch loaded, if found
+                import ctypes
+
+                try:
+                    with open("/proc/self/maps") as maps:
+                        path = next((ln.split()[-1] for ln in maps if "libcudart.so" in ln), None)
+                    if path is not None:
+                        ctypes.CDLL(path).cudaGetLastError()
+                except OSError:
+                    pass  # the helper thread ends, and its pending error with it
+
+            def register() -> None:
+                try:
+                    with torch.cuda.device(device):
+                        # cudaHostRegisterPortable: pinned for every device's context
+                        code = int(cudart.cudaHostRegister(self.array.ctypes.data, self.size, 1))
+                        outcome["code"] = code
+                        if code:
+                            outcome["text"] = str(cudart.cudaGetErrorString(cudart.cudaError(code)))
+                            clear_error()
+                except BaseException as e:  # noqa: BLE001 - reported in the caller's thread
+                    outcome["error"] = e
+
+            helper = threading.Thread(target=register, name="matspool-pin", daemon=True)
+            helper.start()
+            helper.join()
+            if "error" in outcome:
+                raise RingError(f"cannot page-lock the ring for CUDA: {outcome['error']}") from None
+            if outcome.get("code"):
+                raise RingError(
+                    f"cudaHostRegister of the {self.size >> 20} MiB ring failed: {outcome.get('text')} "
+                    f"(cudaError {outcome['code']}); the memlock limit (ulimit -l, container memlock) "
+                    "is probably too low")
+            self._cuda_device = device
+            self._cuda_registered = True
 
     @property
     def cuda_registered(self) -> bool:

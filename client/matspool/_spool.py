@@ -33,9 +33,10 @@ from . import _lifecycle
 from . import _protocol as proto
 from ._convert import copy_host
 from ._copies import Copy, CopyPipeline
+from ._cuda import eager, refuse_capture
 from ._curve import ClientKeys, is_tcp
 from ._embedded import EmbeddedDaemon
-from ._errors import FlushError, SpoolClosed
+from ._errors import CudaError, FlushError, SpoolClosed
 from ._leases import Lease, Leases
 from ._link import Link
 from ._matlab import normalize_format
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_RING_BYTES", "SaveResult", "Spool"]
 
 DEFAULT_RING_BYTES: Final = int(os.environ.get("MATSPOOL_RING_BYTES", 256 << 20))
+_COPIES_CLOSE_TIMEOUT: Final = 10.0  # close(): how long a copy stuck behind a CUDA stream may hold it
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +87,6 @@ def _wait_with_progress(futures: list[SaveFuture], timeout: float | None) -> Any
         sys.stderr.write(f"\rmatspool flush [{bar:<30}] {k}/{n} saves on disk")
         sys.stderr.flush()
         shown = True
-
-
-def _cuda_in_use() -> bool:
-    """True when the caller has already imported torch and CUDA is there."""
-    torch = sys.modules.get("torch")
-    return torch is not None and bool(torch.cuda.is_available())
 
 
 class Spool:
@@ -164,8 +160,6 @@ class Spool:
                               daemon_exit=emb.exit_status if emb is not None else None)
             self._copies = CopyPipeline(self._ring, self._leases, self._table, self._link.send)
             self._link.open(s.connect_timeout)
-            if _cuda_in_use():
-                self._copies.cuda()  # pin the ring now, not in the first save() (12 ms per 256 MiB)
         except BaseException:
             self._teardown()
             raise
@@ -201,6 +195,7 @@ class Spool:
         fsync: bool = False,
         compress: bool | int | None = None,
         append: bool = False,
+        stream: Any = None,
     ) -> Future[SaveResult]:
         """Queue ``variables`` for ``path``; returns a future at once.
 
@@ -211,11 +206,17 @@ class Spool:
         (default: the spool's) deflates in the daemon: True is level 3, or give 1-9.
         ``append=True`` is MATLAB's ``save -append``: the variables are added to (or
         replace those in) an existing file, which keeps its format; atomically.
+        ``stream``: the ``torch.cuda.Stream`` the CUDA tensors were produced on, when not
+        the caller's current one (the snapshot is ordered after its work).
+        Inside a ``torch.compile``d function a save runs eagerly, behind a graph break;
+        during CUDA graph capture it raises :class:`CudaCaptureError`.
         """
         if not isinstance(append, bool):
             raise TypeError(f"append must be a bool, got {append!r}")
-        return self._submit(path, variables, normalize_format(format), layout, oned_as, fsync,
-                            compress, "write", append)
+        submit = eager(Spool._submit)  # under torch.compile: eager, behind a graph break
+        future: SaveFuture = submit(self, path, variables, normalize_format(format), layout, oned_as,
+                                    fsync, compress, "write", append, stream)
+        return future
 
     def stream(
         self,
@@ -239,7 +240,8 @@ class Spool:
 
     def _submit(self, path: str | os.PathLike[str], variables: Mapping[str, Any], fmt: str,
                 layout: str, oned_as: str, fsync: bool, compress: bool | int | None,
-                mode: str, append: bool = False) -> SaveFuture:
+                mode: str, append: bool = False, stream: Any = None) -> SaveFuture:
+        refuse_capture()  # before anything is reserved or queued
         self._check_open()
         ring = self._ring
         assert ring is not None
@@ -249,10 +251,10 @@ class Spool:
         assert self._copies is not None
         if p.slabs is not None:
             return send_in_pieces(p, next(self._seq), self._leases, self._table, self._copies,
-                                  block=block, timeout=self.timeout)
-        return self._submit_whole(p, block)
+                                  block=block, timeout=self.timeout, stream=stream)
+        return self._submit_whole(p, block, stream)
 
-    def _submit_whole(self, p: Plan, block: bool) -> SaveFuture:
+    def _submit_whole(self, p: Plan, block: bool, stream: Any = None) -> SaveFuture:
         ring, leases, copies = self._ring, self._leases, self._copies
         assert ring is not None and copies is not None
         deferred = {id(a): aligned(staged_bytes(a)) for a in p.arrays if defers(a)}
@@ -271,7 +273,7 @@ class Spool:
         request = proto.WriteRequest(seq, p.path, p.format, p.fsync, tuple(p.specs(region.offset)),
                                      p.level, p.mode, p.append)
         try:
-            copy = self._copy_in(p, region, staging, deferred)
+            copy = self._copy_in(p, region, staging, deferred, stream)
         except BaseException:
             copies.synchronize()
             leases.copied(region)
@@ -283,7 +285,7 @@ class Spool:
         return save.future
 
     def _copy_in(self, p: Plan, region: Lease, staging: Lease | None,
-                 deferred: dict[int, int]) -> Copy | None:
+                 deferred: dict[int, int], stream: Any = None) -> Copy | None:
         """Copy host arrays now, snapshot those to reorder later, start CUDA copies."""
         ring, copies = self._ring, self._copies
         assert ring is not None and copies is not None
@@ -298,7 +300,8 @@ class Spool:
                 at += deferred[id(a)]
             else:
                 copy_host(a, ring.array, offsets[id(a)])
-        parts: list[Copy] = [copies.cuda().start(cuda_items)] if cuda_items else []
+        parts: list[Copy] = ([copies.cuda(cuda_items[0][0].array.device.index or 0).start(cuda_items, stream)]
+                             if cuda_items else [])
         if reorders:
             assert staging is not None
             parts.append(HostReorder(reorders, ring, lambda: self._leases.copied(staging)))
@@ -339,7 +342,9 @@ class Spool:
         self._table.fail_unresolved(
             failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"),
             keep=False)
-        self._teardown()
+        stuck = self._teardown()
+        if stuck is not None:
+            raise stuck
         unobserved = self._table.unobserved()
         if unobserved is not None:
             raise unobserved
@@ -372,13 +377,24 @@ class Spool:
         if self._link is not None and self._link.broken is not None:
             raise self._link.broken
 
-    def _teardown(self) -> None:
+    def _teardown(self) -> CudaError | None:
+        """Close every part; a copy stuck behind a CUDA stream is waited for only so
+        long, then the ring is unmapped when it ends (never while the GPU may write into
+        it) and the error saying so is returned."""
         self._closed = True
-        if self._copies is not None:
-            self._copies.close()
+        stuck = self._copies is not None and not self._copies.close(_COPIES_CLOSE_TIMEOUT)
         if self._link is not None:
             self._link.close()
         if self._embedded is not None:
             self._embedded.stop()
         if self._ring is not None:
-            self._ring.close()
+            if stuck:
+                assert self._copies is not None
+                self._copies.after_copies(self._ring.close)
+            else:
+                self._ring.close()
+        if not stuck:
+            return None
+        return CudaError(f"close(): a copy into the ring did not end within {_COPIES_CLOSE_TIMEOUT} s "
+                         "(a CUDA stream it waits on is stuck, or a host reorder still runs); the ring is "
+                         "unmapped once it ends")
