@@ -36,7 +36,7 @@ class FakeDaemon:
     def __call__(self, msg: m.Request) -> list[m.Reply]:
         if isinstance(msg, m.Hello):
             assert msg.ring is not None
-            self.mm, fd = open_ring_readonly(msg.ring, msg.ring_bytes)
+            self.mm, fd = open_ring_readonly(msg.ring, msg.ring_bytes, pid=msg.pid, fd=msg.fd)
             os.close(fd)
             return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
         if isinstance(msg, proto.WriteRequest):
