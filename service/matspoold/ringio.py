@@ -9,12 +9,27 @@ cannot survive. Two kinds of ring keep that from happening (``matspool._ring``):
   each save's bytes with ``preadv`` into buffers of the daemon's own; a ring truncated
   under a save is a short read, a :class:`~matspool.RingError` for that save.
 
-Costs (measured on this project's 2-core CI machine, 64 MiB payloads, page cache warm):
-the copy runs at memory bandwidth (about 3-6 GB/s per writer thread; a v5 file of the
-same bytes is written at 1-2 GB/s), and holds the save's payload in the daemon's memory
-while it is written (at most one ring per writer thread). The sealed mapping costs
-nothing per save; its pages are faulted in lazily by the writer that first reads them
-(the control thread that answers HELLO never touches them), once per client.
+Costs, measured on this project's shared 2-core machine (256 MiB, the client's pages
+already faulted, best of 5, a noisy box: ratios matter more than the numbers):
+
+======================================================  ===========  ==========
+what                                                    time         rate
+======================================================  ===========  ==========
+HELLO, old: ``mmap`` + ``MAP_POPULATE`` (control thread)  42 ms       6.4 GB/s
+HELLO, new: lazy ``mmap`` (control thread)              < 0.1 ms
+first save reading all of a lazy mapping (writer)       110-155 ms   1.7-2.4 GB/s
+later saves, mapping faulted in                         68-107 ms    2.5-4.0 GB/s
+``/dev/shm`` fallback: ``preadv`` into a fresh buffer   406-440 ms   0.6 GB/s
+``preadv`` into a reused buffer                         166 ms       1.6 GB/s
+writing the same bytes to a file (page cache)           269 ms       1.0 GB/s
+======================================================  ===========  ==========
+
+So the sealed mapping costs nothing per save, and its lazy faults (once per client,
+on a writer thread) cost about one extra read of the ring; the fallback's copy costs
+about as much as writing the file again, and holds the save's bytes in the daemon's
+memory while it is written (at most one ring per writer thread). Most of that copy is
+faulting in fresh pages; a buffer kept per writer thread would halve it, at the price
+of a ring's worth of memory per writer kept for good: not worth it for a fallback.
 
 Threads: a :class:`ShmRing` belongs to its client (control thread); writer threads call
 ``read`` and ``payload``, which use only ``pread`` on a descriptor that stays open while
@@ -25,6 +40,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+
+import numpy as np
 
 from matspool import _protocol as proto
 from matspool._errors import RingError
@@ -45,8 +62,7 @@ class ShmRing:
     def read(self, offset: int, nbytes: int) -> memoryview:
         """``nbytes`` of the ring at ``offset``, copied; a short read (the client shrank
         its ring) is a :class:`RingError` for this save."""
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
+        view = np.empty(nbytes, np.uint8).data  # no zero fill: every byte is read into
         got = 0
         while got < nbytes:
             try:
