@@ -263,6 +263,8 @@ def test_hello_over_the_caps_is_refused(tmp_path: Path) -> None:
         assert reply is not None and reply["op"] == "ERR" and reply["code"] == "ring", reply
         assert str(huge) in reply["message"] and str(64 * MIB) in reply["message"], reply
         assert "--max-ring-bytes" in reply["message"]
+        with pytest.raises(matspool.RingError, match="--max-ring-bytes"):  # the client's view
+            matspool.Spool(d.endpoint, ring_bytes=128 * MIB, connect_timeout=10)
         ra, rb = Ring(64 * MIB), Ring(64 * MIB)
         assert (a.ask(_hello(ra)) or {}).get("op") == "WELCOME"
         reply = b.ask(_hello(rb))  # 128 MiB together: over the total

@@ -195,8 +195,8 @@ class Link:
             self._table.answer(seq, error=err)
         elif self._hello_pending and isinstance(err, RingError) and not self._ring.exists():
             self._hello()  # our ring went between our check and the daemon's open
-        elif (isinstance(err, RingError) and self._ring.kind == "memfd" and self.instance is None
-              and err.errno in _UNREACHABLE):
+        elif (isinstance(err, RingError) and self._ring.kind == "memfd" and err.errno in _UNREACHABLE
+              and (self.instance is None or self._hello_pending)):
             # this daemon cannot open /proc/<pid>/fd (another user, another pid namespace,
             # an older daemon): a ring in /dev/shm, which it reads without mapping
             log.warning("matspool: the daemon at %s cannot reach a memfd ring (%s); using %s",
