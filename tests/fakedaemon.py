@@ -13,6 +13,7 @@ ZmqFake's); the lock guards what tests read from theirs.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -40,6 +41,8 @@ class FakeDaemon:
         self.held: list[m.Reply] = []
         self.fail_with: dict[str, Any] | None = None  # Err fields for every WRITE
         self.instance = "fake"
+        self.hellos: list[m.Hello] = []
+        self.refuse_memfd = False  # refuse a sealed memfd ring, as a daemon of another user must
         self.lock = threading.Lock()
 
     def n_writes(self) -> int:
@@ -52,8 +55,18 @@ class FakeDaemon:
 
     def __call__(self, msg: m.Request) -> list[m.Reply]:
         if isinstance(msg, m.Hello):
-            if msg.ring is not None:
-                self.mm, fd = open_ring_readonly(msg.ring, msg.ring_bytes)
+            self.hellos.append(msg)
+            if msg.ring is None:  # remote: payloads would come in frames
+                return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
+            if msg.fd is not None and self.refuse_memfd:  # as a daemon of another user does
+                return [m.Err(-1, "ring", f"cannot open /proc/{msg.pid}/fd/{msg.fd}: Permission denied",
+                              errno.EACCES)]
+            mm, fd = open_ring_readonly(msg.ring, msg.ring_bytes, pid=msg.pid, fd=msg.fd)
+            if mm is None:  # a /dev/shm ring: the daemon reads it by copy, the fake maps it
+                with open(fd, "rb") as f:
+                    self.mm = mmap.mmap(f.fileno(), msg.ring_bytes, prot=mmap.PROT_READ)
+            else:
+                self.mm = mm
                 os.close(fd)
             return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
         if isinstance(msg, proto.WriteRequest):

@@ -145,8 +145,8 @@ def test_embedded_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
         emb = spool._embedded
         assert emb is not None
         proc = emb.proc
-        ring_path = spool._ring.path
-        assert os.path.exists(ring_path)
+        ring = spool._ring
+        assert ring is not None and ring.exists()
         assert proc.poll() is None
         sock_dir = os.path.dirname(emb.endpoint[len("ipc://"):])
         assert os.path.isdir(sock_dir)
@@ -171,7 +171,7 @@ def test_embedded_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     assert proc.poll() is not None, "the embedded daemon is still running after close()"
     assert proc.returncode == 0
     assert not os.path.exists(sock_dir)
-    assert not os.path.exists(ring_path)
+    assert not ring.exists()
     with pytest.raises(matspool.SpoolClosed):
         spool.save("again.mat", {"x": x})
 

@@ -109,7 +109,8 @@ _STOPPED_CLIENT = textwrap.dedent("""
              for i in range(n, 2 * n)]
     for f in futs + later:
         f.result(60)
-    rings = glob.glob(os.path.join(SHM_DIR, f"{RING_PREFIX}{os.getpid()}-*"))
+    rings = (glob.glob(os.path.join(SHM_DIR, f"{RING_PREFIX}{os.getpid()}-*"))
+             if spool._ring.kind == "shm" else [spool._ring.name] * spool._ring.exists())
     spool.close()
     print("RINGS", len(rings), flush=True)
 """)

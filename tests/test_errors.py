@@ -731,6 +731,8 @@ def test_a_flood_of_garbage(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Ra
 def _hello(of: Ring | None = None, **over: Any) -> dict[str, Any]:
     msg: dict[str, Any] = {"op": "HELLO", "ring": of.name if of else "matspool-x",
                            "ring_bytes": of.size if of else 4096, "pid": os.getpid()}
+    if of is not None and of.kind == "memfd":
+        msg["fd"] = of.fd
     msg.update(over)
     return msg
 
@@ -954,24 +956,33 @@ def test_write_after_bye_needs_a_new_hello(mdaemon: DaemonProc, mspool: matspool
 
 
 def test_ring_truncated_by_its_client(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw,
-                                      root: Path, ring: Ring) -> None:
+                                      root: Path) -> None:
+    ring = Ring(1 << 20, kind="shm")  # a memfd ring cannot be truncated at all (test_ring_attacks)
     w = Writer(raw, ring)
-    os.truncate(ring.path, 4096)  # reading the mapping past here would be SIGBUS
+    os.truncate(ring.path, 4096)  # reading a mapping past here would be SIGBUS
     reply = w.write(f"{root}/x.mat", vars=[var(offset=8192)])
     assert_err(reply, "ring", seq=7)
     assert "shrank" in reply["message"]
     assert not (root / "x.mat").exists()
     no_tmp_files(root)
+    ring.close()
     assert_daemon_serves(mdaemon, mspool, root)
 
 
 def test_hello_with_a_pid_that_did_not_create_the_ring(raw: Raw, ring: Ring, mdaemon: DaemonProc,
                                                       mspool: matspool.Spool, root: Path) -> None:
-    """Dead-client reaping unlinks rings by pid: a client may not claim another pid's ring."""
+    """Dead-client reaping unlinks rings by pid: a client may not claim another pid's ring.
+    (A memfd ring is reached through its pid: another pid's descriptor is not the ring.)"""
+    shm = Ring(1 << 20, kind="shm")
+    try:
+        reply = raw.send(_hello(shm, pid=1))
+        assert reply is not None and reply["op"] == "ERR" and reply["code"] == "protocol", reply
+        assert "not created by pid 1" in reply["message"]
+        assert os.path.exists(shm.path)
+    finally:
+        shm.close()
     reply = raw.send(_hello(ring, pid=1))
-    assert reply is not None and reply["op"] == "ERR" and reply["code"] == "protocol", reply
-    assert "not created by pid 1" in reply["message"]
-    assert os.path.exists(ring.path)
+    assert reply is not None and reply["op"] == "ERR" and reply["code"] == "ring", reply
     assert_serves(mspool, root, mdaemon)
 
 

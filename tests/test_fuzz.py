@@ -35,7 +35,8 @@ class Harness:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(daemon.endpoint)
         reply = self.ask([TAG, json.dumps({"op": "HELLO", "ring": self.ring.name,
-                                           "ring_bytes": self.ring.size, "pid": os.getpid()}).encode()])
+                                           "ring_bytes": self.ring.size, "pid": os.getpid(),
+                                           "fd": self.ring.fd}).encode()])
         assert reply is not None and reply["op"] == "WELCOME"
         self.tried = 0
         self.done: set[object] = set()

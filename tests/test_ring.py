@@ -73,11 +73,54 @@ def test_larger_than_ring_is_a_clear_error(ring: Ring) -> None:
 
 
 def test_ring_is_owner_only_and_removed_on_close() -> None:
-    r = Ring(1 << 16)
+    r = Ring(1 << 16, kind="shm")
     path = r.path
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     r.close()
     assert not os.path.exists(path)
+
+
+def test_memfd_ring_is_sealed_and_leaves_no_name() -> None:
+    """The default ring cannot change size, not even by its own process (issue 11 item 2)."""
+    import fcntl
+
+    r = Ring(1 << 16)
+    assert r.kind == "memfd" and r.exists()
+    assert os.readlink(r.path) == f"/memfd:{r.name} (deleted)"
+    assert stat.S_IMODE(os.stat(r.path).st_mode) == 0o600
+    seals = fcntl.fcntl(r.fd, fcntl.F_GET_SEALS)
+    assert seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) == (
+        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    for size in (0, 4096, r.size * 2):
+        with pytest.raises(PermissionError):
+            os.ftruncate(r.fd, size)
+    assert not os.path.exists(os.path.join("/dev/shm", r.name))
+    r.close()
+    assert r.fd == -1 and not r.exists()
+
+
+def test_a_group_readable_ring_is_a_shm_file() -> None:
+    """A daemon of another user cannot open /proc/<pid>/fd: such rings live in /dev/shm."""
+    r = Ring(1 << 16, mode=0o640)
+    try:
+        assert r.kind == "shm" and r.path == os.path.join("/dev/shm", r.name)
+        assert stat.S_IMODE(os.stat(r.path).st_mode) == 0o640
+    finally:
+        r.close()
+    assert not os.path.exists(r.path)
+
+
+def test_move_from_memfd_to_shm_keeps_the_bytes() -> None:
+    r = Ring(1 << 16)
+    try:
+        off = r.alloc(1000, block=False, timeout=None)
+        r.array[off:off + 1000] = 7
+        r.written()
+        r.move(kind="shm")
+        assert r.kind == "shm" and os.path.exists(r.path)
+        assert (r.array[off:off + 1000] == 7).all()
+    finally:
+        r.close()
 
 
 def test_random_order_frees_reuse_space() -> None:

@@ -6,6 +6,8 @@ names, so these tests check what a daemon would receive, quickly and in one proc
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from fakedaemon import FakeDaemon
@@ -25,6 +27,21 @@ def test_a_save_reaches_the_daemon_in_matlab_order(fake: FakeDaemon) -> None:
         res = s.save("/data/x.mat", {"x": x}).result(10)
     assert res.path == "/data/x.mat" and res.format == "v5"
     assert fake.files["/data/x.mat"]["x"] == x.tobytes(order="F")
+
+
+def test_a_daemon_that_cannot_reach_a_memfd_ring_gets_a_shm_one(fake: FakeDaemon) -> None:
+    """A daemon of another user (or pid namespace) cannot open /proc/<pid>/fd: refused
+    with EACCES, the client moves its ring to /dev/shm and says HELLO again."""
+    fake.refuse_memfd = True
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with matspool.Spool(ring_bytes=1 << 20, transport=MemoryTransport(fake)) as s:
+        assert s._ring is not None
+        res = s.save("/data/x.mat", {"x": x}).result(10)
+        assert s._ring.kind == "shm" and os.path.exists(s._ring.path)
+        path = s._ring.path
+    assert [h.fd is not None for h in fake.hellos] == [True, False]
+    assert res.path == "/data/x.mat" and fake.files["/data/x.mat"]["x"] == x.tobytes(order="F")
+    assert not os.path.exists(path)
 
 
 def test_an_err_carries_path_seq_and_errno(fake: FakeDaemon) -> None:

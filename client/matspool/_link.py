@@ -7,6 +7,9 @@ registration alive:
 
 - a new daemon instance on the endpoint (its id changed): the old one is dead, so the
   regions it held are released, and every unanswered whole save is sent again;
+- a daemon that cannot reach a ``memfd`` ring (it runs as another user, in another pid
+  namespace, or predates them; the refusal's errno says so): the ring moves to
+  ``/dev/shm`` and HELLO is said again;
 - a daemon that forgot this client (``unknown_client``, e.g. it took a stopped client
   for dead): register again, in a new ring if the daemon unlinked ours, and send the
   unanswered saves again;
@@ -20,6 +23,7 @@ Threads: the I/O thread owns the transport and the registration state; ``send`` 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -48,6 +52,8 @@ __all__ = ["Link"]
 log = logging.getLogger("matspool")
 
 _BATCH_BYTES: Final = proto.MAX_MESSAGE_BYTES // 2
+#: errnos of a HELLO refused because the daemon cannot reach a memfd ring where it is
+_UNREACHABLE: Final = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ESRCH, errno.ENXIO})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -140,7 +146,8 @@ class Link:
     def _hello_msg(self) -> msgs.Hello:
         if self._remote:  # the daemon is on another host: it gets payloads in frames
             return msgs.Hello(None, self._ring.size, os.getpid(), remote=True)
-        return msgs.Hello(self._ring.name, self._ring.size, os.getpid())
+        fd = self._ring.fd if self._ring.kind == "memfd" else None
+        return msgs.Hello(self._ring.name, self._ring.size, os.getpid(), fd=fd)
 
     def _hello(self) -> None:
         """Register again with a daemon that does not know us. Until it answers, the
@@ -188,6 +195,14 @@ class Link:
             self._table.answer(seq, error=err)
         elif self._hello_pending and isinstance(err, RingError) and not self._ring.exists():
             self._hello()  # our ring went between our check and the daemon's open
+        elif (isinstance(err, RingError) and self._ring.kind == "memfd" and err.errno in _UNREACHABLE
+              and (self.instance is None or self._hello_pending)):
+            # this daemon cannot open /proc/<pid>/fd (another user, another pid namespace,
+            # an older daemon): a ring in /dev/shm, which it reads without mapping
+            log.warning("matspool: the daemon at %s cannot reach a memfd ring (%s); using %s",
+                        self.endpoint, err, "/dev/shm")
+            self._ring.move(kind="shm")
+            self._hello()
         else:  # about the connection itself (e.g. the ring could not be mapped)
             self.broken = err
             self._table.fail_unresolved(failing(type(err), str(err)))

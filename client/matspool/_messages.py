@@ -11,7 +11,7 @@ On the wire a message is two ZeroMQ frames, :data:`TAG` and one UTF-8 JSON objec
 its payload frames. Stateless: any thread may use it.
 
 client -> daemon                              daemon -> client
-  HELLO  {ring, ring_bytes, pid, remote}        WELCOME   {pid, instance, version}
+  HELLO  {ring, ring_bytes, pid, remote, fd}    WELCOME   {pid, instance, version}
   WRITE  {seq, path, format, fsync, vars, ...}  DONE      {seq, nbytes} | {done: [[seq, nbytes]]}
   BATCH  {msgs: [WRITE, ...]}                   ERR       {seq, code, message, errno}
   PART   {seq, var, start, offset, nbytes}      PART_DONE {seq, offset}
@@ -106,13 +106,17 @@ class _Plain:
 # -- client -> daemon ---------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Hello(_Plain):
-    """Register a ring (``remote``: no ring here, payloads come in frames over tcp://)."""
+    """Register a ring (``remote``: no ring here, payloads come in frames over tcp://).
+
+    ``fd``: a sealed ``memfd`` ring, which the daemon opens as ``/proc/<pid>/fd/<fd>``;
+    absent, ``ring`` names a file in ``/dev/shm`` (see ``matspool._ring``)."""
 
     OP: ClassVar[str] = "HELLO"
     ring: str | None
     ring_bytes: int
     pid: int
     remote: bool = False
+    fd: int | None = None
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Hello:
@@ -122,7 +126,8 @@ class Hello(_Plain):
             raise ProtocolError("HELLO needs a ring name")
         if ring is not None and (not isinstance(ring, str) or len(ring) > 255):
             raise ProtocolError("HELLO: ring must be a name of at most 255 characters")
-        return cls(ring, _int(raw, "ring_bytes", 1, MAX_RING_BYTES), _int(raw, "pid", 0, 2**31), remote)
+        return cls(ring, _int(raw, "ring_bytes", 1, MAX_RING_BYTES), _int(raw, "pid", 0, 2**31), remote,
+                   _opt_int(raw, "fd", 0, 2**31 - 1))
 
 
 @dataclass(frozen=True, slots=True)

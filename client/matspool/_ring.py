@@ -1,4 +1,4 @@
-"""The client's ring: POSIX shared memory that the daemon maps read-only.
+"""The client's ring: shared memory that the daemon reads and never writes.
 
 The client is the only producer and the only allocator; the daemon only reads the
 ranges a WRITE names and acknowledges them. Space is handed out in order around the
@@ -7,59 +7,103 @@ arriving out of order (the daemon writes files in parallel) only delay reuse. Wh
 region may be freed when is decided in ``_leases``; this module only counts the copies
 running into the ring, so that :meth:`Ring.move` can wait for them.
 
+**A client cannot change its ring's size under the daemon.** A daemon that maps a file
+and reads past its end takes SIGBUS and dies, with every other client's writer; a
+client (by mistake or on purpose) that truncates its ring during a long write would do
+that. So a ring is one of two kinds:
+
+- ``memfd`` (the default): ``memfd_create`` sized once, then sealed with
+  ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``: from then on ``ftruncate`` fails with
+  EPERM for everyone, the client too. It has no name in any directory; the daemon opens
+  it as ``/proc/<pid>/fd/<fd>`` (which the kernel allows to the same user, or root),
+  checks that the file it got is the memfd named ``matspool-<pid>-<token>`` (the token
+  is 96 random bits only the client and the daemon know) and that both seals are set,
+  and maps it. It goes away with the last descriptor and mapping: a dead client leaves
+  nothing behind in ``/dev/shm``.
+- ``shm``: a file in ``/dev/shm``, for a daemon that cannot open ``/proc/<pid>/fd`` (it
+  runs as another user of the group: ``mode=0o640``, or in another pid namespace). Such
+  a file cannot be sealed, so the daemon does not map it: it copies each save's bytes
+  with ``preadv`` into its own buffers (``matspoold.ringio``). A truncated ring then gives
+  a short read, an error for that save, never SIGBUS. The copy costs about what a
+  ``memcpy`` of the payload costs (see the module docstring of ``matspoold.ringio``).
+
+A ``memfd`` ring refused by the daemon for a reason a ``shm`` ring fixes (``_link``
+decides, by the errno of the refusal) is moved to ``shm`` (:meth:`Ring.move`).
+
 Threads: any; one condition (``_cond``) guards the allocator, the copy count and a move.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import secrets
 import stat
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 
 from ._errors import PayloadTooLarge, RingError, SpoolFull
 
-__all__ = ["ALIGN", "RING_PREFIX", "SHM_DIR", "Ring", "open_ring_readonly", "ring_path"]
+__all__ = ["ALIGN", "RING_PREFIX", "SEALS", "SHM_DIR", "Ring", "RingKind", "memfd_link",
+           "open_ring_readonly", "ring_path"]
 
 SHM_DIR: Final = "/dev/shm"
 RING_PREFIX: Final = "matspool-"
 ALIGN: Final = 64  # a cache line; also satisfies every dtype and CUDA's copy engines
 _PAGE: Final = mmap.PAGESIZE
+#: the seals a ``memfd`` ring must carry before a daemon maps it: its size is fixed
+SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+RingKind = Literal["memfd", "shm"]
+
+_LIVE: weakref.WeakSet[Ring] = weakref.WeakSet()  # for the fork hook below
 
 
 def ring_path(name: str) -> str:
-    """Where a ring of ``name`` lives; names are checked so no path escapes ``SHM_DIR``."""
+    """Where a ``shm`` ring of ``name`` lives; names are checked so no path escapes ``SHM_DIR``."""
     if not name.startswith(RING_PREFIX) or not name.replace("-", "").replace("_", "").isalnum():
         raise RingError(f"invalid ring name {name!r}")
     return os.path.join(SHM_DIR, name)
+
+
+def memfd_link(name: str) -> str:
+    """What ``readlink`` of ``/proc/<pid>/fd/<fd>`` shows for the ``memfd`` ring ``name``."""
+    return f"/memfd:{name} (deleted)"
 
 
 def _align(n: int) -> int:
     return max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
 
 
+def _new_name() -> str:
+    return f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(12)}"
+
+
 class Ring:
     """A pre-faulted shared-memory buffer with a FIFO allocator.
 
-    ``mode`` is the file mode of the segment: owner-only by default, ``0o640`` lets a
-    daemon running as another user of the same group map it.
+    ``mode`` is the file mode of a ``shm`` segment: owner-only by default, ``0o640``
+    lets a daemon running as another user of the same group read it. ``kind``: ``memfd``
+    (sealed; see the module docstring), ``shm``, or ``auto``: ``memfd`` unless ``mode``
+    opens the ring to others, who could not reach a memfd through ``/proc``.
     """
 
-    def __init__(self, nbytes: int, *, mode: int = 0o600) -> None:
+    def __init__(self, nbytes: int, *, mode: int = 0o600, kind: RingKind | Literal["auto"] = "auto") -> None:
         if nbytes < ALIGN:
             raise ValueError(f"ring_bytes must be at least {ALIGN}, got {nbytes}")
         self.size = (nbytes + _PAGE - 1) // _PAGE * _PAGE
-        self.name = f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        self.path = ring_path(self.name)
         self.mode = mode
-        self._mm = self._create(self.path, self.size, mode)
+        self.kind: RingKind = kind if kind != "auto" else ("memfd" if not mode & 0o077 else "shm")
+        self.name = _new_name()
+        self.fd = -1  # a memfd ring's descriptor, kept open: the daemon reaches it through it
+        self.path = ""
+        self._mm = self._make(self.kind, self.name)
         self.array = np.frombuffer(self._mm, dtype=np.uint8)
         self.array[::_PAGE] = 0  # pre-fault: no page fault lands in a save() later
         self._cuda_registered = False
@@ -70,6 +114,39 @@ class Ring:
         self._writers = 0  # regions handed out whose copy has not ended (see written())
         self._moving = False
         self.closed = False
+        self._pid = os.getpid()
+        _LIVE.add(self)
+
+    def _make(self, kind: RingKind, name: str) -> mmap.mmap:
+        """Create the segment ``name`` of ``kind``; sets ``fd`` and ``path``."""
+        if kind == "memfd":
+            fd, mm = self._create_memfd(name, self.size)
+            self.fd, self.path = fd, f"/proc/{os.getpid()}/fd/{fd}"
+            return mm
+        path = ring_path(name)
+        mm = self._create(path, self.size, self.mode)
+        self.fd, self.path = -1, path
+        return mm
+
+    @staticmethod
+    def _create_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as e:
+            raise RingError(f"cannot create ring {name}: {e.strerror}") from e
+        try:
+            os.fchmod(fd, 0o600)  # unreachable by name anyway; /proc/<pid>/fd asks ptrace rights
+            try:
+                os.posix_fallocate(fd, 0, size)  # pages reserved now: no SIGBUS in a copy later
+            except OSError as e:
+                raise RingError(f"cannot reserve {size} bytes for ring {name}: {e.strerror}"
+                                "; pass a smaller ring_bytes") from e
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, mm
 
     @staticmethod
     def _create(path: str, size: int, mode: int) -> mmap.mmap:
@@ -97,17 +174,21 @@ class Ring:
         return mm
 
     def exists(self) -> bool:
-        """Whether the segment is still linked under its name (a daemon that declared
-        this process dead may have unlinked it)."""
+        """Whether the daemon can still reach the segment: a ``memfd`` always can (nobody
+        can take it from us); a ``shm`` one is gone if a daemon that declared this process
+        dead unlinked it."""
+        if self.kind == "memfd":
+            return not self.closed
         try:
             return os.stat(self.path).st_size == self.size
         except OSError:
             return False
 
-    def move(self, timeout: float = 30.0) -> None:
-        """Go on in a new segment with the same bytes, under a new name (the old one was
-        unlinked). New allocations wait meanwhile, and the move waits for every copy into
-        the ring to end, so no byte lands in the old mapping after it was copied."""
+    def move(self, timeout: float = 30.0, *, kind: RingKind | None = None) -> None:
+        """Go on in a new segment (of ``kind``, else the same kind) with the same bytes,
+        under a new name: the old one was unlinked, or a daemon cannot reach a memfd.
+        New allocations wait meanwhile, and the move waits for every copy into the ring
+        to end, so no byte lands in the old mapping after it was copied."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._moving = True
@@ -115,21 +196,29 @@ class Ring:
                 while self._writers:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise RingError(f"ring {self.path} was removed and copies into it did not "
+                        raise RingError(f"ring {self.name} must move and copies into it did not "
                                         f"end within {timeout} s")
                     self._cond.wait(left)
-                name = f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-                path = ring_path(name)
-                mm = self._create(path, self.size, self.mode)
+                old_kind, old_fd, old_path = self.kind, self.fd, self.path
+                new_kind = kind or self.kind
+                name = _new_name()
+                mm = self._make(new_kind, name)
                 registered = self._cuda_registered
                 if registered:
                     self._unregister_cuda()
                 mm[:] = self._mm  # every live region keeps its offset
                 old = self._mm
-                self.name, self.path, self._mm = name, path, mm
+                self.name, self.kind, self._mm = name, new_kind, mm
                 self.array = np.frombuffer(mm, dtype=np.uint8)
                 if registered:
                     self.register_cuda()
+                if old_fd >= 0:
+                    os.close(old_fd)
+                elif old_kind == "shm" and old_path != self.path:
+                    try:
+                        os.unlink(old_path)  # usually gone already (that is why we moved)
+                    except FileNotFoundError:
+                        pass
                 try:
                     old.close()
                 except BufferError:
@@ -288,41 +377,137 @@ class Ring:
             self._cond.notify_all()
         if self._cuda_registered:
             self._unregister_cuda()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        elif self.kind == "shm":
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
         self.array = None  # type: ignore[assignment]
         try:
             self._mm.close()
         except BufferError:
             pass  # a view is still alive somewhere; the mapping goes with it
 
+    def _forked(self) -> None:
+        """In a forked child: the parent's memfd descriptor is not ours to keep (it
+        would hold the parent's ring alive after the parent closed it)."""
+        if self.fd >= 0 and self._pid != os.getpid():
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
 
-def open_ring_readonly(name: str, expected_bytes: int) -> tuple[mmap.mmap, int]:
-    """Map a client's ring for reading (daemon side); the size must match what it claims.
 
-    Returns the mapping and the open read-only descriptor, which the caller closes: the
-    daemon ``fstat``s it before each write, because reading a mapping past the end of a
-    file its client has since truncated raises SIGBUS, which would end the daemon.
-    """
-    path = ring_path(name)
+def _after_fork_in_child() -> None:
+    for ring in list(_LIVE):
+        ring._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_TMPFS_MAGIC: Final = 0x01021994
+
+
+def _fs_type(fd: int) -> int | None:
+    """``f_type`` of the filesystem of ``fd`` (None where ``fstatfs`` cannot tell)."""
+    import ctypes
+    import ctypes.util
+
     try:
-        # O_NONBLOCK: a FIFO planted under the ring's name must not hang the daemon in open()
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first word
+    if libc.fstatfs(fd, buf) != 0:
+        return None
+    return int(ctypes.c_long.from_buffer(buf).value)
+
+
+def _refuse(what: str, err: int) -> RingError:
+    """A refusal whose errno tells ``_link`` a ``shm`` ring would be reachable instead."""
+    e = RingError(what)
+    e.__cause__ = OSError(err, os.strerror(err))
+    return e
+
+
+def _open_memfd(name: str, pid: int, fd: int) -> int:
+    """The client's sealed memfd, reopened read-only through ``/proc/<pid>/fd/<fd>``.
+
+    Opened first as ``O_PATH`` (which opens nothing: no FIFO, device or socket the
+    client put at that number is ever opened), checked to be the regular memfd named
+    ``name``, then reopened read-only through our own descriptor, which is that inode
+    whatever the client does with its descriptor meanwhile."""
+    where = f"/proc/{pid}/fd/{fd}"
+    try:
+        path_fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
     except OSError as e:
-        raise RingError(f"cannot open ring {path}: {e.strerror}") from e
+        raise _refuse(f"cannot open ring {name} as {where}: {e.strerror} (a daemon of another "
+                      "user or pid namespace cannot; the client then uses /dev/shm)",
+                      e.errno or errno.EACCES) from e
     try:
-        st = os.fstat(fd)
+        link = os.readlink(f"/proc/self/fd/{path_fd}")
+        if link != memfd_link(name) or not stat.S_ISREG(os.fstat(path_fd).st_mode):
+            raise _refuse(f"{where} is not the ring {name} (it is {link[:80]!r})", errno.ENXIO)
+        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    finally:
+        os.close(path_fd)
+
+
+def open_ring_readonly(name: str, expected_bytes: int, *, pid: int | None = None,
+                       fd: int | None = None) -> tuple[mmap.mmap | None, int]:
+    """Open a client's ring for reading (daemon side); the size must match what it claims.
+
+    With ``fd`` (a ``memfd`` ring, reached as ``/proc/<pid>/fd/<fd>``): the descriptor
+    and a read-only mapping, made only once the seals that fix its size are checked.
+    The mapping is lazy (no ``MAP_POPULATE``): pages are faulted in by the writer thread
+    that first reads them, never on the control thread that handles HELLO.
+
+    Without ``fd`` (a ``shm`` ring in ``/dev/shm``, which cannot be sealed): the
+    descriptor only, and no mapping; the daemon reads it with ``preadv`` into its own
+    buffers, so a ring truncated by its client is a short read, never SIGBUS.
+    """
+    if fd is not None:
+        if pid is None:
+            raise RingError(f"ring {name}: a memfd ring needs its pid")
+        ring_path(name)  # the name's shape
+        rfd = _open_memfd(name, pid, fd)
+        where = f"memfd ring {name} of pid {pid}"
+    else:
+        path = ring_path(name)
+        where = f"ring {path}"
+        try:
+            # O_NONBLOCK: a FIFO planted under the ring's name must not hang the daemon in open()
+            rfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise RingError(f"cannot open ring {path}: {e.strerror}") from e
+    try:
+        st = os.fstat(rfd)
         if not stat.S_ISREG(st.st_mode):
-            raise RingError(f"ring {path} is not a shared-memory segment (not a regular file)")
+            raise RingError(f"{where} is not a shared-memory segment (not a regular file)")
+        if fd is not None:
+            try:
+                seals = fcntl.fcntl(rfd, fcntl.F_GET_SEALS)
+            except OSError as e:
+                raise RingError(f"{where} cannot be sealed: {e.strerror}") from e
+            if seals & SEALS != SEALS:
+                raise RingError(f"{where} is not sealed against shrinking and growing "
+                                f"(seals {seals:#x}); its client could truncate it under a write")
+            if _fs_type(rfd) not in (None, _TMPFS_MAGIC):
+                # a hugetlb memfd seals too, but faults in it raise SIGBUS once the pool of
+                # huge pages is spent: only plain shared memory is read through a mapping
+                raise RingError(f"{where} is not plain shared memory (a hugetlb memfd?)")
+            st = os.fstat(rfd)  # sealed now: this size is final
         size = st.st_size
         if size != expected_bytes or size <= 0:
-            raise RingError(f"ring {path} is {size} bytes, the client said {expected_bytes}")
-        # MAP_POPULATE: map every page now, once per client, so writers read at memory
-        # speed instead of taking a page fault per 4 KiB on each save's first read
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(fd, size, flags, mmap.PROT_READ), fd
+            raise RingError(f"{where} is {size} bytes, the client said {expected_bytes}")
+        if fd is None:
+            return None, rfd
+        return mmap.mmap(rfd, size, mmap.MAP_SHARED, mmap.PROT_READ), rfd
     except BaseException:
-        os.close(fd)
+        os.close(rfd)
         raise

@@ -40,6 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         daemon = Daemon(cfg.endpoint, cfg.roots, writers=cfg.writers, socket_mode=cfg.socket_mode,
                         socket_group=cfg.group, parent_pid=args.parent_pid,
                         clean_stale=cfg.clean_stale, client_timeout=cfg.client_timeout,
+                        max_ring_bytes=cfg.max_ring_bytes, max_total_ring_bytes=cfg.max_total_ring_bytes,
                         state_dir=cfg.state_dir,
                         curve_secret=cfg.curve_secret, curve_clients=cfg.curve_clients,
                         write_delay=args.debug_write_delay)
@@ -130,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of silence after which a remote client, or any client with "
                         "--no-clean-stale, counts as dead; a local client whose pid is alive "
                         "is never dropped (default: 30.0)")
+    s.add_argument("--max-ring-bytes", type=int, metavar="BYTES", default=unset,
+                   help="largest ring one client may register; a larger HELLO is refused "
+                        "(default: 4294967296, 4 GiB)")
+    s.add_argument("--max-total-ring-bytes", type=int, metavar="BYTES", default=unset,
+                   help="largest sum of every connected client's ring (default: 68719476736, 64 GiB)")
     s.add_argument("--state-dir", metavar="DIR", default=unset,
                    help="where the daemon journals the directories it writes temporary files "
                         "in, so a restart removes a killed daemon's leftovers (default: "

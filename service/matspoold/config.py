@@ -83,6 +83,8 @@ class ServeSettings:
     group: str | None
     clean_stale: bool
     client_timeout: float
+    max_ring_bytes: int | None  # None: sessions.DEFAULT_MAX_RING_BYTES
+    max_total_ring_bytes: int | None  # None: sessions.DEFAULT_MAX_TOTAL_RING_BYTES
     state_dir: str | None
     curve_secret: str | None
     curve_clients: str | None
@@ -116,6 +118,8 @@ def builtin_defaults() -> dict[str, Any]:
         "group": None,
         "clean_stale": True,
         "client_timeout": 30.0,
+        "max_ring_bytes": None,
+        "max_total_ring_bytes": None,
         "state_dir": None,  # tempjournal.default_state_dir(), chosen when the daemon starts
         "curve_secret": None,
         "curve_clients": None,

@@ -102,7 +102,7 @@ def parse_roots(value: Any, text: bool) -> tuple[str, ...]:
 PARSE: Final[dict[str, Callable[[Any, bool], Any]]] = {
     "endpoint": _str, "roots": parse_roots, "writers": _int, "compress_threads": _int,
     "socket_mode": _mode, "group": _str, "clean_stale": _bool, "client_timeout": _float,
-    "state_dir": _str,
+    "max_ring_bytes": _int, "max_total_ring_bytes": _int, "state_dir": _str,
     "curve_secret": _str, "curve_clients": _str, "log_level": _level, "log_format": _str,
     "metrics": _str,
 }
@@ -125,6 +125,9 @@ def check(name: str, value: Any) -> None:
     if name == "endpoint":
         if "://" not in value or value.endswith("://"):
             raise BadValue(f"not a ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT): {value!r}")
+    elif name in ("max_ring_bytes", "max_total_ring_bytes"):
+        if value is not None and value < 4096:
+            raise BadValue(f"must be at least 4096 bytes, got {value}")
     elif name in ("writers", "compress_threads"):
         if value < 1:
             raise BadValue(f"must be at least 1, got {value}")

@@ -1,9 +1,11 @@
 """Jobs: what the writer threads do with one WRITE, PART or END.
 
-A job reads its arrays in place, as numpy views over the client's ring (or over the
-frames a remote client sent), and hands them to a writer: a whole file (``write_atomic``),
-a stream step (the stream writer's ``append``), or a save arriving in pieces (a ``Session``: laid out at
-``begin``, filled by each PART, renamed into place at END).
+A job reads its arrays in place, as numpy views over the client's sealed ring (or over
+the frames a remote client sent, or over the bytes copied out of a ``/dev/shm`` ring,
+which cannot be sealed and so is never mapped: ``ringio``), and hands them to a writer:
+a whole file (``write_atomic``), a stream step (the stream writer's ``append``), or a
+save arriving in pieces (a ``Session``: laid out at ``begin``, filled by each PART,
+renamed into place at END).
 
 Threads: ``JobRunner.run`` runs on writer threads, several at once, but never two jobs of
 one path at a time (the scheduler orders them). ``sessions`` is shared: a writer adds a
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,14 +25,15 @@ from typing import Any
 import numpy as np
 
 from matspool import _protocol as proto
-from matspool._errors import MatspoolError, ProtocolError, RingError, WriteFailed
+from matspool._errors import MatspoolError, ProtocolError, WriteFailed
 
 from .paths import resolve_target
+from .ringio import ShmRing
 from .sessions import Client
 from .writers import WRITERS, Session, write_atomic
 from .writers._values import materialize
 
-__all__ = ["Job", "JobRunner", "Source", "check_ring_size", "in_ring", "payload_of"]
+__all__ = ["Job", "JobRunner", "Source", "in_ring", "payload_of"]
 
 log = logging.getLogger("matspoold")
 
@@ -85,8 +87,11 @@ def _materialize(mm: Source, node: proto.Tree) -> Any:
 
 
 def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
-    src = job.payload if job.payload is not None else job.client.mm
-    assert src is not None  # a local client's ring stays mapped while it has jobs
+    ring = job.client.mm
+    src = job.payload if job.payload is not None else ring
+    assert src is not None  # a local client's ring stays open while it has jobs
+    if isinstance(src, ShmRing):  # not sealed, so never mapped: the bytes are copied out
+        src = src.payload(in_ring(job.request))
     return [(v, None if isinstance(v, proto.VarSpec) and v.deferred else
              _array(src, v) if isinstance(v, proto.VarSpec) else _materialize(src, v.tree))
             for v in job.request.vars]
@@ -102,16 +107,6 @@ def payload_of(request: proto.WriteRequest, frames: list[memoryview]) -> dict[in
         if len(frame) != leaf.nbytes:
             raise ProtocolError(f"payload frame for {leaf.name!r} is {len(frame)} bytes, not {leaf.nbytes}")
     return {leaf.offset: frame for leaf, frame in zip(want, frames, strict=True)}
-
-
-def check_ring_size(client: Client, request: proto.WriteRequest) -> None:
-    """Refuse to read past the end of a ring its client has truncated (that would be SIGBUS)."""
-    if client.mm is None:
-        return  # remote: the bytes are in frames the daemon holds
-    end = max((leaf.offset + leaf.nbytes for leaf in in_ring(request)), default=0)
-    size = os.fstat(client.fd).st_size
-    if size < end:
-        raise RingError(f"the client's ring shrank to {size} bytes; this save needs {end}")
 
 
 class JobRunner:
@@ -155,7 +150,6 @@ class JobRunner:
         """A whole save, a stream step, or the layout of a save whose pieces follow."""
         req = job.request
         final = resolve_target(req.path, self.roots)
-        check_ring_size(job.client, req)
         views = _views(job)
         if job.kind == "begin":
             self.sessions[(job.client.ident, req.seq)] = Session.begin(final, req.format, views, req.fsync)
@@ -189,11 +183,10 @@ class JobRunner:
         try:
             if job.payload is not None:
                 data = np.frombuffer(job.payload[part.offset], np.uint8)
+            elif isinstance(job.client.mm, ShmRing):
+                data = np.frombuffer(job.client.mm.read(part.offset, part.nbytes), np.uint8)
             else:
-                end = part.offset + part.nbytes
-                if os.fstat(job.client.fd).st_size < end:
-                    raise RingError(f"the client's ring shrank below {end} bytes")
-                assert job.client.mm is not None  # a local client: its ring is mapped
+                assert job.client.mm is not None  # a local client: its sealed ring is mapped
                 data = np.frombuffer(job.client.mm, np.uint8, part.nbytes, part.offset)
             session.write(part.var, part.start, data)
         except BaseException as e:

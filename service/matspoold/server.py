@@ -49,7 +49,7 @@ from .jobs import Job, JobRunner, payload_of
 from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
 from .scheduler import Scheduler
-from .sessions import Client, Clients
+from .sessions import DEFAULT_MAX_RING_BYTES, DEFAULT_MAX_TOTAL_RING_BYTES, Client, Clients
 from .writers._files import TEMPS
 
 __all__ = ["Daemon", "install_signal_handlers"]
@@ -77,6 +77,8 @@ class Daemon:
         curve_clients: str | None = None,
         write_delay: float = 0.0,
         state_dir: str | None = None,
+        max_ring_bytes: int | None = None,
+        max_total_ring_bytes: int | None = None,
     ) -> None:
         if not roots:
             raise ValueError("the daemon needs at least one --root")
@@ -99,7 +101,9 @@ class Daemon:
         self._jobs = JobRunner(self.roots, write_delay)
         self._scheduler = Scheduler(writers, self._jobs.run, self._ctx)
         self._clients = Clients(tcp=is_tcp(endpoint), clean_stale=clean_stale,
-                                client_timeout=client_timeout, forget=self._jobs.forget)
+                                client_timeout=client_timeout, forget=self._jobs.forget,
+                                max_ring_bytes=max_ring_bytes or DEFAULT_MAX_RING_BYTES,
+                                max_total_ring_bytes=max_total_ring_bytes or DEFAULT_MAX_TOTAL_RING_BYTES)
         self._stop = threading.Event()
         self.files_written = 0
         self.bytes_written = 0

@@ -1,8 +1,11 @@
 """Client sessions: who is connected, with which ring, and when a client is gone.
 
-A local client says HELLO with the name of its ring (POSIX shared memory it created);
-the daemon maps it read-only and keeps the mapping until the client says BYE or is dead.
-A remote client (tcp://) has no ring here: its payloads come in message frames.
+A local client says HELLO with the name of its ring: a sealed memfd (with its pid and
+descriptor number), which the daemon maps read-only, lazily (no page is touched on this
+thread), or a ``/dev/shm`` file, which it only reads by copy (``ringio``). It keeps
+either until the client says BYE or is dead. A remote client (tcp://) has no ring here:
+its payloads come in message frames. Rings are capped per client and in total
+(``--max-ring-bytes``, ``--max-total-ring-bytes``): a HELLO over a cap is refused.
 
 Threads: the table and every :class:`Client` belong to the control thread. Writer
 threads read a job's client (its mapping, ``fd``, ``ident``) but change nothing in it;
@@ -21,18 +24,22 @@ from dataclasses import dataclass, field
 
 from matspool import _messages as msgs
 from matspool import _protocol as proto
-from matspool._errors import ProtocolError
+from matspool._errors import ProtocolError, RingError
 from matspool._messages import MAX_RING_BYTES
 from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 
 from .cleanup import pid_alive
+from .ringio import ShmRing
 
-__all__ = ["DONE_MEMORY", "MAX_RING_BYTES", "Client", "Clients"]
+__all__ = ["DEFAULT_MAX_RING_BYTES", "DEFAULT_MAX_TOTAL_RING_BYTES", "DONE_MEMORY", "MAX_RING_BYTES",
+           "Client", "Clients"]
 
 log = logging.getLogger("matspoold")
 
 DONE_MEMORY = 4096  # per client: answers kept to re-send when a WRITE arrives twice
 _PID_GRACE = 2.0  # s of silence before a vanished pid counts (its BYE may be on the way)
+DEFAULT_MAX_RING_BYTES = 4 << 30  # per client: 16 x the client's default ring
+DEFAULT_MAX_TOTAL_RING_BYTES = 64 << 30  # every client together
 
 
 @dataclass(eq=False, slots=True)
@@ -41,8 +48,10 @@ class Client:
 
     ident: bytes
     ring: str
-    mm: mmap.mmap | None  # None: a remote client (tcp://), whose payloads come in frames
-    fd: int  # kept open so each write can check the ring was not truncated under it
+    # a sealed memfd ring, mapped; a /dev/shm ring, read by copy; None: a remote client
+    # (tcp://), whose payloads come in frames
+    mm: mmap.mmap | ShmRing | None
+    fd: int  # the ring's descriptor (-1 remote), closed in release()
     pid: int
     ring_bytes: int = 0
     inflight: int = 0
@@ -57,6 +66,7 @@ class Client:
     bytes_written: int = 0
     payload_inflight: int = 0
     errors: int = 0
+    memfd: bool = False  # its ring is a memfd: nothing to unlink when it dies
 
     def status(self, now: float) -> msgs.ClientStatus:
         """What ``matspool status`` shows for this client."""
@@ -95,8 +105,11 @@ class Clients:
     """
 
     def __init__(self, *, tcp: bool, clean_stale: bool, client_timeout: float,
-                 forget: Callable[[Client], None]) -> None:
+                 forget: Callable[[Client], None], max_ring_bytes: int = DEFAULT_MAX_RING_BYTES,
+                 max_total_ring_bytes: int = DEFAULT_MAX_TOTAL_RING_BYTES) -> None:
         self.table: dict[bytes, Client] = {}
+        self.max_ring_bytes = max_ring_bytes
+        self.max_total_ring_bytes = max_total_ring_bytes
         self._tcp = tcp
         self._clean_stale = clean_stale
         self._client_timeout = client_timeout
@@ -119,6 +132,7 @@ class Clients:
         """Register (or re-register, after a restart it saw) the client ``ident``; the
         message's fields are checked already (``_messages.Hello``)."""
         ring, size, pid = msg.ring, msg.ring_bytes, msg.pid
+        self._check_caps(ident, size)
         if msg.remote:  # its ring is on another host: payloads come in frames
             if not self._tcp:
                 raise ProtocolError("remote clients are served on tcp:// endpoints only")
@@ -129,15 +143,34 @@ class Clients:
             return
         if not isinstance(ring, str):
             raise ProtocolError("HELLO needs a ring name")
-        mm, fd = open_ring_readonly(ring, size)
+        mapped, fd = open_ring_readonly(ring, size, pid=pid, fd=msg.fd)
         if not ring.startswith(f"{RING_PREFIX}{pid}-"):
             # reaping trusts the pid: it must be the one that named (created) the ring
-            mm.close()
+            if mapped is not None:
+                mapped.close()
             os.close(fd)
             raise ProtocolError(f"HELLO: ring {ring[:80]!r} was not created by pid {pid}")
+        mm = mapped if mapped is not None else ShmRing(fd, size)
         self._replace(ident)
-        self.table[ident] = Client(ident, ring, mm, fd, pid, ring_bytes=size, last_seen=time.monotonic())
-        log.info("client pid %d joined with a %d MiB ring", pid, size >> 20)
+        self.table[ident] = Client(ident, ring, mm, fd, pid, ring_bytes=size, last_seen=time.monotonic(),
+                                   memfd=msg.fd is not None)
+        log.info("client pid %d joined with a %d MiB %s ring", pid, size >> 20,
+                 "memfd" if msg.fd is not None else "/dev/shm")
+
+    def _check_caps(self, ident: bytes, size: int) -> None:
+        """Refuse a ring over the cap per client, or one that would take every client's
+        rings together over the daemon's cap (a client saying HELLO again is not counted
+        twice)."""
+        if size > self.max_ring_bytes:
+            raise RingError(f"a ring of {size} bytes ({size / 2**30:.2f} GiB) is over this daemon's "
+                            f"cap of {self.max_ring_bytes} bytes per client (--max-ring-bytes); "
+                            "create the Spool with a smaller ring_bytes")
+        others = sum(c.ring_bytes for i, c in self.table.items() if i != ident)
+        if others + size > self.max_total_ring_bytes:
+            raise RingError(f"a ring of {size} bytes would take this daemon's clients' rings to "
+                            f"{others + size} bytes, over its cap of {self.max_total_ring_bytes} bytes "
+                            "for all clients (--max-total-ring-bytes); try again later or with a "
+                            "smaller ring_bytes")
 
     def _replace(self, ident: bytes) -> None:
         old = self.table.get(ident)
@@ -164,12 +197,14 @@ class Clients:
             del self.table[c.ident]
         self._forget(c)  # saves in pieces that will never end: no partial file stays
         c.release()
-        if c.dead:  # its process cannot unlink the ring any more: do it for it
+        if c.dead and not c.memfd and c.mm is not None:  # its process cannot unlink it any more
             try:
                 os.unlink(ring_path(c.ring))
                 log.info("client pid %d died; its saves are written and its ring removed", c.pid)
             except OSError as e:
                 log.warning("client pid %d died; cannot remove its ring %s: %s", c.pid, c.ring, e)
+        elif c.dead and c.memfd:
+            log.info("client pid %d died; its saves are written and its memfd ring released", c.pid)
 
     def reap(self) -> None:
         """Clients gone without BYE: finish their accepted saves, then free their rings.
