@@ -24,23 +24,23 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _lifecycle
+from . import _embedded, _lifecycle, _reach
 from . import _protocol as proto
 from ._convert import copy_host
 from ._copies import Copy, CopyPipeline
 from ._curve import ClientKeys, is_tcp
-from ._embedded import EmbeddedDaemon
 from ._errors import FlushError, SpoolClosed
 from ._leases import Lease, Leases
 from ._link import Link
+from ._matlab import normalize_format
 from ._pending import PendingTable, SaveFuture, failing
 from ._pieces import send_in_pieces
-from ._matlab import normalize_format
 from ._planner import ON_FULL, Plan, check_choice, level, plan
 from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import Ring
@@ -129,15 +129,20 @@ class Spool:
         self._closed = False
         self._fork_lock = threading.Lock()
         self._transport = transport
+        from_env = transport is None and not endpoint and bool(os.environ.get("MATSPOOL_ENDPOINT"))
         endpoint = transport.endpoint if transport is not None else (
             endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None)
+        if transport is None and endpoint is not None:
+            _reach.check_endpoint(endpoint, from_env=from_env)
+        self._from_env = from_env
         curve = curve or ClientKeys.from_env()
         self._remote = endpoint is not None and is_tcp(endpoint)
         if self._remote and curve is None:
             raise ValueError(f"{endpoint} is a TCP endpoint: pass curve=ClientKeys(...) or set "
                              "MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC")
         self._settings = _Settings(endpoint, ring_bytes, ring_mode, heartbeat, connect_timeout, curve)
-        self._embedded: EmbeddedDaemon | None = None
+        self._embedded: _embedded.Share | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -153,7 +158,7 @@ class Spool:
             self._leases = Leases(self._ring)
             self._table = PendingTable(self._leases)
             if s.endpoint is None:
-                self._embedded = EmbeddedDaemon()
+                self._embedded = _embedded.acquire()
                 self._settings = s = replace(s, endpoint=self._embedded.endpoint)
             assert s.endpoint is not None
             self.endpoint = s.endpoint
@@ -163,18 +168,28 @@ class Spool:
                               heartbeat=s.heartbeat, remote=self._remote,
                               daemon_exit=emb.exit_status if emb is not None else None)
             self._copies = CopyPipeline(self._ring, self._leases, self._table, self._link.send)
-            self._link.open(s.connect_timeout)
+            endpoint = s.endpoint
+            probe = (None if self._transport is not None or self._embedded is not None else
+                     lambda: _reach.probe(endpoint, from_env=self._from_env))
+            self._link.open(s.connect_timeout, probe, _reach.GRACE_S)
             if _cuda_in_use():
                 self._copies.cuda()  # pin the ring now, not in the first save() (12 ms per 256 MiB)
         except BaseException:
             self._teardown()
             raise
+        # A spool dropped without close() frees its ring and its share of the daemon when
+        # it is collected; the parts, not the spool, are what the finalizer holds.
+        self._finalizer = weakref.finalize(self, _release_dropped, self._table, self._copies,
+                                           self._link, self._embedded, self._ring)
+        self._finalizer.atexit = False  # at exit _lifecycle closes live spools (and reports)
         _lifecycle.after_open(self)
 
     # -- fork -----------------------------------------------------------------------------
     def _forked(self) -> None:
         """In a forked child (from ``_lifecycle``): the parent's parts are not ours."""
         self._fork_lock = threading.Lock()
+        if self._finalizer is not None:
+            self._finalizer.detach()  # the parent's parts: never ours to release
 
     def _own(self) -> None:
         """After a fork, open parts of this process's own before first use."""
@@ -370,11 +385,37 @@ class Spool:
 
     def _teardown(self) -> None:
         self._closed = True
-        if self._copies is not None:
-            self._copies.close()
-        if self._link is not None:
-            self._link.close()
-        if self._embedded is not None:
-            self._embedded.stop()
-        if self._ring is not None:
-            self._ring.close()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        _close_parts(self._copies, self._link, self._embedded, self._ring)
+
+
+def _close_parts(copies: CopyPipeline | None, link: Link | None,
+                 embedded: _embedded.Share | None, ring: Ring | None) -> None:
+    """Stop the threads, leave the daemon (the last spool stops it), unlink the ring."""
+    if copies is not None:
+        copies.close()
+    if link is not None:
+        link.close()
+    if embedded is not None:
+        embedded.release()
+    if ring is not None:
+        ring.close()
+
+
+def _release_dropped(table: PendingTable, copies: CopyPipeline, link: Link,
+                     embedded: _embedded.Share | None, ring: Ring) -> None:
+    """A spool collected without close(): its saves still finish (up to a minute), then its
+    parts go. Run on a thread of its own when the collection happened on one of the
+    spool's own threads (they cannot join themselves, and the I/O thread must go on
+    answering the saves being waited for)."""
+    def release() -> None:
+        wait(table.futures(), 60.0)
+        table.fail_unresolved(failing(SpoolClosed, "spool collected before the save finished"),
+                              keep=False)
+        _close_parts(copies, link, embedded, ring)
+
+    if threading.current_thread().name.startswith("matspool-"):
+        threading.Thread(target=release, name="spool-release").start()
+    else:
+        release()
