@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from ._errors import FormatLimitError, InvalidVariableError, UnsupportedTypeError
-from ._matlab import STORED_DTYPES, check_name, stored_dtype
+from ._matlab import FLOAT8, STORED_DTYPES, check_name, stored_dtype
 
 __all__ = ["INLINE_TEXT", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size", "copy_host",
            "iter_arrays", "prepare", "prepare_value", "to_spec", "torch_dtype", "utf16_units"]
@@ -47,7 +47,7 @@ class Prepared:
         return math.prod(self.dims) * _ITEMSIZE[self.dtype]
 
 
-def _torch():
+def _torch() -> Any:
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is an optional extra
@@ -56,8 +56,38 @@ def _torch():
 
 
 def _is_tensor(value: object) -> bool:
-    torch = _torch() if type(value).__module__.startswith("torch") else None
+    """A torch tensor, subclasses included (``nn.Parameter``, ``as_subclass``, a user's
+    own); torch is never imported here: a caller holding a tensor has imported it."""
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _plain_tensor(name: str, t: Any) -> Any:
+    """A tensor subclass as the plain tensor over the same memory, or a refusal that says
+    what to call instead. A subclass that wraps no storage of its own (a DTensor, a fake
+    or functional tensor) has no memory to copy from."""
+    torch = _torch()
+    if type(t) is torch.Tensor:
+        return t
+    if any(c.__name__ == "DTensor" for c in type(t).__mro__):
+        raise UnsupportedTypeError(
+            f"variable {name!r}: a DTensor is sharded over ranks; save its global value with "
+            "dtensor.full_tensor() (gathered on every rank) or this rank's shard with "
+            "dtensor.to_local()")
+    if hasattr(t, "trigger_wait"):  # AsyncCollectiveTensor (DTensor.to_local()): the result
+        t = t.trigger_wait()
+        if type(t) is torch.Tensor:
+            return t
+    try:
+        plain = t.as_subclass(torch.Tensor)
+        if plain.numel():
+            plain.data_ptr()  # raises for wrapper subclasses, which hold no storage
+    except (RuntimeError, TypeError) as e:
+        raise UnsupportedTypeError(
+            f"variable {name!r}: cannot read the data of a {type(t).__module__}."
+            f"{type(t).__qualname__} ({e}); pass a plain tensor (e.g. .as_subclass(torch.Tensor), "
+            ".to_local() or .full_tensor())") from None
+    return plain
 
 
 def _matlab_order(x: Any, layout: str, oned_as: str) -> Any:
@@ -77,7 +107,7 @@ def _matlab_order(x: Any, layout: str, oned_as: str) -> Any:
 
 def _as_array(name: str, value: object) -> Any:
     if _is_tensor(value):
-        t = value.detach()
+        t = _plain_tensor(name, value).detach()
         if t.layout != _torch().strided:
             raise UnsupportedTypeError(f"variable {name!r}: {t.layout} tensors are not supported; "
                                        "call .to_dense() first")
@@ -106,7 +136,7 @@ def _plain_numbers(value: list[Any] | tuple[Any, ...], depth: int = 0) -> bool:
             if depth >= MAX_DEPTH or not _plain_numbers(v, depth + 1):
                 return False
         elif not (isinstance(v, bool | numbers.Number)
-                  or isinstance(v, np.generic) and v.dtype.kind in "biufc"):
+                  or (isinstance(v, np.generic) and v.dtype.kind in "biufc")):
             return False
     return True
 
@@ -129,7 +159,7 @@ def prepare(name: str, value: object, layout: str, oned_as: str) -> Prepared:
         source = str(x.dtype).removeprefix("torch.")
         dtype = stored_dtype(name, source)
         if x.device.type == "cpu":
-            if source in ("bfloat16", "complex32"):  # numpy has neither; widen in torch
+            if source in ("bfloat16", "complex32", *FLOAT8):  # not in numpy: widen in torch
                 x = x.to(torch_dtype(dtype))
             x = x.resolve_conj().resolve_neg().numpy()
             is_cuda = False
@@ -351,7 +381,7 @@ def to_spec(name: str, value: Value, offsets: dict[int, int]) -> Any:
             return proto.Struct(tuple((k, node(x, f"{label}.{k}")) for k, x in v.fields))
         if v.kind == "structs":
             return proto.StructArray(v.dims, v.names, tuple(
-                tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e)) for e in v.elems))
+                tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e, strict=True)) for e in v.elems))
         if v.kind == "sparse":
             data, ir, jc = (leaf(p, label) for p in v.parts)
             return proto.Sparse(v.dims, data, ir, jc)  # type: ignore[arg-type]
