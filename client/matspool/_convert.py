@@ -22,8 +22,9 @@ import numpy as np
 from ._errors import FormatLimitError, InvalidVariableError, UnsupportedTypeError
 from ._matlab import FLOAT8, STORED_DTYPES, check_name, stored_dtype
 
-__all__ = ["INLINE_TEXT", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size", "copy_host",
-           "iter_arrays", "prepare", "prepare_value", "to_spec", "torch_dtype", "utf16_units"]
+__all__ = ["INLINE_TEXT", "INT_AS", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size",
+           "copy_host", "ints_as_double", "iter_arrays", "prepare", "prepare_value", "to_spec",
+           "torch_dtype", "utf16_units"]
 
 _ITEMSIZE: Final = {dt: np.dtype(dt).itemsize for dt in STORED_DTYPES}
 Layout = Literal["matlab", "raw", "hwc"]
@@ -150,6 +151,35 @@ def _numeric_list(value: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
     except ValueError:  # ragged
         return None
     return arr if arr.dtype.kind in "biufc" else None
+
+
+#: ``int_as``: what a Python ``int`` becomes. numpy's rule (int64) by default; "double" for
+#: MATLAB code that does arithmetic on step numbers and counts (int64 * 0.5 is an error or
+#: an integer there). numpy and torch integer arrays keep their class either way.
+INT_AS: Final = ("int64", "double")
+
+
+def ints_as_double(label: str, value: Any, depth: int = 0) -> Any:
+    """``value`` with every Python ``int`` (not bool), in dicts, lists and tuples at any
+    depth, made a float; one that double cannot hold exactly is refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            f = float(value)
+        except OverflowError:
+            f = math.inf
+        if f != value:
+            raise InvalidVariableError(
+                f"variable {label!r}: the int {value} is not exact in MATLAB double (beyond 2^53); "
+                "save it with int_as='int64'")
+        return f
+    if depth > MAX_DEPTH:
+        return value  # prepare_value reports the nesting limit
+    if isinstance(value, Mapping):
+        return {k: ints_as_double(f"{label}.{k}", v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        out = [ints_as_double(f"{label}{{{i + 1}}}", v, depth + 1) for i, v in enumerate(value)]
+        return out if isinstance(value, list) else tuple(out)
+    return value
 
 
 def prepare(name: str, value: object, layout: str, oned_as: str) -> Prepared:

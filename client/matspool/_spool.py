@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _embedded, _lifecycle, _reach
 from . import _protocol as proto
-from ._convert import copy_host
+from ._convert import INT_AS, copy_host
 from ._copies import Copy, CopyPipeline
 from ._curve import ClientKeys, is_tcp
 from ._errors import FlushError, SpoolClosed
@@ -118,9 +118,11 @@ class Spool:
         connect_timeout: float = 30.0,
         curve: ClientKeys | None = None,
         compress: bool | int = False,
+        int_as: str = "int64",
         transport: Transport | None = None,
     ) -> None:
         self.on_full = check_choice("on_full", on_full, ON_FULL)
+        self.int_as = check_choice("int_as", int_as, INT_AS)
         self.compress = level(compress)
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
@@ -216,6 +218,7 @@ class Spool:
         fsync: bool = False,
         compress: bool | int | None = None,
         append: bool = False,
+        int_as: str | None = None,
     ) -> Future[SaveResult]:
         """Queue ``variables`` for ``path``; returns a future at once.
 
@@ -226,11 +229,14 @@ class Spool:
         (default: the spool's) deflates in the daemon: True is level 3, or give 1-9.
         ``append=True`` is MATLAB's ``save -append``: the variables are added to (or
         replace those in) an existing file, which keeps its format; atomically.
+        ``int_as`` (default: the spool's, ``"int64"``): ``"double"`` stores Python ints
+        (in dicts and lists too) as MATLAB double, which MATLAB arithmetic expects of a
+        step number or a count; numpy and torch integer arrays keep their class.
         """
         if not isinstance(append, bool):
             raise TypeError(f"append must be a bool, got {append!r}")
         return self._submit(path, variables, normalize_format(format), layout, oned_as, fsync,
-                            compress, "write", append)
+                            compress, "write", append, int_as)
 
     def stream(
         self,
@@ -254,12 +260,13 @@ class Spool:
 
     def _submit(self, path: str | os.PathLike[str], variables: Mapping[str, Any], fmt: str,
                 layout: str, oned_as: str, fsync: bool, compress: bool | int | None,
-                mode: str, append: bool = False) -> SaveFuture:
+                mode: str, append: bool = False, int_as: str | None = None) -> SaveFuture:
         self._check_open()
         ring = self._ring
         assert ring is not None
         p = plan(path, variables, fmt, layout, oned_as, fsync,
-                 self.compress if compress is None else level(compress), mode, ring.size, append)
+                 self.compress if compress is None else level(compress), mode, ring.size, append,
+                 self.int_as if int_as is None else int_as)
         block = self.on_full == "block"
         assert self._copies is not None
         if p.slabs is not None:
