@@ -7,6 +7,8 @@ subprocess where the process's own children or signals are what is checked.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import pytest
 
 import matspool
 
+from conftest import start_daemon
 from readback import read
 
 HERE = Path(__file__).resolve().parent
@@ -175,3 +178,83 @@ def test_int_as_double(spool: Any, out_dir: Path, daemon: Any, fmt: str) -> None
     assert read(out_dir / "s.mat", fmt)["k"].dtype == np.float64
     with pytest.raises(matspool.InvalidOptionError, match="int_as"):
         spool.save(out_dir / "x.mat", {"k": 1}, int_as="float")
+
+
+# -- Ctrl-C while close()/flush() waits; progress from tqdm ------------------------------------
+
+_SLOW_CLIENT = """
+    import sys
+    import numpy as np
+    import matspool
+    s = matspool.Spool(sys.argv[1], ring_bytes=1 << 20, timeout=60)
+    for i in range(6):
+        s.save(f"{sys.argv[2]}/c{i}.mat", {"x": np.full(4, float(i))})
+    print("waiting", flush=True)
+    getattr(s, sys.argv[3])()
+    print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("call", ["close", "flush"])
+def test_ctrl_c_says_what_the_wait_is_for_and_twice_abandons(tmp_path: Path, out_dir: Path,
+                                                              call: str) -> None:
+    d = start_daemon(out_dir, tmp_path / "sock", "--writers", "1", "--debug-write-delay", "1.0")
+    env = {**os.environ, "MATSPOOL_PROGRESS": "0"}
+    env.pop("MATSPOOL_ENDPOINT", None)
+    try:
+        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_CLIENT), d.endpoint,
+                              str(out_dir), call],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "waiting"
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.8)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        d.stop()
+    lines = [ln for ln in err.splitlines() if ln.startswith("matspool:")]
+    assert len(lines) == 2, err
+    want = rf"{call}\(\) is waiting for [1-6] saves .*\(oldest: .*/c[0-5]\.mat\)"
+    assert re.search(want, lines[0]), lines[0]
+    assert "Ctrl-C again" in lines[0]
+    assert f"{call}() abandoned" in lines[1] and "not confirmed written" in lines[1], lines[1]
+    assert "c5.mat" in lines[1]
+    assert "returned" not in out
+    assert p.returncode != 0  # the KeyboardInterrupt went on up
+
+
+def test_slow_flush_shows_tqdm_progress_quick_one_does_not(tmp_path: Path, out_dir: Path) -> None:
+    d = start_daemon(out_dir, tmp_path / "sock", "--writers", "1", "--debug-write-delay", "0.5")
+    code = """
+        import sys
+        import numpy as np
+        import matspool
+        with matspool.Spool(sys.argv[1], ring_bytes=1 << 20, timeout=60) as s:
+            s.save(f"{sys.argv[2]}/q.mat", {"x": 1.0}).result(30)
+            print("QUICK", file=sys.stderr, flush=True)
+            s.flush()  # nothing pending: no bar
+            for i in range(4):
+                s.save(f"{sys.argv[2]}/p{i}.mat", {"x": float(i)})
+            s.flush()
+            print("SLOW", file=sys.stderr, flush=True)
+            s.save(f"{sys.argv[2]}/r.mat", {"x": 1.0})
+            s.flush()  # one save, under a second: no bar
+        """
+    try:
+        runs = {}
+        for setting in ("1", "0"):
+            env = {**os.environ, "MATSPOOL_PROGRESS": setting}
+            runs[setting] = subprocess.run(
+                [sys.executable, "-c", textwrap.dedent(code), d.endpoint, str(out_dir)],
+                capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        d.stop()
+    shown = runs["1"]
+    assert shown.returncode == 0, shown.stderr
+    before, _, rest = shown.stderr.partition("QUICK")
+    slow, _, after = rest.partition("SLOW")
+    assert "matspool flush" not in before and "matspool flush" not in after, shown.stderr
+    assert "matspool flush" in slow and "/4" in slow, slow  # tqdm's "n/4 [..., save/s]"
+    assert "matspool flush" not in runs["0"].stderr

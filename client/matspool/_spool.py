@@ -23,7 +23,6 @@ import itertools
 import os
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, wait
@@ -46,6 +45,7 @@ from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import Ring
 from ._saves import SaveResult, aligned
 from ._transport import Transport, ZmqTransport
+from ._waiting import wait_for_saves
 
 if TYPE_CHECKING:
     from ._stream import Stream
@@ -65,26 +65,6 @@ class _Settings:
     heartbeat: float
     connect_timeout: float
     curve: ClientKeys | None
-
-
-def _wait_with_progress(futures: list[SaveFuture], timeout: float | None) -> Any:
-    """``wait`` that, for a person at a terminal, shows how many saves are on disk."""
-    if not futures or not sys.stderr.isatty():
-        return wait(futures, timeout)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    shown = False
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        result = wait(futures, 0.25 if left is None else min(0.25, left))
-        if not result.not_done or (left is not None and left <= 0.25):
-            if shown:
-                sys.stderr.write("\r\x1b[K")
-            return wait(futures, 0) if result.not_done else result
-        n, k = len(futures), len(result.done)
-        bar = "#" * (30 * k // n)
-        sys.stderr.write(f"\rmatspool flush [{bar:<30}] {k}/{n} saves on disk")
-        sys.stderr.flush()
-        shown = True
 
 
 def _cuda_in_use() -> bool:
@@ -333,7 +313,7 @@ class Spool:
         if self._pid != os.getpid():
             return  # a forked child that has not saved through this spool yet
         futures = self._table.futures()
-        _, not_done = _wait_with_progress(futures, timeout)
+        not_done = wait_for_saves(futures, timeout, "flush()")
         if not_done:
             raise TimeoutError(f"flush: {len(not_done)} of {len(futures)} saves still pending "
                                f"after {timeout} s")
@@ -357,7 +337,13 @@ class Spool:
         _lifecycle.forget(self)
         if self._pid != os.getpid():
             return  # the parent's parts: not ours to close
-        wait(self._table.futures(), timeout)
+        try:
+            wait_for_saves(self._table.futures(), timeout, "close()")
+        except KeyboardInterrupt:  # a second Ctrl-C (named the saves) or one with none left
+            self._table.fail_unresolved(
+                failing(SpoolClosed, "close() was interrupted before the save finished"), keep=False)
+            self._teardown()
+            raise
         self._table.fail_unresolved(
             failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"),
             keep=False)
