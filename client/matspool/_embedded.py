@@ -42,10 +42,14 @@ class EmbeddedDaemon:
     def exit_status(self) -> int | None:
         return self.proc.poll()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM: the daemon finishes accepted writes, then exits."""
+    def stop(self, timeout: float = 30.0, *, wait: bool = True) -> None:
+        """SIGTERM: the daemon finishes accepted writes, then exits; ``wait=False`` (a
+        close() abandoned by Ctrl-C) lets it finish them without us."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            if not wait:
+                shutil.rmtree(self._dir, ignore_errors=True)  # no new client finds it
+                return
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -74,8 +78,9 @@ class Share:
     def exit_status(self) -> int | None:
         return self.daemon.exit_status()
 
-    def release(self) -> None:
-        """The last user of the daemon stops it (it finishes accepted writes first)."""
+    def release(self, *, wait: bool = True) -> None:
+        """The last user of the daemon stops it (it finishes accepted writes first;
+        ``wait=False``: without waiting for them)."""
         global _shared, _users
         with _lock:
             if self._released:
@@ -89,7 +94,7 @@ class Share:
                 if last:
                     _shared = None
         if last:
-            self.daemon.stop()
+            self.daemon.stop(wait=wait)
 
 
 def acquire() -> Share:

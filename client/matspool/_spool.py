@@ -342,7 +342,7 @@ class Spool:
         except KeyboardInterrupt:  # a second Ctrl-C (named the saves) or one with none left
             self._table.fail_unresolved(
                 failing(SpoolClosed, "close() was interrupted before the save finished"), keep=False)
-            self._teardown()
+            self._teardown(wait=False)
             raise
         self._table.fail_unresolved(
             failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"),
@@ -376,22 +376,23 @@ class Spool:
         if self._link is not None and self._link.broken is not None:
             raise self._link.broken
 
-    def _teardown(self) -> None:
+    def _teardown(self, *, wait: bool = True) -> None:
         self._closed = True
         if self._finalizer is not None:
             self._finalizer.detach()
-        _close_parts(self._copies, self._link, self._embedded, self._ring)
+        _close_parts(self._copies, self._link, self._embedded, self._ring, wait=wait)
 
 
 def _close_parts(copies: CopyPipeline | None, link: Link | None,
-                 embedded: _embedded.Share | None, ring: Ring | None) -> None:
-    """Stop the threads, leave the daemon (the last spool stops it), unlink the ring."""
+                 embedded: _embedded.Share | None, ring: Ring | None, *, wait: bool = True) -> None:
+    """Stop the threads, leave the daemon (the last spool stops it; ``wait=False``:
+    without waiting for its accepted writes), unlink the ring."""
     if copies is not None:
         copies.close()
     if link is not None:
         link.close()
     if embedded is not None:
-        embedded.release()
+        embedded.release(wait=wait)
     if ring is not None:
         ring.close()
 
