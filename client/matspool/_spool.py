@@ -76,8 +76,12 @@ def _cuda_in_use() -> bool:
 class Spool:
     """A connection to a writer daemon plus this process's ring.
 
-    ``endpoint`` defaults to ``$MATSPOOL_ENDPOINT``; with neither, an embedded daemon is
-    started for this spool. ``timeout`` bounds how long ``save()`` blocks on a full ring
+    ``endpoint`` defaults to ``$MATSPOOL_ENDPOINT``; with neither, the process's embedded
+    daemon is used (started by the first such spool, stopped when the last one closes).
+    An endpoint that is not ``ipc://PATH`` or ``tcp://HOST:PORT`` raises
+    :class:`InvalidOptionError`; one nobody listens at raises :class:`DaemonUnavailable`
+    within a few seconds. ``int_as="double"`` stores Python ints as MATLAB double. A
+    spool dropped without ``close()`` finishes its saves and frees its ring when collected. ``timeout`` bounds how long ``save()`` blocks on a full ring
     (``on_full="block"``) and how long the daemon may stay silent before pending saves
     fail with :class:`DaemonUnavailable`. ``transport`` replaces the connection (unit
     tests pass a :class:`~matspool._transport.MemoryTransport`).
