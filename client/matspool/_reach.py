@@ -22,7 +22,15 @@ __all__ = ["GRACE_S", "check_endpoint", "probe"]
 
 # A daemon started together with its client (a job script) gets this long to create its
 # socket and listen before a missing or refusing endpoint counts as nobody there.
-GRACE_S: Final = float(os.environ.get("MATSPOOL_CONNECT_GRACE", 3.0))
+def _grace() -> float:
+    """MATSPOOL_CONNECT_GRACE seconds (default 3), read once at import."""
+    try:
+        return max(0.0, float(os.environ.get("MATSPOOL_CONNECT_GRACE", 3.0)))
+    except ValueError:  # a bad value must not break importing matspool
+        return 3.0
+
+
+GRACE_S: Final = _grace()
 
 _WHAT_TO_DO: Final = ("start one (`matspool serve --endpoint {e}`), point MATSPOOL_ENDPOINT or "
                       "Spool(endpoint=...) at a running one, or give neither to start an "
