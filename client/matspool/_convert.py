@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeGuard
 import numpy as np
 
 from ._errors import FormatLimitError, InvalidVariableError, UnsupportedTypeError
-from ._matlab import STORED_DTYPES, check_name, stored_dtype
+from ._matlab import FLOAT8, STORED_DTYPES, check_name, stored_dtype
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["INLINE_TEXT", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size", "copy_host",
-           "iter_arrays", "prepare", "prepare_value", "to_spec", "torch_dtype", "utf16_units"]
+__all__ = ["INLINE_TEXT", "INT_AS", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size",
+           "copy_host", "ints_as_double", "iter_arrays", "prepare", "prepare_value", "to_spec",
+           "torch_dtype", "utf16_units"]
 
 _ITEMSIZE: Final = {dt: np.dtype(dt).itemsize for dt in STORED_DTYPES}
 Layout = Literal["matlab", "raw", "hwc"]
@@ -61,8 +62,39 @@ def _torch() -> ModuleType | None:
 
 
 def _is_tensor(value: object) -> TypeGuard[torch.Tensor]:
-    lib = _torch() if type(value).__module__.startswith("torch") else None
+    """A torch tensor, subclasses included (``nn.Parameter``, ``as_subclass``, a user's
+    own); torch is never imported here: a caller holding a tensor has imported it."""
+    lib = sys.modules.get("torch")
     return lib is not None and isinstance(value, lib.Tensor)
+
+
+def _plain_tensor(name: str, t: Any) -> Any:
+    """A tensor subclass as the plain tensor over the same memory, or a refusal that says
+    what to call instead. A subclass that wraps no storage of its own (a DTensor, a fake
+    or functional tensor) has no memory to copy from."""
+    torch = _torch()
+    assert torch is not None  # t is one of its tensors
+    if type(t) is torch.Tensor:
+        return t
+    if any(c.__name__ == "DTensor" for c in type(t).__mro__):
+        raise UnsupportedTypeError(
+            f"variable {name!r}: a DTensor is sharded over ranks; save its global value with "
+            "dtensor.full_tensor() (gathered on every rank) or this rank's shard with "
+            "dtensor.to_local()")
+    if hasattr(t, "trigger_wait"):  # AsyncCollectiveTensor (DTensor.to_local()): the result
+        t = t.trigger_wait()
+        if type(t) is torch.Tensor:
+            return t
+    try:
+        plain = t.as_subclass(torch.Tensor)
+        if plain.numel():
+            plain.data_ptr()  # raises for wrapper subclasses, which hold no storage
+    except (RuntimeError, TypeError) as e:
+        raise UnsupportedTypeError(
+            f"variable {name!r}: cannot read the data of a {type(t).__module__}."
+            f"{type(t).__qualname__} ({e}); pass a plain tensor (e.g. .as_subclass(torch.Tensor), "
+            ".to_local() or .full_tensor())") from None
+    return plain
 
 
 def _matlab_order(x: Any, layout: str, oned_as: str) -> Any:
@@ -84,7 +116,7 @@ def _as_array(name: str, value: object) -> Any:
     if _is_tensor(value):
         import torch  # loaded already: value is one of its tensors
 
-        t = value.detach()
+        t = _plain_tensor(name, value).detach()
         if t.layout != torch.strided:
             raise UnsupportedTypeError(f"variable {name!r}: {t.layout} tensors are not supported; "
                                        "call .to_dense() first")
@@ -129,6 +161,35 @@ def _numeric_list(value: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
     return arr if arr.dtype.kind in "biufc" else None
 
 
+#: ``int_as``: what a Python ``int`` becomes. numpy's rule (int64) by default; "double" for
+#: MATLAB code that does arithmetic on step numbers and counts (int64 * 0.5 is an error or
+#: an integer there). numpy and torch integer arrays keep their class either way.
+INT_AS: Final = ("int64", "double")
+
+
+def ints_as_double(label: str, value: Any, depth: int = 0) -> Any:
+    """``value`` with every Python ``int`` (not bool), in dicts, lists and tuples at any
+    depth, made a float; one that double cannot hold exactly is refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            f = float(value)
+        except OverflowError:
+            f = math.inf
+        if f != value:
+            raise InvalidVariableError(
+                f"variable {label!r}: the int {value} is not exact in MATLAB double (beyond 2^53); "
+                "save it with int_as='int64'")
+        return f
+    if depth > MAX_DEPTH:
+        return value  # prepare_value reports the nesting limit
+    if isinstance(value, Mapping):
+        return {k: ints_as_double(f"{label}.{k}", v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        out = [ints_as_double(f"{label}{{{i + 1}}}", v, depth + 1) for i, v in enumerate(value)]
+        return out if isinstance(value, list) else tuple(out)
+    return value
+
+
 def prepare(name: str, value: object, layout: str, oned_as: str) -> Prepared:
     """One numeric array; ``name`` only labels errors (a field path inside a struct)."""
     x = _as_array(name, value)
@@ -136,7 +197,7 @@ def prepare(name: str, value: object, layout: str, oned_as: str) -> Prepared:
         source = str(x.dtype).removeprefix("torch.")
         dtype = stored_dtype(name, source)
         if x.device.type == "cpu":
-            if source in ("bfloat16", "complex32"):  # numpy has neither; widen in torch
+            if source in ("bfloat16", "complex32", *FLOAT8):  # not in numpy: widen in torch
                 x = x.to(torch_dtype(dtype))
             x = x.resolve_conj().resolve_neg().numpy()
             is_cuda = False

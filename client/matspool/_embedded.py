@@ -1,11 +1,17 @@
-"""Start a private daemon for a client that was given no endpoint.
+"""Start a private daemon for a client that was given no endpoint, shared by the process.
 
 The daemon runs as a separate process (``python -m matspoold``) started by exec, never
 by fork, so it is safe after CUDA has been initialised. Its socket lives in a fresh
-owner-only directory; it exits when the client closes it or when the client dies.
-A forked child's spool connects to its parent's embedded daemon; only the parent stops it.
+owner-only directory; it exits when the last spool using it closes, or when the
+process that started it dies (``--parent-pid``).
 
-Threads: the spool's owner (open and close); ``exit_status`` from the I/O thread too.
+One daemon per process: every ``Spool()`` without an endpoint in this process shares it
+(:func:`acquire` / :meth:`Share.release`), so a notebook re-running a cell, or a library
+opening a spool of its own, does not start a daemon (and its writer processes) each time.
+A forked child's spool connects to its parent's embedded daemon; only the parent stops
+it, and a ``Spool()`` made new in the child starts the child's own.
+
+Threads: any (the share count is under a lock); ``exit_status`` from I/O threads too.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
-__all__ = ["EmbeddedDaemon"]
+__all__ = ["EmbeddedDaemon", "Share", "acquire"]
 
 
 class EmbeddedDaemon:
+    """One ``matspool serve`` child process on a private ipc:// endpoint."""
+
     def __init__(self, *, writers: int | None = None) -> None:
         self._dir = tempfile.mkdtemp(prefix="matspool-")  # mode 0700
         self.endpoint = f"ipc://{self._dir}/daemon.sock"
@@ -33,13 +42,75 @@ class EmbeddedDaemon:
     def exit_status(self) -> int | None:
         return self.proc.poll()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM: the daemon finishes accepted writes, then exits."""
+    def stop(self, timeout: float = 30.0, *, wait: bool = True) -> None:
+        """SIGTERM: the daemon finishes accepted writes, then exits; ``wait=False`` (a
+        close() abandoned by Ctrl-C) lets it finish them without us."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            if not wait:
+                shutil.rmtree(self._dir, ignore_errors=True)  # no new client finds it
+                return
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+_lock = threading.Lock()
+_shared: EmbeddedDaemon | None = None
+_users = 0
+
+
+class Share:
+    """One spool's use of the process's embedded daemon; ``release`` once when done."""
+
+    def __init__(self, daemon: EmbeddedDaemon) -> None:
+        self.daemon = daemon
+        self.endpoint = daemon.endpoint
+        self._released = False
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.daemon.proc
+
+    def exit_status(self) -> int | None:
+        return self.daemon.exit_status()
+
+    def release(self, *, wait: bool = True) -> None:
+        """The last user of the daemon stops it (it finishes accepted writes first;
+        ``wait=False``: without waiting for them)."""
+        global _shared, _users
+        with _lock:
+            if self._released:
+                return
+            self._released = True
+            if _shared is not self.daemon:
+                last = True  # a daemon replaced after it died: nobody else uses it
+            else:
+                _users -= 1
+                last = _users == 0
+                if last:
+                    _shared = None
+        if last:
+            self.daemon.stop(wait=wait)
+
+
+def acquire() -> Share:
+    """The process's embedded daemon, started on first use (or again if it died)."""
+    global _shared, _users
+    with _lock:
+        if _shared is None or _shared.exit_status() is not None:
+            _shared, _users = EmbeddedDaemon(), 0
+        _users += 1
+        return Share(_shared)
+
+
+def _after_fork_in_child() -> None:
+    """The parent's daemon is not the child's to share or stop."""
+    global _shared, _users, _lock
+    _shared, _users, _lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

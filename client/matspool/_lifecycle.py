@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 __all__ = ["after_open", "forget", "report"]
 
-_LIVE: set[Spool] = set()  # strong: a spool dropped without close() is closed at exit
+# Weak: a spool dropped without close() is collected (its finalizer frees its ring and
+# lets its share of the embedded daemon go); one still alive at exit is closed here.
+_LIVE: weakref.WeakSet[Spool] = weakref.WeakSet()
 _FINALIZERS: dict[int, Any] = {}
 
 

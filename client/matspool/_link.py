@@ -95,14 +95,23 @@ class Link:
         self._io: threading.Thread | None = None
 
     # -- other threads ------------------------------------------------------------------
-    def open(self, connect_timeout: float) -> None:
-        """Start the I/O thread and say HELLO; returns once the daemon has answered."""
+    def open(self, connect_timeout: float, probe: Callable[[], None] | None = None,
+             grace: float = 0.0) -> None:
+        """Start the I/O thread and say HELLO; returns once the daemon has answered.
+
+        ``probe`` (after ``grace`` s, then every second) raises when nobody can be
+        listening, so a wrong endpoint fails long before ``connect_timeout``."""
         self.transport.open(self._ring.name.encode())
         self._io = threading.Thread(target=self._loop, name="matspool-io", daemon=True)
         self._io.start()
         self.send(self._hello_msg())
-        deadline = time.monotonic() + connect_timeout
+        start = time.monotonic()
+        deadline = start + connect_timeout
+        next_probe = start + grace
         while not self._welcome.wait(0.05):
+            if probe is not None and time.monotonic() >= next_probe:
+                probe()
+                next_probe = time.monotonic() + 1.0
             if self.broken is not None:
                 raise self.broken
             if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:

@@ -11,6 +11,7 @@ import numpy as np
 from ._errors import InvalidOptionError, InvalidVariableError, UnsupportedTypeError
 
 __all__ = [
+    "FLOAT8",
     "FORMAT_ALIASES",
     "MATLAB_KEYWORDS",
     "MAX_NAME_LENGTH",
@@ -79,7 +80,10 @@ STORED_DTYPES: Final[dict[str, str]] = {
 }
 
 # Inputs that are widened on the way in: MATLAB has no half precision.
-_WIDEN = {"float16": "<f4", "bfloat16": "<f4", "complex32": "<c8"}
+# float8 (torch's and ml_dtypes' spellings): every value is exact in single.
+FLOAT8: Final = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                 "float8_e8m0fnu")
+_WIDEN = {"float16": "<f4", "bfloat16": "<f4", "complex32": "<c8", **dict.fromkeys(FLOAT8, "<f4")}
 
 
 def check_name(name: object) -> str:
@@ -122,7 +126,7 @@ def stored_dtype(name: str, source: str) -> str:
         return stored
     raise UnsupportedTypeError(
         f"variable {name!r}: dtype {source} has no MATLAB class (supported: float64/32/16, "
-        "bfloat16, int8-64, uint8-64, bool, complex64/128)"
+        "bfloat16, float8, int8-64, uint8-64, bool, complex64/128)"
     )
 
 

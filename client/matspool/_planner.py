@@ -17,11 +17,13 @@ from typing import Any, Final
 
 from . import _protocol as proto
 from ._convert import (
+    INT_AS,
     LAYOUTS,
     ONED_AS,
     Prepared,
     Value,
     check_wire_size,
+    ints_as_double,
     iter_arrays,
     prepare_value,
     to_spec,
@@ -91,9 +93,11 @@ class Plan:
 
 
 def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned_as: str,
-         fsync: bool, compress: int, mode: str, ring_size: int, append: bool = False) -> Plan:
+         fsync: bool, compress: int, mode: str, ring_size: int, append: bool = False,
+         int_as: str = "int64") -> Plan:
     """Check a save and lay it out for a ring of ``ring_size`` bytes."""
     check_choice("layout", layout, LAYOUTS)
+    check_choice("int_as", int_as, INT_AS)
     check_choice("oned_as", oned_as, ONED_AS)
     if not isinstance(fsync, bool):
         raise TypeError(f"fsync must be a bool, got {fsync!r}")
@@ -102,6 +106,8 @@ def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned
     if len(variables) > proto.MAX_VARS:
         raise ValueError(f"at most {proto.MAX_VARS} variables per save, got {len(variables)}")
     abspath = check_path(path)
+    if int_as == "double":
+        variables = {name: ints_as_double(str(name), value) for name, value in variables.items()}
     values = {check_name(name): prepare_value(name, value, layout, oned_as)
               for name, value in variables.items()}
     check_wire_size(values)

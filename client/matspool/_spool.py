@@ -23,19 +23,18 @@ import itertools
 import os
 import sys
 import threading
-import time
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _lifecycle
+from . import _embedded, _lifecycle, _reach
 from . import _protocol as proto
-from ._convert import copy_host
+from ._convert import INT_AS, copy_host
 from ._copies import Copy, CopyPipeline
 from ._cuda import eager, refuse_capture
 from ._curve import ClientKeys, is_tcp
-from ._embedded import EmbeddedDaemon
 from ._errors import CudaError, FlushError, SpoolClosed
 from ._leases import Lease, Leases
 from ._link import Link
@@ -47,6 +46,7 @@ from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
 from ._ring import Ring
 from ._saves import SaveResult, aligned
 from ._transport import Transport, ZmqTransport
+from ._waiting import wait_for_saves
 
 if TYPE_CHECKING:
     from ._stream import Stream
@@ -69,32 +69,19 @@ class _Settings:
     curve: ClientKeys | None
 
 
-def _wait_with_progress(futures: list[SaveFuture], timeout: float | None) -> Any:
-    """``wait`` that, for a person at a terminal, shows how many saves are on disk."""
-    if not futures or not sys.stderr.isatty():
-        return wait(futures, timeout)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    shown = False
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        result = wait(futures, 0.25 if left is None else min(0.25, left))
-        if not result.not_done or (left is not None and left <= 0.25):
-            if shown:
-                sys.stderr.write("\r\x1b[K")
-            return wait(futures, 0) if result.not_done else result
-        n, k = len(futures), len(result.done)
-        bar = "#" * (30 * k // n)
-        sys.stderr.write(f"\rmatspool flush [{bar:<30}] {k}/{n} saves on disk")
-        sys.stderr.flush()
-        shown = True
 
 
 class Spool:
     """A connection to a writer daemon plus this process's ring.
 
-    ``endpoint`` defaults to ``$MATSPOOL_ENDPOINT``; with neither, an embedded daemon is
-    started for this spool. ``timeout`` bounds how long ``save()`` blocks on a full ring
-    (``on_full="block"``) and how long the daemon may stay silent before pending saves
+    ``endpoint`` defaults to ``$MATSPOOL_ENDPOINT``; with neither, the process's embedded
+    daemon is used (started by the first such spool, stopped when the last one closes).
+    An endpoint that is not ``ipc://PATH`` or ``tcp://HOST:PORT`` raises
+    :class:`InvalidOptionError`; one nobody listens at raises :class:`DaemonUnavailable`
+    within a few seconds. ``int_as="double"`` stores Python ints as MATLAB double. A
+    spool dropped without ``close()`` finishes its saves and frees its ring when collected.
+    ``timeout`` bounds how long ``save()`` blocks on a full ring (``on_full="block"``)
+    and how long the daemon may stay silent before pending saves
     fail with :class:`DaemonUnavailable`. ``transport`` replaces the connection (unit
     tests pass a :class:`~matspool._transport.MemoryTransport`).
 
@@ -114,9 +101,11 @@ class Spool:
         connect_timeout: float = 30.0,
         curve: ClientKeys | None = None,
         compress: bool | int = False,
+        int_as: str = "int64",
         transport: Transport | None = None,
     ) -> None:
         self.on_full = check_choice("on_full", on_full, ON_FULL)
+        self.int_as = check_choice("int_as", int_as, INT_AS)
         self.compress = level(compress)
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
@@ -125,15 +114,20 @@ class Spool:
         self._closed = False
         self._fork_lock = threading.Lock()
         self._transport = transport
+        from_env = transport is None and not endpoint and bool(os.environ.get("MATSPOOL_ENDPOINT"))
         endpoint = transport.endpoint if transport is not None else (
             endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None)
+        if transport is None and endpoint is not None:
+            _reach.check_endpoint(endpoint, from_env=from_env)
+        self._from_env = from_env
         curve = curve or ClientKeys.from_env()
         self._remote = endpoint is not None and is_tcp(endpoint)
         if self._remote and curve is None:
             raise ValueError(f"{endpoint} is a TCP endpoint: pass curve=ClientKeys(...) or set "
                              "MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC")
         self._settings = _Settings(endpoint, ring_bytes, ring_mode, heartbeat, connect_timeout, curve)
-        self._embedded: EmbeddedDaemon | None = None
+        self._embedded: _embedded.Share | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -149,7 +143,7 @@ class Spool:
             self._leases = Leases(self._ring)
             self._table = PendingTable(self._leases)
             if s.endpoint is None:
-                self._embedded = EmbeddedDaemon()
+                self._embedded = _embedded.acquire()
                 self._settings = s = replace(s, endpoint=self._embedded.endpoint)
             assert s.endpoint is not None
             self.endpoint = s.endpoint
@@ -159,16 +153,26 @@ class Spool:
                               heartbeat=s.heartbeat, remote=self._remote,
                               daemon_exit=emb.exit_status if emb is not None else None)
             self._copies = CopyPipeline(self._ring, self._leases, self._table, self._link.send)
-            self._link.open(s.connect_timeout)
+            endpoint = s.endpoint
+            probe = (None if self._transport is not None or self._embedded is not None else
+                     lambda: _reach.probe(endpoint, from_env=self._from_env))
+            self._link.open(s.connect_timeout, probe, _reach.GRACE_S)
         except BaseException:
             self._teardown()
             raise
+        # A spool dropped without close() frees its ring and its share of the daemon when
+        # it is collected; the parts, not the spool, are what the finalizer holds.
+        self._finalizer = weakref.finalize(self, _release_dropped, self._table, self._copies,
+                                           self._link, self._embedded, self._ring)
+        self._finalizer.atexit = False  # at exit _lifecycle closes live spools (and reports)
         _lifecycle.after_open(self)
 
     # -- fork -----------------------------------------------------------------------------
     def _forked(self) -> None:
         """In a forked child (from ``_lifecycle``): the parent's parts are not ours."""
         self._fork_lock = threading.Lock()
+        if self._finalizer is not None:
+            self._finalizer.detach()  # the parent's parts: never ours to release
 
     def _own(self) -> None:
         """After a fork, open parts of this process's own before first use."""
@@ -196,6 +200,7 @@ class Spool:
         compress: bool | int | None = None,
         append: bool = False,
         stream: Any = None,
+        int_as: str | None = None,
     ) -> Future[SaveResult]:
         """Queue ``variables`` for ``path``; returns a future at once.
 
@@ -210,12 +215,15 @@ class Spool:
         the caller's current one (the snapshot is ordered after its work).
         Inside a ``torch.compile``d function a save runs eagerly, behind a graph break;
         during CUDA graph capture it raises :class:`CudaCaptureError`.
+        ``int_as`` (default: the spool's, ``"int64"``): ``"double"`` stores Python ints
+        (in dicts and lists too) as MATLAB double, which MATLAB arithmetic expects of a
+        step number or a count; numpy and torch integer arrays keep their class.
         """
         if not isinstance(append, bool):
             raise TypeError(f"append must be a bool, got {append!r}")
         submit = eager(Spool._submit)  # under torch.compile: eager, behind a graph break
         future: SaveFuture = submit(self, path, variables, normalize_format(format), layout, oned_as,
-                                    fsync, compress, "write", append, stream)
+                                    fsync, compress, "write", append, stream, int_as)
         return future
 
     def stream(
@@ -240,13 +248,15 @@ class Spool:
 
     def _submit(self, path: str | os.PathLike[str], variables: Mapping[str, Any], fmt: str,
                 layout: str, oned_as: str, fsync: bool, compress: bool | int | None,
-                mode: str, append: bool = False, stream: Any = None) -> SaveFuture:
+                mode: str, append: bool = False, stream: Any = None,
+                int_as: str | None = None) -> SaveFuture:
         refuse_capture()  # before anything is reserved or queued
         self._check_open()
         ring = self._ring
         assert ring is not None
         p = plan(path, variables, fmt, layout, oned_as, fsync,
-                 self.compress if compress is None else level(compress), mode, ring.size, append)
+                 self.compress if compress is None else level(compress), mode, ring.size, append,
+                 self.int_as if int_as is None else int_as)
         block = self.on_full == "block"
         assert self._copies is not None
         if p.slabs is not None:
@@ -314,7 +324,7 @@ class Spool:
         if self._pid != os.getpid():
             return  # a forked child that has not saved through this spool yet
         futures = self._table.futures()
-        _, not_done = _wait_with_progress(futures, timeout)
+        not_done = wait_for_saves(futures, timeout, "flush()")
         if not_done:
             raise TimeoutError(f"flush: {len(not_done)} of {len(futures)} saves still pending "
                                f"after {timeout} s")
@@ -338,7 +348,13 @@ class Spool:
         _lifecycle.forget(self)
         if self._pid != os.getpid():
             return  # the parent's parts: not ours to close
-        wait(self._table.futures(), timeout)
+        try:
+            wait_for_saves(self._table.futures(), timeout, "close()")
+        except KeyboardInterrupt:  # a second Ctrl-C (named the saves) or one with none left
+            self._table.fail_unresolved(
+                failing(SpoolClosed, "close() was interrupted before the save finished"), keep=False)
+            self._teardown(wait=False)
+            raise
         self._table.fail_unresolved(
             failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"),
             keep=False)
@@ -377,24 +393,52 @@ class Spool:
         if self._link is not None and self._link.broken is not None:
             raise self._link.broken
 
-    def _teardown(self) -> CudaError | None:
+    def _teardown(self, *, wait: bool = True) -> CudaError | None:
         """Close every part; a copy stuck behind a CUDA stream is waited for only so
         long, then the ring is unmapped when it ends (never while the GPU may write into
         it) and the error saying so is returned."""
         self._closed = True
-        stuck = self._copies is not None and not self._copies.close(_COPIES_CLOSE_TIMEOUT)
-        if self._link is not None:
-            self._link.close()
-        if self._embedded is not None:
-            self._embedded.stop()
-        if self._ring is not None:
-            if stuck:
-                assert self._copies is not None
-                self._copies.after_copies(self._ring.close)
-            else:
-                self._ring.close()
-        if not stuck:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if not _close_parts(self._copies, self._link, self._embedded, self._ring, wait=wait):
             return None
         return CudaError(f"close(): a copy into the ring did not end within {_COPIES_CLOSE_TIMEOUT} s "
                          "(a CUDA stream it waits on is stuck, or a host reorder still runs); the ring is "
                          "unmapped once it ends")
+
+
+def _close_parts(copies: CopyPipeline | None, link: Link | None,
+                 embedded: _embedded.Share | None, ring: Ring | None, *, wait: bool = True) -> bool:
+    """Stop the threads, leave the daemon (the last spool stops it; ``wait=False``:
+    without waiting for its accepted writes), unlink the ring. True when a copy was stuck:
+    the ring then goes when that copy ends, never under it."""
+    stuck = copies is not None and not copies.close(_COPIES_CLOSE_TIMEOUT)
+    if link is not None:
+        link.close()
+    if embedded is not None:
+        embedded.release(wait=wait)
+    if ring is not None:
+        if stuck:
+            assert copies is not None
+            copies.after_copies(ring.close)
+        else:
+            ring.close()
+    return stuck
+
+
+def _release_dropped(table: PendingTable, copies: CopyPipeline, link: Link,
+                     embedded: _embedded.Share | None, ring: Ring) -> None:
+    """A spool collected without close(): its saves still finish (up to a minute), then its
+    parts go. Run on a thread of its own when the collection happened on one of the
+    spool's own threads (they cannot join themselves, and the I/O thread must go on
+    answering the saves being waited for)."""
+    def release() -> None:
+        wait(table.futures(), 60.0)
+        table.fail_unresolved(failing(SpoolClosed, "spool collected before the save finished"),
+                              keep=False)
+        _close_parts(copies, link, embedded, ring)
+
+    if threading.current_thread().name.startswith("matspool-"):
+        threading.Thread(target=release, name="spool-release").start()
+    else:
+        release()

@@ -6,10 +6,62 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from .config import ConfigError, default_endpoint, resolve_settings, take_flags
 
-__all__ = ["default_endpoint", "main"]
+__all__ = ["BAD_INPUT", "default_endpoint", "main"]
+
+#: Exit status of every command given bad input (a flag, a path, an endpoint, a key).
+BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line (no usage block): a script's log shows what was wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(BAD_INPUT, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("matspool")
+    except PackageNotFoundError:  # run from a source tree
+        return "unknown (not installed)"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _endpoint(text: str) -> str:
+    """A client-side endpoint (ping, status): ipc://PATH or tcp://HOST:PORT."""
+    from matspool._errors import InvalidOptionError
+    from matspool._reach import check_endpoint
+
+    try:
+        check_endpoint(text)
+    except InvalidOptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _mode(text: str) -> int:
@@ -58,7 +110,12 @@ def _serve(args: argparse.Namespace) -> int:
         if cfg.metrics is not None:
             from .metrics import start_metrics
 
-            start_metrics(daemon, cfg.metrics)
+            try:
+                start_metrics(daemon, cfg.metrics)
+            except OSError as e:  # the port is taken, or not ours to bind
+                print(f"matspool serve: cannot serve --metrics on {cfg.metrics}: "
+                      f"{e.strerror or e}", file=sys.stderr)
+                return 2
         daemon.serve()
     except (ValueError, OSError) as e:  # bind failures, unreadable keys: say so, no traceback
         print(f"matspool serve: {e}", file=sys.stderr)
@@ -73,14 +130,24 @@ def _ping(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .probe import status
+    from .probe import status, watch
 
+    if args.watch is not None:
+        return watch(args.endpoint, args.timeout, args.watch)
     return status(args.endpoint, args.timeout, args.json)
 
 
 def _keygen(args: argparse.Namespace) -> int:
     from matspool._curve import make_keys
 
+    existing = [f for f in (os.path.join(args.dir, f"{args.name}.key"),
+                            os.path.join(args.dir, f"{args.name}.key_secret")) if os.path.exists(f)]
+    if existing and not args.force:
+        print(f"matspool keygen: {existing[0]} exists; clients or the daemon may use it: "
+              "pass --force to replace the key pair", file=sys.stderr)
+        return BAD_INPUT
+    for f in existing:  # make_keys writes new files (owner-only); the old ones go first
+        os.unlink(f)
     public, secret = make_keys(args.dir, args.name)
     print(f"public key: {public}\nsecret key: {secret} (owner-only; keep it on this host)")
     return 0
@@ -95,11 +162,22 @@ def _verify(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    out = os.path.abspath(args.out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        print(f"matspool demo: cannot create --out {out}: {e.strerror or e}", file=sys.stderr)
+        return BAD_INPUT
+    if not os.access(out, os.W_OK | os.X_OK):
+        print(f"matspool demo: --out {out} is not writable by this user", file=sys.stderr)
+        return BAD_INPUT
+
     return run_demo(out=args.out, steps=args.steps, n=args.size, fmt=args.format)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="matspool", description=__doc__)
+    p = _Parser(prog="matspool", description=__doc__)
+    p.add_argument("--version", action="version", version=f"matspool {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the writer daemon")
     # Setting flags default to SUPPRESS: only flags actually given override the config file
@@ -157,14 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, func, what in (("ping", _ping, "exit 0 if the daemon answers (health checks)"),
                              ("status", _status, "per-client queue, ring use, files, throughput, errors")):
         q = sub.add_parser(name, help=what)
-        q.add_argument("--endpoint", default=os.environ.get("MATSPOOL_ENDPOINT") or default_endpoint())
-        q.add_argument("--timeout", type=float, default=5.0)
+        q.add_argument("--endpoint", type=_endpoint,
+                       default=os.environ.get("MATSPOOL_ENDPOINT") or default_endpoint())
+        q.add_argument("--timeout", type=_seconds, default=5.0)
         if name == "status":
             q.add_argument("--json", action="store_true", help="print the daemon's raw answer")
+            q.add_argument("--watch", type=_seconds, nargs="?", const=1.0, metavar="SECONDS",
+                           help="refresh the table every SECONDS (default 1) until Ctrl-C")
         q.set_defaults(func=func)
     k = sub.add_parser("keygen", help="make a CURVE key pair for a tcp:// endpoint")
     k.add_argument("dir", help="directory to write NAME.key and NAME.key_secret into")
     k.add_argument("--name", default="matspool", help="file name stem (default: %(default)s)")
+    k.add_argument("--force", action="store_true",
+                   help="replace an existing key pair of that name (clients holding the old "
+                        "public key can no longer connect)")
     k.set_defaults(func=_keygen)
     v = sub.add_parser("verify", help="check .mat files the way MATLAB would read them")
     v.add_argument("files", nargs="+", metavar="FILE")
@@ -172,12 +256,42 @@ def main(argv: list[str] | None = None) -> int:
     v.set_defaults(func=_verify)
     d = sub.add_parser("demo", help="run a demo simulation that exports every step")
     d.add_argument("--out", default="out/demo", help="output directory (default: %(default)s)")
-    d.add_argument("--steps", type=int, default=40)
-    d.add_argument("--size", type=int, default=2048, help="grid is SIZE x SIZE float32")
+    d.add_argument("--steps", type=_positive, default=40)
+    d.add_argument("--size", type=_positive, default=2048, help="grid is SIZE x SIZE float32")
     d.add_argument("--format", default="v7.3", choices=["v5", "v7.3"])
     d.set_defaults(func=_demo)
     args = p.parse_args(argv)
     if args.command == "serve":
         args.given_flags = take_flags(args)
-    status: int = args.func(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """A command's failure as one line, never a traceback: what the user gave that was
+    wrong (exit 2), or, for anything else, the error and how to see its traceback (exit 1)."""
+    from matspool._errors import MatspoolError
+
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        print(f"matspool {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (MatspoolError, ConfigError, OSError, ValueError) as e:
+        if os.environ.get("MATSPOOL_DEBUG"):
+            raise
+        print(f"matspool {args.command}: {_one_line(e)}", file=sys.stderr)
+        return BAD_INPUT
+    except Exception as e:  # a bug: say so in one line, keep the traceback a variable away
+        if os.environ.get("MATSPOOL_DEBUG"):
+            raise
+        print(f"matspool {args.command}: internal error {type(e).__name__}: {_one_line(e)} "
+              "(MATSPOOL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     return status
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    return " ".join(text.split())

@@ -57,6 +57,9 @@ OTHER_ENV_VARS: Final = frozenset({
     "MATSPOOL_CONFIG",  # the config file itself
     # client library
     "MATSPOOL_RING_BYTES", "MATSPOOL_CURVE_CLIENT_SECRET", "MATSPOOL_CURVE_SERVER_PUBLIC",
+    "MATSPOOL_PROGRESS", "MATSPOOL_CONNECT_GRACE",
+    # the matspool command: tracebacks instead of one-line errors
+    "MATSPOOL_DEBUG",
     # daemon tuning read outside the settings
     "MATSPOOL_SWITCH_INTERVAL",
     # tests and ./run

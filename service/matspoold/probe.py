@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import zmq
 
 from matspool import _messages as msgs
 from matspool._curve import ClientKeys, is_tcp
 
-__all__ = ["ask", "format_status", "ping", "status"]
+__all__ = ["ask", "format_status", "ping", "status", "watch"]
 
 
 def ask(endpoint: str, request: msgs.Request, timeout: float) -> msgs.Reply | None:
@@ -81,3 +82,22 @@ def status(endpoint: str, timeout: float, as_json: bool) -> int:
         return 1
     print(json.dumps(reply.to_wire(), indent=2) if as_json else format_status(reply))
     return 0
+
+
+def watch(endpoint: str, timeout: float, interval: float) -> int:
+    """``status --watch``: the table again every ``interval`` s, redrawn in place at a
+    terminal (appended otherwise, e.g. into a log), until Ctrl-C, which is a normal exit.
+    A daemon that stops answering is said so, and watched for until it answers again."""
+    redraw = sys.stdout.isatty()
+    try:
+        while True:
+            reply = ask(endpoint, msgs.StatusQuery(), timeout)
+            text = (format_status(reply) if isinstance(reply, msgs.StatusReply)
+                    else f"no answer from {endpoint} within {timeout} s")
+            stamp = time.strftime("%H:%M:%S")
+            head = f"matspool status --watch {interval:g} s, {stamp} (Ctrl-C to stop)"
+            sys.stdout.write(("\x1b[H\x1b[2J" if redraw else "") + f"{head}\n{text}\n")
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,74 @@
+"""Tensors as a new user holds them (issue 13): subclasses (``nn.Parameter``,
+``as_subclass``, a DTensor's local tensor) are saved as tensors, a DTensor itself is
+refused saying what to call, and float8 widens exactly to single like float16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_everyday import _run_python
+
+from readback import assert_variables, read
+
+# -- tensor subclasses saved as tensors; float8 widened exactly; refusals say what to do -------
+
+torch = pytest.importorskip("torch")
+
+
+class _Tagged(torch.Tensor):  # type: ignore[misc]
+    """A user's own subclass, as ``as_subclass`` makes them (module ``tests...``, not torch)."""
+
+
+@pytest.mark.parametrize("fmt", ["v5", "v7.3"])
+def test_tensor_subclasses_saved_as_tensors(spool: Any, out_dir: Path, fmt: str) -> None:
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    values = {"tagged": base.as_subclass(_Tagged),
+              "param": torch.nn.Parameter(base * 2),
+              "double": (base.double() + 0.5).as_subclass(_Tagged)}
+    spool.save(out_dir / "sub.mat", values, format=fmt).result(30)
+    want = {k: v.detach().as_subclass(torch.Tensor).numpy() for k, v in values.items()}
+    assert_variables(read(out_dir / "sub.mat", fmt), want)
+
+
+@pytest.mark.parametrize("fmt", ["v5", "v7.3"])
+def test_float8_widens_exactly_to_single(spool: Any, out_dir: Path, fmt: str) -> None:
+    kinds = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                         "float8_e5m2fnuz") if hasattr(torch, n)]
+    assert kinds, "this torch has no float8 types"
+    src = torch.tensor([0.0, 1.0, -2.5, 0.125, 448.0, -0.001953125, 3.0e-3, 57344.0])
+    values = {f"v{i}": src.to(k) for i, k in enumerate(kinds)}
+    spool.save(out_dir / "f8.mat", values, format=fmt).result(30)
+    got = read(out_dir / "f8.mat", fmt)
+    for name, t in values.items():
+        want = t.to(torch.float32).numpy().reshape(1, -1)
+        assert got[name].dtype == np.float32, (name, got[name].dtype)
+        np.testing.assert_array_equal(got[name].reshape(1, -1), want, err_msg=name)
+
+
+def test_dtensor_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A DTensor (one rank of gloo here) is refused naming the variable and the way out;
+    its local tensor is saved like any tensor."""
+    r = _run_python(f"""
+        import os
+        import numpy as np, scipy.io, torch, torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import distribute_tensor, Shard
+        import matspool
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        d = distribute_tensor(torch.arange(6.0).reshape(2, 3), mesh, [Shard(0)])
+        with matspool.Spool(ring_bytes=1 << 20, timeout=30) as s:
+            try:
+                s.save("{tmp_path}/d.mat", {{"field": d}})
+            except matspool.UnsupportedTypeError as e:
+                print("refused:", e)
+            s.save("{tmp_path}/d.mat", {{"field": d.to_local()}}, format="v5").result(30)
+        np.testing.assert_array_equal(scipy.io.loadmat("{tmp_path}/d.mat")["field"],
+                                      np.arange(6.0).reshape(2, 3))
+        dist.destroy_process_group()
+        """)
+    assert r.returncode == 0, r.stderr
+    assert "refused:" in r.stdout and "'field'" in r.stdout and ".full_tensor()" in r.stdout
