@@ -22,6 +22,7 @@ import zmq
 from . import _messages as msgs
 from . import _protocol as proto
 from ._curve import ClientKeys, is_tcp
+from ._endpoint import check_ipc_endpoint
 
 __all__ = ["Handler", "MemoryTransport", "Transport", "ZmqTransport"]
 
@@ -66,6 +67,7 @@ class ZmqTransport:
         self._connections = 0
 
     def open(self, identity: bytes) -> None:
+        check_ipc_endpoint(self.endpoint)  # before a byte (a path, a ring name) goes there
         dealer = self._dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, identity)
         dealer.setsockopt(zmq.SNDHWM, 0)

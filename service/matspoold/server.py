@@ -35,6 +35,7 @@ import zmq
 from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._curve import is_tcp, load_secret
+from matspool._endpoint import check_ipc_endpoint, make_private_dirs
 from matspool._errors import ProtocolError, RingError, UnknownClient, WriteFailed
 
 from .cleanup import (
@@ -137,6 +138,7 @@ class Daemon:
             sock.bind(self.endpoint)
             return
         path = self.endpoint[len("ipc://"):]
+        self._own_directory(path)
         self._claim = claim_ipc(self.endpoint)  # EndpointBusy if a live daemon has it
         old = os.umask(0o177)  # no window in which the socket is open to others
         try:
@@ -149,6 +151,27 @@ class Daemon:
 
             os.chown(path, -1, grp.getgrnam(self.socket_group).gr_gid)
         os.chmod(path, self.socket_mode)
+
+    def _own_directory(self, path: str) -> None:
+        """Make the socket's directory if missing (0700, or 0750 with ``--group``), then
+        refuse it unless only this user, root or the configured group controls it: a
+        directory another user made first could hold their fake daemon's socket."""
+        gid = None
+        if self.socket_group is not None:
+            import grp
+
+            gid = grp.getgrnam(self.socket_group).gr_gid
+        make_private_dirs(self.endpoint)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.lexists(directory):
+            os.makedirs(os.path.dirname(directory), exist_ok=True)
+            try:
+                os.mkdir(directory, 0o700 if gid is None else 0o750)
+                if gid is not None:
+                    os.chown(directory, -1, gid)
+            except FileExistsError:
+                pass
+        check_ipc_endpoint(self.endpoint, group_gid=gid, missing_ok=False)
 
     def serve(self) -> None:
         router = self._ctx.socket(zmq.ROUTER)
