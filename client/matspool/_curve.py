@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.auth
 
-__all__ = ["ClientKeys", "is_tcp", "make_keys", "load_secret"]
+__all__ = ["ClientKeys", "is_tcp", "load_secret", "make_keys"]
 
 
 def is_tcp(endpoint: str) -> bool:
@@ -48,7 +48,20 @@ class ClientKeys:
         server = os.environ.get("MATSPOOL_CURVE_SERVER_PUBLIC")
         return cls(secret, server) if secret and server else None
 
-    def apply(self, sock: zmq.Socket) -> None:
+    def public_keys(self) -> tuple[str, str]:
+        """(this client's public key, the server key it expects), Z85 text, for messages;
+        '?' where a file cannot be read."""
+        try:
+            mine = zmq.auth.load_certificate(self.client_secret_file)[0].decode()
+        except (OSError, ValueError):
+            mine = "?"
+        try:
+            server = zmq.auth.load_certificate(self.server_public_file)[0].decode()
+        except (OSError, ValueError):
+            server = "?"
+        return mine, server
+
+    def apply(self, sock: zmq.Socket[bytes]) -> None:
         public, secret = load_secret(self.client_secret_file)
         server_public, _ = zmq.auth.load_certificate(self.server_public_file)
         sock.curve_publickey = public
