@@ -14,13 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_security
 import zmq.auth
 from test_security import _free_port, _serve
-from test_security import keys as _keys_fixture  # noqa: F401 - registers the fixture `keys`
 
 import matspool
 from matspool import ClientKeys
 from matspool._curve import make_keys
+
+keys = test_security.keys  # the fixture, shared
 
 CONNECT_TIMEOUT = 20.0  # the failures must come long before this
 
