@@ -46,6 +46,7 @@ from .cleanup import (
     sweep_dead,
 )
 from .endpoint import IpcClaim, claim_ipc
+from .guard import Guard
 from .jobs import Job, JobRunner, payload_of
 from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
@@ -62,6 +63,8 @@ MAX_REMOTE_FRAME = 1 << 32  # 4 GiB: larger arrays travel in pieces
 
 class Daemon:
     """One per node (``matspool serve``), or one per client when embedded."""
+
+    _guard: Guard  # the ROUTER's queues and connections, made by serve()
 
     def __init__(
         self,
@@ -180,10 +183,8 @@ class Daemon:
         router.setsockopt(zmq.MAXMSGSIZE, MAX_REMOTE_FRAME if is_tcp(self.endpoint)
                           else proto.MAX_MESSAGE_BYTES + 4096)
         router.setsockopt(zmq.LINGER, 1000)
-        # a ROUTER silently drops what it cannot queue for a peer: a busy client must get
-        # every answer late rather than never (answers are small; the rings bound them)
-        router.setsockopt(zmq.SNDHWM, 0)
-        router.setsockopt(zmq.RCVHWM, 0)
+        # finite queues per peer, ROUTER_MANDATORY, a connection cap: see guard.py
+        guard = self._guard = Guard(router)
         try:
             self._bind(router)
             # after the bind: a daemon refused its endpoint must not sweep or journal
@@ -191,6 +192,7 @@ class Daemon:
             sweep_dead(os.path.dirname(self._journal.path))
             TEMPS.record = self._journal.record
         except BaseException:
+            guard.close()
             router.close(linger=0)
             if self._claim is not None:
                 self._claim.release()
@@ -199,6 +201,7 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        poller.register(guard.monitor, zmq.POLLIN)
         if self.clean_stale:
             remove_stale_rings()
         log.info("serving %s, roots %s", self.endpoint, ", ".join(self.roots))
@@ -209,6 +212,7 @@ class Daemon:
                 if wake in events:
                     while wake.poll(0):
                         wake.recv()
+                guard.events()  # before reading: a connection beyond the cap says nothing
                 self._drain_results(router)
                 if router in events:
                     for _ in range(256):  # bounded, so results are never starved
@@ -219,6 +223,7 @@ class Daemon:
                         self._handle(router, frames)
                 if time.monotonic() >= next_reap:
                     self._clients.reap()
+                    guard.reconcile()
                     self.snapshot = self.status()  # what other threads (metrics) may read
                     next_reap = time.monotonic() + 1.0
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -234,6 +239,7 @@ class Daemon:
             TEMPS.record = None
             if self._journal is not None:
                 self._journal.close()
+            guard.close()
             router.close(linger=1000)
             if getattr(self, "_auth", None) is not None:
                 self._auth.stop()
@@ -253,6 +259,7 @@ class Daemon:
         if len(frames) < 2:
             return  # nothing to answer to
         ident, body = frames[0].bytes, frames[1:]
+        self._guard.seen(ident, frames[0])
         try:
             if len(body) < 2:
                 raise ProtocolError(f"expected 2 frames, got {len(body)}")
@@ -264,7 +271,7 @@ class Daemon:
                                     "only with WRITE or PART from a remote (tcp://) client")
             raws = msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,)
         except Exception as e:
-            refuse(router, ident, -1, e)
+            refuse(self._guard, ident, -1, e)
             return
         client = self._clients.get(ident)
         if client is not None:
@@ -295,9 +302,9 @@ class Daemon:
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
             if reply is not None:
-                router.send_multipart([ident, *msgs.encode(reply)])
+                self._guard.send_multipart([ident, *msgs.encode(reply)])
         except Exception as e:
-            refuse(router, ident, raw.get("seq", -1), e)
+            refuse(self._guard, ident, raw.get("seq", -1), e)
 
     def _seen(self, router: zmq.Socket[bytes], client: Client, seq: object) -> bool:
         """A WRITE sent again (after a reconnect): still being written, its answer is on the
@@ -305,7 +312,7 @@ class Daemon:
         if not isinstance(seq, int):
             return False
         if seq in client.answered:
-            router.send_multipart([client.ident, *msgs.encode(client.answered[seq])])
+            self._guard.send_multipart([client.ident, *msgs.encode(client.answered[seq])])
             return True
         return seq in client.active
 
@@ -349,15 +356,16 @@ class Daemon:
     def _drain_results(self, router: zmq.Socket[bytes]) -> None:
         """Answer the writers' finished jobs; a client's DONEs go out together."""
         done: dict[bytes, list[tuple[int, int]]] = {}
+        send = self._guard.send_multipart
         while (result := self._scheduler.next_result()) is not None:
             job, nbytes, error = result
             req, client = job.request, job.client
             client.payload_inflight -= job.ring_bytes
             if job.kind == "part" and error is None:  # its ring space is free again
                 assert job.part is not None
-                router.send_multipart([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
+                send([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
             elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
-                router.send_multipart([client.ident, *msgs.encode(msgs.PartDone(req.seq, None))])  # space is free
+                send([client.ident, *msgs.encode(msgs.PartDone(req.seq, None))])  # space is free
             elif error is None:
                 self.files_written += 1
                 self.bytes_written += nbytes or 0
@@ -370,7 +378,7 @@ class Daemon:
                 self.errors += 1
                 client.errors += 1
                 reply = error_msg(req.seq, error)
-                router.send_multipart([client.ident, *msgs.encode(reply)])
+                self._guard.send_multipart([client.ident, *msgs.encode(reply)])
                 client.remember(req.seq, reply)
             if job.kind == "end":
                 client.begun.pop(req.seq, None)
@@ -378,7 +386,7 @@ class Daemon:
             self._clients.settled(client)
         for ident, answers in done.items():
             for message in done_messages(answers):
-                router.send_multipart([ident, *msgs.encode(message)])
+                self._guard.send_multipart([ident, *msgs.encode(message)])
 
 
 def install_signal_handlers(daemon: Daemon) -> None:
