@@ -194,6 +194,20 @@ def test_serve_refuses_a_default_endpoint_another_user_made(squatted: dict) -> N
     del victim
 
 
+def test_ping_refuses_a_default_endpoint_another_user_made(squatted: dict) -> None:
+    def ping() -> str:
+        os.environ.pop("MATSPOOL_ENDPOINT", None)
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = cli.main(["ping"])
+        return json.dumps({"rc": rc, "stderr": err.getvalue(), "stdout": out.getvalue()})
+
+    got = json.loads(_report(*_fork_as(squatted["victim"], ping)))
+    # before: rc 0, "matspool daemon at ... is up (instance squatter)"
+    assert got["rc"] == 2 and "unsafe endpoint directory" in got["stderr"], got
+    assert "squatter" not in got["stdout"], got
+
+
 # -- the rules, one by one, as this (root) user ---------------------------------------------
 def test_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
