@@ -97,6 +97,19 @@ class Honest:
         self.spool.close()
 
 
+def _log_of(proc: subprocess.Popen, honest: Honest) -> str:
+    """Stop the honest client, then the daemon; what the daemon logged."""
+    honest.close()
+    proc.terminate()
+    return proc.communicate(timeout=60)[1]
+
+
+def _rate_limited(log: str, words: str) -> None:
+    """Logged, and at most once per 10 s (plus the first)."""
+    n = sum(words in line for line in log.splitlines())
+    assert 1 <= n <= SECONDS / 10 + 2, (n, log[-3000:])
+
+
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs) * 1e3, q)) if xs else float("nan")
 
@@ -176,6 +189,7 @@ def test_client_that_never_reads_cannot_grow_the_daemon(honest_daemon) -> None:
     r = _run_attack(proc, honest, attack, "never-reading client")
     assert r["rss_end_mib"] - r["rss_start_mib"] < 96, r  # before: +209 MiB in 12 s, growing
     assert r["fds_end"] - r["fds_start"] < 32, r
+    _rate_limited(_log_of(proc, honest), "does not read its answers")
 
 
 def test_connection_flood_at_the_descriptor_limit(honest_daemon) -> None:
@@ -208,3 +222,4 @@ def test_connection_flood_at_the_descriptor_limit(honest_daemon) -> None:
     time.sleep(2)
     with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
         late.save(honest.out / "late.mat", {"a": 1.0}).result(30)
+    _rate_limited(_log_of(proc, honest), "refused a connection")

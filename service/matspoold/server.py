@@ -12,7 +12,10 @@ The daemon is split by job, each module owning its state:
 - ``scheduler``: per-path order and the writer threads;
 - ``jobs``: what a writer does with one WRITE, PART or END;
 - ``replies``: ERR and DONE messages;
-- ``endpoint``: one daemon per ipc socket; ``cleanup``: leftovers of dead processes.
+- ``endpoint``: one daemon per ipc socket; ``cleanup``: leftovers of dead processes;
+- ``guard``: what one connection can make the daemon hold (finite queues per peer, a
+  reader that stops is cut, a connection cap below the descriptor limit);
+- ``matspool._endpoint``: the socket's directory must be this user's (checked before bind).
 
 Threads: everything in :class:`Daemon` belongs to the thread that runs ``serve``, except
 ``stop`` (any thread, a signal handler) and ``snapshot`` (replaced by the loop, read by
