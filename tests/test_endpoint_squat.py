@@ -21,6 +21,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,8 @@ from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._endpoint import check_ipc_endpoint
 from matspoold import cli, server  # noqa: F401 - likewise
+
+from conftest import wait_ready
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as two local users")
 
@@ -262,3 +265,28 @@ def test_node_directory_of_the_daemon_account_in_a_root_parent(tmp_path: Path) -
     parent.chmod(0o1777)  # ... but in a directory anyone writes to, anyone could have
     with pytest.raises(matspool.DaemonUnavailable, match="belongs to matspool-test"):
         check_ipc_endpoint(f"ipc://{node}/matspool.sock")
+
+
+def test_serve_checks_the_group_of_a_shared_socket_directory(tmp_path: Path) -> None:
+    """``--group``: the directory's group must be the configured one (a node socket)."""
+    _user("matspool-test")
+    group = "matspool-test"
+    sock = tmp_path / "run"
+    sock.mkdir(mode=0o750)
+    out = tmp_path / "out"
+    out.mkdir()
+    endpoint = f"ipc://{sock}/matspool.sock"
+    cmd = [sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint, "--root", str(out),
+           "--group", group, "--socket-mode", "660", "--log-level", "warning"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert r.stderr.count("\n") == 1 and "configured --group" in r.stderr and str(sock) in r.stderr, r
+    os.chown(sock, -1, grp.getgrnam(group).gr_gid)
+    proc = subprocess.Popen(cmd)
+    try:
+        assert wait_ready(endpoint, proc)
+        st = os.stat(endpoint[len("ipc://"):])
+        assert st.st_gid == grp.getgrnam(group).gr_gid and st.st_mode & 0o777 == 0o660
+    finally:
+        proc.terminate()
+        proc.wait(30)
