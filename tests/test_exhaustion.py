@@ -47,7 +47,8 @@ def _start(out: Path, sock: Path, nofile: int | None = None) -> tuple[str, subpr
 
     proc = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
                              "--root", str(out), "--log-level", "warning"], preexec_fn=limit,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # serve refuses unknown MATSPOOL_*
+                            env={k: v for k, v in os.environ.items() if k != "MATSPOOL_ATTACK_SECONDS"})
     assert wait_ready(endpoint, proc)
     return endpoint, proc
 
