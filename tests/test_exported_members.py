@@ -19,6 +19,7 @@ import matspool
 import matspoold
 
 PUBLIC = [
+    "AuthenticationFailed",
     "ClientKeys",
     "CudaCaptureError",
     "CudaError",

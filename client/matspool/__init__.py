@@ -12,6 +12,7 @@ from typing import Any as _Any
 
 from ._curve import ClientKeys
 from ._errors import (
+    AuthenticationFailed,
     CudaCaptureError,
     CudaError,
     DaemonUnavailable,
@@ -35,6 +36,7 @@ from ._spool import SaveResult, Spool
 from ._stream import Stream
 
 __all__ = [
+    "AuthenticationFailed",
     "ClientKeys",
     "CudaCaptureError",
     "CudaError",

@@ -48,6 +48,19 @@ class ClientKeys:
         server = os.environ.get("MATSPOOL_CURVE_SERVER_PUBLIC")
         return cls(secret, server) if secret and server else None
 
+    def public_keys(self) -> tuple[str, str]:
+        """(this client's public key, the server key it expects), Z85 text, for messages;
+        '?' where a file cannot be read."""
+        try:
+            mine = zmq.auth.load_certificate(self.client_secret_file)[0].decode()
+        except (OSError, ValueError):
+            mine = "?"
+        try:
+            server = zmq.auth.load_certificate(self.server_public_file)[0].decode()
+        except (OSError, ValueError):
+            server = "?"
+        return mine, server
+
     def apply(self, sock: zmq.Socket[bytes]) -> None:
         public, secret = load_secret(self.client_secret_file)
         server_public, _ = zmq.auth.load_certificate(self.server_public_file)

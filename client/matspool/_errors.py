@@ -13,6 +13,7 @@ builtin, so ``except ValueError`` or ``except OSError`` keeps working::
     ├── PathNotAllowedError(MatspoolError, PermissionError) path outside the daemon's roots
     ├── WriteFailed(MatspoolError, OSError)                the daemon could not write the file
     ├── DaemonUnavailable(MatspoolError, ConnectionError)  no daemon answers
+    │   └── AuthenticationFailed                           a tcp:// daemon refused the CURVE keys
     ├── ProtocolError(MatspoolError, ValueError)           the daemon refused a malformed request
     │   └── UnknownClient                                  WRITE from a client it has no ring for
     ├── RingError(MatspoolError, OSError)                  shared memory could not be set up
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 __all__ = [
     "ERROR_CODES",
+    "AuthenticationFailed",
     "CudaCaptureError",
     "CudaError",
     "DaemonUnavailable",
@@ -105,6 +107,14 @@ class DaemonUnavailable(MatspoolError, ConnectionError):
     code = "daemon_unavailable"
 
 
+class AuthenticationFailed(DaemonUnavailable):
+    """The CURVE handshake with a tcp:// daemon failed: it does not know this client's
+    public key, or the client expected another server key. Raised by ``Spool()`` as soon as
+    ZeroMQ reports the failed handshake; the message names the endpoint and the key."""
+
+    code = "authentication_failed"
+
+
 class ProtocolError(MatspoolError, ValueError):
     code = "protocol"
 
@@ -162,6 +172,7 @@ ERROR_CODES: dict[str, type[MatspoolError]] = {
         PathNotAllowedError,
         WriteFailed,
         DaemonUnavailable,
+        AuthenticationFailed,
         ProtocolError,
         UnknownClient,
         RingError,

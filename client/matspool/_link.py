@@ -315,9 +315,9 @@ class Link:
                               f"{outcome}")
                     self._table.fail_unresolved(failing(DaemonUnavailable, silent), keep=not dead)
                     last_rx = now
-        except RingError as e:  # the ring could not be moved: nothing more can be sent
-            self.broken = e
-            self._table.fail_unresolved(failing(RingError, str(e)), keep=False)
+        except (RingError, DaemonUnavailable) as e:  # the ring could not be moved, or the
+            self.broken = e  # transport saw its handshake refused: nothing more can be sent
+            self._table.fail_unresolved(failing(type(e), str(e)), keep=False)
 
     def _daemon_dead(self) -> bool:
         """Known dead: a local daemon whose pid is gone (a remote one is never known so)."""

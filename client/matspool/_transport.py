@@ -7,7 +7,9 @@ ZeroMQ DEALER); :class:`MemoryTransport` calls a function instead, as httpx's
 daemon process.
 
 Threads: ``wake`` may be called from any thread; everything else only from the link's
-I/O thread, which owns the transport after ``open``.
+I/O thread, which owns the transport after ``open``. ``poll`` and ``send`` raise
+:class:`~matspool.AuthenticationFailed` when ZeroMQ's monitor reports a failed CURVE
+handshake, so a refused key fails ``Spool()`` at once instead of after the connect timeout.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import _messages as msgs
 from . import _protocol as proto
 from ._curve import ClientKeys, is_tcp
+from ._endpoint import check_ipc_endpoint
+from ._errors import AuthenticationFailed, DaemonUnavailable, MatspoolError
 
 __all__ = ["Handler", "MemoryTransport", "Transport", "ZmqTransport"]
 
@@ -66,6 +71,7 @@ class ZmqTransport:
         self._connections = 0
 
     def open(self, identity: bytes) -> None:
+        check_ipc_endpoint(self.endpoint)  # before a byte (a path, a ring name) goes there
         dealer = self._dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, identity)
         dealer.setsockopt(zmq.SNDHWM, 0)
@@ -73,15 +79,50 @@ class ZmqTransport:
         dealer.setsockopt(zmq.LINGER, 0)
         if self._curve is not None and is_tcp(self.endpoint):
             self._curve.apply(dealer)
-        self._monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED)
+        self._monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | _HANDSHAKE_FAILED)
         dealer.connect(self.endpoint)
         self._poller = zmq.Poller()
         for sock in (dealer, self._rx, self._monitor):
             self._poller.register(sock, zmq.POLLIN)
 
     def send(self, frames: list[Any]) -> None:
+        """Never blocks: a DEALER whose only connection was dropped after a failed
+        handshake has no peer to queue for, and a blocking send would hold the I/O thread
+        forever (with ``SNDHWM=0`` a connected one always takes the message)."""
         assert self._dealer is not None
-        self._dealer.send_multipart(frames, copy=False)
+        try:
+            self._dealer.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._check_monitor()
+            raise DaemonUnavailable(f"cannot send to {self.endpoint}: no connection to queue "
+                                    "on (the handshake failed?)") from None
+
+    def _check_monitor(self) -> None:
+        """Count connections; raise :class:`AuthenticationFailed` on a failed handshake."""
+        while self._monitor.poll(0):
+            event = parse_monitor_message(self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._connections += 1
+            elif event["event"] & _HANDSHAKE_FAILED:
+                raise self._refused(int(event["event"]), int(event["value"]))
+
+    def _refused(self, event: int, value: int) -> MatspoolError:
+        """Which key the failed handshake was about, in words a user can act on."""
+        if self._curve is None or not is_tcp(self.endpoint):
+            return DaemonUnavailable(f"the handshake with {self.endpoint} failed "
+                                     f"(ZeroMQ event {event:#x}, value {value})")
+        mine, server = self._curve.public_keys()
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return AuthenticationFailed(
+                f"the daemon at {self.endpoint} refused this client's public key {mine} "
+                f"(from {self._curve.client_secret_file}; status {value}): copy the client's "
+                ".key file into the daemon's --curve-clients directory")
+        return AuthenticationFailed(
+            f"the CURVE handshake with {self.endpoint} failed before the daemon could check "
+            f"this client: the daemon is probably not the server this client expected, with "
+            f"public key {server} (from {self._curve.server_public_file}); check "
+            "MATSPOOL_CURVE_SERVER_PUBLIC / ClientKeys.server_public_file against the "
+            f"daemon's --curve-secret (ZeroMQ event {event:#x}, errno {value})")
 
     def poll(self, timeout: float) -> list[list[bytes]]:
         assert self._dealer is not None
@@ -90,9 +131,7 @@ class ZmqTransport:
             while self._rx.poll(0):
                 self._rx.recv()
         if self._monitor in events:
-            while self._monitor.poll(0):
-                self._monitor.recv_multipart()
-                self._connections += 1
+            self._check_monitor()
         got = []
         if self._dealer in events:
             while self._dealer.poll(0):
@@ -118,6 +157,10 @@ class ZmqTransport:
             self._tx.close(linger=0)
         self._rx.close(linger=0)
 
+
+#: ZeroMQ's reports that a connection was made but its handshake (CURVE keys) failed
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 Handler = Callable[[msgs.Request], list[msgs.Reply]]
 

@@ -33,6 +33,8 @@ if sys.version_info >= (3, 11):
 else:  # requires-python is 3.10: the same parser, from PyPI
     import tomli as tomllib
 
+from matspool import _endpoint
+
 from .config_values import PARSE, BadValue, absolute, check, parse_roots, suggest
 
 __all__ = [
@@ -105,9 +107,10 @@ _DESTS: Final = {name: name for name in FIELDS} | {"roots": "root"}
 
 def default_endpoint() -> str:
     """``ipc://$XDG_RUNTIME_DIR/matspool/matspool.sock`` (``/tmp/matspool-<uid>`` without
-    a runtime directory): where ``serve``, ``ping`` and ``status`` meet by default."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/matspool-{os.getuid()}"
-    return f"ipc://{base}/matspool/matspool.sock"
+    a runtime directory): where ``serve``, ``ping`` and ``status`` meet by default. The
+    daemon creates its directories mode 0700 and, like clients, refuses them when another
+    user owns them (``matspool._endpoint``)."""
+    return _endpoint.default_endpoint()
 
 
 def builtin_defaults() -> dict[str, Any]:

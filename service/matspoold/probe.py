@@ -10,6 +10,8 @@ import zmq
 
 from matspool import _messages as msgs
 from matspool._curve import ClientKeys, is_tcp
+from matspool._endpoint import check_ipc_endpoint
+from matspool._errors import DaemonUnavailable
 
 __all__ = ["ask", "format_status", "ping", "status", "watch"]
 
@@ -66,7 +68,20 @@ def format_status(st: msgs.StatusReply) -> str:
     return "\n".join(lines)
 
 
+def _unsafe(command: str, endpoint: str) -> int | None:
+    """2 (after one line on stderr) when ``endpoint``'s directory could be another user's:
+    their fake daemon would answer for ours."""
+    try:
+        check_ipc_endpoint(endpoint)
+    except DaemonUnavailable as e:
+        print(f"matspool {command}: {e}", file=sys.stderr)
+        return 2
+    return None
+
+
 def ping(endpoint: str, timeout: float) -> int:
+    if (refused := _unsafe("ping", endpoint)) is not None:
+        return refused
     reply = ask(endpoint, msgs.Ping(), timeout)
     if not isinstance(reply, msgs.Pong):
         print(f"matspool ping: no answer from {endpoint} within {timeout} s", file=sys.stderr)
@@ -76,6 +91,8 @@ def ping(endpoint: str, timeout: float) -> int:
 
 
 def status(endpoint: str, timeout: float, as_json: bool) -> int:
+    if (refused := _unsafe("status", endpoint)) is not None:
+        return refused
     reply = ask(endpoint, msgs.StatusQuery(), timeout)
     if not isinstance(reply, msgs.StatusReply):
         print(f"matspool status: no answer from {endpoint} within {timeout} s", file=sys.stderr)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-
-import zmq
+from typing import Any, Protocol
 
 from matspool import _messages as msgs
 from matspool._errors import MatspoolError
 
-__all__ = ["done_messages", "error_msg", "os_errno", "refuse"]
+__all__ = ["Sender", "done_messages", "error_msg", "os_errno", "refuse"]
 
 log = logging.getLogger("matspoold")
 
@@ -39,7 +38,13 @@ def error_msg(seq: object, err: BaseException) -> msgs.Err:
     return msgs.Err(number, code, str(err), os_errno(err))
 
 
-def refuse(router: zmq.Socket[bytes], ident: bytes, seq: object, err: Exception) -> None:
+class Sender(Protocol):
+    """Where answers go: the ROUTER, or the guard that bounds its queues (guard.py)."""
+
+    def send_multipart(self, frames: list[Any]) -> Any: ...
+
+
+def refuse(router: Sender, ident: bytes, seq: object, err: Exception) -> None:
     """Answer a message with ERR. Called from an ``except`` block: a bug of ours (not a
     MatspoolError) is logged with its traceback, and must not take the daemon down either."""
     if isinstance(err, MatspoolError):

@@ -12,7 +12,10 @@ The daemon is split by job, each module owning its state:
 - ``scheduler``: per-path order and the writer threads;
 - ``jobs``: what a writer does with one WRITE, PART or END;
 - ``replies``: ERR and DONE messages;
-- ``endpoint``: one daemon per ipc socket; ``cleanup``: leftovers of dead processes.
+- ``endpoint``: one daemon per ipc socket; ``cleanup``: leftovers of dead processes;
+- ``guard``: what one connection can make the daemon hold (finite queues per peer, a
+  reader that stops is cut, a connection cap below the descriptor limit);
+- ``matspool._endpoint``: the socket's directory must be this user's (checked before bind).
 
 Threads: everything in :class:`Daemon` belongs to the thread that runs ``serve``, except
 ``stop`` (any thread, a signal handler) and ``snapshot`` (replaced by the loop, read by
@@ -35,6 +38,7 @@ import zmq
 from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._curve import is_tcp, load_secret
+from matspool._endpoint import check_ipc_endpoint, make_private_dirs
 from matspool._errors import ProtocolError, RingError, UnknownClient, WriteFailed
 
 from .cleanup import (
@@ -45,6 +49,7 @@ from .cleanup import (
     sweep_dead,
 )
 from .endpoint import IpcClaim, claim_ipc
+from .guard import Guard
 from .jobs import Job, JobRunner, payload_of
 from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
@@ -61,6 +66,8 @@ MAX_REMOTE_FRAME = 1 << 32  # 4 GiB: larger arrays travel in pieces
 
 class Daemon:
     """One per node (``matspool serve``), or one per client when embedded."""
+
+    _guard: Guard  # the ROUTER's queues and connections, made by serve()
 
     def __init__(
         self,
@@ -141,6 +148,7 @@ class Daemon:
             sock.bind(self.endpoint)
             return
         path = self.endpoint[len("ipc://"):]
+        self._own_directory(path)
         self._claim = claim_ipc(self.endpoint)  # EndpointBusy if a live daemon has it
         old = os.umask(0o177)  # no window in which the socket is open to others
         try:
@@ -154,6 +162,27 @@ class Daemon:
             os.chown(path, -1, grp.getgrnam(self.socket_group).gr_gid)
         os.chmod(path, self.socket_mode)
 
+    def _own_directory(self, path: str) -> None:
+        """Make the socket's directory if missing (0700, or 0750 with ``--group``), then
+        refuse it unless only this user, root or the configured group controls it: a
+        directory another user made first could hold their fake daemon's socket."""
+        gid = None
+        if self.socket_group is not None:
+            import grp
+
+            gid = grp.getgrnam(self.socket_group).gr_gid
+        make_private_dirs(self.endpoint)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.lexists(directory):
+            os.makedirs(os.path.dirname(directory), exist_ok=True)
+            try:
+                os.mkdir(directory, 0o700 if gid is None else 0o750)
+                if gid is not None:
+                    os.chown(directory, -1, gid)
+            except FileExistsError:
+                pass
+        check_ipc_endpoint(self.endpoint, group_gid=gid, missing_ok=False)
+
     def serve(self) -> None:
         router = self._ctx.socket(zmq.ROUTER)
         # locally payloads never cross the socket; from authenticated remote clients an
@@ -161,10 +190,8 @@ class Daemon:
         router.setsockopt(zmq.MAXMSGSIZE, MAX_REMOTE_FRAME if is_tcp(self.endpoint)
                           else proto.MAX_MESSAGE_BYTES + 4096)
         router.setsockopt(zmq.LINGER, 1000)
-        # a ROUTER silently drops what it cannot queue for a peer: a busy client must get
-        # every answer late rather than never (answers are small; the rings bound them)
-        router.setsockopt(zmq.SNDHWM, 0)
-        router.setsockopt(zmq.RCVHWM, 0)
+        # finite queues per peer, ROUTER_MANDATORY, a connection cap: see guard.py
+        guard = self._guard = Guard(router)
         try:
             self._bind(router)
             # after the bind: a daemon refused its endpoint must not sweep or journal
@@ -172,6 +199,7 @@ class Daemon:
             sweep_dead(os.path.dirname(self._journal.path))
             TEMPS.record = self._journal.record
         except BaseException:
+            guard.close()
             router.close(linger=0)
             if self._claim is not None:
                 self._claim.release()
@@ -180,6 +208,7 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        poller.register(guard.monitor, zmq.POLLIN)
         if self.clean_stale:
             remove_stale_rings()
         log.info("serving %s, roots %s", self.endpoint, ", ".join(self.roots))
@@ -190,6 +219,7 @@ class Daemon:
                 if wake in events:
                     while wake.poll(0):
                         wake.recv()
+                guard.events()  # before reading: a connection beyond the cap says nothing
                 self._drain_results(router)
                 if router in events:
                     for _ in range(256):  # bounded, so results are never starved
@@ -200,6 +230,7 @@ class Daemon:
                         self._handle(router, frames)
                 if time.monotonic() >= next_reap:
                     self._clients.reap()
+                    guard.reconcile()
                     self.snapshot = self.status()  # what other threads (metrics) may read
                     next_reap = time.monotonic() + 1.0
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -215,6 +246,7 @@ class Daemon:
             TEMPS.record = None
             if self._journal is not None:
                 self._journal.close()
+            guard.close()
             router.close(linger=1000)
             if getattr(self, "_auth", None) is not None:
                 self._auth.stop()
@@ -234,6 +266,7 @@ class Daemon:
         if len(frames) < 2:
             return  # nothing to answer to
         ident, body = frames[0].bytes, frames[1:]
+        self._guard.seen(ident, frames[0])
         try:
             if len(body) < 2:
                 raise ProtocolError(f"expected 2 frames, got {len(body)}")
@@ -245,7 +278,7 @@ class Daemon:
                                     "only with WRITE or PART from a remote (tcp://) client")
             raws = msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,)
         except Exception as e:  # noqa: BLE001 - any bad message is refused to its sender; the loop lives on
-            refuse(router, ident, -1, e)
+            refuse(self._guard, ident, -1, e)
             return
         client = self._clients.get(ident)
         if client is not None:
@@ -276,9 +309,9 @@ class Daemon:
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
             if reply is not None:
-                router.send_multipart([ident, *msgs.encode(reply)])
+                self._guard.send_multipart([ident, *msgs.encode(reply)])
         except Exception as e:  # noqa: BLE001 - any failure is answered as ERR; the loop lives on
-            refuse(router, ident, raw.get("seq", -1), e)
+            refuse(self._guard, ident, raw.get("seq", -1), e)
 
     def _seen(self, router: zmq.Socket[bytes], client: Client, seq: object) -> bool:
         """A WRITE sent again (after a reconnect): still being written, its answer is on the
@@ -286,7 +319,7 @@ class Daemon:
         if not isinstance(seq, int):
             return False
         if seq in client.answered:
-            router.send_multipart([client.ident, *msgs.encode(client.answered[seq])])
+            self._guard.send_multipart([client.ident, *msgs.encode(client.answered[seq])])
             return True
         return seq in client.active
 
@@ -332,17 +365,16 @@ class Daemon:
     def _drain_results(self, router: zmq.Socket[bytes]) -> None:
         """Answer the writers' finished jobs; a client's DONEs go out together."""
         done: dict[bytes, list[tuple[int, int]]] = {}
+        send = self._guard.send_multipart
         while (result := self._scheduler.next_result()) is not None:
             job, nbytes, error = result
             req, client = job.request, job.client
             client.payload_inflight -= job.ring_bytes
             if job.kind == "part" and error is None:  # its ring space is free again
                 assert job.part is not None
-                router.send_multipart([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
+                send([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
             elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
-                router.send_multipart(
-                    [client.ident, *msgs.encode(msgs.PartDone(req.seq, None))]
-                )  # space is free
+                send([client.ident, *msgs.encode(msgs.PartDone(req.seq, None))])  # space is free
             elif error is None:
                 self.files_written += 1
                 self.bytes_written += nbytes or 0
@@ -355,7 +387,7 @@ class Daemon:
                 self.errors += 1
                 client.errors += 1
                 reply = error_msg(req.seq, error)
-                router.send_multipart([client.ident, *msgs.encode(reply)])
+                self._guard.send_multipart([client.ident, *msgs.encode(reply)])
                 client.remember(req.seq, reply)
             if job.kind == "end":
                 client.begun.pop(req.seq, None)
@@ -363,7 +395,7 @@ class Daemon:
             self._clients.settled(client)
         for ident, answers in done.items():
             for message in done_messages(answers):
-                router.send_multipart([ident, *msgs.encode(message)])
+                self._guard.send_multipart([ident, *msgs.encode(message)])
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

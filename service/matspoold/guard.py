@@ -1,0 +1,190 @@
+"""Bounded resources per connection: what one client can make the daemon hold.
+
+Two attacks a client of the socket could mount with a few lines of Python:
+
+- never read answers while asking for more: with an unbounded send queue (``SNDHWM=0``)
+  the daemon's memory grew without end (+209 MiB in 12 s);
+- open connections until the daemon runs out of descriptors: libzmq's ipc listener
+  asserts on ``EMFILE`` and aborts the whole daemon (~1,100 connections at 1,024 fds).
+
+The answers here:
+
+- each peer's send queue is finite (:data:`PEER_SNDHWM` messages) and the ROUTER is
+  ``ROUTER_MANDATORY``, so a full queue is an ``EAGAIN`` here instead of a silent drop
+  or an unbounded queue. The peer that cannot take more is *cut*: its connection is
+  shut down (``shutdown(2)`` on a dup of the descriptor it last spoke from, which libzmq
+  then sees as a hang-up and frees its queue). Nothing is lost silently for an honest
+  client that was merely slow: its DEALER reconnects, the client re-sends every save
+  still unanswered, and the daemon answers those from ``Client.answered`` without writing
+  twice. Only the answers to PING/STATUS and PART acknowledgements of that connection are
+  gone, and a client that queued 10,000 unread answers is not reading anyway;
+- connections are counted from the ROUTER's monitor (ACCEPTED, DISCONNECTED) and the
+  ones beyond :func:`connection_cap` (the descriptor limit less a reserve for files,
+  rings and bursts; the soft limit is first raised to the hard one) are cut as they come;
+- every refusal is logged at most once per :data:`LOG_EVERY` seconds and kind, with the
+  number suppressed meanwhile.
+
+Threads: a :class:`Guard` belongs to the daemon's control thread (the ROUTER's owner);
+nothing here is touched from any other.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import socket
+import stat
+import time
+from typing import Any, Final
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+__all__ = ["LOG_EVERY", "PEER_RCVHWM", "PEER_SNDHWM", "Guard", "RateLimitedLog", "connection_cap"]
+
+log = logging.getLogger("matspoold")
+
+#: answers queued for one connection before it counts as not reading (an honest client's
+#: I/O thread reads continuously; 5,000 unread PONGs must still all arrive)
+PEER_SNDHWM: Final = 10_000
+#: requests queued from one connection before libzmq stops reading it (back-pressure)
+PEER_RCVHWM: Final = 1_000
+LOG_EVERY: Final = 10.0  # s between two log lines of one kind
+#: descriptors kept for everything but connections: writers' files, rings, the journal,
+#: libzmq's own, and a margin for a burst accepted before its events are read here
+_RESERVE_MIN: Final = 128
+
+
+def connection_cap(limit: int | None = None) -> int:
+    """How many client connections this daemon keeps at once. Raises the soft
+    ``RLIMIT_NOFILE`` to the hard one first; then a quarter (at least 128) is reserved."""
+    if limit is None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        limit = soft
+    return max(16, limit - max(_RESERVE_MIN, limit // 4))
+
+
+class RateLimitedLog:
+    """At most one warning per kind per ``every`` seconds; the rest are counted and the
+    count is told with the next line."""
+
+    def __init__(self, every: float = LOG_EVERY) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) < self.every:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        n = self._suppressed.pop(kind, 0)
+        log.warning(message + (f" ({n} more like this in the last {self.every:.0f} s)" if n else ""),
+                    *args)
+
+
+def _cut(fd: int) -> bool:
+    """Shut a connection down under libzmq, which then closes it as a hang-up. A dup is
+    shut down and closed (``shutdown`` acts on the socket, not on the descriptor), so the
+    descriptor libzmq holds stays valid until libzmq closes it."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        s = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
+        return False
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class Guard:
+    """The ROUTER's connections and send queues; see the module docstring."""
+
+    def __init__(self, router: zmq.Socket[bytes], cap: int | None = None) -> None:
+        self.router = router
+        self.cap = connection_cap() if cap is None else cap
+        router.setsockopt(zmq.SNDHWM, PEER_SNDHWM)
+        router.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.open: set[int] = set()  # descriptors of the connections kept
+        self._fd_of: dict[bytes, int] = {}  # routing id -> descriptor it last spoke from
+        self.refused = 0  # connections cut at the cap
+        self.dropped = 0  # connections cut for not reading
+        self.log = RateLimitedLog()
+
+    def close(self) -> None:
+        self.router.disable_monitor()
+        self.monitor.close(linger=0)
+
+    # -- connections ----------------------------------------------------------------------
+    def events(self) -> None:
+        """Read the monitor: count new connections, cut those beyond the cap."""
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                if len(self.open) >= self.cap:
+                    self.refused += 1
+                    _cut(fd)
+                    self.log.warning("cap", "refused a connection: %d are open, the cap is %d "
+                                     "(descriptor limit less a reserve)", len(self.open), self.cap)
+                else:
+                    self.open.add(fd)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.open.discard(fd)
+
+    def reconcile(self) -> None:
+        """Forget descriptors that are no longer sockets (a monitor event lost in a burst
+        must not shrink the cap for good). Called once a second."""
+        for fd in list(self.open):
+            try:
+                ok = stat.S_ISSOCK(os.fstat(fd).st_mode)
+            except OSError:
+                ok = False
+            if not ok:
+                self.open.discard(fd)
+        if len(self._fd_of) > 4 * self.cap:  # routing ids of connections long gone
+            self._fd_of = {i: fd for i, fd in self._fd_of.items() if fd in self.open}
+
+    def seen(self, ident: bytes, frame: zmq.Frame) -> None:
+        """Note which connection ``ident`` spoke from (the one to cut if it stops reading)."""
+        try:
+            self._fd_of[ident] = int(frame.get(zmq.SRCFD))
+        except (zmq.ZMQError, ValueError, TypeError):
+            pass
+
+    # -- answers --------------------------------------------------------------------------
+    def send_multipart(self, frames: list[Any]) -> None:
+        """Send an answer without ever blocking or queueing without bound: a peer gone is
+        skipped (its client re-sends on reconnect); a peer whose queue is full is cut."""
+        try:
+            self.router.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            ident = bytes(frames[0])
+            fd = self._fd_of.pop(ident, None)
+            self.dropped += 1
+            cut = fd is not None and _cut(fd)
+            self.log.warning("slow", "client %r does not read its answers (%d queued): "
+                             "%s", ident[:64], PEER_SNDHWM,
+                             "connection cut; it may reconnect and ask again" if cut
+                             else "answer dropped; its connection is unknown")
+        except zmq.ZMQError as e:
+            if e.errno != errno.EHOSTUNREACH:
+                raise
+            # the peer has gone: its client re-sends unanswered saves when it reconnects
