@@ -25,9 +25,12 @@ export PYTHONPATH=$site:$here/client:$here/service:$here/tests${PYTHONPATH:+:$PY
 need="pyzmq hdf5storage mat73 pymatreader xmltodict pytest pluggy iniconfig packaging pygments"
 if [ -d .whl ]; then
   missing=""
+  shopt -s nocaseglob nullglob
   for w in $need; do
-    ls .whl/ 2>/dev/null | grep -qi "^${w//-/_}-" || missing="$missing $w"
+    found=(.whl/"${w//-/_}"-*.whl)
+    [ ${#found[@]} -gt 0 ] || missing="$missing $w"
   done
+  shopt -u nocaseglob nullglob
   [ -z "$missing" ] || echo "warning: .whl/ lacks:$missing (the image may have them)" | tee -a "$out/summary.txt"
   "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl \
     >"$out/wheels.txt" 2>&1 || { echo "wheel install failed" | tee "$out/FAILED"; exit 1; }
