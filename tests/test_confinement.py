@@ -1,0 +1,204 @@
+"""Writes stay under the roots while another process rearranges the filesystem under them.
+
+Each test runs one attack of issue 11 item 1 for real, in a tight loop in a separate
+process, while a client makes at least 2,000 saves to a live daemon (``mdaemon``):
+
+- a directory under the root exchanged (``renameat2(RENAME_EXCHANGE)``) with a symlink
+  leading outside, over and over: the daemon checked a path with ``realpath`` and then
+  reopened it by name, so temporaries with the data landed outside;
+- every v7.3 temporary replaced by a symlink to a file outside as soon as it appears:
+  the daemon reopened the temporary by name, wrote into the file outside, and renamed
+  the symlink into place;
+- a stream's file exchanged with a symlink to an HDF5 file outside: the next append
+  extended the file outside.
+
+Afterwards: nothing outside the root changed, no final name is a symlink, and every
+save that was acknowledged is whole under its name. Failed saves are allowed (the
+attack is real), as long as they fail with a reason and the daemon serves on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, wait
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+
+import matspool
+from conftest import DaemonProc
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="renameat2 and /proc are Linux's")
+
+SAVES = 2000
+
+_EXCHANGE = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
+print("ready", flush=True)
+while True:
+    libc.renameat2(-100, a, -100, b, 2)  # AT_FDCWD, RENAME_EXCHANGE
+"""
+
+_REPLACE_TEMPS = r"""
+import os, sys
+d, outside, victim = sys.argv[1], sys.argv[2], sys.argv[3]
+n = 0
+print("ready", flush=True)
+while True:
+    for name in os.listdir(d):
+        if name.endswith(".matspool-tmp"):
+            n += 1
+            # half the time a file outside that exists, half the time one that does not
+            link = victim if n % 2 else os.path.join(outside, "new-" + name)
+            tmp = os.path.join(d, f".attack-{n}")
+            try:
+                os.symlink(link, tmp)
+                os.rename(tmp, os.path.join(d, name))
+            except OSError:
+                pass
+"""
+
+
+@contextmanager
+def attacker(script: str, *args: str) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def outside(mdaemon: DaemonProc, tmp_path: Path) -> Path:
+    """A sentinel directory outside the daemon's root."""
+    d = tmp_path / "outside"
+    d.mkdir()
+    assert not str(d.resolve()).startswith(str(mdaemon.root.resolve()) + os.sep)
+    return d
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    """Every name under ``d`` with a digest of its bytes (or the link it is)."""
+    out = {}
+    for p in sorted(d.rglob("*")):
+        rel = str(p.relative_to(d))
+        out[rel] = ("link:" + os.readlink(p)) if p.is_symlink() else (
+            "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def _results(futures: dict[int, Future]) -> tuple[list[int], list[BaseException]]:
+    wait(list(futures.values()), timeout=120)
+    ok, errors = [], []
+    for i, fut in futures.items():
+        err = fut.exception(timeout=0)
+        if err is None:
+            ok.append(i)
+        else:
+            errors.append(err)
+    return ok, errors
+
+
+def _no_symlinks(d: Path) -> None:
+    links = [str(p) for p in d.rglob("*.mat") if p.is_symlink()]
+    assert links == [], f"symlinks under final names: {links[:5]}"
+
+
+def _check_failures(errors: list[BaseException]) -> None:
+    for e in errors:  # refusals with a reason, never anything else
+        assert isinstance(e, (matspool.PathNotAllowedError, matspool.WriteFailed)), repr(e)
+
+
+def test_directory_exchanged_with_a_symlink_out(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
+                                                outside: Path) -> None:
+    d, link = root / "d", root / "l"
+    d.mkdir()
+    link.symlink_to(outside, target_is_directory=True)
+    pad = np.arange(128, dtype=np.float64)
+    with attacker(_EXCHANGE, str(d), str(link)):
+        futures = {i: mspool.save(d / f"f{i}.mat", {"x": float(i), "pad": pad},
+                                  format="v7.3" if i % 4 == 0 else "v5")
+                   for i in range(SAVES)}
+        ok, errors = _results(futures)
+    assert mdaemon.alive()
+    print(f"{len(ok)} saves acknowledged, {len(errors)} refused during the exchanges")
+    assert _snapshot(outside) == {}, "the daemon wrote outside its root"
+    real = d if not d.is_symlink() else link
+    assert real.is_dir() and not real.is_symlink()
+    _no_symlinks(root)
+    _check_failures(errors)
+    for i in ok:
+        got = scipy.io.loadmat(real / f"f{i}.mat") if i % 4 else h5py.File(real / f"f{i}.mat", "r")
+        assert float(np.asarray(got["x"]).ravel()[0]) == float(i)
+        assert np.array_equal(np.asarray(got["pad"]).ravel(), pad)
+    assert not [p for p in root.rglob("*.matspool-tmp")], "temporary files left"
+
+
+def test_v73_temporaries_replaced_by_symlinks(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
+                                              outside: Path) -> None:
+    d = root / "t"
+    d.mkdir()
+    victim = outside / "victim.mat"
+    victim.write_bytes(b"precious" * 100)
+    before = _snapshot(outside)
+    x = np.arange(2048, dtype=np.float64)  # deflated: HDF5 lays the file out, not a template
+    with attacker(_REPLACE_TEMPS, str(d), str(outside), str(victim)) as proc:
+        futures = {i: mspool.save(d / f"f{i}.mat", {"x": x + i}, format="v7.3", compress=1)
+                   for i in range(SAVES)}
+        ok, errors = _results(futures)
+        proc.kill()
+    assert mdaemon.alive()
+    print(f"{len(ok)} saves acknowledged, {len(errors)} refused")
+    assert _snapshot(outside) == before, "the daemon wrote outside its root"
+    _no_symlinks(root)
+    _check_failures(errors)
+    for i in ok:
+        with h5py.File(d / f"f{i}.mat", "r") as f:
+            assert np.array_equal(f["x"][()].ravel(), x + i)
+    assert len(ok) >= 50  # the daemon kept saving through the attack
+
+
+def test_stream_file_exchanged_with_a_symlink_out(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
+                                                  outside: Path) -> None:
+    s = root / "s.mat"
+    stream = mspool.stream(s)
+    stream.append(x=np.float64(0), t=np.arange(4.0)).result(30)
+    victim = outside / "victim.mat"
+    victim.write_bytes(s.read_bytes())  # a stream file outside: an append would extend it
+    before = _snapshot(outside)
+    link = root / "s-link"
+    link.symlink_to(victim)
+    with attacker(_EXCHANGE, str(s), str(link)):
+        futures = {i: stream.append(x=np.float64(i), t=np.arange(4.0) + i) for i in range(1, SAVES + 1)}
+        ok, errors = _results(futures)
+    assert mdaemon.alive()
+    if s.is_symlink():  # the attacker stopped between exchanges
+        os.rename(s, root / "tmp-link")
+        os.rename(link, s)
+    print(f"{len(ok)} appends acknowledged, {len(errors)} refused")
+    assert _snapshot(outside) == before, "an append extended a file outside the root"
+    _check_failures(errors)
+    with h5py.File(s, "r") as f:
+        steps = f["x"][()].ravel().tolist()
+    assert steps == [0.0, *map(float, ok)], "acknowledged steps missing or out of order"
+    assert len(ok) >= 50  # the daemon kept saving through the attack
+
+
+def test_serves_after_the_attacks(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path) -> None:
+    t0 = time.monotonic()
+    mspool.save(root / "after.mat", {"x": 1.0}, format="v5").result(15)
+    assert time.monotonic() - t0 < 15 and mdaemon.alive()
+    assert scipy.io.loadmat(root / "after.mat")["x"][0, 0] == 1.0
