@@ -35,7 +35,7 @@ from matspool._protocol import Variable, VarSpec
 
 from ..fsconfine import Target, as_target, open_in
 from ._append import append_into
-from ._files import TMP_SUFFIX, Temporary, pwrite_all
+from ._files import SELF_FD, TMP_SUFFIX, Temporary, pwrite_all
 from .stream import STREAMS, append_step, create_stream
 from .v5 import write_v5
 from .v73 import write_v73
@@ -132,7 +132,7 @@ def write_atomic(final: str | Target, fmt: str, variables: Variables, *, fsync: 
             existing = _open_existing(target) if append else -1
             try:
                 if existing >= 0:
-                    append_into(f"/proc/self/fd/{existing}", temp.path, variables, compress)
+                    append_into(f"{SELF_FD}{existing}", temp.path, variables, compress)
                 else:
                     writer.write(temp.path, variables, compress)
             finally:
