@@ -35,6 +35,12 @@ import pytest
 import scipy.io
 
 import matspool
+from matspool import _protocol as proto
+from matspoold import fsconfine, paths
+from matspoold.writers import write_atomic
+from matspoold.writers._files import Temporary
+from matspoold.writers.stream import append_step
+
 from conftest import DaemonProc
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="renameat2 and /proc are Linux's")
@@ -71,7 +77,7 @@ while True:
 
 
 @contextmanager
-def attacker(script: str, *args: str) -> Iterator[subprocess.Popen]:
+def attacker(script: str, *args: str) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -79,15 +85,6 @@ def attacker(script: str, *args: str) -> Iterator[subprocess.Popen]:
     finally:
         proc.kill()
         proc.wait()
-
-
-@pytest.fixture
-def outside(mdaemon: DaemonProc, tmp_path: Path) -> Path:
-    """A sentinel directory outside the daemon's root."""
-    d = tmp_path / "outside"
-    d.mkdir()
-    assert not str(d.resolve()).startswith(str(mdaemon.root.resolve()) + os.sep)
-    return d
 
 
 def _snapshot(d: Path) -> dict[str, str]:
@@ -100,7 +97,7 @@ def _snapshot(d: Path) -> dict[str, str]:
     return out
 
 
-def _results(futures: dict[int, Future]) -> tuple[list[int], list[BaseException]]:
+def _results(futures: dict[int, Future[matspool.SaveResult]]) -> tuple[list[int], list[BaseException]]:
     wait(list(futures.values()), timeout=120)
     ok, errors = [], []
     for i, fut in futures.items():
@@ -210,3 +207,83 @@ def test_serves_after_the_attacks(mspool: matspool.Spool, mdaemon: DaemonProc, r
     mspool.save(root / "after.mat", {"x": 1.0}, format="v5").result(15)
     assert time.monotonic() - t0 < 15 and mdaemon.alive()
     assert scipy.io.loadmat(root / "after.mat")["x"][0, 0] == 1.0
+
+
+# -- the resolver and the publish, deterministically, without a daemon ---------------------
+
+@pytest.fixture(params=["openat2", "walk"])
+def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a directory is opened: one ``openat2`` call, and the component walk
+    (kernels without it; and every path with a symlink)."""
+    if request.param == "walk":
+        monkeypatch.setattr(fsconfine, "_openat2_works", False)
+    return str(request.param)
+
+
+def test_resolver_follows_links_only_inside(tmp_path: Path, resolver: str) -> None:
+    root, out = tmp_path / "root", tmp_path / "out"
+    (root / "a" / "b").mkdir(parents=True)
+    out.mkdir()
+    roots = paths.normalize_roots([str(root)])
+    (root / "abs").symlink_to(root / "a", target_is_directory=True)
+    (root / "a" / "rel").symlink_to("b", target_is_directory=True)
+    (root / "a" / "up").symlink_to("../a/b", target_is_directory=True)
+    b = root / "a" / "b"
+    for rel, real in (("a/b", b), ("abs/b", b), ("abs/rel", b), ("a/up", b), ("", root)):
+        with paths.resolve_target(os.path.join(root, rel, "x.mat"), roots) as t:
+            assert os.path.samestat(os.fstat(t.dir_fd), os.stat(real)) and t.name == "x.mat"
+    (root / "out").symlink_to(out, target_is_directory=True)
+    (root / "a" / "climb").symlink_to("../../out", target_is_directory=True)
+    (root / "a" / "loop").symlink_to("loop")
+    for bad in ("out/x.mat", "a/climb/x.mat", "abs/climb/x.mat"):
+        with pytest.raises(matspool.PathNotAllowedError, match="outside the daemon's roots") as e:
+            paths.resolve_target(f"{root}/{bad}", roots)
+        assert f"{root}/{bad}" in str(e.value)
+    with pytest.raises(matspool.WriteFailed, match="more than 40 symlinks"):
+        paths.resolve_target(f"{root}/a/loop/x.mat", roots)
+    with pytest.raises(matspool.WriteFailed, match="does not exist"):
+        paths.resolve_target(f"{root}/nope/x.mat", roots)
+    with pytest.raises(matspool.WriteFailed, match="is a directory"):
+        paths.resolve_target(f"{root}/a", roots)
+    assert list(out.iterdir()) == []
+
+
+def test_publish_refuses_a_replaced_temporary(tmp_path: Path) -> None:
+    """The v7.3 attack at its worst instant (between the last write and the rename), made
+    deterministic: the save fails, nothing under the final name, the file outside intact."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "d").mkdir()
+    with fsconfine.Target.unconfined(str(tmp_path / "d" / "f.mat")) as target:
+        temp = Temporary(target)
+        os.write(temp.fd, b"data")
+        os.symlink(victim, tmp_path / "d" / "evil")
+        os.rename(tmp_path / "d" / "evil", tmp_path / "d" / temp.name)
+        with pytest.raises(matspool.WriteFailed, match="replaced"):
+            temp.publish(fsync=True)
+        temp.discard()
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == []
+
+
+def test_stream_append_refuses_links_and_replacements(tmp_path: Path) -> None:
+    spec = proto.VarSpec(name="x", dtype="<f8", dims=(1, 1), offset=0, nbytes=8)
+    step = [(spec, np.ones((1, 1)))]
+    s, other = tmp_path / "s.mat", tmp_path / "other.mat"
+    write_atomic(str(s), "stream", step, fsync=False)
+    append_step(str(s), step, fsync=False)
+    os.link(s, tmp_path / "hard.mat")  # a hard link (could be to a file outside the roots)
+    with pytest.raises(matspool.WriteFailed, match="hard links"):
+        append_step(str(s), step, fsync=False)
+    os.unlink(tmp_path / "hard.mat")
+    write_atomic(str(other), "stream", step, fsync=False)
+    os.rename(other, s)  # a different file put in the stream's place
+    before = s.read_bytes()
+    with pytest.raises(matspool.WriteFailed, match="replaced since"):
+        append_step(str(s), step, fsync=False)
+    assert s.read_bytes() == before
+    os.unlink(s)
+    s.symlink_to(tmp_path / "elsewhere.mat")
+    with pytest.raises(matspool.PathNotAllowedError, match="symlink"):
+        append_step(str(s), step, fsync=False)
+    assert not (tmp_path / "elsewhere.mat").exists()
