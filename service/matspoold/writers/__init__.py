@@ -56,8 +56,10 @@ class Writer:
     supports_compression: ClassVar[bool] = False
 
     def write(self, path: str, variables: Variables, level: int = 0) -> Holes:
-        """Create ``path`` (it must not exist) holding ``variables``; with
-        ``supports_parts``, the offsets of the deferred variables' holes."""
+        """Fill ``path`` with ``variables``: in the daemon the new, empty temporary as
+        ``/proc/self/fd/N`` (created exclusively by ``Temporary``; opening it truncates
+        nothing of anyone's), else created or truncated; with ``supports_parts``, the
+        offsets of the deferred variables' holes."""
         raise NotImplementedError
 
     def append(self, path: str | Target, variables: Variables, *, fsync: bool) -> int:
