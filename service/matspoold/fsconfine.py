@@ -251,9 +251,10 @@ def _walk(path: str, root: str, parts: list[str], roots: Sequence[str]) -> tuple
                 if new_root is None:
                     where = os.path.join(here_path, name)
                     raise _outside(path, roots, f": {where!r} is a symlink to {link!r}")
-                for fd_, _ in stack:
+                left, stack = stack, []
+                for fd_, _ in left:
                     os.close(fd_)
-                stack = [(os.dup(_root_fd(new_root)), new_root)]
+                stack.append((os.dup(_root_fd(new_root)), new_root))
                 pending.extend(_below(target, new_root)[::-1])
             else:
                 pending.extend(link.split("/")[::-1])
