@@ -113,6 +113,15 @@ def mspool(mdaemon: DaemonProc) -> Iterator[matspool.Spool]:
 
 
 @pytest.fixture
+def outside(mdaemon: DaemonProc, tmp_path: Path) -> Path:
+    """A fresh directory outside the module daemon's root (a sentinel: the daemon never writes there)."""
+    d = tmp_path / "outside"
+    d.mkdir()
+    assert not str(d.resolve()).startswith(str(mdaemon.root.resolve()) + os.sep)
+    return d
+
+
+@pytest.fixture
 def root(mdaemon: DaemonProc, request: pytest.FixtureRequest) -> Path:
     """A fresh directory inside the module daemon's root."""
     d = mdaemon.root / request.node.name.replace("[", "_").replace("]", "").replace("/", "_")[:80]

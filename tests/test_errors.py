@@ -171,14 +171,6 @@ def test_bad_spool_arguments(mdaemon: DaemonProc, kwargs: dict[str, Any], said: 
 
 
 # -- paths ----------------------------------------------------------------------------------
-@pytest.fixture
-def outside(mdaemon: DaemonProc, tmp_path: Path) -> Path:
-    d = tmp_path / "outside"
-    d.mkdir()
-    assert not str(d.resolve()).startswith(str(mdaemon.root.resolve()) + os.sep)
-    return d
-
-
 def _expect_future_error(fut: Future, cls: type[BaseException]) -> BaseException:
     err = fut.exception(timeout=15)
     assert isinstance(err, cls), repr(err)

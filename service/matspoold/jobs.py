@@ -149,15 +149,16 @@ class JobRunner:
     def run_file(self, job: Job) -> int | None:
         """A whole save, a stream step, or the layout of a save whose pieces follow."""
         req = job.request
-        final = resolve_target(req.path, self.roots)
-        views = _views(job)
-        if job.kind == "begin":
-            self.sessions[(job.client.ident, req.seq)] = Session.begin(final, req.format, views, req.fsync)
-            return None
-        if req.mode == "append":
-            return WRITERS["stream"].append(final, views, fsync=req.fsync)
-        fmt = "stream" if req.mode == "create" else req.format
-        return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append)
+        with resolve_target(req.path, self.roots) as final:  # the directory, open below a root
+            views = _views(job)
+            if job.kind == "begin":  # the session keeps its own duplicate of the directory
+                session = Session.begin(final, req.format, views, req.fsync)
+                self.sessions[(job.client.ident, req.seq)] = session
+                return None
+            if req.mode == "append":
+                return WRITERS["stream"].append(final, views, fsync=req.fsync)
+            fmt = "stream" if req.mode == "create" else req.format
+            return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append)
 
     def run_piece(self, job: Job) -> int | None:
         """Write one piece, or finish the file; after a failure, pieces are let go quietly

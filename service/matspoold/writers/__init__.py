@@ -14,7 +14,10 @@ ask instead of checking the class (zarr's stores do the same):
 
 ``write_atomic`` and :class:`Session` are the only ways a file reaches its final name,
 both through ``_files.Temporary`` (temporary name, write, fsync, rename, directory
-fsync). :data:`WRITERS` maps each format name to its writer.
+fsync), relative to the open directory of a ``fsconfine.Target`` (the daemon resolves
+one per save; a plain path, from tests and tools, is opened by name). Writers are handed
+the temporary as ``/proc/self/fd/N``, never by its name. :data:`WRITERS` maps each
+format name to its writer.
 
 Threads: writers hold no state of their own (v7.3's template cache has its lock); any
 writer thread may call them.
@@ -32,9 +35,10 @@ import numpy as np
 from matspool._errors import FormatLimitError, ProtocolError
 from matspool._protocol import Variable, VarSpec
 
+from ..fsconfine import Target, as_target, open_in
 from ._append import append_into
-from ._files import TMP_SUFFIX, Temporary, pwrite_all
-from .stream import append_step, create_stream
+from ._files import SELF_FD, TMP_SUFFIX, Temporary, pwrite_all
+from .stream import STREAMS, append_step, create_stream
 from .v5 import write_v5
 from .v73 import write_v73
 
@@ -64,11 +68,13 @@ class Writer:
     supports_compression: ClassVar[bool] = False
 
     def write(self, path: str, variables: Variables, level: int = 0) -> Holes:
-        """Create ``path`` (it must not exist) holding ``variables``; with
-        ``supports_parts``, the offsets of the deferred variables' holes."""
+        """Fill ``path`` with ``variables``: in the daemon the new, empty temporary as
+        ``/proc/self/fd/N`` (created exclusively by ``Temporary``; opening it truncates
+        nothing of anyone's), else created or truncated; with ``supports_parts``, the
+        offsets of the deferred variables' holes."""
         raise NotImplementedError
 
-    def append(self, path: str, variables: Variables, *, fsync: bool) -> int:
+    def append(self, path: str | Target, variables: Variables, *, fsync: bool) -> int:
         """Add one step to the file at ``path`` in place; returns its size."""
         raise ProtocolError(f"the {self.name} format cannot append steps to a file")
 
@@ -100,7 +106,7 @@ class StreamWriter(Writer):
         create_stream(path, _arrays(self.name, variables), level)
         return {}
 
-    def append(self, path: str, variables: Variables, *, fsync: bool) -> int:
+    def append(self, path: str | Target, variables: Variables, *, fsync: bool) -> int:
         return append_step(path, _arrays(self.name, variables), fsync=fsync)
 
 
@@ -130,23 +136,42 @@ def writer_for(fmt: str) -> Writer:
         raise ProtocolError(f"unknown format {fmt!r}; known: {', '.join(WRITERS)}") from None
 
 
-def write_atomic(
-    final: str, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0, append: bool = False
-) -> int:
+def write_atomic(final: str | Target, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0,
+                 append: bool = False) -> int:
     """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
     with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``).
     Returns the file's size in bytes."""
     writer = writer_for(fmt)
-    temp = Temporary(final)
+    target, owned = as_target(final)
     try:
-        if append and os.path.exists(final):
-            append_into(final, temp.path, variables, compress)
-        else:
-            writer.write(temp.path, variables, compress)
-        return temp.publish(fsync)
-    except BaseException:
-        temp.discard()
-        raise
+        temp = Temporary(target)
+        try:
+            existing = _open_existing(target) if append else -1
+            try:
+                if existing >= 0:
+                    append_into(f"{SELF_FD}{existing}", temp.path, variables, compress)
+                else:
+                    writer.write(temp.path, variables, compress)
+            finally:
+                if existing >= 0:
+                    os.close(existing)
+            if fmt == "stream":
+                STREAMS.created(target, os.fstat(temp.fd))
+            return temp.publish(fsync)
+        except BaseException:
+            temp.discard()
+            raise
+    finally:
+        if owned:
+            target.close()
+
+
+def _open_existing(target: Target) -> int:
+    """The file already at ``target`` (read-only, never through a symlink), or -1."""
+    try:
+        return open_in(target, os.O_RDONLY, "save -append")
+    except FileNotFoundError:
+        return -1
 
 
 @dataclass(eq=False)
@@ -158,28 +183,31 @@ class Session:
     renames the file into place. Until then nothing exists under the final name.
     """
 
-    temp: Temporary
+    temp: Temporary  # owns its target (a duplicate of the job's), closed by end/abort
     fsync: bool
     holes: dict[int, tuple[VarSpec, list[int]]]
     fd: int = -1
     error: BaseException | None = None
 
     @classmethod
-    def begin(cls, final: str, fmt: str, variables: Variables, fsync: bool) -> Session:
+    def begin(cls, final: str | Target, fmt: str, variables: Variables, fsync: bool) -> Session:
         writer = writer_for(fmt)
         if not writer.supports_parts:
             raise ProtocolError(f"the {fmt} format cannot take a save in pieces")
-        temp = Temporary(final)
+        target = final.dup() if isinstance(final, Target) else Target.unconfined(final)
+        try:
+            temp = Temporary(target)
+        except BaseException:
+            target.close()
+            raise
         try:
             by_name = writer.write(temp.path, variables, 0)
-            holes = {
-                i: (spec, by_name[spec.name])
-                for i, (spec, _) in enumerate(variables)
-                if isinstance(spec, VarSpec) and spec.deferred
-            }
-            return cls(temp, fsync, holes, os.open(temp.path, os.O_WRONLY | os.O_CLOEXEC))
+            holes = {i: (spec, by_name[spec.name]) for i, (spec, _) in enumerate(variables)
+                     if isinstance(spec, VarSpec) and spec.deferred}
+            return cls(temp, fsync, holes, temp.fd)
         except BaseException:
             temp.discard()
+            target.close()
             raise
 
     def write(self, var: int, start: int, data: np.ndarray) -> None:
@@ -202,18 +230,16 @@ class Session:
 
     def end(self) -> int:
         """Publish the complete file; its size in bytes."""
-        self._close()
+        self.fd = -1  # the temporary's own descriptor: publish closes it
         try:
             return self.temp.publish(self.fsync)
         except BaseException:
             self.temp.discard()
             raise
+        finally:
+            self.temp.target.close()
 
     def abort(self) -> None:
-        self._close()
+        self.fd = -1
         self.temp.discard()
-
-    def _close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.temp.target.close()

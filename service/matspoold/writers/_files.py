@@ -5,21 +5,34 @@ temporary name in the same directory, optionally fsynced, renamed into place, th
 directory fsynced, so readers never see a partial file under the name they asked for,
 and with ``fsync`` the file survives a power cut once its save is answered.
 
+Every step goes through descriptors (``fsconfine``): the temporary is created
+``O_CREAT | O_EXCL | O_NOFOLLOW`` relative to the target's directory descriptor and kept
+open; writers reopen it only as ``/proc/self/fd/N`` (the same inode, whatever its name
+has become); the rename is relative to the same directory descriptor, and afterwards the
+final name is checked to hold that inode: a temporary someone replaced (by a symlink, or
+any file) while it was written is never left published.
+
 Threads: any writer thread; ``TempNames.for_final`` is safe to call from all of them,
 and each :class:`Temporary` belongs to the one job that made it.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import secrets
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TEMPS", "TMP_SUFFIX", "TempNames", "Temporary", "fsync_path", "pwrite_all", "write_new_file"]
+from ..fsconfine import Target, failed
+
+__all__ = ["SELF_FD", "TEMPS", "TMP_SUFFIX", "TempNames", "Temporary", "fsync_dir", "fsync_path",
+           "pwrite_all", "write_new_file"]
 
 TMP_SUFFIX = ".matspool-tmp"
+#: how :class:`Temporary` hands its open file to writers (and HDF5): by descriptor
+SELF_FD = "/proc/self/fd/"
 
 
 class TempNames:
@@ -36,9 +49,13 @@ class TempNames:
 
     def for_final(self, final: str) -> str:
         directory, base = os.path.split(final)
+        return os.path.join(directory, self.name_for(directory, base))
+
+    def name_for(self, directory: str, base: str) -> str:
+        """The temporary name (no directory) for ``base`` in ``directory``, journaled first."""
         if self.record is not None:
             self.record(directory)
-        return os.path.join(directory, f".{base[:180]}.{self.tag}-{next(self._ids)}{TMP_SUFFIX}")
+        return f".{base[:180]}.{self.tag}-{next(self._ids)}{TMP_SUFFIX}"
 
 
 #: the process's temporary names (one daemon per process)
@@ -53,28 +70,65 @@ def fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
-class Temporary:
-    """A file written under a temporary name beside ``final``, until :meth:`publish`
-    renames it into place or :meth:`discard` removes it."""
+def fsync_dir(dir_fd: int) -> None:
+    """fsync a directory reached by an ``O_PATH`` descriptor (which fsync refuses)."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    def __init__(self, final: str) -> None:
-        self.final = final
-        self.path = TEMPS.for_final(final)
+
+class Temporary:
+    """A file written under a temporary name beside ``target``'s, until :meth:`publish`
+    renames it into place or :meth:`discard` removes it. ``fd`` is the open file (owned);
+    ``path`` (``/proc/self/fd/N``) is how writers and HDF5 reopen it, by descriptor.
+    ``target`` stays its caller's (it must outlive this)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.name = TEMPS.name_for(target.dir_path, target.name)
+        self.fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o666, dir_fd=target.dir_fd)
+        self.path = f"{SELF_FD}{self.fd}"
 
     def publish(self, fsync: bool) -> int:
         """Rename the complete file into place (durably with ``fsync``); its size in bytes."""
+        dfd = self.target.dir_fd
         if fsync:
-            fsync_path(self.path)
-        os.rename(self.path, self.final)
+            os.fsync(self.fd)
+        st = os.fstat(self.fd)
+        os.rename(self.name, self.target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        placed = os.stat(self.target.name, dir_fd=dfd, follow_symlinks=False)
+        if (placed.st_dev, placed.st_ino) != (st.st_dev, st.st_ino):
+            # someone replaced the temporary by another file (a symlink?) while it was
+            # written: what the rename published is theirs, not the save
+            try:
+                os.unlink(self.target.name, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            self.name = ""  # our inode is wherever they moved it: nothing of ours to discard
+            raise failed(f"cannot write {self.target.path!r}: its temporary file was replaced while it "
+                         "was written (by another process); nothing was published", errno.EEXIST)
         if fsync:
-            fsync_path(os.path.dirname(self.final), os.O_RDONLY | os.O_DIRECTORY)
-        return os.stat(self.final).st_size
+            fsync_dir(dfd)
+        self.close()
+        return st.st_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def discard(self) -> None:
+        self.close()
+        if not self.name:
+            return
         try:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self.target.dir_fd)
         except FileNotFoundError:
             pass
+        self.name = ""
 
 
 def pwrite_all(fd: int, data: Any, offset: int) -> None:
@@ -87,9 +141,14 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
 
 
 def write_new_file(path: str, image: Any) -> None:
-    """Create ``path`` (it must not exist) holding exactly ``image``: a small file's
-    header and payloads, assembled in memory, in one write."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    """``path`` holding exactly ``image``: a small file's header and payloads, assembled
+    in memory, in one write. The daemon's ``path`` is its new, empty temporary as
+    ``/proc/self/fd/N``: written through descriptor N itself (no reopen: a small file's
+    rate counts its system calls); any other path is created or truncated."""
+    if path.startswith(SELF_FD) and path[len(SELF_FD):].isdigit():
+        pwrite_all(int(path[len(SELF_FD):]), image, 0)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
         pwrite_all(fd, image, 0)
     finally:

@@ -40,6 +40,11 @@ per variable and the superblock, so a multi-variable step is never one in-place 
 writing the journal entry before each overwrite (no holding) costs a journal write (and
 with ``fsync`` an fsync) per metadata block instead of one per append.
 
+Confinement: the file and its journal are reached only through the directory
+descriptor of a ``fsconfine.Target`` (names relative to it, ``O_NOFOLLOW``), so a
+symlink put at either name is never followed; recovery checks the file's device and
+inode against the journal's before writing a byte.
+
 Cost per append (``python -m bench.stream_append``): the journal file's create, two
 writes and unlink, the held metadata (a few KiB) copied once more, and h5py's Python
 file-object driver instead of its C one; with ``fsync``, four fsyncs instead of one.
@@ -52,15 +57,17 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from matspool._errors import WriteFailed
 
-from ._files import pwrite_all
+from ..fsconfine import Target, as_target, open_in
+from ._files import fsync_dir, pwrite_all
 
 __all__ = ["HEADER_BYTES", "JOURNAL_SUFFIX", "UndoFile", "journal_path", "journaled", "recover"]
 
@@ -82,22 +89,18 @@ def journal_path(path: str) -> str:
     """The hidden journal beside ``path``; over-long names keep a hash so two streams
     never share one."""
     directory, base = os.path.split(path)
+    return os.path.join(directory, _journal_name(base))
+
+
+def _journal_name(base: str) -> str:
     if len(base.encode()) > 200:
         base = base[:160] + "-" + hashlib.sha256(base.encode()).hexdigest()[:16]
-    return os.path.join(directory, f".{base}{JOURNAL_SUFFIX}")
+    return f".{base}{JOURNAL_SUFFIX}"
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+def _unlink(target: Target, name: str) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=target.dir_fd)
     except FileNotFoundError:
         pass
 
@@ -112,6 +115,7 @@ class UndoFile:
         self.eof = base  # the length HDF5 believes the file has
         self.held: list[tuple[int, bytes]] = []  # in write order; later ones win
         self.error: OSError | None = None
+        self.size = base  # the file's size once committed
         self._pos = 0
 
     # -- the methods h5py's fileobj driver calls ---------------------------------------
@@ -234,53 +238,79 @@ def _failed(path: str, e: OSError) -> WriteFailed:
 
 
 @contextmanager
-def journaled(path: str, *, fsync: bool) -> Iterator[UndoFile]:
+def journaled(path: str | Target, fd: int = -1, *, fsync: bool,
+              check: Callable[[Target, os.stat_result], None] | None = None) -> Iterator[UndoFile]:
     """One crash-safe change of the existing file ``path``: open it as ``h5py.File(undo,
     "r+")`` inside the block; leaving the block commits, an exception rolls back. A
-    journal left by a killed change is recovered first."""
-    done = recover(path)
-    if done:
-        log.warning("%s: an earlier change was interrupted (daemon killed?): %s", path, done)
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    jpath = journal_path(path)
+    journal left by a killed change is recovered first. ``fd``, when given, is the file
+    already opened (read-write) through ``path``'s directory; the block owns it.
+    ``check`` may refuse the file (its stat) before anything is written."""
+    target, owned = as_target(path)
+    try:
+        done = recover(target)
+        if done:
+            log.warning("%s: an earlier change was interrupted (daemon killed?): %s", target.path, done)
+        if fd < 0:
+            fd = open_in(target, os.O_RDWR)
+        mine, fd = fd, -1  # _journaled closes it, whatever happens
+        with _journaled(target, mine, fsync, check) as undo:
+            yield undo
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if owned:
+            target.close()
+
+
+@contextmanager
+def _journaled(target: Target, fd: int, fsync: bool,
+               check: Callable[[Target, os.stat_result], None] | None) -> Iterator[UndoFile]:
+    path = target.path
+    jname = _journal_name(target.name)
     jfd = -1
     try:
         st = os.fstat(fd)
+        if check is not None:
+            check(target, st)
         base = st.st_size
-        jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        jfd = os.open(jname, flags, 0o600, dir_fd=target.dir_fd)
+        if not stat.S_ISREG(os.fstat(jfd).st_mode):  # a FIFO put at the journal's name
+            raise WriteFailed(f"cannot append to {path!r}: its journal's name holds something else")
         fields = (_MAGIC, base, st.st_dev, st.st_ino, _identity(fd))
         head = _HEAD.pack(*fields, zlib.crc32(_HEAD.pack(*fields, 0)[:-4]))
         try:
             pwrite_all(jfd, head, 0)
         except OSError as e:
-            _unlink(jpath)
+            _unlink(target, jname)
             raise _failed(path, e) from e
         undo = UndoFile(fd, base)
         try:
             yield undo
             if undo.error is not None:
                 raise _failed(path, undo.error) from undo.error
-            _journal_originals(undo, jfd, head, path, jpath, fsync)
+            _journal_originals(undo, jfd, head, path, target, fsync)
         except BaseException:
-            _roll_back(fd, base, jpath)
+            _roll_back(fd, base, target, jname)
             raise
         try:  # from here only the journal can undo the writes
             undo.apply()
             if fsync:
                 os.fsync(fd)
+            undo.size = os.fstat(fd).st_size
         except OSError as e:
-            recover(path)
+            recover(target)
             raise _failed(path, e) from e
-        os.unlink(jpath)
+        os.unlink(jname, dir_fd=target.dir_fd)
         if fsync:
-            _fsync_dir(jpath)
+            fsync_dir(target.dir_fd)
     finally:
         if jfd >= 0:
             os.close(jfd)
         os.close(fd)
 
 
-def _journal_originals(undo: UndoFile, jfd: int, head: bytes, path: str, jpath: str, fsync: bool) -> None:
+def _journal_originals(undo: UndoFile, jfd: int, head: bytes, path: str, target: Target, fsync: bool) -> None:
     """Append the bytes the held writes will replace to the journal, with its checksum."""
     parts = [head]
     ranges = undo.undo_ranges()
@@ -294,18 +324,18 @@ def _journal_originals(undo: UndoFile, jfd: int, head: bytes, path: str, jpath: 
         pwrite_all(jfd, body[len(head) :] + _TAIL.pack(len(ranges), zlib.crc32(body), _END), len(head))
         if fsync:
             os.fsync(jfd)
-            _fsync_dir(jpath)
+            fsync_dir(target.dir_fd)
     except OSError as e:
         raise _failed(path, e) from e
 
 
-def _roll_back(fd: int, base: int, jpath: str) -> None:
+def _roll_back(fd: int, base: int, target: Target, jname: str) -> None:
     """Nothing below ``base`` was written: cut the new tail and drop the journal."""
     try:
         os.ftruncate(fd, base)
     except OSError:
         return  # the journal stays; the next append recovers
-    _unlink(jpath)
+    _unlink(target, jname)
 
 
 def _identity(fd: int) -> int:
@@ -340,44 +370,57 @@ def _parse(blob: bytes) -> tuple[tuple[int, int, int, int], list[tuple[int, byte
     return (head, records) if pos == len(body) else (head, None)
 
 
-def recover(path: str) -> str | None:
+def recover(path: str | Target) -> str | None:
     """Undo an append to ``path`` that a killed daemon left half done (see the module
     docstring); returns what was done, or None when there was no journal. Idempotent."""
-    jpath = journal_path(path)
+    target, owned = as_target(path)
     try:
-        with open(jpath, "rb") as j:
-            blob = j.read()
+        return _recover(target)
+    finally:
+        if owned:
+            target.close()
+
+
+def _recover(target: Target) -> str | None:
+    path = target.path
+    jname = _journal_name(target.name)
+    try:
+        jfd = os.open(jname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=target.dir_fd)
     except FileNotFoundError:
         return None
+    except OSError as e:  # a symlink (ELOOP) or worse at the journal's name: not ours
+        raise WriteFailed(f"cannot append to {path!r}: its journal's name "
+                          f"{_journal_name(target.name)!r} holds something else ({e.strerror})") from None
+    with open(jfd, "rb") as j:
+        if not stat.S_ISREG(os.fstat(jfd).st_mode):
+            raise WriteFailed(f"cannot append to {path!r}: its journal's name holds something else")
+        blob = j.read()
     parsed = _parse(blob)
     if parsed is None:
-        _unlink(jpath)
+        _unlink(target, jname)
         return "dropped an unwritten journal"
     (base, dev, ino, ident), records = parsed
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = open_in(target, os.O_RDWR)
     except FileNotFoundError:
-        _unlink(jpath)
+        _unlink(target, jname)
         return "dropped the journal of a removed file"
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino, _identity(fd)) != (dev, ino, ident):
-            _unlink(jpath)
+            _unlink(target, jname)
             return "dropped the journal of a replaced file"
         for off, data in records or ():
             pwrite_all(fd, data, off)
         os.ftruncate(fd, base)
         os.fsync(fd)
     except OSError as e:
-        err = WriteFailed(f"cannot restore {path!r} from its journal {jpath!r}: {e.strerror or e}")
+        err = WriteFailed(f"cannot restore {path!r} from its journal {jname!r}: {e.strerror or e}")
         err.errno = e.errno
         raise err from e
     finally:
         os.close(fd)
-    os.unlink(jpath)
-    _fsync_dir(jpath)
-    return (
-        f"restored {len(records)} ranges and cut to {base} bytes"
-        if records is not None
-        else f"cut to {base} bytes (the append had not changed earlier bytes)"
-    )
+    os.unlink(jname, dir_fd=target.dir_fd)
+    fsync_dir(target.dir_fd)
+    return f"restored {len(records)} ranges and cut to {base} bytes" if records is not None else \
+        f"cut to {base} bytes (the append had not changed earlier bytes)"

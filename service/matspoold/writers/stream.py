@@ -11,11 +11,19 @@ steps the file is complete and any reader can open it. An append rewrites HDF5 m
 in place, so it runs under an undo journal (``_journal``): a daemon killed at any
 instant of it, or a disk that fills up, leaves the file as it was before that step
 once the journal is recovered, which the next append or create of the stream does first.
+
+An append reopens the file through its directory's descriptor, ``O_NOFOLLOW`` (a
+symlink put at the stream's name is refused, never followed), and only a regular file
+with one link (a hard link could lead to a file outside every root); when this daemon
+created the stream, the file must still be the inode it created (:data:`STREAMS`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,10 +33,53 @@ import numpy as np
 from matspool._errors import WriteFailed
 from matspool._protocol import VarSpec
 
+from ..fsconfine import Target, as_target, failed, open_in
 from ._journal import journaled, recover
 from .v73 import USERBLOCK, _stored, _str_attr, header
 
-__all__ = ["append_step", "create_stream"]
+__all__ = ["STREAMS", "StreamFiles", "append_step", "create_stream"]
+
+
+class StreamFiles:
+    """The inode each stream this daemon created got, keyed by its directory's identity
+    and name: an append to a file someone put in its place since is refused. Streams
+    from before a restart are not known; they are still opened only without symlinks
+    and with one link. Writer threads share it (one job per path at a time; the lock
+    guards the dict)."""
+
+    KEPT = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: OrderedDict[tuple[int, int, str], tuple[int, int]] = OrderedDict()
+
+    @staticmethod
+    def _key(target: Target) -> tuple[int, int, str]:
+        st = os.fstat(target.dir_fd)
+        return st.st_dev, st.st_ino, target.name
+
+    def created(self, target: Target, st: os.stat_result) -> None:
+        key = self._key(target)
+        with self._lock:
+            self._files[key] = (st.st_dev, st.st_ino)
+            self._files.move_to_end(key)
+            while len(self._files) > self.KEPT:
+                self._files.popitem(last=False)
+
+    def check(self, target: Target, st: os.stat_result) -> None:
+        """Raise unless ``st`` may be appended to as ``target``'s stream."""
+        if st.st_nlink != 1:
+            raise failed(f"cannot append to {target.path!r}: it has {st.st_nlink} hard links (a link to "
+                         "a file elsewhere?); a stream's file has one", errno.EMLINK)
+        with self._lock:
+            known = self._files.get(self._key(target))
+        if known is not None and known != (st.st_dev, st.st_ino):
+            raise failed(f"cannot append to {target.path!r}: the file was replaced since the daemon "
+                         "created the stream", errno.ESTALE)
+
+
+#: the streams created by this daemon
+STREAMS = StreamFiles()
 
 
 def _step_shape(spec: VarSpec) -> tuple[int, ...]:
@@ -37,7 +88,7 @@ def _step_shape(spec: VarSpec) -> tuple[int, ...]:
 
 def create_stream(path: str, variables: Sequence[tuple[VarSpec, Any]], level: int = 0) -> None:
     """The file with its first step (written to a temporary name by the caller)."""
-    with h5py.File(path, "w-", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
+    with h5py.File(path, "w", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
         for spec, arr in variables:
             data = _stored(spec, arr)
             shape = _step_shape(spec)
@@ -53,13 +104,25 @@ def create_stream(path: str, variables: Sequence[tuple[VarSpec, Any]], level: in
         raw.write(header())
 
 
-def append_step(path: str, variables: Sequence[tuple[VarSpec, Any]], *, fsync: bool) -> int:
+def append_step(path: str | Target, variables: Sequence[tuple[VarSpec, Any]], *, fsync: bool) -> int:
     """Extend every variable of the stream at ``path`` by one step; returns the file size."""
-    if not os.path.exists(path):
-        recover(path)  # drops a journal the removed file left behind
+    target, owned = as_target(path)
+    try:
+        return _append(target, variables, fsync)
+    finally:
+        if owned:
+            target.close()
+
+
+def _append(target: Target, variables: Sequence[tuple[VarSpec, Any]], fsync: bool) -> int:
+    path = target.path
+    try:
+        fd = open_in(target, os.O_RDWR, "stream")
+    except FileNotFoundError:
+        recover(target)  # drops a journal the removed file left behind
         raise WriteFailed(f"cannot append to {path!r}: the stream's file is gone "
-                          "(its first step failed, or it was removed)")
-    with journaled(path, fsync=fsync) as undo, h5py.File(undo, "r+") as f:
+                          "(its first step failed, or it was removed)") from None
+    with journaled(target, fd, fsync=fsync, check=STREAMS.check) as undo, h5py.File(undo, "r+") as f:
         names = {spec.name for spec, _ in variables}
         if names != set(f.keys()):
             raise WriteFailed(f"cannot append to {path!r}: this step has variables "
@@ -78,4 +141,4 @@ def append_step(path: str, variables: Sequence[tuple[VarSpec, Any]], *, fsync: b
             ds = f[spec.name]
             ds.resize(n + 1, axis=0)
             ds[n] = _stored(spec, arr)
-    return os.stat(path).st_size
+    return undo.size

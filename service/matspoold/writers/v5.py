@@ -284,7 +284,7 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
     holes: dict[str, list[int]] = {}
     # buffered: headers, tags and padding leave together; payloads larger than the
     # buffer still go to write() straight from the ring, uncopied
-    with open(path, "xb", buffering=_BUFFER) as f:
+    with open(path, "wb", buffering=_BUFFER) as f:  # the daemon's temporary, by descriptor
         _write_all(f, header())
         for spec, value in variables:
             if isinstance(spec, TreeSpec):

@@ -422,7 +422,7 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
     if key is not None and (template := TEMPLATES.get(key)) is not None:
         _write_from_template(path, template, variables)
         return {}
-    with h5py.File(path, "w-", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
+    with h5py.File(path, "w", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
         offsets, holes = _fill(f, variables, level)
     fd = os.open(path, os.O_RDWR)
     try:
