@@ -35,14 +35,23 @@ ALIASES = {"memory": "throughput", "gpu": "d2h", "small_files": "small", "writer
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="matspool benchmarks (bench/README.md)")
     p.add_argument("--quick", action="store_true", help="small sizes, a few minutes on a 2-core machine")
-    p.add_argument("--json", default=os.path.join(OUT, "results.json"), metavar="PATH",
-                   help="where to write the results (default: %(default)s)")
-    p.add_argument("--dir", default=None, metavar="DIR",
-                   help="scratch files go to a fresh run-XXXX directory under DIR, removed at the end "
-                        f"(default: under {OUT})")
+    p.add_argument(
+        "--json",
+        default=os.path.join(OUT, "results.json"),
+        metavar="PATH",
+        help="where to write the results (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dir",
+        default=None,
+        metavar="DIR",
+        help="scratch files go to a fresh run-XXXX directory under DIR, removed at the end "
+        f"(default: under {OUT})",
+    )
     names = sorted({n for n, _, _ in MEASUREMENTS} | set(ALIASES))
-    p.add_argument("--only", default=None, metavar="NAME,...",
-                   help=f"run only these measurements: {', '.join(names)}")
+    p.add_argument(
+        "--only", default=None, metavar="NAME,...", help=f"run only these measurements: {', '.join(names)}"
+    )
     args = p.parse_args(argv)
     if args.only:
         wanted = {ALIASES.get(n.strip(), n.strip()) for n in args.only.split(",") if n.strip()}
@@ -59,8 +68,17 @@ def _status(met: Any) -> str:
 
 def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
     head = ("figure", "measured", "compared with", "ratio", "target", "status")
-    body = [(r["figure"], r["measured"], r["compared"], r["ratio"], r["target"],
-             "ERROR" if r.get("extra", {}).get("error") else _status(r["met"])) for r in rows]
+    body = [
+        (
+            r["figure"],
+            r["measured"],
+            r["compared"],
+            r["ratio"],
+            r["target"],
+            "ERROR" if r.get("extra", {}).get("error") else _status(r["met"]),
+        )
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
 
     def line(cells: tuple[str, ...]) -> str:
@@ -84,13 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = now()
     doc: dict[str, Any] = {
         "schema": 1,
-        "meta": {**env_info(args.quick), "started": started.isoformat(timespec="seconds"),
-                 "argv": sys.argv[1:], "workdir": workdir, "config": cfg.__dict__},
+        "meta": {
+            **env_info(args.quick),
+            "started": started.isoformat(timespec="seconds"),
+            "argv": sys.argv[1:],
+            "workdir": workdir,
+            "config": cfg.__dict__,
+        },
         "results": {},
         "table": [],
     }
-    print(f"matspool bench ({'quick' if args.quick else 'full'}): {', '.join(n for n, _ in todo)}; "
-          f"scratch in {workdir}", file=sys.stderr)
+    print(
+        f"matspool bench ({'quick' if args.quick else 'full'}): {', '.join(n for n, _ in todo)}; "
+        f"scratch in {workdir}",
+        file=sys.stderr,
+    )
     progress = Progress(len(todo))
     try:
         for name, modname in todo:
@@ -126,15 +152,26 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not entry["ok"]:
             if fn == "rows":
-                rows.append(Row(figure=f"{name}: failed", measured=entry["error"][:100], met=False,
-                                extra={"error": entry["error"]}).as_dict())
+                rows.append(
+                    Row(
+                        figure=f"{name}: failed",
+                        measured=entry["error"][:100],
+                        met=False,
+                        extra={"error": entry["error"]},
+                    ).as_dict()
+                )
             continue
         try:
             mod = importlib.import_module(modname)
             rows.extend(r.as_dict() for r in getattr(mod, fn)(entry["data"], cfg))
         except Exception as e:  # noqa: BLE001
-            rows.append(Row(figure=f"{name}: no table row", measured=f"{type(e).__name__}: {e}"[:100],
-                            extra={"error": traceback.format_exc()}).as_dict())
+            rows.append(
+                Row(
+                    figure=f"{name}: no table row",
+                    measured=f"{type(e).__name__}: {e}"[:100],
+                    extra={"error": traceback.format_exc()},
+                ).as_dict()
+            )
     doc["table"] = rows
     finished = _dt.datetime.now().astimezone()
     doc["meta"]["finished"] = finished.isoformat(timespec="seconds")
@@ -145,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(doc, f, indent=1, default=str)
         f.write("\n")
     meta = doc["meta"]
-    print(f"\nmatspool bench, {meta['mode']} mode, {meta['hostname']}, {meta['cpu_count']} CPUs, "
-          f"GPU: {meta['gpu'] or 'none'}, torch {meta['versions'].get('torch')}, "
-          f"{meta['elapsed_s']:.0f} s\n")
+    print(
+        f"\nmatspool bench, {meta['mode']} mode, {meta['hostname']}, {meta['cpu_count']} CPUs, "
+        f"GPU: {meta['gpu'] or 'none'}, torch {meta['versions'].get('torch')}, "
+        f"{meta['elapsed_s']:.0f} s\n"
+    )
     print_table(rows)
     met = sum(1 for r in rows if r["met"] is True)
     missed = sum(1 for r in rows if r["met"] is False)

@@ -28,31 +28,42 @@ now = time.perf_counter
 @dataclass(frozen=True)
 class Config:
     quick: bool
-    stall_mib: int = 64          # (1) one save of this many MiB (float32, square)
+    stall_mib: int = 64  # (1) one save of this many MiB (float32, square)
     stall_iters: int = 10
     stall_warmup: int = 2
-    seed_iters: int = 5          # the seed recipe is slow; fewer samples
-    job_steps: int = 8           # (2)
+    seed_iters: int = 5  # the seed recipe is slow; fewer samples
+    job_steps: int = 8  # (2)
     job_mib: int = 64
-    job_step_ms: float = 75.0    # compute per step the calibration aims at
-    tp_vars: int = 3             # (3) variables per run
+    job_step_ms: float = 75.0  # compute per step the calibration aims at
+    tp_vars: int = 3  # (3) variables per run
     tp_var_mib: int = 64
-    tp_reps: int = 2             # best of; C-order runs (reorder-bound) run once
-    small_n: int = 1000          # (4) files per format
-    small_side: int = 32         # 32x32 float32 = 4 KiB
+    tp_reps: int = 2  # best of; C-order runs (reorder-bound) run once
+    small_n: int = 1000  # (4) files per format
+    small_side: int = 32  # 32x32 float32 = 4 KiB
     prod_counts: tuple[int, ...] = (1, 2, 4, 8)  # (5)
     prod_saves: int = 4
     prod_mib: int = 8
-    d2h_mib: int = 256           # (7)
+    d2h_mib: int = 256  # (7)
     d2h_reps: int = 10
 
     @staticmethod
     def for_mode(quick: bool) -> Config:
         if quick:
             return Config(quick=True)
-        return Config(quick=False, stall_iters=20, stall_warmup=3, seed_iters=5, job_steps=15,
-                      tp_vars=4, tp_var_mib=256, tp_reps=2, small_n=4000, prod_saves=8,
-                      prod_mib=16, d2h_reps=20)
+        return Config(
+            quick=False,
+            stall_iters=20,
+            stall_warmup=3,
+            seed_iters=5,
+            job_steps=15,
+            tp_vars=4,
+            tp_var_mib=256,
+            tp_reps=2,
+            small_n=4000,
+            prod_saves=8,
+            prod_mib=16,
+            d2h_reps=20,
+        )
 
 
 def side_for(mib: int, itemsize: int = 4) -> int:
@@ -219,13 +230,14 @@ def settle() -> None:
 
 def raw_write(path: str, arr: np.ndarray, fsync: bool) -> int:
     """open, write the array's bytes (no copy), close; optionally fsync. Returns bytes."""
-    mv = memoryview(np.ascontiguousarray(arr) if not (arr.flags.c_contiguous or arr.flags.f_contiguous)
-                    else arr).cast("B")
+    mv = memoryview(
+        np.ascontiguousarray(arr) if not (arr.flags.c_contiguous or arr.flags.f_contiguous) else arr
+    ).cast("B")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         off = 0
         while off < len(mv):
-            off += os.write(fd, mv[off:off + (1 << 30)])
+            off += os.write(fd, mv[off : off + (1 << 30)])
         if fsync:
             os.fsync(fd)
     finally:
@@ -250,8 +262,9 @@ def env_info(quick: bool) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "mode": "quick" if quick else "full",
-        "versions": {m: _version(m) for m in ("numpy", "scipy", "h5py", "hdf5storage", "zmq",
-                                              "torch", "matspool")},
+        "versions": {
+            m: _version(m) for m in ("numpy", "scipy", "h5py", "hdf5storage", "zmq", "torch", "matspool")
+        },
         "gpu": None,
         "cuda": None,
     }
@@ -271,10 +284,17 @@ def env_info(quick: bool) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - environment details are best effort
         pass
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                                                text=True, timeout=5).stdout.strip())
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
+        info["git_dirty"] = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+        )
     except Exception:  # noqa: BLE001 - environment details are best effort
         pass
     try:

@@ -8,6 +8,7 @@ each on its own root, and alternates bursts of N 4 KiB saves (v5 and v7.3, in th
 and three directories below it) between them, 7 rounds, so load on a shared machine
 falls on both alike. Used for issue 11 (confinement by file descriptor).
 """
+
 import os
 import shutil
 import statistics
@@ -34,25 +35,42 @@ for name, service in (("old", old_service), ("new", f"{wt}/service")):
     os.makedirs(f"{base}/{name}/sock")
     ep = f"ipc://{base}/{name}/sock/d.sock"
     env = dict(os.environ, PYTHONPATH=f"{wt}/client:{service}")
-    p = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", ep, "--root", root,
-                          "--log-level", "warning"], env=env)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            ep,
+            "--root",
+            root,
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+    )
     assert wait_ready(ep, p)
     daemons[name] = (ep, root, p)
 a = np.random.default_rng(4).random((32, 32), dtype=np.float32)
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
 rates = {}
 cpus = {}
+
+
 def cpu(pid: int) -> float:
     """The process's user + system CPU seconds."""
     with open(f"/proc/{pid}/stat") as stat:
         f = stat.read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 try:
     spools = {n: matspool.Spool(ep, ring_bytes=64 << 20) for n, (ep, _, _) in daemons.items()}
     for rnd in range(7):
         for fmt in ("v5", "v7.3"):
             for depth, sub in (("root", ""), ("a/b/c", "a/b/c")):
-                for name in (("old", "new") if rnd % 2 else ("new", "old")):
+                for name in ("old", "new") if rnd % 2 else ("new", "old"):
                     spool, root = spools[name], daemons[name][1]
                     d = os.path.join(root, sub, f"r{rnd}{fmt}")
                     os.mkdir(d)
@@ -74,8 +92,10 @@ finally:
         p.terminate()
         p.wait()
     shutil.rmtree(base, ignore_errors=True)
-print(f"{'format':6} {'dir':7} {'old files/s':>12} {'new files/s':>12} {'new/old':>8} "
-      f"{'old daemon CPU us/file':>23} {'new':>6}   (median of 7 alternated runs of {N})")
+print(
+    f"{'format':6} {'dir':7} {'old files/s':>12} {'new files/s':>12} {'new/old':>8} "
+    f"{'old daemon CPU us/file':>23} {'new':>6}   (median of 7 alternated runs of {N})"
+)
 for fmt in ("v5", "v7.3"):
     for depth in ("root", "a/b/c"):
         o, n = (statistics.median(rates[(fmt, depth, v)]) for v in ("old", "new"))

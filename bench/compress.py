@@ -21,8 +21,8 @@ FORMATS = ("v5", "v7.3")
 
 def _field(nbytes: int, seed: int) -> np.ndarray:
     n = nbytes // 4
-    side = int(n ** 0.5)
-    y, x = np.mgrid[0:side, 0:n // side].astype(np.float32) / 97.0
+    side = int(n**0.5)
+    y, x = np.mgrid[0:side, 0 : n // side].astype(np.float32) / 97.0
     return np.round(np.sin(x + seed) * np.cos(y * 1.3), 3).astype(np.float32)
 
 
@@ -35,8 +35,9 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     res: dict[str, Any] = {"vars": nvars, "var_mib": mib, "level": 3, "cores": cores, "runs": {}}
     for threads in (1, cores):
-        proc, endpoint, sockdir = _start_daemon(d, "--compress-threads", str(threads),
-                                                "--writers", str(max(2, cores)))
+        proc, endpoint, sockdir = _start_daemon(
+            d, "--compress-threads", str(threads), "--writers", str(max(2, cores))
+        )
         try:
             with matspool.Spool(endpoint, ring_bytes=(nvars * mib + 8) * MiB) as spool:
                 for fmt in FORMATS:
@@ -44,16 +45,21 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
                     best = None
                     for _ in range(2):
                         t0 = now()
-                        futs = [spool.save(os.path.join(d, f"c{i}.mat"), {"x": f}, format=fmt, compress=3)
-                                for i, f in enumerate(fields)]
+                        futs = [
+                            spool.save(os.path.join(d, f"c{i}.mat"), {"x": f}, format=fmt, compress=3)
+                            for i, f in enumerate(fields)
+                        ]
                         spool.flush()
                         dt = now() - t0
                         best = dt if best is None else min(best, dt)
                         written = sum(f.result().nbytes for f in futs)
                         clear_dir(d)
-                    res["runs"][f"{fmt}/{threads}"] = {"seconds": best, "bytes_in": nvars * mib * MiB,
-                                                       "bytes_out": written,
-                                                       "gb_s": nvars * mib * MiB / best / 1e9}
+                    res["runs"][f"{fmt}/{threads}"] = {
+                        "seconds": best,
+                        "bytes_in": nvars * mib * MiB,
+                        "bytes_out": written,
+                        "gb_s": nvars * mib * MiB / best / 1e9,
+                    }
         finally:
             _stop_daemon(proc, sockdir)
     for fmt in FORMATS:
@@ -69,10 +75,17 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
     for fmt in FORMATS:
         one, many = res["runs"][f"{fmt}/1"], res["runs"][f"{fmt}/{cores}"]
         s = res[f"speedup_{fmt}"]
-        out.append(Row(
-            figure=f"compressed {fmt} (level 3, {res['vars']} x {res['var_mib']} MiB), {cores} cores vs 1",
-            measured=f"{many['gb_s']:.2f} GB/s in, ratio {one['bytes_in'] / one['bytes_out']:.1f}:1",
-            compared=f"1 core: {one['gb_s']:.2f} GB/s", ratio=f"{s:.2f}x",
-            target=">= 1.7x on 2 cores" if target else "-", value=s,
-            met=None if target is None else s >= target))
+        out.append(
+            Row(
+                figure=(
+                    f"compressed {fmt} (level 3, {res['vars']} x {res['var_mib']} MiB), {cores} cores vs 1"
+                ),
+                measured=f"{many['gb_s']:.2f} GB/s in, ratio {one['bytes_in'] / one['bytes_out']:.1f}:1",
+                compared=f"1 core: {one['gb_s']:.2f} GB/s",
+                ratio=f"{s:.2f}x",
+                target=">= 1.7x on 2 cores" if target else "-",
+                value=s,
+                met=None if target is None else s >= target,
+            )
+        )
     return out

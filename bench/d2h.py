@@ -70,10 +70,23 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
 
 def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
     if "skipped" in res:
-        return [Row(figure="D2H into the ring (GPU)", measured="skipped: no CUDA",
-                    target=">= 90% of pinned", met=None)]
+        return [
+            Row(
+                figure="D2H into the ring (GPU)",
+                measured="skipped: no CUDA",
+                target=">= 90% of pinned",
+                met=None,
+            )
+        ]
     r = res["ratio_ring_over_pinned"]
-    return [Row(figure=f"D2H into the ring (GPU), {res['bytes'] >> 20} MiB",
-                measured=f"{res['ring']['gb_s']:.1f} GB/s",
-                compared=f"pinned {res['pinned']['gb_s']:.1f} GB/s (pageable {res['pageable']['gb_s']:.1f})",
-                ratio=f"{r * 100:.0f}%", target=">= 90% of pinned", value=r, met=r >= 0.9)]
+    return [
+        Row(
+            figure=f"D2H into the ring (GPU), {res['bytes'] >> 20} MiB",
+            measured=f"{res['ring']['gb_s']:.1f} GB/s",
+            compared=f"pinned {res['pinned']['gb_s']:.1f} GB/s (pageable {res['pageable']['gb_s']:.1f})",
+            ratio=f"{r * 100:.0f}%",
+            target=">= 90% of pinned",
+            value=r,
+            met=r >= 0.9,
+        )
+    ]

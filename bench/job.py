@@ -47,8 +47,8 @@ def _compute(cfg: Config, cuda: bool) -> tuple[Any, Any, Any, Any, dict[str, Any
     if cuda:
         torch = torch_or_none()
         g = torch.Generator(device="cuda").manual_seed(0)
-        a = torch.randn(n, n, device="cuda", generator=g) / n ** 0.5
-        b = torch.randn(n, n, device="cuda", generator=g) / n ** 0.5
+        a = torch.randn(n, n, device="cuda", generator=g) / n**0.5
+        b = torch.randn(n, n, device="cuda", generator=g) / n**0.5
         c = torch.empty(n, n, device="cuda")
         u = torch.zeros(n, n, device="cuda")
         sync = torch.cuda.synchronize
@@ -74,7 +74,7 @@ def _compute(cfg: Config, cuda: bool) -> tuple[Any, Any, Any, Any, dict[str, Any
             np.matmul(a, b, out=out)
 
         def finish(k: int) -> None:
-            u[k % (n // 512) * 512:][:512, :512] = out
+            u[k % (n // 512) * 512 :][:512, :512] = out
             u[0, 0] = k
 
         to_numpy = lambda x: x  # noqa: E731
@@ -99,9 +99,15 @@ def _compute(cfg: Config, cuda: bool) -> tuple[Any, Any, Any, Any, dict[str, Any
             mm()
         finish(k)
 
-    info = {"device": where, "matmul_shape": list(mm_shape), "matmul_s": per_mm,
-            "matmuls_per_step": k_mm, "step_compute_s_est": k_mm * per_mm,
-            "state_shape": [n, n], "state_bytes": n * n * 4}
+    info = {
+        "device": where,
+        "matmul_shape": list(mm_shape),
+        "matmul_s": per_mm,
+        "matmuls_per_step": k_mm,
+        "step_compute_s_est": k_mm * per_mm,
+        "state_shape": [n, n],
+        "state_bytes": n * n * 4,
+    }
     return u, step, sync, to_numpy, info
 
 
@@ -114,8 +120,13 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     progress.step("calibrating compute")
     u, step, sync, to_numpy, info = _compute(cfg, cuda)
     d = subdir(workdir, "job")
-    res: dict[str, Any] = {"steps": cfg.job_steps, "format_matspool": FORMAT, "format_seed": "v5",
-                           "compute": info, "variants": {}}
+    res: dict[str, Any] = {
+        "steps": cfg.job_steps,
+        "format_matspool": FORMAT,
+        "format_seed": "v5",
+        "compute": info,
+        "variants": {},
+    }
 
     def loop(variant: str, spool: Any = None, layout: str = "matlab") -> dict[str, Any]:
         settle()
@@ -158,9 +169,11 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     for name in ("seed", "matspool", "matspool_raw"):
         v[name]["overhead_compute"] = v[name]["compute_s"] / base - 1
         v[name]["overhead_total"] = v[name]["total_s"] / base - 1
-    progress.end(f"done; none {fmt_time(base)}, seed {fmt_time(v['seed']['compute_s'])}, "
-                 f"matspool {fmt_time(v['matspool']['compute_s'])} + drain "
-                 f"{fmt_time(v['matspool']['drain_s'])}")
+    progress.end(
+        f"done; none {fmt_time(base)}, seed {fmt_time(v['seed']['compute_s'])}, "
+        f"matspool {fmt_time(v['matspool']['compute_s'])} + drain "
+        f"{fmt_time(v['matspool']['drain_s'])}"
+    )
     return res
 
 
@@ -170,17 +183,23 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
     dev = res["compute"]["device"].upper()
     mib = res["compute"]["state_bytes"] >> 20
     out = []
-    for name, label, target in (("matspool", "matspool save(), layout=matlab", True),
-                                ("matspool_raw", "matspool save(), layout=raw", True),
-                                ("seed", "seed savemat", False)):
+    for name, label, target in (
+        ("matspool", "matspool save(), layout=matlab", True),
+        ("matspool_raw", "matspool save(), layout=raw", True),
+        ("seed", "seed savemat", False),
+    ):
         r = v[name]
         oh = r["overhead_compute"]
-        out.append(Row(
-            figure=f"job overhead ({dev}, {res['steps']} steps x {mib} MiB): {label}",
-            measured=f"compute {fmt_time(r['compute_s'])}, drain {fmt_time(r['drain_s'])}",
-            compared=f"no export {fmt_time(base)} (best of {len(res['no_export_runs'])}, "
-                     f"spread {res['baseline_spread']:.2f}x)",
-            ratio=f"+{oh * 100:.1f}% (incl. drain +{r['overhead_total'] * 100:.1f}%)",
-            target="<= 3% over no export" if target else "-",
-            value=oh, met=(oh <= 0.03) if target else None))
+        out.append(
+            Row(
+                figure=f"job overhead ({dev}, {res['steps']} steps x {mib} MiB): {label}",
+                measured=f"compute {fmt_time(r['compute_s'])}, drain {fmt_time(r['drain_s'])}",
+                compared=f"no export {fmt_time(base)} (best of {len(res['no_export_runs'])}, "
+                f"spread {res['baseline_spread']:.2f}x)",
+                ratio=f"+{oh * 100:.1f}% (incl. drain +{r['overhead_total'] * 100:.1f}%)",
+                target="<= 3% over no export" if target else "-",
+                value=oh,
+                met=(oh <= 0.03) if target else None,
+            )
+        )
     return out

@@ -30,8 +30,9 @@ NAME = "producers"
 FORMAT = "v7.3"
 
 
-def _producer(idx: int, endpoint: str, outdir: str, nsaves: int, nbytes: int, fmt: str,
-              barrier: Any, results: Any) -> None:
+def _producer(
+    idx: int, endpoint: str, outdir: str, nsaves: int, nbytes: int, fmt: str, barrier: Any, results: Any
+) -> None:
     try:
         import numpy as np
 
@@ -46,13 +47,22 @@ def _producer(idx: int, endpoint: str, outdir: str, nsaves: int, nbytes: int, fm
             calls = []
             for k in range(nsaves):
                 c0 = time.monotonic()
-                spool.save(os.path.join(outdir, f"p{idx:02d}_{k:03d}.mat"), {"x": a}, format=fmt,
-                           layout="raw")
+                spool.save(
+                    os.path.join(outdir, f"p{idx:02d}_{k:03d}.mat"), {"x": a}, format=fmt, layout="raw"
+                )
                 calls.append(time.monotonic() - c0)
             spool.flush()
             t1 = time.monotonic()
-        results.put({"idx": idx, "t0": t0, "t1": t1, "bytes": nsaves * a.nbytes,
-                     "save_call_s_mean": sum(calls) / len(calls), "error": None})
+        results.put(
+            {
+                "idx": idx,
+                "t0": t0,
+                "t1": t1,
+                "bytes": nsaves * a.nbytes,
+                "save_call_s_mean": sum(calls) / len(calls),
+                "error": None,
+            }
+        )
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         try:
             barrier.abort()
@@ -64,8 +74,22 @@ def _producer(idx: int, endpoint: str, outdir: str, nsaves: int, nbytes: int, fm
 def _start_daemon(root: str, *extra: str) -> tuple[subprocess.Popen, str, str]:
     sockdir = tempfile.mkdtemp(prefix="mspb-")  # short path: ipc paths are limited to ~107 bytes
     endpoint = f"ipc://{sockdir}/d.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
-                             "--root", root, "--log-level", "warning", *extra], stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            root,
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        stdin=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not os.path.exists(f"{sockdir}/d.sock"):
         if proc.poll() is not None:
@@ -92,9 +116,13 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     d = subdir(workdir, "producers")
     nbytes = cfg.prod_mib * MiB
     total_saves = cfg.prod_saves * max(cfg.prod_counts)
-    res: dict[str, Any] = {"format": FORMAT, "saves_per_run": total_saves,
-                           "bytes_per_save": nbytes, "daemon": "external (python -m matspoold serve)",
-                           "runs": {}}
+    res: dict[str, Any] = {
+        "format": FORMAT,
+        "saves_per_run": total_saves,
+        "bytes_per_save": nbytes,
+        "daemon": "external (python -m matspoold serve)",
+        "runs": {},
+    }
     progress.step("starting daemon")
     proc, endpoint, sockdir = _start_daemon(d)
     res["daemon_pid"] = proc.pid
@@ -107,9 +135,14 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
             settle()
             barrier = ctx.Barrier(count)
             results = ctx.Queue()
-            procs = [ctx.Process(target=_producer, args=(i, endpoint, d, total_saves // count, nbytes, FORMAT,
-                                                         barrier, results), daemon=True)
-                     for i in range(count)]
+            procs = [
+                ctx.Process(
+                    target=_producer,
+                    args=(i, endpoint, d, total_saves // count, nbytes, FORMAT, barrier, results),
+                    daemon=True,
+                )
+                for i in range(count)
+            ]
             sampler = RssSampler(proc.pid).start()
             for p in procs:
                 p.start()
@@ -138,7 +171,10 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
             t1 = max(g["t1"] for g in got)
             total = sum(g["bytes"] for g in got)
             res["runs"][str(count)] = {
-                "producers": count, "bytes": total, "seconds": t1 - t0, "gb_s": total / (t1 - t0) / 1e9,
+                "producers": count,
+                "bytes": total,
+                "seconds": t1 - t0,
+                "gb_s": total / (t1 - t0) / 1e9,
                 "per_producer_s": sorted(g["t1"] - g["t0"] for g in got),
                 "save_call_s_mean": sum(g["save_call_s_mean"] for g in got) / count,
                 "daemon_rss_peak_mib": rss_mib(sampler.peak()),
@@ -152,8 +188,10 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     lo, hi = str(min(cfg.prod_counts)), str(max(cfg.prod_counts))
     if runs.get(lo, {}).get("gb_s") and runs.get(hi, {}).get("gb_s"):
         res[f"ratio_{hi}_vs_{lo}"] = runs[hi]["gb_s"] / runs[lo]["gb_s"]
-    progress.end("done; " + ", ".join(f"{k}: {v['gb_s']:.2f} GB/s" if "gb_s" in v else f"{k}: error"
-                                      for k, v in runs.items()))
+    progress.end(
+        "done; "
+        + ", ".join(f"{k}: {v['gb_s']:.2f} GB/s" if "gb_s" in v else f"{k}: error" for k, v in runs.items())
+    )
     return res
 
 
@@ -164,9 +202,16 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
     per = ", ".join(f"{k}: {v['gb_s']:.2f}" if "gb_s" in v else f"{k}: error" for k, v in runs.items())
     if r is None:
         return [Row(figure=f"{hi} producers vs {lo} aggregate", measured=per, target=">= 0.9 x", met=False)]
-    return [Row(
-        figure=f"{hi} producers vs {lo} aggregate ({res['saves_per_run']} x "
-               f"{res['bytes_per_save'] >> 20} MiB per run, {res['format']})",
-        measured=f"{runs[hi]['gb_s']:.2f} GB/s", compared=f"{lo}: {runs[lo]['gb_s']:.2f} GB/s",
-        ratio=f"{r:.2f}x", target=">= 0.9 x", value=r, met=r >= 0.9,
-        extra={"GB/s by producers": per})]
+    return [
+        Row(
+            figure=f"{hi} producers vs {lo} aggregate ({res['saves_per_run']} x "
+            f"{res['bytes_per_save'] >> 20} MiB per run, {res['format']})",
+            measured=f"{runs[hi]['gb_s']:.2f} GB/s",
+            compared=f"{lo}: {runs[lo]['gb_s']:.2f} GB/s",
+            ratio=f"{r:.2f}x",
+            target=">= 0.9 x",
+            value=r,
+            met=r >= 0.9,
+            extra={"GB/s by producers": per},
+        )
+    ]

@@ -89,8 +89,20 @@ def run(seconds: float, producers: int, workdir: str) -> dict:
     out = os.path.join(workdir, "out")
     os.makedirs(out)
     endpoint = f"ipc://{workdir}/soak.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
-                               "--root", out, "--log-level", "warning"])
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            out,
+            "--log-level",
+            "warning",
+        ]
+    )
     samples: list[tuple[float, int, int, int]] = []
     stop = threading.Event()
 
@@ -121,7 +133,7 @@ def run(seconds: float, producers: int, workdir: str) -> dict:
         daemon.terminate()
         daemon.wait(60)
     third = max(1, len(samples) // 3)
-    first, last = samples[third:2 * third] or samples, samples[-third:]  # after warm-up vs the end
+    first, last = samples[third : 2 * third] or samples, samples[-third:]  # after warm-up vs the end
     verified = sum(r[1] for r in results)
     failed = sum(r[2] for r in results)
     return {

@@ -35,17 +35,41 @@ NAME = "stall"
 FORMAT = "v7.3"  # the daemon's work happens after the timed call; v7.3 is the quicker writer
 
 
-def _time_saves(spool: Any, path: str, value: Any, layout: str, iters: int, warmup: int,
-                sync: Any = None, progress: Progress | None = None, label: str = "") -> dict[str, Any]:
+def _time_saves(
+    spool: Any,
+    path: str,
+    value: Any,
+    layout: str,
+    iters: int,
+    warmup: int,
+    sync: Any = None,
+    progress: Progress | None = None,
+    label: str = "",
+) -> dict[str, Any]:
     """The ``save()`` call alone: its future is waited for after the clock stops, so the
     ring never fills, and the GPU is synchronised only before (the call is what a job waits for)."""
-    return _time_fn(lambda: spool.save(path, {"x": value}, format=FORMAT, layout=layout), iters, warmup,
-                    progress, label, sync, sync_after=False, after=lambda fut: fut.result(timeout=300))
+    return _time_fn(
+        lambda: spool.save(path, {"x": value}, format=FORMAT, layout=layout),
+        iters,
+        warmup,
+        progress,
+        label,
+        sync,
+        sync_after=False,
+        after=lambda fut: fut.result(timeout=300),
+    )
 
 
-def _time_fn(fn: Any, iters: int, warmup: int, progress: Progress | None = None,
-             label: str = "", sync: Any = None, sync_after: bool = True,
-             after: Any = None) -> dict[str, Any]:
+def _time_fn(
+    fn: Any,
+    iters: int,
+    warmup: int,
+    progress: Progress | None = None,
+    label: str = "",
+    sync: Any = None,
+    sync_after: bool = True,
+    after: Any = None,
+) -> dict[str, Any]:
     times = []
     for i in range(warmup + iters):
         if progress is not None:
@@ -76,9 +100,17 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     a = np.random.default_rng(1).random((n, n), dtype=np.float32)  # C order
     path = os.path.join(workdir, "stall.mat")
     seed_path = os.path.join(workdir, "stall_seed.mat")
-    res: dict[str, Any] = {"nbytes": nbytes, "shape": [n, n], "dtype": "float32", "order": "C",
-                           "format": FORMAT, "iters": cfg.stall_iters, "warmup": cfg.stall_warmup,
-                           "cuda": cuda, "cases": {}}
+    res: dict[str, Any] = {
+        "nbytes": nbytes,
+        "shape": [n, n],
+        "dtype": "float32",
+        "order": "C",
+        "format": FORMAT,
+        "iters": cfg.stall_iters,
+        "warmup": cfg.stall_warmup,
+        "cuda": cuda,
+        "cases": {},
+    }
     it, wu = cfg.stall_iters, cfg.stall_warmup
 
     # baselines: memcpy (C->C) and, for reference, the C->F reorder copy
@@ -89,8 +121,9 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     res["memcpy"] = _time_fn(functools.partial(np.copyto, dst, a), it, wu, progress, "memcpy")
     res["reorder_copy"] = _time_fn(functools.partial(np.copyto, dst_f, a), it, wu, progress, "C->F copy")
     del dst, dst_f
-    res["seed_ndarray"] = _time_fn(lambda: scipy.io.savemat(seed_path, {"x": a}), cfg.seed_iters, 1,
-                                   progress, "seed savemat(ndarray)")
+    res["seed_ndarray"] = _time_fn(
+        lambda: scipy.io.savemat(seed_path, {"x": a}), cfg.seed_iters, 1, progress, "seed savemat(ndarray)"
+    )
     rm(seed_path)
 
     with matspool.Spool(ring_bytes=max(256 * MiB, 2 * nbytes + MiB)) as spool:
@@ -104,14 +137,22 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         for src, value, sync in sources:
             for layout in ("matlab", "raw"):
                 key = f"{src}/{layout}"
-                res["cases"][key] = _time_saves(spool, path, value, layout, it, wu, sync, progress,
-                                                f"save {key}")
+                res["cases"][key] = _time_saves(
+                    spool, path, value, layout, it, wu, sync, progress, f"save {key}"
+                )
         if cuda:
+
             def seed_cuda() -> None:
                 scipy.io.savemat(seed_path, {"x": t_cuda.cpu().numpy()})
 
-            res["seed_cuda_tensor"] = _time_fn(seed_cuda, cfg.seed_iters, 1, progress,
-                                               "seed savemat(cuda.cpu())", sync=torch.cuda.synchronize)
+            res["seed_cuda_tensor"] = _time_fn(
+                seed_cuda,
+                cfg.seed_iters,
+                1,
+                progress,
+                "seed savemat(cuda.cpu())",
+                sync=torch.cuda.synchronize,
+            )
             rm(seed_path)
     rm(path)
 
@@ -120,10 +161,13 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         st["ratio_save_over_memcpy"] = ratio(st["median_s"], mc)
         seed = res["seed_cuda_tensor" if key.startswith("cuda") else "seed_ndarray"]["median_s"]
         st["ratio_seed_over_save"] = ratio(seed, st["median_s"])
-    res["summary"] = {k: {"median": fmt_time(v["median_s"]), "p99": fmt_time(v["p99_s"])}
-                      for k, v in res["cases"].items()}
-    progress.end(f"done; memcpy {fmt_time(mc)}, "
-                 + ", ".join(f"{k} {fmt_time(v['median_s'])}" for k, v in res["cases"].items()))
+    res["summary"] = {
+        k: {"median": fmt_time(v["median_s"]), "p99": fmt_time(v["p99_s"])} for k, v in res["cases"].items()
+    }
+    progress.end(
+        f"done; memcpy {fmt_time(mc)}, "
+        + ", ".join(f"{k} {fmt_time(v['median_s'])}" for k, v in res["cases"].items())
+    )
     return res
 
 
@@ -136,21 +180,30 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
         measured = f"median {fmt_time(st['median_s'])}, p99 {fmt_time(st['p99_s'])}"
         if src == "cuda_tensor":
             seed = res.get("seed_cuda_tensor", {}).get("median_s")
-            out.append(Row(
-                figure=f"save() stall, {mib} MiB CUDA tensor, layout={layout} (GPU)",
-                measured=measured, compared=f"seed {fmt_time(seed)}",
-                ratio=f"seed/save {ratio(seed, st['median_s']) or 0:.0f}x",
-                target="median <= 100 us", value=st["median_s"],
-                met=st["median_s"] <= 100e-6))
+            out.append(
+                Row(
+                    figure=f"save() stall, {mib} MiB CUDA tensor, layout={layout} (GPU)",
+                    measured=measured,
+                    compared=f"seed {fmt_time(seed)}",
+                    ratio=f"seed/save {ratio(seed, st['median_s']) or 0:.0f}x",
+                    target="median <= 100 us",
+                    value=st["median_s"],
+                    met=st["median_s"] <= 100e-6,
+                )
+            )
         else:
             r = st["ratio_save_over_memcpy"]
             seed = res["seed_ndarray"]["median_s"]
-            reorder = (f"; C->F copy {fmt_time(res['reorder_copy']['median_s'])}"
-                       if layout == "matlab" else "")
-            out.append(Row(
-                figure=f"save() stall, {mib} MiB {src.replace('_', ' ')}, layout={layout} (CPU)",
-                measured=measured,
-                compared=f"memcpy {fmt_time(mc)}{reorder}; seed {fmt_time(seed)}",
-                ratio=f"save/memcpy {r:.2f}x; seed/save {ratio(seed, st['median_s']):.1f}x",
-                target="<= 1.5 x memcpy", value=r, met=r <= 1.5))
+            reorder = f"; C->F copy {fmt_time(res['reorder_copy']['median_s'])}" if layout == "matlab" else ""
+            out.append(
+                Row(
+                    figure=f"save() stall, {mib} MiB {src.replace('_', ' ')}, layout={layout} (CPU)",
+                    measured=measured,
+                    compared=f"memcpy {fmt_time(mc)}{reorder}; seed {fmt_time(seed)}",
+                    ratio=f"save/memcpy {r:.2f}x; seed/save {ratio(seed, st['median_s']):.1f}x",
+                    target="<= 1.5 x memcpy",
+                    value=r,
+                    met=r <= 1.5,
+                )
+            )
     return out

@@ -88,11 +88,21 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
 
     def reps_for(order: str) -> int:
         return reps if order == "F" else 1  # C-order runs are bound by the reorder; once is enough
-    res: dict[str, Any] = {"vars": len(base), "var_bytes": var_bytes, "total_bytes": total,
-                           "shape": [n, n], "dtype": "float32", "reps": reps,
-                           "timing": "best of reps (F order; C order once), first save() to flush() done",
-                           "daemon": "embedded (Spool() with no endpoint)", "raw": {}, "matspool": {},
-                           "direct": {}, "memory": {}}
+
+    res: dict[str, Any] = {
+        "vars": len(base),
+        "var_bytes": var_bytes,
+        "total_bytes": total,
+        "shape": [n, n],
+        "dtype": "float32",
+        "reps": reps,
+        "timing": "best of reps (F order; C order once), first save() to flush() done",
+        "daemon": "embedded (Spool() with no endpoint)",
+        "raw": {},
+        "matspool": {},
+        "direct": {},
+        "memory": {},
+    }
 
     def rec(seconds: list[float], nbytes: int = total) -> dict[str, Any]:
         s = _best(seconds)
@@ -163,16 +173,22 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
                             mem["runs"][f"{key}/{r}"] = sampler.peak(t_start, now())
                         clear_dir(d)
                     ratios = [w / t for w, t in zip(raws, times, strict=True)]
-                    res["matspool"][key] = {**rec(times), "raw_paired": rec(raws),
-                                            "ratio_vs_raw": float(np.median(ratios))}
+                    res["matspool"][key] = {
+                        **rec(times),
+                        "raw_paired": rec(raws),
+                        "ratio_vs_raw": float(np.median(ratios)),
+                    }
             if sampler is not None:
                 sampler.stop()
                 peak = sampler.peak()
                 mem["peak"] = peak
                 mem["over_idle"] = {k: peak[k] - idle.get(k, 0) for k in peak} if idle else None
                 mem["samples"] = len(sampler.samples)
-                mem["mib"] = {"idle": rss_mib(idle or {}), "peak": rss_mib(peak),
-                              "over_idle": rss_mib(mem["over_idle"] or {})}
+                mem["mib"] = {
+                    "idle": rss_mib(idle or {}),
+                    "peak": rss_mib(peak),
+                    "over_idle": rss_mib(mem["over_idle"] or {}),
+                }
             res["memory"][fmt] = mem
 
     # direct library calls on the same data
@@ -197,12 +213,16 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
             direct[f"hdf5storage.writes/{order}"] = {"error": f"{type(e).__name__}: {e}"}
             clear_dir(d)
     # hdf5storage.savemat forces gzip-7 (~0.02 GB/s): at most 64 MiB of the first variable
-    part = arrays["F"][0][:, :max(1, (64 * MiB) // (n * 4))]  # leading columns: still F-contiguous
+    part = arrays["F"][0][:, : max(1, (64 * MiB) // (n * 4))]  # leading columns: still F-contiguous
     progress.step(f"hdf5storage.savemat (gzip-7 forced), {part.nbytes >> 20} MiB")
     t = _timed(lambda: hdf5storage.savemat(paths[0], {"x": part}, truncate_existing=True))
-    direct["hdf5storage.savemat/F/part"] = {"seconds": t, "gb_s": gbps(part.nbytes, t), "bytes": part.nbytes,
-                                            "note": "first <= 64 MiB of variable 0; gzip-7 + shuffle + "
-                                                    "fletcher32, which hdf5storage.savemat always applies"}
+    direct["hdf5storage.savemat/F/part"] = {
+        "seconds": t,
+        "gb_s": gbps(part.nbytes, t),
+        "bytes": part.nbytes,
+        "note": "first <= 64 MiB of variable 0; gzip-7 + shuffle + "
+        "fletcher32, which hdf5storage.savemat always applies",
+    }
     clear_dir(d)
 
     raw = res["raw"]
@@ -210,8 +230,11 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         fmt, order, _ = key.split("/")
         lib = "scipy.savemat" if fmt == "v5" else "hdf5storage.writes"
         r["ratio_vs_" + lib] = ratio(r["gb_s"], direct.get(f"{lib}/{order}", {}).get("gb_s"))
-    progress.end("done; raw " + f"{raw['nofsync']['gb_s']:.2f} GB/s, "
-                 + ", ".join(f"{k} {v['gb_s']:.2f}" for k, v in res["matspool"].items() if "nofsync" in k))
+    progress.end(
+        "done; raw "
+        + f"{raw['nofsync']['gb_s']:.2f} GB/s, "
+        + ", ".join(f"{k} {v['gb_s']:.2f}" for k, v in res["matspool"].items() if "nofsync" in k)
+    )
     return res
 
 
@@ -227,14 +250,19 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
         lib_txt = f"; {lib} {d['gb_s']:.2f}" if d.get("gb_s") else ""
         rv = r["ratio_vs_raw"]
         what = "F-order (memcpy)" if order == "F" else "C-order (reorder)"
-        out.append(Row(
-            figure=f"writer throughput {fmt}, {size}, {what}, {'fsync' if fs == 'fsync' else 'no fsync'}",
-            measured=f"{r['gb_s']:.2f} GB/s",
-            compared=f"raw write{' + fsync' if fs == 'fsync' else ''} {r['raw_paired']['gb_s']:.2f} GB/s "
-                     f"(paired; at start {raw[fs]['gb_s']:.2f}){lib_txt}",
-            ratio=f"{rv:.2f}x raw" + (f"; {r['ratio_vs_' + lib]:.1f}x {lib.split('.')[0]}"
-                                      if r.get("ratio_vs_" + lib) else ""),
-            target=">= 0.9 x raw sequential write", value=rv, met=rv >= 0.9))
+        out.append(
+            Row(
+                figure=f"writer throughput {fmt}, {size}, {what}, {'fsync' if fs == 'fsync' else 'no fsync'}",
+                measured=f"{r['gb_s']:.2f} GB/s",
+                compared=f"raw write{' + fsync' if fs == 'fsync' else ''} {r['raw_paired']['gb_s']:.2f} GB/s "
+                f"(paired; at start {raw[fs]['gb_s']:.2f}){lib_txt}",
+                ratio=f"{rv:.2f}x raw"
+                + (f"; {r['ratio_vs_' + lib]:.1f}x {lib.split('.')[0]}" if r.get("ratio_vs_" + lib) else ""),
+                target=">= 0.9 x raw sequential write",
+                value=rv,
+                met=rv >= 0.9,
+            )
+        )
     hs = direct.get("hdf5storage.savemat/F/part", {})
     if hs.get("gb_s"):
         figure = f"  (reference) hdf5storage.savemat, gzip-7 forced, {hs['bytes'] >> 20} MiB"
@@ -251,11 +279,18 @@ def memory_rows(res: dict[str, Any], cfg: Config) -> list[Row]:
             continue
         anon = oi["RssAnon"] / MiB
         note = "" if mib >= 256 else f" (quick: {mib} MiB vars)"
-        out.append(Row(
-            figure=f"daemon RSS while writing {mib} MiB variables, {fmt}{note}",
-            measured=f"+{anon:.0f} MiB private (RssAnon) over idle",
-            compared=(f"VmRSS +{oi['VmRSS'] / MiB:.0f} MiB incl. ring pages "
-                      f"(RssShmem +{oi['RssShmem'] / MiB:.0f})"),
-            ratio=f"{anon / mib:.2f} x one variable",
-            target="<= 200 MiB over idle", value=anon, met=anon <= 200))
+        out.append(
+            Row(
+                figure=f"daemon RSS while writing {mib} MiB variables, {fmt}{note}",
+                measured=f"+{anon:.0f} MiB private (RssAnon) over idle",
+                compared=(
+                    f"VmRSS +{oi['VmRSS'] / MiB:.0f} MiB incl. ring pages "
+                    f"(RssShmem +{oi['RssShmem'] / MiB:.0f})"
+                ),
+                ratio=f"{anon / mib:.2f} x one variable",
+                target="<= 200 MiB over idle",
+                value=anon,
+                met=anon <= 200,
+            )
+        )
     return out

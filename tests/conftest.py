@@ -45,8 +45,19 @@ def start_daemon(root: Path, sock_dir: Path, *extra: str) -> DaemonProc:
     sock_dir.mkdir(parents=True, exist_ok=True)
     endpoint = f"ipc://{sock_dir}/d.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint, "--root", str(root),
-         "--log-level", "warning", *extra],
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            str(root),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
     )
     if not wait_ready(endpoint, proc):
         proc.kill()

@@ -59,8 +59,14 @@ class FakeDaemon:
             if msg.ring is None:  # remote: payloads would come in frames
                 return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
             if msg.fd is not None and self.refuse_memfd:  # as a daemon of another user does
-                return [m.Err(-1, "ring", f"cannot open /proc/{msg.pid}/fd/{msg.fd}: Permission denied",
-                              errno.EACCES)]
+                return [
+                    m.Err(
+                        -1,
+                        "ring",
+                        f"cannot open /proc/{msg.pid}/fd/{msg.fd}: Permission denied",
+                        errno.EACCES,
+                    )
+                ]
             mm, fd = open_ring_readonly(msg.ring, msg.ring_bytes, pid=msg.pid, fd=msg.fd)
             if mm is None:  # a /dev/shm ring: the daemon reads it by copy, the fake maps it
                 with open(fd, "rb") as f:
@@ -88,8 +94,11 @@ class FakeDaemon:
             reply = m.Err(msg.seq, **self.fail_with)
         else:
             assert self.mm is not None
-            self.files[msg.path] = {v.name: bytes(self.mm[v.offset:v.offset + v.nbytes])
-                                    for v in msg.vars if isinstance(v, proto.VarSpec)}
+            self.files[msg.path] = {
+                v.name: bytes(self.mm[v.offset : v.offset + v.nbytes])
+                for v in msg.vars
+                if isinstance(v, proto.VarSpec)
+            }
             reply = m.Done(((msg.seq, 128),))
         if self.silent.is_set():
             self.held.append(reply)

@@ -29,10 +29,31 @@ import scipy.sparse as sp
 
 __all__ = ["NotExpressible", "load", "load_v5", "load_v73", "to_input"]
 
-_CLASS = {6: "double", 7: "single", 8: "int8", 9: "uint8", 10: "int16", 11: "uint16", 12: "int32",
-          13: "uint32", 14: "int64", 15: "uint64"}
-_DTYPE = {"double": "f8", "single": "f4", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2",
-          "int32": "i4", "uint32": "u4", "int64": "i8", "uint64": "u8", "logical": "u1"}
+_CLASS = {
+    6: "double",
+    7: "single",
+    8: "int8",
+    9: "uint8",
+    10: "int16",
+    11: "uint16",
+    12: "int32",
+    13: "uint32",
+    14: "int64",
+    15: "uint64",
+}
+_DTYPE = {
+    "double": "f8",
+    "single": "f4",
+    "int8": "i1",
+    "uint8": "u1",
+    "int16": "i2",
+    "uint16": "u2",
+    "int32": "i4",
+    "uint32": "u4",
+    "int64": "i8",
+    "uint64": "u8",
+    "logical": "u1",
+}
 _MI = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
 
 
@@ -54,13 +75,13 @@ class _V5:
     def elements(self, buf: bytes) -> list[tuple[int, bytes]]:
         out, p = [], 0
         while p + 8 <= len(buf):
-            mi, n = struct.unpack(self.o + "II", buf[p:p + 8])
+            mi, n = struct.unpack(self.o + "II", buf[p : p + 8])
             if mi >> 16:  # small data element
                 n, mi = mi >> 16, mi & 0xFFFF
-                out.append((mi, buf[p + 4:p + 4 + n]))
+                out.append((mi, buf[p + 4 : p + 4 + n]))
                 p += 8
                 continue
-            out.append((mi, buf[p + 8:p + 8 + n]))
+            out.append((mi, buf[p + 8 : p + 8 + n]))
             p += 8 + n + (0 if mi == 15 else -n % 8)  # a compressed element is not padded
         return out
 
@@ -87,8 +108,9 @@ class _V5:
             elif mi == 17:
                 units = np.frombuffer(raw, self.o + "u2")
             elif mi == 18:
-                units = np.frombuffer(raw.decode("utf-32-le" if self.o == "<" else "utf-32-be")
-                                      .encode("utf-16-le"), "<u2")
+                units = np.frombuffer(
+                    raw.decode("utf-32-le" if self.o == "<" else "utf-32-be").encode("utf-16-le"), "<u2"
+                )
             else:
                 units = self.data(mi, raw).astype("<u2")
             return name, ("char", dims, tuple(int(u) for u in units))
@@ -97,10 +119,10 @@ class _V5:
         if cls_id == 2:
             width = int(self.data(5, rest[0][1])[0])
             raw = rest[1][1]
-            names = tuple(raw[i:i + width].split(b"\0", 1)[0].decode() for i in range(0, len(raw), width))
+            names = tuple(raw[i : i + width].split(b"\0", 1)[0].decode() for i in range(0, len(raw), width))
             values = [self.matrix(b)[1] for _, b in rest[2:]]
             k = len(names)
-            return name, ("struct", dims, names, tuple(tuple(values[i * k:(i + 1) * k]) for i in range(n)))
+            return name, ("struct", dims, names, tuple(tuple(values[i * k : (i + 1) * k]) for i in range(n)))
         if cls_id == 5:
             ir = tuple(int(x) for x in self.data(rest[0][0], rest[0][1]))
             jc = tuple(int(x) for x in self.data(rest[1][0], rest[1][1]))
@@ -123,7 +145,7 @@ def load_v5(path: Path) -> dict[str, Any]:
     out = {}
     for mi, body in v5.elements(raw[128:]):
         if mi == 15:
-            (mi, body), = v5.elements(zlib.decompress(body))
+            ((mi, body),) = v5.elements(zlib.decompress(body))
         if mi != 14:
             continue
         name, value = v5.matrix(body)
@@ -163,8 +185,11 @@ def _v73(f: h5py.File, obj: h5py.HLObject) -> Any:
         if not names:  # a group without fields (not MATLAB's layout, but readable)
             return ("struct", (1, 1), (), ((),))
         first = obj[names[0]]
-        if (isinstance(first, h5py.Dataset) and h5py.check_ref_dtype(first.dtype) is not None
-                and "MATLAB_class" not in first.attrs):
+        if (
+            isinstance(first, h5py.Dataset)
+            and h5py.check_ref_dtype(first.dtype) is not None
+            and "MATLAB_class" not in first.attrs
+        ):
             dims = first.shape[::-1]
             cols = [[_v73(f, f[r]) for r in obj[k][()].ravel()] for k in names]
             return ("struct", dims, names, tuple(zip(*cols, strict=True)))

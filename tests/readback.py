@@ -37,9 +37,17 @@ REFERENCE_V7 = REFERENCE_DIR / "matlab_basic_v7.mat"
 
 #: numpy dtype of each numeric or logical MATLAB class
 CLASS_DTYPES: dict[str, type[np.generic]] = {
-    "double": np.float64, "single": np.float32, "logical": np.bool_,
-    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    "double": np.float64,
+    "single": np.float32,
+    "logical": np.bool_,
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
 }
 
 
@@ -63,8 +71,12 @@ def attr_signature(obj: h5py.HLObject, name: str) -> dict[str, Any]:
     """Everything MATLAB might look at in one HDF5 attribute but its value: type and dataspace."""
     aid = obj.attrs.get_id(name)
     tid, space = aid.get_type(), aid.get_space()
-    sig: dict[str, Any] = {"class": tid.get_class(), "size": tid.get_size(),
-                           "space": space.get_simple_extent_type(), "shape": space.shape}
+    sig: dict[str, Any] = {
+        "class": tid.get_class(),
+        "size": tid.get_size(),
+        "space": space.get_simple_extent_type(),
+        "shape": space.shape,
+    }
     if tid.get_class() == h5py.h5t.STRING:
         sig.update(cset=tid.get_cset(), strpad=tid.get_strpad(), vlen=tid.is_variable_str())
     elif tid.get_class() == h5py.h5t.INTEGER:
@@ -85,8 +97,9 @@ def read_v73(path: Path) -> dict[str, np.ndarray]:
 def read_v5(path: Path) -> dict[str, np.ndarray]:
     classes = {name: cls for name, _, cls in scipy.io.whosmat(path)}
     m = scipy.io.loadmat(path, squeeze_me=False)
-    return {k: (v.astype(bool) if classes[k] == "logical" else v)
-            for k, v in m.items() if not k.startswith("__")}
+    return {
+        k: (v.astype(bool) if classes[k] == "logical" else v) for k, v in m.items() if not k.startswith("__")
+    }
 
 
 def read(path: Path, fmt: str) -> dict[str, np.ndarray]:
@@ -103,8 +116,9 @@ def assert_exact(actual: Any, expected: Any, what: str = "") -> None:
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
     np.testing.assert_array_equal(actual, expected, err_msg=what)
-    assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes(), \
+    assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes(), (
         f"{what}: bit patterns differ"
+    )
 
 
 def assert_variables(got: dict[str, Any], want: dict[str, Any], what: str = "") -> None:

@@ -27,8 +27,7 @@ from pathlib import Path
 __all__ = ["Cluster", "SlurmUnavailable", "ensure_installed", "start_cluster"]
 
 PARTITION = "test"
-BINARIES = ("slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "squeue", "scancel", "munged",
-            "mungekey")
+BINARIES = ("slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "squeue", "scancel", "munged", "mungekey")
 
 
 class SlurmUnavailable(Exception):
@@ -48,8 +47,10 @@ def ensure_installed() -> None:
     if _which("apt-get") is None:
         raise SlurmUnavailable("Slurm is not installed and there is no apt-get to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"],
-                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"]):
+    for argv in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"],
+    ):
         r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
         if r.returncode != 0:
             raise SlurmUnavailable(f"{' '.join(argv)} failed: {(r.stdout + r.stderr)[-1500:]}")
@@ -77,15 +78,31 @@ class Cluster:
         path = self.base / "log" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def cmd(self, argv: list[str], *, user: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 30, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    def cmd(
+        self,
+        argv: list[str],
+        *,
+        user: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 30,
+        cwd: str | Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """A Slurm command (sbatch, squeue, ...), as ``user`` when given (through runuser)."""
         full = {**(env if env is not None else os.environ), **self.env}
         if user is not None:  # exactly this environment, as sbatch passes it on to the job
-            argv = [_which("runuser") or "runuser", "-u", user, "--", "/usr/bin/env", "-i",
-                    *[f"{k}={v}" for k, v in full.items()], *argv]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full,
-                              cwd=cwd, check=False)
+            argv = [
+                _which("runuser") or "runuser",
+                "-u",
+                user,
+                "--",
+                "/usr/bin/env",
+                "-i",
+                *[f"{k}={v}" for k, v in full.items()],
+                *argv,
+            ]
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=full, cwd=cwd, check=False
+        )
 
     def job_info(self, job_id: str) -> dict[str, str]:
         """``scontrol show job``'s fields (JobState, ExitCode, ...); empty once it is forgotten."""
@@ -146,7 +163,6 @@ class Cluster:
                 proc.wait()
 
 
-
 def _conf_text(base: Path, node: str, cpus: int, mem_mb: int, extra: str) -> str:
     ctld, slurmd = _free_port(), _free_port()
     return f"""\
@@ -201,8 +217,12 @@ def start_cluster(base: Path, *, extra_conf: str = "", timeout: float = 60) -> C
     munge = pwd.getpwnam("munge")
     mdir = base / "munge"
     key = mdir / "munge.key"
-    r = subprocess.run([_which("mungekey") or "mungekey", "--create", "--force", f"--keyfile={key}"],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [_which("mungekey") or "mungekey", "--create", "--force", f"--keyfile={key}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         raise SlurmUnavailable(f"mungekey failed: {r.stderr}")
     for p in (mdir, key):
@@ -218,15 +238,30 @@ def start_cluster(base: Path, *, extra_conf: str = "", timeout: float = 60) -> C
     logs = base / "log"
     try:
         cluster.procs["munged"] = subprocess.Popen(
-            ["runuser", "-u", "munge", "--", _which("munged") or "munged", "--foreground",
-             f"--socket={mdir}/munge.socket", f"--key-file={key}", f"--pid-file={mdir}/munged.pid",
-             f"--log-file={mdir}/munged.log", f"--seed-file={mdir}/munged.seed"],
-            stdout=subprocess.DEVNULL, stderr=(logs / "munged.out").open("wb"))
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                _which("munged") or "munged",
+                "--foreground",
+                f"--socket={mdir}/munge.socket",
+                f"--key-file={key}",
+                f"--pid-file={mdir}/munged.pid",
+                f"--log-file={mdir}/munged.log",
+                f"--seed-file={mdir}/munged.seed",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(logs / "munged.out").open("wb"),
+        )
         _wait_for(lambda: (mdir / "munge.socket").exists(), 10, cluster, "munged")
         for name in ("slurmctld", "slurmd"):
             cluster.procs[name] = subprocess.Popen(
-                [_which(name) or name, "-D", "-f", str(conf)], env={**os.environ, **cluster.env},
-                stdout=subprocess.DEVNULL, stderr=(logs / f"{name}.out").open("wb"))
+                [_which(name) or name, "-D", "-f", str(conf)],
+                env={**os.environ, **cluster.env},
+                stdout=subprocess.DEVNULL,
+                stderr=(logs / f"{name}.out").open("wb"),
+            )
         _wait_for(lambda: _node_idle(cluster), timeout, cluster, "the node")
     except BaseException:
         cluster.stop()
@@ -248,9 +283,12 @@ def _wait_for(cond: Callable[[], bool], timeout: float, cluster: Cluster, what: 
                 raise SlurmUnavailable(
                     f"{name} exited with {proc.returncode} at start-up: "
                     f"{(cluster.base / 'log' / f'{name}.out').read_text(errors='replace')[-1500:]}"
-                    f"{cluster.log(name)[-1500:]}")
+                    f"{cluster.log(name)[-1500:]}"
+                )
         if cond():
             return
         time.sleep(0.2)
-    raise SlurmUnavailable(f"{what} did not come up within {timeout} s: "
-                           f"{cluster.log('slurmctld')[-1500:]}{cluster.log('slurmd')[-1500:]}")
+    raise SlurmUnavailable(
+        f"{what} did not come up within {timeout} s: "
+        f"{cluster.log('slurmctld')[-1500:]}{cluster.log('slurmd')[-1500:]}"
+    )

@@ -30,8 +30,7 @@ CONNECT_TIMEOUT = 20.0  # the failures must come long before this
 @pytest.fixture
 def tcp_daemon(keys: dict[str, str], out_dir: Path) -> Iterator[str]:
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    proc = _serve(endpoint, out_dir, "--curve-secret", keys["server_sec"],
-                  "--curve-clients", keys["clients"])
+    proc = _serve(endpoint, out_dir, "--curve-secret", keys["server_sec"], "--curve-clients", keys["clients"])
     try:
         good = ClientKeys(keys["client_sec"], keys["server_pub"])  # up and serving
         with matspool.Spool(endpoint, ring_bytes=1 << 20, curve=good, connect_timeout=30):

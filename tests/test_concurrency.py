@@ -64,18 +64,19 @@ def produce(endpoint: str, out: str, producer: int, barrier: Any, results: Any) 
                 futures.append(spool.save(os.path.join(out, name), variables, format=fmt))
                 if k == FILES_EACH // 2:  # in the middle: the same file, several times, in order
                     for i in range(SAME_PATH_REPEATS):
-                        futures.append(spool.save(os.path.join(out, f"p{producer}_same.mat"),
-                                                  {"v": same_path_value(producer, i)},
-                                                  format=("v5", "v7.3")[i % 2]))
+                        futures.append(
+                            spool.save(
+                                os.path.join(out, f"p{producer}_same.mat"),
+                                {"v": same_path_value(producer, i)},
+                                format=("v5", "v7.3")[i % 2],
+                            )
+                        )
             spool.flush(60)
             done = [(f.result().path, f.result().nbytes, f.result().format) for f in futures]
         results.put((producer, os.getpid(), ring_name, done, None))
     except BaseException as e:  # report, never hang the parent
         results.put((producer, os.getpid(), None, None, repr(e)))
         raise
-
-
-
 
 
 def rings_of(pid: int) -> list[str]:
@@ -88,8 +89,12 @@ def test_producers_save_concurrently(daemon: DaemonProc) -> None:
     out = daemon.root
     barrier = ctx.Barrier(N_PRODUCERS)
     results = ctx.Queue()
-    procs = [ctx.Process(target=produce, args=(daemon.endpoint, str(out), i, barrier, results),
-                         name=f"producer-{i}") for i in range(N_PRODUCERS)]
+    procs = [
+        ctx.Process(
+            target=produce, args=(daemon.endpoint, str(out), i, barrier, results), name=f"producer-{i}"
+        )
+        for i in range(N_PRODUCERS)
+    ]
     for p in procs:
         p.start()
     try:
@@ -125,8 +130,10 @@ def test_producers_save_concurrently(daemon: DaemonProc) -> None:
             assert_variables(read(out / name, fmt), variables)
         # saves to one path land in the order they were made: the last one wins
         last = SAME_PATH_REPEATS - 1
-        assert_variables(read(out / f"p{producer}_same.mat", ("v5", "v7.3")[last % 2]),
-                    {"v": same_path_value(producer, last)})
+        assert_variables(
+            read(out / f"p{producer}_same.mat", ("v5", "v7.3")[last % 2]),
+            {"v": same_path_value(producer, last)},
+        )
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(expected), "unexpected or missing files (temporary names left behind?)"
     assert not [n for n in names if n.endswith(".matspool-tmp")]
@@ -148,7 +155,7 @@ def test_embedded_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
         ring = spool._ring
         assert ring is not None and ring.exists()
         assert proc.poll() is None
-        sock_dir = os.path.dirname(emb.endpoint[len("ipc://"):])
+        sock_dir = os.path.dirname(emb.endpoint[len("ipc://") :])
         assert os.path.isdir(sock_dir)
         assert os.stat(sock_dir).st_mode & 0o077 == 0  # a private directory
         x = np.arange(20, dtype=np.int32).reshape(4, 5)
@@ -239,8 +246,14 @@ def _module_level_api(endpoint: str, out: str, q: Any) -> None:
         f4 = matspool.save(os.path.join(out, "m4.mat"), {"x": x + 4})
         assert matspool.default_spool() is not spool
         f4.result(30)
-        q.put(([f1.result().path, f2.result().path, f4.result().path], flush_error,
-               matspool.default_spool()._ring.name, None))
+        q.put(
+            (
+                [f1.result().path, f2.result().path, f4.result().path],
+                flush_error,
+                matspool.default_spool()._ring.name,
+                None,
+            )
+        )
         # no close: atexit closes the default spool and removes its ring
     except BaseException as e:
         q.put((None, None, None, repr(e)))

@@ -63,6 +63,7 @@ def _dirs(tmp_path: Path, *names: str) -> list[Path]:
 
 # -- precedence ----------------------------------------------------------------------------
 
+
 def test_builtin_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     r = resolve_settings({}, environ={})
@@ -76,7 +77,9 @@ def test_builtin_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
     a, b, c, d = _dirs(tmp_path, "a", "b", "c", "d")
-    conf = _toml(tmp_path / "m.toml", f"""
+    conf = _toml(
+        tmp_path / "m.toml",
+        f"""
 [serve]
 writers = 2
 compress_threads = 3
@@ -85,9 +88,14 @@ roots = ["{a}"]
 client_timeout = 5
 log_level = "debug"
 clean_stale = false
-""")
-    env = {"MATSPOOL_CONFIG": str(conf), "MATSPOOL_WRITERS": "3", "MATSPOOL_ROOTS": f"{b}:{c}",
-           "MATSPOOL_LOG_LEVEL": "WARNING"}
+""",
+    )
+    env = {
+        "MATSPOOL_CONFIG": str(conf),
+        "MATSPOOL_WRITERS": "3",
+        "MATSPOOL_ROOTS": f"{b}:{c}",
+        "MATSPOOL_LOG_LEVEL": "WARNING",
+    }
     r = resolve_settings({"writers": 4, "client_timeout": 7.5}, environ=env)
     s = r.settings
     assert s.writers == 4 and r.sources["writers"] == "flag --writers"  # flag > env > file
@@ -101,20 +109,30 @@ clean_stale = false
     assert resolve_settings({"roots": [str(d)]}, environ=env).settings.roots == (str(d),)
 
 
-def test_cli_only_flags_given_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_only_flags_given_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Through the real parser: flags not given leave the file's and the environment's values."""
     a, b = _dirs(tmp_path, "a", "b")
-    conf = _toml(tmp_path / "m.toml", f'[serve]\nwriters = 2\nroots = ["{a}"]\nsocket_mode = "640"\n'
-                                      "clean_stale = false\n")
+    conf = _toml(
+        tmp_path / "m.toml",
+        f'[serve]\nwriters = 2\nroots = ["{a}"]\nsocket_mode = "640"\nclean_stale = false\n',
+    )
     monkeypatch.setenv("MATSPOOL_COMPRESS_THREADS", "5")
     rc, out, _ = _print_config(["--config", str(conf)], capsys)
     assert rc == 0
     got = tomllib.loads(out)["serve"]
-    assert (got["writers"], got["roots"], got["socket_mode"], got["compress_threads"],
-            got["clean_stale"]) == (2, [str(a)], "640", 5, False)
-    rc, out, _ = _print_config(["--config", str(conf), "--writers", "6", "--root", str(b),
-                                "--socket-mode", "600", "--clean-stale"], capsys)
+    assert (
+        got["writers"],
+        got["roots"],
+        got["socket_mode"],
+        got["compress_threads"],
+        got["clean_stale"],
+    ) == (2, [str(a)], "640", 5, False)
+    rc, out, _ = _print_config(
+        ["--config", str(conf), "--writers", "6", "--root", str(b), "--socket-mode", "600", "--clean-stale"],
+        capsys,
+    )
     got = tomllib.loads(out)["serve"]
     assert rc == 0
     got_values = (got["writers"], got["roots"], got["socket_mode"], got["clean_stale"])
@@ -144,8 +162,9 @@ def test_matspool_endpoint_is_the_daemons_endpoint_too(tmp_path: Path) -> None:
     assert flag.settings.endpoint == "ipc:///run/x/flag.sock"
 
 
-def test_relative_paths_in_the_file_are_relative_to_it(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_in_the_file_are_relative_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "etc" / "data").mkdir(parents=True)
     conf = _toml(tmp_path / "etc" / "m.toml", '[serve]\nroots = ["data"]\n')
     monkeypatch.chdir("/")
@@ -155,12 +174,25 @@ def test_relative_paths_in_the_file_are_relative_to_it(tmp_path: Path,
 
 def test_env_value_forms(tmp_path: Path) -> None:
     a, b = _dirs(tmp_path, "a", "b")
-    for text, want in [("0", False), ("false", False), ("No", False),
-                       ("1", True), ("TRUE", True), ("on", True)]:
+    for text, want in [
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("1", True),
+        ("TRUE", True),
+        ("on", True),
+    ]:
         assert resolve_settings({}, environ={"MATSPOOL_CLEAN_STALE": text}).settings.clean_stale is want
-    s = resolve_settings({}, environ={"MATSPOOL_SOCKET_MODE": "0o660", "MATSPOOL_ROOTS": f"{a}:{b}:",
-                                      "MATSPOOL_CLIENT_TIMEOUT": "2.5", "MATSPOOL_GROUP": "root",
-                                      "MATSPOOL_WRITERS": ""}).settings  # empty: unset
+    s = resolve_settings(
+        {},
+        environ={
+            "MATSPOOL_SOCKET_MODE": "0o660",
+            "MATSPOOL_ROOTS": f"{a}:{b}:",
+            "MATSPOOL_CLIENT_TIMEOUT": "2.5",
+            "MATSPOOL_GROUP": "root",
+            "MATSPOOL_WRITERS": "",
+        },
+    ).settings  # empty: unset
     assert (s.socket_mode, s.roots, s.client_timeout, s.group) == (0o660, (str(a), str(b)), 2.5, "root")
     assert s.writers == builtin_defaults()["writers"]
 
@@ -168,28 +200,40 @@ def test_env_value_forms(tmp_path: Path) -> None:
 def test_known_non_serve_variables_are_accepted(tmp_path: Path) -> None:
     env = dict.fromkeys(OTHER_ENV_VARS - {"MATSPOOL_CONFIG"}, "x")
     # the client's and the deploy scripts' variables, e.g. what job-local-daemon.sbatch exports
-    assert {"MATSPOOL_RING_BYTES", "MATSPOOL_CURVE_CLIENT_SECRET", "MATSPOOL_CURVE_SERVER_PUBLIC",
-            "MATSPOOL_SWITCH_INTERVAL", "MATSPOOL_FUZZ_EXAMPLES", "MATSPOOL_ROOT"} <= set(env)
+    assert {
+        "MATSPOOL_RING_BYTES",
+        "MATSPOOL_CURVE_CLIENT_SECRET",
+        "MATSPOOL_CURVE_SERVER_PUBLIC",
+        "MATSPOOL_SWITCH_INTERVAL",
+        "MATSPOOL_FUZZ_EXAMPLES",
+        "MATSPOOL_ROOT",
+    } <= set(env)
     resolve_settings({}, environ=env)
 
 
 # -- errors name their source and key ------------------------------------------------------
 
-@pytest.mark.parametrize("text, expect", [
-    ("[serve]\nwriter = 4\n",
-     ["unknown key 'writer' in [serve]", "did you mean 'writers'", "valid keys: endpoint, roots"]),
-    ("[serve]\nsocket-mode = \"660\"\n", ["unknown key 'socket-mode'", "did you mean 'socket_mode'"]),
-    ("[server]\nwriters = 4\n", ["unknown table [server]", "did you mean 'serve'"]),
-    ("writers = 4\n", ["unknown key 'writers' outside [serve]", "under the [serve] table"]),
-    ("[serve]\nwriters = \"four\"\n", ["key 'writers' in [serve]", "must be an integer"]),
-    ("[serve]\nwriters = 0\n", ["key 'writers' in [serve]", "at least 1"]),
-    ("[serve]\nsocket_mode = 660\n", ["key 'socket_mode'", "octal string"]),
-    ("[serve]\nsocket_mode = \"1777\"\n", ["key 'socket_mode'", "out of range"]),
-    ("[serve]\nroots = [\"does-not-exist\"]\n", ["key 'roots'", "does-not-exist", "does not exist"]),
-    ("[serve]\nclean_stale = \"no\"\n", ["key 'clean_stale'", "true or false"]),
-    ("[serve]\nlog_level = \"loud\"\n", ["key 'log_level'", "debug, info, warning, error"]),
-    ("[serve]\nwriters = \n", ["not valid TOML"]),
-])
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        (
+            "[serve]\nwriter = 4\n",
+            ["unknown key 'writer' in [serve]", "did you mean 'writers'", "valid keys: endpoint, roots"],
+        ),
+        ('[serve]\nsocket-mode = "660"\n', ["unknown key 'socket-mode'", "did you mean 'socket_mode'"]),
+        ("[server]\nwriters = 4\n", ["unknown table [server]", "did you mean 'serve'"]),
+        ("writers = 4\n", ["unknown key 'writers' outside [serve]", "under the [serve] table"]),
+        ('[serve]\nwriters = "four"\n', ["key 'writers' in [serve]", "must be an integer"]),
+        ("[serve]\nwriters = 0\n", ["key 'writers' in [serve]", "at least 1"]),
+        ("[serve]\nsocket_mode = 660\n", ["key 'socket_mode'", "octal string"]),
+        ('[serve]\nsocket_mode = "1777"\n', ["key 'socket_mode'", "out of range"]),
+        ('[serve]\nroots = ["does-not-exist"]\n', ["key 'roots'", "does-not-exist", "does not exist"]),
+        ('[serve]\nclean_stale = "no"\n', ["key 'clean_stale'", "true or false"]),
+        ('[serve]\nlog_level = "loud"\n', ["key 'log_level'", "debug, info, warning, error"]),
+        ("[serve]\nwriters = \n", ["not valid TOML"]),
+    ],
+)
 def test_file_errors(tmp_path: Path, text: str, expect: list[str]) -> None:
     conf = _toml(tmp_path / "bad.toml", text)
     with pytest.raises(ConfigError) as e:
@@ -203,26 +247,37 @@ def test_file_errors(tmp_path: Path, text: str, expect: list[str]) -> None:
 def test_missing_config_file_names_who_asked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--config: config file .*nope.toml' does not exist"):
         resolve_settings({}, config=str(tmp_path / "nope.toml"), environ={})
-    with pytest.raises(ConfigError,
-                       match=r"environment variable MATSPOOL_CONFIG: config file .* does not exist"):
+    with pytest.raises(
+        ConfigError, match=r"environment variable MATSPOOL_CONFIG: config file .* does not exist"
+    ):
         resolve_settings({}, environ={"MATSPOOL_CONFIG": str(tmp_path / "nope.toml")})
 
 
-@pytest.mark.parametrize("var, value, expect", [
-    ("MATSPOOL_WRITERS", "four", "environment variable MATSPOOL_WRITERS: not an integer: 'four'"),
-    ("MATSPOOL_SOCKET_MODE", "1000", "environment variable MATSPOOL_SOCKET_MODE: mode out of range"),
-    ("MATSPOOL_SOCKET_MODE", "rw", "environment variable MATSPOOL_SOCKET_MODE: not an octal mode"),
-    ("MATSPOOL_CLEAN_STALE", "maybe", "environment variable MATSPOOL_CLEAN_STALE: not a boolean"),
-    ("MATSPOOL_CLIENT_TIMEOUT", "-1", "environment variable MATSPOOL_CLIENT_TIMEOUT: must be a positive"),
-    ("MATSPOOL_ROOTS", "/does/not/exist",
-     "environment variable MATSPOOL_ROOTS: root directory '/does/not/exist' does not exist"),
-    ("MATSPOOL_GROUP", "no-such-group-xyz", "environment variable MATSPOOL_GROUP: no such group"),
-    ("MATSPOOL_ENDPOINT", "nonsense", "environment variable MATSPOOL_ENDPOINT: not a ZeroMQ endpoint"),
-    ("MATSPOOL_WRITER", "4", "environment variable MATSPOOL_WRITER is not a matspool serve setting "
-                             "(did you mean 'MATSPOOL_WRITERS'?); "
-                             "settings are MATSPOOL_ENDPOINT, MATSPOOL_ROOTS"),
-    ("MATSPOOL_PARENT_PID", "1", "MATSPOOL_PARENT_PID is not a matspool serve setting"),
-])
+@pytest.mark.parametrize(
+    "var, value, expect",
+    [
+        ("MATSPOOL_WRITERS", "four", "environment variable MATSPOOL_WRITERS: not an integer: 'four'"),
+        ("MATSPOOL_SOCKET_MODE", "1000", "environment variable MATSPOOL_SOCKET_MODE: mode out of range"),
+        ("MATSPOOL_SOCKET_MODE", "rw", "environment variable MATSPOOL_SOCKET_MODE: not an octal mode"),
+        ("MATSPOOL_CLEAN_STALE", "maybe", "environment variable MATSPOOL_CLEAN_STALE: not a boolean"),
+        ("MATSPOOL_CLIENT_TIMEOUT", "-1", "environment variable MATSPOOL_CLIENT_TIMEOUT: must be a positive"),
+        (
+            "MATSPOOL_ROOTS",
+            "/does/not/exist",
+            "environment variable MATSPOOL_ROOTS: root directory '/does/not/exist' does not exist",
+        ),
+        ("MATSPOOL_GROUP", "no-such-group-xyz", "environment variable MATSPOOL_GROUP: no such group"),
+        ("MATSPOOL_ENDPOINT", "nonsense", "environment variable MATSPOOL_ENDPOINT: not a ZeroMQ endpoint"),
+        (
+            "MATSPOOL_WRITER",
+            "4",
+            "environment variable MATSPOOL_WRITER is not a matspool serve setting "
+            "(did you mean 'MATSPOOL_WRITERS'?); "
+            "settings are MATSPOOL_ENDPOINT, MATSPOOL_ROOTS",
+        ),
+        ("MATSPOOL_PARENT_PID", "1", "MATSPOOL_PARENT_PID is not a matspool serve setting"),
+    ],
+)
 def test_env_errors(var: str, value: str, expect: str) -> None:
     with pytest.raises(ConfigError) as e:
         resolve_settings({}, environ={var: value})
@@ -248,41 +303,60 @@ def test_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 def test_serve_refuses_to_start_on_a_bad_setting(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MATSPOOL_")}
     env["MATSPOOL_WRITERS"] = "many"
-    r = subprocess.run([sys.executable, "-m", "matspoold", "serve", "--root", str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "matspoold", "serve", "--root", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "matspool serve: environment variable MATSPOOL_WRITERS: not an integer: 'many'" in r.stderr
 
 
 # -- --print-config --------------------------------------------------------------------------
 
-def test_print_config_parses_back_and_names_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+
+def test_print_config_parses_back_and_names_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, _ = _dirs(tmp_path, "a", "b")
     conf = _toml(tmp_path / "m.toml", f'[serve]\nroots = ["{a}"]\nsocket_mode = "660"\nclient_timeout = 12\n')
     monkeypatch.setenv("MATSPOOL_WRITERS", "3")
     monkeypatch.setenv("MATSPOOL_RING_BYTES", "1048576")  # a client's variable: fine here
-    rc, out, err = _print_config(["--config", str(conf), "--log-level", "error",
-                                  "--endpoint", f"ipc://{tmp_path}/d.sock"], capsys)
+    rc, out, err = _print_config(
+        ["--config", str(conf), "--log-level", "error", "--endpoint", f"ipc://{tmp_path}/d.sock"], capsys
+    )
     assert rc == 0 and err == ""
     got = tomllib.loads(out)
     assert list(got) == ["serve"]
     serve = got["serve"]
-    assert serve == {"endpoint": f"ipc://{tmp_path}/d.sock", "roots": [str(a)],
-                     "writers": 3, "compress_threads": os.cpu_count() or 1, "socket_mode": "660",
-                     "clean_stale": True, "client_timeout": 12.0, "log_level": "error",
-                     "log_format": "text"}
+    assert serve == {
+        "endpoint": f"ipc://{tmp_path}/d.sock",
+        "roots": [str(a)],
+        "writers": 3,
+        "compress_threads": os.cpu_count() or 1,
+        "socket_mode": "660",
+        "clean_stale": True,
+        "client_timeout": 12.0,
+        "log_level": "error",
+        "log_format": "text",
+    }
     lines = out.splitlines()
     assert f"# config file: {conf}" in lines
-    for name, source in [("roots", f"config file {conf}"), ("socket_mode", f"config file {conf}"),
-                         ("writers", "environment variable MATSPOOL_WRITERS"),
-                         ("log_level", "flag --log-level"), ("endpoint", "flag --endpoint"),
-                         ("compress_threads", "built-in default")]:
+    for name, source in [
+        ("roots", f"config file {conf}"),
+        ("socket_mode", f"config file {conf}"),
+        ("writers", "environment variable MATSPOOL_WRITERS"),
+        ("log_level", "flag --log-level"),
+        ("endpoint", "flag --endpoint"),
+        ("compress_threads", "built-in default"),
+    ]:
         i = lines.index(f"# {name}: from {source}")
         assert lines[i + 1].startswith(f"{name} = ")
     assert "# group: not set (built-in default)" in lines
     assert "# metrics: not set (built-in default)" in lines  # off unless asked for
-    assert sum(ln.startswith(("# ", )) and ":" in ln for ln in lines) >= len(FIELDS)
+    assert sum(ln.startswith(("# ",)) and ":" in ln for ln in lines) >= len(FIELDS)
 
     # what it prints is a config file that gives the same settings
     (tmp_path / "again.toml").write_text(out)
@@ -300,6 +374,7 @@ def test_print_config_of_strange_strings_is_valid_toml(tmp_path: Path) -> None:
 
 # -- a daemon really started from a config file ------------------------------------------
 
+
 def _wait_for(endpoint: str, proc: subprocess.Popen) -> None:
     assert wait_ready(endpoint, proc), "daemon did not answer within 30 s"
 
@@ -307,21 +382,29 @@ def _wait_for(endpoint: str, proc: subprocess.Popen) -> None:
 def test_daemon_started_with_config_file_uses_its_root(tmp_path: Path) -> None:
     root, elsewhere = _dirs(tmp_path, "root", "elsewhere")
     endpoint = f"ipc://{tmp_path}/sock/d.sock"
-    conf = _toml(tmp_path / "matspool.toml", f"""
+    conf = _toml(
+        tmp_path / "matspool.toml",
+        f"""
 [serve]
 endpoint = "{endpoint}"
 roots = ["root"]          # relative to this file
 writers = 2
 socket_mode = "600"
 log_level = "warning"
-""")
+""",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MATSPOOL_")}
     # started from another directory: the default root (the cwd) would be `elsewhere`
-    proc = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--config", str(conf)],
-                            cwd=elsewhere, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "matspoold", "serve", "--config", str(conf)],
+        cwd=elsewhere,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(endpoint, proc)
-        assert (Path(endpoint[len("ipc://"):]).stat().st_mode & 0o777) == 0o600
+        assert (Path(endpoint[len("ipc://") :]).stat().st_mode & 0o777) == 0o600
         with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30) as spool:
             res = spool.save(str(root / "x.mat"), {"x": np.arange(6.0).reshape(2, 3)}).result(30)
             assert res.path == str(root / "x.mat")

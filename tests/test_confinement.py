@@ -92,8 +92,11 @@ def _snapshot(d: Path) -> dict[str, str]:
     out = {}
     for p in sorted(d.rglob("*")):
         rel = str(p.relative_to(d))
-        out[rel] = ("link:" + os.readlink(p)) if p.is_symlink() else (
-            "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+        out[rel] = (
+            ("link:" + os.readlink(p))
+            if p.is_symlink()
+            else ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+        )
     return out
 
 
@@ -119,16 +122,20 @@ def _check_failures(errors: list[BaseException]) -> None:
         assert isinstance(e, (matspool.PathNotAllowedError, matspool.WriteFailed)), repr(e)
 
 
-def test_directory_exchanged_with_a_symlink_out(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
-                                                outside: Path) -> None:
+def test_directory_exchanged_with_a_symlink_out(
+    mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, outside: Path
+) -> None:
     d, link = root / "d", root / "l"
     d.mkdir()
     link.symlink_to(outside, target_is_directory=True)
     pad = np.arange(128, dtype=np.float64)
     with attacker(_EXCHANGE, str(d), str(link)):
-        futures = {i: mspool.save(d / f"f{i}.mat", {"x": float(i), "pad": pad},
-                                  format="v7.3" if i % 4 == 0 else "v5")
-                   for i in range(SAVES)}
+        futures = {
+            i: mspool.save(
+                d / f"f{i}.mat", {"x": float(i), "pad": pad}, format="v7.3" if i % 4 == 0 else "v5"
+            )
+            for i in range(SAVES)
+        }
         ok, errors = _results(futures)
     assert mdaemon.alive()
     print(f"{len(ok)} saves acknowledged, {len(errors)} refused during the exchanges")
@@ -145,8 +152,9 @@ def test_directory_exchanged_with_a_symlink_out(mspool: matspool.Spool, mdaemon:
     assert not [p for p in root.rglob("*.matspool-tmp")], "temporary files left"
 
 
-def test_v73_temporaries_replaced_by_symlinks(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
-                                              outside: Path) -> None:
+def test_v73_temporaries_replaced_by_symlinks(
+    mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, outside: Path
+) -> None:
     d = root / "t"
     d.mkdir()
     victim = outside / "victim.mat"
@@ -154,8 +162,9 @@ def test_v73_temporaries_replaced_by_symlinks(mspool: matspool.Spool, mdaemon: D
     before = _snapshot(outside)
     x = np.arange(2048, dtype=np.float64)  # deflated: HDF5 lays the file out, not a template
     with attacker(_REPLACE_TEMPS, str(d), str(outside), str(victim)) as proc:
-        futures = {i: mspool.save(d / f"f{i}.mat", {"x": x + i}, format="v7.3", compress=1)
-                   for i in range(SAVES)}
+        futures = {
+            i: mspool.save(d / f"f{i}.mat", {"x": x + i}, format="v7.3", compress=1) for i in range(SAVES)
+        }
         ok, errors = _results(futures)
         proc.kill()
     assert mdaemon.alive()
@@ -164,7 +173,8 @@ def test_v73_temporaries_replaced_by_symlinks(mspool: matspool.Spool, mdaemon: D
     links = [p.name for p in d.glob("*.mat") if p.is_symlink()]
     assert (after, links) == (before, []), (
         f"outside the root: victim {'changed' if after['victim.mat'] != before['victim.mat'] else 'intact'}, "
-        f"{len(after) - 1} files created {sorted(after)[:2]}; {len(links)} final names are symlinks")
+        f"{len(after) - 1} files created {sorted(after)[:2]}; {len(links)} final names are symlinks"
+    )
     _check_failures(errors)
     for i in ok:
         with h5py.File(d / f"f{i}.mat", "r") as f:
@@ -172,8 +182,9 @@ def test_v73_temporaries_replaced_by_symlinks(mspool: matspool.Spool, mdaemon: D
     assert len(ok) >= 50  # the daemon kept saving through the attack
 
 
-def test_stream_file_exchanged_with_a_symlink_out(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
-                                                  outside: Path) -> None:
+def test_stream_file_exchanged_with_a_symlink_out(
+    mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, outside: Path
+) -> None:
     s = root / "s.mat"
     stream = mspool.stream(s)
     stream.append(x=np.float64(0), t=np.arange(4.0)).result(30)
@@ -210,6 +221,7 @@ def test_serves_after_the_attacks(mspool: matspool.Spool, mdaemon: DaemonProc, r
 
 
 # -- the resolver and the publish, deterministically, without a daemon ---------------------
+
 
 @pytest.fixture(params=["openat2", "walk"])
 def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:

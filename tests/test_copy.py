@@ -35,5 +35,5 @@ def test_copy_host_is_column_major(make, with_torch: bool, monkeypatch: pytest.M
         ring = np.full(p.nbytes + 128, 0xAB, dtype=np.uint8)
         copy_host(p, ring, 64)
         expected = np.asfortranarray(np.asarray(p.array).astype(np.dtype(p.dtype)))
-        assert ring[64:64 + p.nbytes].tobytes() == expected.tobytes(order="F"), layout
-        assert (ring[:64] == 0xAB).all() and (ring[64 + p.nbytes:] == 0xAB).all(), "wrote outside"
+        assert ring[64 : 64 + p.nbytes].tobytes() == expected.tobytes(order="F"), layout
+        assert (ring[:64] == 0xAB).all() and (ring[64 + p.nbytes :] == 0xAB).all(), "wrote outside"

@@ -23,8 +23,11 @@ from conftest import DaemonProc
 #: (matlab_basic_v7.mat's sparse_logical compares identical under scipy).
 KNOWN = {("logical_sparse.mat", "sp_log_5_4"): ["scipy/v5"]}
 #: What matspool cannot express, by design (README: UnsupportedTypeError).
-NOT_EXPRESSIBLE = {("testfunc_7.4_GLNX86.mat", "testfunc"), ("testobject_7.1_GLNX86.mat", "testobject"),
-                   ("testobject_7.4_GLNX86.mat", "testobject")}
+NOT_EXPRESSIBLE = {
+    ("testfunc_7.4_GLNX86.mat", "testfunc"),
+    ("testobject_7.1_GLNX86.mat", "testobject"),
+    ("testobject_7.4_GLNX86.mat", "testobject"),
+}
 
 
 @pytest.fixture(scope="module")

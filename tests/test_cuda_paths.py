@@ -68,7 +68,7 @@ def test_split_covers_every_element_in_order(shape: tuple[int, ...], limit: int)
     at = 0
     for piece, first in _cuda._split(src, limit):
         assert first == at and 0 < piece.numel() <= limit
-        assert torch.equal(piece.contiguous().reshape(-1), flat[first:first + piece.numel()])
+        assert torch.equal(piece.contiguous().reshape(-1), flat[first : first + piece.numel()])
         at += piece.numel()
     assert at == x.numel()
 
@@ -91,8 +91,9 @@ def test_pending_copy_waits_for_every_event_after_the_first_failed() -> None:
     after a failed one must still be waited for."""
     events = [_Event(False), _Event(True), _Event(True)]
     released: list[int] = []
-    pending = _cuda.PendingCopy(events=list(events), keepalive=[object()],
-                                release=[lambda: released.append(1)])
+    pending = _cuda.PendingCopy(
+        events=list(events), keepalive=[object()], release=[lambda: released.append(1)]
+    )
     with pytest.raises(RuntimeError, match="illegal memory access"):
         pending.wait()
     assert all(e.waited for e in events)

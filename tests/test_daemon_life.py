@@ -26,17 +26,35 @@ from conftest import start_daemon
 
 
 def _serve(endpoint: str, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
-                           "--root", str(root), "--log-level", "warning", *extra],
-                          capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            str(root),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 # -- break 6: one daemon per endpoint ---------------------------------------------------------
 
+
 def test_second_daemon_on_a_live_endpoint_exits_2_and_leaves_the_first_serving(
-        tmp_path: Path, out_dir: Path) -> None:
+    tmp_path: Path, out_dir: Path
+) -> None:
     d = start_daemon(out_dir, tmp_path / "sock")
-    sock = d.endpoint[len("ipc://"):]
+    sock = d.endpoint[len("ipc://") :]
     try:
         with matspool.Spool(d.endpoint, ring_bytes=4 << 20, timeout=30) as spool:
             spool.save(out_dir / "a.mat", {"a": 1.0}).result(30)
@@ -80,7 +98,7 @@ def test_a_file_that_is_no_socket_is_never_replaced(tmp_path: Path, out_dir: Pat
 
 def test_daemon_removes_only_the_socket_it_created(tmp_path: Path, out_dir: Path) -> None:
     d = start_daemon(out_dir, tmp_path / "sock")
-    sock = d.endpoint[len("ipc://"):]
+    sock = d.endpoint[len("ipc://") :]
     os.unlink(sock)  # someone else's socket now lives at the path
     other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     other.bind(sock)
@@ -122,14 +140,18 @@ def _client_status(endpoint: str, pid: int) -> ClientStatus | None:
     return next((c for c in st.clients if c.pid == pid), None)
 
 
-def test_client_stopped_past_client_timeout_keeps_its_ring_and_saves(
-        tmp_path: Path, out_dir: Path) -> None:
+def test_client_stopped_past_client_timeout_keeps_its_ring_and_saves(tmp_path: Path, out_dir: Path) -> None:
     n = 6
     # a slow disk (0.4 s a file, one writer): saves are still queued when the client stops
-    d = start_daemon(out_dir, tmp_path / "sock", "--client-timeout", "2", "--writers", "1",
-                     "--debug-write-delay", "0.4")
-    client = subprocess.Popen([sys.executable, "-c", _STOPPED_CLIENT, d.endpoint, str(out_dir), str(n)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    d = start_daemon(
+        out_dir, tmp_path / "sock", "--client-timeout", "2", "--writers", "1", "--debug-write-delay", "0.4"
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_CLIENT, d.endpoint, str(out_dir), str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert client.stdout.readline().strip() == "SAVED"
         deadline = time.monotonic() + 120  # a hang guard, far beyond any expected wait
@@ -165,6 +187,7 @@ def test_client_stopped_past_client_timeout_keeps_its_ring_and_saves(
 
 # -- break 4: a killed daemon's temporaries are removed by the next one ----------------------
 
+
 def _temporaries(d: Path) -> list[Path]:
     return [p for p in d.rglob("*") if p.name.endswith(".matspool-tmp")]
 
@@ -186,8 +209,11 @@ def test_killed_daemons_leave_no_temporaries_and_every_file_whole(tmp_path: Path
                 fmt = ("v5", "v7.3")[i % 2]
                 n = (2048, 64)[i % 3 == 2]  # 32 MiB or 32 KiB of float64
                 path = out_dir / ("sub" if i % 4 == 3 else "") / f"k{kill}_{i}.mat"
-                value = rng.standard_normal((n, n // 8 or 1)) if n == 64 else np.full(
-                    (n, n), kill * 10 + i, np.float64)
+                value = (
+                    rng.standard_normal((n, n // 8 or 1))
+                    if n == 64
+                    else np.full((n, n), kill * 10 + i, np.float64)
+                )
                 saved[path] = (fmt, value)
                 futures.append(spool.save(path, {"x": value}, format=fmt))
             time.sleep(rng.uniform(0.0, 0.4))
@@ -200,7 +226,8 @@ def test_killed_daemons_leave_no_temporaries_and_every_file_whole(tmp_path: Path
             assert not _temporaries(out_dir), f"temporaries left: {_temporaries(out_dir)}"
             journals = [p.name for p in state.iterdir()]
             assert len(journals) == 1 and journals[0].startswith(f"tmp-{d.proc.pid}-"), (
-                f"dead daemons' journals stayed: {journals}")
+                f"dead daemons' journals stayed: {journals}"
+            )
         finally:
             assert d.stop() == 0
     assert seen_mid_write > 0, "no kill landed mid-write: the test provoked nothing"

@@ -48,8 +48,9 @@ K8S_VERSION = "1.30.0"  # validated against this and the newest schema kubernete
 
 def _tool(name: str) -> str | None:
     """An executable from this interpreter's environment (the test extra) or PATH."""
-    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                     os.environ.get("PATH", "")]))
+    return shutil.which(
+        name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
 
 
 def _need_tool(name: str, how: str) -> str:
@@ -64,6 +65,7 @@ def _run(argv: list[str], timeout: float = 60, **kw: Any) -> subprocess.Complete
 
 
 # -- the daemon command ----------------------------------------------------------------------
+
 
 def _parse_serve(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
     """``argv`` (after the program name) through matspoold.cli's parser, without serving."""
@@ -106,7 +108,7 @@ def tests_argv() -> list[str]:
 
 def _systemd_argv() -> list[str]:
     (line,) = [ln for ln in UNIT.read_text().splitlines() if ln.startswith("ExecStart=")]
-    argv = shlex.split(line[len("ExecStart="):])
+    argv = shlex.split(line[len("ExecStart=") :])
     assert argv[0] == "/usr/local/bin/matspool", argv
     return argv[1:]
 
@@ -149,7 +151,7 @@ def _slurm_argv(env: dict[str, str]) -> list[str]:
     text = SBATCH.read_text().replace("\\\n", " ")
     (line,) = [ln for ln in text.splitlines() if "matspool serve" in ln and not ln.lstrip().startswith("#")]
     words = shlex.split(line)
-    words = words[words.index("matspool") + 1:]
+    words = words[words.index("matspool") + 1 :]
     words = [w for w in words if w != "&" and not w.startswith(("<", ">"))]
     return [re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], w) for w in words]
 
@@ -157,8 +159,9 @@ def _slurm_argv(env: dict[str, str]) -> list[str]:
 def _sources() -> dict[str, list[str]]:
     return {
         "systemd": _systemd_argv(),
-        "slurm": _slurm_argv({"MATSPOOL_ENDPOINT": "ipc:///tmp/matspool-u-1/matspool.sock",
-                              "root": "/scratch/u"}),
+        "slurm": _slurm_argv(
+            {"MATSPOOL_ENDPOINT": "ipc:///tmp/matspool-u-1/matspool.sock", "root": "/scratch/u"}
+        ),
         "kubernetes": _k8s_argv(),
         "container": _container_cmd()[1],
     }
@@ -171,8 +174,9 @@ def test_tests_start_the_serve_command(tests_argv: list[str], monkeypatch: pytes
 
 
 @pytest.mark.parametrize("where", ["systemd", "slurm", "kubernetes", "container"])
-def test_daemon_command_is_the_tests_serve_command(where: str, tests_argv: list[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_daemon_command_is_the_tests_serve_command(
+    where: str, tests_argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     argv = _sources()[where]
     args = _parse_serve(argv, monkeypatch)  # exits 2 on any flag the CLI does not know
     assert argv[0] == tests_argv[0] == "serve"
@@ -185,7 +189,11 @@ def test_daemon_command_is_the_tests_serve_command(where: str, tests_argv: list[
         assert args.socket_mode == 0o600 and args.group is None and args.clean_stale
     else:  # a node daemon: group-shared socket in /run/matspool
         assert (args.endpoint, args.root, args.socket_mode, args.group) == (
-            NODE_ENDPOINT, ["/scratch"], 0o660, "matspool")
+            NODE_ENDPOINT,
+            ["/scratch"],
+            0o660,
+            "matspool",
+        )
         # containers have their own pid namespace, where the ring names' pids mean nothing
         assert args.clean_stale is (where == "systemd")
 
@@ -196,8 +204,11 @@ def test_node_deployments_agree() -> None:
     assert _k8s_argv() == cmd, "the DaemonSet's args must be the image's CMD"
     assert [a for a in cmd if a != "--no-clean-stale"] == _systemd_argv()
     # the unit may write where the daemon may
-    rw = [ln.split("=", 1)[1].split() for ln in UNIT.read_text().splitlines()
-          if ln.startswith("ReadWritePaths=")]
+    rw = [
+        ln.split("=", 1)[1].split()
+        for ln in UNIT.read_text().splitlines()
+        if ln.startswith("ReadWritePaths=")
+    ]
     assert set(_parse_roots(_systemd_argv())) <= {p for line in rw for p in line}
     # every client-side endpoint is the daemon's
     assert "export MATSPOOL_ENDPOINT=ipc://$socket" in TASKPROLOG.read_text()
@@ -230,11 +241,12 @@ def test_user_and_group_ids_agree() -> None:
 
 # -- systemd ---------------------------------------------------------------------------------
 
+
 def _unit_copy(tmp_path: Path) -> Path:
     """The unit with ExecStart pointing at an executable that exists here: systemd-analyze
     verify refuses a unit whose binary is missing. The unit is otherwise unchanged."""
     exe = tmp_path / "matspool"
-    exe.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m matspoold \"$@\"\n")
+    exe.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m matspoold "$@"\n')
     exe.chmod(0o755)
     unit = tmp_path / "matspool.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/matspool", str(exe)))
@@ -256,11 +268,20 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 def test_systemd_unit_hardening(tmp_path: Path) -> None:
     lines = set(UNIT.read_text().splitlines())
-    for want in ["DynamicUser=no", "RuntimeDirectory=matspool", "RuntimeDirectoryMode=0750",
-                 "ProtectSystem=strict", "PrivateTmp=yes", "NoNewPrivileges=yes",
-                 "RestrictAddressFamilies=AF_UNIX", "#RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
-                 "LimitMEMLOCK=infinity", "Restart=on-failure", "KillSignal=SIGTERM",
-                 "ReadWritePaths=/scratch /dev/shm"]:
+    for want in [
+        "DynamicUser=no",
+        "RuntimeDirectory=matspool",
+        "RuntimeDirectoryMode=0750",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_UNIX",
+        "#RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "LimitMEMLOCK=infinity",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        "ReadWritePaths=/scratch /dev/shm",
+    ]:
         assert want in lines, want
     stop = [ln for ln in lines if ln.startswith("TimeoutStopSec=")]
     assert stop and int(stop[0].split("=")[1]) >= 60
@@ -285,6 +306,7 @@ def test_sysusers_creates_the_user(tmp_path: Path) -> None:
 
 # -- shell scripts ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shell_script_syntax(script: Path) -> None:
     r = _run(["bash", "-n", str(script)])
@@ -305,6 +327,7 @@ def test_shellcheck(script: Path) -> None:
 
 # -- Kubernetes ------------------------------------------------------------------------------
 
+
 def test_manifests_parse_and_lint() -> None:
     for path in MANIFESTS:
         assert _yaml_docs(path)
@@ -321,8 +344,9 @@ def test_manifests_parse_and_lint() -> None:
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_manifests_validate(path: Path) -> None:
-    kv = pytest.importorskip("kubernetes_validate",
-                             reason="kubernetes-validate is not installed (test extra)")
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is not installed (test extra)"
+    )
     for version in sorted({K8S_VERSION, kv.latest_version()}):
         for doc in _yaml_docs(path):
             kv.validate(doc, version, strict=True)  # raises ValidationError
@@ -344,8 +368,11 @@ def test_daemonset_security_and_mounts() -> None:
     assert spec["terminationGracePeriodSeconds"] >= 60
     host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert {host[n]: mounts[n] for n in host} == {"/run/matspool": "/run/matspool",
-                                                  "/dev/shm": "/dev/shm", "/scratch": "/scratch"}
+    assert {host[n]: mounts[n] for n in host} == {
+        "/run/matspool": "/run/matspool",
+        "/dev/shm": "/dev/shm",
+        "/scratch": "/scratch",
+    }
     # the job mounts the same host paths at the same places
     (job,) = _yaml_docs(JOB_POD)
     jspec = job["spec"]["template"]["spec"]
@@ -359,6 +386,7 @@ def test_daemonset_security_and_mounts() -> None:
 
 
 # -- container -------------------------------------------------------------------------------
+
 
 def test_containerfile() -> None:
     pytest.importorskip("dockerfile_parse", reason="dockerfile-parse is not installed (test extra)")
@@ -388,6 +416,7 @@ def test_hadolint() -> None:
 
 # -- health checks and Slurm scripts against real daemons ----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def live_daemon(mdaemon: Any) -> Any:
     return mdaemon  # conftest's one daemon per module
@@ -407,7 +436,7 @@ def _ping_snippets(endpoint: str, *, fast: bool = False) -> dict[str, list[str]]
     probe = c["readinessProbe"]["exec"]["command"]
     assert c["livenessProbe"]["exec"]["command"] == probe
     (health,) = [i["value"] for i in _dockerfile_structure() if i["instruction"] == "HEALTHCHECK"]
-    health_cmd = json.loads(health[health.index("CMD") + 3:].strip())
+    health_cmd = json.loads(health[health.index("CMD") + 3 :].strip())
     sbatch_ping = re.search(r"^ping='(.*?)'$", SBATCH.read_text(), re.DOTALL | re.MULTILINE).group(1)  # type: ignore[union-attr]
     out = {}
     for name, argv in [("kubernetes-probe", probe), ("container-healthcheck", health_cmd)]:
@@ -474,12 +503,14 @@ def test_prolog_fails_when_the_daemon_stopped(tmp_path: Path) -> None:
 
 
 def test_taskprolog(live_daemon: DaemonProc, tmp_path: Path) -> None:
-    sock = live_daemon.endpoint[len("ipc://"):]
+    sock = live_daemon.endpoint[len("ipc://") :]
     r = _run(["bash", str(TASKPROLOG)], env=_script_env(MATSPOOL_NODE_SOCKET=sock))
     assert r.returncode == 0 and r.stdout == f"export MATSPOOL_ENDPOINT=ipc://{sock}\n"
     # the user's own endpoint stays
-    r = _run(["bash", str(TASKPROLOG)], env=_script_env(MATSPOOL_NODE_SOCKET=sock,
-                                                        MATSPOOL_ENDPOINT="ipc:///elsewhere"))
+    r = _run(
+        ["bash", str(TASKPROLOG)],
+        env=_script_env(MATSPOOL_NODE_SOCKET=sock, MATSPOOL_ENDPOINT="ipc:///elsewhere"),
+    )
     assert r.returncode == 0 and r.stdout == ""
     # no daemon on the node: nothing exported, a note for the job's output
     r = _run(["bash", str(TASKPROLOG)], env=_script_env(MATSPOOL_NODE_SOCKET=str(tmp_path / "none")))
@@ -524,6 +555,7 @@ def test_epilog_removes_only_dead_rings_of_the_jobs_user() -> None:
 
 # -- the per-job pattern, end to end with a stand-in srun ------------------------------------------
 
+
 @pytest.fixture
 def fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """PATH with an srun that runs its command here (dropping srun's options, which the script
@@ -542,15 +574,20 @@ def fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path]:
     (tmp_path / "out").mkdir()
     env = _script_env(
         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1", USER="tester",
-        MATSPOOL_ROOT=str(tmp_path / "out"), MATSPOOL_SOCK_DIR=str(tmp_path / "s"),
-        MATSPOOL_RING_BYTES=str(1 << 20), MATSPOOL_READY_TIMEOUT="30",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="1",
+        USER="tester",
+        MATSPOOL_ROOT=str(tmp_path / "out"),
+        MATSPOOL_SOCK_DIR=str(tmp_path / "s"),
+        MATSPOOL_RING_BYTES=str(1 << 20),
+        MATSPOOL_READY_TIMEOUT="30",
     )
     return env, log
 
 
-def test_sbatch_runs_the_job_against_its_own_daemon(fake_slurm: tuple[dict[str, str], Path],
-                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sbatch_runs_the_job_against_its_own_daemon(
+    fake_slurm: tuple[dict[str, str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env, log = fake_slurm
     target = tmp_path / "out" / "u.mat"
     job = (
@@ -582,8 +619,9 @@ def test_sbatch_passes_on_the_jobs_failure(fake_slurm: tuple[dict[str, str], Pat
     assert not (tmp_path / "s" / "matspool.sock").exists(), "daemon left running"
 
 
-def test_sbatch_refuses_a_socket_directory_of_another_user(fake_slurm: tuple[dict[str, str], Path],
-                                                           tmp_path: Path) -> None:
+def test_sbatch_refuses_a_socket_directory_of_another_user(
+    fake_slurm: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to make a directory owned by another user")
     env, _ = fake_slurm

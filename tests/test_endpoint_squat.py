@@ -92,8 +92,9 @@ def _report(pid: int, r: int, timeout: float = 60) -> str:
 def _fake_daemon(endpoint: str, seen: str, ready: str) -> Callable[[], str]:
     """The squatter: makes the victim's default directory, binds there, answers everything
     with success, and writes down the paths it was told about."""
+
     def run() -> str:
-        path = endpoint[len("ipc://"):]
+        path = endpoint[len("ipc://") :]
         os.makedirs(os.path.dirname(path), mode=0o777, exist_ok=True)
         for d in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
             os.chmod(d, 0o777)
@@ -125,6 +126,7 @@ def _fake_daemon(endpoint: str, seen: str, ready: str) -> Callable[[], str]:
         sock.close(0)
         ctx.term()
         return "served"
+
     return run
 
 
@@ -276,8 +278,22 @@ def test_serve_checks_the_group_of_a_shared_socket_directory(tmp_path: Path) -> 
     out = tmp_path / "out"
     out.mkdir()
     endpoint = f"ipc://{sock}/matspool.sock"
-    cmd = [sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint, "--root", str(out),
-           "--group", group, "--socket-mode", "660", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "matspoold",
+        "serve",
+        "--endpoint",
+        endpoint,
+        "--root",
+        str(out),
+        "--group",
+        group,
+        "--socket-mode",
+        "660",
+        "--log-level",
+        "warning",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r
     assert r.stderr.count("\n") == 1 and "configured --group" in r.stderr and str(sock) in r.stderr, r
@@ -285,7 +301,7 @@ def test_serve_checks_the_group_of_a_shared_socket_directory(tmp_path: Path) -> 
     proc = subprocess.Popen(cmd)
     try:
         assert wait_ready(endpoint, proc)
-        st = os.stat(endpoint[len("ipc://"):])
+        st = os.stat(endpoint[len("ipc://") :])
         assert st.st_gid == grp.getgrnam(group).gr_gid and st.st_mode & 0o777 == 0o660
     finally:
         proc.terminate()

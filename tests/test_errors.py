@@ -117,8 +117,9 @@ BAD_VALUES: list[tuple[str, Callable[[], Any], str]] = [
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
-@pytest.mark.parametrize(("make", "said"), [(m, s) for _, m, s in BAD_VALUES],
-                         ids=[i for i, _, _ in BAD_VALUES])
+@pytest.mark.parametrize(
+    ("make", "said"), [(m, s) for _, m, s in BAD_VALUES], ids=[i for i, _, _ in BAD_VALUES]
+)
 def test_unsupported_type(mspool: matspool.Spool, root: Path, make: Callable[[], Any], said: str) -> None:
     with pytest.raises(matspool.UnsupportedTypeError) as ei:
         mspool.save(root / "x.mat", {"fine": np.ones(2), "bad": make()})
@@ -132,11 +133,22 @@ def test_unsupported_type(mspool: matspool.Spool, root: Path, make: Callable[[],
 
 
 # -- bad options ----------------------------------------------------------------------------
-@pytest.mark.parametrize(("option", "value"), [
-    ("format", "v4"), ("format", "V5"), ("format", "7.4"), ("format", None), ("format", ["v5"]),
-    ("layout", "chw"), ("layout", "column"), ("layout", None),
-    ("oned_as", "col"), ("oned_as", "rows"), ("oned_as", 1),
-])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("format", "v4"),
+        ("format", "V5"),
+        ("format", "7.4"),
+        ("format", None),
+        ("format", ["v5"]),
+        ("layout", "chw"),
+        ("layout", "column"),
+        ("layout", None),
+        ("oned_as", "col"),
+        ("oned_as", "rows"),
+        ("oned_as", 1),
+    ],
+)
 def test_bad_option_value_error(mspool: matspool.Spool, root: Path, option: str, value: Any) -> None:
     with pytest.raises(ValueError) as ei:
         mspool.save(root / "x.mat", {"x": np.ones(3)}, **{option: value})
@@ -159,10 +171,13 @@ def test_fsync_must_be_bool(mspool: matspool.Spool, root: Path) -> None:
     assert_serves(mspool, root)
 
 
-@pytest.mark.parametrize(("kwargs", "said"), [
-    ({"on_full": "drop"}, "on_full"),
-    ({"timeout": -1}, "timeout"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "said"),
+    [
+        ({"on_full": "drop"}, "on_full"),
+        ({"timeout": -1}, "timeout"),
+    ],
+)
 def test_bad_spool_arguments(mdaemon: DaemonProc, kwargs: dict[str, Any], said: str) -> None:
     before = set(glob.glob(f"/dev/shm/matspool-{os.getpid()}-*"))
     with pytest.raises(ValueError, match=said):
@@ -186,8 +201,9 @@ def test_path_outside_root_absolute(mspool: matspool.Spool, root: Path, outside:
     assert_serves(mspool, root)
 
 
-def test_path_outside_root_dotdot(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
-                                  outside: Path) -> None:
+def test_path_outside_root_dotdot(
+    mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, outside: Path
+) -> None:
     rel = os.path.relpath(outside, root)
     assert rel.startswith("..")
     target = f"{root}/{rel}/x.mat"
@@ -205,15 +221,15 @@ def test_path_through_symlinked_directory(mspool: matspool.Spool, root: Path, ou
     assert list(outside.iterdir()) == []
     # deeper, and via a symlink to a parent of the root
     (root / "up").symlink_to(root.parent.parent, target_is_directory=True)
-    err = _expect_future_error(mspool.save(root / "up" / "y.mat", {"x": 1.0}),
-                               matspool.PathNotAllowedError)
+    err = _expect_future_error(mspool.save(root / "up" / "y.mat", {"x": 1.0}), matspool.PathNotAllowedError)
     assert list(outside.iterdir()) == []
     assert not (root.parent.parent / "y.mat").exists()
     assert_serves(mspool, root)
 
 
-def test_directory_swapped_for_a_symlink_after_a_save(mspool: matspool.Spool, root: Path,
-                                                      outside: Path) -> None:
+def test_directory_swapped_for_a_symlink_after_a_save(
+    mspool: matspool.Spool, root: Path, outside: Path
+) -> None:
     """The daemon remembers directories it has checked; one replaced by a symlink leading
     out of the root (the directory itself, or the link a client wrote through) is checked
     again, not trusted."""
@@ -240,8 +256,9 @@ def test_directory_swapped_for_a_symlink_after_a_save(mspool: matspool.Spool, ro
     assert_serves(mspool, root)
 
 
-def test_symlink_at_the_final_name_is_replaced_not_followed(mspool: matspool.Spool, root: Path,
-                                                            outside: Path) -> None:
+def test_symlink_at_the_final_name_is_replaced_not_followed(
+    mspool: matspool.Spool, root: Path, outside: Path
+) -> None:
     victim = outside / "victim.txt"
     victim.write_bytes(b"precious")
     (root / "evil.mat").symlink_to(victim)
@@ -473,9 +490,11 @@ def test_flush_raises_flush_error_for_a_failed_save(mspool: matspool.Spool, root
 
 def test_flush_collects_every_failure(mspool: matspool.Spool, root: Path, outside: Path) -> None:
     drain(mspool)
-    futs = [mspool.save(root / "missing" / "a.mat", {"x": 1.0}),
-            mspool.save(root / "ok.mat", {"x": 1.0}),
-            mspool.save(outside / "b.mat", {"x": 1.0})]
+    futs = [
+        mspool.save(root / "missing" / "a.mat", {"x": 1.0}),
+        mspool.save(root / "ok.mat", {"x": 1.0}),
+        mspool.save(outside / "b.mat", {"x": 1.0}),
+    ]
     with pytest.raises(matspool.FlushError) as ei:
         mspool.flush(10)
     kinds = sorted(type(e).__name__ for e in ei.value.errors)
@@ -527,20 +546,32 @@ def test_one_done_answers_several_saves(fake: ZmqFake, tmp_path: Path) -> None:
         assert s._ring.used == 0
 
 
-@pytest.mark.parametrize("bad_reply", [
-    {"op": "DONE", "seq": [0], "nbytes": 1},  # unhashable seq
-    {"op": "DONE", "seq": 0, "nbytes": "many"},
-    {"op": "DONE", "seq": 0, "nbytes": None},
-    {"op": "WELCOME!"},
-    {"op": "DONE"},
-    {"op": "DONE", "done": "all"},
-    {"op": "DONE", "done": [[0]]},
-    {"op": "DONE", "done": [[[0], 1]]},
-    {"op": "DONE", "done": [None]},
-], ids=["seq_list", "nbytes_str", "nbytes_null", "unknown_op", "no_seq", "done_str", "done_short",
-        "done_seq_list", "done_null"])
-def test_client_survives_malformed_replies(fake: ZmqFake, tmp_path: Path,
-                                           bad_reply: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "bad_reply",
+    [
+        {"op": "DONE", "seq": [0], "nbytes": 1},  # unhashable seq
+        {"op": "DONE", "seq": 0, "nbytes": "many"},
+        {"op": "DONE", "seq": 0, "nbytes": None},
+        {"op": "WELCOME!"},
+        {"op": "DONE"},
+        {"op": "DONE", "done": "all"},
+        {"op": "DONE", "done": [[0]]},
+        {"op": "DONE", "done": [[[0], 1]]},
+        {"op": "DONE", "done": [None]},
+    ],
+    ids=[
+        "seq_list",
+        "nbytes_str",
+        "nbytes_null",
+        "unknown_op",
+        "no_seq",
+        "done_str",
+        "done_short",
+        "done_seq_list",
+        "done_null",
+    ],
+)
+def test_client_survives_malformed_replies(fake: ZmqFake, tmp_path: Path, bad_reply: dict[str, Any]) -> None:
     with matspool.Spool(fake.endpoint, ring_bytes=1 << 20, timeout=30) as s:
         fut = s.save(tmp_path / "a.mat", {"x": 1.0})
         _wait_for(lambda: fake.daemon.n_writes() == 1)
@@ -675,15 +706,29 @@ GARBAGE: list[tuple[str, list[bytes]]] = [
     ("batch_in_batch", [TAG, b'{"op":"BATCH","msgs":[{"op":"BATCH","msgs":[]}]}']),
     ("batch_of_strings", [TAG, b'{"op":"BATCH","msgs":["WRITE"]}']),
     ("batch_too_long", [TAG, json.dumps({"op": "BATCH", "msgs": [{"op": "WRITE"}] * 4097}).encode()]),
-    ("write_before_hello", [TAG, json.dumps({
-        "op": "WRITE", "seq": 1, "path": "/tmp/x.mat", "format": "v5", "fsync": False,
-        "vars": [{"name": "x", "dtype": "<f8", "dims": [1, 1], "offset": 0, "nbytes": 8}]}).encode()]),
+    (
+        "write_before_hello",
+        [
+            TAG,
+            json.dumps(
+                {
+                    "op": "WRITE",
+                    "seq": 1,
+                    "path": "/tmp/x.mat",
+                    "format": "v5",
+                    "fsync": False,
+                    "vars": [{"name": "x", "dtype": "<f8", "dims": [1, 1], "offset": 0, "nbytes": 8}],
+                }
+            ).encode(),
+        ],
+    ),
 ]
 
 
 @pytest.mark.parametrize("frames", [f for _, f in GARBAGE], ids=[i for i, _ in GARBAGE])
-def test_garbage_is_answered_with_err(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw,
-                                      root: Path, frames: list[bytes]) -> None:
+def test_garbage_is_answered_with_err(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, frames: list[bytes]
+) -> None:
     reply = raw.ask(frames)
     if frames[-1].startswith(b'{"op": "WRITE", "seq": 1'):  # well formed, but no HELLO yet
         assert_err(reply, "unknown_client", seq=1)
@@ -696,8 +741,9 @@ def test_garbage_is_answered_with_err(mdaemon: DaemonProc, mspool: matspool.Spoo
     assert_daemon_serves(mdaemon, mspool, root)
 
 
-def test_oversized_message_is_dropped(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw,
-                                      root: Path) -> None:
+def test_oversized_message_is_dropped(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path
+) -> None:
     reply = raw.ask([TAG, b" " * (proto.MAX_MESSAGE_BYTES + 8192)], wait=1.0)
     if reply is not None:
         assert_err(reply, "protocol")
@@ -721,8 +767,12 @@ def test_a_flood_of_garbage(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Ra
 
 
 def _hello(of: Ring | None = None, **over: Any) -> dict[str, Any]:
-    msg: dict[str, Any] = {"op": "HELLO", "ring": of.name if of else "matspool-x",
-                           "ring_bytes": of.size if of else 4096, "pid": os.getpid()}
+    msg: dict[str, Any] = {
+        "op": "HELLO",
+        "ring": of.name if of else "matspool-x",
+        "ring_bytes": of.size if of else 4096,
+        "pid": os.getpid(),
+    }
     if of is not None and of.kind == "memfd":
         msg["fd"] = of.fd
     msg.update(over)
@@ -768,16 +818,19 @@ BAD_HELLOS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("over", "code"), [(o, c) for _, o, c in BAD_HELLOS],
-                         ids=[i for i, _, _ in BAD_HELLOS])
-def test_bad_hello(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path,
-                   over: dict[str, Any], code: str) -> None:
+@pytest.mark.parametrize(
+    ("over", "code"), [(o, c) for _, o, c in BAD_HELLOS], ids=[i for i, _, _ in BAD_HELLOS]
+)
+def test_bad_hello(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, over: dict[str, Any], code: str
+) -> None:
     assert_err(raw.send(_hello(**over)), code)
     assert_daemon_serves(mdaemon, mspool, root)
 
 
-def test_hello_with_the_wrong_size(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw,
-                                   root: Path, ring: Ring) -> None:
+def test_hello_with_the_wrong_size(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, ring: Ring
+) -> None:
     reply = raw.send(_hello(ring, ring_bytes=ring.size * 2))
     assert_err(reply, "ring")
     assert str(ring.size) in reply["message"]
@@ -785,9 +838,9 @@ def test_hello_with_the_wrong_size(mdaemon: DaemonProc, mspool: matspool.Spool, 
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
-def test_hello_with_a_ring_that_is_not_a_segment(mdaemon: DaemonProc, mspool: matspool.Spool,
-                                                 raw: Raw, root: Path, shm_junk: list[str],
-                                                 kind: str) -> None:
+def test_hello_with_a_ring_that_is_not_a_segment(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, shm_junk: list[str], kind: str
+) -> None:
     name = f"matspool-{os.getpid()}-junk{kind}"
     path = f"/dev/shm/{name}"
     shm_junk.append(path)
@@ -809,10 +862,24 @@ class Writer:
         self.raw, self.ring = raw, ring
         assert raw.send(_hello(ring))["op"] == "WELCOME"
 
-    def write(self, path: str, *, seq: int = 7, fmt: str = "v5", fsync: bool = False,
-              vars: list[dict[str, Any]] | None = None, **over: Any) -> dict[str, Any] | None:
-        msg = {"op": "WRITE", "seq": seq, "path": path, "format": fmt, "fsync": fsync,
-               "vars": vars if vars is not None else [var()]}
+    def write(
+        self,
+        path: str,
+        *,
+        seq: int = 7,
+        fmt: str = "v5",
+        fsync: bool = False,
+        vars: list[dict[str, Any]] | None = None,
+        **over: Any,
+    ) -> dict[str, Any] | None:
+        msg = {
+            "op": "WRITE",
+            "seq": seq,
+            "path": path,
+            "format": fmt,
+            "fsync": fsync,
+            "vars": vars if vars is not None else [var()],
+        }
         msg.update(over)
         return self.raw.send(msg)
 
@@ -872,10 +939,18 @@ BAD_WRITES: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("over", "code"), [(o, c) for _, o, c in BAD_WRITES],
-                         ids=[i for i, _, _ in BAD_WRITES])
-def test_bad_write(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, ring: Ring,
-                   over: dict[str, Any], code: str) -> None:
+@pytest.mark.parametrize(
+    ("over", "code"), [(o, c) for _, o, c in BAD_WRITES], ids=[i for i, _, _ in BAD_WRITES]
+)
+def test_bad_write(
+    mdaemon: DaemonProc,
+    mspool: matspool.Spool,
+    raw: Raw,
+    root: Path,
+    ring: Ring,
+    over: dict[str, Any],
+    code: str,
+) -> None:
     assert ring.size == RING
     w = Writer(raw, ring)
     over = dict(over)
@@ -891,25 +966,40 @@ def test_bad_write(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: 
     # the same client, same ring: a good WRITE goes through
     x = np.arange(6, dtype="<f8").reshape(2, 3)
     ring.array[:48] = np.asfortranarray(x).reshape(-1, order="F").view(np.uint8)
-    assert w.write(f"{root}/ok.mat", seq=8) == {"op": "DONE", "seq": 8,
-                                                "nbytes": os.path.getsize(root / "ok.mat")}
+    assert w.write(f"{root}/ok.mat", seq=8) == {
+        "op": "DONE",
+        "seq": 8,
+        "nbytes": os.path.getsize(root / "ok.mat"),
+    }
     np.testing.assert_array_equal(scipy.io.loadmat(root / "ok.mat")["x"], x)
     assert_daemon_serves(mdaemon, mspool, root)
 
 
-def test_batch_answers_each_write(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path,
-                                  ring: Ring) -> None:
+def test_batch_answers_each_write(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, ring: Ring
+) -> None:
     """A BATCH is its WRITEs one by one: a bad one gets its own ERR, the others are written."""
     Writer(raw, ring)
     x = np.arange(6, dtype="<f8").reshape(2, 3)
     ring.array[:48] = np.asfortranarray(x).reshape(-1, order="F").view(np.uint8)
 
     def write(seq: int, name: str, **over: Any) -> dict[str, Any]:
-        return {"op": "WRITE", "seq": seq, "path": f"{root}/{name}", "format": "v5", "fsync": False,
-                "vars": [var(**over)]}
+        return {
+            "op": "WRITE",
+            "seq": seq,
+            "path": f"{root}/{name}",
+            "format": "v5",
+            "fsync": False,
+            "vars": [var(**over)],
+        }
 
-    msgs = [write(1, "a.mat"), write(2, "b.mat", offset=RING + 8), write(3, "c.mat", dtype="float64"),
-            write(4, "d.mat"), {"op": "WRITE", "seq": 5}]
+    msgs = [
+        write(1, "a.mat"),
+        write(2, "b.mat", offset=RING + 8),
+        write(3, "c.mat", dtype="float64"),
+        write(4, "d.mat"),
+        {"op": "WRITE", "seq": 5},
+    ]
     raw.sock.send_multipart([TAG, json.dumps({"op": "BATCH", "msgs": msgs}).encode()])
     answers: dict[int, dict[str, Any]] = {}
     while len(answers) < 5:
@@ -926,8 +1016,9 @@ def test_batch_answers_each_write(mdaemon: DaemonProc, mspool: matspool.Spool, r
 
 
 @pytest.mark.parametrize("seq", [-1, True, 1.5, "7", None, 2**64])
-def test_bad_seq(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, ring: Ring,
-                 seq: Any) -> None:
+def test_bad_seq(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, ring: Ring, seq: Any
+) -> None:
     w = Writer(raw, ring)
     # the reply echoes a seq only if it is a non-negative integer
     echo = seq if type(seq) is int and seq >= 0 else -1
@@ -936,8 +1027,9 @@ def test_bad_seq(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Pa
     assert_daemon_serves(mdaemon, mspool, root)
 
 
-def test_write_after_bye_needs_a_new_hello(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw,
-                                           root: Path, ring: Ring) -> None:
+def test_write_after_bye_needs_a_new_hello(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, ring: Ring
+) -> None:
     w = Writer(raw, ring)
     raw.sock.send_multipart(proto.encode({"op": "BYE"}))
     reply = w.write(f"{root}/x.mat")
@@ -947,8 +1039,9 @@ def test_write_after_bye_needs_a_new_hello(mdaemon: DaemonProc, mspool: matspool
     assert_daemon_serves(mdaemon, mspool, root)
 
 
-def test_ring_truncated_by_its_client(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw,
-                                      root: Path) -> None:
+def test_ring_truncated_by_its_client(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path
+) -> None:
     ring = Ring(1 << 20, kind="shm")  # a memfd ring cannot be truncated at all (test_ring_attacks)
     w = Writer(raw, ring)
     os.truncate(ring.path, 4096)  # reading a mapping past here would be SIGBUS
@@ -961,8 +1054,9 @@ def test_ring_truncated_by_its_client(mdaemon: DaemonProc, mspool: matspool.Spoo
     assert_daemon_serves(mdaemon, mspool, root)
 
 
-def test_hello_with_a_pid_that_did_not_create_the_ring(raw: Raw, ring: Ring, mdaemon: DaemonProc,
-                                                      mspool: matspool.Spool, root: Path) -> None:
+def test_hello_with_a_pid_that_did_not_create_the_ring(
+    raw: Raw, ring: Ring, mdaemon: DaemonProc, mspool: matspool.Spool, root: Path
+) -> None:
     """Dead-client reaping unlinks rings by pid: a client may not claim another pid's ring.
     (A memfd ring is reached through its pid: another pid's descriptor is not the ring.)"""
     shm = Ring(1 << 20, kind="shm")
@@ -989,6 +1083,7 @@ def test_bytes_and_bad_paths_fail_at_save(mspool: matspool.Spool, root: Path) ->
 
 # -- ERR carries the OS errno of the failure ---------------------------------------------------
 
+
 def _mount_tmpfs(path: Path, size: str) -> None:
     import shutil
     import subprocess
@@ -996,20 +1091,22 @@ def _mount_tmpfs(path: Path, size: str) -> None:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root and mount to make a small tmpfs")
     path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("case", ["ENOENT", "ENOSPC_v5", "ENOSPC_v7.3"])
-def test_err_carries_the_os_errno(mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path,
-                                  ring: Ring, case: str) -> None:
+def test_err_carries_the_os_errno(
+    mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, ring: Ring, case: str
+) -> None:
     import errno
     import subprocess
 
     w = Writer(raw, ring)
     big = var(dims=[256, 256], nbytes=256 * 256 * 8)  # 512 KiB: more than a 64 KiB disk
-    ring.array[:big["nbytes"]] = 1
+    ring.array[: big["nbytes"]] = 1
     if case == "ENOENT":
         reply = w.write(str(root / "no-such-dir" / "x.mat"))
     else:

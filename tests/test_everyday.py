@@ -28,16 +28,24 @@ from readback import read
 HERE = Path(__file__).resolve().parent
 
 
-def _run_python(code: str, *, timeout: float = 120, env: dict[str, str] | None = None,
-                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run_python(
+    code: str, *, timeout: float = 120, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     full = dict(os.environ)
     full.pop("MATSPOOL_ENDPOINT", None)
     full.update(env or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout, env=full, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full,
+        cwd=cwd,
+    )
 
 
 # -- one embedded daemon per process; a dropped spool frees its ring --------------------------
+
 
 def test_many_spools_share_one_embedded_daemon_and_free_their_rings(tmp_path: Path) -> None:
     r = _run_python(f"""
@@ -107,6 +115,7 @@ def test_spools_alive_together_share_one_daemon(tmp_path: Path) -> None:
 
 # -- a wrong endpoint fails Spool() in seconds, saying what to do ----------------------------
 
+
 def test_endpoint_without_scheme_is_refused_at_once() -> None:
     t0 = time.monotonic()
     with pytest.raises(matspool.InvalidOptionError, match=r"/tmp/x\.sock.*ipc://"):
@@ -142,8 +151,20 @@ def test_stale_socket_file_fails_fast(tmp_path: Path) -> None:
 def test_daemon_that_starts_late_is_still_reached(tmp_path: Path) -> None:
     """The grace period: a job script starting the daemon and the client together."""
     endpoint = f"ipc://{tmp_path}/late.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
-                             "--root", str(tmp_path), "--log-level", "warning"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            str(tmp_path),
+            "--log-level",
+            "warning",
+        ]
+    )
     try:
         with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30) as spool:
             spool.save(tmp_path / "late.mat", {"x": 1.0}).result(30)
@@ -154,10 +175,16 @@ def test_daemon_that_starts_late_is_still_reached(tmp_path: Path) -> None:
 
 # -- Python ints as MATLAB double, on request ---------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["v5", "v7.3"])
 def test_int_as_double(spool: Any, out_dir: Path, daemon: Any, fmt: str) -> None:
-    values: dict[str, Any] = {"step": 7, "counts": [1, 2, 3], "flag": True, "t": 0.5,
-                              "arr": np.array([4, 5], dtype=np.int32)}
+    values: dict[str, Any] = {
+        "step": 7,
+        "counts": [1, 2, 3],
+        "flag": True,
+        "t": 0.5,
+        "arr": np.array([4, 5], dtype=np.int32),
+    }
     if fmt == "v5":  # (the v7.3 reader here reads plain datasets only)
         values["meta"] = {"n": 2**53, "label": "x"}
     spool.save(out_dir / "d.mat", values, format=fmt, int_as="double").result(30)
@@ -196,15 +223,20 @@ _SLOW_CLIENT = """
 
 
 @pytest.mark.parametrize("call", ["close", "flush"])
-def test_ctrl_c_says_what_the_wait_is_for_and_twice_abandons(tmp_path: Path, out_dir: Path,
-                                                              call: str) -> None:
+def test_ctrl_c_says_what_the_wait_is_for_and_twice_abandons(
+    tmp_path: Path, out_dir: Path, call: str
+) -> None:
     d = start_daemon(out_dir, tmp_path / "sock", "--writers", "1", "--debug-write-delay", "1.0")
     env = {**os.environ, "MATSPOOL_PROGRESS": "0"}
     env.pop("MATSPOOL_ENDPOINT", None)
     try:
-        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_CLIENT), d.endpoint,
-                              str(out_dir), call],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        p = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_SLOW_CLIENT), d.endpoint, str(out_dir), call],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "waiting"
         time.sleep(1.0)
@@ -248,7 +280,11 @@ def test_slow_flush_shows_tqdm_progress_quick_one_does_not(tmp_path: Path, out_d
             env = {**os.environ, "MATSPOOL_PROGRESS": setting}
             runs[setting] = subprocess.run(
                 [sys.executable, "-c", textwrap.dedent(code), d.endpoint, str(out_dir)],
-                capture_output=True, text=True, timeout=120, env=env)
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
     finally:
         d.stop()
     shown = runs["1"]

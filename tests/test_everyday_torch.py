@@ -25,9 +25,11 @@ class _Tagged(torch.Tensor):  # type: ignore[misc]
 @pytest.mark.parametrize("fmt", ["v5", "v7.3"])
 def test_tensor_subclasses_saved_as_tensors(spool: Any, out_dir: Path, fmt: str) -> None:
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    values = {"tagged": base.as_subclass(_Tagged),
-              "param": torch.nn.Parameter(base * 2),
-              "double": (base.double() + 0.5).as_subclass(_Tagged)}
+    values = {
+        "tagged": base.as_subclass(_Tagged),
+        "param": torch.nn.Parameter(base * 2),
+        "double": (base.double() + 0.5).as_subclass(_Tagged),
+    }
     spool.save(out_dir / "sub.mat", values, format=fmt).result(30)
     want = {k: v.detach().as_subclass(torch.Tensor).numpy() for k, v in values.items()}
     assert_variables(read(out_dir / "sub.mat", fmt), want)
@@ -35,8 +37,11 @@ def test_tensor_subclasses_saved_as_tensors(spool: Any, out_dir: Path, fmt: str)
 
 @pytest.mark.parametrize("fmt", ["v5", "v7.3"])
 def test_float8_widens_exactly_to_single(spool: Any, out_dir: Path, fmt: str) -> None:
-    kinds = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                         "float8_e5m2fnuz") if hasattr(torch, n)]
+    kinds = [
+        getattr(torch, n)
+        for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+        if hasattr(torch, n)
+    ]
     assert kinds, "this torch has no float8 types"
     src = torch.tensor([0.0, 1.0, -2.5, 0.125, 448.0, -0.001953125, 3.0e-3, 57344.0])
     values = {f"v{i}": src.to(k) for i, k in enumerate(kinds)}

@@ -45,10 +45,24 @@ def _start(out: Path, sock: Path, nofile: int | None = None) -> tuple[str, subpr
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    proc = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
-                             "--root", str(out), "--log-level", "warning"], preexec_fn=limit,
-                            stderr=subprocess.PIPE, text=True,  # serve refuses unknown MATSPOOL_*
-                            env={k: v for k, v in os.environ.items() if k != "MATSPOOL_ATTACK_SECONDS"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            str(out),
+            "--log-level",
+            "warning",
+        ],
+        preexec_fn=limit,
+        stderr=subprocess.PIPE,
+        text=True,  # serve refuses unknown MATSPOOL_*
+        env={k: v for k, v in os.environ.items() if k != "MATSPOOL_ATTACK_SECONDS"},
+    )
     assert wait_ready(endpoint, proc)
     return endpoint, proc
 
@@ -137,8 +151,9 @@ def honest_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ca
         p.wait(30)
 
 
-def _run_attack(proc: subprocess.Popen, honest: Honest, attack: Callable[[threading.Event], None],
-                name: str) -> dict[str, float]:
+def _run_attack(
+    proc: subprocess.Popen, honest: Honest, attack: Callable[[threading.Event], None], name: str
+) -> dict[str, float]:
     time.sleep(3)  # warm: the honest client alone
     base = honest.take()
     rss0, fds0 = _rss_mib(proc.pid), _fds(proc.pid)
@@ -151,10 +166,18 @@ def _run_attack(proc: subprocess.Popen, honest: Honest, attack: Callable[[thread
     under = honest.take()
     stop.set()
     t.join(30)
-    result = {"rss_start_mib": rss0, "rss_end_mib": rss1, "fds_start": fds0, "fds_end": fds1,
-              "p50_ms_alone": _pct(base, 50), "p99_ms_alone": _pct(base, 99),
-              "p50_ms_attack": _pct(under, 50), "p99_ms_attack": _pct(under, 99),
-              "saves_alone": len(base), "saves_attack": len(under)}
+    result = {
+        "rss_start_mib": rss0,
+        "rss_end_mib": rss1,
+        "fds_start": fds0,
+        "fds_end": fds1,
+        "p50_ms_alone": _pct(base, 50),
+        "p99_ms_alone": _pct(base, 99),
+        "p50_ms_attack": _pct(under, 50),
+        "p99_ms_attack": _pct(under, 99),
+        "saves_alone": len(base),
+        "saves_attack": len(under),
+    }
     print(f"\n{name} ({SECONDS:.0f} s): " + ", ".join(f"{k}={v:.1f}" for k, v in result.items()))
     assert not honest.failures, honest.failures[:3]
     assert under, "the honest client saved nothing during the attack"
@@ -195,7 +218,7 @@ def test_client_that_never_reads_cannot_grow_the_daemon(honest_daemon) -> None:
 
 def test_connection_flood_at_the_descriptor_limit(honest_daemon) -> None:
     endpoint, proc, honest = honest_daemon(nofile=1024)
-    path = endpoint[len("ipc://"):]
+    path = endpoint[len("ipc://") :]
 
     def attack(stop: threading.Event) -> None:
         held: list[socket.socket] = []

@@ -75,7 +75,8 @@ def test_all_names_are_exported() -> None:
 
 def test_every_public_attribute_is_in_all() -> None:
     public = {
-        name for name, value in vars(matspool).items()
+        name
+        for name, value in vars(matspool).items()
         if not name.startswith("_")
         and not (isinstance(value, types.ModuleType) and value.__name__.startswith("matspool."))
     }
@@ -105,10 +106,13 @@ def test_module_declares_all(module: str, path: Path) -> None:
     """A literal list of strings assigned at top level, each naming something the module defines."""
     tree = ast.parse(path.read_text(), str(path))
     declared = [
-        node.value for node in tree.body
+        node.value
+        for node in tree.body
         if isinstance(node, (ast.Assign, ast.AnnAssign))
-        and any(isinstance(t, ast.Name) and t.id == "__all__"
-                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))
+        and any(
+            isinstance(t, ast.Name) and t.id == "__all__"
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        )
     ]
     if path.name == "__main__.py" and not declared:
         # the entry script of ``python -m matspoold``: it defines nothing to export

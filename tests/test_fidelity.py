@@ -44,8 +44,13 @@ def save(spool: matspool.Spool, path: Path, variables: dict[str, Any], fmt: str)
 
 
 def octave(script: str) -> str:
-    out = subprocess.run([OCTAVE, "--no-gui", "--quiet", "--no-init-file", "--eval", script],  # type: ignore[list-item]
-                         check=False, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [OCTAVE, "--no-gui", "--quiet", "--no-init-file", "--eval", script],  # type: ignore[list-item]
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -55,21 +60,21 @@ def v5_elements(path: Path) -> dict[str, list[tuple[int, int, bytes]]]:
     raw = path.read_bytes()
     out, pos = {}, 128
     while pos < len(raw):
-        mi, n = struct.unpack("<II", raw[pos:pos + 8])
-        body = raw[pos + 8:pos + 8 + n]
+        mi, n = struct.unpack("<II", raw[pos : pos + 8])
+        body = raw[pos + 8 : pos + 8 + n]
         pos += 8 + n + (-n % 8)
         if mi == 15:
             body = zlib.decompress(body)
             mi, n = struct.unpack("<II", body[:8])
-            body = body[8:8 + n]
+            body = body[8 : 8 + n]
         subs, p = [], 0
         while p < len(body):
-            st, sn = struct.unpack("<II", body[p:p + 8])
+            st, sn = struct.unpack("<II", body[p : p + 8])
             if st >> 16:
-                subs.append((st & 0xFFFF, st >> 16, body[p + 4:p + 4 + (st >> 16)]))
+                subs.append((st & 0xFFFF, st >> 16, body[p + 4 : p + 4 + (st >> 16)]))
                 p += 8
                 continue
-            subs.append((st, sn, body[p + 8:p + 8 + sn]))
+            subs.append((st, sn, body[p + 8 : p + 8 + sn]))
             p += 8 + sn + (-sn % 8)
         out[subs[2][2].decode()] = subs
     return out
@@ -102,11 +107,11 @@ def test_text_v5_as_matlab_writes_it(mspool: matspool.Spool, root: Path) -> None
             assert mi == 17 and data == text.encode("utf-16-le"), name  # miUTF16, as MATLAB
     who = {n: (s, c) for n, s, c in scipy.io.whosmat(p)}
     assert who["emoji"][1] == "char"  # (whosmat does not report char sizes)
-    m = scipy.io.loadmat(p, uint16_codec="utf-16-le", chars_as_strings=False,
-                         variable_names=["bmp", "nul", "ascii", "long"])
+    m = scipy.io.loadmat(
+        p, uint16_codec="utf-16-le", chars_as_strings=False, variable_names=["bmp", "nul", "ascii", "long"]
+    )
     assert "".join(m["bmp"].ravel()) == TEXT["bmp"] and "".join(m["long"].ravel()) == TEXT["long"]
     assert m["nul"].shape == (1, 4)  # NUL survives (the bytes above); numpy shows it as ''
-
 
 
 def test_text_v73_as_matlab_writes_it(mspool: matspool.Spool, root: Path) -> None:
@@ -127,8 +132,10 @@ def test_text_v73_as_matlab_writes_it(mspool: matspool.Spool, root: Path) -> Non
 @needs_octave
 def test_octave_reads_text(mspool: matspool.Spool, root: Path) -> None:
     p = save(mspool, root / "text_oct.mat", TEXT, "v5")
-    out = octave(f"x = load('{p}'); printf('%d ', double(x.bmp)); printf('\\n'); "
-                 "printf('%d ', double(x.nul)); printf('\\n'); printf('%d ', double(x.emoji));")
+    out = octave(
+        f"x = load('{p}'); printf('%d ', double(x.bmp)); printf('\\n'); "
+        "printf('%d ', double(x.nul)); printf('\\n'); printf('%d ', double(x.emoji));"
+    )
     lines = out.split("\n")
     # Octave holds text as UTF-8 bytes: our UTF-16 decoded exactly
     assert [int(v) for v in lines[0].split()] == list(TEXT["bmp"].encode("utf-8"))
@@ -137,13 +144,17 @@ def test_octave_reads_text(mspool: matspool.Spool, root: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize(("variables", "said"), [
-    ({"bad": "a\ud800"}, "'bad'"),
-    ({"s": {"t": ["x", "\udfffz"]}}, "'s.t{2}'"),
-    ({"c": np.array(["ok", "\ud83d"])}, "'c'"),
-])
-def test_lone_surrogate_is_refused_by_name(mspool: matspool.Spool, mdaemon: DaemonProc, root: Path,
-                                           fmt: str, variables: dict[str, Any], said: str) -> None:
+@pytest.mark.parametrize(
+    ("variables", "said"),
+    [
+        ({"bad": "a\ud800"}, "'bad'"),
+        ({"s": {"t": ["x", "\udfffz"]}}, "'s.t{2}'"),
+        ({"c": np.array(["ok", "\ud83d"])}, "'c'"),
+    ],
+)
+def test_lone_surrogate_is_refused_by_name(
+    mspool: matspool.Spool, mdaemon: DaemonProc, root: Path, fmt: str, variables: dict[str, Any], said: str
+) -> None:
     with pytest.raises(matspool.InvalidVariableError) as ei:
         mspool.save(root / "bad.mat", variables, format=fmt)
     assert said in str(ei.value) and "surrogate" in str(ei.value)
@@ -158,8 +169,11 @@ def _sig(obj: h5py.HLObject, name: str) -> tuple[Any, ...]:
     aid = obj.attrs.get_id(name)
     t, s = aid.get_type(), aid.get_space()
     sup = t.get_super() if t.get_class() == h5py.h5t.VLEN else None
-    return (t.get_class(), s.get_simple_extent_type(),
-            None if sup is None else (sup.get_class(), sup.get_size(), sup.get_strpad(), sup.get_cset()))
+    return (
+        t.get_class(),
+        s.get_simple_extent_type(),
+        None if sup is None else (sup.get_class(), sup.get_size(), sup.get_strpad(), sup.get_cset()),
+    )
 
 
 def _fields(f: h5py.File, obj: h5py.HLObject) -> list[str]:
@@ -169,8 +183,12 @@ def _fields(f: h5py.File, obj: h5py.HLObject) -> list[str]:
 
 
 def test_matlab_fields_type_as_matlab(mspool: matspool.Spool, root: Path) -> None:
-    p = save(mspool, root / "s.mat", {"struct_scalar": {"name": "test", "value": 123.0,
-                                                        "data": np.array([[1.0, 2], [3, 4]])}}, "v7.3")
+    p = save(
+        mspool,
+        root / "s.mat",
+        {"struct_scalar": {"name": "test", "value": 123.0, "data": np.array([[1.0, 2], [3, 4]])}},
+        "v7.3",
+    )
     with h5py.File(p, "r") as mine, h5py.File(REFERENCE_V73, "r") as ref:
         assert _sig(mine["struct_scalar"], "MATLAB_fields") == _sig(ref["struct_scalar"], "MATLAB_fields")
         assert _fields(mine, mine["struct_scalar"]) == _fields(ref, ref["struct_scalar"])

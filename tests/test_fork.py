@@ -90,21 +90,31 @@ def _value(seed: int) -> np.ndarray:
 
 def _expected() -> dict[str, np.ndarray]:
     want = {f"parent{i}.mat": _value(i) for i in range(4)}
-    tags = [("fork", 100)] + [(f"pool{i}", 1000 + 10 * i) for i in range(8)] \
+    tags = (
+        [("fork", 100)]
+        + [(f"pool{i}", 1000 + 10 * i) for i in range(8)]
         + [(f"loader{i}", 2000 + 10 * i) for i in range(6)]
+    )
     for tag, seed in tags:
         want[f"{tag}-s.mat"] = _value(seed)
         want[f"{tag}-m.mat"] = _value(seed + 1)
     return want
 
 
-def test_forked_children_save_through_inherited_spools(daemon: DaemonProc, out_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_forked_children_save_through_inherited_spools(
+    daemon: DaemonProc, out_dir: Path, tmp_path: Path
+) -> None:
     script = tmp_path / "forks.py"
     script.write_text(_SCRIPT)
     env = {**os.environ, "MATSPOOL_ENDPOINT": daemon.endpoint}
-    proc = subprocess.run([sys.executable, str(script), str(out_dir)], capture_output=True, check=False,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out_dir)],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     parent, children = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(children) >= 3, children  # the fork, pool workers, loader workers

@@ -34,9 +34,20 @@ class Harness:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(daemon.endpoint)
-        reply = self.ask([TAG, json.dumps({"op": "HELLO", "ring": self.ring.name,
-                                           "ring_bytes": self.ring.size, "pid": os.getpid(),
-                                           "fd": self.ring.fd}).encode()])
+        reply = self.ask(
+            [
+                TAG,
+                json.dumps(
+                    {
+                        "op": "HELLO",
+                        "ring": self.ring.name,
+                        "ring_bytes": self.ring.size,
+                        "pid": os.getpid(),
+                        "fd": self.ring.fd,
+                    }
+                ).encode(),
+            ]
+        )
         assert reply is not None and reply["op"] == "WELCOME"
         self.tried = 0
         self.done: set[object] = set()
@@ -87,32 +98,51 @@ def _paths(root: Path, outside: Path) -> st.SearchStrategy[object]:
     )
 
 
-_ints = st.one_of(st.integers(-2**70, 2**70),
-                  st.sampled_from([0, 1, 63, 64, RING_BYTES - 8, RING_BYTES, RING_BYTES + 64, 2**31, 2**63]),
-                  st.booleans(), st.floats(), st.text(max_size=4))
-_dtypes = st.one_of(st.sampled_from(["<f8", "<f4", "|i1", "|b1", "<c16", "<u8"]),
-                    st.text(max_size=8), st.lists(st.integers(), max_size=2), st.none())
-_names = st.one_of(st.sampled_from(["a", "x_1", "end", "1a", "_a", "a" * 64, "ok"]),
-                   st.text(max_size=70), st.integers())
+_ints = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, 1, 63, 64, RING_BYTES - 8, RING_BYTES, RING_BYTES + 64, 2**31, 2**63]),
+    st.booleans(),
+    st.floats(),
+    st.text(max_size=4),
+)
+_dtypes = st.one_of(
+    st.sampled_from(["<f8", "<f4", "|i1", "|b1", "<c16", "<u8"]),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+    st.none(),
+)
+_names = st.one_of(
+    st.sampled_from(["a", "x_1", "end", "1a", "_a", "a" * 64, "ok"]), st.text(max_size=70), st.integers()
+)
 
 
 def _var() -> st.SearchStrategy[object]:
-    dims = st.one_of(st.lists(st.integers(0, 4), min_size=2, max_size=3),
-                     st.lists(_ints, max_size=40), st.integers(), st.text(max_size=3))
+    dims = st.one_of(
+        st.lists(st.integers(0, 4), min_size=2, max_size=3),
+        st.lists(_ints, max_size=40),
+        st.integers(),
+        st.text(max_size=3),
+    )
     return st.one_of(
-        st.fixed_dictionaries({"name": _names, "dtype": _dtypes, "dims": dims,
-                               "offset": _ints, "nbytes": _ints}),
+        st.fixed_dictionaries(
+            {"name": _names, "dtype": _dtypes, "dims": dims, "offset": _ints, "nbytes": _ints}
+        ),
         st.dictionaries(st.text(max_size=8), _ints, max_size=4),
-        st.integers(), st.none(),
+        st.integers(),
+        st.none(),
     )
 
 
 def _write(root: Path, outside: Path) -> st.SearchStrategy[dict]:
     return st.fixed_dictionaries(
-        {"op": st.just("WRITE"), "seq": _ints, "path": _paths(root, outside),
-         "format": st.one_of(st.sampled_from(["v5", "v7.3", "v4", ""]), st.integers()),
-         "fsync": st.one_of(st.booleans(), st.integers(0, 1), st.none()),
-         "vars": st.one_of(st.lists(_var(), max_size=3), st.none(), st.integers())},
+        {
+            "op": st.just("WRITE"),
+            "seq": _ints,
+            "path": _paths(root, outside),
+            "format": st.one_of(st.sampled_from(["v5", "v7.3", "v4", ""]), st.integers()),
+            "fsync": st.one_of(st.booleans(), st.integers(0, 1), st.none()),
+            "vars": st.one_of(st.lists(_var(), max_size=3), st.none(), st.integers()),
+        },
     )
 
 
@@ -132,19 +162,32 @@ def test_hostile_write_messages(harness: Harness, data: st.DataObject) -> None:
 
 
 @settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck))
-@given(frames=st.one_of(
-    st.lists(st.binary(max_size=64), min_size=1, max_size=4),
-    st.tuples(st.sampled_from([TAG, b"matspool/0", b"matspool/2", b""]),
-              st.one_of(st.binary(max_size=200),
-                        st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5),
-                                        st.none()), max_size=4).map(lambda d: json.dumps(d).encode()),
-                        st.sampled_from([b"[]", b"null", b'{"op": 5}', b'{"op": "HELLO"}',
-                                         b'{"op": "HELLO", "ring": "../../etc/passwd", '
-                                         b'"ring_bytes": 4096, "pid": 1}',
-                                         b'{"op": "HELLO", "ring": "matspool-1-nonexistent", '
-                                         b'"ring_bytes": 4096, "pid": 1}',
-                                         b"[" * 100000, b'{"op": "SHUTDOWN"}']))).map(list),
-))
+@given(
+    frames=st.one_of(
+        st.lists(st.binary(max_size=64), min_size=1, max_size=4),
+        st.tuples(
+            st.sampled_from([TAG, b"matspool/0", b"matspool/2", b""]),
+            st.one_of(
+                st.binary(max_size=200),
+                st.dictionaries(
+                    st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5), st.none()), max_size=4
+                ).map(lambda d: json.dumps(d).encode()),
+                st.sampled_from(
+                    [
+                        b"[]",
+                        b"null",
+                        b'{"op": 5}',
+                        b'{"op": "HELLO"}',
+                        b'{"op": "HELLO", "ring": "../../etc/passwd", "ring_bytes": 4096, "pid": 1}',
+                        b'{"op": "HELLO", "ring": "matspool-1-nonexistent", "ring_bytes": 4096, "pid": 1}',
+                        b"[" * 100000,
+                        b'{"op": "SHUTDOWN"}',
+                    ]
+                ),
+            ),
+        ).map(list),
+    )
+)
 def test_hostile_frames(harness: Harness, frames: list[bytes]) -> None:
     harness.tried += 1
     reply = harness.ask(frames, wait_ms=2000)

@@ -126,14 +126,20 @@ if sys.argv[5] == "close":
 
 
 @pytest.mark.parametrize("how", ["close", "exit"])
-def test_failures_nobody_looked_at_are_reported(daemon: DaemonProc, out_dir: Path, tmp_path: Path,
-                                                how: str) -> None:
+def test_failures_nobody_looked_at_are_reported(
+    daemon: DaemonProc, out_dir: Path, tmp_path: Path, how: str
+) -> None:
     """Break 7: a failed save whose future nobody inspects, then close() or a normal exit."""
     script = tmp_path / "unobserved.py"
     script.write_text(_UNOBSERVED)
     lost, good, seen = out_dir / "no" / "lost.mat", out_dir / "good.mat", out_dir / "no" / "seen.mat"
-    proc = subprocess.run([sys.executable, str(script), daemon.endpoint, str(lost), str(good),
-                           str(seen), how], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), daemon.endpoint, str(lost), str(good), str(seen), how],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert good.exists()
     if how == "close":
@@ -171,13 +177,18 @@ def test_a_client_stopped_past_the_daemons_timeout_carries_on(tmp_path: Path, ou
     """Break 3, client side: the daemon (silence decides, --no-clean-stale) drops the
     stopped client and unlinks its ring; continued, the client registers again in a new
     ring and every save lands."""
-    d = start_daemon(out_dir, tmp_path / "sock", "--no-clean-stale", "--client-timeout", "2",
-                     "--debug-write-delay", "0.1")
+    d = start_daemon(
+        out_dir, tmp_path / "sock", "--no-clean-stale", "--client-timeout", "2", "--debug-write-delay", "0.1"
+    )
     script = tmp_path / "stopped.py"
     script.write_text(_STOPPED_CLIENT)
     try:
-        proc = subprocess.Popen([sys.executable, str(script), d.endpoint, str(out_dir)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), d.endpoint, str(out_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             while not _stopped(proc.pid):
                 assert proc.poll() is None, proc.communicate()

@@ -31,8 +31,17 @@ SAMPLES: list[m.Message] = [
     m.Err(-1, "ring", "cannot open ring"),
     m.PartDone(3, 128),
     m.PartDone(3, None),
-    m.StatusReply(1, "ab", "ipc:///x", ("/a", "/b"), 1.5, 2, 3, 0, (m.ClientStatus(
-        7, "matspool-7-ab", 4096, 1, 64, 2, 100, 0, 10.0, 3.0, 0.5, 0.1, False),)),
+    m.StatusReply(
+        1,
+        "ab",
+        "ipc:///x",
+        ("/a", "/b"),
+        1.5,
+        2,
+        3,
+        0,
+        (m.ClientStatus(7, "matspool-7-ab", 4096, 1, 64, 2, 100, 0, 10.0, 3.0, 0.5, 0.1, False),),
+    ),
 ]
 
 
@@ -64,33 +73,39 @@ def test_batch_joins_encoded_writes() -> None:
     assert isinstance(batch, m.Batch) and len(batch.msgs) == 2
 
 
-@pytest.mark.parametrize("raw", [
-    {"op": "HELLO", "ring": 5, "ring_bytes": 4096, "pid": 1},
-    {"op": "HELLO", "ring": "r", "ring_bytes": 1 << 50, "pid": 1},
-    {"op": "HELLO", "ring": "r", "ring_bytes": 4096, "pid": "1"},
-    {"op": "HELLO", "ring": "r", "ring_bytes": True, "pid": 1},
-    {"op": "HELLO", "ring_bytes": 4096, "pid": 1},
-    {"op": "END", "seq": -1},
-    {"op": "END", "seq": 1, "abort": "yes"},
-    {"op": "BATCH", "msgs": []},
-    {"op": "BATCH", "msgs": [{"op": "HELLO"}]},
-    {"op": "SHUTDOWN"},
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"op": "HELLO", "ring": 5, "ring_bytes": 4096, "pid": 1},
+        {"op": "HELLO", "ring": "r", "ring_bytes": 1 << 50, "pid": 1},
+        {"op": "HELLO", "ring": "r", "ring_bytes": 4096, "pid": "1"},
+        {"op": "HELLO", "ring": "r", "ring_bytes": True, "pid": 1},
+        {"op": "HELLO", "ring_bytes": 4096, "pid": 1},
+        {"op": "END", "seq": -1},
+        {"op": "END", "seq": 1, "abort": "yes"},
+        {"op": "BATCH", "msgs": []},
+        {"op": "BATCH", "msgs": [{"op": "HELLO"}]},
+        {"op": "SHUTDOWN"},
+    ],
+)
 def test_hostile_requests_are_refused(raw: dict) -> None:
     with pytest.raises(ProtocolError):
         m.parse_request(raw, 4096)
 
 
-@pytest.mark.parametrize("body", [
-    b'{"op":"DONE","seq":[1],"nbytes":3}',
-    b'{"op":"DONE","done":[[1]]}',
-    b'{"op":"DONE","done":[[1,-2]]}',
-    b'{"op":"ERR","seq":1,"code":5,"message":"x"}',
-    b'{"op":"WELCOME","pid":1}',
-    b'{"op":"PART_DONE","seq":1,"offset":"x"}',
-    b'{"op":"STATUS","pid":1}',
-    b'{"op":"NOPE"}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"op":"DONE","seq":[1],"nbytes":3}',
+        b'{"op":"DONE","done":[[1]]}',
+        b'{"op":"DONE","done":[[1,-2]]}',
+        b'{"op":"ERR","seq":1,"code":5,"message":"x"}',
+        b'{"op":"WELCOME","pid":1}',
+        b'{"op":"PART_DONE","seq":1,"offset":"x"}',
+        b'{"op":"STATUS","pid":1}',
+        b'{"op":"NOPE"}',
+    ],
+)
 def test_hostile_replies_are_refused(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         m.decode_reply([b"matspool/1", body])

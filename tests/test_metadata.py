@@ -116,8 +116,10 @@ EXPECTED: dict[str, Any] = {
         "dt": ("double", (1, 1), np.array([[1e-3]])),
         "solver": "rk4",
         "grid": ("int64", (2, 3), np.arange(6).reshape(2, 3)),
-        "nested": {"a": ("int64", (1, 3), np.array([[1, 2, 3]])),
-                   "flag": ("logical", (1, 1), np.array([[True]]))},
+        "nested": {
+            "a": ("int64", (1, 3), np.array([[1, 2, 3]])),
+            "flag": ("logical", (1, 1), np.array([[True]])),
+        },
     },
     "step": ("int64", (1, 1), np.array([[120]])),
     "title": "run 1",
@@ -129,18 +131,32 @@ EXPECTED: dict[str, Any] = {
         "n": ("int32", (1, 1), np.array([[7]], np.int32)),
         "mask": ("logical", (1, 3), np.array([[True, False, True]])),
     },
-    "tensors": [("int16", (1, 2), np.ones((1, 2), np.int16)),
-                ("single", (1, 3), np.zeros((1, 3), np.float32))],
+    "tensors": [
+        ("int16", (1, 2), np.ones((1, 2), np.int16)),
+        ("single", (1, 3), np.zeros((1, 3), np.float32)),
+    ],
     "empty_text": "",
     "names": ["x", "yy", "zzz"],
     "table": ("int64", (2, 3), np.array([[1, 2, 3], [4, 5, 6]])),
     "nothing": {},
 }
 
-_NP = {"double": np.float64, "single": np.float32, "int16": np.int16, "int32": np.int32,
-       "int64": np.int64, "logical": np.bool_}
-_V5_CLASS = {"double": "double", "single": "single", "int16": "int16", "int32": "int32",
-             "int64": "int64", "logical": "uint8"}  # whosmat reports logical as uint8
+_NP = {
+    "double": np.float64,
+    "single": np.float32,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "logical": np.bool_,
+}
+_V5_CLASS = {
+    "double": "double",
+    "single": "single",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "logical": "uint8",
+}  # whosmat reports logical as uint8
 
 
 @pytest.fixture(scope="module")
@@ -383,18 +399,23 @@ def test_both_formats_give_the_same_tree(saved: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_compressed_metadata_reads_the_same(mspool: matspool.Spool, root: Path, saved: dict[str, Path],
-                                            fmt: str) -> None:
+def test_compressed_metadata_reads_the_same(
+    mspool: matspool.Spool, root: Path, saved: dict[str, Path], fmt: str
+) -> None:
     path = mspool.save(root / "z.mat", metadata(), format=fmt, compress=True).result(timeout=60).path
     if fmt == "v5":
+
         def load(p: Any) -> Any:
             m = _simplify(scipy.io.loadmat(p, simplify_cells=True))
             return _norm({k: v for k, v in m.items() if not k.startswith("__")})
+
         assert scipy.io.whosmat(path) == scipy.io.whosmat(saved[fmt])
         assert Path(path).read_bytes()[128:132] == (15).to_bytes(4, "little")  # miCOMPRESSED
     else:
+
         def load(p: Any) -> Any:
             return _norm(mat73.loadmat(p))
+
     assert load(path) == load(saved[fmt])
 
 
@@ -440,8 +461,9 @@ def test_nesting_exactly_at_the_limit(mspool: matspool.Spool, root: Path, fmt: s
 # The reference's values as Python: saved by matspool, they must come out laid out as MATLAB did.
 REFERENCE_VALUES: dict[str, Any] = {
     "struct_scalar": {"name": "test", "value": 123.0, "data": np.array([[1.0, 2.0], [3.0, 4.0]])},
-    "struct_nested": {"level1": {"level2": {"level3": {"value": 42.0},
-                                            "cell": [["nested", {"a": 1.0, "b": 2.0}]]}}},
+    "struct_nested": {
+        "level1": {"level2": {"level3": {"value": 42.0}, "cell": [["nested", {"a": 1.0, "b": 2.0}]]}}
+    },
     "char_scalar": "Hello",
     "char_empty": "",
     "cell_scalar": ["text"],
@@ -500,8 +522,13 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
         for k in ref:
             _compare_layout(mine[k], ref[k], f"{where}.{k}", deviations)
         return
-    assert mine.dtype == ref.dtype and mine.shape == ref.shape, \
-        (where, mine.dtype, ref.dtype, mine.shape, ref.shape)
+    assert mine.dtype == ref.dtype and mine.shape == ref.shape, (
+        where,
+        mine.dtype,
+        ref.dtype,
+        mine.shape,
+        ref.shape,
+    )
     assert mine.chunks is None and mine.id.get_create_plist().get_nfilters() == 0, where
     if mine.dtype == h5py.ref_dtype:
         assert h5py.check_ref_dtype(mine.dtype) is h5py.Reference
@@ -517,13 +544,23 @@ def _compare_layout(mine: h5py.HLObject, ref: h5py.HLObject, where: str, deviati
 def ours_like_reference(mspool: matspool.Spool, mdaemon: DaemonProc) -> dict[str, Path]:
     d = mdaemon.root / "reference"
     d.mkdir()
-    return {fmt: save(mspool, d / f"ref_{fmt.replace('.', '')}.mat", REFERENCE_VALUES, fmt)
-            for fmt in FORMATS}
+    return {
+        fmt: save(mspool, d / f"ref_{fmt.replace('.', '')}.mat", REFERENCE_VALUES, fmt) for fmt in FORMATS
+    }
 
 
 def test_reference_values_are_what_we_think() -> None:
-    m = mat73.loadmat(REFERENCE_V73, only_include=["struct_scalar", "char_scalar", "char_empty",
-                                                   "cell_scalar", "cell_array", "cell_nested"])
+    m = mat73.loadmat(
+        REFERENCE_V73,
+        only_include=[
+            "struct_scalar",
+            "char_scalar",
+            "char_empty",
+            "cell_scalar",
+            "cell_array",
+            "cell_nested",
+        ],
+    )
     assert m["char_scalar"] == "Hello" and m["char_empty"] == "" and m["cell_scalar"] == ["text"]
     assert m["struct_scalar"]["name"] == "test" and m["struct_scalar"]["value"] == 123
     np.testing.assert_array_equal(m["struct_scalar"]["data"], [[1, 2], [3, 4]])

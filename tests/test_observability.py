@@ -39,8 +39,10 @@ def test_metrics_endpoint_counts_files_bytes_errors_and_clients(tmp_path: Path, 
     d = start_daemon(out_dir, tmp_path / "sock", "--metrics", f"127.0.0.1:{port}")
     try:
         with Spool(d.endpoint, ring_bytes=4 << 20) as spool:
-            sizes = [spool.save(out_dir / f"m{i}.mat", {"x": np.ones((64, 64))}).result(10).nbytes
-                     for i in range(3)]
+            sizes = [
+                spool.save(out_dir / f"m{i}.mat", {"x": np.ones((64, 64))}).result(10).nbytes
+                for i in range(3)
+            ]
             spool.save(out_dir / "nope" / "x.mat", {"x": 1.0}).exception(10)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
@@ -61,16 +63,34 @@ def test_metrics_endpoint_counts_files_bytes_errors_and_clients(tmp_path: Path, 
 
 def test_metrics_are_off_by_default_and_json_logs_parse(tmp_path: Path, out_dir: Path) -> None:
     endpoint = f"ipc://{tmp_path}/j.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
-                             "--root", str(out_dir), "--log-format", "json", "--log-level", "info"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            str(out_dir),
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "j.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         inodes = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
-        tcp = [ln for table in ("/proc/net/tcp", "/proc/net/tcp6")
-               for ln in Path(table).read_text().splitlines()[1:]]
+        tcp = [
+            ln
+            for table in ("/proc/net/tcp", "/proc/net/tcp6")
+            for ln in Path(table).read_text().splitlines()[1:]
+        ]
         mine = [ln for ln in tcp if f"socket:[{ln.split()[9]}]" in inodes]
         assert mine == [], "metrics must be off by default: the daemon holds a TCP socket"
         with Spool(endpoint, ring_bytes=1 << 20) as spool:

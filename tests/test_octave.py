@@ -48,20 +48,31 @@ printf('END %d\n', numel(names));
 """
 
 _CLASS_DTYPE = {
-    "double": np.float64, "single": np.float32, "logical": np.uint8,
-    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    "double": np.float64,
+    "single": np.float32,
+    "logical": np.uint8,
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
 }
 
 
-def octave_load(path: Path,
-                names: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+def octave_load(
+    path: Path, names: tuple[str, ...] = ()
+) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
     """name -> (Octave class, size, values as numpy in MATLAB index order); all variables
     of the file, or only ``names``."""
     proc = subprocess.run(
         [OCTAVE, "--no-gui", "--no-window-system", "--norc", "-q", "--eval", _SCRIPT],
         env={**os.environ, "MATSPOOL_MAT": str(path), "MATSPOOL_VARS": ",".join(names)},
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"octave failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     lines = proc.stdout.splitlines()
@@ -137,8 +148,13 @@ def test_octave_loads_v5_layouts(spool, out_dir) -> None:
     x = torch.arange(2 * 3 * 4, dtype=torch.int32).reshape(2, 3, 4)  # C=2, H=3, W=4
     p_hwc, p_raw = out_dir / "hwc.mat", out_dir / "raw.mat"
     f1 = spool.save(p_hwc, {"x": x}, format="v5", layout="hwc")
-    f2 = spool.save(p_raw, {"x": x, "col": torch.arange(3, dtype=torch.float64)}, format="v5", layout="raw",
-                    oned_as="column")
+    f2 = spool.save(
+        p_raw,
+        {"x": x, "col": torch.arange(3, dtype=torch.float64)},
+        format="v5",
+        layout="raw",
+        oned_as="column",
+    )
     f1.result(timeout=60), f2.result(timeout=60)
     xn = x.numpy()
     hwc = np.empty((3, 4, 2), np.int32)

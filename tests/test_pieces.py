@@ -110,8 +110,11 @@ _KILLED_CLIENT = textwrap.dedent("""
 def test_client_killed_midway_leaves_no_file(tmp_path: Path, out_dir: Path) -> None:
     d = start_daemon(out_dir, tmp_path / "sock", "--debug-write-delay", "0.05")
     try:
-        p = subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT, d.endpoint, str(out_dir / "k.mat")],
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_CLIENT, d.endpoint, str(out_dir / "k.mat")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout.readline().strip() == "READY"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not list(out_dir.glob(".k.mat*")):
@@ -158,16 +161,58 @@ def test_hostile_pieces_are_refused(spool: Spool, daemon, out_dir: Path) -> None
         part = {"op": "PART", "seq": 7, "var": 0, "start": 0, "offset": 0, "nbytes": 8}
         assert ask(part)["code"] == "protocol"
         assert ask({"op": "END", "seq": 7})["code"] == "protocol"
-        big = {"name": "x", "dtype": "<f8", "dims": [1000, 1000], "offset": 0, "nbytes": 8_000_000,
-               "deferred": True}
-        assert ask({"op": "WRITE", "seq": 1, "path": str(out_dir / "h.mat"), "format": "v5", "fsync": False,
-                    "vars": [big]})["code"] == "protocol"  # deferred needs mode begin
+        big = {
+            "name": "x",
+            "dtype": "<f8",
+            "dims": [1000, 1000],
+            "offset": 0,
+            "nbytes": 8_000_000,
+            "deferred": True,
+        }
+        assert (
+            ask(
+                {
+                    "op": "WRITE",
+                    "seq": 1,
+                    "path": str(out_dir / "h.mat"),
+                    "format": "v5",
+                    "fsync": False,
+                    "vars": [big],
+                }
+            )["code"]
+            == "protocol"
+        )  # deferred needs mode begin
         bad = dict(big, nbytes=8)
-        assert ask({"op": "WRITE", "seq": 2, "path": str(out_dir / "h.mat"), "format": "v5", "fsync": False,
-                    "mode": "begin", "vars": [bad]})["code"] == "protocol"
-        sock.send_multipart([TAG, json.dumps({"op": "WRITE", "seq": 3, "path": str(out_dir / "h.mat"),
-                                              "format": "v7.3", "fsync": False, "mode": "begin",
-                                              "vars": [big]}).encode()])
+        assert (
+            ask(
+                {
+                    "op": "WRITE",
+                    "seq": 2,
+                    "path": str(out_dir / "h.mat"),
+                    "format": "v5",
+                    "fsync": False,
+                    "mode": "begin",
+                    "vars": [bad],
+                }
+            )["code"]
+            == "protocol"
+        )
+        sock.send_multipart(
+            [
+                TAG,
+                json.dumps(
+                    {
+                        "op": "WRITE",
+                        "seq": 3,
+                        "path": str(out_dir / "h.mat"),
+                        "format": "v7.3",
+                        "fsync": False,
+                        "mode": "begin",
+                        "vars": [big],
+                    }
+                ).encode(),
+            ]
+        )
         assert json.loads(sock.recv_multipart()[1]) == {"op": "PART_DONE", "seq": 3, "offset": None}
         past_ring = {"op": "PART", "seq": 3, "var": 0, "start": 0, "offset": ring.size - 8, "nbytes": 64}
         assert ask(past_ring)["code"] == "protocol"

@@ -28,11 +28,22 @@ from readback import REFERENCE_V73 as REFERENCE
 from readback import attr_signature, dataset_value
 
 NAMES = [
-    "double_scalar", "double_array", "single_scalar", "single_array",
-    *(f"{t}{bits}_{kind}" for t in ("int", "uint") for bits in (8, 16, 32, 64)
-      for kind in ("scalar", "array")),
-    "logical_scalar", "logical_array", "logical_empty", "numeric_empty",
-    "complex_scalar", "complex_array",
+    "double_scalar",
+    "double_array",
+    "single_scalar",
+    "single_array",
+    *(
+        f"{t}{bits}_{kind}"
+        for t in ("int", "uint")
+        for bits in (8, 16, 32, 64)
+        for kind in ("scalar", "array")
+    ),
+    "logical_scalar",
+    "logical_array",
+    "logical_empty",
+    "numeric_empty",
+    "complex_scalar",
+    "complex_array",
 ]
 
 
@@ -43,8 +54,9 @@ def reference() -> Iterator[h5py.File]:
 
 
 @pytest.fixture(scope="module", params=["numpy", "torch"])
-def ours(request: pytest.FixtureRequest, reference: h5py.File,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def ours(
+    request: pytest.FixtureRequest, reference: h5py.File, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
     """The reference's values saved by matspool (v7.3, default layout) from ``source``."""
     root = tmp_path_factory.mktemp(f"ref-{request.param}")
     out = root / "out"
@@ -70,8 +82,9 @@ def test_reference_holds_what_we_think() -> None:
         np.testing.assert_array_equal(dataset_value(f["double_array"]), [[1.1, 2.2, 3.3], [4.4, 5.5, 6.6]])
         assert f["double_array"].shape == (3, 2)
         np.testing.assert_array_equal(dataset_value(f["double_scalar"]), [[3.14]])
-        np.testing.assert_array_equal(dataset_value(f["int8_array"]),
-                                      np.array([[1, 2, 3], [4, 5, 6]], np.int8))
+        np.testing.assert_array_equal(
+            dataset_value(f["int8_array"]), np.array([[1, 2, 3], [4, 5, 6]], np.int8)
+        )
         np.testing.assert_array_equal(dataset_value(f["logical_array"]), [[True, False, True]])
         np.testing.assert_array_equal(dataset_value(f["complex_array"]), [[1 + 2j], [2 + 4j], [4 + 8j]])
         assert dataset_value(f["numeric_empty"]).shape == (0, 0)

@@ -42,8 +42,7 @@ def test_daemon_killed_and_restarted_resends_unacknowledged(tmp_path: Path, out_
     with Spool(d.endpoint, ring_bytes=16 << 20, timeout=30) as spool:
         spool.save(out_dir / "before.mat", {"a": 1.0}).result(10)
         os.kill(d.proc.pid, signal.SIGSTOP)  # accepts nothing more: the saves stay unanswered
-        futures = [spool.save(out_dir / f"f{i}.mat", {"a": np.full((64, 64), i, np.int32)})
-                   for i in range(6)]
+        futures = [spool.save(out_dir / f"f{i}.mat", {"a": np.full((64, 64), i, np.int32)}) for i in range(6)]
         time.sleep(0.3)
         os.kill(d.proc.pid, signal.SIGKILL)
         d.proc.wait()
@@ -102,17 +101,20 @@ _CLIENT = textwrap.dedent("""
 
 
 def test_client_killed_after_signalling_saves_is_written_and_ring_removed(
-        tmp_path: Path, out_dir: Path) -> None:
+    tmp_path: Path, out_dir: Path
+) -> None:
     d = start_daemon(out_dir, tmp_path / "sock")
     try:
-        client = subprocess.Popen([sys.executable, "-c", _CLIENT, d.endpoint, str(out_dir), "8"],
-                                  stdout=subprocess.PIPE, text=True)
+        client = subprocess.Popen(
+            [sys.executable, "-c", _CLIENT, d.endpoint, str(out_dir), "8"], stdout=subprocess.PIPE, text=True
+        )
         assert client.stdout.readline().strip() == "SIGNALLED"
         client.kill()
         client.wait()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (_rings_of(client.pid)
-                                               or len(list(out_dir.glob("c*.mat"))) < 8):
+        while time.monotonic() < deadline and (
+            _rings_of(client.pid) or len(list(out_dir.glob("c*.mat"))) < 8
+        ):
             time.sleep(0.1)
         for i in range(8):
             assert (scipy.io.loadmat(out_dir / f"c{i}.mat")["a"] == i).all()
@@ -189,13 +191,14 @@ def _tmpfs(path: Path, size: str, *options: str) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
     path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]),
-                        "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
+        capture_output=True,
+    )
     return r.returncode == 0
 
 
-def test_full_disk_fails_the_future_names_the_path_and_daemon_goes_on(
-        tmp_path: Path, out_dir: Path) -> None:
+def test_full_disk_fails_the_future_names_the_path_and_daemon_goes_on(tmp_path: Path, out_dir: Path) -> None:
     small = out_dir / "small"
     if not _tmpfs(small, "2m"):
         pytest.skip("needs root and mount to make a 2 MiB tmpfs")
@@ -241,8 +244,10 @@ def _other_user() -> str | None:
     try:
         pwd.getpwnam(name)
     except KeyError:
-        if subprocess.run(["useradd", "--system", "--no-create-home", name],
-                          capture_output=True).returncode != 0:
+        if (
+            subprocess.run(["useradd", "--system", "--no-create-home", name], capture_output=True).returncode
+            != 0
+        ):
             return None
     return name
 
@@ -339,8 +344,13 @@ def test_soak_short(tmp_path: Path) -> None:
     """The soak of bench/soak.py, bounded to 20 s: every file exact, RSS and fds flat."""
     out = tmp_path / "soak.json"
     repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "20", "--producers", "8",
-                        "--json", str(out)], cwd=repo, timeout=600, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--seconds", "20", "--producers", "8", "--json", str(out)],
+        cwd=repo,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     import json
 

@@ -84,10 +84,15 @@ def hosts() -> Iterator[tuple[list[str], list[str], str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def _client(prefix: list[str], endpoint: str, out: Path, secret: str, server_pub: str,
-            connect_timeout: float) -> dict:
-    r = subprocess.run([*prefix, sys.executable, "-c", CLIENT, endpoint, str(out), secret, server_pub,
-                        str(connect_timeout)], capture_output=True, text=True, timeout=180)
+def _client(
+    prefix: list[str], endpoint: str, out: Path, secret: str, server_pub: str, connect_timeout: float
+) -> dict:
+    r = subprocess.run(
+        [*prefix, sys.executable, "-c", CLIENT, endpoint, str(out), secret, server_pub, str(connect_timeout)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -100,10 +105,25 @@ def test_remote_client_writes_through_tcp_and_unknown_keys_are_refused(hosts, tm
     _, client_sec = make_keys(str(tmp_path / "clients"), "client")
     _, rogue_sec = make_keys(str(tmp_path / "rogue"), "rogue")
     endpoint = f"tcp://{address}:{PORT}"
-    daemon = subprocess.Popen([*daemon_host, sys.executable, "-m", "matspoold", "serve",
-                               "--endpoint", endpoint,
-                               "--root", str(out), "--curve-secret", server_sec, "--curve-clients",
-                               str(tmp_path / "clients"), "--log-level", "warning"])
+    daemon = subprocess.Popen(
+        [
+            *daemon_host,
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            str(out),
+            "--curve-secret",
+            server_sec,
+            "--curve-clients",
+            str(tmp_path / "clients"),
+            "--log-level",
+            "warning",
+        ]
+    )
     try:
         time.sleep(1.5)
         assert daemon.poll() is None
@@ -117,8 +137,9 @@ def test_remote_client_writes_through_tcp_and_unknown_keys_are_refused(hosts, tm
         m = mat73.loadmat(out / "r73.mat")
         np.testing.assert_array_equal(m["x"], x.astype(np.float32))
         np.testing.assert_array_equal(m["c"], x[:4, :3] + 1j)
-        np.testing.assert_array_equal(scipy.io.loadmat(out / "big.mat")["big"],
-                                      rng.standard_normal((1000, 600)))
+        np.testing.assert_array_equal(
+            scipy.io.loadmat(out / "big.mat")["big"], rng.standard_normal((1000, 600))
+        )
         run = mat73.loadmat(out / "run.mat")["u"]
         assert run.shape == (4, 5, 3) and (run[:, :, 2] == 2).all()
 

@@ -53,8 +53,9 @@ CASES = [
 
 @pytest.mark.parametrize("fmt", ["v5", "v7.3"])
 @pytest.mark.parametrize(("dtype", "shape"), CASES, ids=[f"{d}-{'x'.join(map(str, s))}" for d, s in CASES])
-def test_deferred_reorder_is_exact(mspool: matspool.Spool, root: Path, fmt: str, dtype: str,
-                                   shape: tuple[int, ...]) -> None:
+def test_deferred_reorder_is_exact(
+    mspool: matspool.Spool, root: Path, fmt: str, dtype: str, shape: tuple[int, ...]
+) -> None:
     x = _big(dtype, shape)
     assert x.flags.c_contiguous and x.nbytes >= _reorder.DEFER_MIN_BYTES
     mspool.save(root / "x.mat", {"x": x}, format=fmt).result(60)
@@ -116,8 +117,9 @@ def test_tight_ring(daemon, out_dir: Path, ring_mib: int) -> None:
         assert np.array_equal(read(out_dir / f"t{i}.mat", "v5")["x"], x)
 
 
-def test_failed_save_keeps_its_region_until_the_reorder_ends(daemon, out_dir: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_keeps_its_region_until_the_reorder_ends(
+    daemon, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A save failed while its reorder still writes into its region: the region must not
     go to another save before the reorder has finished writing."""
     gate, started = threading.Event(), threading.Event()

@@ -31,9 +31,16 @@ def _check(live: dict[int, int], size: int) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(ops=st.lists(st.tuples(st.booleans(),
-                              st.one_of(st.integers(1, 40_000), st.sampled_from([1 << 15, 1 << 14, 1 << 13])),
-                              st.integers(0, 1000)), max_size=200))
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.one_of(st.integers(1, 40_000), st.sampled_from([1 << 15, 1 << 14, 1 << 13])),
+            st.integers(0, 1000),
+        ),
+        max_size=200,
+    )
+)
 def test_random_alloc_free_never_overlaps(ops) -> None:
     r = Ring(1 << 17)
     try:
@@ -90,7 +97,8 @@ def test_memfd_ring_is_sealed_and_leaves_no_name() -> None:
     assert stat.S_IMODE(os.stat(r.path).st_mode) == 0o600
     seals = fcntl.fcntl(r.fd, fcntl.F_GET_SEALS)
     assert seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) == (
-        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    )
     for size in (0, 4096, r.size * 2):
         with pytest.raises(PermissionError):
             os.ftruncate(r.fd, size)
@@ -114,11 +122,11 @@ def test_move_from_memfd_to_shm_keeps_the_bytes() -> None:
     r = Ring(1 << 16)
     try:
         off = r.alloc(1000, block=False, timeout=None)
-        r.array[off:off + 1000] = 7
+        r.array[off : off + 1000] = 7
         r.written()
         r.move(kind="shm")
         assert r.kind == "shm" and os.path.exists(r.path)
-        assert (r.array[off:off + 1000] == 7).all()
+        assert (r.array[off : off + 1000] == 7).all()
     finally:
         r.close()
 

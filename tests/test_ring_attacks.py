@@ -45,8 +45,13 @@ PAYLOAD = 32 * MIB
 RING_BYTES = 64 * MIB
 DELAYS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1)  # s after the WRITE leaves, truncation lands
 #: (name, format, compress, stream)
-KINDS = (("v5", "v5", 0, False), ("v73", "v7.3", 0, False), ("v73_deflate", "v7.3", 1, False),
-         ("v5_deflate", "v5", 1, False), ("stream", "v7.3", 0, True))
+KINDS = (
+    ("v5", "v5", 0, False),
+    ("v73", "v7.3", 0, False),
+    ("v73_deflate", "v7.3", 1, False),
+    ("v5_deflate", "v5", 1, False),
+    ("stream", "v7.3", 0, True),
+)
 
 
 class Raw:
@@ -112,15 +117,18 @@ class Truncator:
     """Another process of the same user that truncates a file on request."""
 
     def __init__(self) -> None:
-        code = ("import os, sys\n"
-                "for line in sys.stdin:\n"
-                "    path, size = line.rsplit(' ', 1)\n"
-                "    try:\n"
-                "        os.truncate(path, int(size)); print('ok', flush=True)\n"
-                "    except OSError as e:\n"
-                "        print(e.errno, flush=True)\n")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        code = (
+            "import os, sys\n"
+            "for line in sys.stdin:\n"
+            "    path, size = line.rsplit(' ', 1)\n"
+            "    try:\n"
+            "        os.truncate(path, int(size)); print('ok', flush=True)\n"
+            "    except OSError as e:\n"
+            "        print(e.errno, flush=True)\n"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def truncate(self, path: str, size: int) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -157,13 +165,32 @@ def test_a_shm_ring_truncated_during_writes_never_kills_the_daemon(daemon: Daemo
                 path = str(root / f"{name}_{i}.mat")
                 if stream:  # the stream's first step whole, the next one truncated under it
                     seq += 1
-                    reply = raw.ask({"op": "WRITE", "seq": seq, "path": path, "format": fmt,
-                                     "fsync": False, "mode": "create", "vars": [_var(PAYLOAD)]}, 60)
+                    reply = raw.ask(
+                        {
+                            "op": "WRITE",
+                            "seq": seq,
+                            "path": path,
+                            "format": fmt,
+                            "fsync": False,
+                            "mode": "create",
+                            "vars": [_var(PAYLOAD)],
+                        },
+                        60,
+                    )
                     assert reply is not None and reply["op"] == "DONE", reply
                 seq += 1
-                raw.send({"op": "WRITE", "seq": seq, "path": path, "format": fmt, "fsync": False,
-                          "compress": compress, "mode": "append" if stream else "write",
-                          "vars": [_var(PAYLOAD)]})
+                raw.send(
+                    {
+                        "op": "WRITE",
+                        "seq": seq,
+                        "path": path,
+                        "format": fmt,
+                        "fsync": False,
+                        "compress": compress,
+                        "mode": "append" if stream else "write",
+                        "vars": [_var(PAYLOAD)],
+                    }
+                )
                 time.sleep(delay)
                 by_other = i % 2 == 1  # every other one from another process of this user
                 if by_other:
@@ -195,8 +222,9 @@ def test_a_shm_ring_truncated_during_writes_never_kills_the_daemon(daemon: Daemo
 
 
 @pytest.mark.parametrize(("name", "fmt", "compress", "stream"), KINDS, ids=[k[0] for k in KINDS])
-def test_a_memfd_ring_cannot_be_truncated_during_writes(daemon: DaemonProc, name: str, fmt: str,
-                                                        compress: int, stream: bool) -> None:
+def test_a_memfd_ring_cannot_be_truncated_during_writes(
+    daemon: DaemonProc, name: str, fmt: str, compress: int, stream: bool
+) -> None:
     """The default ring is sealed: ``ftruncate`` fails with EPERM for its own process
     and for another process of the same user, while 32 MiB saves are written; every
     save lands with exact bytes."""
@@ -214,8 +242,9 @@ def test_a_memfd_ring_cannot_be_truncated_during_writes(daemon: DaemonProc, name
                 if st is not None:
                     futures.append(st.append({"x": want}))
                 else:
-                    futures.append(s.save(root / f"{name}_{i}.mat", {"x": want}, format=fmt,
-                                          compress=compress))
+                    futures.append(
+                        s.save(root / f"{name}_{i}.mat", {"x": want}, format=fmt, compress=compress)
+                    )
                 time.sleep(delay)
                 for size in (0, 4096, ring.size // 2, ring.size * 2):
                     with pytest.raises(PermissionError) as ei:
@@ -250,8 +279,9 @@ def _sparse_memfd(name: str, size: int) -> int:
 def test_hello_over_the_caps_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "out"
     root.mkdir()
-    d = start_daemon(root, tmp_path / "sock", "--max-ring-bytes", str(64 * MIB),
-                     "--max-total-ring-bytes", str(96 * MIB))
+    d = start_daemon(
+        root, tmp_path / "sock", "--max-ring-bytes", str(64 * MIB), "--max-total-ring-bytes", str(96 * MIB)
+    )
     a, b = Raw(d.endpoint), Raw(d.endpoint)
     try:
         probe = Ring(4096)
@@ -293,8 +323,7 @@ def _rss_shmem(pid: int) -> int:
 
 
 @pytest.mark.parametrize("kind", ["memfd", "shm"])
-def test_a_big_sparse_ring_is_not_populated_on_the_control_thread(daemon: DaemonProc,
-                                                                   kind: str) -> None:
+def test_a_big_sparse_ring_is_not_populated_on_the_control_thread(daemon: DaemonProc, kind: str) -> None:
     """A 2 GiB ring nobody touched: before, HELLO made the daemon populate it on the
     control thread (its RSS +2 GiB, every client waiting seconds); now nothing is
     touched until a save reads it, and another client's PINGs are answered meanwhile."""
@@ -337,9 +366,11 @@ def test_a_big_sparse_ring_is_not_populated_on_the_control_thread(daemon: Daemon
         t.join(30)
         grown = _rss_shmem(daemon.proc.pid) - before
         assert reply is not None and reply["op"] == "WELCOME", reply
-        print(f"\n{kind} 2 GiB sparse ring: HELLO answered in {hello_s * 1e3:.1f} ms, daemon RssShmem "
-              f"+{grown >> 20} MiB, other client's PING round trip max {max(rtts) * 1e3:.1f} ms "
-              f"over {len(rtts)} pings")
+        print(
+            f"\n{kind} 2 GiB sparse ring: HELLO answered in {hello_s * 1e3:.1f} ms, daemon RssShmem "
+            f"+{grown >> 20} MiB, other client's PING round trip max {max(rtts) * 1e3:.1f} ms "
+            f"over {len(rtts)} pings"
+        )
         assert grown < 64 * MIB, f"HELLO populated {grown >> 20} MiB of the ring on the control thread"
         a.send({"op": "BYE"})
         _serves(daemon, daemon.root)

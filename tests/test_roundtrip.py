@@ -44,16 +44,38 @@ from readback import assert_exact
 # dtypes: input name -> (MATLAB class, dtype the value is stored as)
 # ---------------------------------------------------------------------------------------
 CLASS_OF = {
-    "float64": "double", "float32": "single", "float16": "single", "bfloat16": "single",
-    "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-    "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-    "bool": "logical", "complex64": "single", "complex128": "double",
+    "float64": "double",
+    "float32": "single",
+    "float16": "single",
+    "bfloat16": "single",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "bool": "logical",
+    "complex64": "single",
+    "complex128": "double",
 }
 STORED_AS = {
-    "float64": np.float64, "float32": np.float32, "float16": np.float32, "bfloat16": np.float32,
-    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
-    "bool": np.bool_, "complex64": np.complex64, "complex128": np.complex128,
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float32,
+    "bfloat16": np.float32,
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
+    "bool": np.bool_,
+    "complex64": np.complex64,
+    "complex128": np.complex128,
 }
 NUMPY_DTYPES = [d for d in CLASS_OF if d != "bfloat16"]
 TORCH_DTYPES = list(CLASS_OF)
@@ -178,17 +200,17 @@ def _cases() -> Iterator[Any]:
             continue  # torch has no negative strides
         oned = ("row", "column") if shape in ("1d", "empty_0") else ("row",)
         for oned_as in oned:
-            yield pytest.param(source, shape, layout, oned_as,
-                               id=f"{source}-{shape}-{layout}-{oned_as}")
+            yield pytest.param(source, shape, layout, oned_as, id=f"{source}-{shape}-{layout}-{oned_as}")
 
 
-def build(source: str, shape_case: str, layout: str, oned_as: str
-          ) -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
+def build(
+    source: str, shape_case: str, layout: str, oned_as: str
+) -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
     """Inputs (one variable per dtype) and, per name, (dtype, expected MATLAB array)."""
     base_shape, view = SHAPES[shape_case]
     inputs: dict[str, Any] = {}
     expected: dict[str, tuple[str, np.ndarray]] = {}
-    for dtype in (NUMPY_DTYPES if source == "numpy" else TORCH_DTYPES):
+    for dtype in NUMPY_DTYPES if source == "numpy" else TORCH_DTYPES:
         base = make_values(dtype, base_shape)
         ref = view(base)  # the numpy view holds the values the input holds
         if source == "numpy":
@@ -310,8 +332,9 @@ def _path(out: Path, stem: str) -> Path:
     return out / f"{stem}-{next(_counter)}.mat"
 
 
-def save_ok(s: matspool.Spool, path: Path, variables: dict[str, Any], fmt: str, **kw: Any
-            ) -> matspool.SaveResult:
+def save_ok(
+    s: matspool.Spool, path: Path, variables: dict[str, Any], fmt: str, **kw: Any
+) -> matspool.SaveResult:
     r = s.save(path, variables, format=fmt, **kw).result(timeout=60)
     assert isinstance(r, matspool.SaveResult)
     assert r.path == str(path) and r.format == fmt
@@ -339,9 +362,18 @@ class _RoundTrip:
 
     def test_python_scalars(self, shared) -> None:
         s, out = shared
-        inputs = {"i": 7, "neg": -(2**63), "big": 2**63 - 1, "f": 0.1, "nan": float("nan"),
-                  "t": True, "fa": False, "c": 1.5 - 2.25j, "npf": np.float32(2.5),
-                  "npu": np.uint16(65535)}
+        inputs = {
+            "i": 7,
+            "neg": -(2**63),
+            "big": 2**63 - 1,
+            "f": 0.1,
+            "nan": float("nan"),
+            "t": True,
+            "fa": False,
+            "c": 1.5 - 2.25j,
+            "npf": np.float32(2.5),
+            "npu": np.uint16(65535),
+        }
         expected = {
             "i": ("int64", np.array([[7]], np.int64)),
             "neg": ("int64", np.array([[-(2**63)]], np.int64)),
@@ -366,8 +398,7 @@ class _RoundTrip:
         y = torch.tensor([[1 + 2j, -3 - 4j], [5.5 + 0.5j, 0.25 - 1j]], dtype=torch.complex64)
         w = torch.arange(12, dtype=torch.float32).reshape(3, 4).requires_grad_(True) * 1.5
         off = torch.arange(20, dtype=torch.int16)[7:13]
-        inputs = {"zc": z.conj(), "zcT": z.conj().T, "neg": torch._neg_view(y),
-                  "grad": w, "off": off}
+        inputs = {"zc": z.conj(), "zcT": z.conj().T, "neg": torch._neg_view(y), "grad": w, "off": off}
         zn = z.numpy()
         expected = {
             "zc": ("complex128", np.conj(zn)),
@@ -388,10 +419,18 @@ class _RoundTrip:
         fo = np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4))
         fo3 = np.asfortranarray(make_values("complex64", (2, 3, 4)))
         long_name = "a" + "b" * 61 + "9"
-        inputs = {"be": be, "be_i": be_i, "fo": fo, "fo3": fo3, "zero_d": np.array(2.5, np.float32),
-                  "lst": [1, 2, 3], "lstf": [[1.5, 2.5]], long_name: np.uint32(4000000000),
-                  "bcast": np.broadcast_to(np.arange(3.0), (4, 3)),  # zero strides, read-only
-                  "expand": torch.arange(3, dtype=torch.int8).reshape(3, 1).expand(3, 5)}
+        inputs = {
+            "be": be,
+            "be_i": be_i,
+            "fo": fo,
+            "fo3": fo3,
+            "zero_d": np.array(2.5, np.float32),
+            "lst": [1, 2, 3],
+            "lstf": [[1.5, 2.5]],
+            long_name: np.uint32(4000000000),
+            "bcast": np.broadcast_to(np.arange(3.0), (4, 3)),  # zero strides, read-only
+            "expand": torch.arange(3, dtype=torch.int8).reshape(3, 1).expand(3, 5),
+        }
         expected = {
             "be": ("float64", be.astype("<f8")),
             "be_i": ("int32", be_i.astype("<i4")),
@@ -488,8 +527,10 @@ class TestV73(_RoundTrip):
         path = _path(out, "readers")
         save_ok(s, path, inputs, self.FORMAT, layout="hwc")
         # mat73 gives logicals as bool, pymatreader as uint8 (as it does for MATLAB's own files)
-        for loaded, logical in ((mat73.loadmat(str(path)), np.bool_),
-                                (pymatreader.read_mat(str(path)), np.uint8)):
+        for loaded, logical in (
+            (mat73.loadmat(str(path)), np.bool_),
+            (pymatreader.read_mat(str(path)), np.uint8),
+        ):
             assert set(loaded) >= set(expected)
             for name, e in expected.items():
                 e = e.astype(logical) if e.dtype == np.bool_ else e
@@ -512,8 +553,15 @@ def test_random_shapes(shared, fmt: str, data: st.DataObject) -> None:
     layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
     oned_as = data.draw(st.sampled_from(("row", "column")), label="oned_as")
     source = data.draw(st.sampled_from(("numpy", "torch")), label="source")
-    dtypes = data.draw(st.lists(st.sampled_from(TORCH_DTYPES if source == "torch" else NUMPY_DTYPES),
-                                min_size=1, max_size=4, unique=True), label="dtypes")
+    dtypes = data.draw(
+        st.lists(
+            st.sampled_from(TORCH_DTYPES if source == "torch" else NUMPY_DTYPES),
+            min_size=1,
+            max_size=4,
+            unique=True,
+        ),
+        label="dtypes",
+    )
     perm = data.draw(st.permutations(range(len(shape))), label="perm")
     inputs: dict[str, Any] = {}
     expected: dict[str, tuple[str, np.ndarray]] = {}
@@ -557,5 +605,6 @@ def test_auto_switches_to_v73_over_the_v5_limit(spool, out_dir, monkeypatch) -> 
     assert r.format == "v5"  # exactly 800 bytes: still v5
     r = spool.save(out_dir / "over.mat", {"s": small, "l": large}, format="auto").result(timeout=60)
     assert r.format == "v7.3"
-    check_v73(out_dir / "over.mat", {"s": ("float64", small.reshape(1, -1)),
-                                     "l": ("float64", large.reshape(1, -1))})
+    check_v73(
+        out_dir / "over.mat", {"s": ("float64", small.reshape(1, -1)), "l": ("float64", large.reshape(1, -1))}
+    )

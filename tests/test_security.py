@@ -32,14 +32,33 @@ def keys(tmp_path: Path) -> dict[str, str]:
     server_pub, server_sec = make_keys(str(tmp_path / "server"), "server")
     _, client_sec = make_keys(str(tmp_path / "authorized"), "client")
     _, rogue_sec = make_keys(str(tmp_path / "rogue"), "rogue")
-    return {"server_pub": server_pub, "server_sec": server_sec, "clients": str(tmp_path / "authorized"),
-            "client_sec": client_sec, "rogue_sec": rogue_sec}
+    return {
+        "server_pub": server_pub,
+        "server_sec": server_sec,
+        "clients": str(tmp_path / "authorized"),
+        "client_sec": client_sec,
+        "rogue_sec": rogue_sec,
+    }
 
 
 def _serve(endpoint: str, root: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint,
-                             "--root", str(root), "--log-level", "warning", *extra],
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--root",
+            str(root),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_tcp_without_keys_refuses_to_start(out_dir: Path) -> None:
@@ -56,8 +75,7 @@ def test_client_needs_keys_for_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_curve_authorized_client_writes_and_rogue_is_refused(keys, out_dir: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    proc = _serve(endpoint, out_dir, "--curve-secret", keys["server_sec"],
-                  "--curve-clients", keys["clients"])
+    proc = _serve(endpoint, out_dir, "--curve-secret", keys["server_sec"], "--curve-clients", keys["clients"])
     try:
         good = ClientKeys(keys["client_sec"], keys["server_pub"])
         with matspool.Spool(endpoint, ring_bytes=1 << 20, curve=good, connect_timeout=20) as spool:

@@ -38,6 +38,7 @@ JOB_USER = "matspool-slurm"
 RUNUSER = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "runuser"
 RING_BYTES = 128 << 20
 
+
 def data(seed: int, shape: tuple[int, ...], dtype: str = "float64") -> np.ndarray:
     """The arrays a job saves; the test makes the same ones to compare."""
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
@@ -67,6 +68,7 @@ DATA = "import numpy as np\n\n" + inspect.getsource(data) + "\n" + inspect.getso
 
 
 # -- the cluster and the user ---------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
@@ -111,8 +113,12 @@ def job_user(cluster: Cluster) -> Iterator[User]:
     try:
         entry = pwd.getpwnam(JOB_USER)
     except KeyError:
-        r = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/bash", JOB_USER],
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/bin/bash", JOB_USER],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot create the job user {JOB_USER}: {r.stderr}")
         entry = pwd.getpwnam(JOB_USER)
@@ -125,10 +131,21 @@ def job_user(cluster: Cluster) -> Iterator[User]:
         # the user runs the venv's interpreter and imports this checkout's client and service
         for p in (Path(os.path.realpath(sys.executable)), venv_bin, REPO / "client", REPO / "service"):
             _grant_traverse(p, restore)
-        r = subprocess.run([RUNUSER, "-u", JOB_USER, "--", str(venv_bin / "python"), "-c",
-                            "import zmq, numpy, matspool, matspoold"],
-                           env={"PYTHONPATH": _pythonpath(), "PATH": "/usr/bin:/bin"},
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [
+                RUNUSER,
+                "-u",
+                JOB_USER,
+                "--",
+                str(venv_bin / "python"),
+                "-c",
+                "import zmq, numpy, matspool, matspoold",
+            ],
+            env={"PYTHONPATH": _pythonpath(), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert r.returncode == 0, f"{JOB_USER} cannot run the project's python: {r.stderr}"
         yield User(JOB_USER, entry.pw_uid, entry.pw_gid, home, venv_bin)
     finally:
@@ -160,24 +177,41 @@ def workdir(job_user: User, request: pytest.FixtureRequest) -> Path:
 
 def _env(user: User, work: Path, **extra: str) -> dict[str, str]:
     """What the user's shell has at sbatch time (sbatch passes it on to the job)."""
-    env = {"PATH": f"{user.bin}:/usr/bin:/bin", "PYTHONPATH": _pythonpath(), "HOME": str(work),
-           "USER": user.name, "LOGNAME": user.name, "LANG": "C.UTF-8",
-           "MATSPOOL_ROOT": str(work / "out"), "MATSPOOL_RING_BYTES": str(RING_BYTES),
-           "MATSPOOL_READY_TIMEOUT": "30"}
+    env = {
+        "PATH": f"{user.bin}:/usr/bin:/bin",
+        "PYTHONPATH": _pythonpath(),
+        "HOME": str(work),
+        "USER": user.name,
+        "LOGNAME": user.name,
+        "LANG": "C.UTF-8",
+        "MATSPOOL_ROOT": str(work / "out"),
+        "MATSPOOL_RING_BYTES": str(RING_BYTES),
+        "MATSPOOL_READY_TIMEOUT": "30",
+    }
     env.update(extra)
     return {k: v for k, v in env.items() if v}
 
 
-def submit(cluster: Cluster, user: User, work: Path, code: str, *, env: dict[str, str] | None = None,
-           script: Path = SBATCH) -> Job:
+def submit(
+    cluster: Cluster,
+    user: User,
+    work: Path,
+    code: str,
+    *,
+    env: dict[str, str] | None = None,
+    script: Path = SBATCH,
+) -> Job:
     """sbatch the per-job script as the user, running ``python job.py`` (``code``)."""
     job_py = work / "job.py"
     job_py.write_text(DATA + textwrap.dedent(code))
     os.chown(job_py, user.uid, user.gid)
     out = work / "job.out"
-    r = cluster.cmd(["sbatch", "--parsable", f"--chdir={work}", f"--output={out}", str(script),
-                     "python", str(job_py)],
-                    user=user.name, env=env if env is not None else _env(user, work), cwd=work)
+    r = cluster.cmd(
+        ["sbatch", "--parsable", f"--chdir={work}", f"--output={out}", str(script), "python", str(job_py)],
+        user=user.name,
+        env=env if env is not None else _env(user, work),
+        cwd=work,
+    )
     assert r.returncode == 0, f"sbatch failed: {r.stderr}"
     return Job(r.stdout.strip().split(";")[0], work, out)
 
@@ -198,8 +232,9 @@ def finish(cluster: Cluster, job: Job, timeout: float = 120) -> dict[str, str]:
         cluster.wait_job(job.id, timeout)
     except TimeoutError as e:
         steps = cluster.cmd(["squeue", "--steps", f"--jobs={job.id}"]).stdout
-        procs = subprocess.run(["ps", "-eo", "pid,ppid,user,stat,wchan:20,args"], capture_output=True,
-                               text=True, check=False).stdout
+        procs = subprocess.run(
+            ["ps", "-eo", "pid,ppid,user,stat,wchan:20,args"], capture_output=True, text=True, check=False
+        ).stdout
         signals = ""
         for line in _user_pids(pwd.getpwnam(JOB_USER).pw_uid):
             try:
@@ -208,8 +243,10 @@ def finish(cluster: Cluster, job: Job, timeout: float = 120) -> dict[str, str]:
                 continue
             wanted = [x for x in status if x.startswith(("Sig", "Shd", "State"))]
             signals += f"{line} {' '.join(wanted)}\n"
-        raise AssertionError(f"{e}\n--- steps ---\n{steps}\n--- job output ---\n{output(job)}"
-                             f"\n--- processes ---\n{procs}\n--- signals ---\n{signals}") from None
+        raise AssertionError(
+            f"{e}\n--- steps ---\n{steps}\n--- job output ---\n{output(job)}"
+            f"\n--- processes ---\n{procs}\n--- signals ---\n{signals}"
+        ) from None
     return cluster.job_info(job.id)
 
 
@@ -282,11 +319,16 @@ def _clean_slate(request: pytest.FixtureRequest) -> Iterator[None]:
 
 # -- the per-job daemon ---------------------------------------------------------------------------
 
+
 def test_job_saves_through_its_own_daemon(cluster: Cluster, job_user: User, workdir: Path) -> None:
     """A plain job on a partition without GPUs: every save written exactly, files the user's,
     the job's status its command's, nothing left (socket, socket directory, rings)."""
     out = workdir / "out"
-    job = submit(cluster, job_user, workdir, f"""
+    job = submit(
+        cluster,
+        job_user,
+        workdir,
+        f"""
         import os, matspool
         assert os.environ["MATSPOOL_ENDPOINT"].endswith("/matspool.sock"), os.environ["MATSPOOL_ENDPOINT"]
         with matspool.Spool() as s:
@@ -295,13 +337,18 @@ def test_job_saves_through_its_own_daemon(cluster: Cluster, job_user: User, work
             futs.append(s.save("{out}/big.mat", {{"big": data(9, (2048, 1024), "float32"),
                                                   "n": data(10, (3, 5), "int16")}}, format="v7.3"))
             print([f.result(60).nbytes for f in futs], flush=True)
-    """)
+    """,
+    )
     info = finish(cluster, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, output(job))
     for i in range(4):
         assert_file(out / f"a{i}.mat", "v5", {"x": data(i, (300, 200))}, job_user)
-    assert_file(out / "big.mat", "v7.3", {"big": data(9, (2048, 1024), "float32"),
-                                          "n": data(10, (3, 5), "int16")}, job_user)
+    assert_file(
+        out / "big.mat",
+        "v7.3",
+        {"big": data(9, (2048, 1024), "float32"), "n": data(10, (3, 5), "int16")},
+        job_user,
+    )
     assert "stopped after 5 files" in output(job)
     assert_nothing_left(job, job_user)
 
@@ -310,7 +357,11 @@ def test_job_failing_midway(cluster: Cluster, job_user: User, workdir: Path) -> 
     """The command fails after some saves (one not waited for): the job fails with the
     command's status, every save made is written, nothing is left."""
     out = workdir / "out"
-    job = submit(cluster, job_user, workdir, f"""
+    job = submit(
+        cluster,
+        job_user,
+        workdir,
+        f"""
         import matspool
         with matspool.Spool() as s:
             for i in range(3):
@@ -319,7 +370,8 @@ def test_job_failing_midway(cluster: Cluster, job_user: User, workdir: Path) -> 
                 print("saved", i, flush=True)
             s.save("{out}/last.mat", {{"u": data(30, (512, 512))}}, format="v7.3")
             raise RuntimeError("simulated failure midway")
-    """)
+    """,
+    )
     info = finish(cluster, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", (info, output(job))
     assert "simulated failure midway" in output(job)
@@ -333,7 +385,11 @@ def test_scancel_mid_run(cluster: Cluster, job_user: User, workdir: Path) -> Non
     """``scancel`` while a large save is being written: Slurm's SIGTERM reaches the daemon,
     which finishes it; the client killed by the cancel leaves no ring, the job no socket."""
     out = workdir / "out"
-    job = submit(cluster, job_user, workdir, f"""
+    job = submit(
+        cluster,
+        job_user,
+        workdir,
+        f"""
         import time, matspool
         s = matspool.Spool()
         for i in range(2):
@@ -343,7 +399,9 @@ def test_scancel_mid_run(cluster: Cluster, job_user: User, workdir: Path) -> Non
         wait_accepted(3)
         print("big queued", flush=True)
         time.sleep(300)
-    """, env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"))
+    """,
+        env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"),
+    )
     wait_output(job, "big queued")
     r = cluster.cmd(["scancel", job.id], user=job_user.name, env=_env(job_user, workdir))
     assert r.returncode == 0, r.stderr
@@ -360,7 +418,11 @@ def test_client_killed_right_after_a_large_save(cluster: Cluster, job_user: User
     large save: the script stops the daemon with a SIGTERM it can drain on, so the file is
     written whole; the dead client's ring is removed."""
     out = workdir / "out"
-    job = submit(cluster, job_user, workdir, f"""
+    job = submit(
+        cluster,
+        job_user,
+        workdir,
+        f"""
         import os, signal, time, matspool
         s = matspool.Spool()
         s.save("{out}/big.mat", {{"big": data(50, (2048, 4096))}}, format="v7.3", compress=9)
@@ -368,7 +430,9 @@ def test_client_killed_right_after_a_large_save(cluster: Cluster, job_user: User
         wait_accepted(2)
         print("killing myself", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    """, env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"))
+    """,
+        env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"),
+    )
     info = finish(cluster, job)
     assert info["JobState"] == "FAILED", (info, output(job))
     assert "killing myself" in output(job)
@@ -383,7 +447,11 @@ def test_daemon_killed_mid_write(cluster: Cluster, job_user: User, workdir: Path
     its half-written temporary file, its socket and directory and the client's ring are
     removed; the files it had finished stay exact."""
     out = workdir / "out"
-    job = submit(cluster, job_user, workdir, f"""
+    job = submit(
+        cluster,
+        job_user,
+        workdir,
+        f"""
         import os, signal, time, matspool
         from matspool._messages import StatusQuery
         from matspoold.probe import ask
@@ -399,7 +467,9 @@ def test_daemon_killed_mid_write(cluster: Cluster, job_user: User, workdir: Path
         print("daemon killed", flush=True)
         time.sleep(1)
         os._exit(0)  # no close(): the save cannot be answered any more
-    """, env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"))
+    """,
+        env=_env(job_user, workdir, MATSPOOL_COMPRESS_THREADS="1"),
+    )
     info = finish(cluster, job)
     assert info["ExitCode"] == "0:0", (info, output(job))
     assert "daemon killed" in output(job), output(job)
@@ -411,6 +481,7 @@ def test_daemon_killed_mid_write(cluster: Cluster, job_user: User, workdir: Path
 
 # -- finding the interpreter ------------------------------------------------------------------------
 
+
 def test_finds_the_python_beside_matspool(cluster: Cluster, job_user: User, workdir: Path) -> None:
     """Only a symlink to the venv's ``matspool`` on PATH (as ``/usr/local/bin/matspool`` would
     be), the system's python3 first: the script runs the venv's python, not ``python3``."""
@@ -421,11 +492,17 @@ def test_finds_the_python_beside_matspool(cluster: Cluster, job_user: User, work
     _shim(link_dir / "python", f'exec {job_user.bin / "python"} "$@"', job_user)
     env = _env(job_user, workdir, PATH=f"{link_dir}:/usr/bin:/bin")
     out = workdir / "out"
-    job = submit(cluster, job_user, workdir, f"""
+    job = submit(
+        cluster,
+        job_user,
+        workdir,
+        f"""
         import matspool
         with matspool.Spool() as s:
             s.save("{out}/p.mat", {{"p": data(60, (8, 8))}}, format="v7.3").result(60)
-    """, env=env)
+    """,
+        env=env,
+    )
     info = finish(cluster, job, timeout=90)
     assert info["ExitCode"] == "0:0", (info, output(job))
     assert_file(out / "p.mat", "v7.3", {"p": data(60, (8, 8))}, job_user)
@@ -453,8 +530,13 @@ def test_says_what_is_missing(cluster: Cluster, job_user: User, workdir: Path, c
     else:  # an interpreter that cannot import zmq (no site-packages)
         bare = bin_dir / "bare-python"
         _shim(bare, f'exec {os.path.realpath(sys.executable)} -I -S "$@"', job_user)
-        env = _env(job_user, workdir, PATH=f"{bin_dir}:{job_user.bin}:/usr/bin:/bin",
-                   MATSPOOL_PYTHON=str(bare), MATSPOOL_READY_TIMEOUT="120")
+        env = _env(
+            job_user,
+            workdir,
+            PATH=f"{bin_dir}:{job_user.bin}:/usr/bin:/bin",
+            MATSPOOL_PYTHON=str(bare),
+            MATSPOOL_READY_TIMEOUT="120",
+        )
         want = "No module named 'zmq'"
     t0 = time.monotonic()
     job = submit(cluster, job_user, workdir, "print('the job ran')\n", env=env)
@@ -475,6 +557,7 @@ def test_gpus_are_an_option_not_a_requirement() -> None:
 
 # -- the node-daemon hooks (prolog, taskprolog, epilog) as deploy/README installs them ------------
 
+
 def _installed_hooks(dest: Path, sock: Path) -> dict[str, Path]:
     """deploy/slurm's hooks copied as an administrator installs them (prolog.d/, epilog.d/),
     with the defaults at their tops edited for this machine, as their headers say: the node
@@ -482,8 +565,11 @@ def _installed_hooks(dest: Path, sock: Path) -> dict[str, Path]:
     venv = Path(sys.executable).parent.parent
     edits = {"/run/matspool/matspool.sock": str(sock), "install_dir=/opt/matspool": f"install_dir={venv}"}
     out = {}
-    for name, where in [("prolog.sh", "prolog.d/50-matspool.sh"), ("epilog.sh", "epilog.d/50-matspool.sh"),
-                        ("taskprolog.sh", "taskprolog.sh")]:
+    for name, where in [
+        ("prolog.sh", "prolog.d/50-matspool.sh"),
+        ("epilog.sh", "epilog.d/50-matspool.sh"),
+        ("taskprolog.sh", "taskprolog.sh"),
+    ]:
         text = (REPO / "deploy" / "slurm" / name).read_text()
         for old, new in edits.items():
             text = text.replace(old, new)
@@ -506,8 +592,10 @@ def hook_cluster(cluster: Cluster, job_user: User) -> Iterator[tuple[Cluster, Pa
     os.chown(sock_dir, job_user.uid, job_user.gid)
     sock = sock_dir / "matspool.sock"
     hooks = _installed_hooks(base / "etc", sock)
-    conf = (f"Prolog={hooks['prolog.sh'].parent}/*\nEpilog={hooks['epilog.sh'].parent}/*\n"
-            f"TaskProlog={hooks['taskprolog.sh']}\n")
+    conf = (
+        f"Prolog={hooks['prolog.sh'].parent}/*\nEpilog={hooks['epilog.sh'].parent}/*\n"
+        f"TaskProlog={hooks['taskprolog.sh']}\n"
+    )
     try:
         try:
             c = start_cluster(base / "cluster", extra_conf=conf)
@@ -521,8 +609,9 @@ def hook_cluster(cluster: Cluster, job_user: User) -> Iterator[tuple[Cluster, Pa
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_node_daemon_hooks_as_installed(hook_cluster: tuple[Cluster, Path], job_user: User,
-                                        workdir: Path) -> None:
+def test_node_daemon_hooks_as_installed(
+    hook_cluster: tuple[Cluster, Path], job_user: User, workdir: Path
+) -> None:
     """A node daemon (here the job user's own: a node given whole to one user) and the three
     hooks from slurm.conf: the prolog finds its python without any environment from slurmd and
     passes, the task gets MATSPOOL_ENDPOINT, a plain Spool() writes through the node daemon,
@@ -531,21 +620,45 @@ def test_node_daemon_hooks_as_installed(hook_cluster: tuple[Cluster, Path], job_
     cluster, sock = hook_cluster
     out = workdir / "out"
     env = _env(job_user, workdir)
-    serve = [str(job_user.bin / "python"), "-m", "matspoold", "serve", "--endpoint", f"ipc://{sock}",
-             "--root", str(out), "--log-level", "info"]
+    serve = [
+        str(job_user.bin / "python"),
+        "-m",
+        "matspoold",
+        "serve",
+        "--endpoint",
+        f"ipc://{sock}",
+        "--root",
+        str(out),
+        "--log-level",
+        "info",
+    ]
     with (workdir / "node-daemon.log").open("wb") as log:
-        daemon = subprocess.Popen([RUNUSER, "-u", job_user.name, "--", "/usr/bin/env", "-i",
-                                   *[f"{k}={v}" for k, v in env.items()], *serve],
-                                  stdout=subprocess.DEVNULL, stderr=log)
+        daemon = subprocess.Popen(
+            [
+                RUNUSER,
+                "-u",
+                job_user.name,
+                "--",
+                "/usr/bin/env",
+                "-i",
+                *[f"{k}={v}" for k, v in env.items()],
+                *serve,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
-            assert daemon.poll() is None and time.monotonic() < deadline, \
-                (workdir / "node-daemon.log").read_text()
+            assert daemon.poll() is None and time.monotonic() < deadline, (
+                workdir / "node-daemon.log"
+            ).read_text()
             time.sleep(0.1)
         script = workdir / "job.sh"
         script.write_text(f"#!/bin/bash\nsrun python {workdir / 'job.py'}\n")
-        (workdir / "job.py").write_text(DATA + textwrap.dedent(f"""
+        (workdir / "job.py").write_text(
+            DATA
+            + textwrap.dedent(f"""
             import os, subprocess, matspool
             print("endpoint", os.environ.get("MATSPOOL_ENDPOINT"), flush=True)
             with matspool.Spool() as s:
@@ -556,12 +669,17 @@ def test_node_daemon_hooks_as_installed(hook_cluster: tuple[Cluster, Path], job_
             with open(f"/dev/shm/matspool-{{p.pid}}-0123456789ab", "wb") as f:
                 f.write(bytes(4096))
             print("stale ring", p.pid, flush=True)
-        """))
+        """)
+        )
         for p in (script, workdir / "job.py"):
             os.chown(p, job_user.uid, job_user.gid)
         script.chmod(0o755)
-        r = cluster.cmd(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/job.out",
-                         str(script)], user=job_user.name, env=env, cwd=workdir)
+        r = cluster.cmd(
+            ["sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/job.out", str(script)],
+            user=job_user.name,
+            env=env,
+            cwd=workdir,
+        )
         assert r.returncode == 0, r.stderr
         job = Job(r.stdout.strip(), workdir, workdir / "job.out")
         info = finish(cluster, job)
@@ -577,8 +695,19 @@ def test_node_daemon_hooks_as_installed(hook_cluster: tuple[Cluster, Path], job_
         daemon.wait(30)
     # no daemon: the prolog fails, Slurm drains the node and the job does not run
     assert not sock.exists()
-    r = cluster.cmd(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/job2.out",
-                     "--wrap", "echo the job ran"], user=job_user.name, env=env, cwd=workdir)
+    r = cluster.cmd(
+        [
+            "sbatch",
+            "--parsable",
+            f"--chdir={workdir}",
+            f"--output={workdir}/job2.out",
+            "--wrap",
+            "echo the job ran",
+        ],
+        user=job_user.name,
+        env=env,
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     job2 = r.stdout.strip()
     deadline = time.monotonic() + 60

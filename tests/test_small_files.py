@@ -68,7 +68,8 @@ def _vars(rng: np.random.Generator) -> list[tuple[VarSpec, np.ndarray]]:
         "a": np.asfortranarray(rng.standard_normal((5, 7))),
         "b": np.asfortranarray(rng.random((2, 3, 4)) > 0.5),
         "c": np.asfortranarray(
-            (rng.standard_normal((3, 1)) + 1j * rng.standard_normal((3, 1))).astype(np.complex64)),
+            (rng.standard_normal((3, 1)) + 1j * rng.standard_normal((3, 1))).astype(np.complex64)
+        ),
         "d": np.zeros((0, 4), dtype=np.float32, order="F"),
         "e": np.asfortranarray(rng.integers(0, 2**16, (6, 1), dtype=np.uint16)),
     }

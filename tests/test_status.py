@@ -16,8 +16,9 @@ from conftest import start_daemon
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "matspoold", *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "matspoold", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_status_shows_queue_ring_use_files_and_errors(tmp_path: Path, out_dir: Path) -> None:

@@ -21,8 +21,12 @@ from conftest import start_daemon
 
 
 def _step(k: int) -> dict[str, object]:
-    return {"u": np.arange(12, dtype=np.float32).reshape(3, 4) + k, "t": k * 0.5,
-            "flags": np.array([k % 2 == 0, True]), "z": torch.tensor([1 + 1j * k], dtype=torch.complex64)}
+    return {
+        "u": np.arange(12, dtype=np.float32).reshape(3, 4) + k,
+        "t": k * 0.5,
+        "flags": np.array([k % 2 == 0, True]),
+        "z": torch.tensor([1 + 1j * k], dtype=torch.complex64),
+    }
 
 
 def _check(path: Path, steps: int) -> None:

@@ -49,8 +49,12 @@ STREAMS = [("tiny", (32, 32), 0), ("mid", (128, 128), 0), ("big", (512, 512), 0)
 
 
 def _spec(name: str, arr: np.ndarray) -> tuple[VarSpec, np.ndarray]:
-    key = {np.dtype(np.float32): "<f4", np.dtype(np.float64): "<f8", np.dtype(np.bool_): "|b1",
-           np.dtype(np.complex64): "<c8"}[arr.dtype]
+    key = {
+        np.dtype(np.float32): "<f4",
+        np.dtype(np.float64): "<f8",
+        np.dtype(np.bool_): "|b1",
+        np.dtype(np.complex64): "<c8",
+    }[arr.dtype]
     arr = np.asfortranarray(arr)
     return VarSpec(name, key, arr.shape, 0, arr.nbytes), arr
 
@@ -61,8 +65,12 @@ def _base(dims: tuple[int, ...]) -> np.ndarray:
 
 
 def _values(dims: tuple[int, ...], k: int) -> dict[str, np.ndarray]:
-    return {"u": _base(dims) + np.float32(k), "t": np.array([[k * 0.5]]),
-            "flags": np.array([[k % 2 == 0, True]]), "z": np.array([[1 + 1j * k]], np.complex64)}
+    return {
+        "u": _base(dims) + np.float32(k),
+        "t": np.array([[k * 0.5]]),
+        "flags": np.array([[k % 2 == 0, True]]),
+        "z": np.array([[1 + 1j * k]], np.complex64),
+    }
 
 
 def _step(dims: tuple[int, ...], k: int) -> list[tuple[VarSpec, np.ndarray]]:
@@ -107,10 +115,15 @@ def _reads_in_full(path: Path, dims: tuple[int, ...], acked: int) -> bool:
     except (OSError, KeyError, ValueError, RuntimeError):  # what h5py raises on a broken file
         return False
     ks = np.rint(t / 0.5).astype(int)
-    if not (np.array_equal(t, ks * 0.5) and ks[0] == 0 and set(np.diff(ks)) <= {0, 1}
-            and acked <= ks[-1] + 1 <= acked + 1 and abs(len(u) - len(t)) <= 1):
+    if not (
+        np.array_equal(t, ks * 0.5)
+        and ks[0] == 0
+        and set(np.diff(ks)) <= {0, 1}
+        and acked <= ks[-1] + 1 <= acked + 1
+        and abs(len(u) - len(t)) <= 1
+    ):
         return False
-    ku = np.append(ks, ks[-1] + 1)[:len(u)]  # u may hold the interrupted step, t not yet
+    ku = np.append(ks, ks[-1] + 1)[: len(u)]  # u may hold the interrupted step, t not yet
     return np.array_equal(u, _base(dims).T[None] + ku.astype(np.float32)[:, None, None])
 
 

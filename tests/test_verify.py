@@ -37,8 +37,12 @@ EXPECTED = {
 
 
 def verify(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "matspoold", "verify", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "matspoold", "verify", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _var_lines(out: str, path: Path) -> dict[str, list[str]]:
@@ -46,7 +50,7 @@ def _var_lines(out: str, path: Path) -> dict[str, list[str]]:
     lines = out.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(f"{path}: "))
     got = {}
-    for ln in lines[start + 1:]:
+    for ln in lines[start + 1 :]:
         if not ln.startswith("  ") or ln.startswith("  error:"):
             break
         name, *rest = ln.split()
@@ -58,8 +62,11 @@ def _var_lines(out: str, path: Path) -> dict[str, list[str]]:
 def saved(spool: matspool.Spool, out_dir: Path) -> dict[str, Path]:
     paths = {"v5": out_dir / "run_v5.mat", "v7.3": out_dir / "run_v73.mat"}
     futures = [spool.save(str(p), VARIABLES, format=fmt) for fmt, p in paths.items()]
-    futures.append(spool.save(str(out_dir / "big_v73.mat"), {"u": np.random.rand(300, 200)},
-                              format="v7.3", compress=True))
+    futures.append(
+        spool.save(
+            str(out_dir / "big_v73.mat"), {"u": np.random.rand(300, 200)}, format="v7.3", compress=True
+        )
+    )
     for f in futures:
         f.result(60)
     paths["compressed"] = out_dir / "big_v73.mat"

@@ -106,8 +106,9 @@ class WriterTests:
         self.roundtrip(tmp_path, x=_value("<f8", dims))
 
     def test_several_variables(self, tmp_path: Path) -> None:
-        self.roundtrip(tmp_path, a=_value("<f8", (4, 4), 1), b=_value("<i4", (2, 9), 2),
-                       c=_value("|b1", (5, 1), 3))
+        self.roundtrip(
+            tmp_path, a=_value("<f8", (4, 4), 1), b=_value("<i4", (2, 9), 2), c=_value("|b1", (5, 1), 3)
+        )
 
     def test_large(self, tmp_path: Path) -> None:  # past the small-file and template paths
         self.roundtrip(tmp_path, x=_value("<f4", (700, 900)), z=_value("<c16", (300, 300), 1))
@@ -126,7 +127,7 @@ class WriterTests:
         self.roundtrip(tmp_path, y=_value("<u8", (3, 3), 2))
 
     def test_failed_write_leaves_nothing(self, tmp_path: Path) -> None:
-        (spec, _), = _vars(x=_value("<f8", (4, 4)))
+        ((spec, _),) = _vars(x=_value("<f8", (4, 4)))
         with pytest.raises(Exception):  # noqa: B017 - a value that is no array at all
             write_atomic(str(tmp_path / "x.mat"), self.fmt, [(spec, object())], fsync=False)
         assert os.listdir(tmp_path) == []
@@ -149,7 +150,7 @@ class WriterTests:
         raw = big.reshape(-1, order="F").view(np.uint8)
         step = 16 * 100
         for start in reversed(range(0, raw.nbytes, step)):  # any order
-            session.write(1, start, raw[start:start + step])
+            session.write(1, start, raw[start : start + step])
         assert session.end() == final.stat().st_size
         assert _temporaries(tmp_path) == []
         got = self.read(final)
@@ -160,7 +161,7 @@ class WriterTests:
         if not self.writer.supports_parts:
             return  # test_parts checks the refusal
         big = _value("<f8", (64, 64))
-        (spec, _), = _vars(big=big)
+        ((spec, _),) = _vars(big=big)
         spec = VarSpec(spec.name, spec.dtype, spec.dims, 0, spec.nbytes, deferred=True)
         session = Session.begin(str(tmp_path / "x.mat"), self.fmt, [(spec, None)], fsync=False)
         session.abort()

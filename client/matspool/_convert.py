@@ -26,9 +26,24 @@ from ._matlab import FLOAT8, STORED_DTYPES, check_name, stored_dtype
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["INLINE_TEXT", "INT_AS", "LAYOUTS", "ONED_AS", "Meta", "Prepared", "Value", "check_wire_size",
-           "copy_host", "ints_as_double", "iter_arrays", "prepare", "prepare_value", "to_spec",
-           "torch_dtype", "utf16_units"]
+__all__ = [
+    "INLINE_TEXT",
+    "INT_AS",
+    "LAYOUTS",
+    "ONED_AS",
+    "Meta",
+    "Prepared",
+    "Value",
+    "check_wire_size",
+    "copy_host",
+    "ints_as_double",
+    "iter_arrays",
+    "prepare",
+    "prepare_value",
+    "to_spec",
+    "torch_dtype",
+    "utf16_units",
+]
 
 _ITEMSIZE: Final = {dt: np.dtype(dt).itemsize for dt in STORED_DTYPES}
 Layout = Literal["matlab", "raw", "hwc"]
@@ -80,7 +95,8 @@ def _plain_tensor(name: str, t: Any) -> Any:
         raise UnsupportedTypeError(
             f"variable {name!r}: a DTensor is sharded over ranks; save its global value with "
             "dtensor.full_tensor() (gathered on every rank) or this rank's shard with "
-            "dtensor.to_local()")
+            "dtensor.to_local()"
+        )
     if hasattr(t, "trigger_wait"):  # AsyncCollectiveTensor (DTensor.to_local()): the result
         t = t.trigger_wait()
         if type(t) is torch.Tensor:
@@ -93,7 +109,8 @@ def _plain_tensor(name: str, t: Any) -> Any:
         raise UnsupportedTypeError(
             f"variable {name!r}: cannot read the data of a {type(t).__module__}."
             f"{type(t).__qualname__} ({e}); pass a plain tensor (e.g. .as_subclass(torch.Tensor), "
-            ".to_local() or .full_tensor())") from None
+            ".to_local() or .full_tensor())"
+        ) from None
     return plain
 
 
@@ -118,8 +135,9 @@ def _as_array(name: str, value: object) -> Any:
 
         t = _plain_tensor(name, value).detach()
         if t.layout != torch.strided:
-            raise UnsupportedTypeError(f"variable {name!r}: {t.layout} tensors are not supported; "
-                                       "call .to_dense() first")
+            raise UnsupportedTypeError(
+                f"variable {name!r}: {t.layout} tensors are not supported; call .to_dense() first"
+            )
         if t.device.type not in ("cpu", "cuda"):
             raise UnsupportedTypeError(f"variable {name!r}: tensors on {t.device} are not supported")
         return t
@@ -144,8 +162,9 @@ def _plain_numbers(value: list[Any] | tuple[Any, ...], depth: int = 0) -> bool:
         if isinstance(v, list | tuple):
             if depth >= MAX_DEPTH or not _plain_numbers(v, depth + 1):
                 return False
-        elif not (isinstance(v, bool | numbers.Number)
-                  or (isinstance(v, np.generic) and v.dtype.kind in "biufc")):
+        elif not (
+            isinstance(v, bool | numbers.Number) or (isinstance(v, np.generic) and v.dtype.kind in "biufc")
+        ):
             return False
     return True
 
@@ -178,7 +197,8 @@ def ints_as_double(label: str, value: Any, depth: int = 0) -> Any:
         if f != value:
             raise InvalidVariableError(
                 f"variable {label!r}: the int {value} is not exact in MATLAB double (beyond 2^53); "
-                "save it with int_as='int64'")
+                "save it with int_as='int64'"
+            )
         return f
     if depth > MAX_DEPTH:
         return value  # prepare_value reports the nesting limit
@@ -244,7 +264,8 @@ def utf16_units(label: str, text: str) -> np.ndarray:
     except UnicodeEncodeError as e:
         raise InvalidVariableError(
             f"variable {label!r}: text holds a lone surrogate {text[e.start]!r} at index {e.start}, "
-            "which MATLAB's UTF-16 char cannot store") from None
+            "which MATLAB's UTF-16 char cannot store"
+        ) from None
     return np.frombuffer(raw, dtype="<u2")
 
 
@@ -262,7 +283,7 @@ def _char_matrix(label: str, arr: np.ndarray) -> Value:
     width = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), width), 0x20, dtype="<u2")
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
+        out[i, : len(r)] = r
     return _char_leaf(label, out.reshape(*arr.shape, width))
 
 
@@ -305,8 +326,10 @@ def _sparse(label: str, value: Any) -> Meta:
         dtype = _sparse_dtype(label, "b" if c.dtype == torch.bool else "c" if c.dtype.is_complex else "f")
         data = c.values().to(torch_dtype(dtype))
         ir, jc = c.row_indices().to(torch.int64), c.ccol_indices().to(torch.int64)
-        parts = tuple(prepare(f"{label}.{k}", x.reshape(-1, 1), "matlab", "column")
-                      for k, x in (("data", data), ("ir", ir), ("jc", jc)))
+        parts = tuple(
+            prepare(f"{label}.{k}", x.reshape(-1, 1), "matlab", "column")
+            for k, x in (("data", data), ("ir", ir), ("jc", jc))
+        )
         return Meta("sparse", dims=(int(t.shape[0]), int(t.shape[1])), parts=parts)
     if len(value.shape) != 2:
         raise UnsupportedTypeError(f"variable {label!r}: MATLAB sparse matrices are 2-d")
@@ -316,8 +339,10 @@ def _sparse(label: str, value: Any) -> Meta:
     c.sort_indices()
     dtype = _sparse_dtype(label, c.dtype.kind)
     arrays = (("data", c.data.astype(dtype)), ("ir", c.indices.astype("<i8")), ("jc", c.indptr.astype("<i8")))
-    parts = tuple(Prepared(f"{label}.{k}", np.dtype(x.dtype).str, (x.size, 1), x.reshape(-1, 1), False)
-                  for k, x in arrays)
+    parts = tuple(
+        Prepared(f"{label}.{k}", np.dtype(x.dtype).str, (x.size, 1), x.reshape(-1, 1), False)
+        for k, x in arrays
+    )
     return Meta("sparse", dims=(int(c.shape[0]), int(c.shape[1])), parts=parts)
 
 
@@ -383,8 +408,7 @@ def prepare_value(label: str, value: object, layout: str, oned_as: str, depth: i
             elems = [[sub(f"{label}({i + 1}).{k}", v[k]) for k in names] for i, v in enumerate(value)]
             return Meta("structs", dims=dims, names=names, elems=elems)
         if _numeric_list(value) is None:
-            return Meta("cell", dims=dims,
-                        items=[sub(f"{label}{{{i + 1}}}", v) for i, v in enumerate(value)])
+            return Meta("cell", dims=dims, items=[sub(f"{label}{{{i + 1}}}", v) for i, v in enumerate(value)])
     return prepare(label, value, layout, oned_as)
 
 
@@ -421,8 +445,13 @@ def to_spec(name: str, value: Value, offsets: dict[int, int]) -> Any:
         if v.kind == "struct":
             return proto.Struct(tuple((k, node(x, f"{label}.{k}")) for k, x in v.fields))
         if v.kind == "structs":
-            return proto.StructArray(v.dims, v.names, tuple(
-                tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e, strict=True)) for e in v.elems))
+            return proto.StructArray(
+                v.dims,
+                v.names,
+                tuple(
+                    tuple(node(x, f"{label}.{k}") for k, x in zip(v.names, e, strict=True)) for e in v.elems
+                ),
+            )
         if v.kind == "sparse":
             data, ir, jc = (leaf(p, label) for p in v.parts)
             return proto.Sparse(v.dims, data, ir, jc)  # type: ignore[arg-type]
@@ -447,7 +476,8 @@ def check_wire_size(values: Mapping[str, Value]) -> None:
         raise FormatLimitError(
             f"the description of this save (struct fields, cell elements, inline text) is about "
             f"{size} bytes, over the {proto.MAX_MESSAGE_BYTES} a control message carries: split it "
-            "over several variables or saves")
+            "over several variables or saves"
+        )
 
 
 _TILE: Final = 256
@@ -483,16 +513,27 @@ def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:
     if src.ndim == 2:
         for i in range(0, src.shape[0], _TILE):
             for j in range(0, src.shape[1], _TILE):
-                np.copyto(dest[i:i + _TILE, j:j + _TILE], src[i:i + _TILE, j:j + _TILE],
-                          casting="same_kind")
+                np.copyto(
+                    dest[i : i + _TILE, j : j + _TILE], src[i : i + _TILE, j : j + _TILE], casting="same_kind"
+                )
         return
     np.copyto(dest, src, casting="same_kind")
 
 
 _TORCH_DTYPES: dict[str, str] = {
-    "<f8": "float64", "<f4": "float32", "|i1": "int8", "<i2": "int16", "<i4": "int32",
-    "<i8": "int64", "|u1": "uint8", "<u2": "uint16", "<u4": "uint32", "<u8": "uint64",
-    "|b1": "bool", "<c8": "complex64", "<c16": "complex128",
+    "<f8": "float64",
+    "<f4": "float32",
+    "|i1": "int8",
+    "<i2": "int16",
+    "<i4": "int32",
+    "<i8": "int64",
+    "|u1": "uint8",
+    "<u2": "uint16",
+    "<u4": "uint32",
+    "<u8": "uint64",
+    "|b1": "bool",
+    "<c8": "complex64",
+    "<c16": "complex128",
 }
 
 

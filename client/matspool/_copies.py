@@ -51,9 +51,12 @@ def _pin(ring: Ring, device: int) -> bool:
     except RingError as e:
         if not _warned_pageable:
             _warned_pageable = True
-            warnings.warn(f"matspool: {e}. CUDA saves go through pageable memory instead: they "
-                          "still work, but each device-to-host copy is synchronous and slower",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"matspool: {e}. CUDA saves go through pageable memory instead: they "
+                "still work, but each device-to-host copy is synchronous and slower",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         return False
     return True
 
@@ -66,8 +69,9 @@ class CopyPipeline:
         self._send = send
         self._lock = threading.Lock()
         self._queued = 0  # messages in the queue or being handled by the copy thread
-        self._queue: queue.SimpleQueue[tuple[Copy, Any, list[Lease], Lease | None] | None] = \
+        self._queue: queue.SimpleQueue[tuple[Copy, Any, list[Lease], Lease | None] | None] = (
             queue.SimpleQueue()
+        )
         self._thread: threading.Thread | None = None
         self._copier: Any = None
         self._copier_for: Any = None  # the ring mapping the copier writes into
@@ -89,8 +93,13 @@ class CopyPipeline:
         if self._copier is not None:
             self._copier.synchronize()
 
-    def dispatch(self, message: Any, copy: Copy | None = None, copied: list[Lease] | tuple[()] = (),
-                 lease: Lease | None = None) -> None:
+    def dispatch(
+        self,
+        message: Any,
+        copy: Copy | None = None,
+        copied: list[Lease] | tuple[()] = (),
+        lease: Lease | None = None,
+    ) -> None:
         """Send ``message`` once ``copy`` has ended; ``copied``: the leases whose copy hold
         ends with it; ``lease``: the region the message names (see ``Link.send``)."""
         if copy is None:

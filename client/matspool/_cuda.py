@@ -53,8 +53,16 @@ from typing import Any, Final, cast
 from ._convert import Prepared, torch_dtype
 from ._errors import CudaCaptureError, CudaError
 
-__all__ = ["DRAIN_TIMEOUT", "MIN_CHUNK", "STAGING_ENV", "CudaCopier", "PendingCopy", "eager",
-           "refuse_capture", "wait_events"]
+__all__ = [
+    "DRAIN_TIMEOUT",
+    "MIN_CHUNK",
+    "STAGING_ENV",
+    "CudaCopier",
+    "PendingCopy",
+    "eager",
+    "refuse_capture",
+    "wait_events",
+]
 
 STAGING_ENV: Final = "MATSPOOL_CUDA_STAGING_BYTES"
 MIN_CHUNK: Final = 1 << 20  # the smallest staging buffer before giving up with CudaError
@@ -77,7 +85,8 @@ def refuse_capture() -> None:
         raise CudaCaptureError(
             "save() during CUDA graph capture: a captured save would replay into ring regions "
             "long reused. Call save() outside the captured region, on the graph's outputs "
-            "after graph.replay()")
+            "after graph.replay()"
+        )
 
 
 _eager_cache: dict[Callable[..., Any], Callable[..., Any]] = {}
@@ -117,7 +126,8 @@ def wait_events(events: list[Any], timeout: float | None) -> None:
             if time.monotonic() >= deadline:
                 raise CudaError(
                     f"copies into the ring did not end within {timeout} s: a CUDA stream they "
-                    "wait on (the caller's, or stream=) is stuck or far behind")
+                    "wait on (the caller's, or stream=) is stuck or far behind"
+                )
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
@@ -177,7 +187,7 @@ def _split(src: Any, limit: int, start: int = 0) -> Iterator[tuple[Any, int]]:
     if per_row <= limit:
         step = max(1, limit // per_row)
         for i in range(0, rows, step):
-            yield src[i:i + step], start + i * per_row
+            yield src[i : i + step], start + i * per_row
         return
     for i in range(rows):
         yield from _split(src[i], limit, start + i * per_row)
@@ -289,10 +299,11 @@ class CudaCopier:
         return pending
 
     def _ring_view(self, offset: int, nbytes: int, like: Any) -> Any:
-        return self._ring[offset:offset + nbytes].view(like.dtype).view(like.shape)
+        return self._ring[offset : offset + nbytes].view(like.dtype).view(like.shape)
 
-    def _whole(self, index: int, group: list[tuple[Prepared, int]], source: Any, caller: Any,
-               pending: PendingCopy) -> None:
+    def _whole(
+        self, index: int, group: list[tuple[Prepared, int]], source: Any, caller: Any, pending: PendingCopy
+    ) -> None:
         """Snapshot the group whole on ``source``, D2H it on the copy stream."""
         torch = self._torch
         snaps = []
@@ -340,12 +351,15 @@ class CudaCopier:
                     return [torch.empty(chunk, dtype=torch.uint8, device=index) for _ in range(2)], chunk
             except torch.cuda.OutOfMemoryError:
                 if chunk <= MIN_CHUNK:
-                    raise CudaError(f"not even 2 x {MIN_CHUNK >> 20} MiB of staging memory is free on "
-                                    f"cuda:{index} for a save's copy") from None
+                    raise CudaError(
+                        f"not even 2 x {MIN_CHUNK >> 20} MiB of staging memory is free on "
+                        f"cuda:{index} for a save's copy"
+                    ) from None
                 chunk = max(MIN_CHUNK, chunk // 2 // _ALIGN * _ALIGN)
 
-    def _chunked(self, index: int, group: list[tuple[Prepared, int]], source: Any, caller: Any,
-                 pending: PendingCopy) -> None:
+    def _chunked(
+        self, index: int, group: list[tuple[Prepared, int]], source: Any, caller: Any, pending: PendingCopy
+    ) -> None:
         """Stream the group through two staging buffers; ``source`` waits for a buffer's
         previous D2H (on the GPU) before refilling it."""
         torch = self._torch
@@ -372,7 +386,7 @@ class CudaCopier:
                     bufs[b][:n].view(dtype).view(piece.shape).copy_(piece)
                     ready = torch.cuda.Event(blocking=True)
                     ready.record(source)
-                dst = self._ring[off + first * item:off + first * item + n]
+                dst = self._ring[off + first * item : off + first * item + n]
                 copy.wait_event(ready)
                 with torch.cuda.stream(copy):
                     if self._pinned:

@@ -33,8 +33,20 @@ class EmbeddedDaemon:
     def __init__(self, *, writers: int | None = None) -> None:
         self._dir = tempfile.mkdtemp(prefix="matspool-")  # mode 0700
         self.endpoint = f"ipc://{self._dir}/daemon.sock"
-        cmd = [sys.executable, "-m", "matspoold", "serve", "--endpoint", self.endpoint,
-               "--root", "/", "--parent-pid", str(os.getpid()), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "matspoold",
+            "serve",
+            "--endpoint",
+            self.endpoint,
+            "--root",
+            "/",
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            "warning",
+        ]
         if writers:
             cmd += ["--writers", str(writers)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)

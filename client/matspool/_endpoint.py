@@ -58,7 +58,7 @@ def _private_dirs(directory: str) -> list[str]:
 def make_private_dirs(endpoint: str) -> None:
     """Create the missing directories of the default endpoint, each mode 0700 (a plain
     ``makedirs`` gives the parents the umask's mode). Other endpoints: nothing."""
-    path = endpoint[len("ipc://"):]
+    path = endpoint[len("ipc://") :]
     for d in reversed(_private_dirs(os.path.dirname(path))):
         try:
             os.mkdir(d, 0o700)
@@ -79,8 +79,7 @@ def _name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def check_ipc_endpoint(endpoint: str, *, group_gid: int | None = None,
-                       missing_ok: bool = True) -> None:
+def check_ipc_endpoint(endpoint: str, *, group_gid: int | None = None, missing_ok: bool = True) -> None:
     """Raise :class:`DaemonUnavailable` unless ``endpoint``'s directory is one only this
     user (or root, or the configured group's daemon) controls; see the module docstring.
 
@@ -91,7 +90,7 @@ def check_ipc_endpoint(endpoint: str, *, group_gid: int | None = None,
     if not endpoint.startswith("ipc://"):
         return
     me = os.geteuid()
-    directory = os.path.dirname(os.path.abspath(endpoint[len("ipc://"):]))
+    directory = os.path.dirname(os.path.abspath(endpoint[len("ipc://") :]))
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
@@ -99,30 +98,43 @@ def check_ipc_endpoint(endpoint: str, *, group_gid: int | None = None,
             return
         raise _fail(directory, "it does not exist", "create it, mode 0700") from None
     if stat.S_ISLNK(st.st_mode):
-        raise _fail(directory, f"it is a symbolic link to {os.path.realpath(directory)}",
-                    "use the real directory, or remove the link")
+        raise _fail(
+            directory,
+            f"it is a symbolic link to {os.path.realpath(directory)}",
+            "use the real directory, or remove the link",
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise _fail(directory, "it is not a directory", "remove it, or use another endpoint")
     private = _private_dirs(directory)
     for d in private:
         s = os.lstat(d)
         if stat.S_ISLNK(s.st_mode) or s.st_uid != me:
-            raise _fail(d, f"it belongs to {_name(s.st_uid)}, not to this user "
-                        f"{_name(me)} (another user may be running a fake daemon there)",
-                        "remove it (as root) or set XDG_RUNTIME_DIR or MATSPOOL_ENDPOINT "
-                        "to a directory of yours")
+            raise _fail(
+                d,
+                f"it belongs to {_name(s.st_uid)}, not to this user "
+                f"{_name(me)} (another user may be running a fake daemon there)",
+                "remove it (as root) or set XDG_RUNTIME_DIR or MATSPOOL_ENDPOINT to a directory of yours",
+            )
         if s.st_mode & 0o077:
-            raise _fail(d, f"mode {stat.S_IMODE(s.st_mode):04o} lets others in",
-                        f"chmod 700 {d}")
+            raise _fail(d, f"mode {stat.S_IMODE(s.st_mode):04o} lets others in", f"chmod 700 {d}")
     if st.st_mode & stat.S_IWOTH:
-        raise _fail(directory, f"mode {stat.S_IMODE(st.st_mode):04o}: any user can replace the "
-                    "socket", "give the socket a directory of its own, not writable by others")
+        raise _fail(
+            directory,
+            f"mode {stat.S_IMODE(st.st_mode):04o}: any user can replace the socket",
+            "give the socket a directory of its own, not writable by others",
+        )
     if st.st_mode & stat.S_IWGRP and (group_gid is None or st.st_gid != group_gid):
-        raise _fail(directory, f"mode {stat.S_IMODE(st.st_mode):04o}: its group can replace the "
-                    "socket", f"chmod g-w {directory}")
+        raise _fail(
+            directory,
+            f"mode {stat.S_IMODE(st.st_mode):04o}: its group can replace the socket",
+            f"chmod g-w {directory}",
+        )
     if group_gid is not None and st.st_gid != group_gid:
-        raise _fail(directory, f"its group is gid {st.st_gid}, not the configured --group "
-                    f"(gid {group_gid})", "chgrp the directory, or serve another endpoint")
+        raise _fail(
+            directory,
+            f"its group is gid {st.st_gid}, not the configured --group (gid {group_gid})",
+            "chgrp the directory, or serve another endpoint",
+        )
     _check_ancestors(directory, st, me)
 
 
@@ -140,11 +152,20 @@ def _check_ancestors(directory: str, st: os.stat_result, me: int) -> None:
         here = os.lstat(path) if path != os.path.realpath(directory) else st
         parent_open = parent.st_uid not in (0, me) or parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if here.st_uid not in (0, me) and parent_open:
-            raise _fail(path, f"it belongs to {_name(here.st_uid)} and sits in a directory others "
-                        "can write to (another user may have made it to catch this endpoint)",
-                        "use a directory of your own (XDG_RUNTIME_DIR, or MATSPOOL_ENDPOINT)")
-        if path != os.path.realpath(directory) and here.st_mode & stat.S_IWOTH \
-                and not here.st_mode & stat.S_ISVTX:
-            raise _fail(path, f"mode {stat.S_IMODE(here.st_mode):04o}: any user can replace "
-                        "what is inside", "put the endpoint under a directory not writable by others")
+            raise _fail(
+                path,
+                f"it belongs to {_name(here.st_uid)} and sits in a directory others "
+                "can write to (another user may have made it to catch this endpoint)",
+                "use a directory of your own (XDG_RUNTIME_DIR, or MATSPOOL_ENDPOINT)",
+            )
+        if (
+            path != os.path.realpath(directory)
+            and here.st_mode & stat.S_IWOTH
+            and not here.st_mode & stat.S_ISVTX
+        ):
+            raise _fail(
+                path,
+                f"mode {stat.S_IMODE(here.st_mode):04o}: any user can replace what is inside",
+                "put the endpoint under a directory not writable by others",
+            )
         parent = here

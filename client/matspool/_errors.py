@@ -181,14 +181,16 @@ ERROR_CODES: dict[str, type[MatspoolError]] = {
 }
 
 
-def error_from_code(code: str, message: str, *, path: str | None = None, seq: int | None = None,
-                    errno: int | None = None) -> MatspoolError:
+def error_from_code(
+    code: str, message: str, *, path: str | None = None, seq: int | None = None, errno: int | None = None
+) -> MatspoolError:
     """The exception a daemon ``ERR`` reply stands for (unknown codes: the base class)."""
     return with_context(ERROR_CODES.get(code, MatspoolError)(message), path=path, seq=seq, errno=errno)
 
 
-def with_context(err: MatspoolError, *, path: str | None = None, seq: int | None = None,
-                 errno: int | None = None) -> MatspoolError:
+def with_context(
+    err: MatspoolError, *, path: str | None = None, seq: int | None = None, errno: int | None = None
+) -> MatspoolError:
     """``err`` with the save it is about; ``errno`` only where the class is an OSError."""
     err.path, err.seq = path, seq
     if errno is not None and isinstance(err, OSError):

@@ -38,8 +38,10 @@ class Lease:
         self.freed = False
 
     def __repr__(self) -> str:
-        return (f"Lease(offset={self.offset}, nbytes={self.nbytes}, copying={self.copying}, "
-                f"daemon={self.daemon}, instance={self.instance!r})")
+        return (
+            f"Lease(offset={self.offset}, nbytes={self.nbytes}, copying={self.copying}, "
+            f"daemon={self.daemon}, instance={self.instance!r})"
+        )
 
 
 class Leases:
@@ -49,8 +51,9 @@ class Leases:
         self.ring = ring
         self._cond = threading.Condition()
 
-    def take(self, nbytes: int, *, block: bool, timeout: float | None, daemon: bool = True,
-             nested: bool = False) -> Lease:
+    def take(
+        self, nbytes: int, *, block: bool, timeout: float | None, daemon: bool = True, nested: bool = False
+    ) -> Lease:
         """Reserve ``nbytes`` (waiting or raising :class:`SpoolFull` by the policy given).
 
         ``daemon=False``: a region the daemon never reads (a host reorder's staging).

@@ -45,7 +45,8 @@ def after_open(spool: Spool) -> None:
         # os._exit follows the finalizers in a multiprocessing child; atexit never runs.
         # exitpriority 10: before the queues' feeder threads are joined (priority -5).
         _FINALIZERS[id(spool)] = multiprocessing.util.Finalize(
-            spool, _close_at_exit, args=(weakref.ref(spool),), exitpriority=10)
+            spool, _close_at_exit, args=(weakref.ref(spool),), exitpriority=10
+        )
 
 
 def forget(spool: Spool) -> None:

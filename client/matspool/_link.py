@@ -73,9 +73,17 @@ def _result(nbytes: int) -> Callable[[Save], SaveResult]:
 class Link:
     """Speaks to one daemon for one spool; see the module docstring."""
 
-    def __init__(self, transport: Transport, ring: Ring, table: PendingTable, *,
-                 timeout: float | None, heartbeat: float, remote: bool,
-                 daemon_exit: Callable[[], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        ring: Ring,
+        table: PendingTable,
+        *,
+        timeout: float | None,
+        heartbeat: float,
+        remote: bool,
+        daemon_exit: Callable[[], int | None] | None = None,
+    ) -> None:
         self.transport = transport
         self.endpoint = transport.endpoint
         self._ring = ring
@@ -95,8 +103,9 @@ class Link:
         self._io: threading.Thread | None = None
 
     # -- other threads ------------------------------------------------------------------
-    def open(self, connect_timeout: float, probe: Callable[[], None] | None = None,
-             grace: float = 0.0) -> None:
+    def open(
+        self, connect_timeout: float, probe: Callable[[], None] | None = None, grace: float = 0.0
+    ) -> None:
         """Start the I/O thread and say HELLO; returns once the daemon has answered.
 
         ``probe`` (after ``grace`` s, then every second) raises when nobody can be
@@ -117,8 +126,9 @@ class Link:
             if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
                 raise DaemonUnavailable(f"the embedded daemon exited with status {rc} during start-up")
             if time.monotonic() > deadline:
-                raise DaemonUnavailable(f"no matspool daemon answered at {self.endpoint} "
-                                        f"within {connect_timeout} s")
+                raise DaemonUnavailable(
+                    f"no matspool daemon answered at {self.endpoint} within {connect_timeout} s"
+                )
 
     def send(self, message: msgs.Request, lease: Lease | None = None) -> None:
         """Queue ``message``; ``lease``: the region it names, released here if the message
@@ -143,13 +153,17 @@ class Link:
             return []
         ring = self._ring.array
         if isinstance(message, proto.WriteRequest):
-            spans = [(leaf.offset, leaf.nbytes) for v in message.vars for leaf in proto.leaves(v)
-                     if not leaf.deferred and leaf.nbytes]
+            spans = [
+                (leaf.offset, leaf.nbytes)
+                for v in message.vars
+                for leaf in proto.leaves(v)
+                if not leaf.deferred and leaf.nbytes
+            ]
         elif isinstance(message, proto.Part):
             spans = [(message.offset, message.nbytes)]
         else:
             return []
-        return [memoryview(ring[off:off + n].data) for off, n in spans]
+        return [memoryview(ring[off : off + n].data) for off, n in spans]
 
     # -- the I/O thread -----------------------------------------------------------------
     def _hello_msg(self) -> msgs.Hello:
@@ -164,8 +178,11 @@ class Link:
         re-sent after WELCOME, and overtake them (two saves to one path, a stream's steps)."""
         if not self._remote and not self._ring.exists():
             self._ring.move()  # the daemon took us for dead and unlinked the ring
-            log.warning("matspool: the daemon had dropped this client and removed its ring; "
-                        "registered again with ring %s", self._ring.name)
+            log.warning(
+                "matspool: the daemon had dropped this client and removed its ring; "
+                "registered again with ring %s",
+                self._ring.name,
+            )
         self._hello_pending = True
         self._hello_at = time.monotonic()
         self.transport.send(msgs.encode(self._hello_msg()))
@@ -204,12 +221,20 @@ class Link:
             self._table.answer(seq, error=err)
         elif self._hello_pending and isinstance(err, RingError) and not self._ring.exists():
             self._hello()  # our ring went between our check and the daemon's open
-        elif (isinstance(err, RingError) and self._ring.kind == "memfd" and err.errno in _UNREACHABLE
-              and (self.instance is None or self._hello_pending)):
+        elif (
+            isinstance(err, RingError)
+            and self._ring.kind == "memfd"
+            and err.errno in _UNREACHABLE
+            and (self.instance is None or self._hello_pending)
+        ):
             # this daemon cannot open /proc/<pid>/fd (another user, another pid namespace,
             # an older daemon): a ring in /dev/shm, which it reads without mapping
-            log.warning("matspool: the daemon at %s cannot reach a memfd ring (%s); using %s",
-                        self.endpoint, err, "/dev/shm")
+            log.warning(
+                "matspool: the daemon at %s cannot reach a memfd ring (%s); using %s",
+                self.endpoint,
+                err,
+                "/dev/shm",
+            )
             self._ring.move(kind="shm")
             self._hello()
         else:  # about the connection itself (e.g. the ring could not be mapped)
@@ -221,8 +246,10 @@ class Link:
         Its failed saves free their regions; its open whole saves are sent again."""
         for save in self._table.handed_to(instance):
             if save.pieces and not save.future.done():  # its slabs went to the dead one
-                self._table.fail(save.seq, DaemonUnavailable(
-                    "the daemon restarted during a save in pieces; nothing was written"))
+                self._table.fail(
+                    save.seq,
+                    DaemonUnavailable("the daemon restarted during a save in pieces; nothing was written"),
+                )
             if save.future.done():
                 self._table.forget(save)
             else:
@@ -309,10 +336,15 @@ class Link:
                     return
                 if now - last_rx > silence_limit and self._table.unresolved():
                     dead = self._daemon_dead()
-                    outcome = ("it is gone" if dead else "the outcome of this save is unknown: "
-                               "the file may still appear, whole, if the daemon resumes")
-                    silent = (f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s; "
-                              f"{outcome}")
+                    outcome = (
+                        "it is gone"
+                        if dead
+                        else "the outcome of this save is unknown: "
+                        "the file may still appear, whole, if the daemon resumes"
+                    )
+                    silent = (
+                        f"no word from the daemon at {self.endpoint} for {now - last_rx:.1f} s; {outcome}"
+                    )
                     self._table.fail_unresolved(failing(DaemonUnavailable, silent), keep=not dead)
                     last_rx = now
         except (RingError, DaemonUnavailable) as e:  # the ring could not be moved, or the

@@ -81,8 +81,7 @@ STORED_DTYPES: Final[dict[str, str]] = {
 
 # Inputs that are widened on the way in: MATLAB has no half precision.
 # float8 (torch's and ml_dtypes' spellings): every value is exact in single.
-FLOAT8: Final = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
-                 "float8_e8m0fnu")
+FLOAT8: Final = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
 _WIDEN = {"float16": "<f4", "bfloat16": "<f4", "complex32": "<c8", **dict.fromkeys(FLOAT8, "<f4")}
 
 

@@ -126,8 +126,13 @@ class Hello(_Plain):
             raise ProtocolError("HELLO needs a ring name")
         if ring is not None and (not isinstance(ring, str) or len(ring) > 255):
             raise ProtocolError("HELLO: ring must be a name of at most 255 characters")
-        return cls(ring, _int(raw, "ring_bytes", 1, MAX_RING_BYTES), _int(raw, "pid", 0, 2**31), remote,
-                   _opt_int(raw, "fd", 0, 2**31 - 1))
+        return cls(
+            ring,
+            _int(raw, "ring_bytes", 1, MAX_RING_BYTES),
+            _int(raw, "pid", 0, 2**31),
+            remote,
+            _opt_int(raw, "fd", 0, 2**31 - 1),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +154,11 @@ class Batch:
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Batch:
         msgs = raw.get("msgs")
-        if (not isinstance(msgs, list) or not 1 <= len(msgs) <= MAX_BATCH
-                or not all(isinstance(m, dict) and m.get("op") == "WRITE" for m in msgs)):
+        if (
+            not isinstance(msgs, list)
+            or not 1 <= len(msgs) <= MAX_BATCH
+            or not all(isinstance(m, dict) and m.get("op") == "WRITE" for m in msgs)
+        ):
             raise ProtocolError(f"BATCH must hold a list 'msgs' of 1 to {MAX_BATCH} WRITE messages")
         return cls(tuple(msgs))
 
@@ -222,8 +230,10 @@ class Pong(_Plain):
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Pong:
-        return cls(None if raw.get("instance") is None else _text(raw, "instance", 64),
-                   _opt_int(raw, "pid", 0, 2**31))
+        return cls(
+            None if raw.get("instance") is None else _text(raw, "instance", 64),
+            _opt_int(raw, "pid", 0, 2**31),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +256,8 @@ class Done:
             return cls(((_int(raw, "seq"), _int(raw, "nbytes")),))
         done = raw["done"]
         if not isinstance(done, list) or not all(
-                isinstance(a, list) and len(a) == 2 and all(type(x) is int and x >= 0 for x in a)
-                for a in done):
+            isinstance(a, list) and len(a) == 2 and all(type(x) is int and x >= 0 for x in a) for a in done
+        ):
             raise ProtocolError("DONE: done must be a list of [seq, nbytes] pairs")
         return cls(tuple((a[0], a[1]) for a in done))
 
@@ -271,8 +281,12 @@ class Err(_Plain):
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Err:
-        return cls(_int(raw, "seq", -1), _text(raw, "code", 64), _text(raw, "message", 1 << 16),
-                   _opt_int(raw, "errno", 0, 4096))
+        return cls(
+            _int(raw, "seq", -1),
+            _text(raw, "code", 64),
+            _text(raw, "message", 1 << 16),
+            _opt_int(raw, "errno", 0, 4096),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,18 +368,27 @@ class StatusReply:
             raise ProtocolError("STATUS: roots must be a list of strings")
         if not isinstance(clients, list):
             raise ProtocolError("STATUS: clients must be a list")
-        return cls(_int(raw, "pid", 0, 2**31), _text(raw, "instance", 64), _text(raw, "endpoint"),
-                   tuple(roots), _float(raw, "uptime_s"), _int(raw, "files_written"),
-                   _int(raw, "bytes_written"), _int(raw, "errors"),
-                   tuple(ClientStatus.from_wire(c) for c in clients))
+        return cls(
+            _int(raw, "pid", 0, 2**31),
+            _text(raw, "instance", 64),
+            _text(raw, "endpoint"),
+            tuple(roots),
+            _float(raw, "uptime_s"),
+            _int(raw, "files_written"),
+            _int(raw, "bytes_written"),
+            _int(raw, "errors"),
+            tuple(ClientStatus.from_wire(c) for c in clients),
+        )
 
 
 Request = Hello | WriteRequest | Batch | Part | End | Ping | StatusQuery | Bye
 Reply = Welcome | Done | Err | PartDone | Pong | StatusReply
 Message = Request | Reply
 
-CLIENT_OPS: Final[dict[str, type[Any]]] = {
-    c.OP: c for c in (Hello, Batch, End, Ping, StatusQuery, Bye)} | {"WRITE": WriteRequest, "PART": Part}
+CLIENT_OPS: Final[dict[str, type[Any]]] = {c.OP: c for c in (Hello, Batch, End, Ping, StatusQuery, Bye)} | {
+    "WRITE": WriteRequest,
+    "PART": Part,
+}
 DAEMON_OPS: Final[dict[str, type[Any]]] = {c.OP: c for c in (Welcome, Done, Err, PartDone, Pong, StatusReply)}
 
 

@@ -126,8 +126,7 @@ class PendingTable:
             return save is None or (save.future.done() and save.future.exception() is not None)
 
     # -- the I/O thread's side ------------------------------------------------------------
-    def sent(self, seq: int, op: str, frames: list[Any], instance: str | None,
-             lease: Lease | None) -> bool:
+    def sent(self, seq: int, op: str, frames: list[Any], instance: str | None, lease: Lease | None) -> bool:
         """A message of save ``seq`` goes to the daemon now; False: do not send it (the
         save is gone), and ``lease`` (the region it names) is released here."""
         drop: list[Lease] = []
@@ -157,8 +156,13 @@ class PendingTable:
             self._leases.answered(lease)
         return save is not None
 
-    def answer(self, seq: object, result: Callable[[Save], SaveResult] | None = None,
-               error: MatspoolError | None = None, part: int | bool | None = False) -> None:
+    def answer(
+        self,
+        seq: object,
+        result: Callable[[Save], SaveResult] | None = None,
+        error: MatspoolError | None = None,
+        part: int | bool | None = False,
+    ) -> None:
         """The daemon answered one message of save ``seq``: DONE (``result``), ERR
         (``error``) or PART_DONE (``part``: the piece's offset, None for the laid-out
         save's own region)."""
@@ -225,8 +229,11 @@ class PendingTable:
     def handed_to(self, instance: str | None) -> list[Save]:
         """Saves whose messages went to ``instance`` (all sent ones for None)."""
         with self._lock:
-            return [s for s in self._saves.values()
-                    if s.outstanding and (instance is None or s.instance == instance)]
+            return [
+                s
+                for s in self._saves.values()
+                if s.outstanding and (instance is None or s.instance == instance)
+            ]
 
     def held_by_silence(self) -> bool:
         """Whether some failed save still holds regions (its daemon may yet read them)."""
@@ -249,7 +256,7 @@ class PendingTable:
     def take_failures(self) -> list[BaseException]:
         """Failures since the last call (for ``flush()``); they count as observed."""
         with self._lock:
-            new, self._flushed = self._failures[self._flushed:], len(self._failures)
+            new, self._flushed = self._failures[self._flushed :], len(self._failures)
         for fut in new:
             fut.observed = True
         return [e for f in new if (e := f.exception()) is not None]
@@ -267,5 +274,7 @@ class PendingTable:
             f.observed = True
         lines = "\n".join(f"  {f.path}: {type(e).__name__}: {e}" for f, e in failed)
         more = f"\n  ... and {lost} more" if lost else ""
-        return FlushError(f"{len(errors) + lost} saves failed and nobody looked at their "
-                          f"futures:\n{lines}{more}", list(errors))
+        return FlushError(
+            f"{len(errors) + lost} saves failed and nobody looked at their futures:\n{lines}{more}",
+            list(errors),
+        )

@@ -31,8 +31,17 @@ __all__ = ["send_in_pieces"]
 _POLL: Final = 0.05  # how often a slab waiting for room looks whether its save failed
 
 
-def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, copies: CopyPipeline,
-                   *, block: bool, timeout: float | None, stream: Any = None) -> SaveFuture:
+def send_in_pieces(
+    plan: Plan,
+    seq: int,
+    leases: Leases,
+    table: PendingTable,
+    copies: CopyPipeline,
+    *,
+    block: bool,
+    timeout: float | None,
+    stream: Any = None,
+) -> SaveFuture:
     """Send a save the planner split (``plan.slabs``); returns its future.
 
     A CUDA slab's region keeps its copy hold until the copy thread saw its D2H end (the
@@ -45,8 +54,9 @@ def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, co
     base = leases.take(plan.total, block=block, timeout=timeout)
     offsets = {key: base.offset + off for key, off in plan.relative.items()}
     save = table.add(seq, plan.path, plan.format, [base], pieces=True)
-    request = proto.WriteRequest(seq, plan.path, plan.format, plan.fsync, tuple(plan.specs(base.offset)),
-                                 0, "begin")
+    request = proto.WriteRequest(
+        seq, plan.path, plan.format, plan.fsync, tuple(plan.specs(base.offset)), 0, "begin"
+    )
     abandon = True
     try:
         try:
@@ -54,8 +64,11 @@ def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, co
             for a in plan.arrays:
                 if not a.is_cuda:
                     copy_host(a, ring.array, offsets[id(a)])
-            copy = (copies.cuda(cuda_items[0][0].array.device.index or 0).start(cuda_items, stream)
-                    if cuda_items else None)
+            copy = (
+                copies.cuda(cuda_items[0][0].array.device.index or 0).start(cuda_items, stream)
+                if cuda_items
+                else None
+            )
         except BaseException:
             copies.synchronize()
             leases.copied(base)
@@ -66,8 +79,19 @@ def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, co
             for index, (name, v) in enumerate(plan.values.items()):
                 if name in plan.slabs:
                     assert isinstance(v, Prepared)
-                    _send_slabs(seq, index, v, *plan.slabs[name], save.future, leases, table,
-                                copies, block=block, timeout=timeout, stream=stream)
+                    _send_slabs(
+                        seq,
+                        index,
+                        v,
+                        *plan.slabs[name],
+                        save.future,
+                        leases,
+                        table,
+                        copies,
+                        block=block,
+                        timeout=timeout,
+                        stream=stream,
+                    )
         except BaseException:
             save.future.observed = True  # save() raises: the caller never gets the future
             raise
@@ -77,28 +101,44 @@ def send_in_pieces(plan: Plan, seq: int, leases: Leases, table: PendingTable, co
     return save.future
 
 
-def _take(leases: Leases, nbytes: int, future: SaveFuture, *, block: bool,
-          timeout: float | None) -> Lease | None:
+def _take(
+    leases: Leases, nbytes: int, future: SaveFuture, *, block: bool, timeout: float | None
+) -> Lease | None:
     """A slab's region, or None once the save has failed: the regions it holds return
     only when the daemon answers its END, so waiting for room would wait for itself."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while not future.done():
         left = None if deadline is None else deadline - time.monotonic()
         try:
-            return leases.take(nbytes, block=block, timeout=_POLL if left is None else
-                               max(0.0, min(_POLL, left)))
+            return leases.take(
+                nbytes, block=block, timeout=_POLL if left is None else max(0.0, min(_POLL, left))
+            )
         except SpoolFull:
             if not block or (left is not None and left <= _POLL):
                 if future.done():
                     return None
-                raise SpoolFull(f"ring full: a slab of {nbytes} bytes did not fit"
-                                + (f" after waiting {timeout} s" if block else "")) from None
+                raise SpoolFull(
+                    f"ring full: a slab of {nbytes} bytes did not fit"
+                    + (f" after waiting {timeout} s" if block else "")
+                ) from None
     return None
 
 
-def _send_slabs(seq: int, index: int, v: Prepared, axis: int, per: int, future: SaveFuture,
-                leases: Leases, table: PendingTable, copies: CopyPipeline, *,
-                block: bool, timeout: float | None, stream: Any = None) -> None:
+def _send_slabs(
+    seq: int,
+    index: int,
+    v: Prepared,
+    axis: int,
+    per: int,
+    future: SaveFuture,
+    leases: Leases,
+    table: PendingTable,
+    copies: CopyPipeline,
+    *,
+    block: bool,
+    timeout: float | None,
+    stream: Any = None,
+) -> None:
     ring = leases.ring
     plane = v.nbytes // v.dims[axis]
     for k in range(0, v.dims[axis], per):

@@ -88,13 +88,27 @@ class Plan:
         """The WRITE's variables with the region at ``base``."""
         offsets = {key: base + off for key, off in self.relative.items()}
         slabs = self.slabs or {}
-        return [proto.VarSpec(n, v.dtype, v.dims, 0, v.nbytes, deferred=True)  # type: ignore[union-attr]
-                if n in slabs else to_spec(n, v, offsets) for n, v in self.values.items()]
+        return [
+            proto.VarSpec(n, v.dtype, v.dims, 0, v.nbytes, deferred=True)  # type: ignore[union-attr]
+            if n in slabs
+            else to_spec(n, v, offsets)
+            for n, v in self.values.items()
+        ]
 
 
-def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned_as: str,
-         fsync: bool, compress: int, mode: str, ring_size: int, append: bool = False,
-         int_as: str = "int64") -> Plan:
+def plan(
+    path: object,
+    variables: Mapping[str, Any],
+    fmt: str,
+    layout: str,
+    oned_as: str,
+    fsync: bool,
+    compress: int,
+    mode: str,
+    ring_size: int,
+    append: bool = False,
+    int_as: str = "int64",
+) -> Plan:
     """Check a save and lay it out for a ring of ``ring_size`` bytes."""
     check_choice("layout", layout, LAYOUTS)
     check_choice("int_as", int_as, INT_AS)
@@ -108,15 +122,17 @@ def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned
     abspath = check_path(path)
     if int_as == "double":
         variables = {name: ints_as_double(str(name), value) for name, value in variables.items()}
-    values = {check_name(name): prepare_value(name, value, layout, oned_as)
-              for name, value in variables.items()}
+    values = {
+        check_name(name): prepare_value(name, value, layout, oned_as) for name, value in variables.items()
+    }
     check_wire_size(values)
     arrays = [a for v in values.values() for a in iter_arrays(v)]
     if fmt == "auto":
         fmt = "v7.3" if any(a.nbytes > V5_MAX_VARIABLE_BYTES for a in arrays) else "v5"
     relative, total = place(arrays)
-    over_v5 = fmt == "v5" and any(a.nbytes > V5_MAX_VARIABLE_BYTES or max(a.dims) > V5_MAX_DIM
-                                  for a in arrays)
+    over_v5 = fmt == "v5" and any(
+        a.nbytes > V5_MAX_VARIABLE_BYTES or max(a.dims) > V5_MAX_DIM for a in arrays
+    )
     if over_v5 or mode != "write":
         provisional = [to_spec(n, v, relative) for n, v in values.items()]
         if fmt == "v5":
@@ -126,18 +142,20 @@ def plan(path: object, variables: Mapping[str, Any], fmt: str, layout: str, oned
     if total <= ring_size or mode != "write":
         return Plan(abspath, fmt, fsync, compress, mode, values, arrays, relative, total, append=append)
     if append:
-        raise PayloadTooLarge(f"append=True needs the whole save in the ring ({ring_size} bytes); "
-                              f"this one is {total}")
-    return _in_pieces(Plan(abspath, fmt, fsync, compress, mode, values, arrays, relative, total),
-                      ring_size)
+        raise PayloadTooLarge(
+            f"append=True needs the whole save in the ring ({ring_size} bytes); this one is {total}"
+        )
+    return _in_pieces(Plan(abspath, fmt, fsync, compress, mode, values, arrays, relative, total), ring_size)
 
 
 def _in_pieces(whole: Plan, ring_size: int) -> Plan:
     """A save larger than the ring: its largest arrays travel in slabs of about a
     quarter of the ring, the rest is laid out in one region first."""
     if whole.level:
-        raise PayloadTooLarge(f"a compressed save must fit in the ring ({ring_size} bytes); "
-                              "raise ring_bytes or save uncompressed")
+        raise PayloadTooLarge(
+            f"a compressed save must fit in the ring ({ring_size} bytes); "
+            "raise ring_bytes or save uncompressed"
+        )
     values = whole.values
     budget = ring_size // 4
     slabs: dict[str, tuple[int, int]] = {}
@@ -151,13 +169,15 @@ def _in_pieces(whole: Plan, ring_size: int) -> Plan:
         if plane > ring_size // 2:
             raise PayloadTooLarge(
                 f"variable {name!r}: one slab along its last dimension is {plane} bytes; a save "
-                f"in pieces needs a ring of at least twice that (ring_bytes={ring_size})")
+                f"in pieces needs a ring of at least twice that (ring_bytes={ring_size})"
+            )
         slabs[name] = (axis, max(1, budget // plane))
         rest -= v.nbytes
     if rest > ring_size // 2:
-        raise PayloadTooLarge(f"this save's variables that cannot be split take {rest} bytes; "
-                              f"the ring holds {ring_size}: raise ring_bytes")
+        raise PayloadTooLarge(
+            f"this save's variables that cannot be split take {rest} bytes; "
+            f"the ring holds {ring_size}: raise ring_bytes"
+        )
     small = [a for n, v in values.items() if n not in slabs for a in iter_arrays(v)]
     relative, total = place(small)
-    return Plan(whole.path, whole.format, whole.fsync, 0, "write", values, small, relative,
-                total, slabs)
+    return Plan(whole.path, whole.format, whole.fsync, 0, "write", values, small, relative, total, slabs)

@@ -96,9 +96,16 @@ class WriteRequest:
     append: bool = False  # MATLAB's save -append: into an existing file, which keeps its format
 
     def to_wire(self) -> dict[str, Any]:
-        wire = {"op": "WRITE", "seq": self.seq, "path": self.path, "format": self.format,
-                "fsync": self.fsync, "compress": self.compress, "mode": self.mode,
-                "vars": [v.to_wire() for v in self.vars]}
+        wire = {
+            "op": "WRITE",
+            "seq": self.seq,
+            "path": self.path,
+            "format": self.format,
+            "fsync": self.fsync,
+            "compress": self.compress,
+            "mode": self.mode,
+            "vars": [v.to_wire() for v in self.vars],
+        }
         if self.append:
             wire["append"] = True
         return wire
@@ -183,13 +190,23 @@ class Part:
     nbytes: int
 
     def to_wire(self) -> dict[str, Any]:
-        return {"op": "PART", "seq": self.seq, "var": self.var, "start": self.start,
-                "offset": self.offset, "nbytes": self.nbytes}
+        return {
+            "op": "PART",
+            "seq": self.seq,
+            "var": self.var,
+            "start": self.start,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+        }
 
 
 def parse_part(msg: dict[str, Any], ring_bytes: int) -> Part:
     """Bounds against the ring here; against the variable where its save is known."""
     offset = wire_int(msg.get("offset"), "offset", 0, ring_bytes)
-    return Part(wire_int(msg.get("seq"), "seq"), wire_int(msg.get("var"), "var", 0, MAX_VARS),
-                wire_int(msg.get("start"), "start", 0, MAX_DEFERRED_BYTES), offset,
-                wire_int(msg.get("nbytes"), "nbytes", 1, ring_bytes - offset))
+    return Part(
+        wire_int(msg.get("seq"), "seq"),
+        wire_int(msg.get("var"), "var", 0, MAX_VARS),
+        wire_int(msg.get("start"), "start", 0, MAX_DEFERRED_BYTES),
+        offset,
+        wire_int(msg.get("nbytes"), "nbytes", 1, ring_bytes - offset),
+    )

@@ -20,6 +20,7 @@ from ._errors import DaemonUnavailable, InvalidOptionError
 
 __all__ = ["GRACE_S", "check_endpoint", "probe"]
 
+
 # A daemon started together with its client (a job script) gets this long to create its
 # socket and listen before a missing or refusing endpoint counts as nobody there.
 def _grace() -> float:
@@ -32,9 +33,11 @@ def _grace() -> float:
 
 GRACE_S: Final = _grace()
 
-_WHAT_TO_DO: Final = ("start one (`matspool serve --endpoint {e}`), point MATSPOOL_ENDPOINT or "
-                      "Spool(endpoint=...) at a running one, or give neither to start an "
-                      "embedded daemon")
+_WHAT_TO_DO: Final = (
+    "start one (`matspool serve --endpoint {e}`), point MATSPOOL_ENDPOINT or "
+    "Spool(endpoint=...) at a running one, or give neither to start an "
+    "embedded daemon"
+)
 
 
 def _where(endpoint: str, from_env: bool) -> str:
@@ -47,27 +50,29 @@ def check_endpoint(endpoint: str, *, from_env: bool = False) -> None:
     if endpoint.startswith("ipc://"):
         ok = len(endpoint) > len("ipc://")
     elif endpoint.startswith("tcp://"):
-        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
         ok = bool(host) and port.isdigit()
     if not ok:
-        hint = (f" (a socket path? write ipc://{os.path.abspath(endpoint)})"
-                if "://" not in endpoint else "")
-        raise InvalidOptionError(f"{_where(endpoint, from_env)} is not an endpoint matspool can "
-                                 f"connect to: use ipc://PATH or tcp://HOST:PORT{hint}")
+        hint = f" (a socket path? write ipc://{os.path.abspath(endpoint)})" if "://" not in endpoint else ""
+        raise InvalidOptionError(
+            f"{_where(endpoint, from_env)} is not an endpoint matspool can "
+            f"connect to: use ipc://PATH or tcp://HOST:PORT{hint}"
+        )
 
 
 def probe(endpoint: str, *, from_env: bool = False) -> None:
     """Raise :class:`DaemonUnavailable` when nobody can be listening at ``endpoint``."""
     why = _nobody(endpoint)
     if why is not None:
-        raise DaemonUnavailable(f"no matspool daemon at {_where(endpoint, from_env)}: {why}; "
-                                + _WHAT_TO_DO.format(e=endpoint))
+        raise DaemonUnavailable(
+            f"no matspool daemon at {_where(endpoint, from_env)}: {why}; " + _WHAT_TO_DO.format(e=endpoint)
+        )
 
 
 def _nobody(endpoint: str) -> str | None:
     """Why nobody listens there, or None when somebody might (or we cannot tell)."""
     if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://"):]
+        path = endpoint[len("ipc://") :]
         if path.startswith("@"):
             return None  # an abstract socket: no file to look at
         if not os.path.exists(path):
@@ -82,7 +87,7 @@ def _nobody(endpoint: str) -> str | None:
                 return None
         return None
     if endpoint.startswith("tcp://"):
-        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
         host = host.strip("[]")
         if host == "*":
             return None

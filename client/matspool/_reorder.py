@@ -28,8 +28,13 @@ DEFER_MIN_BYTES: Final = 1 << 20  # smaller arrays reorder in cache, at about me
 def defers(p: Prepared) -> bool:
     """Whether ``p``'s copy into the ring is a transpose worth taking off the caller."""
     a = p.array
-    return (not p.is_cuda and p.nbytes >= DEFER_MIN_BYTES and a.ndim >= 2
-            and a.flags.c_contiguous and not a.transpose().flags.c_contiguous)
+    return (
+        not p.is_cuda
+        and p.nbytes >= DEFER_MIN_BYTES
+        and a.ndim >= 2
+        and a.flags.c_contiguous
+        and not a.transpose().flags.c_contiguous
+    )
 
 
 def staged_bytes(p: Prepared) -> int:

@@ -51,8 +51,17 @@ import numpy as np
 
 from ._errors import PayloadTooLarge, RingError, SpoolFull
 
-__all__ = ["ALIGN", "RING_PREFIX", "SEALS", "SHM_DIR", "Ring", "RingKind", "memfd_link",
-           "open_ring_readonly", "ring_path"]
+__all__ = [
+    "ALIGN",
+    "RING_PREFIX",
+    "SEALS",
+    "SHM_DIR",
+    "Ring",
+    "RingKind",
+    "memfd_link",
+    "open_ring_readonly",
+    "ring_path",
+]
 
 SHM_DIR: Final = "/dev/shm"
 RING_PREFIX: Final = "matspool-"
@@ -139,8 +148,9 @@ class Ring:
             try:
                 os.posix_fallocate(fd, 0, size)  # pages reserved now: no SIGBUS in a copy later
             except OSError as e:
-                raise RingError(f"cannot reserve {size} bytes for ring {name}: {e.strerror}"
-                                "; pass a smaller ring_bytes") from e
+                raise RingError(
+                    f"cannot reserve {size} bytes for ring {name}: {e.strerror}; pass a smaller ring_bytes"
+                ) from e
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
@@ -161,10 +171,11 @@ class Ring:
             except OSError as e:
                 hint = ""
                 if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                    hint = (f"; {SHM_DIR} is too small for a {size >> 20} MiB ring "
-                            "(in Docker raise --shm-size, or pass a smaller ring_bytes)")
-                raise RingError(f"cannot reserve {size} bytes for ring {path}: "
-                                f"{e.strerror}{hint}") from e
+                    hint = (
+                        f"; {SHM_DIR} is too small for a {size >> 20} MiB ring "
+                        "(in Docker raise --shm-size, or pass a smaller ring_bytes)"
+                    )
+                raise RingError(f"cannot reserve {size} bytes for ring {path}: {e.strerror}{hint}") from e
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -196,8 +207,9 @@ class Ring:
                 while self._writers:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise RingError(f"ring {self.name} must move and copies into it did not "
-                                        f"end within {timeout} s")
+                        raise RingError(
+                            f"ring {self.name} must move and copies into it did not end within {timeout} s"
+                        )
                     self._cond.wait(left)
                 old_kind, old_fd, old_path = self.kind, self.fd, self.path
                 new_kind = kind or self.kind
@@ -355,7 +367,8 @@ class Ring:
                 raise RingError(
                     f"cudaHostRegister of the {self.size >> 20} MiB ring failed: {outcome.get('text')} "
                     f"(cudaError {outcome['code']}); the memlock limit (ulimit -l, container memlock) "
-                    "is probably too low")
+                    "is probably too low"
+                )
             self._cuda_device = device
             self._cuda_registered = True
 
@@ -446,9 +459,11 @@ def _open_memfd(name: str, pid: int, fd: int) -> int:
     try:
         path_fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
     except OSError as e:
-        raise _refuse(f"cannot open ring {name} as {where}: {e.strerror} (a daemon of another "
-                      "user or pid namespace cannot; the client then uses /dev/shm)",
-                      e.errno or errno.EACCES) from e
+        raise _refuse(
+            f"cannot open ring {name} as {where}: {e.strerror} (a daemon of another "
+            "user or pid namespace cannot; the client then uses /dev/shm)",
+            e.errno or errno.EACCES,
+        ) from e
     try:
         link = os.readlink(f"/proc/self/fd/{path_fd}")
         if link != memfd_link(name) or not stat.S_ISREG(os.fstat(path_fd).st_mode):
@@ -458,8 +473,9 @@ def _open_memfd(name: str, pid: int, fd: int) -> int:
         os.close(path_fd)
 
 
-def open_ring_readonly(name: str, expected_bytes: int, *, pid: int | None = None,
-                       fd: int | None = None) -> tuple[mmap.mmap | None, int]:
+def open_ring_readonly(
+    name: str, expected_bytes: int, *, pid: int | None = None, fd: int | None = None
+) -> tuple[mmap.mmap | None, int]:
     """Open a client's ring for reading (daemon side); the size must match what it claims.
 
     With ``fd`` (a ``memfd`` ring, reached as ``/proc/<pid>/fd/<fd>``): the descriptor
@@ -495,8 +511,10 @@ def open_ring_readonly(name: str, expected_bytes: int, *, pid: int | None = None
             except OSError as e:
                 raise RingError(f"{where} cannot be sealed: {e.strerror}") from e
             if seals & SEALS != SEALS:
-                raise RingError(f"{where} is not sealed against shrinking and growing "
-                                f"(seals {seals:#x}); its client could truncate it under a write")
+                raise RingError(
+                    f"{where} is not sealed against shrinking and growing "
+                    f"(seals {seals:#x}); its client could truncate it under a write"
+                )
             if _fs_type(rfd) not in (None, _TMPFS_MAGIC):
                 # a hugetlb memfd seals too, but faults in it raise SIGBUS once the pool of
                 # huge pages is spent: only plain shared memory is read through a mapping

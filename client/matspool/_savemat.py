@@ -49,7 +49,8 @@ def _check_field_lengths(label: str, value: object, depth: int = 0) -> None:
         if len(k) > SHORT_FIELD_NAME_LENGTH:
             raise InvalidVariableError(
                 f"struct {label!r}: field name {k[:20]!r}... has {len(k)} characters, more than "
-                f"{SHORT_FIELD_NAME_LENGTH}: pass long_field_names=True (MATLAB 7.6+ reads up to 63)")
+                f"{SHORT_FIELD_NAME_LENGTH}: pass long_field_names=True (MATLAB 7.6+ reads up to 63)"
+            )
     for lab, v in children:
         if isinstance(v, Mapping | list | tuple | np.ndarray):
             _check_field_lengths(lab, v, depth + 1)

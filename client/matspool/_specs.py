@@ -70,8 +70,13 @@ class VarSpec:
         return self.mclass or STORED_DTYPES[self.dtype]
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "dims": list(self.dims),
-                                "offset": self.offset, "nbytes": self.nbytes}
+        wire: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "dims": list(self.dims),
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+        }
         if self.deferred:
             wire["deferred"] = True
         if self.mclass:
@@ -120,8 +125,11 @@ class StructArray:
     elems: tuple[tuple[Tree, ...], ...]
 
     def to_wire(self) -> dict[str, Any]:
-        return {"structs": list(self.names), "dims": list(self.dims),
-                "elems": [[v.to_wire() for v in e] for e in self.elems]}
+        return {
+            "structs": list(self.names),
+            "dims": list(self.dims),
+            "elems": [[v.to_wire() for v in e] for e in self.elems],
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +144,10 @@ class Sparse:
     jc: VarSpec
 
     def to_wire(self) -> dict[str, Any]:
-        return {"sparse": {"data": self.data.to_wire(), "ir": self.ir.to_wire(),
-                           "jc": self.jc.to_wire()}, "dims": list(self.dims)}
+        return {
+            "sparse": {"data": self.data.to_wire(), "ir": self.ir.to_wire(), "jc": self.jc.to_wire()},
+            "dims": list(self.dims),
+        }
 
 
 Tree = VarSpec | Char | Struct | Cell | StructArray | Sparse  # a VarSpec in a tree is a ring leaf
@@ -189,8 +199,9 @@ class _Budget:
     def take(self, depth: int) -> None:
         self.nodes += 1
         if self.nodes > MAX_TREE_NODES or depth > MAX_TREE_DEPTH:
-            raise ProtocolError(f"struct/cell nesting exceeds {MAX_TREE_DEPTH} levels "
-                                f"or {MAX_TREE_NODES} elements")
+            raise ProtocolError(
+                f"struct/cell nesting exceeds {MAX_TREE_DEPTH} levels or {MAX_TREE_NODES} elements"
+            )
 
 
 def _tree(raw: object, ring_bytes: int, label: str, budget: _Budget, depth: int = 0) -> Tree:
@@ -208,15 +219,23 @@ def _tree(raw: object, ring_bytes: int, label: str, budget: _Budget, depth: int 
         names = [check_name(f[0]) for f in fields]
         if len(set(names)) != len(names):
             raise ProtocolError(f"{label}: struct field names repeat")
-        return Struct(tuple((n, _tree(v, ring_bytes, f"{label}.{n}", budget, depth + 1))
-                            for n, (_, v) in zip(names, fields, strict=True)))
+        return Struct(
+            tuple(
+                (n, _tree(v, ring_bytes, f"{label}.{n}", budget, depth + 1))
+                for n, (_, v) in zip(names, fields, strict=True)
+            )
+        )
     if "cell" in raw:
         items, dims_raw = raw["cell"], raw.get("dims")
         if not isinstance(items, list):
             raise ProtocolError(f"{label}: cell needs a list of items and 2 to {MAX_NDIM} dims")
         dims = _tree_dims(dims_raw, label, len(items))
-        return Cell(dims, tuple(_tree(v, ring_bytes, f"{label}{{{i + 1}}}", budget, depth + 1)
-                                for i, v in enumerate(items)))
+        return Cell(
+            dims,
+            tuple(
+                _tree(v, ring_bytes, f"{label}{{{i + 1}}}", budget, depth + 1) for i, v in enumerate(items)
+            ),
+        )
     if "structs" in raw:
         return _struct_array(raw, ring_bytes, label, budget, depth)
     if "sparse" in raw:
@@ -234,8 +253,9 @@ def _tree_dims(dims_raw: object, label: str, count: int) -> tuple[int, ...]:
     return dims
 
 
-def _struct_array(raw: dict[str, Any], ring_bytes: int, label: str, budget: _Budget,
-                  depth: int) -> StructArray:
+def _struct_array(
+    raw: dict[str, Any], ring_bytes: int, label: str, budget: _Budget, depth: int
+) -> StructArray:
     names_raw, elems = raw["structs"], raw.get("elems")
     if not isinstance(names_raw, list) or not isinstance(elems, list):
         raise ProtocolError(f"{label}: a struct array needs 'structs' (field names) and 'elems'")
@@ -247,8 +267,12 @@ def _struct_array(raw: dict[str, Any], ring_bytes: int, label: str, budget: _Bud
     for i, e in enumerate(elems):
         if not isinstance(e, list) or len(e) != len(names):
             raise ProtocolError(f"{label}({i + 1}): each element holds one value per field")
-        out.append(tuple(_tree(v, ring_bytes, f"{label}({i + 1}).{n}", budget, depth + 1)
-                         for n, v in zip(names, e, strict=True)))
+        out.append(
+            tuple(
+                _tree(v, ring_bytes, f"{label}({i + 1}).{n}", budget, depth + 1)
+                for n, v in zip(names, e, strict=True)
+            )
+        )
     return StructArray(dims, names, tuple(out))
 
 
@@ -275,7 +299,6 @@ def _sparse(raw: dict[str, Any], ring_bytes: int, label: str, budget: _Budget) -
     return Sparse((m, n), data, ir, jc)
 
 
-
 def parse_var(raw: object, ring_bytes: int) -> Variable:
     if not isinstance(raw, dict):
         raise ProtocolError("each entry of 'vars' must be an object")
@@ -291,8 +314,9 @@ def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
         raise ProtocolError(f"variable {name!r}: unknown dtype {dtype!r}")
     mclass = raw.get("mclass")
     if mclass is not None and (mclass, dtype) != ("char", "<u2"):
-        raise ProtocolError(f"variable {name!r}: mclass may only be 'char' (with dtype '<u2'), "
-                            f"got {mclass!r} with {dtype!r}")
+        raise ProtocolError(
+            f"variable {name!r}: mclass may only be 'char' (with dtype '<u2'), got {mclass!r} with {dtype!r}"
+        )
     dims_raw = raw.get("dims")
     if not isinstance(dims_raw, list) or not 2 <= len(dims_raw) <= MAX_NDIM:
         raise ProtocolError(f"variable {name!r}: dims must be a list of 2 to {MAX_NDIM} integers")
@@ -300,8 +324,10 @@ def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
     expected = math.prod(dims) * np.dtype(dtype).itemsize
     if raw.get("deferred") is True:
         if raw.get("offset") != 0 or raw.get("nbytes") != expected or expected > MAX_DEFERRED_BYTES:
-            raise ProtocolError(f"variable {name!r}: a deferred variable has offset 0 and "
-                                f"nbytes {expected} (at most {MAX_DEFERRED_BYTES})")
+            raise ProtocolError(
+                f"variable {name!r}: a deferred variable has offset 0 and "
+                f"nbytes {expected} (at most {MAX_DEFERRED_BYTES})"
+            )
         return VarSpec(name, dtype, dims, 0, expected, deferred=True, mclass=mclass)
     offset = wire_int(raw.get("offset"), f"variable {name!r} offset", 0, ring_bytes)
     nbytes = wire_int(raw.get("nbytes"), f"variable {name!r} nbytes", 0, ring_bytes - offset)
@@ -335,7 +361,9 @@ def check_stream_step(fmt: str, vars: tuple[Variable, ...] | list[Variable]) -> 
         )
     for v in vars:
         if not isinstance(v, VarSpec) or v.mclass:
-            raise ProtocolError(f"stream variable {v.name!r}: only numeric arrays can grow "
-                                "(save structs and text with save())")
+            raise ProtocolError(
+                f"stream variable {v.name!r}: only numeric arrays can grow "
+                "(save structs and text with save())"
+            )
         if 0 in v.dims:
             raise ProtocolError(f"stream variable {v.name!r}: an empty array cannot grow")

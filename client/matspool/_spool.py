@@ -69,8 +69,6 @@ class _Settings:
     curve: ClientKeys | None
 
 
-
-
 class Spool:
     """A connection to a writer daemon plus this process's ring.
 
@@ -115,16 +113,21 @@ class Spool:
         self._fork_lock = threading.Lock()
         self._transport = transport
         from_env = transport is None and not endpoint and bool(os.environ.get("MATSPOOL_ENDPOINT"))
-        endpoint = transport.endpoint if transport is not None else (
-            endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None)
+        endpoint = (
+            transport.endpoint
+            if transport is not None
+            else (endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None)
+        )
         if transport is None and endpoint is not None:
             _reach.check_endpoint(endpoint, from_env=from_env)
         self._from_env = from_env
         curve = curve or ClientKeys.from_env()
         self._remote = endpoint is not None and is_tcp(endpoint)
         if self._remote and curve is None:
-            raise ValueError(f"{endpoint} is a TCP endpoint: pass curve=ClientKeys(...) or set "
-                             "MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC")
+            raise ValueError(
+                f"{endpoint} is a TCP endpoint: pass curve=ClientKeys(...) or set "
+                "MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC"
+            )
         self._settings = _Settings(endpoint, ring_bytes, ring_mode, heartbeat, connect_timeout, curve)
         self._embedded: _embedded.Share | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -149,21 +152,31 @@ class Spool:
             self.endpoint = s.endpoint
             transport = self._transport or ZmqTransport(s.endpoint, s.curve)
             emb = self._embedded
-            self._link = Link(transport, self._ring, self._table, timeout=self.timeout,
-                              heartbeat=s.heartbeat, remote=self._remote,
-                              daemon_exit=emb.exit_status if emb is not None else None)
+            self._link = Link(
+                transport,
+                self._ring,
+                self._table,
+                timeout=self.timeout,
+                heartbeat=s.heartbeat,
+                remote=self._remote,
+                daemon_exit=emb.exit_status if emb is not None else None,
+            )
             self._copies = CopyPipeline(self._ring, self._leases, self._table, self._link.send)
             endpoint = s.endpoint
-            probe = (None if self._transport is not None or self._embedded is not None else
-                     lambda: _reach.probe(endpoint, from_env=self._from_env))
+            probe = (
+                None
+                if self._transport is not None or self._embedded is not None
+                else lambda: _reach.probe(endpoint, from_env=self._from_env)
+            )
             self._link.open(s.connect_timeout, probe, _reach.GRACE_S)
         except BaseException:
             self._teardown()
             raise
         # A spool dropped without close() frees its ring and its share of the daemon when
         # it is collected; the parts, not the spool, are what the finalizer holds.
-        self._finalizer = weakref.finalize(self, _release_dropped, self._table, self._copies,
-                                           self._link, self._embedded, self._ring)
+        self._finalizer = weakref.finalize(
+            self, _release_dropped, self._table, self._copies, self._link, self._embedded, self._ring
+        )
         self._finalizer.atexit = False  # at exit _lifecycle closes live spools (and reports)
         _lifecycle.after_open(self)
 
@@ -182,8 +195,9 @@ class Spool:
             if self._pid == os.getpid():
                 return
             if self._transport is not None:
-                raise SpoolClosed("a spool on a given transport cannot follow a fork; open "
-                                  "a new one in the child")
+                raise SpoolClosed(
+                    "a spool on a given transport cannot follow a fork; open a new one in the child"
+                )
             self._embedded = None  # the parent's daemon: the child connects, the parent stops it
             self._open()
 
@@ -222,8 +236,20 @@ class Spool:
         if not isinstance(append, bool):
             raise TypeError(f"append must be a bool, got {append!r}")
         submit = eager(Spool._submit)  # under torch.compile: eager, behind a graph break
-        future: SaveFuture = submit(self, path, variables, normalize_format(format), layout, oned_as,
-                                    fsync, compress, "write", append, stream, int_as)
+        future: SaveFuture = submit(
+            self,
+            path,
+            variables,
+            normalize_format(format),
+            layout,
+            oned_as,
+            fsync,
+            compress,
+            "write",
+            append,
+            stream,
+            int_as,
+        )
         return future
 
     def stream(
@@ -243,25 +269,54 @@ class Spool:
         """
         from ._stream import Stream
 
-        return Stream(self._submit, path, format=format, layout=layout, oned_as=oned_as,
-                      fsync=fsync, compress=compress)
+        return Stream(
+            self._submit, path, format=format, layout=layout, oned_as=oned_as, fsync=fsync, compress=compress
+        )
 
-    def _submit(self, path: str | os.PathLike[str], variables: Mapping[str, Any], fmt: str,
-                layout: str, oned_as: str, fsync: bool, compress: bool | int | None,
-                mode: str, append: bool = False, stream: Any = None,
-                int_as: str | None = None) -> SaveFuture:
+    def _submit(
+        self,
+        path: str | os.PathLike[str],
+        variables: Mapping[str, Any],
+        fmt: str,
+        layout: str,
+        oned_as: str,
+        fsync: bool,
+        compress: bool | int | None,
+        mode: str,
+        append: bool = False,
+        stream: Any = None,
+        int_as: str | None = None,
+    ) -> SaveFuture:
         refuse_capture()  # before anything is reserved or queued
         self._check_open()
         ring = self._ring
         assert ring is not None
-        p = plan(path, variables, fmt, layout, oned_as, fsync,
-                 self.compress if compress is None else level(compress), mode, ring.size, append,
-                 self.int_as if int_as is None else int_as)
+        p = plan(
+            path,
+            variables,
+            fmt,
+            layout,
+            oned_as,
+            fsync,
+            self.compress if compress is None else level(compress),
+            mode,
+            ring.size,
+            append,
+            self.int_as if int_as is None else int_as,
+        )
         block = self.on_full == "block"
         assert self._copies is not None
         if p.slabs is not None:
-            return send_in_pieces(p, next(self._seq), self._leases, self._table, self._copies,
-                                  block=block, timeout=self.timeout, stream=stream)
+            return send_in_pieces(
+                p,
+                next(self._seq),
+                self._leases,
+                self._table,
+                self._copies,
+                block=block,
+                timeout=self.timeout,
+                stream=stream,
+            )
         return self._submit_whole(p, block, stream)
 
     def _submit_whole(self, p: Plan, block: bool, stream: Any = None) -> SaveFuture:
@@ -270,8 +325,11 @@ class Spool:
         deferred = {id(a): aligned(staged_bytes(a)) for a in p.arrays if defers(a)}
         if sum(deferred.values()) + p.total > ring.size:
             deferred = {}  # no room to stage: reorder during the copy, as small arrays do
-        staging = (leases.take(sum(deferred.values()), block=block, timeout=self.timeout, daemon=False)
-                   if deferred else None)
+        staging = (
+            leases.take(sum(deferred.values()), block=block, timeout=self.timeout, daemon=False)
+            if deferred
+            else None
+        )
         try:
             region = leases.take(p.total, block=block, timeout=self.timeout, nested=staging is not None)
         except BaseException:
@@ -280,8 +338,9 @@ class Spool:
             raise
         seq = next(self._seq)
         save = self._table.add(seq, p.path, p.format, [region])
-        request = proto.WriteRequest(seq, p.path, p.format, p.fsync, tuple(p.specs(region.offset)),
-                                     p.level, p.mode, p.append)
+        request = proto.WriteRequest(
+            seq, p.path, p.format, p.fsync, tuple(p.specs(region.offset)), p.level, p.mode, p.append
+        )
         try:
             copy = self._copy_in(p, region, staging, deferred, stream)
         except BaseException:
@@ -294,8 +353,9 @@ class Spool:
         copies.dispatch(request, copy, [region], region)
         return save.future
 
-    def _copy_in(self, p: Plan, region: Lease, staging: Lease | None,
-                 deferred: dict[int, int], stream: Any = None) -> Copy | None:
+    def _copy_in(
+        self, p: Plan, region: Lease, staging: Lease | None, deferred: dict[int, int], stream: Any = None
+    ) -> Copy | None:
         """Copy host arrays now, snapshot those to reorder later, start CUDA copies."""
         ring, copies = self._ring, self._copies
         assert ring is not None and copies is not None
@@ -310,8 +370,11 @@ class Spool:
                 at += deferred[id(a)]
             else:
                 copy_host(a, ring.array, offsets[id(a)])
-        parts: list[Copy] = ([copies.cuda(cuda_items[0][0].array.device.index or 0).start(cuda_items, stream)]
-                             if cuda_items else [])
+        parts: list[Copy] = (
+            [copies.cuda(cuda_items[0][0].array.device.index or 0).start(cuda_items, stream)]
+            if cuda_items
+            else []
+        )
         if reorders:
             assert staging is not None
             parts.append(HostReorder(reorders, ring, lambda: self._leases.copied(staging)))
@@ -326,14 +389,16 @@ class Spool:
         futures = self._table.futures()
         not_done = wait_for_saves(futures, timeout, "flush()")
         if not_done:
-            raise TimeoutError(f"flush: {len(not_done)} of {len(futures)} saves still pending "
-                               f"after {timeout} s")
+            raise TimeoutError(
+                f"flush: {len(not_done)} of {len(futures)} saves still pending after {timeout} s"
+            )
         # Every save that failed since the last flush(), including those that had already
         # failed (and so left the table) before this call.
         errors = self._table.take_failures()
         if errors:
-            raise FlushError(f"{len(errors)} saves failed since the last flush; first: {errors[0]}",
-                             errors) from errors[0]
+            raise FlushError(
+                f"{len(errors)} saves failed since the last flush; first: {errors[0]}", errors
+            ) from errors[0]
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Wait up to ``timeout`` for pending saves, then release the ring and the daemon.
@@ -352,12 +417,13 @@ class Spool:
             wait_for_saves(self._table.futures(), timeout, "close()")
         except KeyboardInterrupt:  # a second Ctrl-C (named the saves) or one with none left
             self._table.fail_unresolved(
-                failing(SpoolClosed, "close() was interrupted before the save finished"), keep=False)
+                failing(SpoolClosed, "close() was interrupted before the save finished"), keep=False
+            )
             self._teardown(wait=False)
             raise
         self._table.fail_unresolved(
-            failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"),
-            keep=False)
+            failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"), keep=False
+        )
         stuck = self._teardown()
         if stuck is not None:
             raise stuck
@@ -402,13 +468,21 @@ class Spool:
             self._finalizer.detach()
         if not _close_parts(self._copies, self._link, self._embedded, self._ring, wait=wait):
             return None
-        return CudaError(f"close(): a copy into the ring did not end within {_COPIES_CLOSE_TIMEOUT} s "
-                         "(a CUDA stream it waits on is stuck, or a host reorder still runs); the ring is "
-                         "unmapped once it ends")
+        return CudaError(
+            f"close(): a copy into the ring did not end within {_COPIES_CLOSE_TIMEOUT} s "
+            "(a CUDA stream it waits on is stuck, or a host reorder still runs); the ring is "
+            "unmapped once it ends"
+        )
 
 
-def _close_parts(copies: CopyPipeline | None, link: Link | None,
-                 embedded: _embedded.Share | None, ring: Ring | None, *, wait: bool = True) -> bool:
+def _close_parts(
+    copies: CopyPipeline | None,
+    link: Link | None,
+    embedded: _embedded.Share | None,
+    ring: Ring | None,
+    *,
+    wait: bool = True,
+) -> bool:
     """Stop the threads, leave the daemon (the last spool stops it; ``wait=False``:
     without waiting for its accepted writes), unlink the ring. True when a copy was stuck:
     the ring then goes when that copy ends, never under it."""
@@ -426,16 +500,17 @@ def _close_parts(copies: CopyPipeline | None, link: Link | None,
     return stuck
 
 
-def _release_dropped(table: PendingTable, copies: CopyPipeline, link: Link,
-                     embedded: _embedded.Share | None, ring: Ring) -> None:
+def _release_dropped(
+    table: PendingTable, copies: CopyPipeline, link: Link, embedded: _embedded.Share | None, ring: Ring
+) -> None:
     """A spool collected without close(): its saves still finish (up to a minute), then its
     parts go. Run on a thread of its own when the collection happened on one of the
     spool's own threads (they cannot join themselves, and the I/O thread must go on
     answering the saves being waited for)."""
+
     def release() -> None:
         wait(table.futures(), 60.0)
-        table.fail_unresolved(failing(SpoolClosed, "spool collected before the save finished"),
-                              keep=False)
+        table.fail_unresolved(failing(SpoolClosed, "spool collected before the save finished"), keep=False)
         _close_parts(copies, link, embedded, ring)
 
     if threading.current_thread().name.startswith("matspool-"):

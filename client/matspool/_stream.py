@@ -23,8 +23,17 @@ class Stream:
     """Made by :meth:`Spool.stream`. Steps are written in order; after ``flush()`` the file
     is complete and readable (h5py, mat73, hdf5storage, MATLAB) with every step so far."""
 
-    def __init__(self, submit: Submit, path: str | os.PathLike[str], *, format: str, layout: str,
-                 oned_as: str, fsync: bool, compress: bool | int | None) -> None:
+    def __init__(
+        self,
+        submit: Submit,
+        path: str | os.PathLike[str],
+        *,
+        format: str,
+        layout: str,
+        oned_as: str,
+        fsync: bool,
+        compress: bool | int | None,
+    ) -> None:
         if format != "v7.3":
             raise FormatLimitError(
                 f"a stream needs format='v7.3', not {format!r}: MAT v5 cannot grow a variable in "
@@ -59,8 +68,9 @@ class Stream:
             raise TimeoutError(f"stream {self.path}: {len(not_done)} steps still pending after {timeout} s")
         errors = [e for f in futures if (e := f.exception()) is not None]
         if errors:
-            raise FlushError(f"stream {self.path}: {len(errors)} steps failed; first: {errors[0]}",
-                             errors) from errors[0]
+            raise FlushError(
+                f"stream {self.path}: {len(errors)} steps failed; first: {errors[0]}", errors
+            ) from errors[0]
 
     def close(self, timeout: float | None = None) -> None:
         if not self.closed:

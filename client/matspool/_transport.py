@@ -94,8 +94,9 @@ class ZmqTransport:
             self._dealer.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             self._check_monitor()
-            raise DaemonUnavailable(f"cannot send to {self.endpoint}: no connection to queue "
-                                    "on (the handshake failed?)") from None
+            raise DaemonUnavailable(
+                f"cannot send to {self.endpoint}: no connection to queue on (the handshake failed?)"
+            ) from None
 
     def _check_monitor(self) -> None:
         """Count connections; raise :class:`AuthenticationFailed` on a failed handshake."""
@@ -109,20 +110,23 @@ class ZmqTransport:
     def _refused(self, event: int, value: int) -> MatspoolError:
         """Which key the failed handshake was about, in words a user can act on."""
         if self._curve is None or not is_tcp(self.endpoint):
-            return DaemonUnavailable(f"the handshake with {self.endpoint} failed "
-                                     f"(ZeroMQ event {event:#x}, value {value})")
+            return DaemonUnavailable(
+                f"the handshake with {self.endpoint} failed (ZeroMQ event {event:#x}, value {value})"
+            )
         mine, server = self._curve.public_keys()
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return AuthenticationFailed(
                 f"the daemon at {self.endpoint} refused this client's public key {mine} "
                 f"(from {self._curve.client_secret_file}; status {value}): copy the client's "
-                ".key file into the daemon's --curve-clients directory")
+                ".key file into the daemon's --curve-clients directory"
+            )
         return AuthenticationFailed(
             f"the CURVE handshake with {self.endpoint} failed before the daemon could check "
             f"this client: the daemon is probably not the server this client expected, with "
             f"public key {server} (from {self._curve.server_public_file}); check "
             "MATSPOOL_CURVE_SERVER_PUBLIC / ClientKeys.server_public_file against the "
-            f"daemon's --curve-secret (ZeroMQ event {event:#x}, errno {value})")
+            f"daemon's --curve-secret (ZeroMQ event {event:#x}, errno {value})"
+        )
 
     def poll(self, timeout: float) -> list[list[bytes]]:
         assert self._dealer is not None
@@ -159,8 +163,11 @@ class ZmqTransport:
 
 
 #: ZeroMQ's reports that a connection was made but its handshake (CURVE keys) failed
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 Handler = Callable[[msgs.Request], list[msgs.Reply]]
 

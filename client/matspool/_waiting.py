@@ -98,12 +98,16 @@ def wait_for_saves(futures: Sequence[SaveFuture], timeout: float | None, what: s
                 if interrupted:
                     shown = ", ".join(f.path for f in pending[:_LISTED])
                     more = f" and {len(pending) - _LISTED} more" if len(pending) > _LISTED else ""
-                    _say(f"{what} abandoned: {len(pending)} saves not confirmed written "
-                         f"(they may still appear, whole): {shown}{more}")
+                    _say(
+                        f"{what} abandoned: {len(pending)} saves not confirmed written "
+                        f"(they may still appear, whole): {shown}{more}"
+                    )
                     raise Abandoned(pending) from None
                 interrupted = True
-                _say(f"{what} is waiting for {len(pending)} saves to reach disk (oldest: "
-                     f"{pending[0].path}); press Ctrl-C again to abandon them")
+                _say(
+                    f"{what} is waiting for {len(pending)} saves to reach disk (oldest: "
+                    f"{pending[0].path}); press Ctrl-C again to abandon them"
+                )
     finally:
         if bar is not None:
             bar.close()

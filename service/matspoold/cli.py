@@ -89,13 +89,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     setup_logging(cfg.log_level, cfg.log_format)
     try:
-        daemon = Daemon(cfg.endpoint, cfg.roots, writers=cfg.writers, socket_mode=cfg.socket_mode,
-                        socket_group=cfg.group, parent_pid=args.parent_pid,
-                        clean_stale=cfg.clean_stale, client_timeout=cfg.client_timeout,
-                        max_ring_bytes=cfg.max_ring_bytes, max_total_ring_bytes=cfg.max_total_ring_bytes,
-                        state_dir=cfg.state_dir,
-                        curve_secret=cfg.curve_secret, curve_clients=cfg.curve_clients,
-                        write_delay=args.debug_write_delay)
+        daemon = Daemon(
+            cfg.endpoint,
+            cfg.roots,
+            writers=cfg.writers,
+            socket_mode=cfg.socket_mode,
+            socket_group=cfg.group,
+            parent_pid=args.parent_pid,
+            clean_stale=cfg.clean_stale,
+            client_timeout=cfg.client_timeout,
+            max_ring_bytes=cfg.max_ring_bytes,
+            max_total_ring_bytes=cfg.max_total_ring_bytes,
+            state_dir=cfg.state_dir,
+            curve_secret=cfg.curve_secret,
+            curve_clients=cfg.curve_clients,
+            write_delay=args.debug_write_delay,
+        )
     except (ValueError, KeyError) as e:
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2
@@ -113,8 +122,10 @@ def _serve(args: argparse.Namespace) -> int:
             try:
                 start_metrics(daemon, cfg.metrics)
             except OSError as e:  # the port is taken, or not ours to bind
-                print(f"matspool serve: cannot serve --metrics on {cfg.metrics}: "
-                      f"{e.strerror or e}", file=sys.stderr)
+                print(
+                    f"matspool serve: cannot serve --metrics on {cfg.metrics}: {e.strerror or e}",
+                    file=sys.stderr,
+                )
                 return 2
         daemon.serve()
     except (ValueError, OSError) as e:  # bind failures, unreadable keys: say so, no traceback
@@ -140,11 +151,20 @@ def _status(args: argparse.Namespace) -> int:
 def _keygen(args: argparse.Namespace) -> int:
     from matspool._curve import make_keys
 
-    existing = [f for f in (os.path.join(args.dir, f"{args.name}.key"),
-                            os.path.join(args.dir, f"{args.name}.key_secret")) if os.path.exists(f)]
+    existing = [
+        f
+        for f in (
+            os.path.join(args.dir, f"{args.name}.key"),
+            os.path.join(args.dir, f"{args.name}.key_secret"),
+        )
+        if os.path.exists(f)
+    ]
     if existing and not args.force:
-        print(f"matspool keygen: {existing[0]} exists; clients or the daemon may use it: "
-              "pass --force to replace the key pair", file=sys.stderr)
+        print(
+            f"matspool keygen: {existing[0]} exists; clients or the daemon may use it: "
+            "pass --force to replace the key pair",
+            file=sys.stderr,
+        )
         return BAD_INPUT
     for f in existing:  # make_keys writes new files (owner-only); the old ones go first
         os.unlink(f)
@@ -183,72 +203,147 @@ def main(argv: list[str] | None = None) -> int:
     # Setting flags default to SUPPRESS: only flags actually given override the config file
     # and MATSPOOL_* variables (config.take_flags then fills in the built-in defaults).
     unset = argparse.SUPPRESS
-    s.add_argument("--config", metavar="FILE",
-                   help="TOML file with a [serve] table (default: $MATSPOOL_CONFIG)")
-    s.add_argument("--print-config", action="store_true",
-                   help="print the resolved settings as TOML, with where each came from, and exit")
-    s.add_argument("--endpoint", default=unset,
-                   help="ZeroMQ endpoint to bind (default: $MATSPOOL_ENDPOINT, else "
-                        f"{default_endpoint()})")
-    s.add_argument("--root", action="append", metavar="DIR", default=unset,
-                   help="directory the daemon may write under (repeatable; default: the current one)")
-    s.add_argument("--writers", type=int, default=unset,
-                   help=f"writer threads (default: {min(8, os.cpu_count() or 1)})")
-    s.add_argument("--compress-threads", type=int, default=unset,
-                   help=f"cores that deflate compressed saves (default: all, {os.cpu_count() or 1})")
-    s.add_argument("--socket-mode", type=_mode, default=unset,
-                   help="permissions of an ipc socket, octal (default: 600, owner only)")
-    s.add_argument("--group", default=unset,
-                   help="group to give the ipc socket (use with --socket-mode 660)")
-    s.add_argument("--no-clean-stale", dest="clean_stale", action="store_false", default=unset,
-                   help="do not remove rings of dead clients from /dev/shm at start (use when "
-                        "clients run in another pid namespace)")
-    s.add_argument("--clean-stale", dest="clean_stale", action="store_true", default=unset,
-                   help="remove them (the default; overrides clean_stale = false in a config file)")
-    s.add_argument("--client-timeout", type=float, default=unset,
-                   help="seconds of silence after which a remote client, or any client with "
-                        "--no-clean-stale, counts as dead; a local client whose pid is alive "
-                        "is never dropped (default: 30.0)")
-    s.add_argument("--max-ring-bytes", type=int, metavar="BYTES", default=unset,
-                   help="largest ring one client may register; a larger HELLO is refused "
-                        "(default: 4294967296, 4 GiB)")
-    s.add_argument("--max-total-ring-bytes", type=int, metavar="BYTES", default=unset,
-                   help="largest sum of every connected client's ring (default: 68719476736, 64 GiB)")
-    s.add_argument("--state-dir", metavar="DIR", default=unset,
-                   help="where the daemon journals the directories it writes temporary files "
-                        "in, so a restart removes a killed daemon's leftovers (default: "
-                        "$STATE_DIRECTORY, else $XDG_STATE_HOME/matspool, else "
-                        "~/.local/state/matspool)")
-    s.add_argument("--curve-secret", metavar="FILE", default=unset,
-                   help="the server's .key_secret file (required for tcp:// endpoints)")
-    s.add_argument("--curve-clients", metavar="DIR", default=unset,
-                   help="directory of authorized client public .key files (required for tcp://)")
-    s.add_argument("--log-format", default=unset, choices=["text", "json"],
-                   help="json: one JSON object per log line, for log collectors (default: text)")
-    s.add_argument("--metrics", metavar="[HOST:]PORT", default=unset,
-                   help="serve Prometheus metrics over HTTP there (default: off)")
+    s.add_argument(
+        "--config", metavar="FILE", help="TOML file with a [serve] table (default: $MATSPOOL_CONFIG)"
+    )
+    s.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings as TOML, with where each came from, and exit",
+    )
+    s.add_argument(
+        "--endpoint",
+        default=unset,
+        help=f"ZeroMQ endpoint to bind (default: $MATSPOOL_ENDPOINT, else {default_endpoint()})",
+    )
+    s.add_argument(
+        "--root",
+        action="append",
+        metavar="DIR",
+        default=unset,
+        help="directory the daemon may write under (repeatable; default: the current one)",
+    )
+    s.add_argument(
+        "--writers", type=int, default=unset, help=f"writer threads (default: {min(8, os.cpu_count() or 1)})"
+    )
+    s.add_argument(
+        "--compress-threads",
+        type=int,
+        default=unset,
+        help=f"cores that deflate compressed saves (default: all, {os.cpu_count() or 1})",
+    )
+    s.add_argument(
+        "--socket-mode",
+        type=_mode,
+        default=unset,
+        help="permissions of an ipc socket, octal (default: 600, owner only)",
+    )
+    s.add_argument("--group", default=unset, help="group to give the ipc socket (use with --socket-mode 660)")
+    s.add_argument(
+        "--no-clean-stale",
+        dest="clean_stale",
+        action="store_false",
+        default=unset,
+        help="do not remove rings of dead clients from /dev/shm at start (use when "
+        "clients run in another pid namespace)",
+    )
+    s.add_argument(
+        "--clean-stale",
+        dest="clean_stale",
+        action="store_true",
+        default=unset,
+        help="remove them (the default; overrides clean_stale = false in a config file)",
+    )
+    s.add_argument(
+        "--client-timeout",
+        type=float,
+        default=unset,
+        help="seconds of silence after which a remote client, or any client with "
+        "--no-clean-stale, counts as dead; a local client whose pid is alive "
+        "is never dropped (default: 30.0)",
+    )
+    s.add_argument(
+        "--max-ring-bytes",
+        type=int,
+        metavar="BYTES",
+        default=unset,
+        help="largest ring one client may register; a larger HELLO is refused (default: 4294967296, 4 GiB)",
+    )
+    s.add_argument(
+        "--max-total-ring-bytes",
+        type=int,
+        metavar="BYTES",
+        default=unset,
+        help="largest sum of every connected client's ring (default: 68719476736, 64 GiB)",
+    )
+    s.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=unset,
+        help="where the daemon journals the directories it writes temporary files "
+        "in, so a restart removes a killed daemon's leftovers (default: "
+        "$STATE_DIRECTORY, else $XDG_STATE_HOME/matspool, else "
+        "~/.local/state/matspool)",
+    )
+    s.add_argument(
+        "--curve-secret",
+        metavar="FILE",
+        default=unset,
+        help="the server's .key_secret file (required for tcp:// endpoints)",
+    )
+    s.add_argument(
+        "--curve-clients",
+        metavar="DIR",
+        default=unset,
+        help="directory of authorized client public .key files (required for tcp://)",
+    )
+    s.add_argument(
+        "--log-format",
+        default=unset,
+        choices=["text", "json"],
+        help="json: one JSON object per log line, for log collectors (default: text)",
+    )
+    s.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        default=unset,
+        help="serve Prometheus metrics over HTTP there (default: off)",
+    )
     s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     s.add_argument("--debug-write-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    s.add_argument("--log-level", default=unset, choices=["debug", "info", "warning", "error"],
-                   help="(default: info)")
+    s.add_argument(
+        "--log-level", default=unset, choices=["debug", "info", "warning", "error"], help="(default: info)"
+    )
     s.set_defaults(func=_serve)
-    for name, func, what in (("ping", _ping, "exit 0 if the daemon answers (health checks)"),
-                             ("status", _status, "per-client queue, ring use, files, throughput, errors")):
+    for name, func, what in (
+        ("ping", _ping, "exit 0 if the daemon answers (health checks)"),
+        ("status", _status, "per-client queue, ring use, files, throughput, errors"),
+    ):
         q = sub.add_parser(name, help=what)
-        q.add_argument("--endpoint", type=_endpoint,
-                       default=os.environ.get("MATSPOOL_ENDPOINT") or default_endpoint())
+        q.add_argument(
+            "--endpoint", type=_endpoint, default=os.environ.get("MATSPOOL_ENDPOINT") or default_endpoint()
+        )
         q.add_argument("--timeout", type=_seconds, default=5.0)
         if name == "status":
             q.add_argument("--json", action="store_true", help="print the daemon's raw answer")
-            q.add_argument("--watch", type=_seconds, nargs="?", const=1.0, metavar="SECONDS",
-                           help="refresh the table every SECONDS (default 1) until Ctrl-C")
+            q.add_argument(
+                "--watch",
+                type=_seconds,
+                nargs="?",
+                const=1.0,
+                metavar="SECONDS",
+                help="refresh the table every SECONDS (default 1) until Ctrl-C",
+            )
         q.set_defaults(func=func)
     k = sub.add_parser("keygen", help="make a CURVE key pair for a tcp:// endpoint")
     k.add_argument("dir", help="directory to write NAME.key and NAME.key_secret into")
     k.add_argument("--name", default="matspool", help="file name stem (default: %(default)s)")
-    k.add_argument("--force", action="store_true",
-                   help="replace an existing key pair of that name (clients holding the old "
-                        "public key can no longer connect)")
+    k.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing key pair of that name (clients holding the old "
+        "public key can no longer connect)",
+    )
     k.set_defaults(func=_keygen)
     v = sub.add_parser("verify", help="check .mat files the way MATLAB would read them")
     v.add_argument("files", nargs="+", metavar="FILE")
@@ -284,8 +379,11 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as e:  # a bug: say so in one line, keep the traceback a variable away
         if os.environ.get("MATSPOOL_DEBUG"):
             raise
-        print(f"matspool {args.command}: internal error {type(e).__name__}: {_one_line(e)} "
-              "(MATSPOOL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"matspool {args.command}: internal error {type(e).__name__}: {_one_line(e)} "
+            "(MATSPOOL_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return status
 

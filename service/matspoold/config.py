@@ -55,21 +55,35 @@ ENV_PREFIX: Final = "MATSPOOL_"
 #: library, the test suite, ``./run``, deploy/ scripts). Those may be set where a daemon
 #: starts (a Slurm job exports its settings to the daemon's environment), so they are not
 #: errors.
-OTHER_ENV_VARS: Final = frozenset({
-    "MATSPOOL_CONFIG",  # the config file itself
-    # client library
-    "MATSPOOL_RING_BYTES", "MATSPOOL_CURVE_CLIENT_SECRET", "MATSPOOL_CURVE_SERVER_PUBLIC",
-    "MATSPOOL_PROGRESS", "MATSPOOL_CONNECT_GRACE",
-    # the matspool command: tracebacks instead of one-line errors
-    "MATSPOOL_DEBUG",
-    # daemon tuning read outside the settings
-    "MATSPOOL_SWITCH_INTERVAL",
-    # tests and ./run
-    "MATSPOOL_FUZZ_EXAMPLES", "MATSPOOL_MAT", "MATSPOOL_VARS", "MATSPOOL_VENV",
-    # deploy/: slurm scripts and the container build
-    "MATSPOOL_ROOT", "MATSPOOL_SOCK_DIR", "MATSPOOL_PYTHON", "MATSPOOL_READY_TIMEOUT",
-    "MATSPOOL_PING_TIMEOUT", "MATSPOOL_NODE_SOCKET", "MATSPOOL_UID", "MATSPOOL_GID",
-})
+OTHER_ENV_VARS: Final = frozenset(
+    {
+        "MATSPOOL_CONFIG",  # the config file itself
+        # client library
+        "MATSPOOL_RING_BYTES",
+        "MATSPOOL_CURVE_CLIENT_SECRET",
+        "MATSPOOL_CURVE_SERVER_PUBLIC",
+        "MATSPOOL_PROGRESS",
+        "MATSPOOL_CONNECT_GRACE",
+        # the matspool command: tracebacks instead of one-line errors
+        "MATSPOOL_DEBUG",
+        # daemon tuning read outside the settings
+        "MATSPOOL_SWITCH_INTERVAL",
+        # tests and ./run
+        "MATSPOOL_FUZZ_EXAMPLES",
+        "MATSPOOL_MAT",
+        "MATSPOOL_VARS",
+        "MATSPOOL_VENV",
+        # deploy/: slurm scripts and the container build
+        "MATSPOOL_ROOT",
+        "MATSPOOL_SOCK_DIR",
+        "MATSPOOL_PYTHON",
+        "MATSPOOL_READY_TIMEOUT",
+        "MATSPOOL_PING_TIMEOUT",
+        "MATSPOOL_NODE_SOCKET",
+        "MATSPOOL_UID",
+        "MATSPOOL_GID",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -137,6 +151,7 @@ def builtin_defaults() -> dict[str, Any]:
 
 # -- the sources ---------------------------------------------------------------------------
 
+
 def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
@@ -163,12 +178,16 @@ def _read_file(path: str, given_by: str, errors: list[str]) -> dict[str, Any]:
         if key == "serve":
             continue
         if isinstance(value, dict):
-            errors.append(f"config file {path}: unknown table [{key}]{suggest(key, ['serve'])}; "
-                          "the settings go in a [serve] table")
+            errors.append(
+                f"config file {path}: unknown table [{key}]{suggest(key, ['serve'])}; "
+                "the settings go in a [serve] table"
+            )
         else:
             hint = " (settings go under the [serve] table)" if key in FIELDS else suggest(key, list(FIELDS))
-            errors.append(f"config file {path}: unknown key {key!r} outside [serve]{hint}; "
-                          f"valid keys in [serve]: {valid}")
+            errors.append(
+                f"config file {path}: unknown key {key!r} outside [serve]{hint}; "
+                f"valid keys in [serve]: {valid}"
+            )
     serve = data.get("serve", {})
     if not isinstance(serve, dict):
         errors.append(f"config file {path}: 'serve' must be a table ([serve])")
@@ -176,8 +195,10 @@ def _read_file(path: str, given_by: str, errors: list[str]) -> dict[str, Any]:
     out = {}
     for key, value in serve.items():
         if key not in FIELDS:
-            errors.append(f"config file {path}: unknown key {key!r} in [serve]"
-                          f"{suggest(key.replace('-', '_'), list(FIELDS))}; valid keys: {valid}")
+            errors.append(
+                f"config file {path}: unknown key {key!r} in [serve]"
+                f"{suggest(key.replace('-', '_'), list(FIELDS))}; valid keys: {valid}"
+            )
         else:
             out[key] = value
     return out
@@ -191,10 +212,12 @@ def _check_env_names(environ: Mapping[str, str], errors: list[str]) -> None:
                 f"environment variable {var} is not a matspool serve setting"
                 f"{suggest(var, settings)}; settings are {', '.join(settings)} (and "
                 f"MATSPOOL_CONFIG); other MATSPOOL_ variables known to matspool: "
-                f"{', '.join(sorted(OTHER_ENV_VARS - {'MATSPOOL_CONFIG'}))}")
+                f"{', '.join(sorted(OTHER_ENV_VARS - {'MATSPOOL_CONFIG'}))}"
+            )
 
 
 # -- resolution ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Resolved:
@@ -206,10 +229,13 @@ class Resolved:
 
     def to_toml(self) -> str:
         """The settings as a config file (``matspool serve --print-config``)."""
-        lines = ["# matspool serve: resolved settings",
-                 "# precedence: built-in defaults < config file < MATSPOOL_* environment < flags",
-                 f"# config file: {self.config_file or 'none'}",
-                 "", "[serve]"]
+        lines = [
+            "# matspool serve: resolved settings",
+            "# precedence: built-in defaults < config file < MATSPOOL_* environment < flags",
+            f"# config file: {self.config_file or 'none'}",
+            "",
+            "[serve]",
+        ]
         for name in FIELDS:
             value = getattr(self.settings, name)
             if value is None:
@@ -237,8 +263,12 @@ def _toml_value(name: str, value: Any) -> str:
     return _toml_str(value)
 
 
-def resolve_settings(flags: Mapping[str, Any] | None = None, *, config: str | None = None,
-                     environ: Mapping[str, str] | None = None) -> Resolved:
+def resolve_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Resolved:
     """Merge defaults, the config file, the environment and ``flags`` ({field: value} of the
     flags actually given). ``config`` is the ``--config`` flag's value, if any. Raises
     :class:`ConfigError` listing every problem found."""
@@ -304,8 +334,9 @@ def resolve_settings(flags: Mapping[str, Any] | None = None, *, config: str | No
         except BadValue as e:
             errors.append(f"{labels[name]}: {e}")
     if errors:
-        raise ConfigError("\n".join(errors) if len(errors) == 1 else
-                          "invalid settings:\n  " + "\n  ".join(errors))
+        raise ConfigError(
+            "\n".join(errors) if len(errors) == 1 else "invalid settings:\n  " + "\n  ".join(errors)
+        )
     return Resolved(ServeSettings(**values), sources, config_file)
 
 

@@ -23,6 +23,7 @@ class BadValue(Exception):
 
 # -- values from each source ------------------------------------------------------------
 
+
 def _int(value: Any, text: bool) -> int:
     if text:
         try:
@@ -63,9 +64,9 @@ def _bool(value: Any, text: bool) -> bool:
 def _mode(value: Any, text: bool) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         # TOML's 0o660 and 432 read the same: only a string says which digits were meant
-        raise BadValue(f"write the mode as an octal string, e.g. \"660\" (got the integer {value!r})")
+        raise BadValue(f'write the mode as an octal string, e.g. "660" (got the integer {value!r})')
     if not isinstance(value, str):
-        raise BadValue(f"must be an octal mode string like \"660\", got {value!r}")
+        raise BadValue(f'must be an octal mode string like "660", got {value!r}')
     digits = value.strip()
     try:
         mode = int(digits[2:] if digits[:2].lower() == "0o" else digits, 8)
@@ -100,10 +101,21 @@ def parse_roots(value: Any, text: bool) -> tuple[str, ...]:
 
 
 PARSE: Final[dict[str, Callable[[Any, bool], Any]]] = {
-    "endpoint": _str, "roots": parse_roots, "writers": _int, "compress_threads": _int,
-    "socket_mode": _mode, "group": _str, "clean_stale": _bool, "client_timeout": _float,
-    "max_ring_bytes": _int, "max_total_ring_bytes": _int, "state_dir": _str,
-    "curve_secret": _str, "curve_clients": _str, "log_level": _level, "log_format": _str,
+    "endpoint": _str,
+    "roots": parse_roots,
+    "writers": _int,
+    "compress_threads": _int,
+    "socket_mode": _mode,
+    "group": _str,
+    "clean_stale": _bool,
+    "client_timeout": _float,
+    "max_ring_bytes": _int,
+    "max_total_ring_bytes": _int,
+    "state_dir": _str,
+    "curve_secret": _str,
+    "curve_clients": _str,
+    "log_level": _level,
+    "log_format": _str,
     "metrics": _str,
 }
 PATHS: Final = ("roots", "curve_secret", "curve_clients", "state_dir")
@@ -113,6 +125,7 @@ def absolute(name: str, value: Any, base: str) -> Any:
     """Paths made absolute against ``base`` (the config file's directory, or the cwd)."""
     if value is None or name not in PATHS:
         return value
+
     def join(p: str) -> str:
         return os.path.abspath(os.path.join(base, os.path.expanduser(p)))
 
@@ -120,6 +133,7 @@ def absolute(name: str, value: Any, base: str) -> Any:
 
 
 # -- checks on the resolved values ---------------------------------------------------------
+
 
 def check(name: str, value: Any) -> None:
     if name == "endpoint":

@@ -23,11 +23,10 @@ def _step_fn(n: int) -> _Step:
         return _numpy_step_fn(n)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     u = torch.zeros(n, n, device=dev)
-    u[n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
+    u[n // 4 : 3 * n // 4, n // 4 : 3 * n // 4] = 1.0
 
     def step(u: Any) -> Any:
-        lap = (torch.roll(u, 1, 0) + torch.roll(u, -1, 0) + torch.roll(u, 1, 1)
-               + torch.roll(u, -1, 1) - 4 * u)
+        lap = torch.roll(u, 1, 0) + torch.roll(u, -1, 0) + torch.roll(u, 1, 1) + torch.roll(u, -1, 1) - 4 * u
         return u + 0.2 * lap
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -36,7 +35,7 @@ def _step_fn(n: int) -> _Step:
 
 def _numpy_step_fn(n: int) -> _Step:
     u = np.zeros((n, n), dtype=np.float32)
-    u[n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
+    u[n // 4 : 3 * n // 4, n // 4 : 3 * n // 4] = 1.0
 
     def np_step(u: Any) -> Any:
         lap = np.roll(u, 1, 0) + np.roll(u, -1, 0) + np.roll(u, 1, 1) + np.roll(u, -1, 1) - 4 * u
@@ -56,18 +55,24 @@ def run_demo(out: str, steps: int, n: int, fmt: str) -> int:
         futures = []
         for k in range(steps):
             u = step(u)
-            futures.append(spool.save(os.path.join(out, f"u_{k:05d}.mat"),
-                                      {"u": u, "t": float(k)}, format=fmt))
+            futures.append(
+                spool.save(os.path.join(out, f"u_{k:05d}.mat"), {"u": u, "t": float(k)}, format=fmt)
+            )
             print(f"\r  step {k + 1}/{steps}, {spool.pending} saves in flight ", end="", flush=True)
         sync()
         t_compute = time.perf_counter() - t0
         spool.flush()
         t_all = time.perf_counter() - t0
     total = sum(f.result().nbytes for f in futures)
-    print(f"\r  {steps} files ({fmt}) in {os.path.abspath(out)}: {total / 2**20:.0f} MiB"
-          f"{' ' * 20}\n  compute loop finished in {t_compute:.2f} s, all files on disk after "
-          f"{t_all:.2f} s: {total / t_all / 1e9:.2f} GB/s, {steps / t_all:.0f} files/s")
+    print(
+        f"\r  {steps} files ({fmt}) in {os.path.abspath(out)}: {total / 2**20:.0f} MiB"
+        f"{' ' * 20}\n  compute loop finished in {t_compute:.2f} s, all files on disk after "
+        f"{t_all:.2f} s: {total / t_all / 1e9:.2f} GB/s, {steps / t_all:.0f} files/s"
+    )
     last = futures[-1].result().path
-    print(f"  read it back: python -c \"import h5py; print(h5py.File('{last}')['u'].shape)\""
-          if fmt == "v7.3" else f"  read it back: scipy.io.loadmat('{last}')['u']")
+    print(
+        f"  read it back: python -c \"import h5py; print(h5py.File('{last}')['u'].shape)\""
+        if fmt == "v7.3"
+        else f"  read it back: scipy.io.loadmat('{last}')['u']"
+    )
     return 0

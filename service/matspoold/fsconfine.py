@@ -100,8 +100,9 @@ class Target:
     def __enter__(self) -> Target:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -122,8 +123,9 @@ def open_in(target: Target, flags: int, what: str = "file") -> int:
         fd = os.open(target.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=target.dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise PathNotAllowedError(f"{target.path!r} is a symlink; the daemon does not follow a "
-                                      f"symlink at a {what}'s name") from None
+            raise PathNotAllowedError(
+                f"{target.path!r} is a symlink; the daemon does not follow a symlink at a {what}'s name"
+            ) from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -157,11 +159,12 @@ def _root_of(directory: str, roots: Sequence[str]) -> str | None:
 
 
 def _below(directory: str, root: str) -> list[str]:
-    rest = directory[len(root):] if root != "/" else directory
+    rest = directory[len(root) :] if root != "/" else directory
     return [p for p in rest.split("/") if p]
 
 
 # -- openat2 -------------------------------------------------------------------------------
+
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
@@ -204,9 +207,12 @@ def _openat2_dir(root_fd: int, rel: str) -> int | None:
 
 # -- the walk ------------------------------------------------------------------------------
 
+
 def _outside(path: str, roots: Sequence[str], why: str = "") -> PathNotAllowedError:
-    return PathNotAllowedError(f"{path!r} is outside the daemon's roots ({', '.join(roots)}){why}; start "
-                               "the daemon with --root for that directory")
+    return PathNotAllowedError(
+        f"{path!r} is outside the daemon's roots ({', '.join(roots)}){why}; start "
+        "the daemon with --root for that directory"
+    )
 
 
 def _walk(path: str, root: str, parts: list[str], roots: Sequence[str]) -> tuple[int, str]:
@@ -239,8 +245,10 @@ def _walk(path: str, root: str, parts: list[str], roots: Sequence[str]) -> tuple
                 os.close(fd)  # O_PATH | O_NOFOLLOW opened the symlink itself
             st = os.stat(name, dir_fd=here, follow_symlinks=False)
             if not stat.S_ISLNK(st.st_mode):
-                raise failed(f"cannot write {path!r}: {os.path.join(here_path, name)!r} is not a directory",
-                             errno.ENOTDIR)
+                raise failed(
+                    f"cannot write {path!r}: {os.path.join(here_path, name)!r} is not a directory",
+                    errno.ENOTDIR,
+                )
             links += 1
             if links > MAX_LINKS:
                 raise failed(f"cannot write {path!r}: more than {MAX_LINKS} symlinks", errno.ELOOP)
@@ -289,11 +297,13 @@ def resolve(path: str, roots: Sequence[str]) -> Target:
         if isinstance(e, (PathNotAllowedError, WriteFailed)):
             raise
         if e.errno == errno.ENOENT:
-            raise failed(f"cannot write {path!r}: directory {os.path.dirname(path)!r} does not exist",
-                         errno.ENOENT) from None
+            raise failed(
+                f"cannot write {path!r}: directory {os.path.dirname(path)!r} does not exist", errno.ENOENT
+            ) from None
         if e.errno == errno.ENOTDIR:
-            raise failed(f"cannot write {path!r}: {os.path.dirname(path)!r} is not a directory",
-                         errno.ENOTDIR) from None
+            raise failed(
+                f"cannot write {path!r}: {os.path.dirname(path)!r} is not a directory", errno.ENOTDIR
+            ) from None
         raise failed(f"cannot write {path!r}: {e.strerror or e}", e.errno or errno.EIO) from None
     target = Target(fd, base, path, real)
     try:

@@ -89,8 +89,7 @@ class RateLimitedLog:
             return
         self._last[kind] = now
         n = self._suppressed.pop(kind, 0)
-        log.warning(message + (f" ({n} more like this in the last {self.every:.0f} s)" if n else ""),
-                    *args)
+        log.warning(message + (f" ({n} more like this in the last {self.every:.0f} s)" if n else ""), *args)
 
 
 def _cut(fd: int) -> bool:
@@ -142,8 +141,12 @@ class Guard:
                 if len(self.open) >= self.cap:
                     self.refused += 1
                     _cut(fd)
-                    self.log.warning("cap", "refused a connection: %d are open, the cap is %d "
-                                     "(descriptor limit less a reserve)", len(self.open), self.cap)
+                    self.log.warning(
+                        "cap",
+                        "refused a connection: %d are open, the cap is %d (descriptor limit less a reserve)",
+                        len(self.open),
+                        self.cap,
+                    )
                 else:
                     self.open.add(fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
@@ -180,10 +183,15 @@ class Guard:
             fd = self._fd_of.pop(ident, None)
             self.dropped += 1
             cut = fd is not None and _cut(fd)
-            self.log.warning("slow", "client %r does not read its answers (%d queued): "
-                             "%s", ident[:64], PEER_SNDHWM,
-                             "connection cut; it may reconnect and ask again" if cut
-                             else "answer dropped; its connection is unknown")
+            self.log.warning(
+                "slow",
+                "client %r does not read its answers (%d queued): %s",
+                ident[:64],
+                PEER_SNDHWM,
+                "connection cut; it may reconnect and ask again"
+                if cut
+                else "answer dropped; its connection is unknown",
+            )
         except zmq.ZMQError as e:
             if e.errno != errno.EHOSTUNREACH:
                 raise

@@ -92,9 +92,17 @@ def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
     assert src is not None  # a local client's ring stays open while it has jobs
     if isinstance(src, ShmRing):  # not sealed, so never mapped: the bytes are copied out
         src = src.payload(in_ring(job.request))
-    return [(v, None if isinstance(v, proto.VarSpec) and v.deferred else
-             _array(src, v) if isinstance(v, proto.VarSpec) else _materialize(src, v.tree))
-            for v in job.request.vars]
+    return [
+        (
+            v,
+            None
+            if isinstance(v, proto.VarSpec) and v.deferred
+            else _array(src, v)
+            if isinstance(v, proto.VarSpec)
+            else _materialize(src, v.tree),
+        )
+        for v in job.request.vars
+    ]
 
 
 def payload_of(request: proto.WriteRequest, frames: list[memoryview]) -> dict[int, memoryview]:

@@ -25,10 +25,12 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         st = self.daemon.snapshot
-        yield CounterMetricFamily("matspool_files_written", "Files completed under their final name",
-                                  value=st.files_written)
-        yield CounterMetricFamily("matspool_bytes_written", "Bytes of completed files",
-                                  value=st.bytes_written)
+        yield CounterMetricFamily(
+            "matspool_files_written", "Files completed under their final name", value=st.files_written
+        )
+        yield CounterMetricFamily(
+            "matspool_bytes_written", "Bytes of completed files", value=st.bytes_written
+        )
         yield CounterMetricFamily("matspool_errors", "Saves answered with an error", value=st.errors)
         yield GaugeMetricFamily("matspool_clients", "Connected client processes", value=len(st.clients))
         per = {

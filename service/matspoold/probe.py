@@ -25,8 +25,9 @@ def ask(endpoint: str, request: msgs.Request, timeout: float) -> msgs.Reply | No
         if is_tcp(endpoint):
             keys = ClientKeys.from_env()
             if keys is None:
-                raise ValueError("a tcp:// endpoint needs MATSPOOL_CURVE_CLIENT_SECRET and "
-                                 "MATSPOOL_CURVE_SERVER_PUBLIC")
+                raise ValueError(
+                    "a tcp:// endpoint needs MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC"
+                )
             keys.apply(sock)
         sock.connect(endpoint)
         sock.send_multipart(msgs.encode(request))
@@ -46,9 +47,13 @@ def _size(n: float) -> str:
 
 
 def format_status(st: msgs.StatusReply) -> str:
-    lines = [(f"daemon pid {st.pid} at {st.endpoint}, up {st.uptime_s:.0f} s, "
-              f"{st.files_written} files, {_size(st.bytes_written)} written, {st.errors} errors"),
-             f"roots: {', '.join(st.roots)}"]
+    lines = [
+        (
+            f"daemon pid {st.pid} at {st.endpoint}, up {st.uptime_s:.0f} s, "
+            f"{st.files_written} files, {_size(st.bytes_written)} written, {st.errors} errors"
+        ),
+        f"roots: {', '.join(st.roots)}",
+    ]
     clients = st.clients
     if not clients:
         lines.append("no clients connected")
@@ -109,8 +114,11 @@ def watch(endpoint: str, timeout: float, interval: float) -> int:
     try:
         while True:
             reply = ask(endpoint, msgs.StatusQuery(), timeout)
-            text = (format_status(reply) if isinstance(reply, msgs.StatusReply)
-                    else f"no answer from {endpoint} within {timeout} s")
+            text = (
+                format_status(reply)
+                if isinstance(reply, msgs.StatusReply)
+                else f"no answer from {endpoint} within {timeout} s"
+            )
             stamp = time.strftime("%H:%M:%S")
             head = f"matspool status --watch {interval:g} s, {stamp} (Ctrl-C to stop)"
             sys.stdout.write(("\x1b[H\x1b[2J" if redraw else "") + f"{head}\n{text}\n")

@@ -58,4 +58,4 @@ def done_messages(answers: list[tuple[int, int]]) -> Iterator[msgs.Done]:
     """A client's finished saves ``(seq, nbytes)`` as few DONE messages: one message, not
     one per file, when many small files finish at once."""
     for i in range(0, len(answers), _DONE_BATCH):
-        yield msgs.Done(tuple(answers[i:i + _DONE_BATCH]))
+        yield msgs.Done(tuple(answers[i : i + _DONE_BATCH]))

@@ -70,8 +70,10 @@ class ShmRing:
             except OSError as e:
                 raise RingError(f"cannot read the client's ring: {e.strerror}") from e
             if n == 0:
-                raise RingError(f"the client's ring shrank under a save: {offset + got} bytes "
-                                f"readable, this save needs {offset + nbytes}")
+                raise RingError(
+                    f"the client's ring shrank under a save: {offset + got} bytes "
+                    f"readable, this save needs {offset + nbytes}"
+                )
             got += n
         return view
 

@@ -36,8 +36,12 @@ class Result(NamedTuple):
 class Scheduler:
     """Per-path queues in front of ``n`` writer threads running ``run``."""
 
-    def __init__(self, n: int, run: Callable[[Job], tuple[int | None, BaseException | None]],
-                 ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    def __init__(
+        self,
+        n: int,
+        run: Callable[[Job], tuple[int | None, BaseException | None]],
+        ctx: zmq.Context[zmq.Socket[bytes]],
+    ) -> None:
         self._run = run
         self._ctx = ctx
         self._wake_addr = f"inproc://matspoold-wake-{id(self)}"
@@ -46,8 +50,9 @@ class Scheduler:
         self._results: deque[Result] = deque()
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._loop, name=f"matspool-writer-{i}", daemon=True)
-                         for i in range(n)]
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"matspool-writer-{i}", daemon=True) for i in range(n)
+        ]
         for t in self._threads:
             t.start()
 

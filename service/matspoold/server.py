@@ -107,10 +107,14 @@ class Daemon:
         self._ctx = zmq.Context()
         self._jobs = JobRunner(self.roots, write_delay)
         self._scheduler = Scheduler(writers, self._jobs.run, self._ctx)
-        self._clients = Clients(tcp=is_tcp(endpoint), clean_stale=clean_stale,
-                                client_timeout=client_timeout, forget=self._jobs.forget,
-                                max_ring_bytes=max_ring_bytes or DEFAULT_MAX_RING_BYTES,
-                                max_total_ring_bytes=max_total_ring_bytes or DEFAULT_MAX_TOTAL_RING_BYTES)
+        self._clients = Clients(
+            tcp=is_tcp(endpoint),
+            clean_stale=clean_stale,
+            client_timeout=client_timeout,
+            forget=self._jobs.forget,
+            max_ring_bytes=max_ring_bytes or DEFAULT_MAX_RING_BYTES,
+            max_total_ring_bytes=max_total_ring_bytes or DEFAULT_MAX_TOTAL_RING_BYTES,
+        )
         self._stop = threading.Event()
         self.files_written = 0
         self.bytes_written = 0
@@ -147,7 +151,7 @@ class Daemon:
         if not self.endpoint.startswith("ipc://"):
             sock.bind(self.endpoint)
             return
-        path = self.endpoint[len("ipc://"):]
+        path = self.endpoint[len("ipc://") :]
         self._own_directory(path)
         self._claim = claim_ipc(self.endpoint)  # EndpointBusy if a live daemon has it
         old = os.umask(0o177)  # no window in which the socket is open to others
@@ -187,8 +191,9 @@ class Daemon:
         router = self._ctx.socket(zmq.ROUTER)
         # locally payloads never cross the socket; from authenticated remote clients an
         # array's frame is at most as large as their ring (which caps what is in flight)
-        router.setsockopt(zmq.MAXMSGSIZE, MAX_REMOTE_FRAME if is_tcp(self.endpoint)
-                          else proto.MAX_MESSAGE_BYTES + 4096)
+        router.setsockopt(
+            zmq.MAXMSGSIZE, MAX_REMOTE_FRAME if is_tcp(self.endpoint) else proto.MAX_MESSAGE_BYTES + 4096
+        )
         router.setsockopt(zmq.LINGER, 1000)
         # finite queues per peer, ROUTER_MANDATORY, a connection cap: see guard.py
         guard = self._guard = Guard(router)
@@ -257,9 +262,17 @@ class Daemon:
 
     def status(self) -> msgs.StatusReply:
         now = time.monotonic()
-        return msgs.StatusReply(os.getpid(), self.instance, self.endpoint, tuple(self.roots),
-                                now - self.started, self.files_written, self.bytes_written,
-                                self.errors, tuple(self._clients.status(now)))
+        return msgs.StatusReply(
+            os.getpid(),
+            self.instance,
+            self.endpoint,
+            tuple(self.roots),
+            now - self.started,
+            self.files_written,
+            self.bytes_written,
+            self.errors,
+            tuple(self._clients.status(now)),
+        )
 
     # -- control messages ----------------------------------------------------------------
     def _handle(self, router: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
@@ -274,8 +287,10 @@ class Daemon:
             payload = [f.buffer for f in body[2:]]
             sender = self._clients.get(ident)
             if payload and (raw["op"] not in ("WRITE", "PART") or sender is None or sender.mm is not None):
-                raise ProtocolError(f"expected 2 frames, got {len(body)}: payload frames come "
-                                    "only with WRITE or PART from a remote (tcp://) client")
+                raise ProtocolError(
+                    f"expected 2 frames, got {len(body)}: payload frames come "
+                    "only with WRITE or PART from a remote (tcp://) client"
+                )
             raws = msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,)
         except Exception as e:  # noqa: BLE001 - any bad message is refused to its sender; the loop lives on
             refuse(self._guard, ident, -1, e)
@@ -286,8 +301,9 @@ class Daemon:
         for one in raws:
             self._handle_one(router, ident, one, payload)
 
-    def _handle_one(self, router: zmq.Socket[bytes], ident: bytes, raw: dict[str, Any],
-                    payload: list[memoryview]) -> None:
+    def _handle_one(
+        self, router: zmq.Socket[bytes], ident: bytes, raw: dict[str, Any], payload: list[memoryview]
+    ) -> None:
         try:
             client = self._clients.get(ident)
             if raw["op"] == "WRITE" and client is not None and self._seen(router, client, raw.get("seq")):
@@ -323,14 +339,19 @@ class Daemon:
             return True
         return seq in client.active
 
-    def _write(self, client: Client, request: proto.WriteRequest,
-               payload: list[memoryview] | None = None) -> None:
+    def _write(
+        self, client: Client, request: proto.WriteRequest, payload: list[memoryview] | None = None
+    ) -> None:
         if client.mm is not None and client.mm.closed:
             raise RingError("the client's ring is no longer mapped")
         if self._stop.is_set():
             raise WriteFailed("the daemon is shutting down and takes no new writes")
-        job = Job(client, request, "begin" if request.mode == "begin" else "write",
-                   payload=payload_of(request, payload or []) if client.mm is None else None)
+        job = Job(
+            client,
+            request,
+            "begin" if request.mode == "begin" else "write",
+            payload=payload_of(request, payload or []) if client.mm is None else None,
+        )
         client.active[request.seq] = time.monotonic()
         if job.kind == "begin":
             client.begun[request.seq] = request

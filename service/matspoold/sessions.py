@@ -31,8 +31,14 @@ from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
 from .cleanup import pid_alive
 from .ringio import ShmRing
 
-__all__ = ["DEFAULT_MAX_RING_BYTES", "DEFAULT_MAX_TOTAL_RING_BYTES", "DONE_MEMORY", "MAX_RING_BYTES",
-           "Client", "Clients"]
+__all__ = [
+    "DEFAULT_MAX_RING_BYTES",
+    "DEFAULT_MAX_TOTAL_RING_BYTES",
+    "DONE_MEMORY",
+    "MAX_RING_BYTES",
+    "Client",
+    "Clients",
+]
 
 log = logging.getLogger("matspoold")
 
@@ -72,12 +78,20 @@ class Client:
         """What ``matspool status`` shows for this client."""
         age = max(now - self.joined, 1e-9)
         return msgs.ClientStatus(
-            pid=self.pid, ring=self.ring, ring_bytes=self.ring_bytes, queue_depth=self.inflight,
-            ring_bytes_in_flight=self.payload_inflight, files_written=self.files,
-            bytes_written=self.bytes_written, errors=self.errors,
-            throughput_bytes_per_s=self.bytes_written / age, connected_s=age,
+            pid=self.pid,
+            ring=self.ring,
+            ring_bytes=self.ring_bytes,
+            queue_depth=self.inflight,
+            ring_bytes_in_flight=self.payload_inflight,
+            files_written=self.files,
+            bytes_written=self.bytes_written,
+            errors=self.errors,
+            throughput_bytes_per_s=self.bytes_written / age,
+            connected_s=age,
             oldest_pending_s=now - min(self.active.values()) if self.active else 0.0,
-            silent_s=now - self.last_seen, dead=self.dead)
+            silent_s=now - self.last_seen,
+            dead=self.dead,
+        )
 
     def remember(self, seq: int, reply: msgs.Reply) -> None:
         """Keep the answer to save ``seq``: a WRITE re-sent after a reconnect gets it again."""
@@ -104,9 +118,16 @@ class Clients:
     never end (the jobs' temporary files).
     """
 
-    def __init__(self, *, tcp: bool, clean_stale: bool, client_timeout: float,
-                 forget: Callable[[Client], None], max_ring_bytes: int = DEFAULT_MAX_RING_BYTES,
-                 max_total_ring_bytes: int = DEFAULT_MAX_TOTAL_RING_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        tcp: bool,
+        clean_stale: bool,
+        client_timeout: float,
+        forget: Callable[[Client], None],
+        max_ring_bytes: int = DEFAULT_MAX_RING_BYTES,
+        max_total_ring_bytes: int = DEFAULT_MAX_TOTAL_RING_BYTES,
+    ) -> None:
         self.table: dict[bytes, Client] = {}
         self.max_ring_bytes = max_ring_bytes
         self.max_total_ring_bytes = max_total_ring_bytes
@@ -137,8 +158,9 @@ class Clients:
             if not self._tcp:
                 raise ProtocolError("remote clients are served on tcp:// endpoints only")
             self._replace(ident)
-            self.table[ident] = Client(ident, "(remote)", None, -1, pid, ring_bytes=size,
-                                       last_seen=time.monotonic())
+            self.table[ident] = Client(
+                ident, "(remote)", None, -1, pid, ring_bytes=size, last_seen=time.monotonic()
+            )
             log.info("remote client pid %d joined", pid)
             return
         if not isinstance(ring, str):
@@ -152,25 +174,34 @@ class Clients:
             raise ProtocolError(f"HELLO: ring {ring[:80]!r} was not created by pid {pid}")
         mm = mapped if mapped is not None else ShmRing(fd, size)
         self._replace(ident)
-        self.table[ident] = Client(ident, ring, mm, fd, pid, ring_bytes=size, last_seen=time.monotonic(),
-                                   memfd=msg.fd is not None)
-        log.info("client pid %d joined with a %d MiB %s ring", pid, size >> 20,
-                 "memfd" if msg.fd is not None else "/dev/shm")
+        self.table[ident] = Client(
+            ident, ring, mm, fd, pid, ring_bytes=size, last_seen=time.monotonic(), memfd=msg.fd is not None
+        )
+        log.info(
+            "client pid %d joined with a %d MiB %s ring",
+            pid,
+            size >> 20,
+            "memfd" if msg.fd is not None else "/dev/shm",
+        )
 
     def _check_caps(self, ident: bytes, size: int) -> None:
         """Refuse a ring over the cap per client, or one that would take every client's
         rings together over the daemon's cap (a client saying HELLO again is not counted
         twice)."""
         if size > self.max_ring_bytes:
-            raise RingError(f"a ring of {size} bytes ({size / 2**30:.2f} GiB) is over this daemon's "
-                            f"cap of {self.max_ring_bytes} bytes per client (--max-ring-bytes); "
-                            "create the Spool with a smaller ring_bytes")
+            raise RingError(
+                f"a ring of {size} bytes ({size / 2**30:.2f} GiB) is over this daemon's "
+                f"cap of {self.max_ring_bytes} bytes per client (--max-ring-bytes); "
+                "create the Spool with a smaller ring_bytes"
+            )
         others = sum(c.ring_bytes for i, c in self.table.items() if i != ident)
         if others + size > self.max_total_ring_bytes:
-            raise RingError(f"a ring of {size} bytes would take this daemon's clients' rings to "
-                            f"{others + size} bytes, over its cap of {self.max_total_ring_bytes} bytes "
-                            "for all clients (--max-total-ring-bytes); try again later or with a "
-                            "smaller ring_bytes")
+            raise RingError(
+                f"a ring of {size} bytes would take this daemon's clients' rings to "
+                f"{others + size} bytes, over its cap of {self.max_total_ring_bytes} bytes "
+                "for all clients (--max-total-ring-bytes); try again later or with a "
+                "smaller ring_bytes"
+            )
 
     def _replace(self, ident: bytes) -> None:
         old = self.table.get(ident)

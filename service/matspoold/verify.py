@@ -43,6 +43,7 @@ __all__ = ["FileReport", "VarReport", "format_report", "run_verify", "verify_fil
 
 # -- v5 ------------------------------------------------------------------------------------
 
+
 def _walk_v5(path: str, head: bytes, size: int, rep: FileReport) -> int | None:
     """The number of top-level variables, from the element tags; None after an error."""
     endian = {b"IM": "<", b"MI": ">"}.get(head[126:128])
@@ -59,19 +60,24 @@ def _walk_v5(path: str, head: bytes, size: int, rep: FileReport) -> int | None:
             f.seek(offset)
             tag = f.read(8)
             if len(tag) < 8:
-                rep.errors.append(f"truncated: {size - offset} stray bytes at byte {offset}, "
-                                  "after the last complete variable")
+                rep.errors.append(
+                    f"truncated: {size - offset} stray bytes at byte {offset}, "
+                    "after the last complete variable"
+                )
                 return None
             mdtype, nbytes = struct.unpack(endian + "II", tag)
             if mdtype not in (MI_MATRIX, MI_COMPRESSED):
-                rep.errors.append(f"corrupt: data element of type {mdtype} at byte {offset} "
-                                  "(a variable starts with miMATRIX or miCOMPRESSED)")
+                rep.errors.append(
+                    f"corrupt: data element of type {mdtype} at byte {offset} "
+                    "(a variable starts with miMATRIX or miCOMPRESSED)"
+                )
                 return None
             end = offset + 8 + nbytes
             if end > size:
                 rep.errors.append(
                     f"truncated: variable #{count + 1} at byte {offset} needs {nbytes} bytes, "
-                    f"the file ends {size - offset - 8} bytes into it ({size} bytes in all)")
+                    f"the file ends {size - offset - 8} bytes into it ({size} bytes in all)"
+                )
                 return None
             if mdtype == MI_MATRIX:
                 end += -nbytes % 8
@@ -93,27 +99,28 @@ def _verify_v5(path: str, head: bytes, size: int, rep: FileReport) -> None:
         rep.errors.append(f"scipy.io.whosmat cannot read it: {type(e).__name__}: {e}")
         return
     if len(listed) != count:
-        rep.errors.append(f"inconsistent: {plural(count, 'variable')} in the file, "
-                          f"scipy.io.whosmat lists {len(listed)}")
+        rep.errors.append(
+            f"inconsistent: {plural(count, 'variable')} in the file, scipy.io.whosmat lists {len(listed)}"
+        )
     for name, shape, cls in listed:
         try:  # one variable at a time: memory stays at the largest one, not the file
-            value = scipy.io.loadmat(path, variable_names=[name],
-                                     chars_as_strings=False, squeeze_me=False)[name]
+            value = scipy.io.loadmat(path, variable_names=[name], chars_as_strings=False, squeeze_me=False)[
+                name
+            ]
         except Exception as e:  # noqa: BLE001
-            rep.errors.append(f"variable {name!r}: scipy.io.loadmat cannot read it: "
-                              f"{type(e).__name__}: {e}")
+            rep.errors.append(f"variable {name!r}: scipy.io.loadmat cannot read it: {type(e).__name__}: {e}")
             continue
         dims = list(getattr(value, "shape", shape))
-        var = VarReport(name, cls, dims if cls == "char" else list(shape),
-                        logical=cls == "logical")
+        var = VarReport(name, cls, dims if cls == "char" else list(shape), logical=cls == "logical")
         rep.variables.append(var)
         if scipy.sparse.issparse(value):  # whosmat says "sparse" (or "logical")
             var.sparse, var.complex = True, bool(np.iscomplexobj(value))
             var.matlab_class = "logical" if cls == "logical" or value.dtype == np.bool_ else "double"
             var.logical = var.matlab_class == "logical"
         if cls != "char" and tuple(dims) != tuple(shape):
-            rep.errors.append(f"variable {name!r}: whosmat says {var.size_text}, loadmat reads "
-                              f"{'x'.join(map(str, dims))}")
+            rep.errors.append(
+                f"variable {name!r}: whosmat says {var.size_text}, loadmat reads {'x'.join(map(str, dims))}"
+            )
         if cls == "struct":
             var.fields = list(value.dtype.names or ())
         elif cls in NUMERIC:
@@ -126,12 +133,15 @@ def _verify_v5(path: str, head: bytes, size: int, rep: FileReport) -> None:
 
 # -- one file, many files ------------------------------------------------------------------
 
+
 def verify_file(path: str) -> FileReport:
     rep = FileReport(path)
     if os.path.basename(path).endswith(TMP_SUFFIX):
-        rep.errors.append(f"a matspool temporary file ({TMP_SUFFIX}): a write that did not "
-                          "finish or was abandoned, not a result; the finished file has the name "
-                          "without the leading '.' and this suffix")
+        rep.errors.append(
+            f"a matspool temporary file ({TMP_SUFFIX}): a write that did not "
+            "finish or was abandoned, not a result; the finished file has the name "
+            "without the leading '.' and this suffix"
+        )
         return rep
     try:
         st = os.stat(path)
@@ -148,7 +158,7 @@ def verify_file(path: str) -> FileReport:
         return rep
     size = rep.nbytes = st.st_size
     try:
-        if head[USERBLOCK:USERBLOCK + 8] == HDF5_SIGNATURE:
+        if head[USERBLOCK : USERBLOCK + 8] == HDF5_SIGNATURE:
             verify_v73(path, head, size, rep)
         elif head.startswith(V5_TEXT):
             if size < HEADER_BYTES:
@@ -158,22 +168,26 @@ def verify_file(path: str) -> FileReport:
                 _verify_v5(path, head, size, rep)
         elif head.startswith(V73_TEXT):
             rep.format, rep.header = "v7.3", header_text(head)
-            rep.errors.append(f"truncated: {size} bytes, the HDF5 file behind the v7.3 header "
-                              f"starts at byte {USERBLOCK}" if size < USERBLOCK + 8 else
-                              f"corrupt: v7.3 header but no HDF5 signature at byte {USERBLOCK}")
+            rep.errors.append(
+                f"truncated: {size} bytes, the HDF5 file behind the v7.3 header starts at byte {USERBLOCK}"
+                if size < USERBLOCK + 8
+                else f"corrupt: v7.3 header but no HDF5 signature at byte {USERBLOCK}"
+            )
         elif head.startswith(HDF5_SIGNATURE):
-            rep.errors.append("not a MAT file: plain HDF5 without MATLAB's 512-byte userblock "
-                              "header, which MATLAB's load does not take for a v7.3 MAT-file")
+            rep.errors.append(
+                "not a MAT file: plain HDF5 without MATLAB's 512-byte userblock "
+                "header, which MATLAB's load does not take for a v7.3 MAT-file"
+            )
         elif size == 0:
             rep.errors.append("not a MAT file: empty (0 bytes)")
         else:
-            rep.errors.append("not a MAT file: no 'MATLAB 5.0 MAT-file' header and no HDF5 "
-                              f"signature at byte {USERBLOCK}")
+            rep.errors.append(
+                f"not a MAT file: no 'MATLAB 5.0 MAT-file' header and no HDF5 signature at byte {USERBLOCK}"
+            )
     except Exception as e:  # noqa: BLE001 - never a traceback for one bad file
         rep.errors.append(f"cannot be checked: {type(e).__name__}: {e}")
     rep.ok = not rep.errors
     return rep
-
 
 
 def run_verify(paths: list[str], *, as_json: bool = False) -> int:

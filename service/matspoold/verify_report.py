@@ -37,8 +37,16 @@ MI_MATRIX, MI_COMPRESSED = 14, 15
 
 # MATLAB class -> the numpy element types its data may have
 NUMERIC = {
-    "double": "f8", "single": "f4", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2",
-    "int32": "i4", "uint32": "u4", "int64": "i8", "uint64": "u8",
+    "double": "f8",
+    "single": "f4",
+    "int8": "i1",
+    "uint8": "u1",
+    "int16": "i2",
+    "uint16": "u2",
+    "int32": "i4",
+    "uint32": "u4",
+    "int64": "i8",
+    "uint64": "u8",
 }
 
 
@@ -71,6 +79,7 @@ class FileReport:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
@@ -127,9 +136,9 @@ def format_report(rep: FileReport) -> list[str]:
         w_cls = max(len(v.matlab_class) for v in rep.variables)
         w_size = max(len(v.size_text) for v in rep.variables)
         for v in rep.variables:
-            lines.append(f"  {v.name:<{w_name}}  {v.matlab_class:<{w_cls}}  {v.size_text:<{w_size}}"
-                         f"  {_flags(v)}".rstrip())
+            lines.append(
+                f"  {v.name:<{w_name}}  {v.matlab_class:<{w_cls}}  {v.size_text:<{w_size}}"
+                f"  {_flags(v)}".rstrip()
+            )
     lines += [f"  error: {e}" for e in rep.errors]
     return lines
-
-

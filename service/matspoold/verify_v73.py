@@ -18,6 +18,7 @@ __all__ = ["verify_v73"]
 
 # -- v7.3 ----------------------------------------------------------------------------------
 
+
 def _attr_text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("ascii", "replace")
@@ -32,8 +33,7 @@ def _field_names(group: Any) -> list[str]:
     try:
         raw = group.attrs.get("MATLAB_fields")
         if isinstance(raw, np.ndarray) and raw.dtype == object and raw.ndim == 1:
-            return [b"".join(np.asarray(chars).ravel().tolist()).decode("ascii", "replace")
-                    for chars in raw]
+            return [b"".join(np.asarray(chars).ravel().tolist()).decode("ascii", "replace") for chars in raw]
     except (OSError, TypeError, ValueError):
         pass
     return list(group.keys())
@@ -72,8 +72,10 @@ def _cross_check(rep: FileReport, var: VarReport, found: bool, value: Any) -> No
     n = math.prod(var.size)
     if var.sparse:
         if tuple(getattr(value, "shape", ())) != tuple(var.size):
-            rep.errors.append(f"{where}: mat73 reads a sparse matrix of shape "
-                              f"{getattr(value, 'shape', None)}, the attributes say {var.size_text}")
+            rep.errors.append(
+                f"{where}: mat73 reads a sparse matrix of shape "
+                f"{getattr(value, 'shape', None)}, the attributes say {var.size_text}"
+            )
     elif var.matlab_class == "struct":
         if not var.fields:  # a struct without fields (MATLAB_empty): nothing to compare
             return
@@ -103,8 +105,10 @@ def verify_v73(path: str, head: bytes, size: int, rep: FileReport) -> None:
     rep.format, rep.header = "v7.3", header_text(head)
     rep.userblock_valid = head.startswith(V73_TEXT) and head[124:128] == b"\x00\x02IM"
     if not rep.userblock_valid:
-        rep.errors.append("the userblock holds no MATLAB 7.3 header (text 'MATLAB 7.3 MAT-file', "
-                          "version 0x0200, 'IM'): MATLAB does not take it for a MAT-file")
+        rep.errors.append(
+            "the userblock holds no MATLAB 7.3 header (text 'MATLAB 7.3 MAT-file', "
+            "version 0x0200, 'IM'): MATLAB does not take it for a MAT-file"
+        )
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -147,8 +151,14 @@ def _describe_h5(name: str, obj: Any, h5py: Any, rep: FileReport) -> VarReport:
         rep.errors.append(f"{where}: no MATLAB_class attribute, so MATLAB cannot tell its class")
     if isinstance(obj, h5py.Group) and "MATLAB_sparse" in obj.attrs:
         # MATLAB's sparse: CSC arrays data/ir/jc, the row count in MATLAB_sparse
-        var = VarReport(name, cls or "sparse?", [int(obj.attrs["MATLAB_sparse"]), len(obj["jc"]) - 1],
-                        sparse=True, logical=cls == "logical", class_attribute=has_class)
+        var = VarReport(
+            name,
+            cls or "sparse?",
+            [int(obj.attrs["MATLAB_sparse"]), len(obj["jc"]) - 1],
+            sparse=True,
+            logical=cls == "logical",
+            class_attribute=has_class,
+        )
         data = obj.get("data")
         var.complex = data is not None and data.dtype.names is not None
         return var
@@ -159,8 +169,11 @@ def _describe_h5(name: str, obj: Any, h5py: Any, rep: FileReport) -> VarReport:
         if missing:
             rep.errors.append(f"{where}: MATLAB_fields lists {missing}, which the group lacks")
         first = obj.get(var.fields[0]) if var.fields and not missing else None
-        if (isinstance(first, h5py.Dataset) and "MATLAB_class" not in first.attrs
-                and h5py.check_dtype(ref=first.dtype) is not None):
+        if (
+            isinstance(first, h5py.Dataset)
+            and "MATLAB_class" not in first.attrs
+            and h5py.check_dtype(ref=first.dtype) is not None
+        ):
             # a struct array: each field is an array of references, one per element
             var.size = list(reversed(first.shape)) + [1] * (first.ndim < 2)
         return var
@@ -183,5 +196,3 @@ def _describe_h5(name: str, obj: Any, h5py: Any, rep: FileReport) -> VarReport:
     if cls and not obj.attrs.get("MATLAB_empty") and not _dtype_ok(cls, dt, h5py):
         rep.errors.append(f"{where}: class {cls} but the dataset holds {dt}")
     return var
-
-

@@ -85,8 +85,10 @@ def measure_save(torch: Any, repeats: int, fmt: str = "v7.3") -> dict[str, Any]:
     out: dict[str, Any] = {"bytes": u.numel() * 4, "format": fmt, "copy_64mib_s": copy_best}
     env = os.environ.pop("MATSPOOL_ENDPOINT", None)  # always the embedded daemon
     try:
-        with tempfile.TemporaryDirectory(prefix="matspool-measure-") as d, \
-                matspool.Spool(ring_bytes=160 << 20, timeout=120) as spool:
+        with (
+            tempfile.TemporaryDirectory(prefix="matspool-measure-") as d,
+            matspool.Spool(ring_bytes=160 << 20, timeout=120) as spool,
+        ):
             for i in range(2):  # warm-up
                 spool.save(os.path.join(d, f"warm{i}.mat"), {"u": u}, format=fmt).result(120)
             calls, totals = [], []
@@ -103,10 +105,13 @@ def measure_save(torch: Any, repeats: int, fmt: str = "v7.3") -> dict[str, Any]:
     finally:
         if env is not None:
             os.environ["MATSPOOL_ENDPOINT"] = env
-    out.update(save_call_s=calls, save_total_s=totals,
-               save_call_median_s=statistics.median(calls),
-               save_total_median_s=statistics.median(totals),
-               save_call_vs_copy=statistics.median(calls) / copy_best)
+    out.update(
+        save_call_s=calls,
+        save_total_s=totals,
+        save_call_median_s=statistics.median(calls),
+        save_total_median_s=statistics.median(totals),
+        save_call_vs_copy=statistics.median(calls) / copy_best,
+    )
     return out
 
 
@@ -131,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     bw, sv = result["bandwidth"], result["save"]
     print(f"{result['device']}: D2H {args.mib} MiB, best of {args.repeats}")
-    print(f"  into the matspool ring : {bw['ring_gbps']:6.2f} GB/s "
-          f"(cudaHostRegister {bw['ring_register_s'] * 1e3:.1f} ms)")
+    print(
+        f"  into the matspool ring : {bw['ring_gbps']:6.2f} GB/s "
+        f"(cudaHostRegister {bw['ring_register_s'] * 1e3:.1f} ms)"
+    )
     print(f"  into torch pinned      : {bw['pinned_gbps']:6.2f} GB/s")
     print(f"  into pageable memory   : {bw['pageable_gbps']:6.2f} GB/s")
-    print(f"64 MiB CUDA tensor through Spool ({sv['format']}): save() call "
-          f"{sv['save_call_median_s'] * 1e3:.2f} ms (median), D2H copy alone "
-          f"{sv['copy_64mib_s'] * 1e3:.2f} ms, until on disk {sv['save_total_median_s'] * 1e3:.1f} ms")
+    print(
+        f"64 MiB CUDA tensor through Spool ({sv['format']}): save() call "
+        f"{sv['save_call_median_s'] * 1e3:.2f} ms (median), D2H copy alone "
+        f"{sv['copy_64mib_s'] * 1e3:.2f} ms, until on disk {sv['save_total_median_s'] * 1e3:.1f} ms"
+    )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     return 0

@@ -71,9 +71,6 @@ def expected(x: Any, layout: str = "matlab", oned_as: str = "row") -> np.ndarray
     return a
 
 
-
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One daemon for the module (shadows conftest's per-test one: device time is dear)."""
@@ -261,7 +258,9 @@ def test_save_returns_before_the_copy_finishes(gspool: Any, daemon: Any) -> None
     t_call = time.perf_counter() - t0
     res = fut.result(60)
     t_total = time.perf_counter() - t0
-    print(f"\nsave() call {t_call * 1e3:.2f} ms; 64 MiB D2H copy alone {copy_s * 1e3:.2f} ms; "
-          f"save until the file was on disk {t_total * 1e3:.1f} ms ({res.nbytes >> 20} MiB file)")
+    print(
+        f"\nsave() call {t_call * 1e3:.2f} ms; 64 MiB D2H copy alone {copy_s * 1e3:.2f} ms; "
+        f"save until the file was on disk {t_total * 1e3:.1f} ms ({res.nbytes >> 20} MiB file)"
+    )
     assert t_call < t_total
     assert_exact(read(daemon.root / "timed.mat", "v7.3")["u"], expected(u))

@@ -152,8 +152,11 @@ def test_back_to_back_saves_delay_the_caller_like_clones(fresh: Any, daemon: Any
     keep: list[Any] = []
     clones_ms = _segment_ms(lambda: keep.extend(x.clone() for x in xs))
     futs: list[Any] = []
-    saves_ms = _segment_ms(lambda: futs.extend(
-        spool.save(daemon.root / f"b2b{n}_{i}.mat", {"x": x}, format="v7.3") for i, x in enumerate(xs)))
+    saves_ms = _segment_ms(
+        lambda: futs.extend(
+            spool.save(daemon.root / f"b2b{n}_{i}.mat", {"x": x}, format="v7.3") for i, x in enumerate(xs)
+        )
+    )
     for f in futs:
         f.result(60)
     print(f"\n{n} saves: caller stream {saves_ms:.3f} ms; {n} clones {clones_ms:.3f} ms")
@@ -183,8 +186,9 @@ def test_overwrite_after_whole_save(fresh: Any, daemon: Any) -> None:
 
 
 @pytest.mark.parametrize("case", ["contiguous", "permuted_half", "row_longer_than_chunk"])
-def test_overwrite_after_chunked_save(fresh: Any, daemon: Any, case: str,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overwrite_after_chunked_save(
+    fresh: Any, daemon: Any, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 4 MiB budget (2 x 2 MiB staging): 24-48 MiB saves stream through it in chunks."""
     spool = fresh(staging=4 * MiB)
     calls = _spy_chunked(monkeypatch)
@@ -306,8 +310,9 @@ def test_failed_start_drains_queued_chunks(fresh: Any, daemon: Any, monkeypatch:
     assert_exact(read(daemon.root / "after_fail.mat", "v5")["x"], want.reshape(1, -1))
 
 
-def test_failed_second_device_drains_the_first(fresh: Any, daemon: Any,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_second_device_drains_the_first(
+    fresh: Any, daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices (multi-device save failing on the second)")
     spool = fresh()
@@ -367,8 +372,9 @@ def test_two_threads_first_saves_pin_once(fresh: Any, daemon: Any) -> None:
     assert _copier(spool)._pinned
 
 
-def test_refused_pinning_falls_back_to_pageable(fresh: Any, daemon: Any,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refused_pinning_falls_back_to_pageable(
+    fresh: Any, daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The ring's range registered already (as a refusal stands in for): a warning naming
     CUDA's error once, saves still exact, and no pending error reaches this thread."""
     from matspool import _copies
@@ -429,8 +435,9 @@ def test_stream_argument(fresh: Any, daemon: Any) -> None:
     assert_exact(read(daemon.root / "stream_arg.mat", "v5")["u"], want.reshape(1, -1))
 
 
-def test_close_is_bounded_behind_a_stuck_stream(fresh: Any, daemon: Any,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_close_is_bounded_behind_a_stuck_stream(
+    fresh: Any, daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from matspool import _spool
 
     monkeypatch.setattr(_spool, "_COPIES_CLOSE_TIMEOUT", 0.5)
@@ -488,8 +495,10 @@ def test_d2h_into_the_ring_reaches_pinned_bandwidth() -> None:
     ring = Ring(n)
     try:
         ring.register_cuda(torch.cuda.current_device())
-        targets = {"ring": torch.from_numpy(ring.array)[:n],
-                   "pinned": torch.empty(n, dtype=torch.uint8, pin_memory=True)}
+        targets = {
+            "ring": torch.from_numpy(ring.array)[:n],
+            "pinned": torch.empty(n, dtype=torch.uint8, pin_memory=True),
+        }
         copy = torch.cuda.Stream()
         best = {}
         for name, dst in targets.items():

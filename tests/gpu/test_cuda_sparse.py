@@ -37,8 +37,11 @@ def test_cuda_sparse_round_trips(tmp_path: Path, fmt: str, layout: str) -> None:
     t = t.to_sparse() if layout == "coo" else t.to_sparse_csr()
     with warnings.catch_warnings(), matspool.Spool() as spool:
         warnings.simplefilter("ignore", UserWarning)
-        path = spool.save(tmp_path / "s.mat", {"s": t, "l": t.to_dense().ne(0).to_sparse()},
-                          format=fmt).result(timeout=60).path
+        path = (
+            spool.save(tmp_path / "s.mat", {"s": t, "l": t.to_dense().ne(0).to_sparse()}, format=fmt)
+            .result(timeout=60)
+            .path
+        )
     want = dense.astype(np.float32).astype(np.float64)  # MATLAB sparse is double
     if fmt == "v5":
         m = scipy.io.loadmat(path)
@@ -51,6 +54,6 @@ def test_cuda_sparse_round_trips(tmp_path: Path, fmt: str, layout: str) -> None:
             jc, ir, data = g["jc"][()], g["ir"][()], g["data"][()]
             got = np.zeros((50, 40))
             for j in range(40):
-                got[ir[jc[j]:jc[j + 1]], j] = data[jc[j]:jc[j + 1]]
+                got[ir[jc[j] : jc[j + 1]], j] = data[jc[j] : jc[j + 1]]
             np.testing.assert_array_equal(got, want)
             assert f["l"].attrs["MATLAB_class"] == b"logical"

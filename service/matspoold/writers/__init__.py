@@ -136,8 +136,15 @@ def writer_for(fmt: str) -> Writer:
         raise ProtocolError(f"unknown format {fmt!r}; known: {', '.join(WRITERS)}") from None
 
 
-def write_atomic(final: str | Target, fmt: str, variables: Variables, *, fsync: bool, compress: int = 0,
-                 append: bool = False) -> int:
+def write_atomic(
+    final: str | Target,
+    fmt: str,
+    variables: Variables,
+    *,
+    fsync: bool,
+    compress: int = 0,
+    append: bool = False,
+) -> int:
     """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
     with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``).
     Returns the file's size in bytes."""
@@ -202,8 +209,11 @@ class Session:
             raise
         try:
             by_name = writer.write(temp.path, variables, 0)
-            holes = {i: (spec, by_name[spec.name]) for i, (spec, _) in enumerate(variables)
-                     if isinstance(spec, VarSpec) and spec.deferred}
+            holes = {
+                i: (spec, by_name[spec.name])
+                for i, (spec, _) in enumerate(variables)
+                if isinstance(spec, VarSpec) and spec.deferred
+            }
             return cls(temp, fsync, holes, temp.fd)
         except BaseException:
             temp.discard()

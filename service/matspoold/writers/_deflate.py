@@ -27,8 +27,10 @@ __all__ = ["BLOCK", "adler32_combine", "compress_many", "set_threads", "threads"
 
 BLOCK: Final = 1 << 20  # bytes per deflate block of a v5 stream
 _BASE: Final = 65521
-_HEADER: Final = {lvl: b"\x78" + (b"\x01" if lvl <= 1 else b"\x5e" if lvl < 6 else b"\x9c" if lvl == 6
-                                  else b"\xda") for lvl in range(10)}
+_HEADER: Final = {
+    lvl: b"\x78" + (b"\x01" if lvl <= 1 else b"\x5e" if lvl < 6 else b"\x9c" if lvl == 6 else b"\xda")
+    for lvl in range(10)
+}
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -105,6 +107,7 @@ def _deflate_block(args: tuple[bytes | memoryview, int, bool]) -> tuple[bytes, i
 
 def zlib_stream(blocks: Iterable[bytes | memoryview], level: int) -> Iterator[bytes]:
     """One zlib stream over ``blocks`` (each up to ~BLOCK bytes), deflated in parallel."""
+
     def tagged() -> Iterator[tuple[bytes | memoryview, int, bool]]:
         prev = None
         for b in blocks:

@@ -27,8 +27,17 @@ from typing import Any
 
 from ..fsconfine import Target, failed
 
-__all__ = ["SELF_FD", "TEMPS", "TMP_SUFFIX", "TempNames", "Temporary", "fsync_dir", "fsync_path",
-           "pwrite_all", "write_new_file"]
+__all__ = [
+    "SELF_FD",
+    "TEMPS",
+    "TMP_SUFFIX",
+    "TempNames",
+    "Temporary",
+    "fsync_dir",
+    "fsync_path",
+    "pwrite_all",
+    "write_new_file",
+]
 
 TMP_SUFFIX = ".matspool-tmp"
 #: how :class:`Temporary` hands its open file to writers (and HDF5): by descriptor
@@ -88,8 +97,12 @@ class Temporary:
     def __init__(self, target: Target) -> None:
         self.target = target
         self.name = TEMPS.name_for(target.dir_path, target.name)
-        self.fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o666, dir_fd=target.dir_fd)
+        self.fd = os.open(
+            self.name,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o666,
+            dir_fd=target.dir_fd,
+        )
         self.path = f"{SELF_FD}{self.fd}"
 
     def publish(self, fsync: bool) -> int:
@@ -108,8 +121,11 @@ class Temporary:
             except FileNotFoundError:
                 pass
             self.name = ""  # our inode is wherever they moved it: nothing of ours to discard
-            raise failed(f"cannot write {self.target.path!r}: its temporary file was replaced while it "
-                         "was written (by another process); nothing was published", errno.EEXIST)
+            raise failed(
+                f"cannot write {self.target.path!r}: its temporary file was replaced while it "
+                "was written (by another process); nothing was published",
+                errno.EEXIST,
+            )
         if fsync:
             fsync_dir(dfd)
         self.close()
@@ -145,8 +161,8 @@ def write_new_file(path: str, image: Any) -> None:
     in memory, in one write. The daemon's ``path`` is its new, empty temporary as
     ``/proc/self/fd/N``: written through descriptor N itself (no reopen: a small file's
     rate counts its system calls); any other path is created or truncated."""
-    if path.startswith(SELF_FD) and path[len(SELF_FD):].isdigit():
-        pwrite_all(int(path[len(SELF_FD):]), image, 0)
+    if path.startswith(SELF_FD) and path[len(SELF_FD) :].isdigit():
+        pwrite_all(int(path[len(SELF_FD) :]), image, 0)
         return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:

@@ -120,8 +120,11 @@ class UndoFile:
 
     # -- the methods h5py's fileobj driver calls ---------------------------------------
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._pos = offset if whence == os.SEEK_SET else (
-            self._pos + offset if whence == os.SEEK_CUR else self.eof + offset)
+        self._pos = (
+            offset
+            if whence == os.SEEK_SET
+            else (self._pos + offset if whence == os.SEEK_CUR else self.eof + offset)
+        )
         return self._pos
 
     def tell(self) -> int:
@@ -136,7 +139,7 @@ class UndoFile:
         for start, data in self.held:  # what HDF5 wrote but the file does not hold yet
             lo, hi = max(start, off), min(start + len(data), off + n)
             if lo < hi:
-                view[lo - off:hi - off] = data[lo - start:hi - start]
+                view[lo - off : hi - off] = data[lo - start : hi - start]
         self._pos += n
         return n
 
@@ -238,8 +241,13 @@ def _failed(path: str, e: OSError) -> WriteFailed:
 
 
 @contextmanager
-def journaled(path: str | Target, fd: int = -1, *, fsync: bool,
-              check: Callable[[Target, os.stat_result], None] | None = None) -> Iterator[UndoFile]:
+def journaled(
+    path: str | Target,
+    fd: int = -1,
+    *,
+    fsync: bool,
+    check: Callable[[Target, os.stat_result], None] | None = None,
+) -> Iterator[UndoFile]:
     """One crash-safe change of the existing file ``path``: open it as ``h5py.File(undo,
     "r+")`` inside the block; leaving the block commits, an exception rolls back. A
     journal left by a killed change is recovered first. ``fd``, when given, is the file
@@ -263,8 +271,9 @@ def journaled(path: str | Target, fd: int = -1, *, fsync: bool,
 
 
 @contextmanager
-def _journaled(target: Target, fd: int, fsync: bool,
-               check: Callable[[Target, os.stat_result], None] | None) -> Iterator[UndoFile]:
+def _journaled(
+    target: Target, fd: int, fsync: bool, check: Callable[[Target, os.stat_result], None] | None
+) -> Iterator[UndoFile]:
     path = target.path
     jname = _journal_name(target.name)
     jfd = -1
@@ -389,8 +398,10 @@ def _recover(target: Target) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as e:  # a symlink (ELOOP) or worse at the journal's name: not ours
-        raise WriteFailed(f"cannot append to {path!r}: its journal's name "
-                          f"{_journal_name(target.name)!r} holds something else ({e.strerror})") from None
+        raise WriteFailed(
+            f"cannot append to {path!r}: its journal's name "
+            f"{_journal_name(target.name)!r} holds something else ({e.strerror})"
+        ) from None
     with open(jfd, "rb") as j:
         if not stat.S_ISREG(os.fstat(jfd).st_mode):
             raise WriteFailed(f"cannot append to {path!r}: its journal's name holds something else")
@@ -422,5 +433,8 @@ def _recover(target: Target) -> str | None:
         os.close(fd)
     os.unlink(jname, dir_fd=target.dir_fd)
     fsync_dir(target.dir_fd)
-    return f"restored {len(records)} ranges and cut to {base} bytes" if records is not None else \
-        f"cut to {base} bytes (the append had not changed earlier bytes)"
+    return (
+        f"restored {len(records)} ranges and cut to {base} bytes"
+        if records is not None
+        else f"cut to {base} bytes (the append had not changed earlier bytes)"
+    )

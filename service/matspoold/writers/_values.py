@@ -83,8 +83,9 @@ def materialize(node: proto.Tree, array: Callable[[proto.VarSpec], np.ndarray]) 
     if isinstance(node, proto.Char):
         return Char(char_units(node.text))
     if isinstance(node, proto.Struct):
-        return Struct((1, 1), tuple(k for k, _ in node.fields),
-                      [[materialize(v, array) for _, v in node.fields]])
+        return Struct(
+            (1, 1), tuple(k for k, _ in node.fields), [[materialize(v, array) for _, v in node.fields]]
+        )
     if isinstance(node, proto.StructArray):
         return Struct(node.dims, node.names, [[materialize(v, array) for v in e] for e in node.elems])
     if isinstance(node, proto.Sparse):
@@ -92,4 +93,3 @@ def materialize(node: proto.Tree, array: Callable[[proto.VarSpec], np.ndarray]) 
         _check_sparse(node, data, ir, jc)
         return Sparse(node.dims, data, ir, jc)
     return Cell(node.dims, [materialize(v, array) for v in node.items])
-

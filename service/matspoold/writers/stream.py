@@ -69,13 +69,19 @@ class StreamFiles:
     def check(self, target: Target, st: os.stat_result) -> None:
         """Raise unless ``st`` may be appended to as ``target``'s stream."""
         if st.st_nlink != 1:
-            raise failed(f"cannot append to {target.path!r}: it has {st.st_nlink} hard links (a link to "
-                         "a file elsewhere?); a stream's file has one", errno.EMLINK)
+            raise failed(
+                f"cannot append to {target.path!r}: it has {st.st_nlink} hard links (a link to "
+                "a file elsewhere?); a stream's file has one",
+                errno.EMLINK,
+            )
         with self._lock:
             known = self._files.get(self._key(target))
         if known is not None and known != (st.st_dev, st.st_ino):
-            raise failed(f"cannot append to {target.path!r}: the file was replaced since the daemon "
-                         "created the stream", errno.ESTALE)
+            raise failed(
+                f"cannot append to {target.path!r}: the file was replaced since the daemon "
+                "created the stream",
+                errno.ESTALE,
+            )
 
 
 #: the streams created by this daemon
@@ -92,10 +98,15 @@ def create_stream(path: str, variables: Sequence[tuple[VarSpec, Any]], level: in
         for spec, arr in variables:
             data = _stored(spec, arr)
             shape = _step_shape(spec)
-            ds = f.create_dataset(spec.name, shape=(1, *shape), maxshape=(None, *shape),
-                                  chunks=(1, *shape), dtype=data.dtype,
-                                  compression="gzip" if level else None,
-                                  compression_opts=level or None)
+            ds = f.create_dataset(
+                spec.name,
+                shape=(1, *shape),
+                maxshape=(None, *shape),
+                chunks=(1, *shape),
+                dtype=data.dtype,
+                compression="gzip" if level else None,
+                compression_opts=level or None,
+            )
             ds[0] = data
             _str_attr(ds, "MATLAB_class", spec.matlab_class)
             if spec.matlab_class == "logical":
@@ -120,13 +131,16 @@ def _append(target: Target, variables: Sequence[tuple[VarSpec, Any]], fsync: boo
         fd = open_in(target, os.O_RDWR, "stream")
     except FileNotFoundError:
         recover(target)  # drops a journal the removed file left behind
-        raise WriteFailed(f"cannot append to {path!r}: the stream's file is gone "
-                          "(its first step failed, or it was removed)") from None
+        raise WriteFailed(
+            f"cannot append to {path!r}: the stream's file is gone (its first step failed, or it was removed)"
+        ) from None
     with journaled(target, fd, fsync=fsync, check=STREAMS.check) as undo, h5py.File(undo, "r+") as f:
         names = {spec.name for spec, _ in variables}
         if names != set(f.keys()):
-            raise WriteFailed(f"cannot append to {path!r}: this step has variables "
-                              f"{sorted(names)}, the stream has {sorted(f.keys())}")
+            raise WriteFailed(
+                f"cannot append to {path!r}: this step has variables "
+                f"{sorted(names)}, the stream has {sorted(f.keys())}"
+            )
         for spec, arr in variables:  # check every variable before changing any
             ds = f[spec.name]
             data = _stored(spec, arr)
@@ -135,7 +149,8 @@ def _append(target: Target, variables: Sequence[tuple[VarSpec, Any]], fsync: boo
                 raise WriteFailed(
                     f"cannot append to {path!r}: {spec.name!r} is {step} {spec.matlab_class} in this "
                     f"step but {'x'.join(map(str, ds.shape[:0:-1]))} {ds.attrs['MATLAB_class'].decode()} "
-                    "in the stream")
+                    "in the stream"
+                )
         n = f[next(iter(names))].shape[0]
         for spec, arr in variables:
             ds = f[spec.name]

@@ -32,10 +32,33 @@ from ._values import Cell, Char, Sparse, Struct
 
 __all__ = ["append_v5", "header", "variable_names", "write_v5"]
 
-_MI: Final = {"i1": 1, "u1": 2, "i2": 3, "u2": 4, "i4": 5, "u4": 6, "f4": 7, "f8": 9,
-              "i8": 12, "u8": 13, "b1": 2}
-_MX: Final = {"double": 6, "single": 7, "int8": 8, "uint8": 9, "int16": 10, "uint16": 11,
-              "int32": 12, "uint32": 13, "int64": 14, "uint64": 15, "logical": 9, "char": 4}
+_MI: Final = {
+    "i1": 1,
+    "u1": 2,
+    "i2": 3,
+    "u2": 4,
+    "i4": 5,
+    "u4": 6,
+    "f4": 7,
+    "f8": 9,
+    "i8": 12,
+    "u8": 13,
+    "b1": 2,
+}
+_MX: Final = {
+    "double": 6,
+    "single": 7,
+    "int8": 8,
+    "uint8": 9,
+    "int16": 10,
+    "uint16": 11,
+    "int32": 12,
+    "uint32": 13,
+    "int64": 14,
+    "uint64": 15,
+    "logical": 9,
+    "char": 4,
+}
 _MI_MATRIX: Final = 14
 _MI_COMPRESSED: Final = 15
 _FLAG_COMPLEX: Final = 0x0800
@@ -66,7 +89,7 @@ def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
     full disk surfaces as ENOSPC from the next write instead of a silently cut file."""
     view = memoryview(data).cast("B")
     while view:
-        view = view[f.write(view):]
+        view = view[f.write(view) :]
 
 
 def _pieces(data: np.ndarray, block: int) -> Iterator[bytes | memoryview]:
@@ -74,10 +97,10 @@ def _pieces(data: np.ndarray, block: int) -> Iterator[bytes | memoryview]:
     step = max(1, block // max(1, data.itemsize))
     if data.flags.c_contiguous:
         view = data.data.cast("B")
-        yield from (view[i:i + step * data.itemsize] for i in range(0, len(view), step * data.itemsize))
+        yield from (view[i : i + step * data.itemsize] for i in range(0, len(view), step * data.itemsize))
     else:  # the real or imaginary half of a complex array: strided, copied block by block
         for i in range(0, data.size, step):
-            yield np.ascontiguousarray(data[i:i + step]).data
+            yield np.ascontiguousarray(data[i : i + step]).data
 
 
 class Hole(int):

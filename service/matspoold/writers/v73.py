@@ -88,8 +88,9 @@ def _write_deflated(f: h5py.File, name: str, data: np.ndarray, level: int) -> h5
     """A chunked, deflated dataset whose chunks are compressed on every core and handed to
     HDF5 already compressed (``write_direct_chunk``), so HDF5's lock never serialises zlib."""
     chunk = _chunk_shape(data.shape, data.dtype.itemsize)
-    ds = f.create_dataset(name, shape=data.shape, dtype=data.dtype, chunks=chunk,
-                          compression="gzip", compression_opts=level)
+    ds = f.create_dataset(
+        name, shape=data.shape, dtype=data.dtype, chunks=chunk, compression="gzip", compression_opts=level
+    )
     origins = list(itertools.product(*(range(0, n, c) for n, c in zip(data.shape, chunk, strict=True))))
 
     def compress(batch: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], bytes]]:
@@ -104,7 +105,7 @@ def _write_deflated(f: h5py.File, name: str, data: np.ndarray, level: int) -> h5
             out.append((origin, zlib.compress(raw.data, level)))
         return out
 
-    batches = [origins[i:i + _CHUNKS_PER_TASK] for i in range(0, len(origins), _CHUNKS_PER_TASK)]
+    batches = [origins[i : i + _CHUNKS_PER_TASK] for i in range(0, len(origins), _CHUNKS_PER_TASK)]
     for done in ordered_map(compress, batches):
         for origin, payload in done:
             ds.id.write_direct_chunk(origin, payload)
@@ -129,8 +130,7 @@ def _reserve(f: h5py.File, name: str, shape: tuple[int, ...], dtype: np.dtype) -
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     dcpl.set_obj_track_times(False)  # no timestamps: same variables, same bytes (templates)
     space = h5py.h5s.create_simple(shape)
-    dsid = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(dtype, logical=True), space,
-                           dcpl=dcpl)
+    dsid = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(dtype, logical=True), space, dcpl=dcpl)
     return h5py.Dataset(dsid), dsid.get_offset()
 
 
