@@ -41,24 +41,28 @@ class DaemonProc:
         return self.proc.returncode
 
 
+def serve_cmd(endpoint: str, root: Path | str, *extra: str) -> list[str]:
+    """The command line of a real daemon (``matspool serve``) on ``endpoint`` below ``root``;
+    ``extra`` flags come last, so a later ``--log-level`` wins."""
+    return [
+        sys.executable,
+        "-m",
+        "matspoold",
+        "serve",
+        "--endpoint",
+        endpoint,
+        "--root",
+        str(root),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+
+
 def start_daemon(root: Path, sock_dir: Path, *extra: str) -> DaemonProc:
     sock_dir.mkdir(parents=True, exist_ok=True)
     endpoint = f"ipc://{sock_dir}/d.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            str(root),
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-    )
+    proc = subprocess.Popen(serve_cmd(endpoint, root, *extra))
     if not wait_ready(endpoint, proc):
         proc.kill()
         raise RuntimeError("daemon did not come up within 30 s")

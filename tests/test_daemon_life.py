@@ -22,24 +22,12 @@ import matspool
 from matspool._messages import ClientStatus, StatusQuery, StatusReply
 from matspoold.probe import ask
 
-from conftest import start_daemon
+from conftest import serve_cmd, start_daemon
 
 
 def _serve(endpoint: str, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            str(root),
-            "--log-level",
-            "warning",
-            *extra,
-        ],
+        serve_cmd(endpoint, root, *extra),
         capture_output=True,
         text=True,
         timeout=30,

@@ -21,7 +21,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from matspool import _protocol as proto
 from matspool._endpoint import check_ipc_endpoint
 from matspoold import cli, server  # noqa: F401 - likewise
 
-from conftest import wait_ready
+from conftest import serve_cmd, wait_ready
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as two local users")
 
@@ -278,22 +277,7 @@ def test_serve_checks_the_group_of_a_shared_socket_directory(tmp_path: Path) -> 
     out = tmp_path / "out"
     out.mkdir()
     endpoint = f"ipc://{sock}/matspool.sock"
-    cmd = [
-        sys.executable,
-        "-m",
-        "matspoold",
-        "serve",
-        "--endpoint",
-        endpoint,
-        "--root",
-        str(out),
-        "--group",
-        group,
-        "--socket-mode",
-        "660",
-        "--log-level",
-        "warning",
-    ]
+    cmd = serve_cmd(endpoint, out, "--group", group, "--socket-mode", "660")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r
     assert r.stderr.count("\n") == 1 and "configured --group" in r.stderr and str(sock) in r.stderr, r

@@ -22,7 +22,7 @@ import pytest
 
 import matspool
 
-from conftest import start_daemon
+from conftest import serve_cmd, start_daemon
 from readback import read
 
 HERE = Path(__file__).resolve().parent
@@ -151,20 +151,7 @@ def test_stale_socket_file_fails_fast(tmp_path: Path) -> None:
 def test_daemon_that_starts_late_is_still_reached(tmp_path: Path) -> None:
     """The grace period: a job script starting the daemon and the client together."""
     endpoint = f"ipc://{tmp_path}/late.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            str(tmp_path),
-            "--log-level",
-            "warning",
-        ]
-    )
+    proc = subprocess.Popen(serve_cmd(endpoint, tmp_path))
     try:
         with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30) as spool:
             spool.save(tmp_path / "late.mat", {"x": 1.0}).result(30)

@@ -19,7 +19,6 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ import zmq
 import matspool
 from matspool._protocol import TAG
 
-from conftest import wait_ready
+from conftest import serve_cmd, wait_ready
 
 SECONDS = float(os.environ.get("MATSPOOL_ATTACK_SECONDS", "12"))
 
@@ -46,18 +45,7 @@ def _start(out: Path, sock: Path, nofile: int | None = None) -> tuple[str, subpr
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            str(out),
-            "--log-level",
-            "warning",
-        ],
+        serve_cmd(endpoint, out),
         preexec_fn=limit,
         stderr=subprocess.PIPE,
         text=True,  # serve refuses unknown MATSPOOL_*

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 
 from matspool._spool import Spool
 
-from conftest import start_daemon
+from conftest import serve_cmd, start_daemon
 
 
 def _free_port() -> int:
@@ -64,20 +63,7 @@ def test_metrics_endpoint_counts_files_bytes_errors_and_clients(tmp_path: Path, 
 def test_metrics_are_off_by_default_and_json_logs_parse(tmp_path: Path, out_dir: Path) -> None:
     endpoint = f"ipc://{tmp_path}/j.sock"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            str(out_dir),
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-        ],
+        serve_cmd(endpoint, out_dir, "--log-format", "json", "--log-level", "info"),
         stderr=subprocess.PIPE,
         text=True,
     )

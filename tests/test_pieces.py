@@ -157,6 +157,8 @@ def test_hostile_pieces_are_refused(spool: Spool, daemon, out_dir: Path) -> None
 
     try:
         hello = {"op": "HELLO", "ring": ring.name, "ring_bytes": ring.size, "pid": os.getpid()}
+        if ring.kind == "memfd":  # a sealed memfd ring is opened through /proc/<pid>/fd/<fd>
+            hello["fd"] = ring.fd
         assert ask(hello)["op"] == "WELCOME"
         part = {"op": "PART", "seq": 7, "var": 0, "start": 0, "offset": 0, "nbytes": 8}
         assert ask(part)["code"] == "protocol"

@@ -25,6 +25,8 @@ import scipy.io
 
 from matspool._curve import make_keys
 
+from conftest import serve_cmd
+
 PORT = 5719
 CLIENT = textwrap.dedent("""
     import json, sys, numpy as np, matspool
@@ -108,20 +110,9 @@ def test_remote_client_writes_through_tcp_and_unknown_keys_are_refused(hosts, tm
     daemon = subprocess.Popen(
         [
             *daemon_host,
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            str(out),
-            "--curve-secret",
-            server_sec,
-            "--curve-clients",
-            str(tmp_path / "clients"),
-            "--log-level",
-            "warning",
+            *serve_cmd(
+                endpoint, out, "--curve-secret", server_sec, "--curve-clients", str(tmp_path / "clients")
+            ),
         ]
     )
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,8 @@ import zmq
 import matspool
 from matspool import ClientKeys
 from matspool._curve import make_keys
+
+from conftest import serve_cmd
 
 
 def _free_port() -> int:
@@ -43,19 +44,7 @@ def keys(tmp_path: Path) -> dict[str, str]:
 
 def _serve(endpoint: str, root: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            str(root),
-            "--log-level",
-            "warning",
-            *extra,
-        ],
+        serve_cmd(endpoint, root, *extra),
         stderr=subprocess.PIPE,
         text=True,
     )
