@@ -15,6 +15,7 @@ p99) with and without the attack: measured, not asserted (shared CI machines).
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -235,3 +236,29 @@ def test_connection_flood_at_the_descriptor_limit(honest_daemon) -> None:
     with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
         late.save(honest.out / "late.mat", {"a": 1.0}).result(30)
     _rate_limited(_log_of(proc, honest), "refused a connection")
+
+
+def test_a_client_repeating_a_refused_message_gets_every_err_but_floods_no_log(tmp_path: Path) -> None:
+    """2,000 malformed messages as fast as a socket sends them: each answered with ERR and
+    its reason, the daemon's log takes one line for them (plus the count), not 2,000."""
+    out = tmp_path / "out"
+    out.mkdir()
+    endpoint, proc = _start(out, tmp_path / "sock")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        n = 2000
+        for _ in range(n):
+            sock.send_multipart([b"matspool/1", b'{"op":"SHUTDOWN"}'])
+        replies = []
+        for _ in range(n):
+            assert sock.poll(30_000), f"no answer after {len(replies)} of {n}"
+            replies.append(json.loads(sock.recv_multipart()[1]))
+        assert all(r["op"] == "ERR" and "unknown op" in r["message"] for r in replies)
+    finally:
+        sock.close()
+        proc.terminate()
+        log = proc.communicate(timeout=60)[1]
+    lines = [line for line in log.splitlines() if "unknown op" in line]
+    assert 1 <= len(lines) <= 3, log[-3000:]

@@ -82,12 +82,18 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args: Any) -> None:
+    def allow(self, kind: str) -> bool:
+        """True when a line of ``kind`` may be logged now; else it is counted."""
         now = time.monotonic()
         if now - self._last.get(kind, -1e9) < self.every:
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
+            return False
         self._last[kind] = now
+        return True
+
+    def warning(self, kind: str, message: str, *args: Any) -> None:
+        if not self.allow(kind):
+            return
         n = self._suppressed.pop(kind, 0)
         log.warning(message + (f" ({n} more like this in the last {self.every:.0f} s)" if n else ""), *args)
 

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from matspool import _messages as msgs
 from matspool._errors import MatspoolError
 
+from .guard import RateLimitedLog
+
 __all__ = ["Sender", "done_messages", "error_msg", "os_errno", "refuse"]
 
 log = logging.getLogger("matspoold")
@@ -44,12 +46,18 @@ class Sender(Protocol):
     def send_multipart(self, frames: list[Any]) -> Any: ...
 
 
+_REFUSALS = RateLimitedLog()  # a client sending garbage in a loop must not flood the log
+
+
 def refuse(router: Sender, ident: bytes, seq: object, err: Exception) -> None:
-    """Answer a message with ERR. Called from an ``except`` block: a bug of ours (not a
-    MatspoolError) is logged with its traceback, and must not take the daemon down either."""
+    """Answer a message with ERR; the client always gets the reason. Called from an
+    ``except`` block: a bug of ours (not a MatspoolError) is logged with its traceback, and
+    must not take the daemon down either. Log lines are rate-limited per kind (one per
+    10 s, with the count of those left out), since a hostile client can repeat a refusal
+    as fast as it can send."""
     if isinstance(err, MatspoolError):
-        log.warning("client %r: %s", ident[:64], err)
-    else:
+        _REFUSALS.warning("refused", "client %r: %s", ident[:64], err)
+    elif _REFUSALS.allow("unexpected"):
         log.exception("client %r: unexpected error", ident[:64])
     router.send_multipart([ident, *msgs.encode(error_msg(seq, err))])
 
