@@ -520,22 +520,7 @@ def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:
     np.copyto(dest, src, casting="same_kind")
 
 
-_TORCH_DTYPES: dict[str, str] = {
-    "<f8": "float64",
-    "<f4": "float32",
-    "|i1": "int8",
-    "<i2": "int16",
-    "<i4": "int32",
-    "<i8": "int64",
-    "|u1": "uint8",
-    "<u2": "uint16",
-    "<u4": "uint32",
-    "<u8": "uint64",
-    "|b1": "bool",
-    "<c8": "complex64",
-    "<c16": "complex128",
-}
-
-
 def torch_dtype(dtype: str) -> Any:
-    return getattr(_torch(), _TORCH_DTYPES[dtype])
+    """The torch dtype of a stored dtype: numpy and torch share the names (``float32``,
+    ``bool``, ``complex64``...)."""
+    return getattr(_torch(), np.dtype(dtype).name)
