@@ -14,10 +14,11 @@ handshake, so a refused key fails ``Spool()`` at once instead of after the conne
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -104,7 +105,10 @@ class ZmqTransport:
             event = parse_monitor_message(self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_CONNECTED:
                 self._connections += 1
-            elif event["event"] & _HANDSHAKE_FAILED:
+            elif event["event"] & _HANDSHAKE_FAILED and not (
+                (self._curve is None or not is_tcp(self.endpoint))
+                and _transient(event["event"], event["value"])
+            ):
                 raise self._refused(int(event["event"]), int(event["value"]))
 
     def _refused(self, event: int, value: int) -> MatspoolError:
@@ -160,6 +164,29 @@ class ZmqTransport:
         with self._tx_lock:
             self._tx.close(linger=0)
         self._rx.close(linger=0)
+
+
+#: A handshake cut by the connection itself (the daemon killed or restarting mid-handshake):
+#: libzmq reconnects and keeps the queued messages. Without CURVE that is all it can mean;
+#: with CURVE a server holding another key also just drops the connection, so there it
+#: stays an error (a CURVE daemon killed mid-handshake then fails the spool's saves).
+_CONNECTION_ERRNOS: Final = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.ENOTCONN,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
+
+
+def _transient(event: int, value: int) -> bool:
+    """A failed handshake that says nothing about keys or protocol: the connection broke."""
+    return event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value in _CONNECTION_ERRNOS
 
 
 #: ZeroMQ's reports that a connection was made but its handshake (CURVE keys) failed
