@@ -167,6 +167,23 @@ def test_sigterm_finishes_accepted_writes(tmp_path: Path, out_dir: Path) -> None
         spool.close(timeout=1)
 
 
+def test_a_burst_of_sigterms_still_stops_the_daemon(tmp_path: Path, out_dir: Path) -> None:
+    """Slurm signals a step's whole process tree and the per-job script's wrapper forwards the
+    signal too, so the daemon gets SIGTERM twice within microseconds. A handler interrupted
+    by the next one must not deadlock on its own lock (it did: the daemon hung for good,
+    seen as a per-job Slurm test timing out)."""
+    for attempt in range(3):
+        d = start_daemon(out_dir, tmp_path / f"sock{attempt}")
+        deadline = time.monotonic() + 5
+        while d.proc.poll() is None and time.monotonic() < deadline:  # a signal every few us
+            os.kill(d.proc.pid, signal.SIGTERM)
+        try:
+            assert d.proc.wait(20) == 0, "the daemon did not exit after a burst of SIGTERMs"
+        except subprocess.TimeoutExpired:
+            d.proc.kill()
+            pytest.fail(f"attempt {attempt}: the daemon hung after a burst of SIGTERMs")
+
+
 def test_process_exit_without_close_loses_nothing(out_dir: Path) -> None:
     script = textwrap.dedent("""
         import sys, numpy as np, matspool

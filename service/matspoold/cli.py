@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -128,6 +129,10 @@ def _serve(args: argparse.Namespace) -> int:
                 )
                 return 2
         daemon.serve()
+        # drained and stopped: a late SIGTERM (a step's tree and its wrapper both send one)
+        # must not turn the clean exit into death by signal while the interpreter winds down
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     except (ValueError, OSError) as e:  # bind failures, unreadable keys: say so, no traceback
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2

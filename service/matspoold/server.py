@@ -28,7 +28,6 @@ import logging
 import os
 import secrets
 import signal
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -115,7 +114,9 @@ class Daemon:
             max_ring_bytes=max_ring_bytes or DEFAULT_MAX_RING_BYTES,
             max_total_ring_bytes=max_total_ring_bytes or DEFAULT_MAX_TOTAL_RING_BYTES,
         )
-        self._stop = threading.Event()
+        # a plain flag, not an Event: stop() runs in signal handlers, which may interrupt the
+        # main thread inside an earlier stop(); Event.set() would then wait on its own lock
+        self._stopping = False
         self.files_written = 0
         self.bytes_written = 0
         self.errors = 0
@@ -130,8 +131,9 @@ class Daemon:
 
     # -- life cycle ----------------------------------------------------------------------
     def stop(self) -> None:
-        """Finish the accepted writes, then leave ``serve()``."""
-        self._stop.set()
+        """Finish the accepted writes, then leave ``serve()``. Safe from any thread and from a
+        signal handler, re-entered or not: it takes no lock (the loop polls the flag)."""
+        self._stopping = True
 
     def _bind(self, sock: zmq.Socket[bytes]) -> None:
         if is_tcp(self.endpoint):
@@ -240,8 +242,8 @@ class Daemon:
                     next_reap = time.monotonic() + 1.0
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.info("parent %d is gone; stopping", self.parent_pid)
-                    self._stop.set()
-                if self._stop.is_set() and not self._clients.busy():
+                    self._stopping = True
+                if self._stopping and not self._clients.busy():
                     break
         finally:
             self._scheduler.shutdown()
@@ -344,7 +346,7 @@ class Daemon:
     ) -> None:
         if client.mm is not None and client.mm.closed:
             raise RingError("the client's ring is no longer mapped")
-        if self._stop.is_set():
+        if self._stopping:
             raise WriteFailed("the daemon is shutting down and takes no new writes")
         job = Job(
             client,
