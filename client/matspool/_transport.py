@@ -28,6 +28,7 @@ from . import _protocol as proto
 from ._curve import ClientKeys, is_tcp
 from ._endpoint import check_ipc_endpoint
 from ._errors import AuthenticationFailed, DaemonUnavailable, MatspoolError
+from ._handshake import resolve
 
 __all__ = ["Handler", "MemoryTransport", "Transport", "ZmqTransport"]
 
@@ -73,6 +74,10 @@ class ZmqTransport:
 
     def open(self, identity: bytes) -> None:
         check_ipc_endpoint(self.endpoint)  # before a byte (a path, a ring name) goes there
+        # a node daemon writing as each user: this user's writer (its handshake, _handshake)
+        target = resolve(self.endpoint)
+        if target != self.endpoint:
+            check_ipc_endpoint(target)
         dealer = self._dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, identity)
         dealer.setsockopt(zmq.SNDHWM, 0)
@@ -81,7 +86,7 @@ class ZmqTransport:
         if self._curve is not None and is_tcp(self.endpoint):
             self._curve.apply(dealer)
         self._monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | _HANDSHAKE_FAILED)
-        dealer.connect(self.endpoint)
+        dealer.connect(target)
         self._poller = zmq.Poller()
         for sock in (dealer, self._rx, self._monitor):
             self._poller.register(sock, zmq.POLLIN)
