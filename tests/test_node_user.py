@@ -35,6 +35,14 @@ from readback import assert_variables, read
 REPO = Path(__file__).resolve().parent.parent
 RUNUSER = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "runuser"
 USERS = ("matspool-alice", "matspool-bob")
+UNIT = REPO / "deploy" / "systemd" / "matspool.service"
+# the unit's CapabilityBoundingSet=, as setpriv spells it (+setuid,+setgid,+chown)
+UNIT_CAPS = ",".join(
+    "+" + c.removeprefix("CAP_").lower()
+    for ln in UNIT.read_text().splitlines()
+    if ln.startswith("CapabilityBoundingSet=")
+    for c in ln.split("=", 1)[1].split()
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a daemon that writes as other users")
 
@@ -123,6 +131,9 @@ def _start_broker(
     if user is not None:  # started as that user directly, so a signal reaches the daemon itself
         e = pwd.getpwnam(user)
         ids = {"user": e.pw_uid, "group": e.pw_gid, "extra_groups": []}
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
+    if user is None and setpriv:  # root with only the capabilities deploy/systemd's unit keeps
+        cmd = [setpriv, f"--bounding-set=-all,{UNIT_CAPS}", *cmd]
     log = (base / f"broker-{user or 'root'}.log").open("ab")
     proc = subprocess.Popen(
         cmd, env=env if user else {**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log, cwd="/", **ids
@@ -303,9 +314,27 @@ def test_another_user_cannot_write_into_the_first_users_directory(node: Node) ->
         assert "alice's writer: permission denied" in r.stdout, r.stdout
         assert "users: permission denied" in r.stdout, r.stdout
         assert not (a.out / "stolen.mat").exists()
+        # what alice leaves in her writer's directory goes with it, links never followed
+        junk = run_as(
+            a,
+            node,
+            f"""
+            import os
+            os.makedirs("{alice_dir}/deep/er")
+            os.symlink("{a.out}", "{alice_dir}/deep/link")
+            os.chmod("{alice_dir}/deep/er", 0)
+            os.chmod("{alice_dir}/deep", 0)
+        """,
+        )
+        assert junk.returncode == 0, junk.stderr
         assert not [p for p in a.out.iterdir() if "stolen" in p.name]
     finally:
         holder.communicate("", timeout=60)
+    deadline = time.monotonic() + 30
+    while alice_dir.exists():
+        assert time.monotonic() < deadline, "alice's writer directory stayed"
+        time.sleep(0.2)
+    assert a.out.is_dir() and stat.S_IMODE(a.out.stat().st_mode) == 0o700
 
 
 def test_a_client_lying_about_itself_gains_nothing(node: Node) -> None:

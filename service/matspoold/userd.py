@@ -31,13 +31,13 @@ handler only sets a flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pwd
 import secrets
-import shutil
 import signal
 import socket
 import stat
@@ -124,6 +124,51 @@ def _refuse(conn: _Conn, message: str) -> None:
     _answer(conn, {"ok": False, "code": DaemonUnavailable.code, "message": message})
 
 
+def _remove_user_dir(path: str) -> None:
+    """Remove ``path`` (a user's writer's directory, in the broker's own directory) and what
+    the user put in it, without CAP_DAC_OVERRIDE and without following a link: each
+    directory is taken back (chown to root, then 0700) before it is emptied."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError:  # not a directory (a file or link where one was): just unlink it
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    try:
+        _empty(fd)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _empty(fd: int, depth: int = 0) -> None:
+    here = f"/proc/self/fd/{fd}"
+    with contextlib.suppress(OSError):
+        os.chown(here, 0, 0)  # root owns it now: its mode is root's to set
+        os.chmod(here, 0o700)
+    try:
+        names = os.listdir(here)
+    except OSError:
+        return
+    for name in names:
+        try:
+            sub = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:  # not a directory
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+            continue
+        try:
+            if depth < 32:
+                _empty(sub, depth + 1)
+        finally:
+            os.close(sub)
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=fd)
+
+
 class Broker:
     """See the module docstring."""
 
@@ -175,7 +220,10 @@ class Broker:
         hello.listen(128)
         hello.setblocking(False)
         users = self.path + USERS_SUFFIX
-        shutil.rmtree(users, ignore_errors=True)  # a killed broker's: its writers are gone too
+        if os.path.isdir(users) and not os.path.islink(users):  # a killed broker's: its writers
+            for name in os.listdir(users):  # are gone too (they stop when it does)
+                _remove_user_dir(os.path.join(users, name))
+        _remove_user_dir(users)
         os.mkdir(users, 0o711)  # users reach their own directory, but cannot list the others
         os.chmod(users, 0o711)
         return hello
@@ -243,7 +291,7 @@ class Broker:
                     w.proc.kill()
                     w.proc.wait()
                 self._gone(w)
-            shutil.rmtree(self.path + USERS_SUFFIX, ignore_errors=True)
+            _remove_user_dir(self.path + USERS_SUFFIX)
             router.close(0)
             ctx.term()
             if self._claim is not None:
@@ -389,7 +437,7 @@ class Broker:
     # -- users' writers ----------------------------------------------------------------
     def _start(self, key: str, cred: Cred) -> _Writer:
         directory = os.path.join(self.path + USERS_SUFFIX, key)
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove_user_dir(directory)
         os.mkdir(directory, 0o700)
         state = os.path.join(self.state_dir, "users", str(cred.uid) if self.root else "self")
         os.makedirs(os.path.dirname(state), mode=0o711, exist_ok=True)
@@ -487,14 +535,20 @@ class Broker:
         if self.writers.get(w.key) is w:
             del self.writers[w.key]
         w.ctl.close()
-        shutil.rmtree(w.directory, ignore_errors=True)
+        _remove_user_dir(w.directory)
         status = w.proc.returncode
         (log.info if status == 0 else log.warning)("the writer of uid %d exited (%s)", w.cred.uid, status)
         if not w.waiting:
             return
-        if self._stopping:
+        if self._stopping or w.state == "starting":  # never ready: starting again would loop
+            why = (
+                "the node daemon is stopping"
+                if self._stopping
+                else f"the writer of uid {w.cred.uid} exited at start (status {status}); "
+                "the node daemon's log says why"
+            )
             for conn in w.waiting:
-                _refuse(conn, "the node daemon is stopping")
+                _refuse(conn, why)
             return
         try:
             nw = self._start(w.key, w.cred)
@@ -529,7 +583,7 @@ class Broker:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m matspoold.userd",
+        prog="matspool node",
         description="node daemon: one matspool writer per user, each running as that user",
         epilog="arguments after -- go to each user's `matspool serve` (e.g. --root DIR)",
     )
