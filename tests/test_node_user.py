@@ -33,7 +33,6 @@ import pytest
 from readback import assert_variables, read
 
 REPO = Path(__file__).resolve().parent.parent
-RUNUSER = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "runuser"
 USERS = ("matspool-alice", "matspool-bob")
 UNIT = REPO / "deploy" / "systemd" / "matspool.service"
 # the unit's CapabilityBoundingSet=, as setpriv spells it (+setuid,+setgid,+chown)
@@ -167,10 +166,11 @@ def node() -> Iterator[Node]:
     (base / "run").mkdir(mode=0o755)
     sock = base / "run" / "node.sock"
     endpoint = f"ipc://{sock}"
-    proc = _start_broker(base, endpoint, out)
+    n = Node(base, endpoint, sock, _start_broker(base, endpoint, out), base / "broker-root.log", *users)
     try:
-        yield Node(base, endpoint, sock, proc, base / "broker-root.log", users[0], users[1])
+        yield n
         # stopping: every user's writer drains and goes, and nothing of theirs stays
+        proc = n.proc
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, (base / "broker-root.log").read_text()
         left = sorted(p.name for p in (base / "run").iterdir())
@@ -184,39 +184,52 @@ def node() -> Iterator[Node]:
                 if n.startswith("matspool-") and os.stat(f"/dev/shm/{n}").st_uid == u.uid
             ]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if n.proc.poll() is None:
+            n.proc.kill()
+            n.proc.wait()
         for d, mode in reversed(restore):
             d.chmod(mode)
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run_as(user: User, node: Node, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``code`` in a fresh python as ``user``, with only what a job has: MATSPOOL_ENDPOINT."""
-    env = {
+def job_env(node: Node) -> dict[str, str]:
+    """All a job's process has: MATSPOOL_ENDPOINT (as taskprolog.sh exports it)."""
+    return {
         "PATH": "/usr/bin:/bin",
         "PYTHONPATH": f"{REPO}/client:{REPO}/service",
         "MATSPOOL_ENDPOINT": node.endpoint,
         "HOME": "/",
     }
+
+
+def as_user(user: User) -> dict[str, object]:
+    """Popen arguments that run a process as ``user`` (its uid and gid, no other group),
+    itself and not behind runuser: a timeout or kill reaches it."""
+    return {"user": user.uid, "group": user.gid, "extra_groups": [], "cwd": "/"}
+
+
+def run_as(user: User, node: Node, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh python as ``user``, with only what a job has."""
     return subprocess.run(
-        [
-            RUNUSER,
-            "-u",
-            user.name,
-            "--",
-            "/usr/bin/env",
-            "-i",
-            *[f"{k}={v}" for k, v in env.items()],
-            sys.executable,
-            "-c",
-            textwrap.dedent(code),
-        ],
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=job_env(node),
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        **as_user(user),  # type: ignore[arg-type]
+    )
+
+
+def holder_as(user: User, node: Node, code: str) -> subprocess.Popen[str]:
+    """A long-lived client of ``user`` that the test talks to through stdin/stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=job_env(node),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        **as_user(user),  # type: ignore[arg-type]
     )
 
 
@@ -263,25 +276,16 @@ def test_another_user_cannot_write_into_the_first_users_directory(node: Node) ->
     """bob asks for a file in alice's 0700 directory: his writer runs as bob, and the
     kernel says no. bob cannot reach alice's writer either."""
     a, b = node.alice, node.bob
-    holder = subprocess.Popen(  # alice's client, alive, so her writer is up
-        [
-            RUNUSER,
-            "-u",
-            a.name,
-            "--",
-            "/usr/bin/env",
-            "-i",
-            "PATH=/usr/bin:/bin",
-            f"PYTHONPATH={REPO}/client:{REPO}/service",
-            f"MATSPOOL_ENDPOINT={node.endpoint}",
-            sys.executable,
-            "-c",
-            "import matspool, sys\ns = matspool.Spool()\nprint('up', flush=True)\nsys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = holder_as(
+        a,
+        node,
+        """
+        import matspool, sys
+        s = matspool.Spool()
+        print("up", flush=True)
+        sys.stdin.read()
+    """,
+    )  # alice's client, alive, so her writer is up
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "up"
         users_dir = node.base / "run" / "node.sock.users"
@@ -342,25 +346,15 @@ def test_a_client_lying_about_itself_gains_nothing(node: Node) -> None:
     HELLO there names alice's live memfd ring: his writer (bob) cannot open it, nor can
     he; and her ring is nowhere in /dev/shm."""
     a, b = node.alice, node.bob
-    holder = subprocess.Popen(
-        [
-            RUNUSER,
-            "-u",
-            a.name,
-            "--",
-            "/usr/bin/env",
-            "-i",
-            "PATH=/usr/bin:/bin",
-            f"PYTHONPATH={REPO}/client:{REPO}/service",
-            f"MATSPOOL_ENDPOINT={node.endpoint}",
-            sys.executable,
-            "-c",
-            "import os, sys, matspool\ns = matspool.Spool()\n"
-            "print(os.getpid(), s._ring.name, s._ring.fd, s._ring.size, flush=True)\nsys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+    holder = holder_as(
+        a,
+        node,
+        """
+        import os, sys, matspool
+        s = matspool.Spool()
+        print(os.getpid(), s._ring.name, s._ring.fd, s._ring.size, flush=True)
+        sys.stdin.read()
+    """,
     )
     try:
         assert holder.stdout is not None
@@ -468,3 +462,41 @@ def test_an_old_style_hello_on_the_node_endpoint_is_refused_with_the_way_in(node
         s.sendall(b"\x00\xffnot json\n")
         answer = json.loads(s.makefile().readline())
         assert answer["ok"] is False and "bad handshake" in answer["message"]
+
+
+def test_a_restarted_node_daemon_takes_its_clients_back(node: Node) -> None:
+    """The service restarts under a live client (systemctl restart): its writer drains and
+    goes; the client handshakes again, its new writer starts on the same path, and the same
+    spool saves on, as the user."""
+    a = node.alice
+    holder = holder_as(
+        a,
+        node,
+        f"""
+        import sys, matspool
+        s = matspool.Spool(timeout=120)
+        s.save("{a.out}/before.mat", {{"a": 1.0}}).result(60)
+        print("saved", flush=True)
+        sys.stdin.readline()
+        s.save("{a.out}/after.mat", {{"b": 2.0}}).result(120)
+        print("saved again", flush=True)
+        s.close()
+    """,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "saved"
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(60) == 0, node.log.read_text()[-3000:]
+        node.proc = _start_broker(node.base, node.endpoint, node.base / "out")
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "saved again", node.log.read_text()[-3000:]
+        assert holder.wait(60) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    for name, want in (("before.mat", {"a": np.array([[1.0]])}), ("after.mat", {"b": np.array([[2.0]])})):
+        assert_variables(read(a.out / name, "v5"), want, name)
+        assert (a.out / name).stat().st_uid == a.uid

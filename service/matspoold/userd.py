@@ -286,10 +286,11 @@ class Broker:
             for w in list(self.writers.values()):
                 self._terminate(w)
                 try:
-                    w.proc.wait(30)
+                    w.proc.wait(300)
                 except subprocess.TimeoutExpired:
-                    w.proc.kill()
-                    w.proc.wait()
+                    self._kill(w)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        w.proc.wait(5)
                 self._gone(w)
             _remove_user_dir(self.path + USERS_SUFFIX)
             router.close(0)
@@ -506,8 +507,9 @@ class Broker:
             try:
                 w.proc.wait(30)
             except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
+                self._kill(w)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    w.proc.wait(5)
             self._gone(w)
             return
         for b in got:
@@ -559,11 +561,17 @@ class Broker:
         nw.waiting = w.waiting
 
     def _terminate(self, w: _Writer) -> None:
-        if w.proc.poll() is None:
-            try:
-                w.proc.send_signal(signal.SIGTERM)  # it drains, then exits
-            except ProcessLookupError:
-                pass
+        """Ask ``w`` to stop: the end of its control socket (no signal: the unit keeps no
+        CAP_KILL, and a writer is another user's process). It drains, then exits."""
+        with contextlib.suppress(OSError):
+            w.ctl.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _kill(w: _Writer) -> None:
+        """A writer that does not stop: SIGKILL where allowed (root with CAP_KILL, or a
+        broker that is not root); else systemd's KillMode=mixed ends it at the stop timeout."""
+        with contextlib.suppress(OSError):
+            w.proc.kill()
 
     def _timeouts(self) -> None:
         now = time.monotonic()
@@ -577,7 +585,8 @@ class Broker:
                 for conn in w.waiting:
                     _refuse(conn, f"the writer of uid {w.cred.uid} did not start within {_START_S:.0f} s")
                 w.waiting.clear()
-                w.proc.kill()
+                self._terminate(w)
+                self._kill(w)
                 w.state = "stopping"
 
 

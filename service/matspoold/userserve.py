@@ -27,6 +27,7 @@ control socket.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import select
 import signal
@@ -38,6 +39,8 @@ import time
 from matspool import _messages as msgs
 
 __all__ = ["main"]
+
+log = logging.getLogger("matspoold")
 
 _PR_SET_DUMPABLE = 4
 
@@ -68,7 +71,8 @@ def _answers(endpoint: str, request: msgs.Request) -> msgs.Reply | None:
         return None
 
 
-def _stop() -> None:
+def _stop(why: str) -> None:
+    log.info("this writer stops: %s", why)
     os.kill(os.getpid(), signal.SIGTERM)  # the daemon's own handler: drain, then leave
 
 
@@ -78,7 +82,7 @@ def _watch(ctl: socket.socket, endpoint: str, idle: float) -> None:
     while True:  # until the endpoint answers (the daemon binds it in serve())
         got = _recv(ctl, 0.05)
         if got == b"":
-            return _stop()
+            return _stop("the node daemon is gone")
         if os.path.exists(path):
             pong = _answers(endpoint, msgs.Ping())
             if isinstance(pong, msgs.Pong) and pong.pid == os.getpid():
@@ -90,7 +94,7 @@ def _watch(ctl: socket.socket, endpoint: str, idle: float) -> None:
         got = _recv(ctl, 0.25)
         now = time.monotonic()
         if got == b"":
-            return _stop()
+            return _stop("the node daemon is gone")
         if got:
             last = now
         if now < next_status:
@@ -107,12 +111,12 @@ def _watch(ctl: socket.socket, endpoint: str, idle: float) -> None:
         while True:
             got = _recv(ctl, 30.0)
             if not got:  # userd gone (or silent for 30 s): leave
-                return _stop()
+                return _stop("the node daemon is gone")
             cancelled = cancelled or b"T" in got.split(b"K")[0]
             if b"K" in got:
                 break
         if not cancelled:
-            return _stop()
+            return _stop(f"no client for {idle:g} s")
         ctl.sendall(b"A")
         last = time.monotonic()
 
