@@ -619,9 +619,9 @@ def test_node_daemon_hooks_as_installed(
     any environment from slurmd and passes, the task gets MATSPOOL_ENDPOINT, and the job's
     user, with the default API (``matspool.save``, ``Spool()``) and nothing else (no group,
     no ``sg``, no ring mode), writes into a 0700 directory of its own files it owns (uid
-    and gid); the epilog removes the ring a killed client left; the user's writer leaves
-    once idle, and nothing stays. With the daemon stopped, the prolog fails: the node is
-    drained and the job does not run."""
+    and gid); the epilog removes the ring a killed client left and releases the user's
+    writer, which leaves at once: nothing stays. With the daemon stopped, the prolog fails:
+    the node is drained and the job does not run."""
     cluster, sock = hook_cluster
     out = workdir / "out"
     assert stat.S_IMODE(out.stat().st_mode) == 0o700 and out.stat().st_uid == job_user.uid
@@ -634,7 +634,7 @@ def test_node_daemon_hooks_as_installed(
         "--state-dir",
         str(sock.parent.parent / "node-state"),
         "--idle-exit",
-        "2",
+        "600",  # the epilog releases the user's writer at the job's end, long before
         "--",
         "--root",
         str(out),
@@ -697,12 +697,13 @@ def test_node_daemon_hooks_as_installed(
         assert not Path(f"/dev/shm/matspool-{pid}-0123456789ab").exists(), "the epilog left the ring"
         state = cluster.cmd(["sinfo", "--noheader", "--format=%T", f"--nodes={cluster.node}"]).stdout.strip()
         assert state == "idle", state
-        # the user's writer leaves once idle (--idle-exit 2): no process, ring, socket stays
+        # the epilog released the user's writer (not --idle-exit): no process, ring, socket stays
         deadline = time.monotonic() + 30
         while (left := leftovers(job, job_user)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not left, f"left: {left}\n{node_log.read_text()[-3000:]}"
         assert not list(Path(f"{sock}.users").iterdir())
+        assert "this writer stops: released after its user's job" in node_log.read_text()
     finally:
         daemon.terminate()
         assert daemon.wait(60) == 0, node_log.read_text()[-3000:]

@@ -383,13 +383,33 @@ class Broker:
         conn.sock.setblocking(True)
         try:
             raw = json.loads(conn.buf.split(b"\n", 1)[0])
-            if not isinstance(raw, dict) or raw.get("op") != "USER_HELLO":
+            if not isinstance(raw, dict) or raw.get("op") not in ("USER_HELLO", "RELEASE_USER"):
                 raise ProtocolError('expected {"op": "USER_HELLO"}')
         except (ValueError, ProtocolError) as e:
             _refuse(conn, f"bad handshake: {e}")
             return
+        if raw["op"] == "RELEASE_USER":
+            self._release(conn, raw.get("uid"))
+            return
         # everything else in the request (a claimed uid, pid, ...) is ignored: the kernel said
         self._route(conn)
+
+    def _release(self, conn: _Conn, uid: object) -> None:
+        """Root's epilog, after a job: the job's user's writers leave now if they have no
+        client (instead of after ``idle`` s), so nothing of the job stays on the node."""
+        if conn.cred.uid not in (0, os.geteuid()):
+            _refuse(conn, "only root (Slurm's epilog) may release a user's writers")
+            return
+        if type(uid) is not int:
+            _refuse(conn, "RELEASE_USER needs a uid")
+            return
+        n = 0
+        for w in self.writers.values():
+            if w.cred.uid == uid and w.state == "ready":
+                with contextlib.suppress(OSError):
+                    w.ctl.sendall(b"I")  # idle now: it leaves unless a client is connected
+                    n += 1
+        _answer(conn, {"ok": True, "writers": n})
 
     def _route(self, conn: _Conn) -> None:
         cred = conn.cred

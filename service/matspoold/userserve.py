@@ -13,7 +13,9 @@ Beside the daemon, one thread talks to ``userd`` over the control socket (one by
 - ``S`` (to userd), after ``idle`` seconds with no client and no ``T``: about to stop;
   userd answers ``K``. A ``T`` that arrives before the ``K`` cancels the stop (``A`` to
   userd: alive again), so no client is ever sent to a daemon that is leaving;
-- end of file (userd gone, even by SIGKILL): stop.
+- ``I`` (from userd): the user's job ended (Slurm's epilog asked): leave as soon as no
+  client is connected, without waiting ``idle`` seconds;
+- end of file (userd gone, even by SIGKILL, or asking this writer to stop): stop.
 
 Stopping is the daemon's own SIGTERM: it finishes every accepted write first.
 
@@ -90,13 +92,16 @@ def _watch(ctl: socket.socket, endpoint: str, idle: float) -> None:
     ctl.sendall(b"R")
     last = time.monotonic()
     next_status = last + 1.0
+    released = False  # the job ended (Slurm's epilog): leave as soon as no client is left
     while True:
         got = _recv(ctl, 0.25)
         now = time.monotonic()
         if got == b"":
             return _stop("the node daemon is gone")
-        if got:
-            last = now
+        if got and b"T" in got:
+            last, released = now, False
+        if got and b"I" in got:
+            released, next_status = True, now
         if now < next_status:
             continue
         next_status = now + 1.0
@@ -104,7 +109,7 @@ def _watch(ctl: socket.socket, endpoint: str, idle: float) -> None:
         if not isinstance(st, msgs.StatusReply) or st.clients:
             last = now
             continue
-        if now - last < idle:
+        if now - last < idle and not released:
             continue
         ctl.sendall(b"S")
         cancelled = False
@@ -116,9 +121,9 @@ def _watch(ctl: socket.socket, endpoint: str, idle: float) -> None:
             if b"K" in got:
                 break
         if not cancelled:
-            return _stop(f"no client for {idle:g} s")
+            return _stop("released after its user's job" if released else f"no client for {idle:g} s")
         ctl.sendall(b"A")
-        last = time.monotonic()
+        last, released = time.monotonic(), False
 
 
 def main(argv: list[str] | None = None) -> int:
