@@ -384,6 +384,10 @@ def test_a_client_lying_about_itself_gains_nothing(node: Node) -> None:
                 print("bob opened alice's ring")
             except PermissionError:
                 print("ring: permission denied")
+            r = socket.socket(socket.AF_UNIX)
+            r.connect("{node.sock}.hello")
+            r.sendall(json.dumps({{"op": "RELEASE_USER", "uid": {a.uid}}}).encode() + b"\\n")
+            print("release", r.makefile().readline().strip())
         """,
         )
         assert r.returncode == 0, r.stderr
@@ -391,6 +395,8 @@ def test_a_client_lying_about_itself_gains_nothing(node: Node) -> None:
         answer = json.loads(r.stdout.split("answer ", 1)[1].splitlines()[0])
         assert answer["op"] == "ERR" and answer.get("errno") in (1, 13), answer
         assert "ring: permission denied" in r.stdout, r.stdout
+        release = json.loads(r.stdout.split("release ", 1)[1].splitlines()[0])
+        assert release["ok"] is False and "only root" in release["message"], release
     finally:
         holder.communicate("", timeout=60)
 
