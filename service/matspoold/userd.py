@@ -21,6 +21,9 @@ the broker never connects to a path in a user's directory). The broker also bind
 endpoint itself (ZeroMQ) and answers PING there (Slurm's prolog, ``matspool ping``);
 any other request there is refused, naming the handshake socket.
 
+``userwriters`` starts, stops and cleans up after the writers; this module is the loop,
+the handshake and the table.
+
 Not root, the broker can only start writers as itself: it serves clients of its own uid
 and refuses any other with a clear message.
 
@@ -36,16 +39,13 @@ import hashlib
 import json
 import logging
 import os
-import pwd
 import secrets
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import zmq
 
@@ -55,6 +55,7 @@ from matspool._errors import DaemonUnavailable, ProtocolError
 
 from .endpoint import IpcClaim, claim_ipc
 from .peercred import Cred, peer_cred
+from .userwriters import Conn, Writer, kill, remove_user_dir, start_writer, terminate
 
 __all__ = ["HELLO_SUFFIX", "USERS_SUFFIX", "Broker", "main"]
 
@@ -70,47 +71,9 @@ _MAX_PENDING_PER_UID = 16
 _MAX_WRITERS_PER_UID = 4  # one per (gid, groups) a user's jobs run with
 # flags the broker sets for each user's writer itself: an administrator's would conflict
 _RESERVED = ("--endpoint", "--socket-mode", "--group", "--state-dir", "--metrics", "--parent-pid", "--config")
-# environment not to pass to a user's writer (systemd's, and the broker's own endpoint)
-_DROP_ENV = (
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "STATE_DIRECTORY",
-    "RUNTIME_DIRECTORY",
-    "MATSPOOL_ENDPOINT",
-    "MATSPOOL_CONFIG",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-)
 
 
-@dataclass(eq=False)
-class _Conn:
-    """A client in the handshake: its socket, its kernel-given ids, what it sent so far."""
-
-    sock: socket.socket
-    cred: Cred
-    deadline: float
-    buf: bytes = b""
-
-
-@dataclass(eq=False)
-class _Writer:
-    """One user's writer process (``userserve``) and the clients waiting for it."""
-
-    key: str
-    cred: Cred
-    proc: subprocess.Popen[bytes]
-    ctl: socket.socket
-    directory: str
-    endpoint: str
-    started: float
-    state: str = "starting"  # starting -> ready <-> stopping; gone when its ctl ends
-    waiting: list[_Conn] = field(default_factory=list)
-
-
-def _answer(conn: _Conn, reply: dict[str, object]) -> None:
+def _answer(conn: Conn, reply: dict[str, object]) -> None:
     try:
         conn.sock.settimeout(1.0)
         conn.sock.sendall(json.dumps(reply).encode() + b"\n")
@@ -120,53 +83,8 @@ def _answer(conn: _Conn, reply: dict[str, object]) -> None:
         conn.sock.close()
 
 
-def _refuse(conn: _Conn, message: str) -> None:
+def _refuse(conn: Conn, message: str) -> None:
     _answer(conn, {"ok": False, "code": DaemonUnavailable.code, "message": message})
-
-
-def _remove_user_dir(path: str) -> None:
-    """Remove ``path`` (a user's writer's directory, in the broker's own directory) and what
-    the user put in it, without CAP_DAC_OVERRIDE and without following a link: each
-    directory is taken back (chown to root, then 0700) before it is emptied."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    except OSError:  # not a directory (a file or link where one was): just unlink it
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return
-    try:
-        _empty(fd)
-    finally:
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
-
-
-def _empty(fd: int, depth: int = 0) -> None:
-    here = f"/proc/self/fd/{fd}"
-    with contextlib.suppress(OSError):
-        os.chown(here, 0, 0)  # root owns it now: its mode is root's to set
-        os.chmod(here, 0o700)
-    try:
-        names = os.listdir(here)
-    except OSError:
-        return
-    for name in names:
-        try:
-            sub = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-        except OSError:  # not a directory
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=fd)
-            continue
-        try:
-            if depth < 32:
-                _empty(sub, depth + 1)
-        finally:
-            os.close(sub)
-        with contextlib.suppress(OSError):
-            os.rmdir(name, dir_fd=fd)
 
 
 class Broker:
@@ -187,8 +105,8 @@ class Broker:
         self.idle = idle
         self.instance = secrets.token_hex(8)
         self.root = os.geteuid() == 0
-        self.writers: dict[str, _Writer] = {}
-        self.conns: dict[int, _Conn] = {}
+        self.writers: dict[str, Writer] = {}
+        self.conns: dict[int, Conn] = {}
         self._stopping = False
         self._claim: IpcClaim | None = None
 
@@ -222,8 +140,8 @@ class Broker:
         users = self.path + USERS_SUFFIX
         if os.path.isdir(users) and not os.path.islink(users):  # a killed broker's: its writers
             for name in os.listdir(users):  # are gone too (they stop when it does)
-                _remove_user_dir(os.path.join(users, name))
-        _remove_user_dir(users)
+                remove_user_dir(os.path.join(users, name))
+        remove_user_dir(users)
         os.mkdir(users, 0o711)  # users reach their own directory, but cannot list the others
         os.chmod(users, 0o711)
         return hello
@@ -255,7 +173,7 @@ class Broker:
                         for conn in w.waiting:
                             _refuse(conn, "the node daemon is stopping")
                         w.waiting.clear()
-                        self._terminate(w)
+                        terminate(w)
                 if self._stopping and not self.writers:
                     break
                 poller = zmq.Poller()
@@ -284,15 +202,15 @@ class Broker:
                 except FileNotFoundError:
                     pass
             for w in list(self.writers.values()):
-                self._terminate(w)
+                terminate(w)
                 try:
                     w.proc.wait(300)
                 except subprocess.TimeoutExpired:
-                    self._kill(w)
+                    kill(w)
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         w.proc.wait(5)
                 self._gone(w)
-            _remove_user_dir(self.path + USERS_SUFFIX)
+            remove_user_dir(self.path + USERS_SUFFIX)
             router.close(0)
             ctx.term()
             if self._claim is not None:
@@ -345,7 +263,7 @@ class Broker:
             except OSError:
                 sock.close()
                 continue
-            conn = _Conn(sock, cred, time.monotonic() + _REQUEST_S)
+            conn = Conn(sock, cred, time.monotonic() + _REQUEST_S)
             mine = sum(1 for c in self._all_pending() if c.cred.uid == cred.uid)
             if len(self.conns) + sum(len(w.waiting) for w in self.writers.values()) >= _MAX_PENDING:
                 _refuse(conn, "the node daemon has too many handshakes in progress; try again")
@@ -356,14 +274,14 @@ class Broker:
             sock.setblocking(False)
             self.conns[sock.fileno()] = conn
 
-    def _all_pending(self) -> list[_Conn]:
+    def _all_pending(self) -> list[Conn]:
         return [*self.conns.values(), *(c for w in self.writers.values() for c in w.waiting)]
 
-    def _drop_conn(self, conn: _Conn, why: str) -> None:
+    def _drop_conn(self, conn: Conn, why: str) -> None:
         self.conns.pop(conn.sock.fileno(), None)
         _refuse(conn, why)
 
-    def _read(self, conn: _Conn) -> None:
+    def _read(self, conn: Conn) -> None:
         try:
             got = conn.sock.recv(_REQUEST_MAX)
         except (BlockingIOError, InterruptedError):
@@ -394,7 +312,7 @@ class Broker:
         # everything else in the request (a claimed uid, pid, ...) is ignored: the kernel said
         self._route(conn)
 
-    def _release(self, conn: _Conn, uid: object) -> None:
+    def _release(self, conn: Conn, uid: object) -> None:
         """Root's epilog, after a job: the job's user's writers leave now if they have no
         client (instead of after ``idle`` s), so nothing of the job stays on the node."""
         if conn.cred.uid not in (0, os.geteuid()):
@@ -411,7 +329,7 @@ class Broker:
                     n += 1
         _answer(conn, {"ok": True, "writers": n})
 
-    def _route(self, conn: _Conn) -> None:
+    def _route(self, conn: Conn) -> None:
         cred = conn.cred
         me = os.geteuid()
         if not self.root and cred.uid != me:
@@ -447,7 +365,7 @@ class Broker:
         digest = hashlib.sha256(",".join(map(str, cred.groups)).encode()).hexdigest()[:12]
         return f"{cred.uid}-{cred.gid}-{digest}"
 
-    def _send_to(self, w: _Writer, conn: _Conn) -> None:
+    def _send_to(self, w: Writer, conn: Conn) -> None:
         try:
             w.ctl.sendall(b"T")  # before the answer: the writer must not leave now
         except OSError:
@@ -456,69 +374,20 @@ class Broker:
         _answer(conn, {"ok": True, "endpoint": w.endpoint})
 
     # -- users' writers ----------------------------------------------------------------
-    def _start(self, key: str, cred: Cred) -> _Writer:
-        directory = os.path.join(self.path + USERS_SUFFIX, key)
-        _remove_user_dir(directory)
-        os.mkdir(directory, 0o700)
-        state = os.path.join(self.state_dir, "users", str(cred.uid) if self.root else "self")
-        os.makedirs(os.path.dirname(state), mode=0o711, exist_ok=True)
-        os.makedirs(state, mode=0o700, exist_ok=True)
-        if self.root:
-            for d in (directory, state):
-                st = os.lstat(d)
-                if not stat.S_ISDIR(st.st_mode):
-                    raise OSError(f"{d} is not a directory")
-                os.chown(d, cred.uid, cred.gid, follow_symlinks=False)
-        endpoint = f"ipc://{directory}/sock"
-        argv = [
-            sys.executable,
-            "-m",
-            "matspoold.userserve",
-            str(self.idle),
-            "--",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--socket-mode",
-            "600",
-            "--state-dir",
-            state,
-            *self.serve_args,
-        ]
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
-        user: int | None = None
-        group: int | None = None
-        extra: list[int] | None = None
-        if self.root:
-            try:
-                entry = pwd.getpwuid(cred.uid)
-                env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
-            except KeyError:
-                env.update(HOME="/", USER=str(cred.uid), LOGNAME=str(cred.uid))
-            user, group, extra = cred.uid, cred.gid, list(cred.groups)
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=theirs.fileno(),
-                stdout=subprocess.DEVNULL,
-                cwd="/",
-                env=env,
-                close_fds=True,
-                start_new_session=True,  # a signal to the broker's group is not theirs
-                umask=0o022,
-                user=user,  # setgroups, setregid, setreuid in the child, before exec
-                group=group,
-                extra_groups=extra,
-            )
-        finally:
-            theirs.close()
-        log.info("started the writer of uid %d gid %d (pid %d) on %s", cred.uid, cred.gid, proc.pid, endpoint)
-        w = _Writer(key, cred, proc, ours, directory, endpoint, time.monotonic())
+    def _start(self, key: str, cred: Cred) -> Writer:
+        w = start_writer(
+            key,
+            cred,
+            directory=os.path.join(self.path + USERS_SUFFIX, key),
+            state=os.path.join(self.state_dir, "users", str(cred.uid) if self.root else "self"),
+            idle=self.idle,
+            serve_args=self.serve_args,
+            as_user=self.root,
+        )
         self.writers[key] = w
         return w
 
-    def _control(self, w: _Writer) -> None:
+    def _control(self, w: Writer) -> None:
         try:
             got = w.ctl.recv(64)
         except OSError:
@@ -527,7 +396,7 @@ class Broker:
             try:
                 w.proc.wait(30)
             except subprocess.TimeoutExpired:
-                self._kill(w)
+                kill(w)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     w.proc.wait(5)
             self._gone(w)
@@ -551,13 +420,13 @@ class Broker:
                 for conn in waiting:
                     self._send_to(w, conn)
 
-    def _gone(self, w: _Writer) -> None:
+    def _gone(self, w: Writer) -> None:
         """A writer exited: forget it, remove its directory; start another for clients that
         were waiting (they asked while it was leaving)."""
         if self.writers.get(w.key) is w:
             del self.writers[w.key]
         w.ctl.close()
-        _remove_user_dir(w.directory)
+        remove_user_dir(w.directory)
         status = w.proc.returncode
         (log.info if status == 0 else log.warning)("the writer of uid %d exited (%s)", w.cred.uid, status)
         if not w.waiting:
@@ -580,19 +449,6 @@ class Broker:
             return
         nw.waiting = w.waiting
 
-    def _terminate(self, w: _Writer) -> None:
-        """Ask ``w`` to stop: the end of its control socket (no signal: the unit keeps no
-        CAP_KILL, and a writer is another user's process). It drains, then exits."""
-        with contextlib.suppress(OSError):
-            w.ctl.shutdown(socket.SHUT_WR)
-
-    @staticmethod
-    def _kill(w: _Writer) -> None:
-        """A writer that does not stop: SIGKILL where allowed (root with CAP_KILL, or a
-        broker that is not root); else systemd's KillMode=mixed ends it at the stop timeout."""
-        with contextlib.suppress(OSError):
-            w.proc.kill()
-
     def _timeouts(self) -> None:
         now = time.monotonic()
         for conn in [c for c in self.conns.values() if c.deadline < now]:
@@ -605,8 +461,8 @@ class Broker:
                 for conn in w.waiting:
                     _refuse(conn, f"the writer of uid {w.cred.uid} did not start within {_START_S:.0f} s")
                 w.waiting.clear()
-                self._terminate(w)
-                self._kill(w)
+                terminate(w)
+                kill(w)
                 w.state = "stopping"
 
 
