@@ -506,3 +506,51 @@ def test_a_restarted_node_daemon_takes_its_clients_back(node: Node) -> None:
     for name, want in (("before.mat", {"a": np.array([[1.0]])}), ("after.mat", {"b": np.array([[2.0]])})):
         assert_variables(read(a.out / name, "v5"), want, name)
         assert (a.out / name).stat().st_uid == a.uid
+
+
+def test_one_user_holding_handshakes_does_not_lock_out_another(node: Node) -> None:
+    """bob opens handshakes and says nothing: past his cap (16) he is refused, saying so,
+    while alice still gets her writer; his silent ones are dropped after 5 s."""
+    a, b = node.alice, node.bob
+    bob = holder_as(
+        b,
+        node,
+        f"""
+        import socket, sys
+        held = []
+        for _ in range(16):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect("{node.sock}.hello")
+            held.append(s)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect("{node.sock}.hello")
+        print(s.makefile().readline().strip(), flush=True)
+        sys.stdin.readline()
+        held[0].settimeout(15)
+        print(held[0].makefile().readline().strip(), flush=True)
+    """,
+    )
+    try:
+        assert bob.stdout is not None and bob.stdin is not None
+        refused = json.loads(bob.stdout.readline())
+        assert refused["ok"] is False and "handshakes in progress" in refused["message"], refused
+        r = run_as(
+            a,
+            node,
+            f"""
+            from matspool._handshake import resolve
+            print(resolve("{node.endpoint}"))
+        """,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"ipc://{node.sock}.users/{a.uid}-"), r.stdout
+        bob.stdin.write("\n")
+        bob.stdin.flush()
+        dropped = json.loads(bob.stdout.readline())
+        assert dropped["ok"] is False and "no handshake request within" in dropped["message"], dropped
+        assert bob.wait(30) == 0
+    finally:
+        if bob.poll() is None:
+            bob.kill()
+            bob.wait()
