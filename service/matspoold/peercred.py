@@ -12,6 +12,7 @@ Threads: pure functions; the caller owns the socket.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -41,9 +42,21 @@ def peer_cred(sock: socket.socket) -> Cred:
             raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
             break
         except OSError as e:
+            if e.errno == errno.ENOPROTOOPT:  # a kernel before 4.13: the user's groups instead
+                return Cred(pid, uid, gid, _groups_of(uid, gid))
             if e.errno != errno.ERANGE or size >= 65536 * 4:
                 raise
             size *= 4  # more groups than the buffer holds (NGROUPS_MAX is 65536)
     n = len(raw) // 4
     groups = struct.unpack(f"{n}I", raw[: n * 4])
     return Cred(pid, uid, gid, tuple(sorted(set(groups))))
+
+
+def _groups_of(uid: int, gid: int) -> tuple[int, ...]:
+    """The groups the account ``uid`` gets at login (no account: none)."""
+    import pwd
+
+    try:
+        return tuple(sorted(set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))))
+    except (KeyError, OSError):
+        return ()
