@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -485,8 +486,19 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     if rest and rest[0] == "--":
         rest = rest[1:]
+    from .cli import main as cli_main
     from .logs import setup_logging
 
+    # the writers' flags, checked now by `matspool serve` itself: a typo fails the service's
+    # start, not every user's first save
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            status = cli_main(["serve", "--print-config", "--endpoint", args.endpoint, *rest])
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 2
+    if status != 0:
+        print(f"matspool node: the arguments after -- are not `matspool serve`'s: {rest}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level, "text")
     try:
         broker = Broker(args.endpoint, rest, state_dir=args.state_dir, idle=args.idle_exit)
