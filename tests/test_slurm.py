@@ -258,11 +258,14 @@ def assert_file(path: Path, fmt: str, want: dict[str, np.ndarray], user: User) -
 
 
 def _user_pids(uid: int) -> list[str]:
+    """Processes running as ``uid``, by their status (a non-dumpable one, like a node
+    daemon's writer, has a /proc/<pid> of root's)."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if d.stat().st_uid == uid:
+                uids = [ln for ln in (d / "status").read_text().splitlines() if ln.startswith("Uid:")]
+                if uids and int(uids[0].split()[1]) == uid:
                     cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ")[:120]
                     pids.append(f"{d.name} {cmdline!r}")
             except OSError:
@@ -587,9 +590,8 @@ def hook_cluster(cluster: Cluster, job_user: User) -> Iterator[tuple[Cluster, Pa
     has the matspool hooks; returns it and the node daemon's socket path."""
     base = Path(tempfile.mkdtemp(prefix="matspool-slurm-hooks-", dir="/tmp"))
     base.chmod(0o755)
-    sock_dir = base / "node-run"
-    sock_dir.mkdir()
-    os.chown(sock_dir, job_user.uid, job_user.gid)
+    sock_dir = base / "node-run"  # root's, as /run/matspool is
+    sock_dir.mkdir(mode=0o755)
     sock = sock_dir / "matspool.sock"
     hooks = _installed_hooks(base / "etc", sock)
     conf = (
@@ -612,47 +614,47 @@ def hook_cluster(cluster: Cluster, job_user: User) -> Iterator[tuple[Cluster, Pa
 def test_node_daemon_hooks_as_installed(
     hook_cluster: tuple[Cluster, Path], job_user: User, workdir: Path
 ) -> None:
-    """A node daemon (here the job user's own: a node given whole to one user) and the three
-    hooks from slurm.conf: the prolog finds its python without any environment from slurmd and
-    passes, the task gets MATSPOOL_ENDPOINT, a plain Spool() writes through the node daemon,
-    the epilog removes the ring a killed client left. With the daemon stopped, the prolog
-    fails: the node is drained and the job does not run."""
+    """The node daemon as deploy/systemd runs it (root, ``matspoold.userd``, writing as each
+    job's user) and the three hooks from slurm.conf: the prolog finds its python without
+    any environment from slurmd and passes, the task gets MATSPOOL_ENDPOINT, and the job's
+    user, with the default API (``matspool.save``, ``Spool()``) and nothing else (no group,
+    no ``sg``, no ring mode), writes into a 0700 directory of its own files it owns (uid
+    and gid); the epilog removes the ring a killed client left and releases the user's
+    writer, which leaves at once: nothing stays. With the daemon stopped, the prolog fails:
+    the node is drained and the job does not run."""
     cluster, sock = hook_cluster
     out = workdir / "out"
-    env = _env(job_user, workdir)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700 and out.stat().st_uid == job_user.uid
     serve = [
-        str(job_user.bin / "python"),
+        sys.executable,
         "-m",
-        "matspoold",
-        "serve",
+        "matspoold.userd",
         "--endpoint",
         f"ipc://{sock}",
+        "--state-dir",
+        str(sock.parent.parent / "node-state"),
+        "--idle-exit",
+        "600",  # the epilog releases the user's writer at the job's end, long before
+        "--",
         "--root",
         str(out),
         "--log-level",
         "info",
     ]
-    with (workdir / "node-daemon.log").open("wb") as log:
+    node_log = sock.parent.parent / "node-daemon.log"
+    with node_log.open("wb") as log:
         daemon = subprocess.Popen(
-            [
-                RUNUSER,
-                "-u",
-                job_user.name,
-                "--",
-                "/usr/bin/env",
-                "-i",
-                *[f"{k}={v}" for k, v in env.items()],
-                *serve,
-            ],
+            serve,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": _pythonpath(), "LANG": "C.UTF-8"},
             stdout=subprocess.DEVNULL,
             stderr=log,
+            cwd="/",
         )
+    env = _env(job_user, workdir)
     try:
         deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert daemon.poll() is None and time.monotonic() < deadline, (
-                workdir / "node-daemon.log"
-            ).read_text()
+        while not Path(f"{sock}.hello").exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, node_log.read_text()
             time.sleep(0.1)
         script = workdir / "job.sh"
         script.write_text(f"#!/bin/bash\nsrun python {workdir / 'job.py'}\n")
@@ -661,8 +663,10 @@ def test_node_daemon_hooks_as_installed(
             + textwrap.dedent(f"""
             import os, subprocess, matspool
             print("endpoint", os.environ.get("MATSPOOL_ENDPOINT"), flush=True)
+            matspool.save("{out}/plain.mat", {{"p": data(71, (32, 5))}}).result(60)
             with matspool.Spool() as s:
                 s.save("{out}/node.mat", {{"n": data(70, (64, 48))}}, format="v7.3").result(60)
+                print("ring", s._ring.kind, flush=True)
             # the ring a SIGKILLed client leaves: named after its (now dead) pid, the user's
             p = subprocess.Popen(["true"])
             p.wait()
@@ -683,16 +687,27 @@ def test_node_daemon_hooks_as_installed(
         assert r.returncode == 0, r.stderr
         job = Job(r.stdout.strip(), workdir, workdir / "job.out")
         info = finish(cluster, job)
-        assert info["JobState"] == "COMPLETED", (info, output(job), cluster.log("slurmd")[-3000:])
+        assert info["JobState"] == "COMPLETED", (info, output(job), node_log.read_text()[-3000:])
         assert f"endpoint ipc://{sock}" in output(job)
+        assert "ring memfd" in output(job), output(job)
+        assert_file(out / "plain.mat", "v5", {"p": data(71, (32, 5))}, job_user)
         assert_file(out / "node.mat", "v7.3", {"n": data(70, (64, 48))}, job_user)
+        assert f"started the writer of uid {job_user.uid} gid {job_user.gid}" in node_log.read_text()
         pid = output(job).split("stale ring ")[1].split()[0]
         assert not Path(f"/dev/shm/matspool-{pid}-0123456789ab").exists(), "the epilog left the ring"
         state = cluster.cmd(["sinfo", "--noheader", "--format=%T", f"--nodes={cluster.node}"]).stdout.strip()
         assert state == "idle", state
+        # the epilog released the user's writer (not --idle-exit): no process, ring, socket stays
+        deadline = time.monotonic() + 30
+        while (left := leftovers(job, job_user)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"left: {left}\n{node_log.read_text()[-3000:]}"
+        assert not list(Path(f"{sock}.users").iterdir())
+        assert "this writer stops: released after its user's job" in node_log.read_text()
     finally:
         daemon.terminate()
-        daemon.wait(30)
+        assert daemon.wait(60) == 0, node_log.read_text()[-3000:]
+    assert sorted(p.name for p in sock.parent.iterdir()) == ["matspool.sock.lock"]
     # no daemon: the prolog fails, Slurm drains the node and the job does not run
     assert not sock.exists()
     r = cluster.cmd(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -28,6 +29,7 @@ from . import _protocol as proto
 from ._curve import ClientKeys, is_tcp
 from ._endpoint import check_ipc_endpoint
 from ._errors import AuthenticationFailed, DaemonUnavailable, MatspoolError
+from ._handshake import resolve
 
 __all__ = ["Handler", "MemoryTransport", "Transport", "ZmqTransport"]
 
@@ -71,9 +73,17 @@ class ZmqTransport:
         self._dealer: zmq.Socket[bytes] | None = None
         self._connections = 0
         self._cut = 0  # CURVE handshakes cut in a row (see _CUT_LIMIT)
+        self._node = False  # the endpoint is a node daemon's; we speak to this user's writer
+        self._lost = False
+        self._next_ask = 0.0
 
     def open(self, identity: bytes) -> None:
         check_ipc_endpoint(self.endpoint)  # before a byte (a path, a ring name) goes there
+        # a node daemon writing as each user: this user's writer (its handshake, _handshake)
+        target = resolve(self.endpoint)
+        self._node = target != self.endpoint
+        if self._node:
+            check_ipc_endpoint(target)
         dealer = self._dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, identity)
         dealer.setsockopt(zmq.SNDHWM, 0)
@@ -82,9 +92,12 @@ class ZmqTransport:
         if self._curve is not None and is_tcp(self.endpoint):
             self._curve.apply(dealer)
         self._monitor = dealer.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | _HANDSHAKE_FAILED
+            | (zmq.EVENT_DISCONNECTED if self._node else 0)
         )
-        dealer.connect(self.endpoint)
+        dealer.connect(target)
         self._poller = zmq.Poller()
         for sock in (dealer, self._rx, self._monitor):
             self._poller.register(sock, zmq.POLLIN)
@@ -109,6 +122,9 @@ class ZmqTransport:
             kind, value = int(event["event"]), int(event["value"])
             if kind == zmq.EVENT_CONNECTED:
                 self._connections += 1
+                self._lost = False
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self._lost = True  # the node daemon restarted? (_ask_again)
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._cut = 0
             elif kind & _HANDSHAKE_FAILED:
@@ -148,11 +164,26 @@ class ZmqTransport:
                 self._rx.recv()
         if self._monitor in events:
             self._check_monitor()
+        if self._lost:
+            self._ask_again()
         got = []
         if self._dealer in events:
             while self._dealer.poll(0):
                 got.append(self._dealer.recv_multipart())
         return got
+
+    def _ask_again(self) -> None:
+        """Lost the user's writer under a node daemon (the service restarted): handshake
+        again, at most once a second, so the node daemon starts the writer again on the same
+        path, where libzmq reconnects by itself (then the link registers and re-sends)."""
+        now = time.monotonic()
+        if now < self._next_ask:
+            return
+        self._next_ask = now + 1.0
+        try:
+            resolve(self.endpoint)
+        except DaemonUnavailable:
+            pass  # not back yet: the link's timeout decides
 
     def reconnected(self) -> bool:
         again = self._connections > 1

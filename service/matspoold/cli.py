@@ -360,6 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--size", type=_positive, default=2048, help="grid is SIZE x SIZE float32")
     d.add_argument("--format", default="v7.3", choices=["v5", "v7.3"])
     d.set_defaults(func=_demo)
+    # -- node daemon writing as each client's user (userd): its own parser --------------
+    sub.add_parser(
+        "node",
+        add_help=False,
+        help="node daemon that writes as each job's user (root; `matspool node --help`)",
+    )
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["node"]:
+        from .userd import main as node_main
+
+        return node_main(args_in[1:])
     args = p.parse_args(argv)
     if args.command == "serve":
         args.given_flags = take_flags(args)
