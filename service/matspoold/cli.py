@@ -9,6 +9,8 @@ import signal
 import sys
 from typing import NoReturn
 
+from matspool._launcher import BUSY_EXIT
+
 from .config import ConfigError, default_endpoint, resolve_settings, take_flags
 
 __all__ = ["BAD_INPUT", "default_endpoint", "main"]
@@ -85,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.write(resolved.to_toml())
         return 0
     cfg = resolved.settings
+    from .endpoint import EndpointBusy
     from .logs import setup_logging
     from .server import Daemon, install_signal_handlers
 
@@ -97,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
             socket_mode=cfg.socket_mode,
             socket_group=cfg.group,
             parent_pid=args.parent_pid,
+            idle_exit=args.idle_exit,
             clean_stale=cfg.clean_stale,
             client_timeout=cfg.client_timeout,
             max_ring_bytes=cfg.max_ring_bytes,
@@ -134,6 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     except (ValueError, OSError) as e:  # bind failures, unreadable keys: say so, no traceback
+        if args.idle_exit is not None and isinstance(e, EndpointBusy):
+            return BUSY_EXIT  # another rank's daemon has the job's endpoint: not an error
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2
     return 0
@@ -315,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         help="serve Prometheus metrics over HTTP there (default: off)",
     )
     s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    s.add_argument(
+        "--idle-exit",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="exit once no client has been connected for SECONDS (a job's shared daemon, "
+        f"started by its ranks); a busy endpoint then exits with {BUSY_EXIT}, silently",
+    )
     s.add_argument("--debug-write-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     s.add_argument(
         "--log-level", default=unset, choices=["debug", "info", "warning", "error"], help="(default: info)"
