@@ -32,7 +32,8 @@ from readback import assert_variables, read
 _LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_", "MV2_", "PALS_")
 _LAUNCHER_NAMES = ("MPI_LOCALRANKID", "LOCAL_RANK", "RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-# one rank: connect (the job's daemon), report, save, wait for HOLD (a file), save, close
+# one rank: connect (the job's daemon), report, save; once HOLD.1 exists report the daemon's
+# client table; once HOLD.2 exists save again and close
 _RANK = r"""
 import json, os, sys, time
 import numpy as np
@@ -40,20 +41,24 @@ import matspool
 from matspool import _messages as msgs
 from matspoold.probe import ask
 
+def wait_for(path):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.05)
+
 out, k, hold = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 s = matspool.Spool(ring_bytes=1 << 20, timeout=60)
 emb = s._embedded
 print(json.dumps({"k": k, "pid": os.getpid(), "daemon": s._link.daemon_pid, "endpoint": s.endpoint,
                   "shared": getattr(emb, "shared", None)}), flush=True)
 s.save(f"{out}/k{k}_0.mat", {"x": np.arange(6.0).reshape(2, 3) + 10 * k}).result(60)
-deadline = time.monotonic() + 60
-while hold != "-" and not os.path.exists(hold):
-    assert time.monotonic() < deadline, "never released"
-    time.sleep(0.05)
+wait_for(hold + ".1")
 st = ask(s.endpoint, msgs.StatusQuery(), 10)
+print(json.dumps({"k": k, "clients": sorted(c.pid for c in st.clients), "status_pid": st.pid}), flush=True)
+wait_for(hold + ".2")
 s.save(f"{out}/k{k}_1.mat", {"y": np.arange(4, dtype=np.int32) * k}, format="v7.3").result(60)
 s.close()
-print(json.dumps({"k": k, "clients": sorted(c.pid for c in st.clients), "status_pid": st.pid}), flush=True)
 """
 
 # a torchrun worker: every rank connected (barrier), the daemon's client table, saves
@@ -160,9 +165,10 @@ def _start_rank(
     )
 
 
-def _first_line(p: subprocess.Popen[str]) -> dict[str, object]:
+def _line(p: subprocess.Popen[str]) -> dict[str, object]:
+    """The rank's next report (it prints one when connected, one with the status)."""
     assert p.stdout is not None
-    line = p.stdout.readline()  # the rank prints it once connected (bounded by its timeouts)
+    line = p.stdout.readline()  # bounded: the rank's own waits time out
     if not line:
         p.wait(30)
         raise AssertionError(f"rank exited with {p.returncode}: {p.stderr.read() if p.stderr else ''}")
@@ -170,11 +176,15 @@ def _first_line(p: subprocess.Popen[str]) -> dict[str, object]:
     return info
 
 
-def _finish(p: subprocess.Popen[str]) -> dict[str, object]:
-    out, err = p.communicate(timeout=90)
-    assert p.returncode == 0, err
-    last: dict[str, object] = json.loads(out.strip().splitlines()[-1])
-    return last
+def _release(ps: list[subprocess.Popen[str]], hold: Path) -> list[dict[str, object]]:
+    """All connected: each reports its daemon's client table, then saves again and closes."""
+    Path(f"{hold}.1").touch()
+    status = [_line(p) for p in ps]
+    Path(f"{hold}.2").touch()
+    for p in ps:
+        _, err = p.communicate(timeout=90)
+        assert p.returncode == 0, err
+    return status
 
 
 def _check_files(out: Path, ks: list[int]) -> None:
@@ -258,17 +268,38 @@ def test_torchrun_ranks_share_one_daemon(tmp_path: Path, xdg: Path) -> None:
 # -- simulated launchers: plain processes with the launcher's variables --------------------------
 
 
-def test_slurm_and_openmpi_ranks_share_a_daemon_per_job(tmp_path: Path, xdg: Path) -> None:
+def _dead_socket(sock_path: str, *, age: float = 0.0) -> None:
+    """What a daemon killed by SIGKILL leaves: a socket nobody listens on, its lock file."""
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(sock_path)
+    s.close()
+    Path(sock_path + ".lock").write_text("999999\n")
+    then = time.time() - age
+    os.utime(sock_path + ".lock", (then, then))
+
+
+def test_slurm_and_openmpi_ranks_share_a_daemon_per_job(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two Slurm jobs and an Open MPI job at once: one daemon per job, never one for two.
+    The Open MPI ranks give no local rank, so all three race to start theirs; the first
+    Slurm job finds the socket of a crashed earlier run of the same step, and the leftovers
+    of another job killed an hour ago are swept."""
     (tmp_path / "out").mkdir()
     go = str(tmp_path / "go")
+    slurm_a = {"SLURM_JOB_ID": "501", "SLURM_STEP_ID": "0"}
     jobs = {
-        "slurm-a": [{"SLURM_JOB_ID": "501", "SLURM_STEP_ID": "0", "SLURM_LOCALID": str(i)} for i in range(2)],
-        "slurm-b": [{"SLURM_JOB_ID": "502", "SLURM_STEP_ID": "0", "SLURM_LOCALID": str(i)} for i in range(2)],
-        "ompi": [
-            {"OMPI_COMM_WORLD_LOCAL_RANK": str(i), "OMPI_COMM_WORLD_RANK": str(i), "PMIX_NAMESPACE": "prte@1"}
-            for i in range(2)
-        ],
+        "slurm-a": [{**slurm_a, "SLURM_LOCALID": str(i)} for i in range(2)],
+        "slurm-b": [{"SLURM_JOB_ID": "502", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}],
+        "ompi": [{"OMPI_COMM_WORLD_RANK": str(i), "PMIX_NAMESPACE": "prterun-h-42@1"} for i in range(3)],
     }
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    key = _launcher.detect({**slurm_a, "SLURM_LOCALID": "0"})
+    assert key is not None
+    crashed = _launcher.job_endpoint(key)[len("ipc://") :]
+    Path(crashed).parent.mkdir(mode=0o700)
+    _dead_socket(crashed)
+    _dead_socket(str(xdg / "matspool" / "job-0123456789abcdef01234567.sock"), age=3600)
     procs = {}
     k = 0
     for job, envs in jobs.items():
@@ -276,9 +307,8 @@ def test_slurm_and_openmpi_ranks_share_a_daemon_per_job(tmp_path: Path, xdg: Pat
             procs[k] = (job, _start_rank(tmp_path, xdg, k, go, env))
             k += 1
     try:
-        first = {k: _first_line(p) for k, (_, p) in procs.items()}  # every rank connected
-        Path(go).touch()
-        last = {k: _finish(p) for k, (_, p) in procs.items()}
+        first = {k: _line(p) for k, (_, p) in procs.items()}  # every rank connected
+        last = dict(enumerate(_release([p for _, p in procs.values()], tmp_path / "go")))
     finally:
         for _, p in procs.values():
             if p.poll() is None:
@@ -290,8 +320,8 @@ def test_slurm_and_openmpi_ranks_share_a_daemon_per_job(tmp_path: Path, xdg: Pat
         assert last[k]["status_pid"] == first[k]["daemon"]
     assert all(len(d) == 1 for d in by_job.values()), by_job  # one daemon per job...
     assert len(set().union(*by_job.values())) == 3, by_job  # ...and never one for two jobs
-    endpoints = {str(first[k]["endpoint"]) for k in procs}
-    assert len(endpoints) == 3
+    assert len({str(first[k]["endpoint"]) for k in procs}) == 3
+    assert {first[k]["endpoint"] for k, (job, _) in procs.items() if job == "slurm-a"} == {f"ipc://{crashed}"}
     for k, (job, _) in procs.items():  # while they held, each daemon had its job's ranks only
         mates = {first[j]["pid"] for j, (other, _) in procs.items() if other == job}
         assert set(last[k]["clients"]) == mates, (job, last[k]["clients"], mates)  # type: ignore[arg-type]
@@ -310,10 +340,10 @@ def test_the_rank_that_started_the_daemon_is_killed_and_another_still_saves(
     )
     other = None
     try:
-        a = _first_line(starter)  # it started the daemon (no other rank yet)
+        a = _line(starter)  # it started the daemon (no other rank yet)
         assert a["shared"] is True and _daemons(xdg) == [a["daemon"]]
         other = _start_rank(tmp_path, xdg, 1, str(tmp_path / "go"), {**slurm, "SLURM_LOCALID": "1"})
-        b = _first_line(other)
+        b = _line(other)
         assert b["daemon"] == a["daemon"]
         deadline = time.monotonic() + 60
         while not (tmp_path / "out" / "k0_0.mat").exists():  # its first save is written
@@ -322,10 +352,9 @@ def test_the_rank_that_started_the_daemon_is_killed_and_another_still_saves(
         os.killpg(starter.pid, signal.SIGKILL)  # the starter and its whole process group
         starter.wait(30)
         # past the daemon's reaping of the dead rank and its idle grace: still there
-        time.sleep(2.0 + 3.0 + 1.0)
+        time.sleep(2.0 + 3.0 + 0.5)
         assert _daemons(xdg) == [a["daemon"]]
-        (tmp_path / "go").touch()
-        last = _finish(other)
+        last = _release([other], tmp_path / "go")[0]
     finally:
         for p in (starter, other):
             if p is not None and p.poll() is None:
@@ -335,44 +364,6 @@ def test_the_rank_that_started_the_daemon_is_killed_and_another_still_saves(
     assert_variables(read(tmp_path / "out" / "k0_0.mat", "v5"), {"x": np.arange(6.0).reshape(2, 3)})
     _check_files(tmp_path / "out", [1])
     assert _leftovers(xdg, [int(a["pid"]), int(b["pid"])]) == []  # type: ignore[call-overload]
-
-
-def test_ranks_racing_to_start_find_one_daemon_past_a_stale_socket(
-    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No local rank to go by (all start at once), a socket and lock file left by a crashed
-    earlier run of the same job, and the leftovers of another job killed long ago."""
-    (tmp_path / "out").mkdir()
-    env = {"PMI_RANK": "0", "PALS_APID": "4242.0"}
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
-    key = _launcher.detect(env)
-    assert key is not None and key.local_rank is None
-    path = _launcher.job_endpoint(key)[len("ipc://") :]
-    jobdir = Path(path).parent
-    jobdir.mkdir(mode=0o700)
-    dead = [path, str(jobdir / "job-0123456789abcdef01234567.sock")]
-    for sock_path in dead:  # a bound socket nobody listens on, and its lock file
-        s = socket.socket(socket.AF_UNIX)
-        s.bind(sock_path)
-        s.close()
-        Path(sock_path + ".lock").write_text("999999\n")
-    long_ago = time.time() - 3600
-    os.utime(dead[1] + ".lock", (long_ago, long_ago))
-    go = str(tmp_path / "go")
-    procs = [_start_rank(tmp_path, xdg, k, go, {**env, "PMI_RANK": str(k)}) for k in range(6)]
-    try:
-        first = [_first_line(p) for p in procs]
-        Path(go).touch()
-        last = [_finish(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert len({f["daemon"] for f in first}) == 1, first
-    assert {f["endpoint"] for f in first} == {f"ipc://{path}"}
-    assert all(set(x["clients"]) == {f["pid"] for f in first} for x in last)  # type: ignore[arg-type]
-    _check_files(tmp_path / "out", list(range(6)))
-    assert _leftovers(xdg, [int(f["pid"]) for f in first]) == []  # type: ignore[call-overload]
 
 
 # -- opting out; an explicit endpoint wins --------------------------------------------------------
