@@ -385,6 +385,15 @@ def test_opt_out_and_explicit_endpoint(tmp_path: Path, xdg: Path, monkeypatch: p
         assert proc is not None and f"--parent-pid\0{os.getpid()}" in "\0".join(proc.args)  # type: ignore[arg-type]
         s.save(tmp_path / "own.mat", {"a": np.eye(2)}).result(30)
     monkeypatch.delenv("MATSPOOL_SHARED")
+    # a runtime directory that does not exist on this node (exported from a login session):
+    # said once, and the rank still saves, through a daemon of its own
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "gone" / "1000"))
+    with pytest.warns(RuntimeWarning, match="cannot share its job's daemon"):
+        s = matspool.Spool(ring_bytes=1 << 20)
+    with s:
+        assert s._embedded is not None and not s._embedded.shared
+        s.save(tmp_path / "alone.mat", {"c": np.arange(2.0)}).result(30)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
     d = start_daemon(tmp_path, tmp_path / "sock")
     try:
         monkeypatch.setenv("MATSPOOL_ENDPOINT", d.endpoint)
@@ -395,4 +404,5 @@ def test_opt_out_and_explicit_endpoint(tmp_path: Path, xdg: Path, monkeypatch: p
         d.stop()
     assert_variables(read(tmp_path / "own.mat", "v5"), {"a": np.eye(2)})
     assert_variables(read(tmp_path / "node.mat", "v5"), {"b": np.arange(3.0)[None, :]})
+    assert_variables(read(tmp_path / "alone.mat", "v5"), {"c": np.arange(2.0)[None, :]})
     assert _leftovers(xdg, [os.getpid()], timeout=5) == []

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 
 from . import _jobdaemon, _launcher
 
@@ -128,11 +129,23 @@ def acquire() -> Share:
     global _shared, _users
     with _lock:
         if _shared is None or _shared.exit_status() is not None:
-            job = _launcher.detect() if _launcher.sharing_enabled() else None
-            _shared = EmbeddedDaemon() if job is None else _jobdaemon.connect_or_start(job)
-            _users = 0
+            _shared, _users = _start(), 0
         _users += 1
         return Share(_shared)
+
+
+def _start() -> EmbeddedDaemon | _jobdaemon.JobDaemon:
+    job = _launcher.detect() if _launcher.sharing_enabled() else None
+    if job is not None and (problem := _jobdaemon.place_problem(job)) is not None:
+        warnings.warn(
+            f"matspool: this {job.launcher} rank cannot share its job's daemon ({problem}); "
+            "it starts one of its own (point XDG_RUNTIME_DIR at a directory of yours, or set "
+            "MATSPOOL_SHARED=0 to silence this)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        job = None
+    return EmbeddedDaemon() if job is None else _jobdaemon.connect_or_start(job)
 
 
 def _after_fork_in_child() -> None:

@@ -43,7 +43,7 @@ from ._endpoint import check_ipc_endpoint, make_private_dirs
 from ._errors import DaemonUnavailable
 from ._launcher import BUSY_EXIT, JobKey, job_endpoint, process_start
 
-__all__ = ["IDLE_EXIT_S", "START_TIMEOUT_S", "JobDaemon", "connect_or_start"]
+__all__ = ["IDLE_EXIT_S", "START_TIMEOUT_S", "JobDaemon", "connect_or_start", "place_problem"]
 
 #: a job's daemon exits once no client has been connected this long
 IDLE_EXIT_S: Final = 3.0
@@ -54,6 +54,7 @@ _PING_S: Final = 0.5
 #: a rank whose local rank is not 0 lets local rank 0 start the daemon for this long first
 #: (no python start-up wasted on a start that loses); it starts one itself after that
 _DEFER_S: Final = 3.0
+_SUN_PATH_MAX: Final = 107  # bytes of a unix socket's path
 
 
 class JobDaemon:
@@ -83,9 +84,18 @@ class JobDaemon:
     def stop(self, timeout: float = 30.0, *, wait: bool = True) -> None:
         """This process leaves; the daemon stays for the job's other ranks and exits by
         itself when the last has gone. Our child is reaped when it does (no zombie)."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
+        if self.proc is not None:
+            _reap(self.proc)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for our child on a thread of its own (at interpreter exit: nothing to do, it
+    is reparented)."""
+    if proc.poll() is None:
+        try:
             threading.Thread(target=proc.wait, name="matspool-reap", daemon=True).start()
+        except RuntimeError:
+            pass  # the interpreter is shutting down
 
 
 def _lock_held(lock: str) -> bool:
@@ -178,7 +188,26 @@ def _spawn(endpoint: str, writers: int | None) -> subprocess.Popen[bytes]:
     if writers:
         cmd += ["--writers", str(writers)]
     # a session of its own: a launcher's kill of the starting rank's group spares it
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    # stdout: nothing (a caller reading a rank's output through a pipe is not held up by it);
+    # stderr: the starting rank's, for the daemon's warnings
+    return subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True
+    )
+
+
+def place_problem(key: JobKey) -> str | None:
+    """Why the job's socket cannot be made where it belongs (None: it can): its directory
+    cannot be created or is not this user's alone, or the path is too long for a socket."""
+    endpoint = job_endpoint(key)
+    path = endpoint[len("ipc://") :]
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        return f"{path} is longer than a socket path may be ({_SUN_PATH_MAX} bytes)"
+    try:
+        make_private_dirs(endpoint)
+        check_ipc_endpoint(endpoint, missing_ok=False)
+    except (OSError, DaemonUnavailable) as e:
+        return str(e)
+    return None
 
 
 def connect_or_start(
@@ -187,7 +216,6 @@ def connect_or_start(
     """The job's daemon on this node, started by this process if none runs."""
     endpoint = job_endpoint(key)
     path = endpoint[len("ipc://") :]
-    make_private_dirs(endpoint)
     check_ipc_endpoint(endpoint, missing_ok=False)  # raises DaemonUnavailable: unsafe dir
     proc: subprocess.Popen[bytes] | None = None
     start = time.monotonic()
@@ -199,7 +227,7 @@ def connect_or_start(
             if pid is not None:
                 ours = proc if proc is not None and proc.pid == pid else None
                 if proc is not None and ours is None:  # lost the race: reap it as it exits
-                    threading.Thread(target=proc.wait, name="matspool-reap", daemon=True).start()
+                    _reap(proc)
                 return JobDaemon(endpoint, pid, ours)
         elif (proc is None and time.monotonic() >= defer) or (proc is not None and proc.poll() is not None):
             if proc is not None and proc.returncode not in (0, BUSY_EXIT):
