@@ -216,6 +216,10 @@ def test_each_launcher_is_a_job_and_two_jobs_are_two_endpoints() -> None:
     # not a rank: a batch script outside any srun step, or nothing at all
     assert _launcher.detect({"SLURM_JOB_ID": "77"}) is None
     assert _launcher.detect({}) is None
+    deepspeed = {"LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    ds = _launcher.detect(deepspeed)
+    assert ds is not None and ds.launcher == "torch" and ds.local_rank == 1
+    assert _launcher.detect({**deepspeed, "MASTER_PORT": "29501"}) != ds
     assert not _launcher.sharing_enabled({"MATSPOOL_SHARED": "0"})
     assert _launcher.sharing_enabled({})
 

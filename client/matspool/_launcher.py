@@ -16,6 +16,10 @@ variables its launcher sets, and that no other job (of this user, on this node) 
   ``PMIX_NAMESPACE`` when set, else the parent process (Hydra's ``hydra_pmi_proxy`` is
   the parent of every local rank) by pid and start time, so a reused pid is another job.
 
+- any other launcher of ``torch.distributed`` (DeepSpeed's, a hand-written script) that
+  sets ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``: the rendezvous
+  address (one job holds that port at a time).
+
 The first launcher found in that order wins (``torchrun`` inside ``srun``: the torchrun
 job). ``MATSPOOL_SHARED=0`` turns sharing off (one embedded daemon per process, as
 without a launcher); ``MATSPOOL_ENDPOINT`` is checked before any of this and wins.
@@ -115,6 +119,10 @@ def detect(env: Mapping[str, str] | None = None) -> JobKey | None:
         ident = _first(env, "PALS_APID", "PMIX_NAMESPACE") or _parent_ident()
         local = _int(_first(env, *local_names))
         return None if ident is None else JobKey("pmi", ident, local)
+    if all(n in env for n in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        # torch.distributed's env:// variables from another launcher (DeepSpeed, a script)
+        ident = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}|{env.get('GROUP_RANK', '')}"
+        return JobKey("torch", ident, _int(env.get("LOCAL_RANK")))
     return None
 
 
