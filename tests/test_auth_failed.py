@@ -21,6 +21,7 @@ from test_security import _free_port, _serve
 import matspool
 from matspool import ClientKeys
 from matspool._curve import make_keys
+from matspool._transport import _CUT_LIMIT
 
 keys = test_security.keys  # the fixture, shared
 
@@ -80,3 +81,60 @@ def test_no_keys(tcp_daemon: str, monkeypatch: pytest.MonkeyPatch) -> None:
     err, took = _refused(tcp_daemon, None)
     assert isinstance(err, ValueError) and "TCP endpoint" in str(err) and "ClientKeys" in str(err)
     assert took < 1
+
+
+def _cut_handshakes(port: int, count: int, ready: threading.Event) -> None:
+    """Stand in for a daemon killed mid-handshake ``count`` times: accept on ``port``, read
+    the client's greeting, and reset the connection (SO_LINGER 0: an RST, as a kill gives)."""
+    import socket
+    import struct
+
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", port))
+        srv.listen(8)
+        ready.set()
+        srv.settimeout(20)
+        for _ in range(count):
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(64)
+                except OSError:
+                    pass
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_curve_handshake_cut_by_a_dying_daemon_is_retried(keys: dict[str, str], out_dir: Path) -> None:
+    """A CURVE daemon killed (or restarted) mid-handshake cuts the connection; that says
+    nothing about keys, so the client reconnects to the daemon that comes back instead of
+    failing for good with AuthenticationFailed (it did: one cut handshake was fatal)."""
+    port = _free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    ready = threading.Event()
+    cutter = threading.Thread(target=_cut_handshakes, args=(port, _CUT_LIMIT - 1, ready), daemon=True)
+    cutter.start()
+    assert ready.wait(10)
+    result: dict[str, object] = {}
+
+    def connect() -> None:
+        good = ClientKeys(keys["client_sec"], keys["server_pub"])
+        try:
+            with matspool.Spool(endpoint, ring_bytes=1 << 20, curve=good, connect_timeout=30) as s:
+                result["saved"] = s.save(out_dir / "after-cuts.mat", {"x": [1.0, 2.0]}).result(30)
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            result["error"] = e
+
+    client = threading.Thread(target=connect)
+    client.start()
+    cutter.join(30)
+    assert not cutter.is_alive(), "the client did not try twice"
+    proc = _serve(endpoint, out_dir, "--curve-secret", keys["server_sec"], "--curve-clients", keys["clients"])
+    try:
+        client.join(60)
+        assert "error" not in result, repr(result.get("error"))
+        assert (out_dir / "after-cuts.mat").exists()
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -1,5 +1,5 @@
 """The typed protocol: every message survives its own wire form, hostile fields are
-refused with ProtocolError, and README's message table matches the types."""
+refused with ProtocolError, and the message table in docs/daemon.md matches the types."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from matspool import _messages as m
 from matspool._errors import ProtocolError, UnknownClient
 from matspool._protocol import Part, VarSpec, WriteRequest, decode_head
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "daemon.md"  # the protocol table moved there
 
 SAMPLES: list[m.Message] = [
     m.Hello("matspool-1-abc", 4096, 1),
@@ -112,7 +112,7 @@ def test_hostile_replies_are_refused(body: bytes) -> None:
 
 
 def _readme_table() -> dict[tuple[str, str], tuple[str, ...]]:
-    """README's message table: (direction, op) -> fields."""
+    """docs/daemon.md's message table: (direction, op) -> fields."""
     text = README.read_text()
     start = text.index("| direction | message | fields |")
     rows: dict[tuple[str, str], tuple[str, ...]] = {}

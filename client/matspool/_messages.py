@@ -393,7 +393,7 @@ DAEMON_OPS: Final[dict[str, type[Any]]] = {c.OP: c for c in (Welcome, Done, Err,
 
 
 def wire_fields(op: str, *, from_client: bool) -> tuple[str, ...]:
-    """The JSON fields of ``op`` besides ``op`` itself (for the README's table and its test)."""
+    """The JSON fields of ``op`` besides ``op`` itself (for docs/daemon.md's table and its test)."""
     cls = (CLIENT_OPS if from_client else DAEMON_OPS)[op]
     if cls is WriteRequest:
         return ("seq", "path", "format", "fsync", "compress", "mode", "vars")

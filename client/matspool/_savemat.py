@@ -2,7 +2,7 @@
 replacing ``from scipy.io import savemat`` with ``from matspool import savemat`` is the
 whole migration; the call returns the save's future instead of blocking.
 
-Where scipy and matspool map a value differently, matspool's mapping (README's table)
+Where scipy and matspool map a value differently, matspool's mapping (the table in docs/formats.md)
 holds: a list of str is a cell of char rows (scipy makes a char matrix), a list of arrays a
 cell (scipy stacks them when it can). An empty 1-d array or list is 0x0, as in scipy.
 """

@@ -70,6 +70,7 @@ class ZmqTransport:
         self._tx_lock = threading.Lock()  # the PUSH end is used by callers' threads
         self._dealer: zmq.Socket[bytes] | None = None
         self._connections = 0
+        self._cut = 0  # CURVE handshakes cut in a row (see _CUT_LIMIT)
 
     def open(self, identity: bytes) -> None:
         check_ipc_endpoint(self.endpoint)  # before a byte (a path, a ring name) goes there
@@ -80,7 +81,9 @@ class ZmqTransport:
         dealer.setsockopt(zmq.LINGER, 0)
         if self._curve is not None and is_tcp(self.endpoint):
             self._curve.apply(dealer)
-        self._monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | _HANDSHAKE_FAILED)
+        self._monitor = dealer.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
+        )
         dealer.connect(self.endpoint)
         self._poller = zmq.Poller()
         for sock in (dealer, self._rx, self._monitor):
@@ -103,13 +106,18 @@ class ZmqTransport:
         """Count connections; raise :class:`AuthenticationFailed` on a failed handshake."""
         while self._monitor.poll(0):
             event = parse_monitor_message(self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
+            kind, value = int(event["event"]), int(event["value"])
+            if kind == zmq.EVENT_CONNECTED:
                 self._connections += 1
-            elif event["event"] & _HANDSHAKE_FAILED and not (
-                (self._curve is None or not is_tcp(self.endpoint))
-                and _transient(event["event"], event["value"])
-            ):
-                raise self._refused(int(event["event"]), int(event["value"]))
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._cut = 0
+            elif kind & _HANDSHAKE_FAILED:
+                if not _transient(kind, value):
+                    raise self._refused(kind, value)
+                if self._curve is not None and is_tcp(self.endpoint):
+                    self._cut += 1
+                    if self._cut >= _CUT_LIMIT:
+                        raise self._refused(kind, value)
 
     def _refused(self, event: int, value: int) -> MatspoolError:
         """Which key the failed handshake was about, in words a user can act on."""
@@ -168,8 +176,8 @@ class ZmqTransport:
 
 #: A handshake cut by the connection itself (the daemon killed or restarting mid-handshake):
 #: libzmq reconnects and keeps the queued messages. Without CURVE that is all it can mean;
-#: with CURVE a server holding another key also just drops the connection, so there it
-#: stays an error (a CURVE daemon killed mid-handshake then fails the spool's saves).
+#: with CURVE a server holding another key also just drops the connection, so there only
+#: ``_CUT_LIMIT`` cuts in a row with no successful handshake between them mean a key problem.
 _CONNECTION_ERRNOS: Final = frozenset(
     {
         errno.ECONNRESET,
@@ -182,6 +190,11 @@ _CONNECTION_ERRNOS: Final = frozenset(
         errno.ENETUNREACH,
     }
 )
+
+
+#: a daemon restarting cuts one or two handshakes; a server with another key cuts every one
+#: (at libzmq's 100 ms reconnect interval this decides within about half a second)
+_CUT_LIMIT: Final = 5
 
 
 def _transient(event: int, value: int) -> bool:

@@ -72,21 +72,8 @@ def expected(x: Any, layout: str = "matlab", oned_as: str = "row") -> np.ndarray
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One daemon for the module (shadows conftest's per-test one: device time is dear)."""
-    from conftest import start_daemon
-
-    base = tmp_path_factory.mktemp("cuda")
-    (base / "out").mkdir()
-    d = start_daemon(base / "out", base / "sock")
-    yield d
-    assert d.alive()
-    d.stop()
-
-
-@pytest.fixture(scope="module")
-def gspool(daemon: Any) -> Any:
-    with matspool.Spool(daemon.endpoint, ring_bytes=160 << 20, timeout=60) as s:
+def gspool(mdaemon: Any) -> Any:
+    with matspool.Spool(mdaemon.endpoint, ring_bytes=160 << 20, timeout=60) as s:
         yield s
 
 
@@ -101,17 +88,17 @@ SHAPES = {
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", sorted(SHAPES))
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
-def test_roundtrip_dtypes_layouts(gspool: Any, daemon: Any, fmt: str, layout: str, dtype_name: str) -> None:
+def test_roundtrip_dtypes_layouts(gspool: Any, mdaemon: Any, fmt: str, layout: str, dtype_name: str) -> None:
     dtype = DTYPES[dtype_name]
     tensors = {f"v{i}": make(shape, dtype, seed=i) for i, shape in enumerate(SHAPES[layout])}
-    path = daemon.root / f"{dtype_name}_{layout}_{fmt}.mat"
+    path = mdaemon.root / f"{dtype_name}_{layout}_{fmt}.mat"
     res = gspool.save(path, tensors, format=fmt, layout=layout).result(60)
     assert res.format == fmt and res.nbytes == path.stat().st_size
     got = read(path, fmt)
     for name, t in tensors.items():
         assert_exact(got[name], expected(t, layout), f"{name} {tuple(t.shape)}")
     # the same values saved from the CPU give the same file contents
-    cpu_path = daemon.root / f"{dtype_name}_{layout}_{fmt}_cpu.mat"
+    cpu_path = mdaemon.root / f"{dtype_name}_{layout}_{fmt}_cpu.mat"
     gspool.save(cpu_path, {k: v.cpu() for k, v in tensors.items()}, format=fmt, layout=layout).result(60)
     got_cpu = read(cpu_path, fmt)
     for name in tensors:
@@ -140,12 +127,12 @@ def _noncontiguous() -> dict[str, Any]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", ["matlab", "raw", "hwc"])
-def test_noncontiguous(gspool: Any, daemon: Any, fmt: str, layout: str) -> None:
+def test_noncontiguous(gspool: Any, mdaemon: Any, fmt: str, layout: str) -> None:
     tensors = _noncontiguous()
     assert not tensors["transposed"].is_contiguous()
     assert tensors["expanded"].stride()[0] == 0
     assert tensors["conj_view"].is_conj()
-    path = daemon.root / f"noncontig_{layout}_{fmt}.mat"
+    path = mdaemon.root / f"noncontig_{layout}_{fmt}.mat"
     gspool.save(path, tensors, format=fmt, layout=layout).result(60)
     got = read(path, fmt)
     for name, t in tensors.items():
@@ -153,20 +140,20 @@ def test_noncontiguous(gspool: Any, daemon: Any, fmt: str, layout: str) -> None:
 
 
 @pytest.mark.parametrize("oned_as", ["row", "column"])
-def test_oned_as(gspool: Any, daemon: Any, oned_as: str) -> None:
+def test_oned_as(gspool: Any, mdaemon: Any, oned_as: str) -> None:
     v = make((77,), torch.float64)
     for fmt in FORMATS:
-        path = daemon.root / f"oned_{oned_as}_{fmt}.mat"
+        path = mdaemon.root / f"oned_{oned_as}_{fmt}.mat"
         gspool.save(path, {"v": v}, format=fmt, oned_as=oned_as).result(60)
         assert_exact(read(path, fmt)["v"], expected(v, oned_as=oned_as))
 
 
-def test_mixed_cpu_numpy_cuda_in_one_save(gspool: Any, daemon: Any) -> None:
+def test_mixed_cpu_numpy_cuda_in_one_save(gspool: Any, mdaemon: Any) -> None:
     g = make((31, 17), torch.float32)
     c = make((8, 9), torch.int16, device="cpu")
     n = np.arange(24, dtype=np.uint16).reshape(4, 6)
     for fmt in FORMATS:
-        path = daemon.root / f"mixed_{fmt}.mat"
+        path = mdaemon.root / f"mixed_{fmt}.mat"
         gspool.save(path, {"g": g, "c": c, "n": n, "s": 3.5}, format=fmt).result(60)
         got = read(path, fmt)
         assert_exact(got["g"], expected(g))
@@ -175,7 +162,7 @@ def test_mixed_cpu_numpy_cuda_in_one_save(gspool: Any, daemon: Any) -> None:
         assert got["s"].shape == (1, 1) and got["s"][0, 0] == 3.5
 
 
-def test_second_device(gspool: Any, daemon: Any) -> None:
+def test_second_device(gspool: Any, mdaemon: Any) -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
     torch.cuda.set_device(0)
@@ -183,7 +170,7 @@ def test_second_device(gspool: Any, daemon: Any) -> None:
     b1 = make((3, 40, 50), torch.bfloat16, device="cuda:1", seed=2).permute(1, 2, 0)
     a0 = make((100, 7), torch.complex64, device="cuda:0", seed=3)
     for fmt in FORMATS:
-        path = daemon.root / f"dev1_{fmt}.mat"
+        path = mdaemon.root / f"dev1_{fmt}.mat"
         gspool.save(path, {"a1": a1, "b1": b1, "a0": a0}, format=fmt).result(60)
         got = read(path, fmt)
         assert_exact(got["a1"], expected(a1))
@@ -201,7 +188,7 @@ def _busy() -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("side_stream", [False, True], ids=["default_stream", "user_stream"])
-def test_snapshot_after_save_returns(gspool: Any, daemon: Any, fmt: str, side_stream: bool) -> None:
+def test_snapshot_after_save_returns(gspool: Any, mdaemon: Any, fmt: str, side_stream: bool) -> None:
     n = 2048
     base = torch.arange(n * n, device="cuda", dtype=torch.float32).reshape(n, n)
     want = (base * 2).cpu().numpy()  # what the file must hold
@@ -211,37 +198,37 @@ def test_snapshot_after_save_returns(gspool: Any, daemon: Any, fmt: str, side_st
     with torch.cuda.stream(stream):
         _busy()
         u.mul_(2)  # queued, not yet run: save() must see it
-        fut = gspool.save(daemon.root / f"snap_{fmt}_{side_stream}.mat", {"u": u}, format=fmt)
+        fut = gspool.save(mdaemon.root / f"snap_{fmt}_{side_stream}.mat", {"u": u}, format=fmt)
         u.add_(1)  # right after save() returns, on the same stream: must not be seen
         junk = torch.full((n, n), -7.0, device="cuda")
         u.copy_(junk)  # nor this
     fut.result(60)
-    got = read(daemon.root / f"snap_{fmt}_{side_stream}.mat", fmt)["u"]
+    got = read(mdaemon.root / f"snap_{fmt}_{side_stream}.mat", fmt)["u"]
     assert_exact(got, want)
     torch.cuda.synchronize()
     assert torch.equal(u, junk)
 
 
-def test_snapshot_of_a_freed_tensor(gspool: Any, daemon: Any) -> None:
+def test_snapshot_of_a_freed_tensor(gspool: Any, mdaemon: Any) -> None:
     n = 1024
     want = make((n, n), torch.float64, seed=11)
     want_cpu = expected(want)
     x = want.clone()
     _busy()
-    fut = gspool.save(daemon.root / "freed.mat", {"x": x}, format="v7.3")
+    fut = gspool.save(mdaemon.root / "freed.mat", {"x": x}, format="v7.3")
     del x  # the caller lets go of it at once; new tensors may take its memory
     scribble = [torch.full((n, n), float(i), device="cuda", dtype=torch.float64) for i in range(8)]
     fut.result(60)
-    assert_exact(read(daemon.root / "freed.mat", "v7.3")["x"], want_cpu)
+    assert_exact(read(mdaemon.root / "freed.mat", "v7.3")["x"], want_cpu)
     del scribble
 
 
 # -- overlap ---------------------------------------------------------------------------------------
-def test_save_returns_before_the_copy_finishes(gspool: Any, daemon: Any) -> None:
+def test_save_returns_before_the_copy_finishes(gspool: Any, mdaemon: Any) -> None:
     n = 4096  # 64 MiB of float32
     u = make((n, n), torch.float32, seed=21)
     for i in range(2):  # warm-up: streams, kernels, allocator
-        gspool.save(daemon.root / f"warm{i}.mat", {"u": u}, format="v7.3").result(60)
+        gspool.save(mdaemon.root / f"warm{i}.mat", {"u": u}, format="v7.3").result(60)
     torch.cuda.synchronize()
 
     # a plain device-to-host copy of the same bytes, for scale
@@ -254,7 +241,7 @@ def test_save_returns_before_the_copy_finishes(gspool: Any, daemon: Any) -> None
     copy_s = start.elapsed_time(end) / 1e3
 
     t0 = time.perf_counter()
-    fut = gspool.save(daemon.root / "timed.mat", {"u": u}, format="v7.3")
+    fut = gspool.save(mdaemon.root / "timed.mat", {"u": u}, format="v7.3")
     t_call = time.perf_counter() - t0
     res = fut.result(60)
     t_total = time.perf_counter() - t0
@@ -263,4 +250,4 @@ def test_save_returns_before_the_copy_finishes(gspool: Any, daemon: Any) -> None
         f"save until the file was on disk {t_total * 1e3:.1f} ms ({res.nbytes >> 20} MiB file)"
     )
     assert t_call < t_total
-    assert_exact(read(daemon.root / "timed.mat", "v7.3")["u"], expected(u))
+    assert_exact(read(mdaemon.root / "timed.mat", "v7.3")["u"], expected(u))
