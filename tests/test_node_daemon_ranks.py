@@ -76,6 +76,7 @@ out = sys.argv[1]
 s = matspool.Spool(ring_bytes=1 << 20, timeout=60)
 dist.barrier()  # every rank has its spool: the daemon's table has them all
 st = ask(s.endpoint, msgs.StatusQuery(), 10)
+dist.barrier()  # no rank closes before every rank has read the table
 futures = [
     s.save(f"{out}/r{r}_{i}.mat", {"u": torch.arange(12, dtype=torch.float64).reshape(3, 4) + 100 * r + i,
                                    "step": torch.tensor([i], dtype=torch.int32)},
@@ -410,3 +411,25 @@ def test_opt_out_and_explicit_endpoint(tmp_path: Path, xdg: Path, monkeypatch: p
     assert_variables(read(tmp_path / "node.mat", "v5"), {"b": np.arange(3.0)[None, :]})
     assert_variables(read(tmp_path / "alone.mat", "v5"), {"c": np.arange(2.0)[None, :]})
     assert _leftovers(xdg, [os.getpid()], timeout=5) == []
+
+
+# -- the daemon's side: --idle-exit ----------------------------------------------------------------
+
+
+def test_a_job_daemon_nobody_uses_leaves_by_itself_and_a_second_one_yields(tmp_path: Path, xdg: Path) -> None:
+    from conftest import serve_cmd, wait_ready
+
+    sock = xdg / "j.sock"
+    endpoint = f"ipc://{sock}"
+    first = subprocess.Popen(serve_cmd(endpoint, tmp_path, "--idle-exit", "1"), stderr=subprocess.PIPE)
+    try:
+        assert wait_ready(endpoint, first)  # (each PING restarts its idle time)
+        second = subprocess.run(
+            serve_cmd(endpoint, tmp_path, "--idle-exit", "1"), capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == _launcher.BUSY_EXIT and second.stderr == ""  # lost, silently
+        assert first.wait(60) == 0  # nobody ever said HELLO: it went by itself
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert sorted(p.name for p in xdg.iterdir()) == []  # its socket and its lock file went with it
