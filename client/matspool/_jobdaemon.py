@@ -7,12 +7,15 @@ no daemon there starts one; which rank does is decided by the daemon's own endpo
 by local rank numbers, so 4-8 ranks arriving at once start exactly one:
 
 1. the lock is held: a daemon serves (or is binding); PING it until it answers;
-2. the lock is free: no daemon; start ``matspool serve --idle-exit`` (local rank 0 at
-   once, the others only after :data:`_DEFER_S`; several may, if the launcher gives no
-   local rank or rank 0 never comes);
-   the losers find the lock taken and exit with ``BUSY_EXIT``, silently; everyone then
+2. the lock is free: no daemon; start ``matspool serve --idle-exit``: local rank 0 at
+   once, the others only after :data:`_DEFER_S` (no python start-up wasted on a start
+   that loses). Several may start one at once (no local rank given, or rank 0 late);
+   the losers find the lock taken and exit with ``BUSY_EXIT``, silently, and everyone
    PINGs the winner. A socket left by a crashed earlier run of the same job is stale
    (nobody holds its lock) and the new daemon replaces it.
+
+Between a rank's PING and its HELLO the daemon cannot leave: any message restarts its
+idle time, and a HELLO follows within milliseconds.
 
 The daemon belongs to no rank: it is started in a session of its own (a launcher that
 kills a worker's process group, as torchrun does, does not take it), without
