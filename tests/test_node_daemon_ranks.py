@@ -48,6 +48,8 @@ def wait_for(path):
         time.sleep(0.05)
 
 out, k, hold = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if os.environ.get("PIN_TO_CPU"):  # srun --cpu-bind: this rank on one core
+    os.sched_setaffinity(0, {int(os.environ["PIN_TO_CPU"])})
 s = matspool.Spool(ring_bytes=1 << 20, timeout=60)
 emb = s._embedded
 print(json.dumps({"k": k, "pid": os.getpid(), "daemon": s._link.daemon_pid, "endpoint": s.endpoint,
@@ -340,13 +342,21 @@ def test_the_rank_that_started_the_daemon_is_killed_and_another_still_saves(
     """torchrun kills a worker's process group; Slurm ranks end in any order."""
     (tmp_path / "out").mkdir()
     slurm = {"SLURM_JOB_ID": "601", "SLURM_STEP_ID": "3"}
+    cpu = min(os.sched_getaffinity(0))
     starter = _start_rank(
-        tmp_path, xdg, 0, str(tmp_path / "never"), {**slurm, "SLURM_LOCALID": "0"}, session=True
+        tmp_path,
+        xdg,
+        0,
+        str(tmp_path / "never"),
+        {**slurm, "SLURM_LOCALID": "0", "PIN_TO_CPU": str(cpu)},
+        session=True,
     )
     other = None
     try:
         a = _line(starter)  # it started the daemon (no other rank yet)
         assert a["shared"] is True and _daemons(xdg) == [a["daemon"]]
+        # it serves every rank: not bound to the starter's core
+        assert os.sched_getaffinity(int(a["daemon"])) == os.sched_getaffinity(0)  # type: ignore[call-overload]
         other = _start_rank(tmp_path, xdg, 1, str(tmp_path / "go"), {**slurm, "SLURM_LOCALID": "1"})
         b = _line(other)
         assert b["daemon"] == a["daemon"]

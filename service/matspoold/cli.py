@@ -77,6 +77,16 @@ def _mode(text: str) -> int:
     return value
 
 
+def _every_cpu() -> None:
+    """A job's daemon writes for every rank on the node: it must not stay bound to the
+    cores of the rank that started it (``srun --cpu-bind``); the kernel keeps it within
+    the job's cpuset."""
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (AttributeError, OSError):  # no such call here, or nothing allowed outside the mask
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:  # defaults < config file < MATSPOOL_* environment < the flags given (config.py)
         resolved = resolve_settings(getattr(args, "given_flags", {}), config=args.config)
@@ -92,6 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import Daemon, install_signal_handlers
 
     setup_logging(cfg.log_level, cfg.log_format)
+    if args.idle_exit is not None:
+        _every_cpu()
     try:
         daemon = Daemon(
             cfg.endpoint,
