@@ -356,7 +356,7 @@ def test_the_rank_that_started_the_daemon_is_killed_and_another_still_saves(
         a = _line(starter)  # it started the daemon (no other rank yet)
         assert a["shared"] is True and _daemons(xdg) == [a["daemon"]]
         # it serves every rank: not bound to the starter's core
-        assert os.sched_getaffinity(int(a["daemon"])) == os.sched_getaffinity(0)  # type: ignore[call-overload]
+        assert os.sched_getaffinity(0) <= os.sched_getaffinity(int(a["daemon"]))  # type: ignore[call-overload]
         other = _start_rank(tmp_path, xdg, 1, str(tmp_path / "go"), {**slurm, "SLURM_LOCALID": "1"})
         b = _line(other)
         assert b["daemon"] == a["daemon"]
