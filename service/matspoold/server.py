@@ -64,7 +64,8 @@ MAX_REMOTE_FRAME = 1 << 32  # 4 GiB: larger arrays travel in pieces
 
 
 class Daemon:
-    """One per node (``matspool serve``), or one per client when embedded."""
+    """One per node (``matspool serve``), one per client when embedded, or one per job's
+    ranks on a node (``--idle-exit``: ``matspool._jobdaemon``)."""
 
     _guard: Guard  # the ROUTER's queues and connections, made by serve()
 
