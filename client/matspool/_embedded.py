@@ -1,4 +1,4 @@
-"""Start a private daemon for a client that was given no endpoint, shared by the process.
+"""The daemon of a client that was given no endpoint: the process's own, or its job's.
 
 The daemon runs as a separate process (``python -m matspoold``) started by exec, never
 by fork, so it is safe after CUDA has been initialised. Its socket lives in a fresh
@@ -10,6 +10,11 @@ One daemon per process: every ``Spool()`` without an endpoint in this process sh
 opening a spool of its own, does not start a daemon (and its writer processes) each time.
 A forked child's spool connects to its parent's embedded daemon; only the parent stops
 it, and a ``Spool()`` made new in the child starts the child's own.
+
+A rank of a distributed job (torchrun, Slurm, MPI: ``_launcher``) uses its job's daemon
+on this node instead, shared with the job's other ranks there (``_jobdaemon``): it is
+started by whichever rank comes first, no rank stops it, and it exits by itself when the
+last has left. ``MATSPOOL_SHARED=0`` keeps one daemon per process.
 
 Threads: any (the share count is under a lock); ``exit_status`` from I/O threads too.
 """
@@ -23,6 +28,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
+
+from . import _jobdaemon, _launcher
 
 __all__ = ["EmbeddedDaemon", "Share", "acquire"]
 
@@ -71,21 +79,27 @@ class EmbeddedDaemon:
 
 
 _lock = threading.Lock()
-_shared: EmbeddedDaemon | None = None
+_shared: EmbeddedDaemon | _jobdaemon.JobDaemon | None = None
 _users = 0
 
 
 class Share:
     """One spool's use of the process's embedded daemon; ``release`` once when done."""
 
-    def __init__(self, daemon: EmbeddedDaemon) -> None:
+    def __init__(self, daemon: EmbeddedDaemon | _jobdaemon.JobDaemon) -> None:
         self.daemon = daemon
         self.endpoint = daemon.endpoint
         self._released = False
 
     @property
-    def proc(self) -> subprocess.Popen[bytes]:
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The daemon's process when this process started it."""
         return self.daemon.proc
+
+    @property
+    def shared(self) -> bool:
+        """Whether this is the job's daemon, shared with its other ranks on this node."""
+        return isinstance(self.daemon, _jobdaemon.JobDaemon)
 
     def exit_status(self) -> int | None:
         return self.daemon.exit_status()
@@ -110,13 +124,28 @@ class Share:
 
 
 def acquire() -> Share:
-    """The process's embedded daemon, started on first use (or again if it died)."""
+    """The process's embedded daemon, started on first use (or again if it died); in a
+    job's rank, the job's daemon on this node, connected to (or started) on first use."""
     global _shared, _users
     with _lock:
         if _shared is None or _shared.exit_status() is not None:
-            _shared, _users = EmbeddedDaemon(), 0
+            _shared, _users = _start(), 0
         _users += 1
         return Share(_shared)
+
+
+def _start() -> EmbeddedDaemon | _jobdaemon.JobDaemon:
+    job = _launcher.detect() if _launcher.sharing_enabled() else None
+    if job is not None and (problem := _jobdaemon.place_problem(job)) is not None:
+        warnings.warn(
+            f"matspool: this {job.launcher} rank cannot share its job's daemon ({problem}); "
+            "it starts one of its own (point XDG_RUNTIME_DIR at a directory of yours, or set "
+            "MATSPOOL_SHARED=0 to silence this)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        job = None
+    return EmbeddedDaemon() if job is None else _jobdaemon.connect_or_start(job)
 
 
 def _after_fork_in_child() -> None:

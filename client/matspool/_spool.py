@@ -73,7 +73,9 @@ class Spool:
     """A connection to a writer daemon plus this process's ring.
 
     ``endpoint`` defaults to ``$MATSPOOL_ENDPOINT``; with neither, the process's embedded
-    daemon is used (started by the first such spool, stopped when the last one closes).
+    daemon is used (started by the first such spool, stopped when the last one closes), or,
+    in a rank of a torchrun, Slurm or MPI job, the job's daemon on this node, shared by its
+    ranks there (``MATSPOOL_SHARED=0``: one per process; see ``_jobdaemon``).
     An endpoint that is not ``ipc://PATH`` or ``tcp://HOST:PORT`` raises
     :class:`InvalidOptionError`; one nobody listens at raises :class:`DaemonUnavailable`
     within a few seconds. ``int_as="double"`` stores Python ints as MATLAB double. A

@@ -9,6 +9,8 @@ import signal
 import sys
 from typing import NoReturn
 
+from matspool._launcher import BUSY_EXIT
+
 from .config import ConfigError, default_endpoint, resolve_settings, take_flags
 
 __all__ = ["BAD_INPUT", "default_endpoint", "main"]
@@ -75,6 +77,16 @@ def _mode(text: str) -> int:
     return value
 
 
+def _every_cpu() -> None:
+    """A job's daemon writes for every rank on the node: it must not stay bound to the
+    cores of the rank that started it (``srun --cpu-bind``); the kernel keeps it within
+    the job's cpuset."""
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (AttributeError, OSError):  # no such call here, or nothing allowed outside the mask
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:  # defaults < config file < MATSPOOL_* environment < the flags given (config.py)
         resolved = resolve_settings(getattr(args, "given_flags", {}), config=args.config)
@@ -85,10 +97,13 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.write(resolved.to_toml())
         return 0
     cfg = resolved.settings
+    from .endpoint import EndpointBusy
     from .logs import setup_logging
     from .server import Daemon, install_signal_handlers
 
     setup_logging(cfg.log_level, cfg.log_format)
+    if args.idle_exit is not None:
+        _every_cpu()
     try:
         daemon = Daemon(
             cfg.endpoint,
@@ -97,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
             socket_mode=cfg.socket_mode,
             socket_group=cfg.group,
             parent_pid=args.parent_pid,
+            idle_exit=args.idle_exit,
             clean_stale=cfg.clean_stale,
             client_timeout=cfg.client_timeout,
             max_ring_bytes=cfg.max_ring_bytes,
@@ -134,6 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     except (ValueError, OSError) as e:  # bind failures, unreadable keys: say so, no traceback
+        if args.idle_exit is not None and isinstance(e, EndpointBusy):
+            return BUSY_EXIT  # another rank's daemon has the job's endpoint: not an error
         print(f"matspool serve: {e}", file=sys.stderr)
         return 2
     return 0
@@ -315,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         help="serve Prometheus metrics over HTTP there (default: off)",
     )
     s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    s.add_argument(
+        "--idle-exit",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="exit once no client has been connected for SECONDS (a job's shared daemon, "
+        f"started by its ranks); a busy endpoint then exits with {BUSY_EXIT}, silently",
+    )
     s.add_argument("--debug-write-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     s.add_argument(
         "--log-level", default=unset, choices=["debug", "info", "warning", "error"], help="(default: info)"

@@ -64,6 +64,7 @@ OTHER_ENV_VARS: Final = frozenset(
         "MATSPOOL_CURVE_SERVER_PUBLIC",
         "MATSPOOL_PROGRESS",
         "MATSPOOL_CONNECT_GRACE",
+        "MATSPOOL_SHARED",  # 0: no daemon shared by a job's ranks (matspool._launcher)
         # the matspool command: tracebacks instead of one-line errors
         "MATSPOOL_DEBUG",
         # daemon tuning read outside the settings

@@ -6,8 +6,10 @@ cutting the first daemon's clients off. Before binding, a daemon therefore
 
 1. takes an exclusive ``flock`` on ``<socket>.lock`` (kept for its whole life, so two
    daemons starting at once cannot both pass step 2; the kernel drops it when the daemon
-   dies, even by SIGKILL). The lock file is left in place: unlinking it would let a
-   newcomer lock a stale inode;
+   dies, even by SIGKILL). The lock file is left in place (unlinking it would let a
+   newcomer lock a stale inode), except by a job's daemon (``--idle-exit``), which leaves
+   nothing behind: it unlinks the file while still holding it, and a newcomer that then
+   locks the unlinked inode sees the path no longer names it and opens the path again;
 2. asks the socket, if one exists, for a PING: an answer (a daemon of an older version
    that takes no lock, or one in another mount namespace) means the endpoint is taken.
 
@@ -54,8 +56,10 @@ class IpcClaim:
         st = os.stat(self.path)
         self.inode = (st.st_dev, st.st_ino)
 
-    def release(self) -> None:
-        """Remove the socket if it is still ours, then drop the lock."""
+    def release(self, *, remove_lock: bool = False) -> None:
+        """Remove the socket if it is still ours, then drop the lock. ``remove_lock``
+        (a job's daemon, which leaves nothing behind): the lock file goes too, unlinked
+        while still held, so a newcomer that opened it retries (``claim_ipc``)."""
         try:
             st = os.stat(self.path)
             if self.inode is not None and (st.st_dev, st.st_ino) == self.inode:
@@ -66,8 +70,19 @@ class IpcClaim:
             pass
         finally:
             if self.lock_fd >= 0:
+                if remove_lock and _is_at(self.lock_fd, self.path + ".lock"):
+                    os.unlink(self.path + ".lock")
                 os.close(self.lock_fd)  # closing drops the flock
                 self.lock_fd = -1
+
+
+def _is_at(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open at ``fd``."""
+    try:
+        st, here = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _holder_pid(fd: int) -> int | None:
@@ -99,7 +114,17 @@ def claim_ipc(endpoint: str) -> IpcClaim:
     that has it."""
     path = endpoint[len("ipc://") :]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    for _ in range(100):
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        claim = _claim_locked(endpoint, path, fd)
+        if claim is not None:
+            return claim
+    raise EndpointBusy(f"the lock file of {endpoint} keeps being replaced; not taking it")
+
+
+def _claim_locked(endpoint: str, path: str, fd: int) -> IpcClaim | None:
+    """Lock ``fd`` (the lock file just opened) and check the socket; None when the lock
+    file was removed meanwhile (by a job's daemon leaving): open it again."""
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,6 +138,9 @@ def claim_ipc(endpoint: str) -> IpcClaim:
                     "(stopped?); not taking it over"
                 ) from None
             raise EndpointBusy(f"a daemon already serves {endpoint}, pid {pid}") from None
+        if not _is_at(fd, path + ".lock"):
+            os.close(fd)  # a leaving daemon unlinked it while holding it: a stale inode
+            return None
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise EndpointBusy(

@@ -64,7 +64,8 @@ MAX_REMOTE_FRAME = 1 << 32  # 4 GiB: larger arrays travel in pieces
 
 
 class Daemon:
-    """One per node (``matspool serve``), or one per client when embedded."""
+    """One per node (``matspool serve``), one per client when embedded, or one per job's
+    ranks on a node (``--idle-exit``: ``matspool._jobdaemon``)."""
 
     _guard: Guard  # the ROUTER's queues and connections, made by serve()
 
@@ -77,6 +78,7 @@ class Daemon:
         socket_mode: int = 0o600,
         socket_group: str | None = None,
         parent_pid: int | None = None,
+        idle_exit: float | None = None,
         clean_stale: bool = True,
         client_timeout: float = 30.0,
         curve_secret: str | None = None,
@@ -103,6 +105,8 @@ class Daemon:
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.parent_pid = parent_pid
+        # a job's shared daemon (--idle-exit): leaves once it has had no client that long
+        self.idle_exit = idle_exit
         self._ctx = zmq.Context()
         self._jobs = JobRunner(self.roots, write_delay)
         self._scheduler = Scheduler(writers, self._jobs.run, self._ctx)
@@ -209,7 +213,7 @@ class Daemon:
             guard.close()
             router.close(linger=0)
             if self._claim is not None:
-                self._claim.release()
+                self._claim.release(remove_lock=self.idle_exit is not None)
             raise
         wake = self._scheduler.wake_socket()
         poller = zmq.Poller()
@@ -220,6 +224,7 @@ class Daemon:
             remove_stale_rings()
         log.info("serving %s, roots %s", self.endpoint, ", ".join(self.roots))
         next_reap = time.monotonic() + 1.0
+        idle_since = time.monotonic()
         try:
             while True:
                 events = dict(poller.poll(200))
@@ -243,6 +248,12 @@ class Daemon:
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.info("parent %d is gone; stopping", self.parent_pid)
                     self._stopping = True
+                if self.idle_exit is not None and not self._stopping:
+                    if self._clients.table or router in events:  # a PING counts: a HELLO follows
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since >= self.idle_exit:
+                        log.info("no client for %.1f s; stopping", self.idle_exit)
+                        self._stopping = True
                 if self._stopping and not self._clients.busy():
                     break
         finally:
@@ -259,7 +270,8 @@ class Daemon:
                 self._auth.stop()
             self._ctx.destroy(linger=0)  # also closes the writers' wake sockets
             if self._claim is not None:
-                self._claim.release()  # removes the socket only if it is still ours
+                # removes the socket only if it is still ours (a job's daemon: its lock file too)
+                self._claim.release(remove_lock=self.idle_exit is not None)
             log.info("stopped after %d files", self.files_written)
 
     def status(self) -> msgs.StatusReply:

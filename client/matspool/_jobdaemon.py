@@ -1,0 +1,249 @@
+"""One daemon per node for the ranks of a distributed job: connect to it, or start it.
+
+Ranks of one job (``_launcher.detect``) on one node meet at one ipc endpoint in this
+user's private directory, named after the job key (``job-<digest>.sock``). Whoever finds
+no daemon there starts one; which rank does is decided by the daemon's own endpoint claim
+(``matspoold.endpoint``: an exclusive ``flock`` on ``<socket>.lock``, then a PING), not
+by local rank numbers, so 4-8 ranks arriving at once start exactly one:
+
+1. the lock is held: a daemon serves (or is binding); PING it until it answers;
+2. the lock is free: no daemon; start ``matspool serve --idle-exit``: local rank 0 at
+   once, the others only after :data:`_DEFER_S` (no python start-up wasted on a start
+   that loses). Several may start one at once (no local rank given, or rank 0 late);
+   the losers find the lock taken and exit with ``BUSY_EXIT``, silently, and everyone
+   PINGs the winner. A socket left by a crashed earlier run of the same job is stale
+   (nobody holds its lock) and the new daemon replaces it.
+
+Between a rank's PING and its HELLO the daemon cannot leave: any message restarts its
+idle time, and a HELLO follows within milliseconds.
+
+The daemon belongs to no rank: it is started in a session of its own (a launcher that
+kills a worker's process group, as torchrun does, does not take it), without
+``--parent-pid``, so the rank that started it may exit first while others still save.
+It stops by itself once no client has been connected for :data:`IDLE_EXIT_S` (after
+every BYE, or after the reaper found the last rank dead; accepted saves are written
+first), which also covers nobody ever connecting; a job's end (Slurm's cgroup kill)
+may end it sooner. On its way out it removes its socket and lock file: nothing stays.
+Lock files of daemons that were killed (nobody holds them, untouched for a minute) are
+swept by the next rank that starts a daemon.
+
+Threads: the caller's (``_embedded.acquire``, under its lock); a reaper thread per
+daemon this process started, which only waits for it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from typing import Final
+
+from ._endpoint import check_ipc_endpoint, make_private_dirs
+from ._errors import DaemonUnavailable
+from ._launcher import BUSY_EXIT, JobKey, job_endpoint, process_start
+
+__all__ = ["IDLE_EXIT_S", "START_TIMEOUT_S", "JobDaemon", "connect_or_start", "place_problem"]
+
+#: a job's daemon exits once no client has been connected this long
+IDLE_EXIT_S: Final = 3.0
+#: how long ``Spool()`` waits for the job's daemon to answer
+START_TIMEOUT_S: Final = 30.0
+_STALE_LOCK_S: Final = 60.0  # a lock file nobody holds, untouched this long, is swept
+_PING_S: Final = 0.5
+#: a rank whose local rank is not 0 lets local rank 0 start the daemon for this long first
+#: (no python start-up wasted on a start that loses); it starts one itself after that
+_DEFER_S: Final = 3.0
+_SUN_PATH_MAX: Final = 107  # bytes of a unix socket's path
+
+
+class JobDaemon:
+    """The job's daemon on this node as one of its ranks sees it: ``proc`` only in the
+    rank that started it."""
+
+    def __init__(self, endpoint: str, pid: int, proc: subprocess.Popen[bytes] | None) -> None:
+        self.endpoint = endpoint
+        self.pid = pid
+        self.proc = proc
+        self._started = process_start(pid)
+
+    def exit_status(self) -> int | None:
+        """None while it runs; its status when it is our child, else -1 once it is gone."""
+        if self.proc is not None:
+            return self.proc.poll()
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return -1
+        except PermissionError:
+            pass  # exists (another user's pid now: then its start time differs)
+        if self._started is not None and process_start(self.pid) != self._started:
+            return -1  # the pid was reused
+        return None
+
+    def stop(self, timeout: float = 30.0, *, wait: bool = True) -> None:
+        """This process leaves; the daemon stays for the job's other ranks and exits by
+        itself when the last has gone. Our child is reaped when it does (no zombie)."""
+        if self.proc is not None:
+            _reap(self.proc)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for our child on a thread of its own (at interpreter exit: nothing to do, it
+    is reparented)."""
+    if proc.poll() is None:
+        try:
+            threading.Thread(target=proc.wait, name="matspool-reap", daemon=True).start()
+        except RuntimeError:
+            pass  # the interpreter is shutting down
+
+
+def _lock_held(lock: str) -> bool:
+    """Whether a daemon holds the endpoint's lock (a shared probe, released at once)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops our probe's lock
+    return False
+
+
+def _ping(endpoint: str, timeout: float) -> int | None:
+    """The pid of the daemon answering on ``endpoint``, None when none does in time."""
+    import zmq
+
+    from . import _messages as msgs
+
+    if not os.path.exists(endpoint[len("ipc://") :]):
+        return None
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(msgs.encode(msgs.Ping()))
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        reply = msgs.decode_reply(sock.recv_multipart())
+    except Exception:  # noqa: BLE001 - a garbled answer is no daemon of ours either
+        return None
+    finally:
+        sock.close()
+    return reply.pid if isinstance(reply, msgs.Pong) and reply.pid else None
+
+
+def _sweep(directory: str, keep: str) -> None:
+    """Remove job sockets and lock files that daemons killed before they could (SIGKILL,
+    a job's end): only those whose lock nobody holds and nobody touched for a minute."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        lock = os.path.join(directory, name)
+        if not (name.startswith("job-") and name.endswith(".sock.lock")) or lock == keep:
+            continue
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if now - os.fstat(fd).st_mtime < _STALE_LOCK_S:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            here, st = os.stat(lock), os.fstat(fd)
+            if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+                continue
+            sock = lock[: -len(".lock")]
+            if os.path.lexists(sock) and stat.S_ISSOCK(os.lstat(sock).st_mode):
+                os.unlink(sock)
+            os.unlink(lock)  # while held: a daemon that opened it meanwhile opens again
+        except OSError:
+            continue  # held (a live daemon), or gone already
+        finally:
+            os.close(fd)
+
+
+def _spawn(endpoint: str, writers: int | None) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "matspoold",
+        "serve",
+        "--endpoint",
+        endpoint,
+        "--root",
+        "/",
+        "--idle-exit",
+        str(IDLE_EXIT_S),
+        "--log-level",
+        "warning",
+    ]
+    if writers:
+        cmd += ["--writers", str(writers)]
+    # a session of its own: a launcher's kill of the starting rank's group spares it
+    # stdout: nothing (a caller reading a rank's output through a pipe is not held up by it);
+    # stderr: the starting rank's, for the daemon's warnings
+    return subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True
+    )
+
+
+def place_problem(key: JobKey) -> str | None:
+    """Why the job's socket cannot be made where it belongs (None: it can): its directory
+    cannot be created or is not this user's alone, or the path is too long for a socket."""
+    endpoint = job_endpoint(key)
+    path = endpoint[len("ipc://") :]
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        return f"{path} is longer than a socket path may be ({_SUN_PATH_MAX} bytes)"
+    try:
+        make_private_dirs(endpoint)
+        check_ipc_endpoint(endpoint, missing_ok=False)
+    except (OSError, DaemonUnavailable) as e:
+        return str(e)
+    return None
+
+
+def connect_or_start(
+    key: JobKey, *, timeout: float = START_TIMEOUT_S, writers: int | None = None
+) -> JobDaemon:
+    """The job's daemon on this node, started by this process if none runs."""
+    endpoint = job_endpoint(key)
+    path = endpoint[len("ipc://") :]
+    check_ipc_endpoint(endpoint, missing_ok=False)  # raises DaemonUnavailable: unsafe dir
+    proc: subprocess.Popen[bytes] | None = None
+    start = time.monotonic()
+    deadline = start + timeout
+    defer = start + (_DEFER_S if key.local_rank else 0.0)
+    while True:
+        if _lock_held(path + ".lock"):
+            pid = _ping(endpoint, _PING_S)
+            if pid is not None:
+                ours = proc if proc is not None and proc.pid == pid else None
+                if proc is not None and ours is None:  # lost the race: reap it as it exits
+                    _reap(proc)
+                return JobDaemon(endpoint, pid, ours)
+        elif (proc is None and time.monotonic() >= defer) or (proc is not None and proc.poll() is not None):
+            if proc is not None and proc.returncode not in (0, BUSY_EXIT):
+                raise DaemonUnavailable(
+                    f"the shared daemon of this {key.launcher} job (at {endpoint}) exited with "
+                    f"status {proc.returncode} while starting; its message is above. "
+                    "MATSPOOL_SHARED=0 gives each process a daemon of its own"
+                )
+            _sweep(os.path.dirname(path), keep=path + ".lock")
+            proc = _spawn(endpoint, writers)
+        if time.monotonic() > deadline:
+            raise DaemonUnavailable(
+                f"the shared daemon of this {key.launcher} job did not answer at {endpoint} "
+                f"within {timeout:.0f} s; MATSPOOL_SHARED=0 gives each process a daemon of its own"
+            )
+        time.sleep(0.05)
