@@ -94,9 +94,13 @@ class Plan:
     total: int  # bytes of the region
     slabs: dict[str, tuple[int, int]] | None = None  # in pieces: name -> (axis, planes per slab)
     append: bool = False  # MATLAB's save -append (a whole save only)
+    plain: bool = False  # every value a plain array (made from a template)
 
     def specs(self, base: int) -> list[proto.Variable]:
         """The WRITE's variables with the region at ``base``."""
+        if self.plain:
+            rel = self.relative
+            return [proto.VarSpec(a.name, a.dtype, a.dims, base + rel[id(a)], a.nbytes) for a in self.arrays]
         offsets = {key: base + off for key, off in self.relative.items()}
         slabs = self.slabs or {}
         return [
@@ -212,7 +216,9 @@ class _Template:
             values[name] = a
             arrays.append(a)
             relative[id(a)] = off
-        return Plan(path, self.format, fsync, compress, "write", values, arrays, relative, self.total)
+        return Plan(
+            path, self.format, fsync, compress, "write", values, arrays, relative, self.total, plain=True
+        )
 
 
 def _plan(
