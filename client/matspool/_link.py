@@ -279,7 +279,7 @@ class Link:
             if op in ("WRITE", "PART", "END") and not self._table.sent(seq, op, frames, self.instance, lease):
                 continue
             if op == "WRITE" and len(frames) == 2:  # no payload frames to keep apart
-                if size + len(frames[1]) > _BATCH_BYTES:
+                if size + len(frames[1]) > _BATCH_BYTES or len(batch) >= proto.MAX_BATCH:
                     self._send_batch(batch)
                     batch, size = [], 0
                 batch.append(frames[1])

@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final
 
+from . import _wirebin
 from ._errors import ProtocolError
 from ._protocol import MAX_BATCH, TAG, Part, WriteRequest, decode_head, parse_part, parse_write
 
@@ -148,7 +149,10 @@ class Batch:
 
     @staticmethod
     def join(bodies: list[bytes]) -> bytes:
-        """The wire body of a BATCH from WRITE bodies already encoded (no re-encoding)."""
+        """The wire body of a BATCH from WRITE bodies already encoded (no re-encoding):
+        binary (``_wirebin``) when any of them is, else JSON."""
+        if any(b[:1] == _wirebin.BINARY for b in bodies):
+            return _wirebin.join_batch(bodies)
         return b'{"op":"BATCH","msgs":[' + b",".join(bodies) + b"]}"
 
     @classmethod
@@ -403,7 +407,10 @@ def wire_fields(op: str, *, from_client: bool) -> tuple[str, ...]:
 
 
 def encode(msg: Message) -> list[bytes]:
-    """The frames of a message (tag, JSON body)."""
+    """The frames of a message (tag, body): JSON, or for a WRITE of plain variables the
+    binary form of :mod:`matspool._wirebin` (the small-save hot path, issue 14)."""
+    if type(msg) is WriteRequest and (body := _wirebin.encode_write(msg)) is not None:
+        return [TAG, body]
     return [TAG, json.dumps(msg.to_wire(), separators=(",", ":")).encode()]
 
 
