@@ -128,3 +128,38 @@ def test_a_loop_through_templates_writes_every_file_exactly(
     mspool.flush()
     for step, values in enumerate(sent):
         assert_variables(read(root / f"t{step:02d}.mat", fmt), values, f"step {step}")
+
+
+def test_v5_small_file_frames_write_what_the_general_path_writes(tmp_path: Path) -> None:
+    """The daemon's v5 small-file templates (tags reused per name, type and size): the same
+    bytes as the elements built from scratch, for every kind of plain array."""
+    from matspool._protocol import VarSpec
+    from matspoold.writers import v5
+
+    rng = np.random.default_rng(5)
+    arrays = {
+        "f4": rng.standard_normal((3, 4)).astype(np.float32),
+        "f8": rng.standard_normal((5, 1)),
+        "b": rng.random((2, 3)) > 0.5,
+        "i8": rng.integers(-9, 9, (4, 4), dtype=np.int8),
+        "u2": rng.integers(0, 9, (1, 7), dtype=np.uint16),
+        "c16": rng.standard_normal((2, 2)) + 1j,
+        "e": np.zeros((0, 3)),
+        "big_name_" + "x" * 50: np.arange(6, dtype=np.int64).reshape(2, 3),
+    }
+    variables = []
+    for name, a in arrays.items():
+        f = np.asfortranarray(a)
+        dtype = "|b1" if a.dtype.kind == "b" else a.dtype.str
+        variables.append((VarSpec(name, dtype, a.shape, 0, a.nbytes), f))
+    v5._FRAMES.clear()
+    v5._write_small(str(tmp_path / "first.mat"), variables)  # makes the frames
+    assert len(v5._FRAMES) == 6  # not the complex one, not the empty one
+    for step in range(3):  # new values under the same names, types and sizes
+        for _, f in variables:
+            f[...] = np.asfortranarray(rng.standard_normal(f.shape)).astype(f.dtype)
+        v5._write_small(str(tmp_path / f"again{step}.mat"), variables)
+        expected = b"".join(b for spec, f in variables for b in v5._element(spec, f, v5._CHUNK))
+        got = (tmp_path / f"again{step}.mat").read_bytes()
+        assert got[:20] == b"MATLAB 5.0 MAT-file " and got[124:128] == b"\x00\x01IM"
+        assert got[128:] == expected  # the header's text says when: compared apart
