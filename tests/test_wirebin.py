@@ -48,7 +48,7 @@ WRITES = [
 
 @pytest.mark.parametrize("write", WRITES, ids=range(len(WRITES)))
 def test_binary_write_reads_as_its_json_form(write: WriteRequest) -> None:
-    tag, body = m.encode(write)
+    tag, body = m.encode(write, binary=True)
     assert tag == TAG and body[:2] == _wirebin.WRITE_MAGIC
     assert decode_head(tag, body) == json.loads(_json_body(write))
     assert m.parse_request(decode_head(tag, body), RING) == write
@@ -63,7 +63,7 @@ def test_other_writes_stay_json() -> None:
         WriteRequest(1, "/tmp/x.mat", "v5", False, (VarSpec("x", "<f8", (1, 1), 0, 8),), append=True),
         WriteRequest(1, "/tmp/\udcff.mat", "v5", False, (VarSpec("x", "<f8", (1, 1), 0, 8),)),
     ]:
-        body = m.encode(write)[1]
+        body = m.encode(write, binary=True)[1]
         assert body[:1] == b"{"
         assert json.loads(body) == write.to_wire()
 
@@ -71,7 +71,7 @@ def test_other_writes_stay_json() -> None:
 def test_batches_mix_binary_and_json_bodies() -> None:
     tree = TreeSpec("s", Struct((("a", VarSpec("s.a", "<f8", (1, 1), 0, 8)),)))
     writes = [*WRITES, WriteRequest(9, "/tmp/t.mat", "v5", False, (tree,))]
-    body = m.Batch.join([m.encode(w)[1] for w in writes])
+    body = m.Batch.join([m.encode(w, binary=True)[1] for w in writes])
     assert body[:2] == _wirebin.BATCH_MAGIC
     batch = m.parse_request(decode_head(TAG, body), RING)
     assert isinstance(batch, m.Batch)
@@ -82,7 +82,7 @@ def test_batches_mix_binary_and_json_bodies() -> None:
 
 
 def _hostile() -> list[bytes]:
-    good = m.encode(WRITES[1])[1]
+    good = m.encode(WRITES[1], binary=True)[1]
     head = _wirebin._HEAD
     bad = [
         good[:1],
@@ -175,3 +175,19 @@ def test_more_queued_saves_than_a_batch_holds_all_arrive(tmp_path_factory: pytes
         assert_variables(read(d / "b4499.mat", "v5"), {"x": x})
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_binary_only_to_a_daemon_that_says_it_reads_it(mdaemon: DaemonProc, root: Path) -> None:
+    """The daemon's WELCOME lists the feature; a client told nothing (an older daemon, whose
+    version is the bare tag) keeps sending JSON."""
+    write = WRITES[0]
+    assert m.encode(write)[1][:1] == b"{"  # the default: JSON
+    with matspool.Spool(mdaemon.endpoint, ring_bytes=1 << 20, timeout=30) as spool:
+        assert spool._link.binary  # type: ignore[union-attr]
+        x = np.arange(6.0).reshape(2, 3)
+        spool.save(root / "b.mat", {"x": x}).result(30)
+        assert_variables(read(root / "b.mat", "v5"), {"x": x})
+    old = m.Welcome(1, "i", "matspool/1")
+    assert _wirebin.FEATURE not in old.version.split()
+    new = m.decode_reply(m.encode(m.Welcome(1, "i", f"matspool/1 {_wirebin.FEATURE}")))
+    assert isinstance(new, m.Welcome) and _wirebin.FEATURE in new.version.split()

@@ -8,7 +8,9 @@ are checked against the sender's ring as well, in :mod:`matspool._protocol`.
 
 On the wire a message is two ZeroMQ frames, :data:`TAG` and one UTF-8 JSON object with an
 ``op`` field (see ``_protocol.encode``); a remote client's WRITE or PART is followed by
-its payload frames. Stateless: any thread may use it.
+its payload frames. A WRITE of plain variables and a BATCH may instead be binary
+(:mod:`matspool._wirebin`), once the daemon's WELCOME ``version`` lists the feature
+``binwrite`` after the tag. Stateless: any thread may use it.
 
 client -> daemon                              daemon -> client
   HELLO  {ring, ring_bytes, pid, remote, fd}    WELCOME   {pid, instance, version}
@@ -406,10 +408,11 @@ def wire_fields(op: str, *, from_client: bool) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
 
 
-def encode(msg: Message) -> list[bytes]:
-    """The frames of a message (tag, body): JSON, or for a WRITE of plain variables the
-    binary form of :mod:`matspool._wirebin` (the small-save hot path, issue 14)."""
-    if type(msg) is WriteRequest and (body := _wirebin.encode_write(msg)) is not None:
+def encode(msg: Message, *, binary: bool = False) -> list[bytes]:
+    """The frames of a message (tag, body): JSON, or with ``binary`` (the daemon's WELCOME
+    listed ``_wirebin.FEATURE``) for a WRITE of plain variables the binary form of
+    :mod:`matspool._wirebin` (the small-save hot path, issue 14)."""
+    if binary and type(msg) is WriteRequest and (body := _wirebin.encode_write(msg)) is not None:
         return [TAG, body]
     return [TAG, json.dumps(msg.to_wire(), separators=(",", ":")).encode()]
 

@@ -9,8 +9,9 @@ does not fit the layout exactly (short, trailing bytes, bad UTF-8, unknown codes
 in a batch) is refused with :class:`ProtocolError`.
 
 A body is binary when its first byte is ``\\x01`` (a JSON body starts with ``{``); the
-protocol tag is unchanged (a clean break inside ``matspool/1``: client and daemon ship
-together). All integers little-endian::
+protocol tag is unchanged: a daemon that reads this form says so in its WELCOME (``version``
+``"matspool/1 binwrite"``), and only then does a client send it. All integers
+little-endian::
 
     WRITE  "\\x01W" seq:u64 format:u8 fsync:u8 compress:u8 mode:u8 path_len:u16 nvars:u16
            path (UTF-8), then per variable:
@@ -31,7 +32,12 @@ from typing import Any, Final
 from ._errors import ProtocolError
 from ._specs import VarSpec
 
-__all__ = ["BATCH_MAGIC", "BINARY", "WRITE_MAGIC", "decode", "encode_write", "join_batch"]
+__all__ = ["BATCH_MAGIC", "BINARY", "FEATURE", "WRITE_MAGIC", "decode", "encode_write", "join_batch"]
+
+#: what a daemon that reads this form lists in its WELCOME's ``version``, after the tag
+#: (``"matspool/1 binwrite"``); a client sends binary WRITEs only to such a daemon, so an
+#: older daemon keeps getting JSON
+FEATURE: Final = "binwrite"
 
 BINARY: Final = b"\x01"
 WRITE_MAGIC: Final = b"\x01W"
