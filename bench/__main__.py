@@ -28,12 +28,17 @@ MEASUREMENTS: list[tuple[str, str, str]] = [
     ("small", "bench.small", "rows"),
     ("producers", "bench.producers", "rows"),
     ("compress", "bench.compress", "rows"),
+    ("peers", "bench.peers", "rows"),
 ]
+# run only when named (``python -m bench peers`` or ``--only peers``): it repeats what the
+# others measure against every peer library, minutes on a small machine
+OPT_IN = {"peers"}
 ALIASES = {"memory": "throughput", "gpu": "d2h", "small_files": "small", "writer": "throughput"}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="matspool benchmarks (bench/README.md)")
+    p.add_argument("what", nargs="*", metavar="NAME", help="measurements to run (same as --only)")
     p.add_argument("--quick", action="store_true", help="small sizes, a few minutes on a 2-core machine")
     p.add_argument(
         "--json",
@@ -53,6 +58,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--only", default=None, metavar="NAME,...", help=f"run only these measurements: {', '.join(names)}"
     )
     args = p.parse_args(argv)
+    if args.what:
+        args.only = ",".join([*args.what, *([args.only] if args.only else [])])
     if args.only:
         wanted = {ALIASES.get(n.strip(), n.strip()) for n in args.only.split(",") if n.strip()}
         unknown = wanted - {n for n, _, _ in MEASUREMENTS}
@@ -90,6 +97,27 @@ def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
         print(line(b), file=out)
 
 
+def _peers_outputs(doc: dict[str, Any], json_path: str) -> None:
+    """The peer table as Markdown and its plots (PNG), next to the JSON."""
+    entry = doc["results"].get("peers")
+    if not entry or not entry["ok"]:
+        return
+    from . import peers
+
+    stem = os.path.splitext(os.path.abspath(json_path))[0]
+    try:
+        files = peers.plot(entry["data"], stem)
+    except ImportError as e:
+        print(f"no plots: {e} (pip install -e '.[bench]')", file=sys.stderr)
+        files = []
+    md = peers.markdown(entry["data"])
+    with open(stem + "-peers.md", "w") as f:
+        f.write(md + "\n")
+    print("\n" + md + "\n")
+    for path in [stem + "-peers.md", *files]:
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     # the package's own imports are deferred to here (see the module docstring)
@@ -97,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = Config.for_mode(args.quick)
     workdir = mkdtemp_in(os.path.abspath(args.dir) if args.dir else OUT)
-    todo = [(n, m) for n, m, f in MEASUREMENTS if f == "rows" and (not args.only or n in args.only)]
+    todo = [
+        (n, m)
+        for n, m, f in MEASUREMENTS
+        if f == "rows" and (n in args.only if args.only else n not in OPT_IN)
+    ]
     started = _dt.datetime.now().astimezone()
     t0 = now()
     doc: dict[str, Any] = {
@@ -181,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1, default=str)
         f.write("\n")
+    _peers_outputs(doc, args.json)
     meta = doc["meta"]
     print(
         f"\nmatspool bench, {meta['mode']} mode, {meta['hostname']}, {meta['cpu_count']} CPUs, "

@@ -8,6 +8,7 @@ ring; for CUDA tensors it happens on the GPU before the one device-to-host copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -484,6 +485,11 @@ _TILE: Final = 256
 _TORCH_MIN_BYTES: Final = 1 << 18  # below this torch's per-call overhead outweighs its speed
 
 
+@functools.lru_cache(maxsize=64)
+def _dtype(name: str) -> np.dtype[Any]:
+    return np.dtype(name)
+
+
 def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:
     """Copy a host array into the ring in column-major order (the one copy it gets).
 
@@ -495,7 +501,7 @@ def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:
     """
     if p.nbytes == 0:
         return
-    dest = np.ndarray(p.dims[::-1], dtype=np.dtype(p.dtype), buffer=ring, offset=offset)
+    dest = np.ndarray(p.dims[::-1], dtype=_dtype(p.dtype), buffer=ring, offset=offset)
     src = p.array.transpose()
     if src.flags.c_contiguous or src.ndim < 2:
         np.copyto(dest, src, casting="same_kind")
@@ -510,7 +516,7 @@ def copy_host(p: Prepared, ring: np.ndarray, offset: int) -> None:
             return
         except (TypeError, ValueError, RuntimeError):
             pass  # a dtype or stride torch does not take: numpy below
-    if src.ndim == 2:
+    if src.ndim == 2 and (src.shape[0] > _TILE or src.shape[1] > _TILE):
         for i in range(0, src.shape[0], _TILE):
             for j in range(0, src.shape[1], _TILE):
                 np.copyto(

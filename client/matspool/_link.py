@@ -34,6 +34,7 @@ from typing import Any, Final
 
 from . import _messages as msgs
 from . import _protocol as proto
+from . import _wirebin
 from ._errors import (
     DaemonUnavailable,
     MatspoolError,
@@ -95,6 +96,7 @@ class Link:
         self.broken: MatspoolError | None = None
         self.instance: str | None = None
         self.daemon_pid: int | None = None
+        self.binary = False  # the daemon's WELCOME said it reads binary WRITEs (_wirebin)
         self._hello_pending = False
         self._hello_at = 0.0
         self._welcome = threading.Event()
@@ -133,7 +135,7 @@ class Link:
     def send(self, message: msgs.Request, lease: Lease | None = None) -> None:
         """Queue ``message``; ``lease``: the region it names, released here if the message
         never goes."""
-        frames = [*msgs.encode(message), *self._payload(message)]
+        frames = [*msgs.encode(message, binary=self.binary), *self._payload(message)]
         with self._outbox_lock:
             self._outbox.append((message.OP, getattr(message, "seq", -1), frames, lease))
             if len(self._outbox) == 1:
@@ -194,6 +196,7 @@ class Link:
             again = self._hello_pending or self.instance is not None
             self.instance, self._hello_pending = msg.instance, False
             self.daemon_pid = msg.pid
+            self.binary = _wirebin.FEATURE in msg.version.split()
             self._welcome.set()
             if again:
                 self._resend()
@@ -279,7 +282,7 @@ class Link:
             if op in ("WRITE", "PART", "END") and not self._table.sent(seq, op, frames, self.instance, lease):
                 continue
             if op == "WRITE" and len(frames) == 2:  # no payload frames to keep apart
-                if size + len(frames[1]) > _BATCH_BYTES:
+                if size + len(frames[1]) > _BATCH_BYTES or len(batch) >= proto.MAX_BATCH:
                     self._send_batch(batch)
                     batch, size = [], 0
                 batch.append(frames[1])

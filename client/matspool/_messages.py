@@ -8,7 +8,9 @@ are checked against the sender's ring as well, in :mod:`matspool._protocol`.
 
 On the wire a message is two ZeroMQ frames, :data:`TAG` and one UTF-8 JSON object with an
 ``op`` field (see ``_protocol.encode``); a remote client's WRITE or PART is followed by
-its payload frames. Stateless: any thread may use it.
+its payload frames. A WRITE of plain variables and a BATCH may instead be binary
+(:mod:`matspool._wirebin`), once the daemon's WELCOME ``version`` lists the feature
+``binwrite`` after the tag. Stateless: any thread may use it.
 
 client -> daemon                              daemon -> client
   HELLO  {ring, ring_bytes, pid, remote, fd}    WELCOME   {pid, instance, version}
@@ -27,6 +29,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final
 
+from . import _wirebin
 from ._errors import ProtocolError
 from ._protocol import MAX_BATCH, TAG, Part, WriteRequest, decode_head, parse_part, parse_write
 
@@ -148,7 +151,10 @@ class Batch:
 
     @staticmethod
     def join(bodies: list[bytes]) -> bytes:
-        """The wire body of a BATCH from WRITE bodies already encoded (no re-encoding)."""
+        """The wire body of a BATCH from WRITE bodies already encoded (no re-encoding):
+        binary (``_wirebin``) when any of them is, else JSON."""
+        if any(b[:1] == _wirebin.BINARY for b in bodies):
+            return _wirebin.join_batch(bodies)
         return b'{"op":"BATCH","msgs":[' + b",".join(bodies) + b"]}"
 
     @classmethod
@@ -402,8 +408,12 @@ def wire_fields(op: str, *, from_client: bool) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
 
 
-def encode(msg: Message) -> list[bytes]:
-    """The frames of a message (tag, JSON body)."""
+def encode(msg: Message, *, binary: bool = False) -> list[bytes]:
+    """The frames of a message (tag, body): JSON, or with ``binary`` (the daemon's WELCOME
+    listed ``_wirebin.FEATURE``) for a WRITE of plain variables the binary form of
+    :mod:`matspool._wirebin` (the small-save hot path, issue 14)."""
+    if binary and type(msg) is WriteRequest and (body := _wirebin.encode_write(msg)) is not None:
+        return [TAG, body]
     return [TAG, json.dumps(msg.to_wire(), separators=(",", ":")).encode()]
 
 

@@ -5,7 +5,15 @@ space is taken: names, types, format limits, a stream step's shape. A plan says 
 each array goes relative to the save's region, and, for a save larger than the ring,
 which arrays travel in slabs.
 
-Threads: the caller's; plans are immutable once made and hold no shared state.
+A time-step loop saves the same names, dtypes and shapes again and again: a plain save
+of ndarrays reuses the layout checked for the first one (a template keyed by everything
+the checks read: names, dtype, shape, strides, format, layout, ring size), and only the
+path, which changes every step, is checked again. A template is only ever made by a save
+that passed every check, so reusing one skips no check a different save could fail.
+
+Threads: the caller's; plans are immutable once made. The template cache is a dict
+shared by callers' threads: lookups and stores are single dict operations (atomic under
+the GIL), and two threads making the same template store equal values.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
+
 from . import _protocol as proto
 from ._convert import (
     INT_AS,
@@ -22,6 +32,7 @@ from ._convert import (
     ONED_AS,
     Prepared,
     Value,
+    _matlab_order,
     check_wire_size,
     ints_as_double,
     iter_arrays,
@@ -83,9 +94,13 @@ class Plan:
     total: int  # bytes of the region
     slabs: dict[str, tuple[int, int]] | None = None  # in pieces: name -> (axis, planes per slab)
     append: bool = False  # MATLAB's save -append (a whole save only)
+    plain: bool = False  # every value a plain array (made from a template)
 
     def specs(self, base: int) -> list[proto.Variable]:
         """The WRITE's variables with the region at ``base``."""
+        if self.plain:
+            rel = self.relative
+            return [proto.VarSpec(a.name, a.dtype, a.dims, base + rel[id(a)], a.nbytes) for a in self.arrays]
         offsets = {key: base + off for key, off in self.relative.items()}
         slabs = self.slabs or {}
         return [
@@ -115,6 +130,111 @@ def plan(
     check_choice("oned_as", oned_as, ONED_AS)
     if not isinstance(fsync, bool):
         raise TypeError(f"fsync must be a bool, got {fsync!r}")
+    key = _template_key(variables, fmt, layout, oned_as, compress, mode, ring_size, append)
+    if key is not None:
+        template = _TEMPLATES.get(key)
+        if template is not None:
+            return template.plan(check_path(path), variables, layout, oned_as, fsync, compress)
+        made = _plan(path, variables, fmt, layout, oned_as, fsync, compress, mode, ring_size, append, int_as)
+        if made.slabs is None and len(made.arrays) == len(made.values):
+            if len(_TEMPLATES) >= _MAX_TEMPLATES:
+                _TEMPLATES.clear()  # a loop's few layouts come back at once
+            _TEMPLATES[key] = _Template.of(made)
+        return made
+    return _plan(path, variables, fmt, layout, oned_as, fsync, compress, mode, ring_size, append, int_as)
+
+
+# -- templates: the checked layout of a plain save of ndarrays, reused ----------------------
+_MAX_TEMPLATES: Final = 256
+_TEMPLATES: dict[tuple[Any, ...], _Template] = {}
+#: dtype kinds a template may hold: numeric and logical (text, records, objects take the
+#: general path, their checks depend on more than dtype and shape)
+_PLAIN_KINDS: Final = frozenset("biufc")
+
+
+def _template_key(
+    variables: object,
+    fmt: str,
+    layout: str,
+    oned_as: str,
+    compress: int,
+    mode: str,
+    ring_size: int,
+    append: bool,
+) -> tuple[Any, ...] | None:
+    """Everything the checks of a plain save read, or None for any other save."""
+    if mode != "write" or append is not False or type(variables) is not dict or not variables:
+        return None
+    parts = []
+    for name, v in variables.items():
+        if type(name) is not str or type(v) is not np.ndarray or v.dtype.kind not in _PLAIN_KINDS:
+            return None
+        parts.append((name, v.shape, v.strides, v.dtype))
+    return (fmt, layout, oned_as, compress, ring_size, tuple(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """A checked plan's layout, without its path and arrays."""
+
+    format: str
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    dims: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    total: int
+
+    @staticmethod
+    def of(p: Plan) -> _Template:
+        arrays = [p.values[n] for n in p.values]
+        assert all(isinstance(a, Prepared) for a in arrays)
+        return _Template(
+            p.format,
+            tuple(p.values),
+            tuple(a.dtype for a in arrays),  # type: ignore[union-attr]
+            tuple(a.dims for a in arrays),
+            tuple(p.relative[id(a)] for a in arrays),
+            p.total,
+        )
+
+    def plan(
+        self,
+        path: str,
+        variables: Mapping[str, Any],
+        layout: str,
+        oned_as: str,
+        fsync: bool,
+        compress: int,
+    ) -> Plan:
+        values: dict[str, Value] = {}
+        arrays: list[Prepared] = []
+        relative: dict[int, int] = {}
+        for name, x, dtype, dims, off in zip(
+            self.names, variables.values(), self.dtypes, self.dims, self.offsets, strict=True
+        ):
+            a = Prepared(name, dtype, dims, _matlab_order(x, layout, oned_as), False)
+            values[name] = a
+            arrays.append(a)
+            relative[id(a)] = off
+        return Plan(
+            path, self.format, fsync, compress, "write", values, arrays, relative, self.total, plain=True
+        )
+
+
+def _plan(
+    path: object,
+    variables: Mapping[str, Any],
+    fmt: str,
+    layout: str,
+    oned_as: str,
+    fsync: bool,
+    compress: int,
+    mode: str,
+    ring_size: int,
+    append: bool,
+    int_as: str,
+) -> Plan:
+    """``plan`` without templates: every check, every time."""
     if not isinstance(variables, Mapping) or not variables:
         raise TypeError("variables must be a non-empty mapping of MATLAB names to arrays")
     if len(variables) > proto.MAX_VARS:

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
+from . import _wirebin
 from ._errors import ProtocolError
 
 # the specs of a save's variables, re-exported: every module reads them as ``proto.X``
@@ -129,6 +130,8 @@ def decode_head(tag: bytes, body: bytes) -> dict[str, Any]:
         raise ProtocolError(f"unknown protocol tag {bytes(tag[:32])!r}; this daemon speaks {TAG!r}")
     if len(body) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if body[:1] == _wirebin.BINARY:  # a WRITE or BATCH in the binary form (_wirebin)
+        return _wirebin.decode(body)
     try:
         msg = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: [[[[...

@@ -36,6 +36,7 @@ import zmq
 
 from matspool import _messages as msgs
 from matspool import _protocol as proto
+from matspool import _wirebin
 from matspool._curve import is_tcp, load_secret
 from matspool._endpoint import check_ipc_endpoint, make_private_dirs
 from matspool._errors import ProtocolError, RingError, UnknownClient, WriteFailed
@@ -330,7 +331,8 @@ class Daemon:
                 reply = self.status()
             elif isinstance(msg, msgs.Hello):
                 self._clients.hello(ident, msg)
-                reply = msgs.Welcome(os.getpid(), self.instance, proto.TAG.decode())
+                # "binwrite": this daemon reads binary WRITEs (matspool._wirebin)
+                reply = msgs.Welcome(os.getpid(), self.instance, f"{proto.TAG.decode()} {_wirebin.FEATURE}")
             elif isinstance(msg, proto.WriteRequest):
                 assert client is not None  # parse_request refuses a WRITE before HELLO
                 self._write(client, msg, payload)

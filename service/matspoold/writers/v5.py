@@ -288,9 +288,40 @@ _SMALL_FILE: Final = 1 << 20
 
 def _write_small(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> None:
     """A small plain numeric file, assembled in memory and written with one ``write()``:
-    for 4 KiB variables the file object and its per-call overheads cost more than the bytes."""
-    image = b"".join([header(), *(buf for spec, value in variables for buf in _element(spec, value, _CHUNK))])
-    write_new_file(path, image)
+    for 4 KiB variables the file object and its per-call overheads cost more than the bytes.
+    A real (not complex) variable's tags come from a template made by ``_element`` for the
+    same name, type and size (a time-step loop saves those again and again)."""
+    bufs: list[bytes | memoryview] = [_header_now()]
+    for spec, value in variables:
+        key = (spec.name, spec.dtype, spec.dims, spec.mclass)
+        frame = _FRAMES.get(key)
+        if frame is None:
+            parts = list(_element(spec, value, _CHUNK))
+            if np.dtype(spec.dtype).kind != "c" and len(parts) == 4:  # head, tag, payload, pad
+                if len(_FRAMES) >= _MAX_FRAMES:
+                    _FRAMES.clear()
+                _FRAMES[key] = (bytes(parts[0]) + bytes(parts[1]), bytes(parts[3]))
+            bufs += parts
+        else:
+            flat = np.ascontiguousarray(value.reshape(-1, order="F"))  # a view: the ring is column-major
+            bufs += [frame[0], flat.view(np.uint8).data, frame[1]]
+    write_new_file(path, b"".join(bufs))
+
+
+# (name, dtype, dims, mclass) -> (the element's bytes before its payload, after it); only
+# writer threads use it: a lookup and a store are single dict operations under the GIL
+_FRAMES: dict[tuple[str, str, tuple[int, ...], str | None], tuple[bytes, bytes]] = {}
+_MAX_FRAMES: Final = 256
+_stamp: tuple[int, bytes] = (-1, b"")
+
+
+def _header_now() -> bytes:
+    """``header()``, made once per second (its text says when, to the second)."""
+    global _stamp
+    now = int(time.time())
+    if _stamp[0] != now:
+        _stamp = (now, header(now))
+    return _stamp[1]
 
 
 def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
