@@ -90,9 +90,11 @@ for f in futures:
 daemon = s._link.daemon_pid
 s.close()
 dist.barrier()
-print("RESULT " + json.dumps({"rank": r, "pid": os.getpid(), "daemon": daemon, "endpoint": s.endpoint,
-                  "shared": getattr(s._embedded, "shared", None), "status_pid": st.pid,
-                  "clients": sorted(c.pid for c in st.clients)}), flush=True)
+# a file per rank: the ranks share torchrun's stdout, where their lines can interleave
+with open(os.path.join(os.path.dirname(out), f"result-{r}.json"), "w") as f:
+    json.dump({"rank": r, "pid": os.getpid(), "daemon": daemon, "endpoint": s.endpoint,
+               "shared": getattr(s._embedded, "shared", None), "status_pid": st.pid,
+               "clients": sorted(c.pid for c in st.clients)}, f)
 dist.destroy_process_group()
 """
 
@@ -253,9 +255,7 @@ def test_torchrun_ranks_share_one_daemon(tmp_path: Path, xdg: Path) -> None:
         timeout=180,
     )
     assert r.returncode == 0, r.stderr[-4000:]
-    results = [
-        json.loads(line[len("RESULT ") :]) for line in r.stdout.splitlines() if line.startswith("RESULT ")
-    ]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
     assert sorted(x["rank"] for x in results) == [0, 1, 2, 3]
     daemons = {x["daemon"] for x in results}
     assert len(daemons) == 1, results  # one daemon WELCOMEd every rank
