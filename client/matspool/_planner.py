@@ -16,21 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import _protocol as proto
-from ._convert import (
-    INT_AS,
-    LAYOUTS,
-    ONED_AS,
-    Prepared,
-    Value,
-    check_wire_size,
-    ints_as_double,
-    iter_arrays,
-    prepare_value,
-    to_spec,
-)
+from ._convert import INT_AS, Value, ints_as_double, prepare_value
 from ._errors import InvalidOptionError, PayloadTooLarge
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
+from ._numeric import LAYOUTS, ONED_AS, Prepared
 from ._saves import place
+from ._wire import check_wire_size, iter_arrays, to_spec
 
 __all__ = ["DEFAULT_LEVEL", "ON_FULL", "Plan", "check_choice", "level", "plan"]
 
