@@ -50,8 +50,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
-from ._convert import Prepared, torch_dtype
 from ._errors import CudaCaptureError, CudaError
+from ._numeric import Prepared, torch_dtype
 
 __all__ = [
     "DRAIN_TIMEOUT",

@@ -16,10 +16,10 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _protocol as proto
-from ._convert import Prepared, copy_host
 from ._errors import SpoolFull
 from ._leases import Lease, Leases
 from ._messages import End
+from ._numeric import Prepared, copy_host
 from ._pending import PendingTable, SaveFuture
 from ._planner import Plan
 

@@ -26,22 +26,12 @@ from typing import Any, Final
 import numpy as np
 
 from . import _protocol as proto
-from ._convert import (
-    INT_AS,
-    LAYOUTS,
-    ONED_AS,
-    Prepared,
-    Value,
-    _matlab_order,
-    check_wire_size,
-    ints_as_double,
-    iter_arrays,
-    prepare_value,
-    to_spec,
-)
+from ._convert import INT_AS, Value, ints_as_double, prepare_value
 from ._errors import InvalidOptionError, PayloadTooLarge
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
+from ._numeric import LAYOUTS, ONED_AS, Prepared, _matlab_order
 from ._saves import place
+from ._wire import check_wire_size, iter_arrays, to_spec
 
 __all__ = ["DEFAULT_LEVEL", "ON_FULL", "Plan", "check_choice", "level", "plan"]
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ._convert import Prepared, copy_host
+from ._numeric import Prepared, copy_host
 
 __all__ = ["DEFER_MIN_BYTES", "AllOf", "HostReorder", "defers", "stage", "staged_bytes"]
 

@@ -30,17 +30,17 @@ that. So a ring is one of two kinds:
 A ``memfd`` ring refused by the daemon for a reason a ``shm`` ring fixes (``_link``
 decides, by the errno of the refusal) is moved to ``shm`` (:meth:`Ring.move`).
 
+Naming and creating the segments is in ``_segment``; the daemon's side (opening a
+client's ring, checking its seals, mapping it) in ``_ringopen``; this module is the
+client's ring: the allocator, a move, CUDA page-locking, close and fork.
+
 Threads: any; one condition (``_cond``) guards the allocator, the copy count and a move.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import mmap
 import os
-import secrets
-import stat
 import threading
 import time
 import weakref
@@ -50,48 +50,21 @@ from typing import Final, Literal
 import numpy as np
 
 from ._errors import PayloadTooLarge, RingError, SpoolFull
+from ._ringopen import open_ring_readonly
+from ._segment import RING_PREFIX, SHM_DIR, RingKind, create_memfd, create_shm, new_name, ring_path
 
-__all__ = [
-    "ALIGN",
-    "RING_PREFIX",
-    "SEALS",
-    "SHM_DIR",
-    "Ring",
-    "RingKind",
-    "memfd_link",
-    "open_ring_readonly",
-    "ring_path",
-]
+# RING_PREFIX, SHM_DIR and open_ring_readonly are re-exported: tests and their fake daemon
+# import them from here
+__all__ = ["ALIGN", "RING_PREFIX", "SHM_DIR", "Ring", "open_ring_readonly"]
 
-SHM_DIR: Final = "/dev/shm"
-RING_PREFIX: Final = "matspool-"
 ALIGN: Final = 64  # a cache line; also satisfies every dtype and CUDA's copy engines
 _PAGE: Final = mmap.PAGESIZE
-#: the seals a ``memfd`` ring must carry before a daemon maps it: its size is fixed
-SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-RingKind = Literal["memfd", "shm"]
 
 _LIVE: weakref.WeakSet[Ring] = weakref.WeakSet()  # for the fork hook below
 
 
-def ring_path(name: str) -> str:
-    """Where a ``shm`` ring of ``name`` lives; names are checked so no path escapes ``SHM_DIR``."""
-    if not name.startswith(RING_PREFIX) or not name.replace("-", "").replace("_", "").isalnum():
-        raise RingError(f"invalid ring name {name!r}")
-    return os.path.join(SHM_DIR, name)
-
-
-def memfd_link(name: str) -> str:
-    """What ``readlink`` of ``/proc/<pid>/fd/<fd>`` shows for the ``memfd`` ring ``name``."""
-    return f"/memfd:{name} (deleted)"
-
-
 def _align(n: int) -> int:
     return max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
-
-
-def _new_name() -> str:
-    return f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(12)}"
 
 
 class Ring:
@@ -109,7 +82,7 @@ class Ring:
         self.size = (nbytes + _PAGE - 1) // _PAGE * _PAGE
         self.mode = mode
         self.kind: RingKind = kind if kind != "auto" else ("memfd" if not mode & 0o077 else "shm")
-        self.name = _new_name()
+        self.name = new_name()
         self.fd = -1  # a memfd ring's descriptor, kept open: the daemon reaches it through it
         self.path = ""
         self._mm = self._make(self.kind, self.name)
@@ -129,59 +102,12 @@ class Ring:
     def _make(self, kind: RingKind, name: str) -> mmap.mmap:
         """Create the segment ``name`` of ``kind``; sets ``fd`` and ``path``."""
         if kind == "memfd":
-            fd, mm = self._create_memfd(name, self.size)
+            fd, mm = create_memfd(name, self.size)
             self.fd, self.path = fd, f"/proc/{os.getpid()}/fd/{fd}"
             return mm
         path = ring_path(name)
-        mm = self._create(path, self.size, self.mode)
+        mm = create_shm(path, self.size, self.mode)
         self.fd, self.path = -1, path
-        return mm
-
-    @staticmethod
-    def _create_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
-        try:
-            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        except OSError as e:
-            raise RingError(f"cannot create ring {name}: {e.strerror}") from e
-        try:
-            os.fchmod(fd, 0o600)  # unreachable by name anyway; /proc/<pid>/fd asks ptrace rights
-            try:
-                os.posix_fallocate(fd, 0, size)  # pages reserved now: no SIGBUS in a copy later
-            except OSError as e:
-                raise RingError(
-                    f"cannot reserve {size} bytes for ring {name}: {e.strerror}; pass a smaller ring_bytes"
-                ) from e
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, mm
-
-    @staticmethod
-    def _create(path: str, size: int, mode: int) -> mmap.mmap:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        except OSError as e:
-            raise RingError(f"cannot create ring {path}: {e.strerror}") from e
-        try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked for
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as e:
-                hint = ""
-                if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                    hint = (
-                        f"; {SHM_DIR} is too small for a {size >> 20} MiB ring "
-                        "(in Docker raise --shm-size, or pass a smaller ring_bytes)"
-                    )
-                raise RingError(f"cannot reserve {size} bytes for ring {path}: {e.strerror}{hint}") from e
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
         return mm
 
     def exists(self) -> bool:
@@ -213,7 +139,7 @@ class Ring:
                     self._cond.wait(left)
                 old_kind, old_fd, old_path = self.kind, self.fd, self.path
                 new_kind = kind or self.kind
-                name = _new_name()
+                name = new_name()
                 mm = self._make(new_kind, name)
                 registered = self._cuda_registered
                 if registered:
@@ -421,111 +347,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-_TMPFS_MAGIC: Final = 0x01021994
-
-
-def _fs_type(fd: int) -> int | None:
-    """``f_type`` of the filesystem of ``fd`` (None where ``fstatfs`` cannot tell)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first word
-    if libc.fstatfs(fd, buf) != 0:
-        return None
-    return int(ctypes.c_long.from_buffer(buf).value)
-
-
-def _refuse(what: str, err: int) -> RingError:
-    """A refusal whose errno tells ``_link`` a ``shm`` ring would be reachable instead."""
-    e = RingError(what)
-    e.__cause__ = OSError(err, os.strerror(err))
-    return e
-
-
-def _open_memfd(name: str, pid: int, fd: int) -> int:
-    """The client's sealed memfd, reopened read-only through ``/proc/<pid>/fd/<fd>``.
-
-    Opened first as ``O_PATH`` (which opens nothing: no FIFO, device or socket the
-    client put at that number is ever opened), checked to be the regular memfd named
-    ``name``, then reopened read-only through our own descriptor, which is that inode
-    whatever the client does with its descriptor meanwhile."""
-    where = f"/proc/{pid}/fd/{fd}"
-    try:
-        path_fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
-    except OSError as e:
-        raise _refuse(
-            f"cannot open ring {name} as {where}: {e.strerror} (a daemon of another "
-            "user or pid namespace cannot; the client then uses /dev/shm)",
-            e.errno or errno.EACCES,
-        ) from e
-    try:
-        link = os.readlink(f"/proc/self/fd/{path_fd}")
-        if link != memfd_link(name) or not stat.S_ISREG(os.fstat(path_fd).st_mode):
-            raise _refuse(f"{where} is not the ring {name} (it is {link[:80]!r})", errno.ENXIO)
-        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    finally:
-        os.close(path_fd)
-
-
-def open_ring_readonly(
-    name: str, expected_bytes: int, *, pid: int | None = None, fd: int | None = None
-) -> tuple[mmap.mmap | None, int]:
-    """Open a client's ring for reading (daemon side); the size must match what it claims.
-
-    With ``fd`` (a ``memfd`` ring, reached as ``/proc/<pid>/fd/<fd>``): the descriptor
-    and a read-only mapping, made only once the seals that fix its size are checked.
-    The mapping is lazy (no ``MAP_POPULATE``): pages are faulted in by the writer thread
-    that first reads them, never on the control thread that handles HELLO.
-
-    Without ``fd`` (a ``shm`` ring in ``/dev/shm``, which cannot be sealed): the
-    descriptor only, and no mapping; the daemon reads it with ``preadv`` into its own
-    buffers, so a ring truncated by its client is a short read, never SIGBUS.
-    """
-    if fd is not None:
-        if pid is None:
-            raise RingError(f"ring {name}: a memfd ring needs its pid")
-        ring_path(name)  # the name's shape
-        rfd = _open_memfd(name, pid, fd)
-        where = f"memfd ring {name} of pid {pid}"
-    else:
-        path = ring_path(name)
-        where = f"ring {path}"
-        try:
-            # O_NONBLOCK: a FIFO planted under the ring's name must not hang the daemon in open()
-            rfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise RingError(f"cannot open ring {path}: {e.strerror}") from e
-    try:
-        st = os.fstat(rfd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RingError(f"{where} is not a shared-memory segment (not a regular file)")
-        if fd is not None:
-            try:
-                seals = fcntl.fcntl(rfd, fcntl.F_GET_SEALS)
-            except OSError as e:
-                raise RingError(f"{where} cannot be sealed: {e.strerror}") from e
-            if seals & SEALS != SEALS:
-                raise RingError(
-                    f"{where} is not sealed against shrinking and growing "
-                    f"(seals {seals:#x}); its client could truncate it under a write"
-                )
-            if _fs_type(rfd) not in (None, _TMPFS_MAGIC):
-                # a hugetlb memfd seals too, but faults in it raise SIGBUS once the pool of
-                # huge pages is spent: only plain shared memory is read through a mapping
-                raise RingError(f"{where} is not plain shared memory (a hugetlb memfd?)")
-            st = os.fstat(rfd)  # sealed now: this size is final
-        size = st.st_size
-        if size != expected_bytes or size <= 0:
-            raise RingError(f"{where} is {size} bytes, the client said {expected_bytes}")
-        if fd is None:
-            return None, rfd
-        return mmap.mmap(rfd, size, mmap.MAP_SHARED, mmap.PROT_READ), rfd
-    except BaseException:
-        os.close(rfd)
-        raise

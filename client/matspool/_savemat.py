@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from ._convert import ONED_AS
 from ._errors import InvalidOptionError, InvalidVariableError, UnsupportedTypeError
 from ._matlab import normalize_format
+from ._numeric import ONED_AS
 
 if TYPE_CHECKING:
     from ._spool import Spool

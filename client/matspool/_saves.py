@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._convert import Prepared
+from ._numeric import Prepared
 from ._ring import ALIGN
 
 __all__ = ["SaveResult", "aligned", "place"]

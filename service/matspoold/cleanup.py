@@ -43,7 +43,7 @@ import threading
 from dataclasses import dataclass, field
 
 from matspool._errors import MatspoolError
-from matspool._ring import RING_PREFIX, SHM_DIR
+from matspool._segment import RING_PREFIX, SHM_DIR
 
 from .writers._files import TMP_SUFFIX
 

@@ -26,7 +26,8 @@ from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._errors import ProtocolError, RingError
 from matspool._messages import MAX_RING_BYTES
-from matspool._ring import RING_PREFIX, open_ring_readonly, ring_path
+from matspool._ringopen import open_ring_readonly
+from matspool._segment import RING_PREFIX, ring_path
 
 from .cleanup import pid_alive
 from .ringio import ShmRing

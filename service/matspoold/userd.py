@@ -21,8 +21,9 @@ the broker never connects to a path in a user's directory). The broker also bind
 endpoint itself (ZeroMQ) and answers PING there (Slurm's prolog, ``matspool ping``);
 any other request there is refused, naming the handshake socket.
 
-``userwriters`` starts, stops and cleans up after the writers; this module is the loop,
-the handshake and the table.
+``usertable`` keeps the table of users' writers (one per uid, gid and groups, the per-uid
+cap, their control bytes) and ``userwriters`` starts, stops and cleans up after them; this
+module is the loop, the endpoint and the handshake (accept, read, who may release).
 
 Not root, the broker can only start writers as itself: it serves clients of its own uid
 and refuses any other with a clear message.
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -55,37 +55,21 @@ from matspool import _protocol as proto
 from matspool._errors import DaemonUnavailable, ProtocolError
 
 from .endpoint import IpcClaim, claim_ipc
-from .peercred import Cred, peer_cred
-from .userwriters import Conn, Writer, kill, remove_user_dir, start_writer, terminate
+from .peercred import peer_cred
+from .usertable import USERS_SUFFIX, WriterTable, answer, refuse
+from .userwriters import Conn, kill, remove_user_dir, terminate
 
-__all__ = ["HELLO_SUFFIX", "USERS_SUFFIX", "Broker", "main"]
+__all__ = ["HELLO_SUFFIX", "Broker", "main"]
 
 log = logging.getLogger("matspoold")
 
 HELLO_SUFFIX = ".hello"  # the handshake socket: <socket>.hello
-USERS_SUFFIX = ".users"  # the users' writers' directories: <socket>.users/<key>/sock
 _REQUEST_MAX = 4096  # bytes of a handshake request
 _REQUEST_S = 5.0  # s a client has to send it
-_START_S = 60.0  # s a user's writer has to answer on its endpoint
 _MAX_PENDING = 256  # handshakes waiting, all users together
 _MAX_PENDING_PER_UID = 16
-_MAX_WRITERS_PER_UID = 4  # one per (gid, groups) a user's jobs run with
 # flags the broker sets for each user's writer itself: an administrator's would conflict
 _RESERVED = ("--endpoint", "--socket-mode", "--group", "--state-dir", "--metrics", "--parent-pid", "--config")
-
-
-def _answer(conn: Conn, reply: dict[str, object]) -> None:
-    try:
-        conn.sock.settimeout(1.0)
-        conn.sock.sendall(json.dumps(reply).encode() + b"\n")
-    except OSError:
-        pass  # the client left: nothing to tell
-    finally:
-        conn.sock.close()
-
-
-def _refuse(conn: Conn, message: str) -> None:
-    _answer(conn, {"ok": False, "code": DaemonUnavailable.code, "message": message})
 
 
 class Broker:
@@ -106,7 +90,7 @@ class Broker:
         self.idle = idle
         self.instance = secrets.token_hex(8)
         self.root = os.geteuid() == 0
-        self.writers: dict[str, Writer] = {}
+        self.table = WriterTable(self.path, self.serve_args, state_dir=state_dir, idle=idle, root=self.root)
         self.conns: dict[int, Conn] = {}
         self._stopping = False
         self._claim: IpcClaim | None = None
@@ -115,6 +99,7 @@ class Broker:
         """Stop every user's writer (each finishes its accepted saves), then leave. Takes no
         lock: safe from a signal handler."""
         self._stopping = True
+        self.table.stopping = True
 
     # -- setting up --------------------------------------------------------------------
     def _bind(self, router: zmq.Socket[bytes]) -> socket.socket:
@@ -170,12 +155,12 @@ class Broker:
                     hello = None
                     for conn in list(self.conns.values()):
                         self._drop_conn(conn, "the node daemon is stopping")
-                    for w in self.writers.values():
+                    for w in self.table.writers.values():
                         for conn in w.waiting:
-                            _refuse(conn, "the node daemon is stopping")
+                            refuse(conn, "the node daemon is stopping")
                         w.waiting.clear()
                         terminate(w)
-                if self._stopping and not self.writers:
+                if self._stopping and not self.table.writers:
                     break
                 poller = zmq.Poller()
                 poller.register(router, zmq.POLLIN)
@@ -183,7 +168,7 @@ class Broker:
                     poller.register(hello.fileno(), zmq.POLLIN)
                 for fd in self.conns:
                     poller.register(fd, zmq.POLLIN)
-                for w in self.writers.values():
+                for w in self.table.writers.values():
                     poller.register(w.ctl.fileno(), zmq.POLLIN)
                 ready = {fd for fd, _ in poller.poll(200) if isinstance(fd, int)}
                 self._answer_router(router)
@@ -191,9 +176,9 @@ class Broker:
                     self._accept(hello)
                 for fd in ready & set(self.conns):
                     self._read(self.conns[fd])
-                for w in list(self.writers.values()):
+                for w in list(self.table.writers.values()):
                     if w.ctl.fileno() in ready:
-                        self._control(w)
+                        self.table.control(w)
                 self._timeouts()
         finally:
             if hello is not None:
@@ -202,7 +187,7 @@ class Broker:
                     os.unlink(self.path + HELLO_SUFFIX)
                 except FileNotFoundError:
                     pass
-            for w in list(self.writers.values()):
+            for w in list(self.table.writers.values()):
                 terminate(w)
                 try:
                     w.proc.wait(300)
@@ -210,7 +195,7 @@ class Broker:
                     kill(w)
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         w.proc.wait(5)
-                self._gone(w)
+                self.table.gone(w)
             remove_user_dir(self.path + USERS_SUFFIX)
             router.close(0)
             ctx.term()
@@ -266,21 +251,21 @@ class Broker:
                 continue
             conn = Conn(sock, cred, time.monotonic() + _REQUEST_S)
             mine = sum(1 for c in self._all_pending() if c.cred.uid == cred.uid)
-            if len(self.conns) + sum(len(w.waiting) for w in self.writers.values()) >= _MAX_PENDING:
-                _refuse(conn, "the node daemon has too many handshakes in progress; try again")
+            if len(self.conns) + sum(len(w.waiting) for w in self.table.writers.values()) >= _MAX_PENDING:
+                refuse(conn, "the node daemon has too many handshakes in progress; try again")
                 continue
             if mine >= _MAX_PENDING_PER_UID:
-                _refuse(conn, f"uid {cred.uid} has {mine} handshakes in progress already; try again")
+                refuse(conn, f"uid {cred.uid} has {mine} handshakes in progress already; try again")
                 continue
             sock.setblocking(False)
             self.conns[sock.fileno()] = conn
 
     def _all_pending(self) -> list[Conn]:
-        return [*self.conns.values(), *(c for w in self.writers.values() for c in w.waiting)]
+        return [*self.conns.values(), *(c for w in self.table.writers.values() for c in w.waiting)]
 
     def _drop_conn(self, conn: Conn, why: str) -> None:
         self.conns.pop(conn.sock.fileno(), None)
-        _refuse(conn, why)
+        refuse(conn, why)
 
     def _read(self, conn: Conn) -> None:
         try:
@@ -305,166 +290,36 @@ class Broker:
             if not isinstance(raw, dict) or raw.get("op") not in ("USER_HELLO", "RELEASE_USER"):
                 raise ProtocolError('expected {"op": "USER_HELLO"}')
         except (ValueError, ProtocolError) as e:
-            _refuse(conn, f"bad handshake: {e}")
+            refuse(conn, f"bad handshake: {e}")
             return
         if raw["op"] == "RELEASE_USER":
             self._release(conn, raw.get("uid"))
             return
         # everything else in the request (a claimed uid, pid, ...) is ignored: the kernel said
-        self._route(conn)
+        self.table.route(conn)
 
     def _release(self, conn: Conn, uid: object) -> None:
         """Root's epilog, after a job: the job's user's writers leave now if they have no
         client (instead of after ``idle`` s), so nothing of the job stays on the node."""
         if conn.cred.uid not in (0, os.geteuid()):
-            _refuse(conn, "only root (Slurm's epilog) may release a user's writers")
+            refuse(conn, "only root (Slurm's epilog) may release a user's writers")
             return
         if type(uid) is not int:
-            _refuse(conn, "RELEASE_USER needs a uid")
+            refuse(conn, "RELEASE_USER needs a uid")
             return
         n = 0
-        for w in self.writers.values():
+        for w in self.table.writers.values():
             if w.cred.uid == uid and w.state == "ready":
                 with contextlib.suppress(OSError):
                     w.ctl.sendall(b"I")  # idle now: it leaves unless a client is connected
                     n += 1
-        _answer(conn, {"ok": True, "writers": n})
-
-    def _route(self, conn: Conn) -> None:
-        cred = conn.cred
-        me = os.geteuid()
-        if not self.root and cred.uid != me:
-            _refuse(
-                conn,
-                f"this node daemon runs as uid {me}, without the privileges to write as uid "
-                f"{cred.uid}: it serves only uid {me}'s jobs (run it as root, deploy/systemd, "
-                "or start a daemon of your own: matspool serve)",
-            )
-            return
-        key = self._key(cred)
-        w = self.writers.get(key)
-        if w is None:
-            if sum(1 for x in self.writers.values() if x.cred.uid == cred.uid) >= _MAX_WRITERS_PER_UID:
-                _refuse(
-                    conn, f"uid {cred.uid} has {_MAX_WRITERS_PER_UID} writers (one per group set) already"
-                )
-                return
-            try:
-                w = self._start(key, cred)
-            except OSError as e:
-                log.warning("node daemon: cannot start a writer for uid %d: %s", cred.uid, e)
-                _refuse(conn, f"the node daemon cannot start a writer for uid {cred.uid}: {e}")
-                return
-        if w.state == "ready":
-            self._send_to(w, conn)
-        else:
-            w.waiting.append(conn)
-
-    def _key(self, cred: Cred) -> str:
-        if not self.root:
-            return f"{os.geteuid()}-{os.getegid()}-self"
-        digest = hashlib.sha256(",".join(map(str, cred.groups)).encode()).hexdigest()[:12]
-        return f"{cred.uid}-{cred.gid}-{digest}"
-
-    def _send_to(self, w: Writer, conn: Conn) -> None:
-        try:
-            w.ctl.sendall(b"T")  # before the answer: the writer must not leave now
-        except OSError:
-            w.waiting.append(conn)  # it is going: the next one gets the client
-            return
-        _answer(conn, {"ok": True, "endpoint": w.endpoint})
-
-    # -- users' writers ----------------------------------------------------------------
-    def _start(self, key: str, cred: Cred) -> Writer:
-        w = start_writer(
-            key,
-            cred,
-            directory=os.path.join(self.path + USERS_SUFFIX, key),
-            state=os.path.join(self.state_dir, "users", str(cred.uid) if self.root else "self"),
-            idle=self.idle,
-            serve_args=self.serve_args,
-            as_user=self.root,
-        )
-        self.writers[key] = w
-        return w
-
-    def _control(self, w: Writer) -> None:
-        try:
-            got = w.ctl.recv(64)
-        except OSError:
-            got = b""
-        if not got:  # it exited (or closed its end): collect it
-            try:
-                w.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                kill(w)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    w.proc.wait(5)
-            self._gone(w)
-            return
-        for b in got:
-            if b == ord("R") and w.state == "starting":
-                w.state = "ready"
-                log.info("the writer of uid %d is ready", w.cred.uid)
-                waiting, w.waiting = w.waiting, []
-                for conn in waiting:
-                    self._send_to(w, conn)
-            elif b == ord("S"):
-                w.state = "stopping"
-                try:
-                    w.ctl.sendall(b"K")
-                except OSError:
-                    pass
-            elif b == ord("A") and w.state == "stopping":
-                w.state = "ready"
-                waiting, w.waiting = w.waiting, []
-                for conn in waiting:
-                    self._send_to(w, conn)
-
-    def _gone(self, w: Writer) -> None:
-        """A writer exited: forget it, remove its directory; start another for clients that
-        were waiting (they asked while it was leaving)."""
-        if self.writers.get(w.key) is w:
-            del self.writers[w.key]
-        w.ctl.close()
-        remove_user_dir(w.directory)
-        status = w.proc.returncode
-        (log.info if status == 0 else log.warning)("the writer of uid %d exited (%s)", w.cred.uid, status)
-        if not w.waiting:
-            return
-        if self._stopping or w.state == "starting":  # never ready: starting again would loop
-            why = (
-                "the node daemon is stopping"
-                if self._stopping
-                else f"the writer of uid {w.cred.uid} exited at start (status {status}); "
-                "the node daemon's log says why"
-            )
-            for conn in w.waiting:
-                _refuse(conn, why)
-            return
-        try:
-            nw = self._start(w.key, w.cred)
-        except OSError as e:
-            for conn in w.waiting:
-                _refuse(conn, f"the node daemon cannot start a writer for uid {w.cred.uid}: {e}")
-            return
-        nw.waiting = w.waiting
+        answer(conn, {"ok": True, "writers": n})
 
     def _timeouts(self) -> None:
         now = time.monotonic()
         for conn in [c for c in self.conns.values() if c.deadline < now]:
             self._drop_conn(conn, f"no handshake request within {_REQUEST_S} s")
-        for w in list(self.writers.values()):
-            if w.state == "starting" and now - w.started > _START_S:
-                log.warning(
-                    "the writer of uid %d did not start within %.0f s; killing it", w.cred.uid, _START_S
-                )
-                for conn in w.waiting:
-                    _refuse(conn, f"the writer of uid {w.cred.uid} did not start within {_START_S:.0f} s")
-                w.waiting.clear()
-                terminate(w)
-                kill(w)
-                w.state = "stopping"
+        self.table.start_timeouts(now)
 
 
 def main(argv: list[str] | None = None) -> int:
