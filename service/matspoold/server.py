@@ -54,6 +54,7 @@ from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
 from .scheduler import Scheduler
 from .sessions import DEFAULT_MAX_RING_BYTES, DEFAULT_MAX_TOTAL_RING_BYTES, Client, Clients
+from .sharded import ShardJob
 from .writers._files import TEMPS
 
 __all__ = ["Daemon", "install_signal_handlers"]
@@ -324,6 +325,8 @@ class Daemon:
                 self._write(client, msg, payload)
             elif isinstance(msg, (proto.Part, msgs.End)):
                 self._piece(ident, msg, payload)
+            elif isinstance(msg, (msgs.Layout, msgs.Place, msgs.Publish, msgs.Discard)):
+                self._shard(client, msg)  # a save sharded over ranks: sharded.py
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
             if reply is not None:
@@ -359,6 +362,15 @@ class Daemon:
             client.begun[request.seq] = request
         self._enqueue(job)
 
+    def _shard(
+        self, client: Client | None, msg: msgs.Layout | msgs.Place | msgs.Publish | msgs.Discard
+    ) -> None:
+        if client is None:
+            raise UnknownClient(f"{msg.OP} before HELLO: this daemon does not know the client")
+        if self._stopping and not isinstance(msg, msgs.Discard):
+            raise WriteFailed("the daemon is shutting down and takes no new writes")
+        self._enqueue(ShardJob.of(client, msg))
+
     def _piece(
         self, ident: bytes, msg: proto.Part | msgs.End, payload: list[memoryview] | None = None
     ) -> None:
@@ -393,7 +405,17 @@ class Daemon:
             job, nbytes, error = result
             req, client = job.request, job.client
             client.payload_inflight -= job.ring_bytes
-            if job.kind == "part" and error is None:  # its ring space is free again
+            if isinstance(job, ShardJob):  # LAID_OUT, DONE or ERR, never counted as a file
+                if error is not None:
+                    log.warning("sharded %s of %s failed: %s", job.kind, req.path, error)
+                    self.errors += 1
+                send(
+                    [
+                        client.ident,
+                        *msgs.encode(job.reply(nbytes) if error is None else error_msg(req.seq, error)),
+                    ]
+                )
+            elif job.kind == "part" and error is None:  # its ring space is free again
                 assert job.part is not None
                 send([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
             elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
