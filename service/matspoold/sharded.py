@@ -71,6 +71,10 @@ class ShardJob(Job):
         return cls(client, _request(op), "shard", op=op)
 
     @property
+    def op_name(self) -> str:
+        return self.op.OP if self.op is not None else "?"
+
+    @property
     def ring_bytes(self) -> int:
         return self.op.nbytes if isinstance(self.op, msgs.Place) else 0
 
