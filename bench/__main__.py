@@ -28,6 +28,7 @@ MEASUREMENTS: list[tuple[str, str, str]] = [
     ("small", "bench.small", "rows"),
     ("producers", "bench.producers", "rows"),
     ("compress", "bench.compress", "rows"),
+    ("sharded", "bench.sharded", "rows"),
 ]
 ALIASES = {"memory": "throughput", "gpu": "d2h", "small_files": "small", "writer": "throughput"}
 
