@@ -45,7 +45,9 @@ def expected(case: str) -> dict[str, np.ndarray]:
         }
     if case == "big":
         return {"u": _global((1024, 640), "float64", 8)}
-    if case in ("overlap", "missing", "killed"):
+    if case == "killed":
+        return {"u": _global((4096, 1024), "float64", 9)}
+    if case in ("overlap", "missing", "bad_dtype", "mismatch"):
         return {"u": _global((8, 4), "float64", 9)}
     raise KeyError(case)
 
@@ -100,11 +102,18 @@ def variables(case: str, rank: int) -> dict[str, Any]:
         return {"u": matspool.Shard(_block(g, cols[rank]), cols[rank][0], g.shape)}
     g = want["u"]
     at = _ROWS[rank]
+    if case == "killed":  # 8 MiB per rank: rank 3's writes take many ring-fulls
+        at = ((1024 * rank, 0), (1024, 1024))
     if case == "overlap" and rank == 2:
         at = ((3, 0), (2, 4))  # rows 3-4: overlaps rank 1's rows 2-3
     if case == "missing" and rank == 3:
         at = ((6, 0), (1, 4))  # row 7 is nobody's
-    return {"u": matspool.Shard(_block(g, at), at[0], g.shape)}
+    local = _block(g, at)
+    if case == "bad_dtype" and rank == 2:
+        local = local.numpy().astype(object)  # no MATLAB class: this rank's save() raises
+    if case == "mismatch" and rank == 1:
+        local = local.float()  # single here, double elsewhere
+    return {"u": matspool.Shard(local, at[0], g.shape)}
 
 
 def main() -> None:
@@ -128,8 +137,13 @@ def main() -> None:
         start = time.monotonic()
         try:
             fut = spool.save(path, variables(case, rank))
-            if case == "killed" and rank == 3:
-                os.kill(os.getpid(), signal.SIGKILL)  # mid-save, after its blocks were copied
+            if case == "killed" and rank == 3:  # dies once the file is laid out, mid-writes
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and not any(
+                    n.startswith(".killed.mat.") for n in os.listdir(out)
+                ):
+                    time.sleep(0.001)
+                os.kill(os.getpid(), signal.SIGKILL)
             fut.result(timeout=60)
             outcome[case] = "ok"
         except Exception as e:  # noqa: BLE001 - reported to the test

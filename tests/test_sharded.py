@@ -34,6 +34,8 @@ CASES = [
     "big",
     "overlap",
     "missing",
+    "bad_dtype",
+    "mismatch",
     "killed",
 ]
 RING = 1 << 20  # 1 MiB per rank: "big" (5 MiB global, 1.25 MiB per rank) exceeds every ring
@@ -139,12 +141,30 @@ def test_bad_blocks_fail_every_rank_and_leave_no_file(
     assert not [p for p in os.listdir(out) if p.startswith(f".{case}.mat.")]
 
 
+def test_a_rank_whose_save_raises_fails_the_others_at_once(ran: tuple[Path, list[dict[str, str]]]) -> None:
+    out, outcomes = ran
+    assert outcomes[2]["bad_dtype"].startswith("UnsupportedTypeError: "), outcomes[2]["bad_dtype"]
+    for rank in (0, 1, 3):
+        error = outcomes[rank]["bad_dtype"]
+        assert error.startswith("ShardError: ") and "rank 2: UnsupportedTypeError" in error, (rank, error)
+    assert not (out / "bad_dtype.mat").exists()
+
+
+def test_ranks_that_disagree_on_a_dtype_fail_all(ran: tuple[Path, list[dict[str, str]]]) -> None:
+    out, outcomes = ran
+    for rank, o in enumerate(outcomes):
+        assert o["mismatch"].startswith("ShardError: "), (rank, o["mismatch"])
+        assert "<f4 of size [8, 4] on rank 1, <f8 of size [8, 4] on rank 0" in o["mismatch"], o["mismatch"]
+    assert not (out / "mismatch.mat").exists()
+
+
 def test_a_killed_rank_fails_the_others_and_leaves_nothing(ran: tuple[Path, list[dict[str, str]]]) -> None:
     out, outcomes = ran
     assert "killed" not in outcomes[3]  # it died in the middle of its save
     for rank in range(3):
         error = outcomes[rank].get("killed", "")
-        assert error.startswith("ShardError: ") and "rank(s) 3 did not" in error, (rank, error)
+        # the file was laid out (a temporary existed) before rank 3 died in its writes
+        assert error.startswith("ShardError: ") and "rank(s) 3 did not finish" in error, (rank, error)
     assert not (out / "killed.mat").exists()
     assert not [p for p in os.listdir(out) if "matspool-tmp" in p]
 

@@ -27,6 +27,7 @@ store keys and its sub-requests' futures. ``_counters`` is shared under ``_lock`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -68,30 +69,42 @@ class _Piece:
     shape: tuple[int, ...]
     source: Prepared
     within: tuple[int, ...]  # its first element within ``source``
-    lease: Lease | None = None
+    ring_offset: int = -1  # where its bytes are in the ring, once copied
+    lease: Lease | None = None  # released when the daemon answers this piece's PLACE
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.var.dtype).itemsize
 
 
-def _copy(spool: Spool, piece: _Piece, block: bool) -> None:
-    """Copy ``piece`` into a new lease of ``spool``'s ring (column-major)."""
+def _copy(spool: Spool, piece: _Piece, offset: int) -> None:
+    """Copy ``piece`` into ``spool``'s ring at ``offset`` (column-major)."""
     ring = spool._ring
     assert ring is not None
-    lease = spool._leases.take(piece.nbytes, block=block, timeout=spool.timeout)
+    p = piece.source
+    sub = p.array[tuple(slice(o, o + n) for o, n in zip(piece.within, piece.shape, strict=True))]
+    if p.is_cuda:  # the one D2H copy, widened as prepare() does on the host
+        sub = sub.to(torch_dtype(p.dtype)).cpu().resolve_conj().resolve_neg().numpy()
+    copy_host(Prepared(p.name, p.dtype, piece.shape, sub, False), ring.array, offset)
+    piece.ring_offset = offset
+
+
+def _snapshot(spool: Spool, pieces: list[_Piece], total: int) -> None:
+    """Copy every piece now, into ONE region (several could not all be had at once in a
+    fragmented ring); the last piece's PLACE holds it: the daemon answers a client's
+    PLACEs to one file in order, so that answer comes when all of them are written."""
+    lease = spool._leases.take(total, block=spool.on_full == "block", timeout=spool.timeout)
     try:
-        p = piece.source
-        sub = p.array[tuple(slice(o, o + n) for o, n in zip(piece.within, piece.shape, strict=True))]
-        if p.is_cuda:  # the one D2H copy, widened as prepare() does on the host
-            sub = sub.to(torch_dtype(p.dtype)).cpu().resolve_conj().resolve_neg().numpy()
-        copy_host(Prepared(p.name, p.dtype, piece.shape, sub, False), ring.array, lease.offset)
+        at = lease.offset
+        for piece in pieces:
+            _copy(spool, piece, at)
+            at += aligned(piece.nbytes)
     except BaseException:
         spool._leases.copied(lease)
         spool._leases.answered(lease)
         raise
     spool._leases.copied(lease)
-    piece.lease = lease
+    pieces[-1].lease = lease
 
 
 def save_sharded(
@@ -135,6 +148,25 @@ def save_sharded(
     with _lock:
         n = next(_counters.setdefault(gname, itertools.count()))
     full = os.path.abspath(os.fspath(path))
+    prefix = f"matspool/shard/{gname}/{n}/"
+    try:
+        vars_, pieces, save = _prepare(spool, full, variables, rank, oned_as)
+    except BaseException as e:
+        # the others learn of it at once (rank 0 fails the save for all), not by a timeout
+        why = {"error": f"sharded save to {full!r}: rank {rank}: {type(e).__name__}: {e}"}
+        with contextlib.suppress(Exception):
+            store.set(f"{prefix}blocks/{rank}", json.dumps(why))
+        raise
+    timeout = float(spool.timeout) if spool.timeout else 60.0
+    job = _Job(spool, save, store, prefix, rank, size, full, fsync, vars_, pieces, timeout)
+    threading.Thread(target=job.run, name=f"matspool-shard-{n}", daemon=True).start()
+    return save.future
+
+
+def _prepare(
+    spool: Spool, full: str, variables: Mapping[str, Any], rank: int, oned_as: str
+) -> tuple[list[Var], list[_Piece], Save]:
+    """This rank's blocks, cut into pieces, copied into the ring when they fit; the save."""
     vars_ = rank_blocks(variables, rank, oned_as)
     ring = spool._ring
     assert ring is not None
@@ -147,22 +179,16 @@ def save_sharded(
             for within, shape in boxes(p.dims, item, limit):
                 at = tuple(o + w for o, w in zip(origin, within, strict=True))
                 pieces.append(_Piece(v, at, shape, p, within))
+    total = sum(aligned(p.nbytes) for p in pieces)
     seq = next(spool._seq)
     save = spool._table.add(seq, full, "v7.3", [])
     try:
-        if total <= ring.size:  # a snapshot now: the caller may change its tensors at once
-            for piece in pieces:
-                _copy(spool, piece, spool.on_full == "block")
+        if pieces and total <= ring.size:  # a snapshot now: the caller may change its tensors
+            _snapshot(spool, pieces, total)
     except BaseException:
-        _release(spool, pieces)
         spool._table.discard(seq)
         raise
-    timeout = float(spool.timeout) if spool.timeout else 60.0
-    job = _Job(
-        spool, save, store, f"matspool/shard/{gname}/{n}/", rank, size, full, fsync, vars_, pieces, timeout
-    )
-    threading.Thread(target=job.run, name=f"matspool-shard-{n}", daemon=True).start()
-    return save.future
+    return vars_, pieces, save
 
 
 def _release(spool: Spool, pieces: list[_Piece]) -> None:
@@ -210,6 +236,17 @@ class _Job:
     def _get(self, key: str) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.store.get(self.prefix + key))
         return value
+
+    def _read(self) -> None:
+        """This rank has read the outcome; the last to read removes the save's keys."""
+        if self.store.add(self.prefix + "read", 1) != self.size:
+            return
+        keys = ["layout", "result", "read"] + [
+            f"{k}/{r}" for k in ("blocks", "done") for r in range(self.size)
+        ]
+        for key in keys:
+            with contextlib.suppress(Exception):
+                self.store.delete_key(self.prefix + key)
 
     def _missing(self, keys: list[str]) -> list[str]:
         return [k for k in keys if not self.store.check([self.prefix + k])]
@@ -260,6 +297,7 @@ class _Job:
             ) from None
         laid = self._get("layout")
         if "error" in laid:
+            self._read()
             raise ShardError(laid["error"])
         self.tmp = laid["tmp"]
         status: dict[str, Any] = {"ok": True}
@@ -279,6 +317,7 @@ class _Job:
                 f"{self.timeout + _RESULT_GRACE:g} s (it or its daemon died); nothing was published"
             ) from None
         result = self._get("result")
+        self._read()
         if "error" in result:
             raise ShardError(result["error"])
         return int(result["nbytes"])
@@ -303,11 +342,17 @@ class _Job:
         """Have this rank's daemon write each of its pieces in place (all in flight at once:
         pieces beyond the ring wait for room, which answered pieces free)."""
         sent = []
+        leases = self.spool._leases
         for piece in self.pieces:
-            if piece.lease is None:  # larger than the ring: copied now, as room frees
-                _copy(self.spool, piece, True)
-            lease, piece.lease = piece.lease, None
-            assert lease is not None and self.tmp is not None
+            if piece.ring_offset < 0:  # larger than the ring: copied now, as room frees
+                lease = leases.take(piece.nbytes, block=True, timeout=self.timeout)
+                try:
+                    _copy(self.spool, piece, lease.offset)
+                finally:
+                    leases.copied(lease)
+                    piece.lease = lease
+            held, piece.lease = piece.lease, None  # from here on the PLACE's to release
+            assert self.tmp is not None
             v = piece.var
             sent.append(
                 self._send(
@@ -320,10 +365,10 @@ class _Job:
                         v.dims,
                         piece.origin,
                         piece.shape,
-                        lease.offset,
+                        piece.ring_offset,
                         self.fsync,
                     ),
-                    lease,
+                    held,
                 )
             )
         for future in sent:

@@ -195,6 +195,9 @@ class Failed(Exception):
 def check_blocks(path: str, ranks: list[dict[str, Any]]) -> list[msgs.ShardVar]:
     """Rank 0's check of every rank's blocks: the variables of the file, or ``Failed``
     naming the ranks and offsets that disagree, overlap or leave a gap."""
+    for got in ranks:
+        if "error" in got:  # that rank's save() raised: its reason is everyone's
+            raise Failed(got["error"])
     first = ranks[0]
     for r, got in enumerate(ranks):
         if got["path"] != path:
