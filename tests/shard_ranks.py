@@ -45,6 +45,9 @@ def expected(case: str) -> dict[str, np.ndarray]:
         }
     if case == "big":
         return {"u": _global((1024, 640), "float64", 8)}
+    if case == "v5":
+        c = _global((6, 5), "float64", 10) + 1j * _global((6, 5), "float64", 11)
+        return {"u": _global((7, 6), "float32", 12), "c": c, "b": _global((3, 8), "float64", 13) > 0}
     if case == "killed":
         return {"u": _global((4096, 1024), "float64", 9)}
     if case in ("overlap", "missing", "bad_dtype", "mismatch"):
@@ -96,6 +99,15 @@ def variables(case: str, rank: int) -> dict[str, Any]:
             name: matspool.Shard(_block(want[name], parts[rank]), parts[rank][0], want[name].shape)
             for name, parts in (("u", _UNEVEN_U), ("w", _UNEVEN_W), ("v", _UNEVEN_V))
         }
+    if case == "v5":
+        return {
+            name: matspool.Shard(_block(want[name], part), part[0], want[name].shape)
+            for name, part in (
+                ("u", ((0, 0), (7, 6)) if rank == 0 else ((0, 0), (0, 6))),  # rank 0 holds all of u
+                ("c", ((0, rank), (6, 2 if rank == 3 else 1))),
+                ("b", ((0, 2 * rank), (3, 2))),
+            )
+        }
     if case == "big":
         g = want["u"]
         cols = {r: ((0, 160 * r), (1024, 160)) for r in range(WORLD)}
@@ -114,6 +126,10 @@ def variables(case: str, rank: int) -> dict[str, Any]:
     if case == "mismatch" and rank == 1:
         local = local.float()  # single here, double elsewhere
     return {"u": matspool.Shard(local, at[0], g.shape)}
+
+
+#: the format each case is saved in ("auto" picks v5 for these small arrays)
+FORMATS = {"dtensor_cols": "auto", "v5": "v5"}
 
 
 def main() -> None:
@@ -136,7 +152,7 @@ def main() -> None:
         path = os.path.join(out, f"{case}.mat")
         start = time.monotonic()
         try:
-            fut = spool.save(path, variables(case, rank))
+            fut = spool.save(path, variables(case, rank), format=FORMATS.get(case, "v7.3"))
             if case == "killed" and rank == 3:  # dies once the file is laid out, mid-writes
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline and not any(

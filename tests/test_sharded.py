@@ -16,15 +16,14 @@ import sys
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
-from shard_ranks import WORLD, expected
+from shard_ranks import FORMATS, WORLD, expected
 
 from conftest import start_daemon
-from readback import read_v73
+from readback import assert_exact, read
 
 CASES = [
     "dtensor_rows",
@@ -32,6 +31,7 @@ CASES = [
     "dtensor_mesh",
     "shard_uneven",
     "big",
+    "v5",
     "overlap",
     "missing",
     "bad_dtype",
@@ -100,22 +100,26 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, 
 def _assert_file(out: Path, case: str) -> None:
     path = out / f"{case}.mat"
     want = expected(case)
-    got = read_v73(path)
+    fmt = "v5" if FORMATS.get(case, "v7.3") != "v7.3" else "v7.3"
+    got = read(path, fmt)
     assert sorted(got) == sorted(want)
     for name, value in want.items():
         matlab = value.reshape(1, -1) if value.ndim == 1 else value  # a 1-d array is a row
-        assert got[name].shape == matlab.shape, name
-        assert got[name].dtype == matlab.dtype, name
-        np.testing.assert_array_equal(got[name], matlab, err_msg=f"{case}: {name}")
+        assert_exact(got[name], matlab, f"{case}: {name}")
+    if fmt == "v5":
+        assert path.read_bytes()[:19] == b"MATLAB 5.0 MAT-file"
+        return
     with h5py.File(path, "r") as f:  # MATLAB's size is the global shape: dims reversed
         for name, value in want.items():
             dims = (1, value.size) if value.ndim == 1 else value.shape
             assert f[name].shape == tuple(reversed(dims))
-            assert f[name].attrs["MATLAB_class"].decode() in ("double", "single", "int64")
+            assert f[name].attrs["MATLAB_class"].decode() in ("double", "single", "int64", "logical")
     assert path.read_bytes()[:19] == b"MATLAB 7.3 MAT-file"
 
 
-@pytest.mark.parametrize("case", ["dtensor_rows", "dtensor_cols", "dtensor_mesh", "shard_uneven", "big"])
+@pytest.mark.parametrize(
+    "case", ["dtensor_rows", "dtensor_cols", "dtensor_mesh", "shard_uneven", "big", "v5"]
+)
 def test_every_rank_sees_the_one_file_whole(ran: tuple[Path, list[dict[str, str]]], case: str) -> None:
     out, outcomes = ran
     assert [o.get(case) for o in outcomes] == ["ok"] * WORLD, [o.get(case) for o in outcomes]

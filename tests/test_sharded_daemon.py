@@ -135,7 +135,7 @@ def test_hostile_shard_messages_are_refused_and_the_daemon_lives(
             "op": "LAYOUT",
             "seq": 1,
             "path": str(path),
-            "format": "v5",
+            "format": "v4",
             "vars": [{"name": "u", "dtype": "<f8", "dims": [2, 2]}],
         },
         {
@@ -187,6 +187,14 @@ def test_hostile_shard_messages_are_refused_and_the_daemon_lives(
         {**good, "data_offset": offset + 8},  # the variable would end past the file
         {**good, "data_offset": "0"},
         {**good, "dtype": "<f2"},
+        {**good, "imag_offset": offset},  # imaginary parts of a real array
+        {
+            "op": "LAYOUT",
+            "seq": 1,
+            "path": str(path),
+            "format": "v5",
+            "vars": [{"name": "u", "dtype": "<f8", "dims": [1 << 16, 1 << 16]}],  # 32 GiB: not v5
+        },
         {**good, "seq": None},
         {k: v for k, v in good.items() if k != "dims"},
         {"op": "PUBLISH", "seq": 5, "path": str(path), "tmp": ".c.mat.evil.matspool-tmp"},

@@ -37,8 +37,8 @@ from typing import Any, ClassVar, Final
 
 import numpy as np
 
-from ._errors import ProtocolError
-from ._matlab import STORED_DTYPES, check_name
+from ._errors import FormatLimitError, ProtocolError
+from ._matlab import STORED_DTYPES, V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
 from ._protocol import (
     MAX_BATCH,
     MAX_NDIM,
@@ -354,14 +354,20 @@ class Layout:
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Layout:
         fmt = raw.get("format")
-        if fmt != "v7.3":
-            raise ProtocolError(f"LAYOUT: format must be 'v7.3', got {fmt!r}"[:300])
+        if fmt not in ("v5", "v7.3"):
+            raise ProtocolError(f"LAYOUT: format must be 'v5' or 'v7.3', got {fmt!r}"[:300])
         vars_ = raw.get("vars")
         if not isinstance(vars_, list) or not 1 <= len(vars_) <= MAX_VARS:
             raise ProtocolError(f"LAYOUT: vars must be a list of 1 to {MAX_VARS} variables")
         parsed = tuple(ShardVar.from_wire(v) for v in vars_)
         if len({v.name for v in parsed}) != len(parsed):
             raise ProtocolError("LAYOUT: variable names repeat")
+        if fmt == "v5":
+            for v in parsed:
+                if v.nbytes > V5_MAX_VARIABLE_BYTES or max(v.dims) > V5_MAX_DIM:
+                    raise FormatLimitError(
+                        f"LAYOUT: variable {v.name!r} of size {list(v.dims)} exceeds MAT v5's limits"
+                    )
         return cls(_int(raw, "seq"), _path(raw), fmt, parsed)
 
 
@@ -382,6 +388,7 @@ class Place:
     box_shape: tuple[int, ...]
     ring_offset: int
     fsync: bool = False  # the writer fsyncs its blocks before it answers
+    imag_offset: int | None = None  # v5 complex: the imaginary parts' data offset
 
     @property
     def nbytes(self) -> int:
@@ -400,6 +407,7 @@ class Place:
             "box_shape": list(self.box_shape),
             "ring_offset": self.ring_offset,
             "fsync": self.fsync,
+            "imag_offset": self.imag_offset,
         }
 
     @classmethod
@@ -425,7 +433,10 @@ class Place:
             box_shape,
             _int(raw, "ring_offset", 0, ring_bytes),
             _flag(raw, "fsync"),
+            _opt_int(raw, "imag_offset", 0, MAX_SHARD_BYTES),
         )
+        if place.imag_offset is not None and not dtype.startswith("<c"):
+            raise ProtocolError(f"PLACE: imag_offset comes only with a complex dtype, not {dtype}")
         if place.nbytes > ring_bytes - place.ring_offset:
             raise ProtocolError(
                 f"PLACE: {place.nbytes} bytes at ring offset {place.ring_offset} leave the ring"
@@ -568,10 +579,11 @@ class LaidOut:
     OP: ClassVar[str] = "LAID_OUT"
     seq: int
     tmp: str
-    offsets: tuple[tuple[str, int], ...]
+    offsets: tuple[tuple[str, tuple[int, ...]], ...]  # v5 complex: real part's, imaginary part's
 
     def to_wire(self) -> dict[str, Any]:
-        return {"op": self.OP, "seq": self.seq, "tmp": self.tmp, "offsets": [list(o) for o in self.offsets]}
+        offsets = [[name, *at] for name, at in self.offsets]
+        return {"op": self.OP, "seq": self.seq, "tmp": self.tmp, "offsets": offsets}
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> LaidOut:
@@ -581,16 +593,15 @@ class LaidOut:
             or len(offsets) > MAX_VARS
             or not all(
                 isinstance(o, list)
-                and len(o) == 2
+                and len(o) in (2, 3)
                 and isinstance(o[0], str)
                 and len(o[0]) <= 64
-                and type(o[1]) is int
-                and 0 <= o[1] <= MAX_SHARD_BYTES
+                and all(type(x) is int and 0 <= x <= MAX_SHARD_BYTES for x in o[1:])
                 for o in offsets
             )
         ):
-            raise ProtocolError("LAID_OUT: offsets must be a list of [name, offset] pairs")
-        return cls(_int(raw, "seq"), _tmp(raw), tuple((o[0], o[1]) for o in offsets))
+            raise ProtocolError("LAID_OUT: offsets must be a list of [name, offset(, imaginary offset)]")
+        return cls(_int(raw, "seq"), _tmp(raw), tuple((o[0], tuple(o[1:])) for o in offsets))
 
     def result(self, fmt: str) -> SaveResult:
         """As the LAYOUT's future resolves: a :class:`LayoutResult`."""
@@ -601,7 +612,7 @@ class LaidOut:
 class LayoutResult(SaveResult):
     """A LAYOUT's outcome: ``path`` is the temporary's name, ``offsets`` by variable."""
 
-    offsets: dict[str, int] = field(default_factory=dict)
+    offsets: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ from ._errors import InvalidOptionError, MatspoolError
 from ._leases import Lease
 from ._pending import Save
 from ._saves import SaveResult, aligned
-from ._shard_blocks import Failed, Shard, ShardError, Var, boxes, check_blocks, is_sharded
+from ._shard_blocks import Failed, Shard, ShardError, Var, boxes, check_blocks, file_format, is_sharded
 from ._shard_blocks import variables as rank_blocks
 
 if TYPE_CHECKING:
@@ -123,8 +123,6 @@ def save_sharded(
     """See the module docstring; returns the save's future at once."""
     import torch.distributed as dist
 
-    if fmt not in ("auto", "v7.3"):
-        raise InvalidOptionError(f"a sharded save is written as v7.3 (format='auto' or 'v7.3'), not {fmt!r}")
     if layout != "matlab":
         raise InvalidOptionError(f"a sharded save takes layout='matlab' only, not {layout!r}")
     if compress or append:
@@ -150,7 +148,7 @@ def save_sharded(
     full = os.path.abspath(os.fspath(path))
     prefix = f"matspool/shard/{gname}/{n}/"
     try:
-        vars_, pieces, save = _prepare(spool, full, variables, rank, oned_as)
+        vars_, pieces, save = _prepare(spool, full, variables, rank, oned_as, fmt)
     except BaseException as e:
         # the others learn of it at once (rank 0 fails the save for all), not by a timeout
         why = {"error": f"sharded save to {full!r}: rank {rank}: {type(e).__name__}: {e}"}
@@ -164,10 +162,12 @@ def save_sharded(
 
 
 def _prepare(
-    spool: Spool, full: str, variables: Mapping[str, Any], rank: int, oned_as: str
+    spool: Spool, full: str, variables: Mapping[str, Any], rank: int, oned_as: str, fmt: str
 ) -> tuple[list[Var], list[_Piece], Save]:
-    """This rank's blocks, cut into pieces, copied into the ring when they fit; the save."""
+    """This rank's blocks, cut into pieces, copied into the ring when they fit; the save
+    (its format: ``"auto"`` is v5 when every global variable fits v5, as for any save)."""
     vars_ = rank_blocks(variables, rank, oned_as)
+    fmt = file_format(fmt, vars_)
     ring = spool._ring
     assert ring is not None
     pieces: list[_Piece] = []
@@ -181,7 +181,7 @@ def _prepare(
                 pieces.append(_Piece(v, at, shape, p, within))
     total = sum(aligned(p.nbytes) for p in pieces)
     seq = next(spool._seq)
-    save = spool._table.add(seq, full, "v7.3", [])
+    save = spool._table.add(seq, full, fmt, [])
     try:
         if pieces and total <= ring.size:  # a snapshot now: the caller may change its tensors
             _snapshot(spool, pieces, total)
@@ -223,7 +223,7 @@ class _Job:
             error = e if isinstance(e, MatspoolError) else ShardError(f"sharded save to {self.path!r}: {e}")
             self.spool._table.fail(self.save.seq, error)
         else:
-            self.save.future.set_result(SaveResult(self.path, nbytes, "v7.3"))
+            self.save.future.set_result(SaveResult(self.path, nbytes, self.save.format))
         self.spool._table.forget(self.save)
 
     # -- the store ------------------------------------------------------------------------
@@ -277,7 +277,7 @@ class _Job:
         spool = self.spool
         link = spool._link
         assert link is not None
-        sub = spool._table.add(message.seq, self.path, "v7.3", [lease] if lease else [])
+        sub = spool._table.add(message.seq, self.path, self.save.format, [lease] if lease else [])
         sub.ended, sub.outstanding, sub.instance = True, 1, link.instance
         if lease is not None:
             lease.instance = link.instance
@@ -286,7 +286,10 @@ class _Job:
 
     # -- the steps ------------------------------------------------------------------------
     def _run(self) -> int:
-        self._put(f"blocks/{self.rank}", {"path": self.path, "vars": {v.name: v.wire() for v in self.vars}})
+        self._put(
+            f"blocks/{self.rank}",
+            {"path": self.path, "format": self.save.format, "vars": {v.name: v.wire() for v in self.vars}},
+        )
         if self.rank == 0:
             self._lay_out()
         try:
@@ -329,8 +332,8 @@ class _Job:
             if late:
                 raise Failed(late)
             ranks = [self._get(f"blocks/{r}") for r in range(self.size)]
-            shard_vars = check_blocks(self.path, ranks)
-            laid = self._ask(msgs.Layout(next(self.spool._seq), self.path, "v7.3", tuple(shard_vars)))
+            fmt, shard_vars = check_blocks(self.path, ranks)
+            laid = self._ask(msgs.Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
             assert isinstance(laid, msgs.LayoutResult)
             self._put("layout", {"tmp": laid.path, "offsets": laid.offsets})
         except Failed as e:
@@ -338,7 +341,7 @@ class _Job:
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._put("layout", {"error": f"sharded save to {self.path!r}: rank 0: {type(e).__name__}: {e}"})
 
-    def _place(self, offsets: dict[str, int]) -> None:
+    def _place(self, offsets: dict[str, list[int]]) -> None:
         """Have this rank's daemon write each of its pieces in place (all in flight at once:
         pieces beyond the ring wait for room, which answered pieces free)."""
         sent = []
@@ -354,19 +357,21 @@ class _Job:
             held, piece.lease = piece.lease, None  # from here on the PLACE's to release
             assert self.tmp is not None
             v = piece.var
+            at = offsets[v.name]  # the data's offset (v5 complex: and the imaginary parts')
             sent.append(
                 self._send(
                     msgs.Place(
                         next(self.spool._seq),
                         self.path,
                         self.tmp,
-                        offsets[v.name],
+                        at[0],
                         v.dtype,
                         v.dims,
                         piece.origin,
                         piece.shape,
                         piece.ring_offset,
                         self.fsync,
+                        at[1] if len(at) > 1 else None,
                     ),
                     held,
                 )

@@ -19,12 +19,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import _messages as msgs
 from ._convert import Prepared, prepare
-from ._errors import InvalidOptionError, MatspoolError, UnsupportedTypeError
-from ._matlab import check_name
+from ._errors import FormatLimitError, InvalidOptionError, MatspoolError, UnsupportedTypeError
+from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
 
-__all__ = ["Failed", "Shard", "ShardError", "Var", "boxes", "check_blocks", "is_sharded", "variables"]
+__all__ = [
+    "Failed",
+    "Shard",
+    "ShardError",
+    "Var",
+    "boxes",
+    "check_blocks",
+    "file_format",
+    "is_sharded",
+    "variables",
+]
 
 
 class ShardError(MatspoolError, ValueError):
@@ -192,7 +204,25 @@ class Failed(Exception):
     """This rank's part failed: the text every rank's error carries."""
 
 
-def check_blocks(path: str, ranks: list[dict[str, Any]]) -> list[msgs.ShardVar]:
+def file_format(fmt: str, vars_: list[Var]) -> str:
+    """The format a sharded save is written in: ``"auto"`` is v5 when every global
+    variable fits v5's limits (as for any save), else v7.3; v5 asked for must fit."""
+    over = [
+        v.name
+        for v in vars_
+        if math.prod(v.dims) * np.dtype(v.dtype).itemsize > V5_MAX_VARIABLE_BYTES or max(v.dims) > V5_MAX_DIM
+    ]
+    if fmt == "auto":
+        return "v7.3" if over else "v5"
+    if fmt == "v5" and over:
+        raise FormatLimitError(
+            f"variable {over[0]!r} exceeds MAT v5's limits ({V5_MAX_VARIABLE_BYTES} bytes, int32 dims): "
+            "use format='v7.3' or 'auto'"
+        )
+    return fmt
+
+
+def check_blocks(path: str, ranks: list[dict[str, Any]]) -> tuple[str, list[msgs.ShardVar]]:
     """Rank 0's check of every rank's blocks: the variables of the file, or ``Failed``
     naming the ranks and offsets that disagree, overlap or leave a gap."""
     for got in ranks:
@@ -202,6 +232,10 @@ def check_blocks(path: str, ranks: list[dict[str, Any]]) -> list[msgs.ShardVar]:
     for r, got in enumerate(ranks):
         if got["path"] != path:
             raise Failed(f"sharded save: rank {r} saves to {got['path']!r}, rank 0 to {path!r}")
+        if got["format"] != first["format"]:
+            raise Failed(
+                f"sharded save to {path!r}: rank {r} saves it as {got['format']}, rank 0 as {first['format']}"
+            )
         if list(got["vars"]) != list(first["vars"]):
             raise Failed(
                 f"sharded save to {path!r}: rank {r} saves variables {list(got['vars'])}, "
@@ -221,7 +255,7 @@ def check_blocks(path: str, ranks: list[dict[str, Any]]) -> list[msgs.ShardVar]:
             blocks += [(r, tuple(o), tuple(s)) for o, s in v["blocks"]]
         _check_cover(path, name, dims, blocks)
         out.append(msgs.ShardVar(name, v0["dtype"], dims))
-    return out
+    return first["format"], out
 
 
 def _text(rank: int, offset: tuple[int, ...], shape: tuple[int, ...]) -> str:

@@ -5,9 +5,10 @@ through its own daemon (possibly on other nodes, sharing the filesystem). The cl
 coordinate among themselves (``matspool._shard``, over torch.distributed's store); each
 daemon only does what one message asks:
 
-- LAYOUT: a v7.3 file under a temporary name beside the final one (journaled like every
-  temporary, so a killed daemon's is swept), with contiguous, early-allocated, unfilled
-  datasets of the global sizes; answers the temporary's name and each dataset's offset;
+- LAYOUT: a v7.3 (or v5) file under a temporary name beside the final one (journaled
+  like every temporary, so a killed daemon's is swept), with holes of the global sizes
+  (v7.3: contiguous, early-allocated, unfilled datasets); answers the temporary's name
+  and each variable's data offset;
 - PLACE: one column-major block from the sender's ring, ``pwrite``-n into its runs of
   contiguous elements (MATLAB's first index is the fastest in the file);
 - PUBLISH: fsync (when asked) and rename the temporary to the final name, checking that
@@ -43,10 +44,10 @@ from .fsconfine import Target, failed, open_in
 from .jobs import Job
 from .paths import resolve_target
 from .ringio import ShmRing
+from .writers import writer_for
 from .writers._files import Temporary
-from .writers.v73 import write_v73
 
-__all__ = ["ShardJob", "ShardOp", "layout_v73", "runs"]
+__all__ = ["ShardJob", "ShardOp", "lay_out", "runs"]
 
 ShardOp = msgs.Layout | msgs.Place | msgs.Publish | msgs.Discard
 
@@ -90,7 +91,7 @@ class ShardJob(Job):
         assert op is not None
         with resolve_target(op.path, roots) as final:
             if isinstance(op, msgs.Layout):
-                tmp, offsets = layout_v73(final, op.vars)
+                tmp, offsets = lay_out(final, op.format, op.vars)
                 self.laid_out = msgs.LaidOut(op.seq, tmp, tuple(offsets.items()))
                 return None
             if isinstance(op, msgs.Place):
@@ -120,8 +121,21 @@ class ShardJob(Job):
                     f"{op.data_offset} does not fit in its laid-out file of {size} bytes",
                     errno.EINVAL,
                 )
-            for start, src, n in runs(op.dims, op.box_offset, op.box_shape, itemsize):
-                _pwrite_all(fd, data[src : src + n], op.data_offset + start)
+            parts = [(op.data_offset, data)]
+            if op.imag_offset is not None:  # v5 complex: real and imaginary parts apart
+                itemsize //= 2
+                values = data.view(op.dtype)
+                parts = [
+                    (op.data_offset, np.ascontiguousarray(values.real).view(np.uint8)),
+                    (op.imag_offset, np.ascontiguousarray(values.imag).view(np.uint8)),
+                ]
+            for base, part in parts:
+                if base + math.prod(op.dims) * itemsize > size:
+                    raise failed(
+                        f"cannot write {op.path!r}: a block would leave its laid-out file", errno.EINVAL
+                    )
+                for start, src, n in runs(op.dims, op.box_offset, op.box_shape, itemsize):
+                    _pwrite_all(fd, part[src : src + n], base + start)
             if op.fsync:
                 os.fsync(fd)
         finally:
@@ -192,18 +206,21 @@ def _open_tmp(final: Target, tmp: str, flags: int) -> int:
         ) from None
 
 
-def layout_v73(final: Target, variables: Sequence[msgs.ShardVar]) -> tuple[str, dict[str, int]]:
-    """A v7.3 file under a temporary name beside ``final``: each variable a contiguous,
-    early-allocated dataset of its global size, never filled (its attributes as for any
-    save). Returns the temporary's name and each variable's data offset."""
+def lay_out(
+    final: Target, fmt: str, variables: Sequence[msgs.ShardVar]
+) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """A ``fmt`` file under a temporary name beside ``final``, its variables' bytes left
+    as holes of their global sizes (v7.3: contiguous, early-allocated datasets, never
+    filled), everything else as any save writes it. Returns the temporary's name and each
+    variable's data offsets (v5 complex: the real parts', the imaginary parts')."""
     specs = [
         (proto.VarSpec(v.name, v.dtype, v.dims, 0, v.nbytes, deferred=v.nbytes > 0), None) for v in variables
     ]
     temp = Temporary(final)
     try:
-        holes = write_v73(temp.path, specs)
+        holes = writer_for(fmt).write(temp.path, specs, 0)
         temp.close()
-        return temp.name, {name: offs[0] for name, offs in holes.items()}
+        return temp.name, {name: tuple(offs) for name, offs in holes.items()}
     except BaseException:
         temp.discard()
         raise
