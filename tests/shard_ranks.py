@@ -48,7 +48,7 @@ def expected(case: str) -> dict[str, np.ndarray]:
     if case == "v5":
         c = _global((6, 5), "float64", 10) + 1j * _global((6, 5), "float64", 11)
         return {"u": _global((7, 6), "float32", 12), "c": c, "b": _global((3, 8), "float64", 13) > 0}
-    if case == "killed":
+    if case in ("killed", "daemon_killed"):
         return {"u": _global((4096, 1024), "float64", 9)}
     if case in ("overlap", "missing", "bad_dtype", "mismatch"):
         return {"u": _global((8, 4), "float64", 9)}
@@ -114,7 +114,7 @@ def variables(case: str, rank: int) -> dict[str, Any]:
         return {"u": matspool.Shard(_block(g, cols[rank]), cols[rank][0], g.shape)}
     g = want["u"]
     at = _ROWS[rank]
-    if case == "killed":  # 8 MiB per rank: rank 3's writes take many ring-fulls
+    if case in ("killed", "daemon_killed"):  # 8 MiB per rank: writes take many ring-fulls
         at = ((1024 * rank, 0), (1024, 1024))
     if case == "overlap" and rank == 2:
         at = ((3, 0), (2, 4))  # rows 3-4: overlaps rank 1's rows 2-3
@@ -148,18 +148,28 @@ def main() -> None:
         path.with_suffix(".tmp").write_text(json.dumps(outcome))
         os.replace(path.with_suffix(".tmp"), path)
 
+    def laid_out(case: str) -> None:
+        """Wait (20 s at most) until the case's file is laid out (its temporary exists)."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(n.startswith(f".{case}.mat.") for n in os.listdir(out)):
+            time.sleep(0.001)
+
+    # a third daemon, used by ranks 2-3 for "daemon_killed" only (rank 2 kills it mid-save)
+    third = os.environ.get("SHARD_THIRD_ENDPOINT")
+    spare = matspool.Spool(third, ring_bytes=int(ring_bytes), timeout=4) if third and rank >= 2 else None
     for case in cases:
         path = os.path.join(out, f"{case}.mat")
         start = time.monotonic()
         try:
-            fut = spool.save(path, variables(case, rank), format=FORMATS.get(case, "v7.3"))
+            using = spare if case == "daemon_killed" and spare is not None else spool
+            fut = using.save(path, variables(case, rank), format=FORMATS.get(case, "v7.3"))
             if case == "killed" and rank == 3:  # dies once the file is laid out, mid-writes
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline and not any(
-                    n.startswith(".killed.mat.") for n in os.listdir(out)
-                ):
-                    time.sleep(0.001)
+                laid_out(case)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if case == "daemon_killed" and rank == 2:  # kills its daemon mid-writes
+                laid_out(case)
+                assert spare is not None and spare._link is not None and spare._link.daemon_pid
+                os.kill(spare._link.daemon_pid, signal.SIGKILL)
             fut.result(timeout=60)
             outcome[case] = "ok"
         except Exception as e:  # noqa: BLE001 - reported to the test

@@ -36,6 +36,7 @@ CASES = [
     "missing",
     "bad_dtype",
     "mismatch",
+    "daemon_killed",
     "killed",
 ]
 RING = 1 << 20  # 1 MiB per rank: "big" (5 MiB global, 1.25 MiB per rank) exceeds every ring
@@ -53,7 +54,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, 
     out, results = base / "out", base / "results"
     out.mkdir()
     results.mkdir()
-    daemons = [start_daemon(out, base / f"sock{n}") for n in range(2)]
+    daemons = [start_daemon(out, base / f"sock{n}") for n in range(3)]  # the third one is killed
     port = _free_port()
     here = Path(__file__).parent
     procs = []
@@ -66,6 +67,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, 
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
                 "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+                "SHARD_THIRD_ENDPOINT": daemons[2].endpoint,
             }
             endpoint = daemons[rank // 2].endpoint  # two ranks per simulated node
             cmd = [
@@ -93,7 +95,8 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, 
             if p.poll() is None:
                 p.kill()
         for d in daemons:
-            d.stop()
+            if d.alive():
+                d.stop()
     return out, outcomes
 
 
@@ -160,6 +163,19 @@ def test_ranks_that_disagree_on_a_dtype_fail_all(ran: tuple[Path, list[dict[str,
         assert o["mismatch"].startswith("ShardError: "), (rank, o["mismatch"])
         assert "<f4 of size [8, 4] on rank 1, <f8 of size [8, 4] on rank 0" in o["mismatch"], o["mismatch"]
     assert not (out / "mismatch.mat").exists()
+
+
+def test_a_killed_daemon_fails_every_rank_and_leaves_nothing(ran: tuple[Path, list[dict[str, str]]]) -> None:
+    """Ranks 2-3 write through a third daemon, which rank 2 kills once the file is laid out."""
+    out, outcomes = ran
+    for rank, o in enumerate(outcomes):
+        error = o.get("daemon_killed", "")
+        assert error.startswith(("ShardError: ", "DaemonUnavailable: ")), (rank, error)
+    for rank in (0, 1):  # they hear of ranks 2-3 from rank 0
+        error = outcomes[rank]["daemon_killed"]
+        assert "rank 2: DaemonUnavailable" in error or "rank(s) 2" in error, error
+    assert not (out / "daemon_killed.mat").exists()
+    assert not [p for p in os.listdir(out) if p.startswith(".daemon_killed.mat.")]
 
 
 def test_a_killed_rank_fails_the_others_and_leaves_nothing(ran: tuple[Path, list[dict[str, str]]]) -> None:

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import _messages as msgs
 from ._convert import Prepared, copy_host, torch_dtype
-from ._errors import InvalidOptionError, MatspoolError
+from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolFull
 from ._leases import Lease
 from ._pending import Save
 from ._saves import SaveResult, aligned
@@ -344,11 +344,11 @@ class _Job:
     def _place(self, offsets: dict[str, list[int]]) -> None:
         """Have this rank's daemon write each of its pieces in place (all in flight at once:
         pieces beyond the ring wait for room, which answered pieces free)."""
-        sent = []
+        sent: list[Future[SaveResult]] = []
         leases = self.spool._leases
         for piece in self.pieces:
             if piece.ring_offset < 0:  # larger than the ring: copied now, as room frees
-                lease = leases.take(piece.nbytes, block=True, timeout=self.timeout)
+                lease = self._room(piece.nbytes, sent)
                 try:
                     _copy(self.spool, piece, lease.offset)
                 finally:
@@ -378,6 +378,24 @@ class _Job:
             )
         for future in sent:
             future.result(self.timeout + _RESULT_GRACE)
+
+    def _room(self, nbytes: int, sent: list[Future[SaveResult]]) -> Lease:
+        """A ring region for a piece. No room because the daemon died (or went silent)
+        says so: the pieces in flight fail first with the reason."""
+        try:
+            return self.spool._leases.take(nbytes, block=True, timeout=self.timeout)
+        except SpoolFull:
+            for future in sent:
+                error = future.exception(self.timeout + _RESULT_GRACE)
+                if error is not None:
+                    raise error from None
+            link = self.spool._link
+            if link is not None and link._daemon_dead():
+                raise DaemonUnavailable(
+                    f"the daemon at {link.endpoint} (pid {link.daemon_pid}) died while this rank's "
+                    "blocks were being written"
+                ) from None
+            raise
 
     def _finish(self) -> None:
         """Rank 0: every rank done: publish; else discard. Then tell everyone."""
