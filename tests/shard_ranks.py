@@ -45,6 +45,8 @@ def expected(case: str) -> dict[str, np.ndarray]:
         }
     if case == "big":
         return {"u": _global((1024, 640), "float64", 8)}
+    if case == "subgroup":
+        return {"u": _global((4, 3), "float64", 14)}
     if case == "v5":
         c = _global((6, 5), "float64", 10) + 1j * _global((6, 5), "float64", 11)
         return {"u": _global((7, 6), "float32", 12), "c": c, "b": _global((3, 8), "float64", 13) > 0}
@@ -108,6 +110,9 @@ def variables(case: str, rank: int) -> dict[str, Any]:
                 ("b", ((0, 2 * rank), (3, 2))),
             )
         }
+    if case == "subgroup":  # ranks 0 and 1 only, two rows each
+        at = ((2 * rank, 0), (2, 3))
+        return {"u": matspool.Shard(_block(want["u"], at), at[0], want["u"].shape)}
     if case == "big":
         g = want["u"]
         cols = {r: ((0, 160 * r), (1024, 160)) for r in range(WORLD)}
@@ -157,12 +162,16 @@ def main() -> None:
     # a third daemon, used by ranks 2-3 for "daemon_killed" only (rank 2 kills it mid-save)
     third = os.environ.get("SHARD_THIRD_ENDPOINT")
     spare = matspool.Spool(third, ring_bytes=int(ring_bytes), timeout=4) if third and rank >= 2 else None
+    pair = dist.new_group([0, 1])  # collective: every rank makes it, ranks 0-1 use it
     for case in cases:
         path = os.path.join(out, f"{case}.mat")
         start = time.monotonic()
+        if case == "subgroup" and rank >= 2:
+            continue  # not a member: saves nothing
         try:
             using = spare if case == "daemon_killed" and spare is not None else spool
-            fut = using.save(path, variables(case, rank), format=FORMATS.get(case, "v7.3"))
+            group = pair if case == "subgroup" else None
+            fut = using.save(path, variables(case, rank), format=FORMATS.get(case, "v7.3"), group=group)
             if case == "killed" and rank == 3:  # dies once the file is laid out, mid-writes
                 laid_out(case)
                 os.kill(os.getpid(), signal.SIGKILL)

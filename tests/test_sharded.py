@@ -32,6 +32,7 @@ CASES = [
     "shard_uneven",
     "big",
     "v5",
+    "subgroup",
     "overlap",
     "missing",
     "bad_dtype",
@@ -163,6 +164,12 @@ def test_ranks_that_disagree_on_a_dtype_fail_all(ran: tuple[Path, list[dict[str,
         assert o["mismatch"].startswith("ShardError: "), (rank, o["mismatch"])
         assert "<f4 of size [8, 4] on rank 1, <f8 of size [8, 4] on rank 0" in o["mismatch"], o["mismatch"]
     assert not (out / "mismatch.mat").exists()
+
+
+def test_group_saves_with_the_members_of_a_subgroup(ran: tuple[Path, list[dict[str, str]]]) -> None:
+    out, outcomes = ran
+    assert [o.get("subgroup") for o in outcomes] == ["ok", "ok", None, None]
+    _assert_file(out, "subgroup")
 
 
 def test_a_killed_daemon_fails_every_rank_and_leaves_nothing(ran: tuple[Path, list[dict[str, str]]]) -> None:

@@ -20,6 +20,7 @@ import zmq
 
 from matspool._protocol import TAG
 from matspool._ring import Ring
+from matspool._shard_blocks import boxes
 from matspoold.sharded import runs
 
 from conftest import DaemonProc, start_daemon
@@ -229,3 +230,17 @@ def test_runs_put_a_block_where_numpy_slicing_does(seed: int) -> None:
     want = np.zeros(dims, dtype=np.int32, order="F")
     want[tuple(slice(a, a + n) for a, n in zip(at, shape, strict=True))] = block
     np.testing.assert_array_equal(g, want)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_boxes_tile_a_block_within_the_limit(seed: int) -> None:
+    """A block larger than the ring goes in column-major sub-blocks that tile it exactly,
+    each within the limit (what one piece of the ring can hold)."""
+    rng = np.random.default_rng(100 + seed)
+    shape = tuple(int(rng.integers(1, 7)) for _ in range(int(rng.integers(2, 5))))
+    limit = int(rng.integers(8, 8 * int(np.prod(shape)) + 9))
+    seen = np.zeros(shape, dtype=np.int32)
+    for at, size in boxes(shape, 8, limit):
+        assert int(np.prod(size)) * 8 <= limit, (at, size, limit)
+        seen[tuple(slice(a, a + n) for a, n in zip(at, size, strict=True))] += 1
+    assert (seen == 1).all()
