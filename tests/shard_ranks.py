@@ -47,6 +47,8 @@ def expected(case: str) -> dict[str, np.ndarray]:
         return {"u": _global((1024, 640), "float64", 8)}
     if case == "subgroup":
         return {"u": _global((4, 3), "float64", 14)}
+    if case.startswith("burst"):  # burst0, burst1, burst2: saved back to back, then waited for
+        return {"u": _global((8, 4), "float64", 20 + int(case[-1])), "step": np.array(int(case[-1]))}
     if case == "v5":
         c = _global((6, 5), "float64", 10) + 1j * _global((6, 5), "float64", 11)
         return {"u": _global((7, 6), "float32", 12), "c": c, "b": _global((3, 8), "float64", 13) > 0}
@@ -110,6 +112,9 @@ def variables(case: str, rank: int) -> dict[str, Any]:
                 ("b", ((0, 2 * rank), (3, 2))),
             )
         }
+    if case.startswith("burst"):  # a plain value too: rank 0 writes it
+        at = _ROWS[rank]
+        return {"u": matspool.Shard(_block(want["u"], at), at[0], want["u"].shape), "step": want["step"]}
     if case == "subgroup":  # ranks 0 and 1 only, two rows each
         at = ((2 * rank, 0), (2, 3))
         return {"u": matspool.Shard(_block(want["u"], at), at[0], want["u"].shape)}
@@ -134,7 +139,7 @@ def variables(case: str, rank: int) -> dict[str, Any]:
 
 
 #: the format each case is saved in ("auto" picks v5 for these small arrays)
-FORMATS = {"dtensor_cols": "auto", "v5": "v5"}
+FORMATS = {"dtensor_cols": "auto", "v5": "v5", "burst0": "auto", "burst1": "auto", "burst2": "auto"}
 
 
 def main() -> None:
@@ -163,6 +168,24 @@ def main() -> None:
     third = os.environ.get("SHARD_THIRD_ENDPOINT")
     spare = matspool.Spool(third, ring_bytes=int(ring_bytes), timeout=4) if third and rank >= 2 else None
     pair = dist.new_group([0, 1])  # collective: every rank makes it, ranks 0-1 use it
+    dist.barrier()  # ranks start seconds apart here (torch's import); the 4 s timeout is for the saves
+    if "burst" in cases:  # three sharded saves in flight at once, then waited for
+        start = time.monotonic()
+        futs = [
+            spool.save(
+                os.path.join(out, f"burst{i}.mat"), variables(f"burst{i}", rank), format=FORMATS[f"burst{i}"]
+            )
+            for i in range(3)
+        ]
+        for i, fut in enumerate(futs):
+            try:
+                fut.result(timeout=60)
+                outcome[f"burst{i}"] = "ok"
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                outcome[f"burst{i}"] = f"{type(e).__name__}: {e}"
+        outcome["burst_s"] = f"{time.monotonic() - start:.2f}"
+        record()
+        cases.remove("burst")
     for case in cases:
         path = os.path.join(out, f"{case}.mat")
         start = time.monotonic()
@@ -171,7 +194,13 @@ def main() -> None:
         try:
             using = spare if case == "daemon_killed" and spare is not None else spool
             group = pair if case == "subgroup" else None
-            fut = using.save(path, variables(case, rank), format=FORMATS.get(case, "v7.3"), group=group)
+            fut = using.save(
+                path,
+                variables(case, rank),
+                format=FORMATS.get(case, "v7.3"),
+                group=group,
+                fsync=case == "shard_uneven",  # each block and the rename durable
+            )
             if case == "killed" and rank == 3:  # dies once the file is laid out, mid-writes
                 laid_out(case)
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -26,6 +26,7 @@ from conftest import start_daemon
 from readback import assert_exact, read
 
 CASES = [
+    "burst",
     "dtensor_rows",
     "dtensor_cols",
     "dtensor_mesh",
@@ -108,7 +109,7 @@ def _assert_file(out: Path, case: str) -> None:
     got = read(path, fmt)
     assert sorted(got) == sorted(want)
     for name, value in want.items():
-        matlab = value.reshape(1, -1) if value.ndim == 1 else value  # a 1-d array is a row
+        matlab = value.reshape(1, -1) if value.ndim < 2 else value  # 1-d: a row; a scalar: 1x1
         assert_exact(got[name], matlab, f"{case}: {name}")
     if fmt == "v5":
         assert path.read_bytes()[:19] == b"MATLAB 5.0 MAT-file"
@@ -122,7 +123,18 @@ def _assert_file(out: Path, case: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["dtensor_rows", "dtensor_cols", "dtensor_mesh", "shard_uneven", "big", "v5"]
+    "case",
+    [
+        "dtensor_rows",
+        "dtensor_cols",
+        "dtensor_mesh",
+        "shard_uneven",
+        "big",
+        "v5",
+        "burst0",
+        "burst1",
+        "burst2",
+    ],
 )
 def test_every_rank_sees_the_one_file_whole(ran: tuple[Path, list[dict[str, str]]], case: str) -> None:
     out, outcomes = ran

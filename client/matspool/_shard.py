@@ -21,8 +21,9 @@ saves on the group: every rank must make its sharded saves in the same order, as
 any collective.
 
 Threads: ``save_sharded`` runs in the caller's thread (checks, copies into the ring);
-each save then has one ``matspool-shard`` thread of its own, which alone touches its
-store keys and its sub-requests' futures. ``_counters`` is shared under ``_lock``.
+each save then has one ``matspool-shard`` thread of its own, with its own clone of the
+store client (a blocking wait would otherwise hold up the other saves' requests), which
+alone touches its store keys and its sub-requests' futures. ``_counters`` is shared under ``_lock``.
 """
 
 from __future__ import annotations
@@ -217,6 +218,10 @@ class _Job:
 
     def run(self) -> None:
         try:
+            # a connection of this save's own: a blocking wait on a shared store client
+            # holds up every other thread's (another save's) requests behind it
+            with contextlib.suppress(Exception):  # a store that cannot clone: shared
+                self.store = self.store.clone()
             nbytes = self._run()
         except BaseException as e:  # noqa: BLE001 - every failure reaches the future
             _release(self.spool, self.pieces)
