@@ -15,6 +15,7 @@ resolved (the slowest rank), best of ``reps``:
 All v7.3. Reported: bytes/s of each and the ratios sharded/separate, sharded/gather.
 
     PYTHONPATH=client:service python -m bench --only sharded [--quick]
+    PYTHONPATH=client:service python -m bench.sharded --scan [MIB_PER_RANK [REPS]]  # 1-8 ranks, 1-2 daemons
 """
 
 from __future__ import annotations
@@ -41,44 +42,62 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
+def measure(
+    d: str, world: int, daemons: int, mib: int, reps: int, modes: tuple[str, ...] = MODES
+) -> dict[str, Any]:
+    """``world`` ranks on ``daemons`` daemons (ranks split evenly), ``mib`` MiB each."""
     from .producers import _start_daemon, _stop_daemon
 
-    d = subdir(workdir, "sharded")
-    mib = 16 if cfg.quick else 256
-    reps = 2 if cfg.quick else 3
-    daemons = [_start_daemon(d, "--writers", "4") for _ in range(2)]
+    started = [_start_daemon(d, "--writers", "4") for _ in range(daemons)]
     out = os.path.join(d, "result.json")
     try:
-        progress.step(f"{WORLD} ranks x {mib} MiB, two daemons")
         port = _free_port()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         procs = []
-        for rank in range(WORLD):
+        for rank in range(world):
             env = {
                 **os.environ,
                 "RANK": str(rank),
-                "WORLD_SIZE": str(WORLD),
+                "WORLD_SIZE": str(world),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
             }
-            cmd = [sys.executable, "-m", "bench.sharded", d, daemons[rank // 2][1], str(mib), str(reps), out]
+            endpoint = started[rank * daemons // world][1]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.sharded",
+                d,
+                endpoint,
+                str(mib),
+                str(reps),
+                out,
+                ",".join(modes),
+            ]
             procs.append(subprocess.Popen(cmd, env=env, cwd=root))
         for p in procs:
             try:
                 p.wait(timeout=900)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         if any(p.returncode for p in procs):
             raise RuntimeError(f"a rank failed: exit statuses {[p.returncode for p in procs]}")
         with open(out) as f:
             res: dict[str, Any] = json.load(f)
     finally:
-        for proc, _, sockdir in daemons:
+        for proc, _, sockdir in started:
             _stop_daemon(proc, sockdir)
-    total = WORLD * mib * MiB
-    for mode in MODES:
-        res[mode]["bytes_per_s"] = total / res[mode]["seconds"]
+    for mode in modes:
+        res[mode]["bytes_per_s"] = world * mib * MiB / res[mode]["seconds"]
+    return res
+
+
+def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
+    d = subdir(workdir, "sharded")
+    mib = 16 if cfg.quick else 256
+    progress.step(f"{WORLD} ranks x {mib} MiB, two daemons")
+    res = measure(d, WORLD, 2, mib, 2 if cfg.quick else 3)
     res["ratio_separate"] = res["sharded"]["bytes_per_s"] / res["separate"]["bytes_per_s"]
     res["ratio_gather"] = res["sharded"]["bytes_per_s"] / res["gather"]["bytes_per_s"]
     progress.end(
@@ -110,7 +129,7 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
     ]
 
 
-def _rank(d: str, endpoint: str, mib: int, reps: int, out: str) -> None:
+def _rank(d: str, endpoint: str, mib: int, reps: int, out: str, modes: tuple[str, ...]) -> None:
     """One rank: time the three ways (the slowest rank's time, from a barrier)."""
     import time
 
@@ -120,13 +139,13 @@ def _rank(d: str, endpoint: str, mib: int, reps: int, out: str) -> None:
     import matspool
 
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     n = mib * MiB // 4
     cols = 1024
     rows_ = n // cols
     local = torch.arange(rank * n, (rank + 1) * n, dtype=torch.float32).reshape(rows_, cols)
-    global_shape = (WORLD * rows_, cols)
-    timings: dict[str, Any] = {"mib": mib, "world": WORLD}
+    global_shape = (world * rows_, cols)
+    timings: dict[str, Any] = {"mib": mib, "world": world}
     with matspool.Spool(endpoint, ring_bytes=(mib + 16) * MiB, timeout=300) as spool:
 
         def once(mode: str) -> float:
@@ -138,7 +157,7 @@ def _rank(d: str, endpoint: str, mib: int, reps: int, out: str) -> None:
             elif mode == "separate":
                 spool.save(os.path.join(d, f"part{rank}.mat"), {"u": local}, format="v7.3").result()
             else:
-                parts = [torch.empty_like(local) for _ in range(WORLD)] if rank == 0 else None
+                parts = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
                 dist.gather(local, parts, dst=0)
                 if rank == 0:
                     assert parts is not None
@@ -148,7 +167,7 @@ def _rank(d: str, endpoint: str, mib: int, reps: int, out: str) -> None:
             dist.barrier()  # the slowest rank's time
             return time.perf_counter() - t0
 
-        for mode in MODES:
+        for mode in modes:
             times = [once(mode) for _ in range(reps)]
             timings[mode] = {"seconds": min(times), "all": times}
             dist.barrier()
@@ -163,9 +182,28 @@ def _rank(d: str, endpoint: str, mib: int, reps: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def scan(mib: int = 16, reps: int = 2) -> None:
+    """``python -m bench.sharded --scan``: sharded saves of 1, 2, 4, 8 ranks on 1 and 2
+    daemons (``mib`` MiB per rank), against each rank saving its own file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=os.path.join(os.path.dirname(__file__), "out")) as d:
+        print(f"| ranks | daemons | sharded GB/s | separate files GB/s | ratio |  ({mib} MiB per rank)")
+        print("|---|---|---|---|---|")
+        for world in (1, 2, 4, 8):
+            for daemons in (1, 2) if world > 1 else (1,):
+                res = measure(d, world, daemons, mib, reps, ("sharded", "separate"))
+                sh, sep = res["sharded"]["bytes_per_s"] / 1e9, res["separate"]["bytes_per_s"] / 1e9
+                print(f"| {world} | {daemons} | {sh:.3f} | {sep:.3f} | {sh / sep:.2f}x |", flush=True)
+
+
 def main() -> None:
-    d, endpoint, mib, reps, out = sys.argv[1:]
-    _rank(d, endpoint, int(mib), int(reps), out)
+    if sys.argv[1:2] == ["--scan"]:
+        os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
+        scan(*(int(a) for a in sys.argv[2:4]))
+        return
+    d, endpoint, mib, reps, out, modes = sys.argv[1:]
+    _rank(d, endpoint, int(mib), int(reps), out, tuple(modes.split(",")))
 
 
 if __name__ == "__main__":
