@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,3 +248,28 @@ def test_boxes_tile_a_block_within_the_limit(seed: int) -> None:
         assert int(np.prod(size)) * 8 <= limit, (at, size, limit)
         seen[tuple(slice(a, a + n) for a, n in zip(at, size, strict=True))] += 1
     assert (seen == 1).all()
+
+
+def test_a_dead_client_s_laid_out_temporary_is_removed(setup: tuple[DaemonProc, Raw, Path, Path]) -> None:
+    """Every rank of a job killed at once: nobody is left to DISCARD. The daemon removes
+    the temporaries a client laid out once it finds the client dead."""
+    d, _, root, _ = setup
+    script = f"""
+import json, os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_sharded_daemon import Raw, _layout
+from pathlib import Path
+raw = Raw({d.endpoint!r})
+print(json.dumps(_layout(raw, Path({str(root / "dead.mat")!r}), [8, 8])), flush=True)
+os._exit(0)  # no BYE: a killed process
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    laid = json.loads(out.stdout.strip().splitlines()[-1])
+    assert laid["op"] == "LAID_OUT", (laid, out.stderr)
+    tmp = root / laid["tmp"]
+    deadline = time.monotonic() + 20
+    while tmp.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not tmp.exists(), "the dead client's temporary stayed"
+    assert not (root / "dead.mat").exists()

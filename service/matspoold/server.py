@@ -54,7 +54,7 @@ from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
 from .scheduler import Scheduler
 from .sessions import DEFAULT_MAX_RING_BYTES, DEFAULT_MAX_TOTAL_RING_BYTES, Client, Clients
-from .sharded import ShardJob
+from .sharded import LAID, ShardJob
 from .writers._files import TEMPS
 
 __all__ = ["Daemon", "install_signal_handlers"]
@@ -111,7 +111,7 @@ class Daemon:
             tcp=is_tcp(endpoint),
             clean_stale=clean_stale,
             client_timeout=client_timeout,
-            forget=self._jobs.forget,
+            forget=self._forget,
             max_ring_bytes=max_ring_bytes or DEFAULT_MAX_RING_BYTES,
             max_total_ring_bytes=max_total_ring_bytes or DEFAULT_MAX_TOTAL_RING_BYTES,
         )
@@ -131,6 +131,12 @@ class Daemon:
         self.snapshot: msgs.StatusReply = self.status()  # refreshed by the loop; read by metrics
 
     # -- life cycle ----------------------------------------------------------------------
+    def _forget(self, client: Client) -> None:
+        """A dropped client: its unfinished saves in pieces, and the temporaries of sharded
+        saves it laid out, leave no file behind."""
+        self._jobs.forget(client)
+        LAID.forget(client.ident, self.roots)
+
     def stop(self) -> None:
         """Finish the accepted writes, then leave ``serve()``. Safe from any thread and from a
         signal handler, re-entered or not: it takes no lock (the loop polls the flag)."""

@@ -27,9 +27,12 @@ thread (the scheduler orders jobs by final path). No state of its own.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +50,49 @@ from .ringio import ShmRing
 from .writers import writer_for
 from .writers._files import Temporary
 
-__all__ = ["ShardJob", "ShardOp", "lay_out", "runs"]
+__all__ = ["LAID", "ShardJob", "ShardOp", "Unpublished", "lay_out", "runs"]
 
 ShardOp = msgs.Layout | msgs.Place | msgs.Publish | msgs.Discard
 
 _MAX_RUNS_PER_BATCH = 1 << 16  # run starts computed at a time (bounded memory per block)
+
+
+log = logging.getLogger("matspoold")
+
+
+class Unpublished:
+    """Temporaries laid out for a client and not yet published or discarded, so that the
+    client's death (every rank of a job killed at once: nobody left to DISCARD) leaves
+    none behind: the save can never be published without its rank 0.
+
+    Threads: writer threads record and settle; the control thread forgets a dropped
+    client's; one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_client: dict[bytes, dict[str, str]] = {}  # ident -> {tmp: final path}
+
+    def laid(self, ident: bytes, path: str, tmp: str) -> None:
+        with self._lock:
+            self._by_client.setdefault(ident, {})[tmp] = path
+
+    def settled(self, tmp: str) -> None:
+        with self._lock:
+            for temps in self._by_client.values():
+                temps.pop(tmp, None)
+
+    def forget(self, ident: bytes, roots: Sequence[str]) -> None:
+        """``ident`` is dropped (dead or gone): remove the temporaries it laid out."""
+        with self._lock:
+            temps = self._by_client.pop(ident, {})
+        for tmp, path in temps.items():
+            with contextlib.suppress(Exception), resolve_target(path, roots) as final:
+                _discard(final, tmp)
+                log.info("removed %s beside %s: the client that laid it out is gone", tmp, path)
+
+
+#: the daemon's record (one daemon per process)
+LAID = Unpublished()
 
 
 def _request(op: ShardOp) -> proto.WriteRequest:
@@ -92,13 +133,18 @@ class ShardJob(Job):
         with resolve_target(op.path, roots) as final:
             if isinstance(op, msgs.Layout):
                 tmp, offsets = lay_out(final, op.format, op.vars)
+                LAID.laid(self.client.ident, op.path, tmp)
                 self.laid_out = msgs.LaidOut(op.seq, tmp, tuple(offsets.items()))
                 return None
             if isinstance(op, msgs.Place):
                 return self._place(final, op)
             if isinstance(op, msgs.Publish):
-                return _publish(final, op.tmp, op.fsync)
+                try:
+                    return _publish(final, op.tmp, op.fsync)
+                finally:
+                    LAID.settled(op.tmp)
             _discard(final, op.tmp)
+            LAID.settled(op.tmp)
             return 0
 
     def _place(self, final: Target, op: msgs.Place) -> int:
