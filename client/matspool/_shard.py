@@ -299,9 +299,11 @@ class _Job:
             self._lay_out()
         try:
             self._wait(["layout"], self.timeout + _RESULT_GRACE)
-        except Exception:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a timeout, or the store gone with rank 0
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ShardError(
-                f"sharded save to {self.path!r}: rank 0 did not lay the file out in time"
+                f"sharded save to {self.path!r}: rank 0 did not lay the file out within "
+                f"{self.timeout + _RESULT_GRACE:g} s, or it died (the store said: {why})"
             ) from None
         laid = self._get("layout")
         if "error" in laid:
