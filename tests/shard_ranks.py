@@ -215,6 +215,13 @@ def main() -> None:
         outcome[f"{case}_s"] = f"{time.monotonic() - start:.2f}"
         record()
     if "killed" in cases:
+        if rank == 0:  # rank 0 holds the store: keep it up until ranks 1-2 have read it
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not all(
+                "killed" in (f.read_text() if (f := Path(results) / f"rank{r}.json").exists() else "")
+                for r in (1, 2)
+            ):
+                time.sleep(0.05)
         os._exit(0)  # a member is dead: the group cannot be torn down
     spool.close()
     dist.destroy_process_group()

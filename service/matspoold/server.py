@@ -413,7 +413,7 @@ class Daemon:
             client.payload_inflight -= job.ring_bytes
             if isinstance(job, ShardJob):  # LAID_OUT, DONE or ERR, never counted as a file
                 if error is not None:
-                    log.warning("sharded save's %s of %s failed: %s", job.op_name, req.path, error)
+                    log.warning("sharded save's %s of %s failed: %s", job.op_name, job.op_path, error)
                     self.errors += 1
                 send(
                     [

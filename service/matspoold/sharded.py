@@ -41,7 +41,7 @@ import numpy as np
 
 from matspool import _messages as msgs
 from matspool import _protocol as proto
-from matspool._errors import ProtocolError
+from matspool._errors import MatspoolError, ProtocolError
 
 from .fsconfine import Target, failed, open_in
 from .jobs import Job
@@ -95,10 +95,14 @@ class Unpublished:
 LAID = Unpublished()
 
 
-def _request(op: ShardOp) -> proto.WriteRequest:
-    """The job's stand-in WRITE: the scheduler orders jobs by its path, replies use its seq."""
+def _request(op: ShardOp, ident: bytes) -> proto.WriteRequest:
+    """The job's stand-in WRITE: the scheduler orders jobs by its path, replies use its seq.
+    A client's PLACEs are ordered among themselves only (a key of their own): the ranks
+    sharing this daemon write their blocks of one file in parallel, while each client's
+    answers still come in the order it sent them (the last one frees its snapshot)."""
     fsync = isinstance(op, msgs.Publish) and op.fsync
-    return proto.WriteRequest(op.seq, op.path, "v7.3", fsync, ())
+    key = f"{op.path}\x00place-{ident.hex()}" if isinstance(op, msgs.Place) else op.path
+    return proto.WriteRequest(op.seq, key, "v7.3", fsync, ())
 
 
 @dataclass(eq=False, slots=True)
@@ -110,11 +114,15 @@ class ShardJob(Job):
 
     @classmethod
     def of(cls, client: Any, op: ShardOp) -> ShardJob:
-        return cls(client, _request(op), "shard", op=op)
+        return cls(client, _request(op, client.ident), "shard", op=op)
 
     @property
     def op_name(self) -> str:
         return self.op.OP if self.op is not None else "?"
+
+    @property
+    def op_path(self) -> str:
+        return self.op.path if self.op is not None else "?"
 
     @property
     def ring_bytes(self) -> int:
@@ -130,6 +138,14 @@ class ShardJob(Job):
     def execute(self, roots: Sequence[str]) -> int | None:
         op = self.op
         assert op is not None
+        try:
+            return self._execute(op, roots)
+        except OSError as e:
+            if isinstance(e, MatspoolError):
+                raise
+            raise failed(f"cannot write {op.path!r}: {e.strerror or e}", e.errno or errno.EIO) from e
+
+    def _execute(self, op: ShardOp, roots: Sequence[str]) -> int | None:
         with resolve_target(op.path, roots) as final:
             if isinstance(op, msgs.Layout):
                 tmp, offsets = lay_out(final, op.format, op.vars)
