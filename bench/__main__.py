@@ -29,6 +29,7 @@ MEASUREMENTS: list[tuple[str, str, str]] = [
     ("producers", "bench.producers", "rows"),
     ("compress", "bench.compress", "rows"),
     ("peers", "bench.peers", "rows"),
+    ("sharded", "bench.sharded", "rows"),
 ]
 # run only when named (``python -m bench peers`` or ``--only peers``): it repeats what the
 # others measure against every peer library, minutes on a small machine

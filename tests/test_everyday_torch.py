@@ -53,8 +53,9 @@ def test_float8_widens_exactly_to_single(spool: Any, out_dir: Path, fmt: str) ->
         np.testing.assert_array_equal(got[name].reshape(1, -1), want, err_msg=name)
 
 
-def test_dtensor_refused_with_what_to_do(tmp_path: Path) -> None:
-    """A DTensor (one rank of gloo here) is refused naming the variable and the way out;
+def test_dtensor_saved_whole_and_refused_inside_a_struct(tmp_path: Path) -> None:
+    """A DTensor (one rank of gloo here) as a variable is a sharded save: the file holds
+    its global value. Inside a struct it is refused, naming the variable and the way out;
     its local tensor is saved like any tensor."""
     r = _run_python(f"""
         import os
@@ -66,14 +67,16 @@ def test_dtensor_refused_with_what_to_do(tmp_path: Path) -> None:
         mesh = init_device_mesh("cpu", (1,))
         d = distribute_tensor(torch.arange(6.0).reshape(2, 3), mesh, [Shard(0)])
         with matspool.Spool(ring_bytes=1 << 20, timeout=30) as s:
+            s.save("{tmp_path}/g.mat", {{"field": d}}).result(30)
             try:
-                s.save("{tmp_path}/d.mat", {{"field": d}})
+                s.save("{tmp_path}/d.mat", {{"s": {{"field": d}}}})
             except matspool.UnsupportedTypeError as e:
                 print("refused:", e)
             s.save("{tmp_path}/d.mat", {{"field": d.to_local()}}, format="v5").result(30)
-        np.testing.assert_array_equal(scipy.io.loadmat("{tmp_path}/d.mat")["field"],
-                                      np.arange(6.0).reshape(2, 3))
+        for name in ("g", "d"):
+            np.testing.assert_array_equal(scipy.io.loadmat(f"{tmp_path}/{{name}}.mat")["field"],
+                                          np.arange(6.0).reshape(2, 3))
         dist.destroy_process_group()
         """)
     assert r.returncode == 0, r.stderr
-    assert "refused:" in r.stdout and "'field'" in r.stdout and ".full_tensor()" in r.stdout
+    assert "refused:" in r.stdout and "'s.field'" in r.stdout and ".full_tensor()" in r.stdout

@@ -34,6 +34,8 @@ PUBLIC = [
     "ProtocolError",
     "RingError",
     "SaveResult",
+    "Shard",
+    "ShardError",
     "Spool",
     "SpoolClosed",
     "SpoolFull",

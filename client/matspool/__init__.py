@@ -32,6 +32,7 @@ from ._errors import (
     WriteFailed,
 )
 from ._savemat import savemat
+from ._shard import Shard, ShardError
 from ._spool import SaveResult, Spool
 from ._stream import Stream
 
@@ -51,6 +52,8 @@ __all__ = [
     "ProtocolError",
     "RingError",
     "SaveResult",
+    "Shard",
+    "ShardError",
     "Spool",
     "SpoolClosed",
     "SpoolFull",

@@ -210,6 +210,8 @@ class Link:
                 self._table.answer(seq, result=_result(nbytes))
         elif isinstance(msg, msgs.Err):
             self._on_error(msg)
+        elif isinstance(msg, msgs.LaidOut):  # a sharded save's file is laid out (_shard)
+            self._table.answer(msg.seq, result=lambda save: msg.result(save.format))
         else:
             log.warning("matspool: ignoring a %s message from the daemon", msg.OP)
 

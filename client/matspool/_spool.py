@@ -29,7 +29,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _embedded, _lifecycle, _reach
+from . import _embedded, _lifecycle, _reach, _shard
 from . import _protocol as proto
 from ._convert import INT_AS, copy_host
 from ._copies import Copy, CopyPipeline
@@ -217,6 +217,7 @@ class Spool:
         append: bool = False,
         stream: Any = None,
         int_as: str | None = None,
+        group: Any = None,
     ) -> Future[SaveResult]:
         """Queue ``variables`` for ``path``; returns a future at once.
 
@@ -234,9 +235,27 @@ class Spool:
         ``int_as`` (default: the spool's, ``"int64"``): ``"double"`` stores Python ints
         (in dicts and lists too) as MATLAB double, which MATLAB arithmetic expects of a
         step number or a count; numpy and torch integer arrays keep their class.
+
+        A :class:`matspool.Shard` or a DTensor among the variables makes it a sharded save
+        (``_shard``): every rank of the torch.distributed ``group`` (default: the world)
+        saves its blocks, and one file holds the global arrays (docs/distributed.md).
         """
         if not isinstance(append, bool):
             raise TypeError(f"append must be a bool, got {append!r}")
+        if group is not None or _shard.is_sharded(variables):
+            fut: Future[SaveResult] = _shard.save_sharded(
+                self,
+                path,
+                variables,
+                fmt=normalize_format(format),
+                layout=layout,
+                oned_as=oned_as,
+                fsync=fsync,
+                compress=compress,
+                append=append,
+                group=group,
+            )
+            return fut
         submit = eager(Spool._submit)  # under torch.compile: eager, behind a graph break
         future: SaveFuture = submit(
             self,

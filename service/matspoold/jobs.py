@@ -130,6 +130,9 @@ class JobRunner:
         try:
             if self.write_delay:
                 time.sleep(self.write_delay)
+            execute = getattr(job, "execute", None)  # a sharded save's step (sharded.ShardJob)
+            if execute is not None:
+                return execute(self.roots), None
             return (self.run_piece(job) if job.kind in ("part", "end") else self.run_file(job)), None
         except MatspoolError as e:
             return None, e

@@ -55,6 +55,7 @@ from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
 from .scheduler import Scheduler
 from .sessions import DEFAULT_MAX_RING_BYTES, DEFAULT_MAX_TOTAL_RING_BYTES, Client, Clients
+from .sharded import LAID, ShardJob
 from .writers._files import TEMPS
 
 __all__ = ["Daemon", "install_signal_handlers"]
@@ -115,7 +116,7 @@ class Daemon:
             tcp=is_tcp(endpoint),
             clean_stale=clean_stale,
             client_timeout=client_timeout,
-            forget=self._jobs.forget,
+            forget=self._forget,
             max_ring_bytes=max_ring_bytes or DEFAULT_MAX_RING_BYTES,
             max_total_ring_bytes=max_total_ring_bytes or DEFAULT_MAX_TOTAL_RING_BYTES,
         )
@@ -135,6 +136,12 @@ class Daemon:
         self.snapshot: msgs.StatusReply = self.status()  # refreshed by the loop; read by metrics
 
     # -- life cycle ----------------------------------------------------------------------
+    def _forget(self, client: Client) -> None:
+        """A dropped client: its unfinished saves in pieces, and the temporaries of sharded
+        saves it laid out, leave no file behind."""
+        self._jobs.forget(client)
+        LAID.forget(client.ident, self.roots)
+
     def stop(self) -> None:
         """Finish the accepted writes, then leave ``serve()``. Safe from any thread and from a
         signal handler, re-entered or not: it takes no lock (the loop polls the flag)."""
@@ -338,6 +345,8 @@ class Daemon:
                 self._write(client, msg, payload)
             elif isinstance(msg, (proto.Part, msgs.End)):
                 self._piece(ident, msg, payload)
+            elif isinstance(msg, (msgs.Layout, msgs.Place, msgs.Publish, msgs.Discard)):
+                self._shard(client, msg)  # a save sharded over ranks: sharded.py
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
             if reply is not None:
@@ -373,6 +382,15 @@ class Daemon:
             client.begun[request.seq] = request
         self._enqueue(job)
 
+    def _shard(
+        self, client: Client | None, msg: msgs.Layout | msgs.Place | msgs.Publish | msgs.Discard
+    ) -> None:
+        if client is None:
+            raise UnknownClient(f"{msg.OP} before HELLO: this daemon does not know the client")
+        if self._stopping and not isinstance(msg, msgs.Discard):
+            raise WriteFailed("the daemon is shutting down and takes no new writes")
+        self._enqueue(ShardJob.of(client, msg))
+
     def _piece(
         self, ident: bytes, msg: proto.Part | msgs.End, payload: list[memoryview] | None = None
     ) -> None:
@@ -407,7 +425,17 @@ class Daemon:
             job, nbytes, error = result
             req, client = job.request, job.client
             client.payload_inflight -= job.ring_bytes
-            if job.kind == "part" and error is None:  # its ring space is free again
+            if isinstance(job, ShardJob):  # LAID_OUT, DONE or ERR, never counted as a file
+                if error is not None:
+                    log.warning("sharded save's %s of %s failed: %s", job.op_name, job.op_path, error)
+                    self.errors += 1
+                send(
+                    [
+                        client.ident,
+                        *msgs.encode(job.reply(nbytes) if error is None else error_msg(req.seq, error)),
+                    ]
+                )
+            elif job.kind == "part" and error is None:  # its ring space is free again
                 assert job.part is not None
                 send([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
             elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
