@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -66,6 +67,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _exit_text(rc: int) -> str:
+    """How a daemon child ended, for a message (a job's shared daemon is started again,
+    or says itself what happened: ``_jobdaemon``)."""
+    if rc >= 0:
+        return f"exited with status {rc}"
+    try:
+        return f"was killed by {signal.Signals(-rc).name}"
+    except ValueError:
+        return f"was killed by signal {-rc}"
+
+
 def _result(nbytes: int) -> Callable[[Save], SaveResult]:
     return lambda save: SaveResult(save.path, nbytes, save.format)
 
@@ -82,6 +94,8 @@ class Link:
         timeout: float | None,
         heartbeat: float,
         remote: bool,
+        # None while the embedded daemon runs; a job's shared daemon raises DaemonUnavailable
+        # when it is gone for good (it is started again otherwise)
         daemon_exit: Callable[[], int | None] | None = None,
     ) -> None:
         self.transport = transport
@@ -124,7 +138,7 @@ class Link:
             if self.broken is not None:
                 raise self.broken
             if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
-                raise DaemonUnavailable(f"the embedded daemon exited with status {rc} during start-up")
+                raise DaemonUnavailable(f"the embedded daemon {_exit_text(rc)} during start-up")
             if time.monotonic() > deadline:
                 raise DaemonUnavailable(
                     f"no matspool daemon answered at {self.endpoint} within {connect_timeout} s"
@@ -331,7 +345,9 @@ class Link:
                     last_ping = now
                     self._release_if_dead()
                 if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
-                    self.broken = DaemonUnavailable(f"the embedded daemon exited with status {rc}")
+                    self.broken = DaemonUnavailable(
+                        f"the embedded daemon {_exit_text(rc)}; saves not yet written fail"
+                    )
                     self._table.fail_unresolved(failing(DaemonUnavailable, str(self.broken)), keep=False)
                     return
                 if now - last_rx > silence_limit and self._table.unresolved():
