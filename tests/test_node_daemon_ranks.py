@@ -679,3 +679,69 @@ def test_the_suite_ignores_the_launcher_it_runs_under(xdg: Path) -> None:
     )
     assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     assert not (xdg / "matspool").exists()  # no job daemon was started
+
+
+# a job's daemon that answers PING, takes a rank's HELLO and dies before answering it (as one
+# SIGKILLed, or leaving, at that moment would): it holds the endpoint's lock as a daemon does
+_DIES_ON_HELLO = r"""
+import fcntl, json, os, sys
+import zmq
+from matspool import _messages as msgs
+
+path = sys.argv[1]
+lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+router = zmq.Context.instance().socket(zmq.ROUTER)
+router.bind("ipc://" + path)
+print("ready", flush=True)
+while router.poll(60000):
+    ident, _tag, body = router.recv_multipart()
+    op = json.loads(body)["op"]
+    if op == "PING":
+        router.send_multipart([ident, *msgs.encode(msgs.Pong("dies-on-hello", os.getpid()))])
+    elif op == "HELLO":
+        os.unlink(path)
+        os.unlink(path + ".lock")
+        os._exit(0)
+"""
+
+
+def test_a_hello_the_job_daemon_took_with_it_is_said_again_to_the_next(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slurm = {"SLURM_JOB_ID": "907", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    key = _launcher.detect(slurm)
+    assert key is not None
+    path = _launcher.job_endpoint(key)[len("ipc://") :]
+    Path(path).parent.mkdir(mode=0o700)
+    (tmp_path / "dies.py").write_text(_DIES_ON_HELLO)
+    fake = subprocess.Popen(
+        [sys.executable, str(tmp_path / "dies.py"), path], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "ready\n"
+        rank = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, numpy as np, matspool\n"
+                "s = matspool.Spool(ring_bytes=1 << 20, timeout=60, connect_timeout=25)\n"
+                "s.save(sys.argv[1], {'h': np.arange(3.0)}).result(60)\n"
+                "print(s._link.daemon_pid)\n"
+                "s.close()\n",
+                str(tmp_path / "h.mat"),
+            ],
+            env=_clean_env(xdg, **slurm),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert fake.wait(30) == 0  # it took the HELLO and went
+    finally:
+        if fake.poll() is None:
+            fake.kill()
+    assert rank.returncode == 0, rank.stderr[-3000:]
+    assert int(rank.stdout) != fake.pid  # welcomed by the job's daemon it started again
+    assert_variables(read(tmp_path / "h.mat", "v5"), {"h": np.arange(3.0)[None, :]})
+    assert _leftovers(xdg, [fake.pid]) == []

@@ -112,6 +112,8 @@ class JobDaemon:
             return True
         except PermissionError:
             pass  # exists (another user's pid now: then its start time differs)
+        if _zombie(self.pid):
+            return True  # dead, not yet reaped by whoever started it
         return self._started is not None and process_start(self.pid) != self._started
 
     def exit_status(self) -> int | None:
@@ -166,6 +168,14 @@ class JobDaemon:
         itself when the last has gone. Our child is reaped when it does (no zombie)."""
         if self.proc is not None:
             _reap(self.proc)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[:1] in ([b"Z"], [b"X"])
+    except (OSError, IndexError):
+        return False
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

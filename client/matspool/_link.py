@@ -127,6 +127,7 @@ class Link:
         self.transport.open(self._ring.name.encode())
         self._io = threading.Thread(target=self._loop, name="matspool-io", daemon=True)
         self._io.start()
+        self._hello_at = time.monotonic()
         self.send(self._hello_msg())
         start = time.monotonic()
         deadline = start + connect_timeout
@@ -212,7 +213,13 @@ class Link:
             if again:
                 self._resend()
         elif isinstance(msg, msgs.Pong):
-            if self.instance is not None and msg.instance != self.instance and not self._hello_pending:
+            if self.instance is None and not self._hello_pending:
+                if time.monotonic() - self._hello_at > max(5.0, 3 * self._heartbeat):
+                    # a daemon answers but never welcomed us: our HELLO went to one that died
+                    # before answering it (a job's daemon, started again on this endpoint)
+                    self._hello_at = time.monotonic()
+                    self.transport.send(msgs.encode(self._hello_msg()))
+            elif self.instance is not None and msg.instance != self.instance and not self._hello_pending:
                 self._hello()  # a new daemon on the same endpoint: register again
         elif isinstance(msg, msgs.PartDone):
             self._table.answer(msg.seq, part=msg.offset)
