@@ -13,6 +13,9 @@ registration alive:
 - a daemon that forgot this client (``unknown_client``, e.g. it took a stopped client
   for dead): register again, in a new ring if the daemon unlinked ours, and send the
   unanswered saves again;
+- a daemon that answers PING but has not answered our first HELLO for 5 s (the HELLO
+  went to a job's daemon that died before answering it, and ``_jobdaemon`` started the
+  next one on the endpoint): say HELLO again (a daemon takes a repeated HELLO as one);
 - a silent daemon: after ``timeout`` s the open futures fail (the outcome is unknown:
   the file may still appear, whole), but the regions stay leased until that daemon
   answers or its pid is gone.
