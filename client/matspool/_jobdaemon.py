@@ -238,9 +238,10 @@ def sweep(keep: str | None = None) -> None:
     file after it was unlinked sees that and opens the path again (``claim_ipc``)."""
     directory = os.path.join(default_base(), "matspool")
     try:
+        check_ipc_endpoint(f"ipc://{directory}/job.sock", missing_ok=False)  # ours alone
         names = os.listdir(directory)
-    except OSError:
-        return
+    except (OSError, DaemonUnavailable):
+        return  # none yet, or not a directory of this user's alone: nothing of ours to sweep
     now = time.time()
     for name in names:
         lock = os.path.join(directory, name)
