@@ -2,6 +2,12 @@
 
 ``daemon`` starts ``matspool serve`` as a separate process on a private ipc endpoint,
 rooted at the test's tmp_path; ``spool`` is a client connected to it.
+
+The suite runs as if launched by hand, whatever runs it: the variables by which a
+process knows it is a rank of a distributed job (``matspool._launcher``: an ``srun``
+step, ``torchrun``, ``mpirun``) and ``MATSPOOL_ENDPOINT`` / ``MATSPOOL_SHARED`` are
+removed from the environment when this file is imported, so tests and the processes
+they start use the embedded daemon unless a test sets them itself.
 """
 
 from __future__ import annotations
@@ -19,6 +25,30 @@ import pytest
 import zmq
 
 import matspool
+
+#: prefixes and names of the variables ``matspool._launcher`` reads (and the client's own)
+LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_", "MV2_", "PALS_")
+LAUNCHER_NAMES = (
+    "MPI_LOCALRANKID",
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "MATSPOOL_ENDPOINT",
+    "MATSPOOL_SHARED",
+)
+
+
+def launcher_free(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without any launcher's variables (nor MATSPOOL_ENDPOINT / MATSPOOL_SHARED)."""
+    return {k: v for k, v in env.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_NAMES}
+
+
+# at import: before any test, and for every process a test starts with this environment
+for _name in set(os.environ) - set(launcher_free(dict(os.environ))):
+    del os.environ[_name]
 
 
 @dataclass

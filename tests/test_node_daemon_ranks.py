@@ -27,10 +27,8 @@ import pytest
 import matspool
 from matspool import _launcher
 
+from conftest import launcher_free
 from readback import assert_variables, read
-
-_LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_", "MV2_", "PALS_")
-_LAUNCHER_NAMES = ("MPI_LOCALRANKID", "LOCAL_RANK", "RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # one rank: connect (the job's daemon), report, save; once HOLD.1 exists report the daemon's
 # client table; once HOLD.2 exists save again and close
@@ -101,13 +99,7 @@ dist.destroy_process_group()
 
 def _clean_env(xdg: Path, **extra: str) -> dict[str, str]:
     """This environment without any launcher's variables, with a private runtime dir."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES
-    }
-    for k in ("MATSPOOL_ENDPOINT", "MATSPOOL_SHARED"):
-        env.pop(k, None)
+    env = launcher_free(dict(os.environ))  # (conftest removed them already: a second guard)
     env["XDG_RUNTIME_DIR"] = str(xdg)
     env.update(extra)
     return env
@@ -387,9 +379,6 @@ def test_the_rank_that_started_the_daemon_is_killed_and_another_still_saves(
 def test_opt_out_and_explicit_endpoint(tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import start_daemon
 
-    for k in list(os.environ):
-        if k.startswith(_LAUNCHER_PREFIXES) or k in _LAUNCHER_NAMES or k == "MATSPOOL_ENDPOINT":
-            monkeypatch.delenv(k)
     for k, v in {"SLURM_JOB_ID": "701", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
@@ -443,3 +432,316 @@ def test_a_job_daemon_nobody_uses_leaves_by_itself_and_a_second_one_yields(tmp_p
         if first.poll() is None:
             first.kill()
     assert sorted(p.name for p in xdg.iterdir()) == []  # its socket and its lock file went with it
+
+
+# -- the job's daemon goes away: before a rank's HELLO, between saves, killed -----------------------
+
+# a rank that stalls (a GC pause, a starved core) between the PING that found the job's daemon and
+# its HELLO, longer than the daemon's idle grace: the daemon it found leaves meanwhile
+_STALLING_RANK = r"""
+import os, sys, time
+import numpy as np
+import matspool
+from matspool import _jobdaemon
+
+real, found = _jobdaemon.connect_or_start, []
+def stalls_once(*args, **kwargs):
+    daemon = real(*args, **kwargs)
+    if not found:
+        found.append(daemon.pid)
+        time.sleep(_jobdaemon.IDLE_EXIT_S + 1.5)
+    return daemon
+_jobdaemon.connect_or_start = stalls_once
+s = matspool.Spool(ring_bytes=1 << 20, timeout=60)
+s.save(sys.argv[1], {"z": np.arange(5.0) * 3}).result(60)
+print(found[0], s._link.daemon_pid, flush=True)
+s.close()
+"""
+
+# a rank whose job's daemon is killed and cannot be started again: prints the error its save gets
+_STRANDED_RANK = r"""
+import os, sys, time
+import numpy as np
+import matspool
+from matspool import DaemonUnavailable
+
+s = matspool.Spool(ring_bytes=1 << 20, timeout=60)
+s.save(sys.argv[1] + "/a.mat", {"a": np.eye(2)}).result(60)
+print(s._link.daemon_pid, flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[2]):
+    assert time.monotonic() < deadline, "never released"
+    time.sleep(0.05)
+try:
+    s.save(sys.argv[1] + "/b.mat", {"b": np.eye(3)}).result(60)
+except DaemonUnavailable as e:
+    print("ERROR", e, flush=True)
+s.close()
+"""
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while pid in _daemons_any():
+        assert time.monotonic() < deadline, f"daemon {pid} still there"
+        time.sleep(0.05)
+
+
+def _daemons_any() -> list[int]:
+    """Live (not zombie) processes."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                        found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_rank_that_stalls_past_the_idle_grace_before_its_hello_still_connects(
+    tmp_path: Path, xdg: Path
+) -> None:
+    script = tmp_path / "stall.py"
+    script.write_text(_STALLING_RANK)
+    r = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "z.mat")],
+        env=_clean_env(xdg, SLURM_JOB_ID="901", SLURM_STEP_ID="0", SLURM_LOCALID="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    found, served = (int(x) for x in r.stdout.split())
+    assert served != found  # the daemon it found had left; it started the job's daemon again
+    assert_variables(read(tmp_path / "z.mat", "v5"), {"z": np.arange(5.0)[None, :] * 3})
+    assert _leftovers(xdg, [found]) == []
+
+
+def test_the_job_daemon_killed_between_two_saves_of_two_ranks_is_started_again(
+    tmp_path: Path, xdg: Path
+) -> None:
+    (tmp_path / "out").mkdir()
+    hold = tmp_path / "go"
+    slurm = {"SLURM_JOB_ID": "902", "SLURM_STEP_ID": "0"}
+    ps = [_start_rank(tmp_path, xdg, k, str(hold), {**slurm, "SLURM_LOCALID": str(k)}) for k in range(2)]
+    try:
+        first = [_line(p) for p in ps]
+        daemon = int(first[0]["daemon"])  # type: ignore[call-overload]
+        assert first[1]["daemon"] == daemon
+        Path(f"{hold}.1").touch()
+        status = [_line(p) for p in ps]  # both first saves are answered
+        assert {s["status_pid"] for s in status} == {daemon}
+        os.kill(daemon, signal.SIGKILL)
+        _wait_gone(daemon)
+        Path(f"{hold}.2").touch()  # each saves again, then closes
+        errs = []
+        for p in ps:
+            _, err = p.communicate(timeout=90)
+            assert p.returncode == 0, err
+            errs.append(err)
+    finally:
+        for p in ps:
+            if p.poll() is None:
+                p.kill()
+    # the one that started it says it was killed; the other that it is gone; each is served again
+    assert any(f"(pid {daemon}, started by this process) was killed by SIGKILL" in e for e in errs), errs
+    assert all("now served by pid" in e for e in errs), errs
+    _check_files(tmp_path / "out", [0, 1])
+    assert _leftovers(xdg, [int(f["pid"]) for f in first]) == []  # type: ignore[call-overload]
+
+
+def test_a_killed_job_daemon_that_cannot_start_again_says_so(tmp_path: Path, xdg: Path) -> None:
+    script = tmp_path / "stranded.py"
+    script.write_text(_STRANDED_RANK)
+    hold = tmp_path / "go"
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(hold)],
+        env=_clean_env(xdg, SLURM_JOB_ID="903", SLURM_STEP_ID="0", SLURM_LOCALID="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        daemon = int(p.stdout.readline())
+        os.kill(daemon, signal.SIGKILL)
+        _wait_gone(daemon)
+        (xdg / "matspool").chmod(0o777)  # its directory is no longer safe to start one in
+        hold.touch()
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        (xdg / "matspool").chmod(0o700)
+    assert p.returncode == 0, err
+    msg = out.split("ERROR ", 1)[1]
+    assert msg.startswith("the shared daemon of this slurm job at ipc://"), msg
+    assert f"(pid {daemon}, started by this process) was killed by SIGKILL; starting it again failed" in msg
+    assert "mode 0777 lets others in" in msg and "saves not yet written fail" in msg, msg
+    assert_variables(read(tmp_path / "a.mat", "v5"), {"a": np.eye(2)})
+    assert not (tmp_path / "b.mat").exists()
+
+
+def test_what_a_killed_job_daemon_left_is_swept_by_the_next_spool(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Slurm step's end SIGKILLs its daemon: its socket and lock file stay, until this
+    user's next Spool() on the node, a rank's or not; a live job's daemon and a lock file
+    just made (a daemon starting) are left alone."""
+    from matspool import _jobdaemon
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    killed_key = _launcher.detect({"SLURM_JOB_ID": "904", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"})
+    live_key = _launcher.detect({"SLURM_JOB_ID": "905", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"})
+    assert killed_key is not None and live_key is not None
+    assert _jobdaemon.place_problem(killed_key) is None
+    killed = _jobdaemon.connect_or_start(killed_key)
+    live = _jobdaemon.connect_or_start(live_key)
+    try:
+        assert killed.proc is not None
+        killed.proc.kill()
+        killed.proc.wait(30)
+        sock = killed.endpoint[len("ipc://") :]
+        assert os.path.exists(sock) and os.path.exists(sock + ".lock")  # what SIGKILL leaves
+        then = time.time() - 30  # the step ended a while ago
+        os.utime(sock + ".lock", (then, then))
+        starting = xdg / "matspool" / "job-0123456789abcdef01234567.sock.lock"
+        starting.write_text("")  # created this instant by a daemon about to lock it
+        with matspool.Spool(ring_bytes=1 << 20) as s:  # a plain process: a daemon of its own
+            assert s._embedded is not None and not s._embedded.shared
+            s.save(tmp_path / "p.mat", {"p": np.arange(3.0)}).result(30)
+        left = sorted(p.name for p in (xdg / "matspool").iterdir())
+        live_sock = os.path.basename(live.endpoint)
+        assert left == sorted([live_sock, live_sock + ".lock", starting.name]), left
+        assert live.exit_status() is None and live.pid == live.proc.pid  # type: ignore[union-attr]
+        starting.unlink()
+    finally:
+        for d in (killed, live):
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+            if d.proc is not None:
+                d.proc.wait(30)
+    assert_variables(read(tmp_path / "p.mat", "v5"), {"p": np.arange(3.0)[None, :]})
+
+
+# -- the suite itself runs as if launched by hand ---------------------------------------------------
+
+
+def test_a_plain_process_has_a_daemon_of_its_own(tmp_path: Path) -> None:
+    """Whatever launched the suite (conftest removed its variables): no shared daemon."""
+    assert _launcher.detect() is None and "MATSPOOL_ENDPOINT" not in os.environ
+    child = subprocess.run(
+        [sys.executable, "-c", "from matspool import _launcher; print(_launcher.detect())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.stdout.strip() == "None", child.stderr
+    with matspool.Spool(ring_bytes=1 << 20) as s:
+        assert s._embedded is not None and not s._embedded.shared
+        s.save(tmp_path / "own.mat", {"o": np.arange(2.0)}).result(30)
+    assert_variables(read(tmp_path / "own.mat", "v5"), {"o": np.arange(2.0)[None, :]})
+
+
+def test_the_suite_ignores_the_launcher_it_runs_under(xdg: Path) -> None:
+    """CI inside an srun step, under torchrun, with MATSPOOL_ENDPOINT exported."""
+    tests = Path(__file__).parent
+    env = {
+        **os.environ,
+        "SLURM_JOB_ID": "906",
+        "SLURM_STEP_ID": "0",
+        "SLURM_LOCALID": "0",
+        "TORCHELASTIC_RUN_ID": "ci",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29555",
+        "MATSPOOL_ENDPOINT": f"ipc://{xdg}/nobody-here.sock",
+        "XDG_RUNTIME_DIR": str(xdg),
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{Path(__file__).name}::test_a_plain_process_has_a_daemon_of_its_own",
+        ],
+        cwd=tests,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert not (xdg / "matspool").exists()  # no job daemon was started
+
+
+# a job's daemon that answers PING, takes a rank's HELLO and dies before answering it (as one
+# SIGKILLed, or leaving, at that moment would): it holds the endpoint's lock as a daemon does
+_DIES_ON_HELLO = r"""
+import fcntl, json, os, sys
+import zmq
+from matspool import _messages as msgs
+
+path = sys.argv[1]
+lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+router = zmq.Context.instance().socket(zmq.ROUTER)
+router.bind("ipc://" + path)
+print("ready", flush=True)
+while router.poll(60000):
+    ident, _tag, body = router.recv_multipart()
+    op = json.loads(body)["op"]
+    if op == "PING":
+        router.send_multipart([ident, *msgs.encode(msgs.Pong("dies-on-hello", os.getpid()))])
+    elif op == "HELLO":
+        os.unlink(path)
+        os.unlink(path + ".lock")
+        os._exit(0)
+"""
+
+
+def test_a_hello_the_job_daemon_took_with_it_is_said_again_to_the_next(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slurm = {"SLURM_JOB_ID": "907", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    key = _launcher.detect(slurm)
+    assert key is not None
+    path = _launcher.job_endpoint(key)[len("ipc://") :]
+    Path(path).parent.mkdir(mode=0o700)
+    (tmp_path / "dies.py").write_text(_DIES_ON_HELLO)
+    fake = subprocess.Popen(
+        [sys.executable, str(tmp_path / "dies.py"), path], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "ready\n"
+        rank = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, numpy as np, matspool\n"
+                "s = matspool.Spool(ring_bytes=1 << 20, timeout=60, connect_timeout=25)\n"
+                "s.save(sys.argv[1], {'h': np.arange(3.0)}).result(60)\n"
+                "print(s._link.daemon_pid)\n"
+                "s.close()\n",
+                str(tmp_path / "h.mat"),
+            ],
+            env=_clean_env(xdg, **slurm),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert fake.wait(30) == 0  # it took the HELLO and went
+    finally:
+        if fake.poll() is None:
+            fake.kill()
+    assert rank.returncode == 0, rank.stderr[-3000:]
+    assert int(rank.stdout) != fake.pid  # welcomed by the job's daemon it started again
+    assert_variables(read(tmp_path / "h.mat", "v5"), {"h": np.arange(3.0)[None, :]})
+    assert _leftovers(xdg, [fake.pid]) == []

@@ -14,7 +14,9 @@ it, and a ``Spool()`` made new in the child starts the child's own.
 A rank of a distributed job (torchrun, Slurm, MPI: ``_launcher``) uses its job's daemon
 on this node instead, shared with the job's other ranks there (``_jobdaemon``): it is
 started by whichever rank comes first, no rank stops it, and it exits by itself when the
-last has left. ``MATSPOOL_SHARED=0`` keeps one daemon per process.
+last has left; when it is gone (killed, or it left before our HELLO) a rank connects to
+or starts it again. ``MATSPOOL_SHARED=0`` keeps one daemon per process. Every start
+sweeps what killed job daemons of this user left (``_jobdaemon.sweep``).
 
 Threads: any (the share count is under a lock); ``exit_status`` from I/O threads too.
 """
@@ -31,6 +33,7 @@ import threading
 import warnings
 
 from . import _jobdaemon, _launcher
+from ._errors import DaemonUnavailable
 
 __all__ = ["EmbeddedDaemon", "Share", "acquire"]
 
@@ -102,6 +105,9 @@ class Share:
         return isinstance(self.daemon, _jobdaemon.JobDaemon)
 
     def exit_status(self) -> int | None:
+        """None while the daemon serves; an own daemon's exit status once it has gone. A
+        job's daemon that went is started again, or raises ``DaemonUnavailable`` saying
+        what happened (``_jobdaemon.JobDaemon.exit_status``)."""
         return self.daemon.exit_status()
 
     def release(self, *, wait: bool = True) -> None:
@@ -128,14 +134,23 @@ def acquire() -> Share:
     job's rank, the job's daemon on this node, connected to (or started) on first use."""
     global _shared, _users
     with _lock:
-        if _shared is None or _shared.exit_status() is not None:
+        if _shared is None or _gone(_shared):
             _shared, _users = _start(), 0
         _users += 1
         return Share(_shared)
 
 
+def _gone(daemon: EmbeddedDaemon | _jobdaemon.JobDaemon) -> bool:
+    try:
+        return daemon.exit_status() is not None
+    except DaemonUnavailable:
+        return True  # a job's daemon that could not be restarted: start afresh
+
+
 def _start() -> EmbeddedDaemon | _jobdaemon.JobDaemon:
     job = _launcher.detect() if _launcher.sharing_enabled() else None
+    if job is None:
+        _jobdaemon.sweep()  # what killed job daemons left, at a plain process's start too
     if job is not None and (problem := _jobdaemon.place_problem(job)) is not None:
         warnings.warn(
             f"matspool: this {job.launcher} rank cannot share its job's daemon ({problem}); "

@@ -14,27 +14,30 @@ by local rank numbers, so 4-8 ranks arriving at once start exactly one:
    PINGs the winner. A socket left by a crashed earlier run of the same job is stale
    (nobody holds its lock) and the new daemon replaces it.
 
-Between a rank's PING and its HELLO the daemon cannot leave: any message restarts its
-idle time, and a HELLO follows within milliseconds.
+A daemon may leave at any moment before a rank's HELLO is answered (the rank stalled
+past the idle grace after its PING, or the daemon was stopping), and a daemon that was
+killed (SIGKILL, the OOM killer) leaves its ranks connected to nothing. Either way the
+rank notices it gone (:meth:`JobDaemon.exit_status`: from ``Spool()``'s wait for WELCOME
+and from the spool's I/O thread) and connects to, or starts, the job's daemon again on
+the same endpoint, up to :data:`RESTARTS` times: its link meets the new instance there,
+says HELLO again and sends its unanswered whole saves again (a save in pieces fails).
+Only when that fails is the daemon reported gone, in a ``DaemonUnavailable`` naming the
+endpoint and what happened. (The daemon restarts its idle time on every message, a PING
+too; a longer grace after a PING would only move the window a stall falls into, so the
+retry is what covers it.)
 
-The daemon belongs to no rank: it is started in a session of its own (a launcher that
-kills a worker's process group, as torchrun does, does not take it), without
-``--parent-pid``, so the rank that started it may exit first while others still save.
-It stops by itself once no client has been connected for :data:`IDLE_EXIT_S` (after
-every BYE, or after the reaper found the last rank dead; accepted saves are written
-first), which also covers nobody ever connecting; a job's end (Slurm's cgroup kill)
-may end it sooner. On its way out it removes its socket and lock file: nothing stays.
-Lock files of daemons that were killed (nobody holds them, untouched for a minute) are
-swept by the next rank that starts a daemon.
-
-Threads: the caller's (``_embedded.acquire``, under its lock); a reaper thread per
-daemon this process started, which only waits for it.
+Threads: the caller's (``_embedded.acquire``, under its lock), and the I/O threads of
+the spools using a :class:`JobDaemon` (``exit_status``: a restart is under the
+daemon's own lock); a reaper thread per daemon this process started, which only waits
+for it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -42,53 +45,137 @@ import threading
 import time
 from typing import Final
 
-from ._endpoint import check_ipc_endpoint, make_private_dirs
+from ._endpoint import check_ipc_endpoint, default_base, make_private_dirs
 from ._errors import DaemonUnavailable
 from ._launcher import BUSY_EXIT, JobKey, job_endpoint, process_start
 
-__all__ = ["IDLE_EXIT_S", "START_TIMEOUT_S", "JobDaemon", "connect_or_start", "place_problem"]
+__all__ = [
+    "IDLE_EXIT_S",
+    "RESTARTS",
+    "START_TIMEOUT_S",
+    "JobDaemon",
+    "connect_or_start",
+    "place_problem",
+    "sweep",
+]
+
+log = logging.getLogger("matspool")
 
 #: a job's daemon exits once no client has been connected this long
 IDLE_EXIT_S: Final = 3.0
 #: how long ``Spool()`` waits for the job's daemon to answer
 START_TIMEOUT_S: Final = 30.0
-_STALE_LOCK_S: Final = 60.0  # a lock file nobody holds, untouched this long, is swept
+#: how many times a rank connects to (or starts) the job's daemon again after it went
+RESTARTS: Final = 3
+#: a lock file nobody holds, untouched this long, is swept (a daemon takes the lock within
+#: microseconds of creating the file, and writes its pid into it when it does)
+_STALE_LOCK_S: Final = 5.0
 _PING_S: Final = 0.5
 #: a rank whose local rank is not 0 lets local rank 0 start the daemon for this long first
 #: (no python start-up wasted on a start that loses); it starts one itself after that
 _DEFER_S: Final = 3.0
 _SUN_PATH_MAX: Final = 107  # bytes of a unix socket's path
+_OPT_OUT: Final = "MATSPOOL_SHARED=0 gives each process a daemon of its own"
 
 
 class JobDaemon:
     """The job's daemon on this node as one of its ranks sees it: ``proc`` only in the
-    rank that started it."""
+    rank that started it. When it is gone it is connected to (or started) again."""
 
-    def __init__(self, endpoint: str, pid: int, proc: subprocess.Popen[bytes] | None) -> None:
+    def __init__(
+        self,
+        key: JobKey,
+        endpoint: str,
+        pid: int,
+        proc: subprocess.Popen[bytes] | None,
+        *,
+        writers: int | None = None,
+    ) -> None:
+        self.key = key
         self.endpoint = endpoint
+        self.writers = writers
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._set(pid, proc)
+
+    def _set(self, pid: int, proc: subprocess.Popen[bytes] | None) -> None:
         self.pid = pid
         self.proc = proc
         self._started = process_start(pid)
 
-    def exit_status(self) -> int | None:
-        """None while it runs; its status when it is our child, else -1 once it is gone."""
+    def _gone(self) -> bool:
         if self.proc is not None:
-            return self.proc.poll()
+            return self.proc.poll() is not None
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
-            return -1
+            return True
         except PermissionError:
             pass  # exists (another user's pid now: then its start time differs)
-        if self._started is not None and process_start(self.pid) != self._started:
-            return -1  # the pid was reused
-        return None
+        if _zombie(self.pid):
+            return True  # dead, not yet reaped by whoever started it
+        return self._started is not None and process_start(self.pid) != self._started
+
+    def exit_status(self) -> int | None:
+        """None while the job's daemon serves: if the one we knew is gone, the job's daemon
+        is connected to or started again (at most :data:`RESTARTS` times), and our link
+        meets it on the same endpoint. Raises :class:`DaemonUnavailable`, saying what
+        happened, when that fails."""
+        with self._lock:
+            if not self._gone():
+                return None
+            what = self._what()
+            if self.proc is not None:
+                _reap(self.proc)
+            if self.restarts >= RESTARTS:
+                raise DaemonUnavailable(
+                    f"{what}; it was started again {self.restarts} times already, not again: "
+                    f"saves not yet written fail. {_OPT_OUT}"
+                )
+            self.restarts += 1
+            try:
+                again = connect_or_start(self.key, writers=self.writers, endpoint=self.endpoint)
+            except DaemonUnavailable as e:
+                raise DaemonUnavailable(
+                    f"{what}; starting it again failed ({e}): saves not yet written fail"
+                ) from e
+            log.warning(
+                "matspool: %s; now served by pid %d (%s); unanswered saves are sent to it again",
+                what,
+                again.pid,
+                "started by this process" if again.proc is not None else "another rank's",
+            )
+            self._set(again.pid, again.proc)
+            return None
+
+    def _what(self) -> str:
+        """What became of the daemon we knew, for a message."""
+        who = f"the shared daemon of this {self.key.launcher} job at {self.endpoint} (pid {self.pid}"
+        if self.proc is None:
+            return f"{who}, started by another rank) is gone (killed, or it stopped)"
+        rc = self.proc.returncode
+        if rc is not None and rc < 0:
+            try:
+                how = f"was killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"was killed by signal {-rc}"
+        else:
+            how = f"exited with status {rc}"
+        return f"{who}, started by this process) {how}"
 
     def stop(self, timeout: float = 30.0, *, wait: bool = True) -> None:
         """This process leaves; the daemon stays for the job's other ranks and exits by
         itself when the last has gone. Our child is reaped when it does (no zombie)."""
         if self.proc is not None:
             _reap(self.proc)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[:1] in ([b"Z"], [b"X"])
+    except (OSError, IndexError):
+        return False
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
@@ -140,13 +227,21 @@ def _ping(endpoint: str, timeout: float) -> int | None:
     return reply.pid if isinstance(reply, msgs.Pong) and reply.pid else None
 
 
-def _sweep(directory: str, keep: str) -> None:
-    """Remove job sockets and lock files that daemons killed before they could (SIGKILL,
-    a job's end): only those whose lock nobody holds and nobody touched for a minute."""
+def sweep(keep: str | None = None) -> None:
+    """Remove the job sockets and lock files of this user's daemons that were killed before
+    they could (SIGKILL, a job's end): those whose lock nobody holds and nobody touched for
+    :data:`_STALE_LOCK_S` (``keep``: a lock file to leave alone).
+
+    A daemon starting meanwhile is not harmed: one that holds its lock is skipped; one
+    that opened the file and finds it locked by this sweep for a moment exits with
+    ``BUSY_EXIT`` and its rank starts another (``connect_or_start``); one that locks the
+    file after it was unlinked sees that and opens the path again (``claim_ipc``)."""
+    directory = os.path.join(default_base(), "matspool")
     try:
+        check_ipc_endpoint(f"ipc://{directory}/job.sock", missing_ok=False)  # ours alone
         names = os.listdir(directory)
-    except OSError:
-        return
+    except (OSError, DaemonUnavailable):
+        return  # none yet, or not a directory of this user's alone: nothing of ours to sweep
     now = time.time()
     for name in names:
         lock = os.path.join(directory, name)
@@ -214,12 +309,14 @@ def place_problem(key: JobKey) -> str | None:
 
 
 def connect_or_start(
-    key: JobKey, *, timeout: float = START_TIMEOUT_S, writers: int | None = None
+    key: JobKey, *, timeout: float = START_TIMEOUT_S, writers: int | None = None, endpoint: str | None = None
 ) -> JobDaemon:
-    """The job's daemon on this node, started by this process if none runs."""
-    endpoint = job_endpoint(key)
+    """The job's daemon on this node, started by this process if none runs (``endpoint``:
+    where, when not the job's own: the one it was first found at)."""
+    endpoint = endpoint or job_endpoint(key)
     path = endpoint[len("ipc://") :]
     check_ipc_endpoint(endpoint, missing_ok=False)  # raises DaemonUnavailable: unsafe dir
+    sweep(keep=path + ".lock")
     proc: subprocess.Popen[bytes] | None = None
     start = time.monotonic()
     deadline = start + timeout
@@ -231,19 +328,17 @@ def connect_or_start(
                 ours = proc if proc is not None and proc.pid == pid else None
                 if proc is not None and ours is None:  # lost the race: reap it as it exits
                     _reap(proc)
-                return JobDaemon(endpoint, pid, ours)
+                return JobDaemon(key, endpoint, pid, ours, writers=writers)
         elif (proc is None and time.monotonic() >= defer) or (proc is not None and proc.poll() is not None):
             if proc is not None and proc.returncode not in (0, BUSY_EXIT):
                 raise DaemonUnavailable(
                     f"the shared daemon of this {key.launcher} job (at {endpoint}) exited with "
-                    f"status {proc.returncode} while starting; its message is above. "
-                    "MATSPOOL_SHARED=0 gives each process a daemon of its own"
+                    f"status {proc.returncode} while starting; its message is above. " + _OPT_OUT
                 )
-            _sweep(os.path.dirname(path), keep=path + ".lock")
             proc = _spawn(endpoint, writers)
         if time.monotonic() > deadline:
             raise DaemonUnavailable(
                 f"the shared daemon of this {key.launcher} job did not answer at {endpoint} "
-                f"within {timeout:.0f} s; MATSPOOL_SHARED=0 gives each process a daemon of its own"
+                f"within {timeout:.0f} s; " + _OPT_OUT
             )
         time.sleep(0.05)

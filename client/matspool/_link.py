@@ -13,6 +13,9 @@ registration alive:
 - a daemon that forgot this client (``unknown_client``, e.g. it took a stopped client
   for dead): register again, in a new ring if the daemon unlinked ours, and send the
   unanswered saves again;
+- a daemon that answers PING but has not answered our first HELLO for 5 s (the HELLO
+  went to a job's daemon that died before answering it, and ``_jobdaemon`` started the
+  next one on the endpoint): say HELLO again (a daemon takes a repeated HELLO as one);
 - a silent daemon: after ``timeout`` s the open futures fail (the outcome is unknown:
   the file may still appear, whole), but the regions stay leased until that daemon
   answers or its pid is gone.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -67,6 +71,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _exit_text(rc: int) -> str:
+    """How a daemon child ended, for a message (a job's shared daemon is started again,
+    or says itself what happened: ``_jobdaemon``)."""
+    if rc >= 0:
+        return f"exited with status {rc}"
+    try:
+        return f"was killed by {signal.Signals(-rc).name}"
+    except ValueError:
+        return f"was killed by signal {-rc}"
+
+
 def _result(nbytes: int) -> Callable[[Save], SaveResult]:
     return lambda save: SaveResult(save.path, nbytes, save.format)
 
@@ -83,6 +98,8 @@ class Link:
         timeout: float | None,
         heartbeat: float,
         remote: bool,
+        # None while the embedded daemon runs; a job's shared daemon raises DaemonUnavailable
+        # when it is gone for good (it is started again otherwise)
         daemon_exit: Callable[[], int | None] | None = None,
     ) -> None:
         self.transport = transport
@@ -115,6 +132,7 @@ class Link:
         self.transport.open(self._ring.name.encode())
         self._io = threading.Thread(target=self._loop, name="matspool-io", daemon=True)
         self._io.start()
+        self._hello_at = time.monotonic()
         self.send(self._hello_msg())
         start = time.monotonic()
         deadline = start + connect_timeout
@@ -126,7 +144,7 @@ class Link:
             if self.broken is not None:
                 raise self.broken
             if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
-                raise DaemonUnavailable(f"the embedded daemon exited with status {rc} during start-up")
+                raise DaemonUnavailable(f"the embedded daemon {_exit_text(rc)} during start-up")
             if time.monotonic() > deadline:
                 raise DaemonUnavailable(
                     f"no matspool daemon answered at {self.endpoint} within {connect_timeout} s"
@@ -201,7 +219,13 @@ class Link:
             if again:
                 self._resend()
         elif isinstance(msg, msgs.Pong):
-            if self.instance is not None and msg.instance != self.instance and not self._hello_pending:
+            if self.instance is None and not self._hello_pending:
+                if time.monotonic() - self._hello_at > max(5.0, 3 * self._heartbeat):
+                    # a daemon answers but never welcomed us: our HELLO went to one that died
+                    # before answering it (a job's daemon, started again on this endpoint)
+                    self._hello_at = time.monotonic()
+                    self.transport.send(msgs.encode(self._hello_msg()))
+            elif self.instance is not None and msg.instance != self.instance and not self._hello_pending:
                 self._hello()  # a new daemon on the same endpoint: register again
         elif isinstance(msg, msgs.PartDone):
             self._table.answer(msg.seq, part=msg.offset)
@@ -336,7 +360,9 @@ class Link:
                     last_ping = now
                     self._release_if_dead()
                 if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
-                    self.broken = DaemonUnavailable(f"the embedded daemon exited with status {rc}")
+                    self.broken = DaemonUnavailable(
+                        f"the embedded daemon {_exit_text(rc)}; saves not yet written fail"
+                    )
                     self._table.fail_unresolved(failing(DaemonUnavailable, str(self.broken)), keep=False)
                     return
                 if now - last_rx > silence_limit and self._table.unresolved():
