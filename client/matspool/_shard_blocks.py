@@ -94,8 +94,11 @@ def _is_dtensor(value: object) -> bool:
     return "torch" in sys.modules and any(c.__name__ == "DTensor" for c in type(value).__mro__)
 
 
-def is_sharded(variables: Mapping[str, Any]) -> bool:
-    """Whether a save's variables call for a sharded save."""
+def is_sharded(variables: object) -> bool:
+    """Whether a save's variables call for a sharded save (anything but a mapping is not:
+    the planner refuses it with its own message)."""
+    if not isinstance(variables, Mapping):
+        return False
     return any(isinstance(v, Shard) or _is_dtensor(v) for v in variables.values())
 
 
