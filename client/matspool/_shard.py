@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from . import _messages as msgs
 from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolFull
 from ._leases import Lease
+from ._msgshard import Discard, Layout, LayoutResult, Place, Publish
 from ._numeric import Prepared, copy_host, torch_dtype
 from ._pending import Save
 from ._saves import SaveResult, aligned
@@ -340,8 +340,8 @@ class _Job:
                 raise Failed(late)
             ranks = [self._get(f"blocks/{r}") for r in range(self.size)]
             fmt, shard_vars = check_blocks(self.path, ranks)
-            laid = self._ask(msgs.Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
-            assert isinstance(laid, msgs.LayoutResult)
+            laid = self._ask(Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
+            assert isinstance(laid, LayoutResult)
             self._put("layout", {"tmp": laid.path, "offsets": laid.offsets})
         except Failed as e:
             self._put("layout", {"error": str(e)})
@@ -367,7 +367,7 @@ class _Job:
             at = offsets[v.name]  # the data's offset (v5 complex: and the imaginary parts')
             sent.append(
                 self._send(
-                    msgs.Place(
+                    Place(
                         next(self.spool._seq),
                         self.path,
                         self.tmp,
@@ -416,7 +416,7 @@ class _Job:
                 self._put("result", {"error": "; ".join(errors) + "; nothing was published"})
                 return
             assert self.tmp is not None
-            done = self._ask(msgs.Publish(next(self.spool._seq), self.path, self.tmp, self.fsync))
+            done = self._ask(Publish(next(self.spool._seq), self.path, self.tmp, self.fsync))
             self._put("result", {"nbytes": done.nbytes})
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._discard()
@@ -426,6 +426,6 @@ class _Job:
         if self.tmp is None:
             return
         try:
-            self._ask(msgs.Discard(next(self.spool._seq), self.path, self.tmp))
+            self._ask(Discard(next(self.spool._seq), self.path, self.tmp))
         except Exception:  # noqa: BLE001 - best effort: the daemon's journal sweeps leftovers
             pass

@@ -40,6 +40,8 @@ from matspool import _wirebin
 from matspool._curve import is_tcp, load_secret
 from matspool._endpoint import check_ipc_endpoint, make_private_dirs
 from matspool._errors import ProtocolError, RingError, UnknownClient, WriteFailed
+from matspool._msgshard import Discard, Layout, Place, Publish
+from matspool._msgstatus import StatusReply
 
 from .cleanup import (
     TempJournal,
@@ -133,7 +135,7 @@ class Daemon:
         self.state_dirs = [state_dir] if state_dir else default_state_dirs(endpoint)
         self._journal: TempJournal | None = None
         self._claim: IpcClaim | None = None
-        self.snapshot: msgs.StatusReply = self.status()  # refreshed by the loop; read by metrics
+        self.snapshot: StatusReply = self.status()  # refreshed by the loop; read by metrics
 
     # -- life cycle ----------------------------------------------------------------------
     def _forget(self, client: Client) -> None:
@@ -282,9 +284,9 @@ class Daemon:
                 self._claim.release(remove_lock=self.idle_exit is not None)
             log.info("stopped after %d files", self.files_written)
 
-    def status(self) -> msgs.StatusReply:
+    def status(self) -> StatusReply:
         now = time.monotonic()
-        return msgs.StatusReply(
+        return StatusReply(
             os.getpid(),
             self.instance,
             self.endpoint,
@@ -345,7 +347,7 @@ class Daemon:
                 self._write(client, msg, payload)
             elif isinstance(msg, (proto.Part, msgs.End)):
                 self._piece(ident, msg, payload)
-            elif isinstance(msg, (msgs.Layout, msgs.Place, msgs.Publish, msgs.Discard)):
+            elif isinstance(msg, (Layout, Place, Publish, Discard)):
                 self._shard(client, msg)  # a save sharded over ranks: sharded.py
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
@@ -382,12 +384,10 @@ class Daemon:
             client.begun[request.seq] = request
         self._enqueue(job)
 
-    def _shard(
-        self, client: Client | None, msg: msgs.Layout | msgs.Place | msgs.Publish | msgs.Discard
-    ) -> None:
+    def _shard(self, client: Client | None, msg: Layout | Place | Publish | Discard) -> None:
         if client is None:
             raise UnknownClient(f"{msg.OP} before HELLO: this daemon does not know the client")
-        if self._stopping and not isinstance(msg, msgs.Discard):
+        if self._stopping and not isinstance(msg, Discard):
             raise WriteFailed("the daemon is shutting down and takes no new writes")
         self._enqueue(ShardJob.of(client, msg))
 
