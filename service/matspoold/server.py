@@ -12,7 +12,8 @@ The daemon is split by job, each module owning its state:
 - ``scheduler``: per-path order and the writer threads;
 - ``jobs``: what a writer does with one WRITE, PART or END;
 - ``replies``: ERR and DONE messages;
-- ``endpoint``: one daemon per ipc socket; ``cleanup``: leftovers of dead processes;
+- ``listen``: binding the socket; ``endpoint``: one daemon per ipc socket;
+- ``cleanup``: leftovers of dead processes;
 - ``guard``: what one connection can make the daemon hold (finite queues per peer, a
   reader that stops is cut, a connection cap below the descriptor limit);
 - ``matspool._endpoint``: the socket's directory must be this user's (checked before bind).
@@ -37,8 +38,7 @@ import zmq
 from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool import _wirebin
-from matspool._curve import is_tcp, load_secret
-from matspool._endpoint import check_ipc_endpoint, make_private_dirs
+from matspool._curve import is_tcp
 from matspool._errors import ProtocolError, RingError, UnknownClient, WriteFailed
 from matspool._msgshard import Discard, Layout, Place, Publish
 from matspool._msgstatus import StatusReply
@@ -50,9 +50,9 @@ from .cleanup import (
     remove_stale_rings,
     sweep_dead,
 )
-from .endpoint import IpcClaim, claim_ipc
 from .guard import Guard
 from .jobs import Job, JobRunner, payload_of
+from .listen import Listener
 from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
 from .scheduler import Scheduler
@@ -104,10 +104,6 @@ class Daemon:
                 "(the server's .key_secret) and --curve-clients (a directory of authorized "
                 "client .key files); `matspool keygen` makes both"
             )
-        self.curve_secret = curve_secret
-        self.curve_clients = curve_clients
-        self.socket_mode = socket_mode
-        self.socket_group = socket_group
         self.parent_pid = parent_pid
         # a job's shared daemon (--idle-exit): leaves once it has had no client that long
         self.idle_exit = idle_exit
@@ -134,7 +130,14 @@ class Daemon:
         # the journal's directory: the one given, else the first usable default
         self.state_dirs = [state_dir] if state_dir else default_state_dirs(endpoint)
         self._journal: TempJournal | None = None
-        self._claim: IpcClaim | None = None
+        self._listener = Listener(
+            self._ctx,
+            endpoint,
+            curve_secret=curve_secret,
+            curve_clients=curve_clients,
+            socket_mode=socket_mode,
+            socket_group=socket_group,
+        )
         self.snapshot: StatusReply = self.status()  # refreshed by the loop; read by metrics
 
     # -- life cycle ----------------------------------------------------------------------
@@ -149,60 +152,6 @@ class Daemon:
         signal handler, re-entered or not: it takes no lock (the loop polls the flag)."""
         self._stopping = True
 
-    def _bind(self, sock: zmq.Socket[bytes]) -> None:
-        if is_tcp(self.endpoint):
-            from zmq.auth.thread import ThreadAuthenticator
-
-            if not os.path.isdir(self.curve_clients or ""):
-                raise ValueError(f"--curve-clients {self.curve_clients!r} is not a directory")
-            self._auth = ThreadAuthenticator(self._ctx)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=self.curve_clients or "")
-            assert self.curve_secret is not None  # __init__ refuses tcp:// without keys
-            public, secret = load_secret(self.curve_secret)
-            sock.curve_publickey, sock.curve_secretkey = public, secret
-            sock.curve_server = True
-            sock.bind(self.endpoint)
-            return
-        if not self.endpoint.startswith("ipc://"):
-            sock.bind(self.endpoint)
-            return
-        path = self.endpoint[len("ipc://") :]
-        self._own_directory(path)
-        self._claim = claim_ipc(self.endpoint)  # EndpointBusy if a live daemon has it
-        old = os.umask(0o177)  # no window in which the socket is open to others
-        try:
-            sock.bind(self.endpoint)
-        finally:
-            os.umask(old)
-        self._claim.bound()
-        if self.socket_group is not None:
-            import grp
-
-            os.chown(path, -1, grp.getgrnam(self.socket_group).gr_gid)
-        os.chmod(path, self.socket_mode)
-
-    def _own_directory(self, path: str) -> None:
-        """Make the socket's directory if missing (0700, or 0750 with ``--group``), then
-        refuse it unless only this user, root or the configured group controls it: a
-        directory another user made first could hold their fake daemon's socket."""
-        gid = None
-        if self.socket_group is not None:
-            import grp
-
-            gid = grp.getgrnam(self.socket_group).gr_gid
-        make_private_dirs(self.endpoint)
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.lexists(directory):
-            os.makedirs(os.path.dirname(directory), exist_ok=True)
-            try:
-                os.mkdir(directory, 0o700 if gid is None else 0o750)
-                if gid is not None:
-                    os.chown(directory, -1, gid)
-            except FileExistsError:
-                pass
-        check_ipc_endpoint(self.endpoint, group_gid=gid, missing_ok=False)
-
     def serve(self) -> None:
         router = self._ctx.socket(zmq.ROUTER)
         # locally payloads never cross the socket; from authenticated remote clients an
@@ -214,7 +163,7 @@ class Daemon:
         # finite queues per peer, ROUTER_MANDATORY, a connection cap: see guard.py
         guard = self._guard = Guard(router)
         try:
-            self._bind(router)
+            self._listener.bind(router)
             # after the bind: a daemon refused its endpoint must not sweep or journal
             self._journal = open_journal(self.state_dirs, TEMPS.tag)
             sweep_dead(os.path.dirname(self._journal.path))
@@ -222,8 +171,8 @@ class Daemon:
         except BaseException:
             guard.close()
             router.close(linger=0)
-            if self._claim is not None:
-                self._claim.release(remove_lock=self.idle_exit is not None)
+            if self._listener.claim is not None:
+                self._listener.claim.release(remove_lock=self.idle_exit is not None)
             raise
         wake = self._scheduler.wake_socket()
         poller = zmq.Poller()
@@ -276,12 +225,12 @@ class Daemon:
                 self._journal.close()
             guard.close()
             router.close(linger=1000)
-            if getattr(self, "_auth", None) is not None:
-                self._auth.stop()
+            if self._listener.auth is not None:
+                self._listener.auth.stop()
             self._ctx.destroy(linger=0)  # also closes the writers' wake sockets
-            if self._claim is not None:
+            if self._listener.claim is not None:
                 # removes the socket only if it is still ours (a job's daemon: its lock file too)
-                self._claim.release(remove_lock=self.idle_exit is not None)
+                self._listener.claim.release(remove_lock=self.idle_exit is not None)
             log.info("stopped after %d files", self.files_written)
 
     def status(self) -> StatusReply:
