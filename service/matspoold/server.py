@@ -10,6 +10,7 @@ The daemon is split by job, each module owning its state:
 - here: the socket, message dispatch, the counters, start and stop;
 - ``sessions``: the client table (HELLO, BYE, reaping the dead);
 - ``scheduler``: per-path order and the writer threads;
+- ``intake``: a checked WRITE, PART, END or sharded op made into a writer's job;
 - ``jobs``: what a writer does with one WRITE, PART or END;
 - ``replies``: ERR and DONE messages;
 - ``listen``: binding the socket; ``endpoint``: one daemon per ipc socket;
@@ -39,7 +40,7 @@ from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool import _wirebin
 from matspool._curve import is_tcp
-from matspool._errors import ProtocolError, RingError, UnknownClient, WriteFailed
+from matspool._errors import ProtocolError
 from matspool._msgshard import Discard, Layout, Place, Publish
 from matspool._msgstatus import StatusReply
 
@@ -51,7 +52,8 @@ from .cleanup import (
     sweep_dead,
 )
 from .guard import Guard
-from .jobs import Job, JobRunner, payload_of
+from .intake import piece_job, shard_job, write_job
+from .jobs import Job, JobRunner
 from .listen import Listener
 from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
@@ -293,11 +295,12 @@ class Daemon:
                 reply = msgs.Welcome(os.getpid(), self.instance, f"{proto.TAG.decode()} {_wirebin.FEATURE}")
             elif isinstance(msg, proto.WriteRequest):
                 assert client is not None  # parse_request refuses a WRITE before HELLO
-                self._write(client, msg, payload)
+                self._enqueue(write_job(client, msg, payload, stopping=self._stopping))
             elif isinstance(msg, (proto.Part, msgs.End)):
-                self._piece(ident, msg, payload)
+                self._enqueue(piece_job(self._clients.get(ident), msg, payload))
             elif isinstance(msg, (Layout, Place, Publish, Discard)):
-                self._shard(client, msg)  # a save sharded over ranks: sharded.py
+                # a save sharded over ranks: sharded.py
+                self._enqueue(shard_job(client, msg, stopping=self._stopping))
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
             if reply is not None:
@@ -314,52 +317,6 @@ class Daemon:
             self._guard.send_multipart([client.ident, *msgs.encode(client.answered[seq])])
             return True
         return seq in client.active
-
-    def _write(
-        self, client: Client, request: proto.WriteRequest, payload: list[memoryview] | None = None
-    ) -> None:
-        if client.mm is not None and client.mm.closed:
-            raise RingError("the client's ring is no longer mapped")
-        if self._stopping:
-            raise WriteFailed("the daemon is shutting down and takes no new writes")
-        job = Job(
-            client,
-            request,
-            "begin" if request.mode == "begin" else "write",
-            payload=payload_of(request, payload or []) if client.mm is None else None,
-        )
-        client.active[request.seq] = time.monotonic()
-        if job.kind == "begin":
-            client.begun[request.seq] = request
-        self._enqueue(job)
-
-    def _shard(self, client: Client | None, msg: Layout | Place | Publish | Discard) -> None:
-        if client is None:
-            raise UnknownClient(f"{msg.OP} before HELLO: this daemon does not know the client")
-        if self._stopping and not isinstance(msg, Discard):
-            raise WriteFailed("the daemon is shutting down and takes no new writes")
-        self._enqueue(ShardJob.of(client, msg))
-
-    def _piece(
-        self, ident: bytes, msg: proto.Part | msgs.End, payload: list[memoryview] | None = None
-    ) -> None:
-        """PART (bytes of a deferred variable) or END (the save is complete) of a begun save."""
-        client = self._clients.get(ident)
-        if client is None:
-            raise UnknownClient(f"{msg.OP} before HELLO: this daemon does not know the client's ring")
-        request = client.begun.get(msg.seq)
-        if request is None:
-            raise ProtocolError(f"{msg.OP} for save {msg.seq!r}, which this daemon did not begin")
-        if isinstance(msg, proto.Part):
-            part = msg
-            data = None
-            if client.mm is None:
-                if not payload or len(payload) != 1 or len(payload[0]) != part.nbytes:
-                    raise ProtocolError(f"a remote PART carries one payload frame of {part.nbytes} bytes")
-                data = {part.offset: payload[0]}
-            self._enqueue(Job(client, request, "part", part, payload=data))
-        else:
-            self._enqueue(Job(client, request, "end", abort=msg.abort))
 
     def _enqueue(self, job: Job) -> None:
         job.client.inflight += 1
