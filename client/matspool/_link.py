@@ -47,6 +47,7 @@ from ._errors import (
     error_from_code,
 )
 from ._leases import Lease
+from ._msgshard import LaidOut
 from ._pending import PendingTable, Save, failing
 from ._ring import Ring
 from ._saves import SaveResult
@@ -234,7 +235,7 @@ class Link:
                 self._table.answer(seq, result=_result(nbytes))
         elif isinstance(msg, msgs.Err):
             self._on_error(msg)
-        elif isinstance(msg, msgs.LaidOut):  # a sharded save's file is laid out (_shard)
+        elif isinstance(msg, LaidOut):  # a sharded save's file is laid out (_shard)
             self._table.answer(msg.seq, result=lambda save: msg.result(save.format))
         else:
             log.warning("matspool: ignoring a %s message from the daemon", msg.OP)

@@ -20,6 +20,9 @@ Keys live under ``matspool/shard/<group>/<n>/``, ``n`` counting this process's s
 saves on the group: every rank must make its sharded saves in the same order, as for
 any collective.
 
+The ring side (this rank's blocks cut into pieces, copied into its ring) is ``_shard_ring``;
+this module is the coordination over the store and the requests to this rank's daemon.
+
 Threads: ``save_sharded`` runs in the caller's thread (checks, copies into the ring);
 each save then has one ``matspool-shard`` thread of its own, with its own clone of the
 store client (a blocking wait would otherwise hold up the other saves' requests), which
@@ -31,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import os
 import threading
 from collections.abc import Mapping
@@ -40,16 +42,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
-
-from . import _messages as msgs
 from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolFull
 from ._leases import Lease
-from ._numeric import Prepared, copy_host, torch_dtype
+from ._msgshard import Discard, Layout, LayoutResult, Place, Publish
 from ._pending import Save
-from ._saves import SaveResult, aligned
-from ._shard_blocks import Failed, Shard, ShardError, Var, boxes, check_blocks, file_format, is_sharded
-from ._shard_blocks import variables as rank_blocks
+from ._saves import SaveResult
+from ._shard_blocks import Failed, Shard, ShardError, Var, check_blocks, is_sharded
+from ._shard_ring import Piece, copy_piece, prepare, release
 
 if TYPE_CHECKING:
     from ._spool import Spool
@@ -59,53 +58,6 @@ __all__ = ["Shard", "ShardError", "is_sharded", "save_sharded"]
 _RESULT_GRACE: Final = 10.0  # others wait this much longer than rank 0 for its verdict
 _lock = threading.Lock()
 _counters: dict[str, itertools.count[int]] = {}
-
-
-@dataclass(slots=True)
-class _Piece:
-    """One PLACE to make: a sub-block of a variable, in the ring once copied."""
-
-    var: Var
-    origin: tuple[int, ...]  # the sub-block's first element in the global array (MATLAB)
-    shape: tuple[int, ...]
-    source: Prepared
-    within: tuple[int, ...]  # its first element within ``source``
-    ring_offset: int = -1  # where its bytes are in the ring, once copied
-    lease: Lease | None = None  # released when the daemon answers this piece's PLACE
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.var.dtype).itemsize
-
-
-def _copy(spool: Spool, piece: _Piece, offset: int) -> None:
-    """Copy ``piece`` into ``spool``'s ring at ``offset`` (column-major)."""
-    ring = spool._ring
-    assert ring is not None
-    p = piece.source
-    sub = p.array[tuple(slice(o, o + n) for o, n in zip(piece.within, piece.shape, strict=True))]
-    if p.is_cuda:  # the one D2H copy, widened as prepare() does on the host
-        sub = sub.to(torch_dtype(p.dtype)).cpu().resolve_conj().resolve_neg().numpy()
-    copy_host(Prepared(p.name, p.dtype, piece.shape, sub, False), ring.array, offset)
-    piece.ring_offset = offset
-
-
-def _snapshot(spool: Spool, pieces: list[_Piece], total: int) -> None:
-    """Copy every piece now, into ONE region (several could not all be had at once in a
-    fragmented ring); the last piece's PLACE holds it: the daemon answers a client's
-    PLACEs to one file in order, so that answer comes when all of them are written."""
-    lease = spool._leases.take(total, block=spool.on_full == "block", timeout=spool.timeout)
-    try:
-        at = lease.offset
-        for piece in pieces:
-            _copy(spool, piece, at)
-            at += aligned(piece.nbytes)
-    except BaseException:
-        spool._leases.copied(lease)
-        spool._leases.answered(lease)
-        raise
-    spool._leases.copied(lease)
-    pieces[-1].lease = lease
 
 
 def save_sharded(
@@ -149,7 +101,7 @@ def save_sharded(
     full = os.path.abspath(os.fspath(path))
     prefix = f"matspool/shard/{gname}/{n}/"
     try:
-        vars_, pieces, save = _prepare(spool, full, variables, rank, oned_as, fmt)
+        vars_, pieces, save = prepare(spool, full, variables, rank, oned_as, fmt)
     except BaseException as e:
         # the others learn of it at once (rank 0 fails the save for all), not by a timeout
         why = {"error": f"sharded save to {full!r}: rank {rank}: {type(e).__name__}: {e}"}
@@ -160,43 +112,6 @@ def save_sharded(
     job = _Job(spool, save, store, prefix, rank, size, full, fsync, vars_, pieces, timeout)
     threading.Thread(target=job.run, name=f"matspool-shard-{n}", daemon=True).start()
     return save.future
-
-
-def _prepare(
-    spool: Spool, full: str, variables: Mapping[str, Any], rank: int, oned_as: str, fmt: str
-) -> tuple[list[Var], list[_Piece], Save]:
-    """This rank's blocks, cut into pieces, copied into the ring when they fit; the save
-    (its format: ``"auto"`` is v5 when every global variable fits v5, as for any save)."""
-    vars_ = rank_blocks(variables, rank, oned_as)
-    fmt = file_format(fmt, vars_)
-    ring = spool._ring
-    assert ring is not None
-    pieces: list[_Piece] = []
-    total = sum(aligned(p.nbytes) for v in vars_ for _, p in v.blocks)
-    limit = ring.size if total <= ring.size else max(ring.size // 4, 1)
-    for v in vars_:
-        item = np.dtype(v.dtype).itemsize
-        for origin, p in v.blocks:
-            for within, shape in boxes(p.dims, item, limit):
-                at = tuple(o + w for o, w in zip(origin, within, strict=True))
-                pieces.append(_Piece(v, at, shape, p, within))
-    total = sum(aligned(p.nbytes) for p in pieces)
-    seq = next(spool._seq)
-    save = spool._table.add(seq, full, fmt, [])
-    try:
-        if pieces and total <= ring.size:  # a snapshot now: the caller may change its tensors
-            _snapshot(spool, pieces, total)
-    except BaseException:
-        spool._table.discard(seq)
-        raise
-    return vars_, pieces, save
-
-
-def _release(spool: Spool, pieces: list[_Piece]) -> None:
-    for piece in pieces:
-        if piece.lease is not None:
-            spool._leases.answered(piece.lease)
-            piece.lease = None
 
 
 @dataclass(eq=False)
@@ -212,7 +127,7 @@ class _Job:
     path: str
     fsync: bool
     vars: list[Var]
-    pieces: list[_Piece]
+    pieces: list[Piece]
     timeout: float
     tmp: str | None = None
 
@@ -224,7 +139,7 @@ class _Job:
                 self.store = self.store.clone()
             nbytes = self._run()
         except BaseException as e:  # noqa: BLE001 - every failure reaches the future
-            _release(self.spool, self.pieces)
+            release(self.spool, self.pieces)
             error = e if isinstance(e, MatspoolError) else ShardError(f"sharded save to {self.path!r}: {e}")
             self.spool._table.fail(self.save.seq, error)
         else:
@@ -340,8 +255,8 @@ class _Job:
                 raise Failed(late)
             ranks = [self._get(f"blocks/{r}") for r in range(self.size)]
             fmt, shard_vars = check_blocks(self.path, ranks)
-            laid = self._ask(msgs.Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
-            assert isinstance(laid, msgs.LayoutResult)
+            laid = self._ask(Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
+            assert isinstance(laid, LayoutResult)
             self._put("layout", {"tmp": laid.path, "offsets": laid.offsets})
         except Failed as e:
             self._put("layout", {"error": str(e)})
@@ -357,7 +272,7 @@ class _Job:
             if piece.ring_offset < 0:  # larger than the ring: copied now, as room frees
                 lease = self._room(piece.nbytes, sent)
                 try:
-                    _copy(self.spool, piece, lease.offset)
+                    copy_piece(self.spool, piece, lease.offset)
                 finally:
                     leases.copied(lease)
                     piece.lease = lease
@@ -367,7 +282,7 @@ class _Job:
             at = offsets[v.name]  # the data's offset (v5 complex: and the imaginary parts')
             sent.append(
                 self._send(
-                    msgs.Place(
+                    Place(
                         next(self.spool._seq),
                         self.path,
                         self.tmp,
@@ -416,7 +331,7 @@ class _Job:
                 self._put("result", {"error": "; ".join(errors) + "; nothing was published"})
                 return
             assert self.tmp is not None
-            done = self._ask(msgs.Publish(next(self.spool._seq), self.path, self.tmp, self.fsync))
+            done = self._ask(Publish(next(self.spool._seq), self.path, self.tmp, self.fsync))
             self._put("result", {"nbytes": done.nbytes})
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._discard()
@@ -426,6 +341,6 @@ class _Job:
         if self.tmp is None:
             return
         try:
-            self._ask(msgs.Discard(next(self.spool._seq), self.path, self.tmp))
+            self._ask(Discard(next(self.spool._seq), self.path, self.tmp))
         except Exception:  # noqa: BLE001 - best effort: the daemon's journal sweeps leftovers
             pass

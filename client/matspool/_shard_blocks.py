@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _messages as msgs
 from ._errors import FormatLimitError, InvalidOptionError, MatspoolError, UnsupportedTypeError
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
+from ._msgshard import ShardVar
 from ._numeric import Prepared, prepare
 
 __all__ = [
@@ -225,7 +225,7 @@ def file_format(fmt: str, vars_: list[Var]) -> str:
     return fmt
 
 
-def check_blocks(path: str, ranks: list[dict[str, Any]]) -> tuple[str, list[msgs.ShardVar]]:
+def check_blocks(path: str, ranks: list[dict[str, Any]]) -> tuple[str, list[ShardVar]]:
     """Rank 0's check of every rank's blocks: the variables of the file, or ``Failed``
     naming the ranks and offsets that disagree, overlap or leave a gap."""
     for got in ranks:
@@ -257,7 +257,7 @@ def check_blocks(path: str, ranks: list[dict[str, Any]]) -> tuple[str, list[msgs
                 )
             blocks += [(r, tuple(o), tuple(s)) for o, s in v["blocks"]]
         _check_cover(path, name, dims, blocks)
-        out.append(msgs.ShardVar(name, v0["dtype"], dims))
+        out.append(ShardVar(name, v0["dtype"], dims))
     return first["format"], out
 
 

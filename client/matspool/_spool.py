@@ -8,10 +8,12 @@ A spool is composed of parts, each owning its state (see each module's docstring
 - ``_copies``: host copies' end, CUDA copies and host reorders, on the copy thread;
 - ``_link`` over a ``_transport``: the protocol on the I/O thread (ZeroMQ, or a
   function in unit tests);
-- ``_lifecycle``: fork, exit and multiprocessing children.
+- ``_lifecycle``: fork, exit and multiprocessing children;
+- ``_closing``: releasing the parts on ``close()`` or when a spool is collected unclosed.
 
 The caller's thread never waits on the disk, and on the ring only by ``on_full``.
-Saves larger than the ring go in pieces (``_pieces``).
+A save that fits in the ring goes whole (``_whole``); larger ones go in pieces
+(``_pieces``); sharded saves over ranks through ``_shard``.
 
 Threads: the ``Spool`` object itself holds only settings and its parts; ``save()`` runs
 in callers' threads (any number), and each part says which thread owns what in it.
@@ -25,28 +27,28 @@ import sys
 import threading
 import weakref
 from collections.abc import Mapping
-from concurrent.futures import Future, wait
-from dataclasses import dataclass, replace
+from concurrent.futures import Future
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _embedded, _lifecycle, _reach, _shard
-from . import _protocol as proto
-from ._convert import INT_AS, copy_host
-from ._copies import Copy, CopyPipeline
+from . import _closing, _embedded, _lifecycle, _reach, _shard
+from ._convert import INT_AS
+from ._copies import CopyPipeline
 from ._cuda import eager, refuse_capture
-from ._curve import ClientKeys, is_tcp
+from ._curve import ClientKeys
 from ._errors import CudaError, FlushError, SpoolClosed
-from ._leases import Lease, Leases
+from ._leases import Leases
 from ._link import Link
 from ._matlab import normalize_format
 from ._pending import PendingTable, SaveFuture, failing
 from ._pieces import send_in_pieces
-from ._planner import ON_FULL, Plan, check_choice, level, plan
-from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
+from ._planner import ON_FULL, check_choice, level, plan
 from ._ring import Ring
-from ._saves import SaveResult, aligned
+from ._saves import SaveResult
+from ._spoolopts import connection
 from ._transport import Transport, ZmqTransport
 from ._waiting import wait_for_saves
+from ._whole import send_whole
 
 if TYPE_CHECKING:
     from ._stream import Stream
@@ -54,19 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_RING_BYTES", "SaveResult", "Spool"]
 
 DEFAULT_RING_BYTES: Final = int(os.environ.get("MATSPOOL_RING_BYTES", 256 << 20))
-_COPIES_CLOSE_TIMEOUT: Final = 10.0  # close(): how long a copy stuck behind a CUDA stream may hold it
-
-
-@dataclass(frozen=True, slots=True)
-class _Settings:
-    """What a spool was opened with; a forked child opens its own spool with the same."""
-
-    endpoint: str | None
-    ring_bytes: int
-    ring_mode: int
-    heartbeat: float
-    connect_timeout: float
-    curve: ClientKeys | None
 
 
 class Spool:
@@ -114,23 +103,9 @@ class Spool:
         self._closed = False
         self._fork_lock = threading.Lock()
         self._transport = transport
-        from_env = transport is None and not endpoint and bool(os.environ.get("MATSPOOL_ENDPOINT"))
-        endpoint = (
-            transport.endpoint
-            if transport is not None
-            else (endpoint or os.environ.get("MATSPOOL_ENDPOINT") or None)
+        self._settings, self._from_env, self._remote = connection(
+            endpoint, transport, curve, ring_bytes, ring_mode, heartbeat, connect_timeout
         )
-        if transport is None and endpoint is not None:
-            _reach.check_endpoint(endpoint, from_env=from_env)
-        self._from_env = from_env
-        curve = curve or ClientKeys.from_env()
-        self._remote = endpoint is not None and is_tcp(endpoint)
-        if self._remote and curve is None:
-            raise ValueError(
-                f"{endpoint} is a TCP endpoint: pass curve=ClientKeys(...) or set "
-                "MATSPOOL_CURVE_CLIENT_SECRET and MATSPOOL_CURVE_SERVER_PUBLIC"
-            )
-        self._settings = _Settings(endpoint, ring_bytes, ring_mode, heartbeat, connect_timeout, curve)
         self._embedded: _embedded.Share | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._open()
@@ -177,7 +152,7 @@ class Spool:
         # A spool dropped without close() frees its ring and its share of the daemon when
         # it is collected; the parts, not the spool, are what the finalizer holds.
         self._finalizer = weakref.finalize(
-            self, _release_dropped, self._table, self._copies, self._link, self._embedded, self._ring
+            self, _closing.release_dropped, self._table, self._copies, self._link, self._embedded, self._ring
         )
         self._finalizer.atexit = False  # at exit _lifecycle closes live spools (and reports)
         _lifecycle.after_open(self)
@@ -338,70 +313,17 @@ class Spool:
                 timeout=self.timeout,
                 stream=stream,
             )
-        return self._submit_whole(p, block, stream)
-
-    def _submit_whole(self, p: Plan, block: bool, stream: Any = None) -> SaveFuture:
-        ring, leases, copies = self._ring, self._leases, self._copies
-        assert ring is not None and copies is not None
-        deferred = {id(a): aligned(staged_bytes(a)) for a in p.arrays if defers(a)}
-        if sum(deferred.values()) + p.total > ring.size:
-            deferred = {}  # no room to stage: reorder during the copy, as small arrays do
-        staging = (
-            leases.take(sum(deferred.values()), block=block, timeout=self.timeout, daemon=False)
-            if deferred
-            else None
+        return send_whole(
+            p,
+            self._seq,
+            ring,
+            self._leases,
+            self._table,
+            self._copies,
+            block=block,
+            timeout=self.timeout,
+            stream=stream,
         )
-        try:
-            region = leases.take(p.total, block=block, timeout=self.timeout, nested=staging is not None)
-        except BaseException:
-            if staging is not None:
-                leases.copied(staging)
-            raise
-        seq = next(self._seq)
-        save = self._table.add(seq, p.path, p.format, [region])
-        request = proto.WriteRequest(
-            seq, p.path, p.format, p.fsync, tuple(p.specs(region.offset)), p.level, p.mode, p.append
-        )
-        try:
-            copy = self._copy_in(p, region, staging, deferred, stream)
-        except BaseException:
-            copies.synchronize()
-            leases.copied(region)
-            if staging is not None:
-                leases.copied(staging)
-            self._table.discard(seq)
-            raise
-        copies.dispatch(request, copy, [region], region)
-        return save.future
-
-    def _copy_in(
-        self, p: Plan, region: Lease, staging: Lease | None, deferred: dict[int, int], stream: Any = None
-    ) -> Copy | None:
-        """Copy host arrays now, snapshot those to reorder later, start CUDA copies."""
-        ring, copies = self._ring, self._copies
-        assert ring is not None and copies is not None
-        offsets = {key: region.offset + off for key, off in p.relative.items()}
-        cuda_items, reorders = [], []
-        at = staging.offset if staging is not None else 0
-        for a in p.arrays:
-            if a.is_cuda:
-                cuda_items.append((a, offsets[id(a)]))
-            elif id(a) in deferred:
-                reorders.append((stage(a, ring.array, at), offsets[id(a)]))
-                at += deferred[id(a)]
-            else:
-                copy_host(a, ring.array, offsets[id(a)])
-        parts: list[Copy] = (
-            [copies.cuda(cuda_items[0][0].array.device.index or 0).start(cuda_items, stream)]
-            if cuda_items
-            else []
-        )
-        if reorders:
-            assert staging is not None
-            parts.append(HostReorder(reorders, ring, lambda: self._leases.copied(staging)))
-        elif staging is not None:
-            self._leases.copied(staging)
-        return None if not parts else parts[0] if len(parts) == 1 else AllOf(parts)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every save made so far is on disk; raise if any failed."""
@@ -487,54 +409,10 @@ class Spool:
         self._closed = True
         if self._finalizer is not None:
             self._finalizer.detach()
-        if not _close_parts(self._copies, self._link, self._embedded, self._ring, wait=wait):
+        if not _closing.close_parts(self._copies, self._link, self._embedded, self._ring, wait=wait):
             return None
         return CudaError(
-            f"close(): a copy into the ring did not end within {_COPIES_CLOSE_TIMEOUT} s "
+            f"close(): a copy into the ring did not end within {_closing.COPIES_CLOSE_TIMEOUT} s "
             "(a CUDA stream it waits on is stuck, or a host reorder still runs); the ring is "
             "unmapped once it ends"
         )
-
-
-def _close_parts(
-    copies: CopyPipeline | None,
-    link: Link | None,
-    embedded: _embedded.Share | None,
-    ring: Ring | None,
-    *,
-    wait: bool = True,
-) -> bool:
-    """Stop the threads, leave the daemon (the last spool stops it; ``wait=False``:
-    without waiting for its accepted writes), unlink the ring. True when a copy was stuck:
-    the ring then goes when that copy ends, never under it."""
-    stuck = copies is not None and not copies.close(_COPIES_CLOSE_TIMEOUT)
-    if link is not None:
-        link.close()
-    if embedded is not None:
-        embedded.release(wait=wait)
-    if ring is not None:
-        if stuck:
-            assert copies is not None
-            copies.after_copies(ring.close)
-        else:
-            ring.close()
-    return stuck
-
-
-def _release_dropped(
-    table: PendingTable, copies: CopyPipeline, link: Link, embedded: _embedded.Share | None, ring: Ring
-) -> None:
-    """A spool collected without close(): its saves still finish (up to a minute), then its
-    parts go. Run on a thread of its own when the collection happened on one of the
-    spool's own threads (they cannot join themselves, and the I/O thread must go on
-    answering the saves being waited for)."""
-
-    def release() -> None:
-        wait(table.futures(), 60.0)
-        table.fail_unresolved(failing(SpoolClosed, "spool collected before the save finished"), keep=False)
-        _close_parts(copies, link, embedded, ring)
-
-    if threading.current_thread().name.startswith("matspool-"):
-        threading.Thread(target=release, name="spool-release").start()
-    else:
-        release()

@@ -12,6 +12,7 @@ from matspool import _messages as msgs
 from matspool._curve import ClientKeys, is_tcp
 from matspool._endpoint import check_ipc_endpoint
 from matspool._errors import DaemonUnavailable
+from matspool._msgstatus import StatusReply
 
 __all__ = ["ask", "format_status", "ping", "status", "watch"]
 
@@ -46,7 +47,7 @@ def _size(n: float) -> str:
     return str(n)
 
 
-def format_status(st: msgs.StatusReply) -> str:
+def format_status(st: StatusReply) -> str:
     lines = [
         (
             f"daemon pid {st.pid} at {st.endpoint}, up {st.uptime_s:.0f} s, "
@@ -99,7 +100,7 @@ def status(endpoint: str, timeout: float, as_json: bool) -> int:
     if (refused := _unsafe("status", endpoint)) is not None:
         return refused
     reply = ask(endpoint, msgs.StatusQuery(), timeout)
-    if not isinstance(reply, msgs.StatusReply):
+    if not isinstance(reply, StatusReply):
         print(f"matspool status: no answer from {endpoint} within {timeout} s", file=sys.stderr)
         return 1
     print(json.dumps(reply.to_wire(), indent=2) if as_json else format_status(reply))
@@ -116,7 +117,7 @@ def watch(endpoint: str, timeout: float, interval: float) -> int:
             reply = ask(endpoint, msgs.StatusQuery(), timeout)
             text = (
                 format_status(reply)
-                if isinstance(reply, msgs.StatusReply)
+                if isinstance(reply, StatusReply)
                 else f"no answer from {endpoint} within {timeout} s"
             )
             stamp = time.strftime("%H:%M:%S")

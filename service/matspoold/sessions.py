@@ -26,6 +26,7 @@ from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._errors import ProtocolError, RingError
 from matspool._messages import MAX_RING_BYTES
+from matspool._msgstatus import ClientStatus
 from matspool._ringopen import open_ring_readonly
 from matspool._segment import RING_PREFIX, ring_path
 
@@ -75,10 +76,10 @@ class Client:
     errors: int = 0
     memfd: bool = False  # its ring is a memfd: nothing to unlink when it dies
 
-    def status(self, now: float) -> msgs.ClientStatus:
+    def status(self, now: float) -> ClientStatus:
         """What ``matspool status`` shows for this client."""
         age = max(now - self.joined, 1e-9)
-        return msgs.ClientStatus(
+        return ClientStatus(
             pid=self.pid,
             ring=self.ring,
             ring_bytes=self.ring_bytes,
@@ -143,7 +144,7 @@ class Clients:
     def busy(self) -> bool:
         return any(c.inflight for c in self.table.values())
 
-    def status(self, now: float) -> list[msgs.ClientStatus]:
+    def status(self, now: float) -> list[ClientStatus]:
         return [c.status(now) for c in self.table.values()]
 
     def release_all(self) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._errors import MatspoolError, ProtocolError
+from matspool._msgshard import Discard, LaidOut, Layout, Place, Publish, ShardVar
 
 from .fsconfine import Target, failed, open_in
 from .jobs import Job
@@ -52,7 +53,7 @@ from .writers._files import Temporary
 
 __all__ = ["LAID", "ShardJob", "ShardOp", "Unpublished", "lay_out", "runs"]
 
-ShardOp = msgs.Layout | msgs.Place | msgs.Publish | msgs.Discard
+ShardOp = Layout | Place | Publish | Discard
 
 _MAX_RUNS_PER_BATCH = 1 << 16  # run starts computed at a time (bounded memory per block)
 
@@ -100,8 +101,8 @@ def _request(op: ShardOp, ident: bytes) -> proto.WriteRequest:
     A client's PLACEs are ordered among themselves only (a key of their own): the ranks
     sharing this daemon write their blocks of one file in parallel, while each client's
     answers still come in the order it sent them (the last one frees its snapshot)."""
-    fsync = isinstance(op, msgs.Publish) and op.fsync
-    key = f"{op.path}\x00place-{ident.hex()}" if isinstance(op, msgs.Place) else op.path
+    fsync = isinstance(op, Publish) and op.fsync
+    key = f"{op.path}\x00place-{ident.hex()}" if isinstance(op, Place) else op.path
     return proto.WriteRequest(op.seq, key, "v7.3", fsync, ())
 
 
@@ -110,7 +111,7 @@ class ShardJob(Job):
     """A LAYOUT, PLACE, PUBLISH or DISCARD on a writer thread."""
 
     op: ShardOp | None = None
-    laid_out: msgs.LaidOut | None = None  # LAYOUT's answer, once done
+    laid_out: LaidOut | None = None  # LAYOUT's answer, once done
 
     @classmethod
     def of(cls, client: Any, op: ShardOp) -> ShardJob:
@@ -126,7 +127,7 @@ class ShardJob(Job):
 
     @property
     def ring_bytes(self) -> int:
-        return self.op.nbytes if isinstance(self.op, msgs.Place) else 0
+        return self.op.nbytes if isinstance(self.op, Place) else 0
 
     def reply(self, nbytes: int | None) -> msgs.Reply:
         """The answer to a job that succeeded."""
@@ -147,14 +148,14 @@ class ShardJob(Job):
 
     def _execute(self, op: ShardOp, roots: Sequence[str]) -> int | None:
         with resolve_target(op.path, roots) as final:
-            if isinstance(op, msgs.Layout):
+            if isinstance(op, Layout):
                 tmp, offsets = lay_out(final, op.format, op.vars)
                 LAID.laid(self.client.ident, op.path, tmp)
-                self.laid_out = msgs.LaidOut(op.seq, tmp, tuple(offsets.items()))
+                self.laid_out = LaidOut(op.seq, tmp, tuple(offsets.items()))
                 return None
-            if isinstance(op, msgs.Place):
+            if isinstance(op, Place):
                 return self._place(final, op)
-            if isinstance(op, msgs.Publish):
+            if isinstance(op, Publish):
                 try:
                     return _publish(final, op.tmp, op.fsync)
                 finally:
@@ -163,7 +164,7 @@ class ShardJob(Job):
             LAID.settled(op.tmp)
             return 0
 
-    def _place(self, final: Target, op: msgs.Place) -> int:
+    def _place(self, final: Target, op: Place) -> int:
         mm = self.client.mm
         if mm is None:
             raise ProtocolError("PLACE needs a ring on this host: a remote (tcp://) client cannot shard")
@@ -268,9 +269,7 @@ def _open_tmp(final: Target, tmp: str, flags: int) -> int:
         ) from None
 
 
-def lay_out(
-    final: Target, fmt: str, variables: Sequence[msgs.ShardVar]
-) -> tuple[str, dict[str, tuple[int, ...]]]:
+def lay_out(final: Target, fmt: str, variables: Sequence[ShardVar]) -> tuple[str, dict[str, tuple[int, ...]]]:
     """A ``fmt`` file under a temporary name beside ``final``, its variables' bytes left
     as holes of their global sizes (v7.3: contiguous, early-allocated datasets, never
     filled), everything else as any save writes it. Returns the temporary's name and each

@@ -39,6 +39,7 @@ import threading
 import time
 
 from matspool import _messages as msgs
+from matspool._msgstatus import StatusReply
 
 __all__ = ["main"]
 
@@ -106,7 +107,7 @@ def _watch(ctl: socket.socket, endpoint: str, idle: float) -> None:
             continue
         next_status = now + 1.0
         st = _answers(endpoint, msgs.StatusQuery())
-        if not isinstance(st, msgs.StatusReply) or st.clients:
+        if not isinstance(st, StatusReply) or st.clients:
             last = now
             continue
         if now - last < idle and not released:

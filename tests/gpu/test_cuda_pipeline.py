@@ -426,9 +426,9 @@ def test_stream_argument(fresh: Any, mdaemon: Any) -> None:
 def test_close_is_bounded_behind_a_stuck_stream(
     fresh: Any, mdaemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from matspool import _spool
+    from matspool import _closing
 
-    monkeypatch.setattr(_spool, "_COPIES_CLOSE_TIMEOUT", 0.5)
+    monkeypatch.setattr(_closing, "COPIES_CLOSE_TIMEOUT", 0.5)
     spool = fresh()
     x = torch.randn(1000, device="cuda")
     spool.save(mdaemon.root / "warm_close.mat", {"x": x}).result(60)

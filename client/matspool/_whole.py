@@ -1,0 +1,105 @@
+"""Saves that fit in the ring: one region, copied in, then one WRITE.
+
+Host arrays are copied now; arrays whose reorder is slow (``_reorder.defers``) are
+snapshotted into a staging region and reordered into place on the copy thread; CUDA
+tensors start their copies on the copy thread. The WRITE goes when every copy ended
+(``_copies``). Saves larger than the ring go in pieces instead (``_pieces``).
+
+Threads: the caller's (``Spool.save``); it waits only for ring space (``on_full``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from . import _protocol as proto
+from ._convert import copy_host
+from ._copies import Copy, CopyPipeline
+from ._leases import Lease, Leases
+from ._pending import PendingTable, SaveFuture
+from ._planner import Plan
+from ._reorder import AllOf, HostReorder, defers, stage, staged_bytes
+from ._ring import Ring
+from ._saves import aligned
+
+__all__ = ["send_whole"]
+
+
+def send_whole(
+    p: Plan,
+    seqs: Iterator[int],
+    ring: Ring,
+    leases: Leases,
+    table: PendingTable,
+    copies: CopyPipeline,
+    *,
+    block: bool,
+    timeout: float | None,
+    stream: Any = None,
+) -> SaveFuture:
+    """Take ring space for ``p`` (and staging for deferred reorders), number the save
+    from ``seqs`` once it has its region, copy in and dispatch its WRITE."""
+    deferred = {id(a): aligned(staged_bytes(a)) for a in p.arrays if defers(a)}
+    if sum(deferred.values()) + p.total > ring.size:
+        deferred = {}  # no room to stage: reorder during the copy, as small arrays do
+    staging = (
+        leases.take(sum(deferred.values()), block=block, timeout=timeout, daemon=False) if deferred else None
+    )
+    try:
+        region = leases.take(p.total, block=block, timeout=timeout, nested=staging is not None)
+    except BaseException:
+        if staging is not None:
+            leases.copied(staging)
+        raise
+    seq = next(seqs)
+    save = table.add(seq, p.path, p.format, [region])
+    request = proto.WriteRequest(
+        seq, p.path, p.format, p.fsync, tuple(p.specs(region.offset)), p.level, p.mode, p.append
+    )
+    try:
+        copy = _copy_in(p, ring, leases, copies, region, staging, deferred, stream)
+    except BaseException:
+        copies.synchronize()
+        leases.copied(region)
+        if staging is not None:
+            leases.copied(staging)
+        table.discard(seq)
+        raise
+    copies.dispatch(request, copy, [region], region)
+    return save.future
+
+
+def _copy_in(
+    p: Plan,
+    ring: Ring,
+    leases: Leases,
+    copies: CopyPipeline,
+    region: Lease,
+    staging: Lease | None,
+    deferred: dict[int, int],
+    stream: Any = None,
+) -> Copy | None:
+    """Copy host arrays now, snapshot those to reorder later, start CUDA copies."""
+    offsets = {key: region.offset + off for key, off in p.relative.items()}
+    cuda_items, reorders = [], []
+    at = staging.offset if staging is not None else 0
+    for a in p.arrays:
+        if a.is_cuda:
+            cuda_items.append((a, offsets[id(a)]))
+        elif id(a) in deferred:
+            reorders.append((stage(a, ring.array, at), offsets[id(a)]))
+            at += deferred[id(a)]
+        else:
+            copy_host(a, ring.array, offsets[id(a)])
+    parts: list[Copy] = (
+        [copies.cuda(cuda_items[0][0].array.device.index or 0).start(cuda_items, stream)]
+        if cuda_items
+        else []
+    )
+    if reorders:
+        assert staging is not None
+        parts.append(HostReorder(reorders, ring, lambda: leases.copied(staging)))
+    elif staging is not None:
+        leases.copied(staging)
+    return None if not parts else parts[0] if len(parts) == 1 else AllOf(parts)
