@@ -27,7 +27,7 @@ from matspool._matlab import STORED_DTYPES
 from matspool._protocol import TreeSpec, Variable, VarSpec
 
 from ._deflate import BLOCK, zlib_stream
-from ._files import SELF_FD, write_new_file
+from ._files import SELF_FD, WRITEBACK_STEP, start_writeback, write_new_file
 from ._values import Cell, Char, Sparse, Struct
 
 __all__ = ["append_v5", "header", "variable_names", "write_v5"]
@@ -185,12 +185,14 @@ def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray | None, level: int) -
         _write_compressed(f, _element(spec, arr, BLOCK), level)  # type: ignore[arg-type]
         return []
     holes = []
-    for buf in _element(spec, arr, _CHUNK):
+    for buf in _element(spec, arr, WRITEBACK_STEP):
         if isinstance(buf, Hole):
             holes.append(f.tell())
             f.seek(buf, os.SEEK_CUR)
         else:
             _write_all(f, buf)
+            if len(buf) >= WRITEBACK_STEP // 2:  # a payload piece, written past the buffer
+                start_writeback(f.fileno(), f.tell() - len(buf), len(buf))
     return holes
 
 
