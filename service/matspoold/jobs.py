@@ -28,7 +28,7 @@ from matspool import _protocol as proto
 from matspool._errors import MatspoolError, ProtocolError, WriteFailed
 
 from .paths import resolve_target
-from .ringio import ShmRing
+from .ringio import ShmRing, prefault
 from .sessions import Client
 from .writers import WRITERS, Session, write_atomic
 from .writers._values import materialize
@@ -92,6 +92,9 @@ def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
     assert src is not None  # a local client's ring stays open while it has jobs
     if isinstance(src, ShmRing):  # not sealed, so never mapped: the bytes are copied out
         src = src.payload(in_ring(job.request))
+    elif isinstance(src, mmap.mmap):  # a sealed ring: its pages mapped in one call, not by faults
+        for leaf in in_ring(job.request):
+            prefault(src, leaf.offset, leaf.nbytes)
     return [
         (
             v,
@@ -199,6 +202,7 @@ class JobRunner:
                 data = np.frombuffer(job.client.mm.read(part.offset, part.nbytes), np.uint8)
             else:
                 assert job.client.mm is not None  # a local client: its sealed ring is mapped
+                prefault(job.client.mm, part.offset, part.nbytes)
                 data = np.frombuffer(job.client.mm, np.uint8, part.nbytes, part.offset)
             session.write(part.var, part.start, data)
         except BaseException as e:

@@ -31,14 +31,26 @@ memory while it is written (at most one ring per writer thread). Most of that co
 faulting in fresh pages; a buffer kept per writer thread would halve it, at the price
 of a ring's worth of memory per writer kept for good: not worth it for a fallback.
 
+A sealed mapping's first read of a page is a page fault taken inside ``write()``, one
+per 4 KiB (64 KiB with the kernel's fault-around): on this VM a 64 MiB save from a fresh
+mapping took 129 ms against 42 ms for the same write from faulted memory. :func:`prefault`
+maps a save's pages first with ``madvise(MADV_POPULATE_READ)`` (Linux 5.14), in one
+system call and without the GIL: 58 ms for the same cold save, and nothing once a
+mapping's chunks are known to be populated (a bitmap of 1 MiB chunks per mapping).
+
 Threads: a :class:`ShmRing` belongs to its client (control thread); writer threads call
 ``read`` and ``payload``, which use only ``pread`` on a descriptor that stays open while
-the client has a job in flight.
+the client has a job in flight. :func:`prefault` runs on writer threads; its bitmaps are
+only read and set under the GIL, and a race between two writers only populates a chunk
+twice (harmless).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import weakref
 from collections.abc import Iterable
 
 import numpy as np
@@ -46,7 +58,7 @@ import numpy as np
 from matspool import _protocol as proto
 from matspool._errors import RingError
 
-__all__ = ["ShmRing"]
+__all__ = ["ShmRing", "prefault"]
 
 
 class ShmRing:
@@ -83,3 +95,46 @@ class ShmRing:
 
     def close(self) -> None:
         self.closed = True
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h; Python 3.11's mmap module does not name it
+_CHUNK = 1 << 20  # the prefault bitmap's granularity
+PREFAULT_MIN_BYTES = 1 << 20  # below this the faults cost less than the system call
+_libc = ctypes.CDLL(None, use_errno=True)
+_madvise = _libc.madvise  # through ctypes: the call runs without the GIL
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise.restype = ctypes.c_int
+_populated: weakref.WeakKeyDictionary[mmap.mmap, bytearray] = weakref.WeakKeyDictionary()
+_supported = True
+
+
+def prefault(mm: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Map ``mm``'s pages in ``[offset, offset + nbytes)`` before a writer reads them, in
+    one ``MADV_POPULATE_READ``; chunks populated once are not asked for again. Best
+    effort: a kernel without it (EINVAL) or any other failure leaves the faults to
+    ``write()``, as before. Never past the mapping's end."""
+    global _supported
+    if not _supported or nbytes < PREFAULT_MIN_BYTES:
+        return
+    size = len(mm)
+    end = min(offset + nbytes, size)
+    if offset < 0 or offset >= end:
+        return
+    done = _populated.get(mm)
+    if done is None:
+        done = _populated.setdefault(mm, bytearray(-(-size // _CHUNK)))
+    first, last = offset // _CHUNK, (end - 1) // _CHUNK
+    if all(done[first : last + 1]):
+        return
+    start = first * _CHUNK  # page aligned: chunks are multiples of the page size
+    stop = min((last + 1) * _CHUNK, size)
+    base = np.frombuffer(mm, np.uint8)  # only for the address: dropped before returning
+    try:
+        rc = _madvise(base.ctypes.data + start, stop - start, _MADV_POPULATE_READ)
+    finally:
+        del base  # an exported buffer would keep the client's release from closing mm
+    if rc != 0:
+        if ctypes.get_errno() == 22:  # EINVAL: the kernel predates MADV_POPULATE_READ
+            _supported = False
+        return
+    done[first : last + 1] = b"\x01" * (last + 1 - first)

@@ -37,7 +37,7 @@ from matspool._protocol import Variable, VarSpec
 
 from ..fsconfine import Target, as_target, open_in
 from ._append import append_into
-from ._files import SELF_FD, TMP_SUFFIX, Temporary, pwrite_all
+from ._files import SELF_FD, TMP_SUFFIX, Temporary, early_writeback, pwrite_all
 from .stream import STREAMS, append_step, create_stream
 from .v5 import write_v5
 from .v73 import write_v73
@@ -158,7 +158,8 @@ def write_atomic(
                 if existing >= 0:
                     append_into(f"{SELF_FD}{existing}", temp.path, variables, compress)
                 else:
-                    writer.write(temp.path, variables, compress)
+                    with early_writeback(fsync):
+                        writer.write(temp.path, variables, compress)
             finally:
                 if existing >= 0:
                     os.close(existing)

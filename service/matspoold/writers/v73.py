@@ -328,6 +328,48 @@ class _TemplateCache:
 TEMPLATES = _TemplateCache()
 
 
+@dataclass(frozen=True)
+class _Split:
+    """A file of one large contiguous variable as h5py laid it out, without its payload:
+    the bytes before it (``head``, from offset 0) and after it (``tail``)."""
+
+    head: bytes
+    offset: int
+    tail: bytes
+
+
+_SPLITS_KEPT = 32
+_splits_lock = threading.Lock()
+_SPLITS: OrderedDict[tuple[Any, ...], _Split] = OrderedDict()
+
+
+def _split_key(variables: Sequence[tuple[Variable, Any]], level: int) -> tuple[Any, ...] | None:
+    """The layout key of a save of one plain, uncompressed variable above the small-file
+    templates' size (a training loop saving the same large tensor every step), or None."""
+    if len(variables) != 1 or level:
+        return None
+    spec = variables[0][0]
+    if not isinstance(spec, VarSpec) or spec.deferred or spec.mclass or spec.nbytes <= TEMPLATE_MAX_BYTES:
+        return None
+    return (spec.name, spec.dtype, spec.dims)
+
+
+def _write_from_split(path: str, t: _Split, variables: Sequence[tuple[Variable, Any]]) -> None:
+    """h5py's layout without h5py: its metadata from the cache (only the MAT header's time
+    stamp is new), the payload straight from the ring; three ``pwrite``s into the empty
+    temporary, opened without ``O_TRUNC`` (on ext4 that would flush the file at close)."""
+    ((_, payload),) = _payloads(variables, (t.offset,))
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+        pwrite_all(fd, header() + t.head[128:], 0)
+        pwrite_all(fd, payload, t.offset)
+        pwrite_all(fd, t.tail, t.offset + payload.nbytes)
+    finally:
+        os.close(fd)
+
+
 def _template_key(variables: Sequence[tuple[Variable, Any]], level: int) -> tuple[Any, ...] | None:
     """What fixes a file's layout, or None when it is not a plain small numeric save."""
     key = []
@@ -395,6 +437,21 @@ def _fill(
     return offsets, holes
 
 
+def _keep_split(fd: int, key: tuple[Any, ...], offset: int, nbytes: int) -> None:
+    """Remember the file's layout around its one payload (read back from the file h5py
+    just wrote), for the next save of the same name, type and size."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, offset, 0)
+    tail = os.pread(fd, max(0, size - offset - nbytes), offset + nbytes)
+    if len(head) != offset or offset + nbytes + len(tail) != size:
+        return
+    with _splits_lock:
+        _SPLITS[key] = _Split(head, offset, tail)
+        _SPLITS.move_to_end(key)
+        while len(_SPLITS) > _SPLITS_KEPT:
+            _SPLITS.popitem(last=False)
+
+
 def append_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
     """Add or replace ``variables`` in the v7.3 file at ``path`` (a private copy of the
     user's file: the caller renames it into place). A replaced variable's old objects in
@@ -422,6 +479,13 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
     if key is not None and (template := TEMPLATES.get(key)) is not None:
         _write_from_template(path, template, variables)
         return {}
+    split_key = _split_key(variables, level)
+    if split_key is not None:
+        with _splits_lock:
+            split = _SPLITS.get(split_key)
+        if split is not None:
+            _write_from_split(path, split, variables)
+            return {}
     with h5py.File(path, "w", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
         offsets, holes = _fill(f, variables, level)
     fd = os.open(path, os.O_RDWR)
@@ -434,6 +498,9 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
             image = os.pread(fd, size, 0)
             if len(image) == size:
                 TEMPLATES.put(key, _Template(image, tuple(offsets)))
+        first = variables[0][0]
+        if split_key is not None and offsets[0] is not None and isinstance(first, VarSpec):
+            _keep_split(fd, split_key, offsets[0], first.nbytes)
     finally:
         os.close(fd)
     return holes

@@ -1,0 +1,147 @@
+"""The daemon's write stage alone, against a raw write of the same bytes, side by side.
+
+``python -m bench.writestage [--mib 64] [--reps 5] [--dir DIR]``
+
+What it times, in one process, contenders interleaved round by round (medians):
+
+- ``raw``: open, ``write`` the bytes from an ordinary (already faulted) array, close,
+  rename: what any program writing those bytes pays;
+- ``v5`` / ``v7.3``: a writer thread's job (``jobs.JobRunner.run``: confinement, temporary,
+  writer, publish by rename) reading a sealed ``memfd`` mapped the way the daemon maps a
+  client's ring (lazy, ``PROT_READ``); the mapping stays for all rounds, as a client's
+  does (round 0, not in the medians, faults it in);
+- ``-cold``: a fresh mapping every round (a client's first pass over its ring), with
+  ``ringio.prefault``; ``-cold-nopf``: the same with the prefault switched off;
+- ``-shm``: through a ``/dev/shm`` ring read by copy (``ringio.ShmRing``), the fallback.
+
+No fsync unless ``--fsync``. ``os.sync()`` before every timed step, so writeback of the
+previous one does not land on the next. Ratios are raw time / writer time per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _memfd_ring(data: np.ndarray) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create("bench-ring", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, data.nbytes)
+    view = memoryview(data).cast("B")
+    off = 0
+    while off < len(view):
+        off += os.pwrite(fd, view[off:], off)
+    return fd, mmap.mmap(fd, data.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from matspool import _protocol as proto
+    from matspoold import ringio
+    from matspoold.jobs import Job, JobRunner
+    from matspoold.ringio import ShmRing
+    from matspoold.sessions import Client
+
+    p = argparse.ArgumentParser(prog="python -m bench.writestage")
+    p.add_argument("--mib", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "out"))
+    p.add_argument("--fsync", action="store_true")
+    every = "raw,v5,v7.3,v5-cold,v7.3-cold,v5-cold-nopf,v7.3-cold-nopf,v5-shm,v7.3-shm"
+    p.add_argument("--only", default=every)
+    a = p.parse_args(argv)
+    os.makedirs(a.dir, exist_ok=True)
+    d = tempfile.mkdtemp(prefix="writestage-", dir=a.dir)
+    n = int((a.mib << 20) // 4)
+    side = int(np.sqrt(n))
+    data = np.random.default_rng(1).random((side, n // side), dtype=np.float32)
+    fd, mm = _memfd_ring(data)
+    shm_path = f"/dev/shm/bench-writestage-{os.getpid()}"
+    with open(shm_path, "wb") as f:
+        f.write(memoryview(data).cast("B"))
+    shm_fd = os.open(shm_path, os.O_RDONLY)
+    shm = ShmRing(shm_fd, data.nbytes)
+    dims = (data.shape[1], data.shape[0])  # the ring is column-major: the C array's transpose
+    spec = proto.VarSpec(name="x", dtype="<f4", dims=dims, offset=0, nbytes=data.nbytes)
+
+    def raw() -> None:
+        tmp = os.path.join(d, ".raw.tmp")
+        rfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            mv = memoryview(data).cast("B")
+            while mv:
+                mv = mv[os.write(rfd, mv) :]
+            if a.fsync:
+                os.fsync(rfd)
+        finally:
+            os.close(rfd)
+        os.rename(tmp, os.path.join(d, "raw.mat"))
+
+    runner = JobRunner([d])
+
+    def job(fmt: str, ring: object) -> None:
+        path = os.path.join(d, f"{fmt}.mat")
+        req = proto.WriteRequest(seq=0, path=path, format=fmt, fsync=a.fsync, vars=(spec,))
+        client = Client(ident=b"bench", ring="bench", mm=ring, fd=-1, pid=os.getpid())  # type: ignore[arg-type]
+        _, err = runner.run(Job(client, req))
+        if err is not None:
+            raise err
+
+    def daemon(fmt: str, kind: str) -> Callable[[], None]:
+        def go() -> None:
+            if kind == "cold" or kind == "cold-nopf":  # a client's first saves: a fresh mapping
+                ringio._supported = kind == "cold"  # the bench's A/B switch
+                fresh = mmap.mmap(fd, data.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+                try:
+                    job(fmt, fresh)
+                finally:
+                    fresh.close()
+                    ringio._supported = True
+            else:
+                job(fmt, shm if kind == "shm" else mm)
+
+        return go
+
+    contenders: dict[str, Callable[[], None]] = {"raw": raw}
+    for fmt in ("v5", "v7.3"):
+        for kind in ("warm", "cold", "cold-nopf", "shm"):
+            contenders[fmt if kind == "warm" else f"{fmt}-{kind}"] = daemon(fmt, kind)
+    chosen = [c for c in a.only.split(",") if c in contenders]
+    times: dict[str, list[float]] = {c: [] for c in chosen}
+    for _ in range(a.reps + 1):
+        for name in chosen:
+            os.sync()
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+    mm.close()
+    os.close(fd)
+    os.close(shm_fd)
+    os.unlink(shm_path)
+    mib = data.nbytes / (1 << 20)
+    print(f"{mib:.0f} MiB float32, {a.reps} rounds (+1 cold), fsync={a.fsync}, dir {a.dir}")
+    head = f"{'contender':14} {'round 0 ms':>10} {'median ms':>10} {'GB/s':>6}"
+    print(f"{head} {'raw/this (median of rounds)':>28}")
+    for name in chosen:
+        ts = times[name][1:]
+        med = statistics.median(ts)
+        ratios = [r / t for r, t in zip(times["raw"][1:], ts, strict=True)] if "raw" in times else [0.0]
+        print(
+            f"{name:14} {times[name][0] * 1e3:10.1f} {med * 1e3:10.1f} {data.nbytes / med / 1e9:6.2f} "
+            f"{statistics.median(ratios):28.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
