@@ -21,12 +21,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import threading
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -37,6 +34,7 @@ from matspool._protocol import TreeSpec, Variable, VarSpec
 
 from ._deflate import ordered_map
 from ._files import pwrite_all, write_new_file
+from ._layouts import _SPLITS, TEMPLATE_MAX_BYTES, TEMPLATES, _keep_split, _Split, _splits_lock, _Template
 from ._values import Cell, Char, Sparse, Struct
 
 __all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "append_v73", "header", "write_v73"]
@@ -289,60 +287,6 @@ class _Tree:
         return ds
 
 
-@dataclass(frozen=True)
-class _Template:
-    """A small file as h5py laid it out: every byte but the payloads and the header's
-    time stamp depends only on the variables' names, types and sizes."""
-
-    image: bytes
-    offsets: tuple[int | None, ...]  # each variable's payload offset; None: no payload
-
-
-TEMPLATE_MAX_BYTES = 1 << 20  # above this h5py's ~0.5 ms per file is lost in the payload
-_TEMPLATES_KEPT = 128
-
-
-class _TemplateCache:
-    """Recently written small layouts, so a time-step loop saving the same variables pays
-    h5py's file creation (~0.5 ms, most of a small file's cost) once, not every step."""
-
-    def __init__(self, size: int = _TEMPLATES_KEPT) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[Any, ...], _Template] = OrderedDict()
-
-    def get(self, key: tuple[Any, ...]) -> _Template | None:
-        with self._lock:
-            t = self._items.get(key)
-            if t is not None:
-                self._items.move_to_end(key)
-            return t
-
-    def put(self, key: tuple[Any, ...], template: _Template) -> None:
-        with self._lock:
-            self._items[key] = template
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
-TEMPLATES = _TemplateCache()
-
-
-@dataclass(frozen=True)
-class _Split:
-    """A file of one large contiguous variable as h5py laid it out, without its payload:
-    the bytes before it (``head``, from offset 0) and after it (``tail``)."""
-
-    head: bytes
-    offset: int
-    tail: bytes
-
-
-_SPLITS_KEPT = 32
-_splits_lock = threading.Lock()
-_SPLITS: OrderedDict[tuple[Any, ...], _Split] = OrderedDict()
-
-
 def _split_key(variables: Sequence[tuple[Variable, Any]], level: int) -> tuple[Any, ...] | None:
     """The layout key of a save of one plain, uncompressed variable above the small-file
     templates' size (a training loop saving the same large tensor every step), or None."""
@@ -435,21 +379,6 @@ def _fill(
         if spec.matlab_class in ("logical", "char"):
             ds.attrs.create("MATLAB_int_decode", np.int32(1 if spec.matlab_class == "logical" else 2))
     return offsets, holes
-
-
-def _keep_split(fd: int, key: tuple[Any, ...], offset: int, nbytes: int) -> None:
-    """Remember the file's layout around its one payload (read back from the file h5py
-    just wrote), for the next save of the same name, type and size."""
-    size = os.fstat(fd).st_size
-    head = os.pread(fd, offset, 0)
-    tail = os.pread(fd, max(0, size - offset - nbytes), offset + nbytes)
-    if len(head) != offset or offset + nbytes + len(tail) != size:
-        return
-    with _splits_lock:
-        _SPLITS[key] = _Split(head, offset, tail)
-        _SPLITS.move_to_end(key)
-        while len(_SPLITS) > _SPLITS_KEPT:
-            _SPLITS.popitem(last=False)
 
 
 def append_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
