@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import warnings
@@ -44,22 +43,7 @@ class EmbeddedDaemon:
     def __init__(self, *, writers: int | None = None) -> None:
         self._dir = tempfile.mkdtemp(prefix="matspool-")  # mode 0700
         self.endpoint = f"ipc://{self._dir}/daemon.sock"
-        cmd = [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            self.endpoint,
-            "--root",
-            "/",
-            "--parent-pid",
-            str(os.getpid()),
-            "--log-level",
-            "warning",
-        ]
-        if writers:
-            cmd += ["--writers", str(writers)]
+        cmd = _jobdaemon.serve_command(self.endpoint, writers, "--parent-pid", str(os.getpid()))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
 
     def exit_status(self) -> int | None:

@@ -56,6 +56,7 @@ __all__ = [
     "JobDaemon",
     "connect_or_start",
     "place_problem",
+    "serve_command",
     "sweep",
 ]
 
@@ -268,23 +269,19 @@ def sweep(keep: str | None = None) -> None:
             os.close(fd)
 
 
-def _spawn(endpoint: str, writers: int | None) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "matspoold",
-        "serve",
-        "--endpoint",
-        endpoint,
-        "--root",
-        "/",
-        "--idle-exit",
-        str(IDLE_EXIT_S),
-        "--log-level",
-        "warning",
-    ]
+def serve_command(endpoint: str, writers: int | None, *lifetime: str) -> list[str]:
+    """The command line of a daemon this process starts (its own embedded one, or the job's
+    shared one): ``matspool serve`` on ``endpoint``, writing anywhere the user may, and the
+    ``lifetime`` flags that say when it stops."""
+    cmd = [sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint, "--root", "/"]
+    cmd += [*lifetime, "--log-level", "warning"]
     if writers:
         cmd += ["--writers", str(writers)]
+    return cmd
+
+
+def _spawn(endpoint: str, writers: int | None) -> subprocess.Popen[bytes]:
+    cmd = serve_command(endpoint, writers, "--idle-exit", str(IDLE_EXIT_S))
     # a session of its own: a launcher's kill of the starting rank's group spares it
     # stdout: nothing (a caller reading a rank's output through a pipe is not held up by it);
     # stderr: the starting rank's, for the daemon's warnings
