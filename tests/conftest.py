@@ -13,7 +13,9 @@ they start use the embedded daemon unless a test sets them itself.
 from __future__ import annotations
 
 import os
+import pwd
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -69,6 +71,33 @@ class DaemonProc:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def system_user(name: str) -> pwd.struct_passwd:
+    """The local user ``name``, created as a system user (with a shell, for the tests that
+    run commands as it) when missing; the test is skipped, saying why, when that fails."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        r = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/bin/bash", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot create the user {name}: {r.stderr.strip()}")
+        return pwd.getpwnam(name)
+
+
+def grant_traverse(path: Path, restore: list[tuple[Path, int]]) -> None:
+    """o+x on every directory above ``path`` that lacks it, so another user reaches it
+    (``/root`` for a pyenv python); ``restore`` collects the modes to put back."""
+    for d in reversed([path, *path.parents] if path.is_dir() else list(path.parents)):
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            restore.append((d, stat.S_IMODE(mode)))
+            d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
 def serve_cmd(endpoint: str, root: Path | str, *extra: str) -> list[str]:

@@ -37,19 +37,9 @@ from matspool import _protocol as proto
 from matspool._endpoint import check_ipc_endpoint
 from matspoold import cli, server  # noqa: F401 - likewise
 
-from conftest import serve_cmd, wait_ready
+from conftest import serve_cmd, system_user, wait_ready
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as two local users")
-
-
-def _user(name: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        r = subprocess.run(["useradd", "--system", "--no-create-home", name], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot create user {name}: {r.stderr!r}")
-        return pwd.getpwnam(name)
 
 
 def _fork_as(user: pwd.struct_passwd, action: Callable[[], str]) -> tuple[int, int]:
@@ -131,7 +121,7 @@ def _fake_daemon(endpoint: str, seen: str, ready: str) -> Callable[[], str]:
 
 @pytest.fixture
 def squatted() -> Iterator[dict[str, object]]:
-    squatter, victim = _user("matspool-test"), _user("matspool-victim")
+    squatter, victim = system_user("matspool-test"), system_user("matspool-victim")
     base = Path(f"/tmp/matspool-{victim.pw_uid}")
     shutil.rmtree(base, ignore_errors=True)
     tmp_path = Path(tempfile.mkdtemp(prefix="matspool-squat-"))  # pytest's is root's alone
@@ -247,7 +237,7 @@ def test_default_endpoint_dirs_must_be_private(tmp_path: Path, monkeypatch: pyte
         check_ipc_endpoint(endpoint)
     d.chmod(0o700)
     check_ipc_endpoint(endpoint)
-    other = _user("matspool-test")
+    other = system_user("matspool-test")
     os.chown(d, other.pw_uid, -1)
     with pytest.raises(matspool.DaemonUnavailable, match="belongs to matspool-test"):
         check_ipc_endpoint(endpoint)
@@ -256,7 +246,7 @@ def test_default_endpoint_dirs_must_be_private(tmp_path: Path, monkeypatch: pyte
 def test_node_directory_of_the_daemon_account_in_a_root_parent(tmp_path: Path) -> None:
     """``/run/matspool`` owned by the daemon's account and group: clients accept it,
     since only root could have put it in a parent only root writes to."""
-    other = _user("matspool-test")
+    other = system_user("matspool-test")
     parent = tmp_path / "run"
     parent.mkdir(mode=0o755)
     node = parent / "matspool"
@@ -270,7 +260,7 @@ def test_node_directory_of_the_daemon_account_in_a_root_parent(tmp_path: Path) -
 
 def test_serve_checks_the_group_of_a_shared_socket_directory(tmp_path: Path) -> None:
     """``--group``: the directory's group must be the configured one (a node socket)."""
-    _user("matspool-test")
+    system_user("matspool-test")
     group = "matspool-test"
     sock = tmp_path / "run"
     sock.mkdir(mode=0o750)

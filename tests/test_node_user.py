@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import grant_traverse, system_user
 from readback import assert_variables, read
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,30 +64,6 @@ class Node:
     log: Path
     alice: User
     bob: User
-
-
-def _user(name: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        r = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/bin/bash", name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if r.returncode != 0:
-            pytest.skip(f"cannot create the user {name}: {r.stderr.strip()}")
-        return pwd.getpwnam(name)
-
-
-def _grant_traverse(path: Path, restore: list[tuple[Path, int]]) -> None:
-    """o+x on every directory above ``path`` that lacks it (``/root`` for a pyenv python)."""
-    for d in reversed([path, *path.parents] if path.is_dir() else list(path.parents)):
-        mode = d.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            restore.append((d, stat.S_IMODE(mode)))
-            d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
 def _pids_of(uid: int) -> list[str]:
@@ -149,12 +126,12 @@ def _start_broker(
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
-    entries = [_user(n) for n in USERS]
+    entries = [system_user(n) for n in USERS]
     base = Path(tempfile.mkdtemp(prefix="matspool-node-user-", dir="/tmp"))
     base.chmod(0o755)
     restore: list[tuple[Path, int]] = []
     for p in (Path(os.path.realpath(sys.executable)), Path(sys.executable).parent, REPO / "client"):
-        _grant_traverse(p, restore)
+        grant_traverse(p, restore)
     out = base / "out"
     out.mkdir(mode=0o755)
     users = []

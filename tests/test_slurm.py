@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from slurmcluster import Cluster, SlurmUnavailable, start_cluster
 
+from conftest import grant_traverse, system_user
 from readback import assert_variables, read
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,15 +91,6 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _grant_traverse(path: Path, restore: list[tuple[Path, int]]) -> None:
-    """o+x on every directory above ``path`` that lacks it (``/root`` for a pyenv python)."""
-    for d in reversed([path, *path.parents] if path.is_dir() else list(path.parents)):
-        mode = d.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            restore.append((d, stat.S_IMODE(mode)))
-            d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
-
-
 @dataclass
 class User:
     name: str
@@ -110,18 +102,7 @@ class User:
 
 @pytest.fixture(scope="module")
 def job_user(cluster: Cluster) -> Iterator[User]:
-    try:
-        entry = pwd.getpwnam(JOB_USER)
-    except KeyError:
-        r = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/bin/bash", JOB_USER],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if r.returncode != 0:
-            pytest.skip(f"cannot create the job user {JOB_USER}: {r.stderr}")
-        entry = pwd.getpwnam(JOB_USER)
+    entry = system_user(JOB_USER)
     venv_bin = Path(sys.executable).parent
     assert (venv_bin / "matspool").exists(), f"no matspool command beside {sys.executable}"
     restore: list[tuple[Path, int]] = []
@@ -130,7 +111,7 @@ def job_user(cluster: Cluster) -> Iterator[User]:
     try:
         # the user runs the venv's interpreter and imports this checkout's client and service
         for p in (Path(os.path.realpath(sys.executable)), venv_bin, REPO / "client", REPO / "service"):
-            _grant_traverse(p, restore)
+            grant_traverse(p, restore)
         r = subprocess.run(
             [
                 RUNUSER,
