@@ -23,6 +23,7 @@ import zmq
 
 from matspool import _messages as m
 from matspool import _protocol as proto
+from matspool import _wirebin
 from matspool._ring import open_ring_readonly
 
 __all__ = ["FakeDaemon", "ZmqFake"]
@@ -30,17 +31,20 @@ __all__ = ["FakeDaemon", "ZmqFake"]
 
 class FakeDaemon:
     """Answers like matspoold. ``silent`` holds answers back (PONG too) until cleared;
-    ``instance`` can change to play a restarted daemon."""
+    ``instance`` can change to play a restarted daemon; ``binwrite`` offers binary WRITEs
+    in WELCOME (served by :class:`ZmqFake`, a fake without it refuses them as an older
+    daemon does)."""
 
-    def __init__(self, *, hold: bool = False) -> None:
+    def __init__(self, *, hold: bool = False, binwrite: bool = False, instance: str = "fake") -> None:
         self.hold = hold
+        self.binwrite = binwrite
         self.mm: mmap.mmap | None = None
         self.files: dict[str, dict[str, bytes]] = {}  # path -> variable -> bytes as read
         self.writes: list[proto.WriteRequest] = []
         self.silent = threading.Event()
         self.held: list[m.Reply] = []
         self.fail_with: dict[str, Any] | None = None  # Err fields for every WRITE
-        self.instance = "fake"
+        self.instance = instance
         self.hellos: list[m.Hello] = []
         self.refuse_memfd = False  # refuse a sealed memfd ring, as a daemon of another user must
         self.lock = threading.Lock()
@@ -53,11 +57,15 @@ class FakeDaemon:
         with self.lock:
             return [w.path for w in self.writes]
 
+    def _welcome(self) -> m.Welcome:
+        version = f"{proto.TAG.decode()} {_wirebin.FEATURE}" if self.binwrite else proto.TAG.decode()
+        return m.Welcome(os.getpid(), self.instance, version)
+
     def __call__(self, msg: m.Request) -> list[m.Reply]:
         if isinstance(msg, m.Hello):
             self.hellos.append(msg)
             if msg.ring is None:  # remote: payloads would come in frames
-                return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
+                return [self._welcome()]
             if msg.fd is not None and self.refuse_memfd:  # as a daemon of another user does
                 return [
                     m.Err(
@@ -74,7 +82,7 @@ class FakeDaemon:
             else:
                 self.mm = mm
                 os.close(fd)
-            return [m.Welcome(os.getpid(), self.instance, "matspool/1")]
+            return [self._welcome()]
         if isinstance(msg, proto.WriteRequest):
             return self._write(msg)
         if isinstance(msg, m.Ping):
@@ -117,6 +125,8 @@ class ZmqFake:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self.binary = 0  # binary WRITE/BATCH bodies received
+        self.refused = 0  # of those, refused because the fake did not offer binwrite
         self._thread = threading.Thread(target=self._loop, name="fake-daemon", daemon=True)
         self._thread.start()
         assert self._ready.wait(10)
@@ -141,6 +151,13 @@ class ZmqFake:
                 if sock.poll(20):
                     ident, *frames = sock.recv_multipart()
                     self._ident = ident
+                    if frames[1][:1] == _wirebin.BINARY:
+                        self.binary += 1
+                        if not self.daemon.binwrite:  # an older daemon reads JSON only
+                            self.refused += 1
+                            bad = m.Err(-1, "protocol", "malformed message: not JSON")
+                            sock.send_multipart([ident, *m.encode(bad)])
+                            continue
                     raw = proto.decode(frames)
                     for one in m.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,):
                         request = m.parse_request(one, ring_bytes)

@@ -8,11 +8,13 @@ import random
 import shutil
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
+from fakedaemon import FakeDaemon, ZmqFake
 
 import matspool
 from matspool import _messages as m
@@ -52,6 +54,16 @@ def test_binary_write_reads_as_its_json_form(write: WriteRequest) -> None:
     assert tag == TAG and body[:2] == _wirebin.WRITE_MAGIC
     assert decode_head(tag, body) == json.loads(_json_body(write))
     assert m.parse_request(decode_head(tag, body), RING) == write
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_as_json_spells_a_binary_write_as_its_json_form(write: WriteRequest) -> None:
+    frames = m.encode(write, binary=True)
+    assert frames[1][:1] == _wirebin.BINARY
+    again = _wirebin.as_json([*frames, b"payload"])
+    assert again[0] == TAG and again[2] == b"payload"
+    assert json.loads(again[1]) == json.loads(_json_body(write))
+    assert _wirebin.as_json(m.encode(write)) == m.encode(write)  # JSON stays as it is
 
 
 def test_other_writes_stay_json() -> None:
@@ -191,3 +203,39 @@ def test_binary_only_to_a_daemon_that_says_it_reads_it(mdaemon: DaemonProc, root
     assert _wirebin.FEATURE not in old.version.split()
     new = m.decode_reply(m.encode(m.Welcome(1, "i", f"matspool/1 {_wirebin.FEATURE}")))
     assert isinstance(new, m.Welcome) and _wirebin.FEATURE in new.version.split()
+
+
+def test_resends_follow_the_daemon_that_replaced_the_one_they_were_encoded_for(tmp_path: Path) -> None:
+    """A daemon that read binary WRITEs dies with saves unanswered; the one that replaces
+    it on the endpoint offers no ``binwrite`` (an older one, which reads JSON only) and
+    refuses the binary WRITEs still in flight (those queued while no daemon was there):
+    the client switches to JSON, re-sends every unanswered save in it, and every file
+    holds exactly its bytes."""
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    first = ZmqFake(FakeDaemon(hold=True, binwrite=True, instance="first"), endpoint)
+    arrays = {f"{i}.mat": np.arange(i, i + 6, dtype=np.float64).reshape(2, 3) for i in range(12)}
+    names = list(arrays)
+    second: ZmqFake | None = None
+    try:
+        with matspool.Spool(endpoint, ring_bytes=1 << 20, heartbeat=0.1, timeout=60) as spool:
+            futures = [spool.save(f"/data/{n}", {"x": arrays[n]}) for n in names[:8]]
+            deadline = time.monotonic() + 10
+            while first.daemon.n_writes() < 8:
+                assert time.monotonic() < deadline, "the first daemon never saw the saves"
+                time.sleep(0.01)
+            assert first.binary >= 1 and first.refused == 0  # they went binary
+            first.close()  # killed with every save unanswered
+            futures += [spool.save(f"/data/{n}", {"x": arrays[n]}) for n in names[8:]]
+            second = ZmqFake(FakeDaemon(binwrite=False, instance="second"), endpoint)
+            for f in futures:
+                f.result(30)
+            assert not spool._link.binary  # type: ignore[union-attr]
+        assert second.refused > 0  # binary WRITEs in flight reached it, and were refused
+        files = second.daemon.files
+        assert sorted(files) == sorted(f"/data/{n}" for n in names)
+        for n in names:
+            assert files[f"/data/{n}"]["x"] == arrays[n].tobytes(order="F")
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

@@ -13,6 +13,9 @@ registration alive:
 - a daemon that forgot this client (``unknown_client``, e.g. it took a stopped client
   for dead): register again, in a new ring if the daemon unlinked ours, and send the
   unanswered saves again;
+- a daemon that refuses binary WRITEs as malformed (one that reads JSON only took our
+  daemon's place; they were queued across the reconnect): JSON from then on, HELLO again,
+  and the unanswered saves go again as JSON;
 - a daemon that answers PING but has not answered our first HELLO for 5 s (the HELLO
   went to a job's daemon that died before answering it, and ``_jobdaemon`` started the
   next one on the endpoint): say HELLO again (a daemon takes a repeated HELLO as one);
@@ -42,6 +45,7 @@ from . import _wirebin
 from ._errors import (
     DaemonUnavailable,
     MatspoolError,
+    ProtocolError,
     RingError,
     UnknownClient,
     error_from_code,
@@ -115,6 +119,7 @@ class Link:
         self.instance: str | None = None
         self.daemon_pid: int | None = None
         self.binary = False  # the daemon's WELCOME said it reads binary WRITEs (_wirebin)
+        self._json_only = False  # a daemon refused them: one that reads JSON only replaced ours
         self._hello_pending = False
         self._hello_at = 0.0
         self._welcome = threading.Event()
@@ -215,7 +220,7 @@ class Link:
             again = self._hello_pending or self.instance is not None
             self.instance, self._hello_pending = msg.instance, False
             self.daemon_pid = msg.pid
-            self.binary = _wirebin.FEATURE in msg.version.split()
+            self.binary = _wirebin.FEATURE in msg.version.split() and not self._json_only
             self._welcome.set()
             if again:
                 self._resend()
@@ -242,6 +247,18 @@ class Link:
 
     def _on_error(self, msg: msgs.Err) -> None:
         if msg.code == UnknownClient.code:  # the daemon forgot us: the save is re-sent after HELLO
+            if not self._hello_pending:
+                self._hello()
+            return
+        if (
+            msg.code == ProtocolError.code
+            and msg.seq < 0
+            and (self.binary or (self._json_only and self._hello_pending))
+        ):
+            # binary WRITEs (queued across a reconnect) reached a daemon that reads JSON only,
+            # an older one in our daemon's place: JSON from now on, and after its WELCOME
+            # the unanswered saves go again in that form
+            self.binary, self._json_only = False, True
             if not self._hello_pending:
                 self._hello()
             return
@@ -292,6 +309,8 @@ class Link:
         again = [s for s in self._table.handed_to(None) if s.wire is not None and not s.pieces]
         for save in again:
             save.instance = self.instance
+            if not self.binary:  # encoded for a daemon that read binary WRITEs, replaced since
+                save.wire = _wirebin.as_json(save.wire)  # type: ignore[arg-type]
             self.transport.send(save.wire)  # type: ignore[arg-type]
         if again:
             log.warning("matspool: (re)connected to the daemon; re-sent %d unanswered saves", len(again))
@@ -306,6 +325,8 @@ class Link:
         for op, seq, frames, lease in items:
             if op == "END" and self._table.failed(seq):
                 frames = msgs.encode(msgs.End(seq, True))
+            elif op == "WRITE" and not self.binary:  # queued before this daemon's WELCOME
+                frames = _wirebin.as_json(frames)
             if op in ("WRITE", "PART", "END") and not self._table.sent(seq, op, frames, self.instance, lease):
                 continue
             if op == "WRITE" and len(frames) == 2:  # no payload frames to keep apart

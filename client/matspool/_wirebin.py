@@ -32,7 +32,16 @@ from typing import Any, Final
 from ._errors import ProtocolError
 from ._specs import VarSpec
 
-__all__ = ["BATCH_MAGIC", "BINARY", "FEATURE", "WRITE_MAGIC", "decode", "encode_write", "join_batch"]
+__all__ = [
+    "BATCH_MAGIC",
+    "BINARY",
+    "FEATURE",
+    "WRITE_MAGIC",
+    "as_json",
+    "decode",
+    "encode_write",
+    "join_batch",
+]
 
 #: what a daemon that reads this form lists in its WELCOME's ``version``, after the tag
 #: (``"matspool/1 binwrite"``); a client sends binary WRITEs only to such a daemon, so an
@@ -105,6 +114,16 @@ def join_batch(bodies: list[bytes]) -> bytes:
     for body in bodies:
         out += [_LEN.pack(len(body)), body]
     return b"".join(out)
+
+
+def as_json(frames: list[Any]) -> list[Any]:
+    """``frames`` (tag, body, payload...) with a binary body spelled as JSON; others as
+    they are. A save encoded for a daemon that offered :data:`FEATURE` and re-sent to
+    the one that replaced it, which did not, must go in the form that one reads."""
+    if bytes(frames[1][:1]) != BINARY:
+        return frames
+    body = json.dumps(decode(bytes(frames[1])), separators=(",", ":")).encode()
+    return [frames[0], body, *frames[2:]]
 
 
 def decode(body: bytes) -> dict[str, Any]:
