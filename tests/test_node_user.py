@@ -531,3 +531,56 @@ def test_one_user_holding_handshakes_does_not_lock_out_another(node: Node) -> No
         if bob.poll() is None:
             bob.kill()
             bob.wait()
+
+
+def _status_as(user: User | None, node: Node, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``matspool status`` on the node endpoint, as ``user`` (None: as root)."""
+    return subprocess.run(
+        [sys.executable, "-m", "matspoold", "status", "--endpoint", node.endpoint, *flags],
+        env=job_env(node),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        **(as_user(user) if user is not None else {"cwd": "/"}),  # type: ignore[arg-type]
+    )
+
+
+def test_status_on_the_node_endpoint_shows_the_users_own_writer_only(node: Node) -> None:
+    """``matspool status`` on the node endpoint: a user sees the node daemon, their own
+    writer and that writer's clients (their holder), and nothing of another user's
+    (neither uid, nor endpoint); root sees every user's writer."""
+    a, b = node.alice, node.bob
+    code = """
+        import os, sys, matspool
+        with matspool.Spool() as s:
+            print(os.getpid(), flush=True)
+            sys.stdin.read()
+    """
+    holders = [holder_as(u, node, code) for u in (a, b)]  # both users' writers up
+    try:
+        pids = []
+        for h in holders:
+            assert h.stdout is not None
+            pids.append(int(h.stdout.readline()))
+        r = _status_as(a, node, "--json")
+        assert r.returncode == 0, r.stderr + node.log.read_text()
+        raw = json.loads(r.stdout)
+        assert raw["node"]["pid"] == node.proc.pid and raw["node"]["root"] is True
+        (mine,) = raw["writers"]
+        assert (mine["uid"], mine["gid"], mine["state"]) == (a.uid, a.gid, "ready"), mine
+        assert mine["endpoint"].startswith(f"ipc://{node.sock}.users/{a.uid}-")
+        assert [c["pid"] for c in mine["status"]["clients"]] == [pids[0]], mine["status"]
+        assert f".users/{b.uid}-" not in r.stdout and f'"uid": {b.uid},' not in r.stdout, r.stdout
+        text = _status_as(a, node)
+        assert text.returncode == 0, text.stderr
+        assert f"writer of uid {a.uid} gid {a.gid}: ready" in text.stdout, text.stdout
+        assert f"{pids[0]:>8}" in text.stdout and f"uid {b.uid} " not in text.stdout, text.stdout
+        root = _status_as(None, node, "--json")
+        assert root.returncode == 0, root.stderr
+        everyone = json.loads(root.stdout)["writers"]
+        assert sorted(w["uid"] for w in everyone) == sorted([a.uid, b.uid]), everyone
+        assert not [w for w in everyone if "status" in w]  # root does not connect into users' directories
+    finally:
+        for h in holders:
+            h.communicate("", timeout=60)

@@ -1,20 +1,28 @@
-"""``matspool ping`` and ``matspool status``: ask a running daemon, print what it says."""
+"""``matspool ping`` and ``matspool status``: ask a running daemon, print what it says.
+
+A node daemon (``userd``: a handshake socket beside its endpoint) runs one writer per
+user: ``status`` there asks the handshake socket for its writers (the caller's own only,
+unless the caller is root) and each of the caller's own ready writers, as the caller,
+for its STATUS. Threads: the caller's; nothing kept."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from typing import Any
 
 import zmq
 
+from matspool import _handshake
 from matspool import _messages as msgs
 from matspool._curve import ClientKeys, is_tcp
 from matspool._endpoint import check_ipc_endpoint
 from matspool._errors import DaemonUnavailable
 from matspool._msgstatus import StatusReply
 
-__all__ = ["ask", "format_status", "ping", "status", "watch"]
+__all__ = ["ask", "format_node", "format_status", "node_status", "ping", "status", "watch"]
 
 
 def ask(endpoint: str, request: msgs.Request, timeout: float) -> msgs.Reply | None:
@@ -74,6 +82,70 @@ def format_status(st: StatusReply) -> str:
     return "\n".join(lines)
 
 
+def node_status(hello: str, timeout: float) -> dict[str, Any]:
+    """The node daemon's answer to ``USERS_STATUS`` on its handshake socket ``hello``; each
+    of this user's own ready writers gains its ``status`` (None: it did not answer), asked
+    here, as this user: the node daemon never connects into a user's directory."""
+    raw = _handshake.ask(hello, {"op": "USERS_STATUS"}, timeout)
+    if not raw["ok"]:
+        raise DaemonUnavailable(f"the node daemon at {hello} refused: {raw.get('message')}")
+    writers = raw.get("writers")
+    if (
+        not isinstance(raw.get("node"), dict)
+        or not isinstance(writers, list)
+        or not all(isinstance(w, dict) for w in writers)
+    ):
+        raise DaemonUnavailable(f"the node daemon at {hello} gave a malformed status: {str(raw)[:200]}")
+    for w in writers:
+        target = w.get("endpoint")
+        if w.get("uid") != os.geteuid() or w.get("state") != "ready" or not isinstance(target, str):
+            continue
+        try:
+            check_ipc_endpoint(target)
+            reply = ask(target, msgs.StatusQuery(), timeout)
+        except DaemonUnavailable:
+            reply = None
+        w["status"] = reply.to_wire() if isinstance(reply, StatusReply) else None
+    return raw
+
+
+def format_node(raw: dict[str, Any]) -> str:
+    node = raw["node"]
+    who = "each client's user" if node.get("root") else "its own user only (not root)"
+    lines = [
+        f"node daemon pid {node.get('pid')} at {node.get('endpoint')}, writing as {who}; "
+        f"a writer leaves after {node.get('idle_exit_s')} s without clients"
+    ]
+    if not raw["writers"]:
+        lines.append(f"no writer running for uid {os.geteuid()} (one starts at its first save)")
+    for w in raw["writers"]:
+        lines.append(
+            f"writer of uid {w.get('uid')} gid {w.get('gid')}: {w.get('state')}, pid {w.get('pid')}, "
+            f"up {w.get('up_s')} s, {w.get('waiting')} clients waiting for it"
+        )
+        if "status" in w:
+            text = (
+                format_status(StatusReply.from_wire(w["status"]))
+                if w["status"] is not None
+                else "no answer from this writer"
+            )
+            lines += ["  " + ln for ln in text.splitlines()]
+    return "\n".join(lines)
+
+
+def _report(endpoint: str, timeout: float, as_json: bool) -> str | None:
+    """What ``status`` prints for ``endpoint`` (a node daemon's or any other); None: no
+    answer (:class:`DaemonUnavailable`: a node daemon's handshake failed, or refused)."""
+    hello = _handshake.hello_socket(endpoint)
+    if hello is not None:
+        raw = node_status(hello, timeout)
+        return json.dumps(raw, indent=2) if as_json else format_node(raw)
+    reply = ask(endpoint, msgs.StatusQuery(), timeout)
+    if not isinstance(reply, StatusReply):
+        return None
+    return json.dumps(reply.to_wire(), indent=2) if as_json else format_status(reply)
+
+
 def _unsafe(command: str, endpoint: str) -> int | None:
     """2 (after one line on stderr) when ``endpoint``'s directory could be another user's:
     their fake daemon would answer for ours."""
@@ -99,11 +171,15 @@ def ping(endpoint: str, timeout: float) -> int:
 def status(endpoint: str, timeout: float, as_json: bool) -> int:
     if (refused := _unsafe("status", endpoint)) is not None:
         return refused
-    reply = ask(endpoint, msgs.StatusQuery(), timeout)
-    if not isinstance(reply, StatusReply):
+    try:
+        text = _report(endpoint, timeout, as_json)
+    except DaemonUnavailable as e:
+        print(f"matspool status: {e}", file=sys.stderr)
+        return 1
+    if text is None:
         print(f"matspool status: no answer from {endpoint} within {timeout} s", file=sys.stderr)
         return 1
-    print(json.dumps(reply.to_wire(), indent=2) if as_json else format_status(reply))
+    print(text)
     return 0
 
 
@@ -114,12 +190,10 @@ def watch(endpoint: str, timeout: float, interval: float) -> int:
     redraw = sys.stdout.isatty()
     try:
         while True:
-            reply = ask(endpoint, msgs.StatusQuery(), timeout)
-            text = (
-                format_status(reply)
-                if isinstance(reply, StatusReply)
-                else f"no answer from {endpoint} within {timeout} s"
-            )
+            try:
+                text = _report(endpoint, timeout, False) or f"no answer from {endpoint} within {timeout} s"
+            except DaemonUnavailable as e:
+                text = str(e)
             stamp = time.strftime("%H:%M:%S")
             head = f"matspool status --watch {interval:g} s, {stamp} (Ctrl-C to stop)"
             sys.stdout.write(("\x1b[H\x1b[2J" if redraw else "") + f"{head}\n{text}\n")

@@ -19,7 +19,9 @@ node daemon (``python -m matspoold.userd``, run by systemd as root) never parses
 A user's writer leaves after ``idle`` seconds without clients (``userserve`` says when;
 the broker never connects to a path in a user's directory). The broker also binds the
 endpoint itself (ZeroMQ) and answers PING there (Slurm's prolog, ``matspool ping``);
-any other request there is refused, naming the handshake socket.
+any other request there is refused, naming the handshake socket. ``matspool status``
+asks the handshake socket (``USERS_STATUS``): the writers, only the caller's own unless
+the caller is root.
 
 ``usertable`` keeps the table of users' writers (one per uid, gid and groups, the per-uid
 cap, their control bytes) and ``userwriters`` starts, stops and cleans up after them; this
@@ -287,13 +289,20 @@ class Broker:
         conn.sock.setblocking(True)
         try:
             raw = json.loads(conn.buf.split(b"\n", 1)[0])
-            if not isinstance(raw, dict) or raw.get("op") not in ("USER_HELLO", "RELEASE_USER"):
+            if not isinstance(raw, dict) or raw.get("op") not in (
+                "USER_HELLO",
+                "RELEASE_USER",
+                "USERS_STATUS",
+            ):
                 raise ProtocolError('expected {"op": "USER_HELLO"}')
         except (ValueError, ProtocolError) as e:
             refuse(conn, f"bad handshake: {e}")
             return
         if raw["op"] == "RELEASE_USER":
             self._release(conn, raw.get("uid"))
+            return
+        if raw["op"] == "USERS_STATUS":
+            self._status(conn)
             return
         # everything else in the request (a claimed uid, pid, ...) is ignored: the kernel said
         self.table.route(conn)
@@ -314,6 +323,15 @@ class Broker:
                     w.ctl.sendall(b"I")  # idle now: it leaves unless a client is connected
                     n += 1
         answer(conn, {"ok": True, "writers": n})
+
+    def _status(self, conn: Conn) -> None:
+        """``matspool status`` on the node endpoint: this daemon and its users' writers.
+        Root (and the broker's own uid) sees every writer; a user only their own, so no one
+        learns another user's ids, endpoints or even presence."""
+        everyone = conn.cred.uid in (0, os.geteuid())
+        writers = self.table.describe(None if everyone else conn.cred.uid)
+        node = {"pid": os.getpid(), "instance": self.instance, "endpoint": self.endpoint, "root": self.root}
+        answer(conn, {"ok": True, "node": {**node, "idle_exit_s": self.idle}, "writers": writers})
 
     def _timeouts(self) -> None:
         now = time.monotonic()

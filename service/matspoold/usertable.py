@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 
 from matspool._errors import DaemonUnavailable
 
@@ -176,6 +177,24 @@ class WriterTable:
                 refuse(conn, f"the node daemon cannot start a writer for uid {w.cred.uid}: {e}")
             return
         nw.waiting = w.waiting
+
+    def describe(self, uid: int | None) -> list[dict[str, object]]:
+        """The writers (every user's for None, else only ``uid``'s) for ``matspool status``."""
+        now = time.monotonic()
+        return [
+            {
+                "uid": w.cred.uid,
+                "gid": w.cred.gid,
+                "groups": list(w.cred.groups),
+                "state": w.state,
+                "pid": w.proc.pid,
+                "up_s": round(now - w.started, 1),
+                "waiting": len(w.waiting),
+                "endpoint": w.endpoint,
+            }
+            for w in sorted(self.writers.values(), key=lambda w: w.key)
+            if uid is None or w.cred.uid == uid
+        ]
 
     def start_timeouts(self, now: float) -> None:
         """Kill a writer that did not get ready within ``_START_S``; refuse its waiting clients."""
