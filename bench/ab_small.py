@@ -23,7 +23,7 @@ import matspool
 
 here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(here, "tests"))
-from conftest import wait_ready  # noqa: E402
+from conftest import serve_cmd, wait_ready  # noqa: E402
 
 base = tempfile.mkdtemp(prefix="ab_small-")
 wt = here
@@ -35,21 +35,7 @@ for name, service in (("old", old_service), ("new", f"{wt}/service")):
     os.makedirs(f"{base}/{name}/sock")
     ep = f"ipc://{base}/{name}/sock/d.sock"
     env = dict(os.environ, PYTHONPATH=f"{wt}/client:{service}")
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            ep,
-            "--root",
-            root,
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-    )
+    p = subprocess.Popen(serve_cmd(ep, root), env=env)
     assert wait_ready(ep, p)
     daemons[name] = (ep, root, p)
 a = np.random.default_rng(4).random((32, 32), dtype=np.float32)

@@ -19,7 +19,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -74,22 +73,9 @@ def _producer(
 def _start_daemon(root: str, *extra: str) -> tuple[subprocess.Popen, str, str]:
     sockdir = tempfile.mkdtemp(prefix="mspb-")  # short path: ipc paths are limited to ~107 bytes
     endpoint = f"ipc://{sockdir}/d.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            root,
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        stdin=subprocess.DEVNULL,
-    )
+    from matspool._jobdaemon import serve_command
+
+    proc = subprocess.Popen(serve_command(endpoint, None, *extra, root=root), stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not os.path.exists(f"{sockdir}/d.sock"):
         if proc.poll() is not None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from matspool._jobdaemon import serve_command
+
 SHAPES = [(32, 32), (256, 256), (1024, 512)]  # 8 KiB, 512 KiB, 4 MiB as float64
 FORMATS = ["v5", "v7.3"]
 
@@ -89,20 +91,7 @@ def run(seconds: float, producers: int, workdir: str) -> dict:
     out = os.path.join(workdir, "out")
     os.makedirs(out)
     endpoint = f"ipc://{workdir}/soak.sock"
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matspoold",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--root",
-            out,
-            "--log-level",
-            "warning",
-        ]
-    )
+    daemon = subprocess.Popen(serve_command(endpoint, None, root=out))
     samples: list[tuple[float, int, int, int]] = []
     stop = threading.Event()
 

@@ -17,7 +17,6 @@ import pwd
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import pytest
 import zmq
 
 import matspool
+from matspool._jobdaemon import serve_command
 
 #: prefixes and names of the variables ``matspool._launcher`` reads (and the client's own)
 LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_", "MV2_", "PALS_")
@@ -103,19 +103,7 @@ def grant_traverse(path: Path, restore: list[tuple[Path, int]]) -> None:
 def serve_cmd(endpoint: str, root: Path | str, *extra: str) -> list[str]:
     """The command line of a real daemon (``matspool serve``) on ``endpoint`` below ``root``;
     ``extra`` flags come last, so a later ``--log-level`` wins."""
-    return [
-        sys.executable,
-        "-m",
-        "matspoold",
-        "serve",
-        "--endpoint",
-        endpoint,
-        "--root",
-        str(root),
-        "--log-level",
-        "warning",
-        *extra,
-    ]
+    return serve_command(endpoint, None, *extra, root=str(root))
 
 
 def start_daemon(root: Path, sock_dir: Path, *extra: str) -> DaemonProc:

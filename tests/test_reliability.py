@@ -8,7 +8,6 @@ fails with a clear reason.
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -26,7 +25,7 @@ import matspool
 from matspool._ring import RING_PREFIX, SHM_DIR
 from matspool._spool import Spool
 
-from conftest import start_daemon
+from conftest import start_daemon, system_user
 
 
 def _rings_of(pid: int) -> list[str]:
@@ -254,25 +253,10 @@ def test_read_only_filesystem_fails_with_the_path(tmp_path: Path, out_dir: Path,
         subprocess.run(["umount", "-l", str(ro)])
 
 
-def _other_user() -> str | None:
-    if os.geteuid() != 0:
-        return None
-    name = "matspool-test"
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        if (
-            subprocess.run(["useradd", "--system", "--no-create-home", name], capture_output=True).returncode
-            != 0
-        ):
-            return None
-    return name
-
-
 def test_other_user_cannot_connect_or_map_a_ring(tmp_path: Path, out_dir: Path) -> None:
-    user = _other_user()
-    if user is None:
+    if os.geteuid() != 0:
         pytest.skip("needs root to create a second local user")
+    entry = system_user("matspool-test")
     tmp_path.chmod(0o755)  # the socket's directory is reachable; the socket itself must not be
     d = start_daemon(out_dir, tmp_path / "sock")
     (tmp_path / "sock").chmod(0o755)
@@ -281,7 +265,6 @@ def test_other_user_cannot_connect_or_map_a_ring(tmp_path: Path, out_dir: Path) 
             ring = spool._ring.path
             assert os.stat(ring).st_mode & 0o777 == 0o600
             assert os.stat(d.endpoint[6:]).st_mode & 0o777 == 0o600
-            entry = pwd.getpwnam(user)
             assert _as_user(entry.pw_uid, entry.pw_gid, lambda: _read(ring)) == "denied"
             assert _as_user(entry.pw_uid, entry.pw_gid, lambda: _connect(d.endpoint[6:])) == "denied"
             assert _as_user(os.getuid(), os.getgid(), lambda: _read(ring)) == "ok"  # the probe works

@@ -269,15 +269,16 @@ def sweep(keep: str | None = None) -> None:
             os.close(fd)
 
 
-def serve_command(endpoint: str, writers: int | None, *lifetime: str) -> list[str]:
+def serve_command(endpoint: str, writers: int | None, *flags: str, root: str = "/") -> list[str]:
     """The command line of a daemon this process starts (its own embedded one, or the job's
-    shared one): ``matspool serve`` on ``endpoint``, writing anywhere the user may, and the
-    ``lifetime`` flags that say when it stops."""
-    cmd = [sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint, "--root", "/"]
-    cmd += [*lifetime, "--log-level", "warning"]
+    shared one; the tests' and benches' too): ``matspool serve`` on ``endpoint``, writing
+    below ``root`` (anywhere the user may by default), then ``flags`` (those that say when
+    it stops; last, so a later ``--log-level`` wins)."""
+    cmd = [sys.executable, "-m", "matspoold", "serve", "--endpoint", endpoint, "--root", root]
+    cmd += ["--log-level", "warning"]
     if writers:
         cmd += ["--writers", str(writers)]
-    return cmd
+    return [*cmd, *flags]
 
 
 def _spawn(endpoint: str, writers: int | None) -> subprocess.Popen[bytes]:
