@@ -12,8 +12,10 @@ they start use the embedded daemon unless a test sets them itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -98,6 +100,27 @@ def grant_traverse(path: Path, restore: list[tuple[Path, int]]) -> None:
         if not mode & stat.S_IXOTH:
             restore.append((d, stat.S_IMODE(mode)))
             d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, *options: str) -> Iterator[Path]:
+    """A small tmpfs (``size``, mount ``options``) at ``path`` (created) while the block
+    runs, unmounted after it; the test is skipped, saying why, without root or mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip(f"needs root and mount to make a {size} tmpfs")
+    path.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def serve_cmd(endpoint: str, root: Path | str, *extra: str) -> list[str]:

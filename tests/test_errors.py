@@ -34,7 +34,7 @@ from matspool import _protocol as proto
 from matspool._errors import MatspoolError
 from matspool._ring import Ring
 
-from conftest import DaemonProc
+from conftest import DaemonProc, tmpfs
 
 TAG = b"matspool/1"
 
@@ -1084,25 +1084,11 @@ def test_bytes_and_bad_paths_fail_at_save(mspool: matspool.Spool, root: Path) ->
 # -- ERR carries the OS errno of the failure ---------------------------------------------------
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    import shutil
-    import subprocess
-
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and mount to make a small tmpfs")
-    path.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
-    )
-    assert r.returncode == 0, r.stderr
-
-
 @pytest.mark.parametrize("case", ["ENOENT", "ENOSPC_v5", "ENOSPC_v7.3"])
 def test_err_carries_the_os_errno(
     mdaemon: DaemonProc, mspool: matspool.Spool, raw: Raw, root: Path, ring: Ring, case: str
 ) -> None:
     import errno
-    import subprocess
 
     w = Writer(raw, ring)
     big = var(dims=[256, 256], nbytes=256 * 256 * 8)  # 512 KiB: more than a 64 KiB disk
@@ -1110,12 +1096,9 @@ def test_err_carries_the_os_errno(
     if case == "ENOENT":
         reply = w.write(str(root / "no-such-dir" / "x.mat"))
     else:
-        _mount_tmpfs(root / "small", "64k")
-        try:
+        with tmpfs(root / "small", "64k"):
             reply = w.write(str(root / "small" / "x.mat"), fmt=case.split("_")[1], vars=[big])
             assert os.listdir(root / "small") == [], "a temporary stayed on the full disk"
-        finally:
-            subprocess.run(["umount", "-l", str(root / "small")])
     assert_err(reply, "write_failed", seq=7)
     assert reply is not None
     assert reply.get("errno") == getattr(errno, case.split("_")[0]), reply

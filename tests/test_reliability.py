@@ -8,7 +8,6 @@ fails with a clear reason.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ import matspool
 from matspool._ring import RING_PREFIX, SHM_DIR
 from matspool._spool import Spool
 
-from conftest import start_daemon, system_user
+from conftest import start_daemon, system_user, tmpfs
 
 
 def _rings_of(pid: int) -> list[str]:
@@ -203,22 +202,9 @@ def test_process_exit_without_close_loses_nothing(out_dir: Path) -> None:
     assert _no_tmp_files(out_dir)
 
 
-def _tmpfs(path: Path, size: str, *options: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    path.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
-        capture_output=True,
-    )
-    return r.returncode == 0
-
-
 def test_full_disk_fails_the_future_names_the_path_and_daemon_goes_on(tmp_path: Path, out_dir: Path) -> None:
     small = out_dir / "small"
-    if not _tmpfs(small, "2m"):
-        pytest.skip("needs root and mount to make a 2 MiB tmpfs")
-    try:
+    with tmpfs(small, "2m"):
         d = start_daemon(out_dir, tmp_path / "sock")
         try:
             with Spool(d.endpoint, ring_bytes=16 << 20, timeout=30) as spool:
@@ -236,21 +222,15 @@ def test_full_disk_fails_the_future_names_the_path_and_daemon_goes_on(tmp_path: 
                 assert scipy.io.loadmat(small / "fits.mat")["a"].shape == (1, 10)
         finally:
             d.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(small)])
 
 
 def test_read_only_filesystem_fails_with_the_path(tmp_path: Path, out_dir: Path, spool) -> None:
     ro = out_dir / "ro"
-    if not _tmpfs(ro, "1m", "ro"):
-        pytest.skip("needs root and mount to make a read-only tmpfs")
-    try:
+    with tmpfs(ro, "1m", "ro"):
         for fmt in ("v5", "v7.3"):
             with pytest.raises(matspool.WriteFailed, match=str(ro / "x.mat")):
                 spool.save(ro / "x.mat", {"a": 1.0}, format=fmt).result(10)
         spool.save(out_dir / "after.mat", {"a": 2.0}).result(10)
-    finally:
-        subprocess.run(["umount", "-l", str(ro)])
 
 
 def test_other_user_cannot_connect_or_map_a_ring(tmp_path: Path, out_dir: Path) -> None:

@@ -26,7 +26,6 @@ import h5py
 import mat73
 import numpy as np
 import pytest
-from test_reliability import _tmpfs  # mounts a small tmpfs when root (False otherwise)
 
 import matspool
 from matspool._protocol import VarSpec
@@ -42,7 +41,7 @@ from matspoold.writers._journal import (
 )
 from matspoold.writers.stream import append_step
 
-from conftest import start_daemon
+from conftest import start_daemon, tmpfs
 
 # (name, MATLAB dims of u, gzip level): 4 KiB, 64 KiB and 1 MiB steps, one of them deflated
 STREAMS = [("tiny", (32, 32), 0), ("mid", (128, 128), 0), ("big", (512, 512), 0), ("zip", (256, 256), 3)]
@@ -401,9 +400,7 @@ def test_full_disk_at_every_phase_of_an_append_rolls_back(tmp_path: Path) -> Non
     """Fill a small tmpfs to within a few bytes of where each append ends, so ENOSPC hits
     the chunk, the metadata, the journal's header or its body."""
     fs = tmp_path / "fs"
-    if not _tmpfs(fs, "4m"):
-        pytest.skip("needs root and mount to make a 4 MiB tmpfs")
-    try:
+    with tmpfs(fs, "4m"):
         dims = (64, 64)
         path, filler = fs / "s.mat", fs / "filler"
         write_atomic(str(path), "stream", _step(dims, 0), fsync=False)
@@ -425,15 +422,11 @@ def test_full_disk_at_every_phase_of_an_append_rolls_back(tmp_path: Path) -> Non
             assert _check(path, dims, steps) == steps
             assert sorted(p.name for p in fs.iterdir()) == ["filler", "s.mat"]
         assert failures >= 5 and steps >= 5, (failures, steps)
-    finally:
-        subprocess.run(["umount", "-l", str(fs)], check=False)
 
 
 def test_daemon_on_a_full_disk_fails_the_append_and_serves_on(tmp_path: Path, out_dir: Path) -> None:
     full = out_dir / "full"
-    if not _tmpfs(full, "4m"):
-        pytest.skip("needs root and mount to make a 4 MiB tmpfs")
-    try:
+    with tmpfs(full, "4m"):
         d = start_daemon(out_dir, tmp_path / "sock")
         try:
             with Spool(d.endpoint, ring_bytes=16 << 20, timeout=30) as spool:
@@ -458,8 +451,6 @@ def test_daemon_on_a_full_disk_fails_the_append_and_serves_on(tmp_path: Path, ou
                 assert (out_dir / "elsewhere.mat").stat().st_size > 0
         finally:
             d.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(full)], check=False)
 
 
 def test_daemon_killed_during_appends_20_times(tmp_path: Path, out_dir: Path) -> None:
