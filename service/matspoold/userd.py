@@ -45,7 +45,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -59,7 +58,7 @@ from matspool._errors import DaemonUnavailable, ProtocolError
 from .endpoint import IpcClaim, claim_ipc
 from .peercred import peer_cred
 from .usertable import USERS_SUFFIX, WriterTable, answer, refuse
-from .userwriters import Conn, kill, remove_user_dir, terminate
+from .userwriters import Conn, collect, remove_user_dir, terminate
 
 __all__ = ["HELLO_SUFFIX", "Broker", "main"]
 
@@ -191,12 +190,7 @@ class Broker:
                     pass
             for w in list(self.table.writers.values()):
                 terminate(w)
-                try:
-                    w.proc.wait(300)
-                except subprocess.TimeoutExpired:
-                    kill(w)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        w.proc.wait(5)
+                collect(w, 300)
                 self.table.gone(w)
             remove_user_dir(self.path + USERS_SUFFIX)
             router.close(0)

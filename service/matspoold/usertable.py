@@ -13,18 +13,16 @@ handler (a plain flag, no lock).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 
 from matspool._errors import DaemonUnavailable
 
 from .peercred import Cred
-from .userwriters import Conn, Writer, kill, remove_user_dir, start_writer, terminate
+from .userwriters import Conn, Writer, collect, kill, remove_user_dir, start_writer, terminate
 
 __all__ = ["USERS_SUFFIX", "WriterTable", "answer", "refuse"]
 
@@ -122,12 +120,7 @@ class WriterTable:
         except OSError:
             got = b""
         if not got:  # it exited (or closed its end): collect it
-            try:
-                w.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                kill(w)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    w.proc.wait(5)
+            collect(w, 30)
             self.gone(w)
             return
         for b in got:

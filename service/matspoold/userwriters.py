@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from .peercred import Cred
 
-__all__ = ["DROP_ENV", "Conn", "Writer", "kill", "remove_user_dir", "start_writer", "terminate"]
+__all__ = ["DROP_ENV", "Conn", "Writer", "collect", "kill", "remove_user_dir", "start_writer", "terminate"]
 
 log = logging.getLogger("matspoold")
 
@@ -155,6 +155,17 @@ def kill(w: Writer) -> None:
     broker that is not root); else systemd's KillMode=mixed ends it at the stop timeout."""
     with contextlib.suppress(OSError):
         w.proc.kill()
+
+
+def collect(w: Writer, timeout: float) -> None:
+    """Wait up to ``timeout`` s for ``w`` to exit (it drains its accepted saves first),
+    then kill it and wait 5 s more."""
+    try:
+        w.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill(w)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(5)
 
 
 def remove_user_dir(path: str) -> None:
