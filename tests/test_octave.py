@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from readback import REFERENCE_V73, assert_exact
+from readback import CLASS_DTYPES, REFERENCE_V73, assert_exact
 
 OCTAVE = shutil.which("octave")
 pytestmark = pytest.mark.skipif(OCTAVE is None, reason="GNU Octave is not installed (no `octave` on PATH)")
@@ -47,20 +47,6 @@ end
 printf('END %d\n', numel(names));
 """
 
-_CLASS_DTYPE = {
-    "double": np.float64,
-    "single": np.float32,
-    "logical": np.uint8,
-    "int8": np.int8,
-    "int16": np.int16,
-    "int32": np.int32,
-    "int64": np.int64,
-    "uint8": np.uint8,
-    "uint16": np.uint16,
-    "uint32": np.uint32,
-    "uint64": np.uint64,
-}
-
 
 def octave_load(
     path: Path, names: tuple[str, ...] = ()
@@ -84,7 +70,8 @@ def octave_load(
             continue
         name, cls, size, cplx, re_hex, im_hex = ln[4:].split("|")
         dims = tuple(int(d) for d in size.rstrip(",").split(","))
-        dt = np.dtype(_CLASS_DTYPE.get(cls, np.uint8)) if cls != "logical" else np.dtype(np.uint8)
+        # a logical's bytes as octave prints them: 0 or 1, one byte each
+        dt = np.dtype(np.uint8 if cls == "logical" else CLASS_DTYPES.get(cls, np.uint8))
         values = np.frombuffer(bytes.fromhex(re_hex), dtype=dt).reshape(dims, order="F")
         if cplx == "1":
             imag = np.frombuffer(bytes.fromhex(im_hex), dtype=dt).reshape(dims, order="F")
