@@ -19,8 +19,8 @@ import numpy as np
 
 from matspool._protocol import VarSpec
 from matspoold.writers import write_atomic
+from matspoold.writers._v73values import _stored
 from matspoold.writers.stream import append_step
-from matspoold.writers.v73 import _stored
 
 __all__ = ["main"]
 

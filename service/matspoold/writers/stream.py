@@ -35,7 +35,8 @@ from matspool._protocol import VarSpec
 
 from ..fsconfine import Target, as_target, failed, open_in
 from ._journal import journaled, recover
-from .v73 import USERBLOCK, _stored, _str_attr, header
+from ._v73values import _stored, _str_attr
+from .v73 import USERBLOCK, header
 
 __all__ = ["STREAMS", "StreamFiles", "append_step", "create_stream"]
 
