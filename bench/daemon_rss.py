@@ -6,12 +6,14 @@ One external daemon (``python -m matspoold serve``); this process is its client.
 5 ms a thread reads the daemon's ``smaps_rollup``; for each kind of save the peak while it
 ran is reported next to the idle daemon's figures:
 
-- ``private``: ``Private_Clean + Private_Dirty``, the pages only the daemon maps (its heap,
-  its buffers, its own code pages): what the daemon costs the node beyond the clients' rings
-  (the target: at most 200 MiB with 256 MiB variables);
-- ``Private_Dirty`` alone, and ``Pss - Pss_Shmem``: the same seen two more ways;
-- ``Rss``: includes the client's ring pages the daemon has read (shared memory, ``Pss_Shmem``
-  half of them when the client maps them too): not the daemon's own.
+- ``own``: ``Pss - Pss_Shmem``, the daemon's heap, buffers and (its share of) code pages:
+  what it costs the node beyond the clients' rings (the target: at most 200 MiB with
+  256 MiB variables);
+- ``private`` (``Private_Clean + Private_Dirty``) and ``Private_Dirty``: the same, except
+  that the kernel counts a shared-memory page as private while only one process maps it,
+  so a ring the client has already unmapped (it closed its spool; the daemon lets go of
+  the ring a moment later) shows up here: read ``own`` for the daemon's own memory;
+- ``Rss``: includes the client's ring pages the daemon has read: not the daemon's own.
 
 Saves (``--mib`` MiB float32 each, no fsync):
 
@@ -61,9 +63,9 @@ def smaps_rollup(pid: int) -> dict[str, int]:
 
 def _derived(r: dict[str, int]) -> dict[str, int]:
     return {
+        "own": r["Pss"] - r["Pss_Shmem"],
         "private": r["Private_Clean"] + r["Private_Dirty"],
         "Private_Dirty": r["Private_Dirty"],
-        "Pss-Pss_Shmem": r["Pss"] - r["Pss_Shmem"],
         "Rss": r["Rss"],
     }
 
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         for f in os.listdir(d):
             os.unlink(os.path.join(d, f))
         os.rmdir(d)
-    keys = ("private", "Private_Dirty", "Pss-Pss_Shmem", "Rss")
+    keys = ("own", "private", "Private_Dirty", "Rss")
     print(f"daemon memory, MiB, {a.mib} MiB float32 variables (peaks while each save ran; 5 ms samples)")
     print(f"{'save':14} {'s':>5} " + " ".join(f"{k:>14}" for k in keys))
     print(f"{'(idle)':14} {'':>5} " + " ".join(f"{idle[k] / MiB:14.1f}" for k in keys))
