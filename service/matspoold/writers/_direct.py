@@ -24,10 +24,13 @@ How: file offsets and memory addresses must both be multiples of those alignment
 the run is cut in three: a buffered head up to the first offset where both are aligned,
 the aligned middle through a second descriptor opened ``O_DIRECT`` on the same inode
 (``/proc/self/fd/N``), and a buffered tail (less than one alignment unit). That works
-only when the payload's address and its file offset are congruent modulo the alignment:
-true of v7.3 files (``v73`` aligns large datasets, the ring's regions are page-aligned
-for the large saves that matter), seldom of v5 ones, whose payload follows a header whose
-length depends on the variable's name and rank; those are written buffered, as before.
+only when the payload's address and its file offset are congruent modulo the alignment.
+v7.3 puts datasets of 4 MiB and more at 512-byte file offsets (``v73.ALIGNMENT``), so its
+payloads go direct when their ring region starts on a 512-byte boundary: a ring's first
+region is page-aligned, and the ring hands out regions on 64-byte boundaries in order, so
+a loop saving tensors of power-of-two sizes keeps every region there. A v5 payload follows
+a header whose length depends on the variable's name and rank, seldom in phase with its
+ring address. Those are written buffered, as before, and counted in :data:`STATS`.
 A direct write refused (EINVAL from ``open`` or ``pwrite``) is retried buffered, and
 :data:`STATS` counts it.
 

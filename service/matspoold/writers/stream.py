@@ -97,17 +97,16 @@ DIRECT_CHUNK_BYTES = 1 << 20
 
 
 def _put_step(ds: h5py.Dataset, n: int, data: np.ndarray, deflated: bool | int) -> None:
-    """Step ``n`` (one chunk) from the ring. A large uncompressed one as the chunk's raw
-    bytes (``H5Dwrite_chunk``) straight from the ring: HDF5's own write path first copies a
-    step into a chunk buffer of its size and keeps that buffer in its free lists (a 256 MiB
-    step took the daemon from 28 to 290 MiB of private memory; ``bench.daemon_rss``), and
-    held it until the file was closed. So a file whose dataset header needs a continuation
-    block (complex and logical steps: their attributes overflow it) gets its first chunk
-    before that block instead of after it: the same objects and bytes at other offsets;
-    otherwise the file is byte for byte the same. Small steps keep
-    HDF5's path, whose small-data block packs tiny chunks beside the metadata (a raw
-    chunk write would leave 2 KiB gaps).
-    Deflated steps go through HDF5's filter, which needs its buffers anyway."""
+    """Step ``n`` (one chunk) from the ring. A large uncompressed one goes as the chunk's
+    raw bytes (``H5Dwrite_chunk``) straight from the ring: HDF5's own write path copies a
+    step into a chunk buffer of its size first (a 256 MiB step took the daemon from 28 to
+    290 MiB of its own memory; ``bench.daemon_rss``). The file holds the same objects and
+    bytes; where the dataset's header needs a continuation block (complex and logical
+    steps: their attributes overflow it), HDF5's path wrote the first chunk only at close,
+    after that block, and a raw chunk lands before it: byte for byte the same file
+    otherwise. Small steps keep HDF5's path, whose small-data block packs tiny chunks
+    beside the metadata (a raw chunk write would leave 2 KiB gaps); deflated steps go
+    through HDF5's filter, which needs its buffers anyway."""
     if deflated or data.nbytes < DIRECT_CHUNK_BYTES:
         ds[n] = data
     else:
