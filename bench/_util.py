@@ -43,6 +43,7 @@ class Config:
     prod_counts: tuple[int, ...] = (1, 2, 4, 8)  # (5)
     prod_saves: int = 4
     prod_mib: int = 8
+    prod_rounds: int = 3  # the first is the rings' first pass, reported apart
     d2h_mib: int = 256  # (7)
     d2h_reps: int = 10
 

@@ -12,7 +12,14 @@ What it times, in one process, contenders interleaved round by round (medians):
   does (round 0, not in the medians, faults it in);
 - ``-cold``: a fresh mapping every round (a client's first pass over its ring), with
   ``ringio.prefault``; ``-cold-nopf``: the same with the prefault switched off;
-- ``-shm``: through a ``/dev/shm`` ring read by copy (``ringio.ShmRing``), the fallback.
+- ``-shm``: through a ``/dev/shm`` ring read by copy (``ringio.ShmRing``), the fallback;
+- ``-direct`` (with ``--fsync``): the same job with ``MATSPOOL_DIRECT_IO=1``, so the
+  payload goes ``O_DIRECT`` from the ring where it lines up (``writers/_direct.py``: v7.3
+  always, v5 only when the ring offset is congruent with the file offset, which
+  ``v5-phased`` arranges: its bytes sit 192 bytes into the ring, as far as a 2-d variable
+  named ``x`` is into a v5 file; plain ``v5-direct`` is written buffered); ``dd-direct`` is
+  ``dd if=/dev/zero bs=4M oflag=direct`` of the same size, the file system's floor for
+  direct writes. With ``--fsync``, ``raw`` fsyncs too.
 
 No fsync unless ``--fsync``. ``os.sync()`` before every timed step, so writeback of the
 previous one does not land on the next. Ratios are raw time / writer time per round.
@@ -24,6 +31,7 @@ import argparse
 import mmap
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--fsync", action="store_true")
     every = "raw,v5,v7.3,v5-cold,v7.3-cold,v5-cold-nopf,v7.3-cold-nopf,v5-shm,v7.3-shm"
+    every += ",dd-direct,v5-direct,v5-phased,v7.3-direct"
     p.add_argument("--only", default=every)
     a = p.parse_args(argv)
     os.makedirs(a.dir, exist_ok=True)
@@ -64,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     side = int(np.sqrt(n))
     data = np.random.default_rng(1).random((side, n // side), dtype=np.float32)
     fd, mm = _memfd_ring(data)
+    phase = 192  # the payload offset mod 512 of a 2-d v5 variable named "x"
+    pfd, pmm = _memfd_ring(np.concatenate([np.zeros(phase, np.uint8), data.reshape(-1).view(np.uint8)]))
     shm_path = f"/dev/shm/bench-writestage-{os.getpid()}"
     with open(shm_path, "wb") as f:
         f.write(memoryview(data).cast("B"))
@@ -87,9 +98,15 @@ def main(argv: list[str] | None = None) -> None:
 
     runner = JobRunner([d])
 
-    def job(fmt: str, ring: object) -> None:
+    def dd_direct() -> None:
+        out = os.path.join(d, "dd.bin")
+        cmd = ["dd", "if=/dev/zero", f"of={out}", "bs=4M", f"count={data.nbytes >> 22}", "oflag=direct"]
+        subprocess.run([*cmd, "status=none"], check=True)
+
+    def job(fmt: str, ring: object, at: int = 0) -> None:
         path = os.path.join(d, f"{fmt}.mat")
-        req = proto.WriteRequest(seq=0, path=path, format=fmt, fsync=a.fsync, vars=(spec,))
+        var = spec if not at else proto.VarSpec("x", "<f4", dims, offset=at, nbytes=data.nbytes)
+        req = proto.WriteRequest(seq=0, path=path, format=fmt, fsync=a.fsync, vars=(var,))
         client = Client(ident=b"bench", ring="bench", mm=ring, fd=-1, pid=os.getpid())  # type: ignore[arg-type]
         _, err = runner.run(Job(client, req))
         if err is not None:
@@ -105,14 +122,20 @@ def main(argv: list[str] | None = None) -> None:
                 finally:
                     fresh.close()
                     ringio._supported = True
+            elif kind in ("direct", "phased"):
+                os.environ["MATSPOOL_DIRECT_IO"] = "1"
+                try:
+                    job(fmt, pmm, phase) if kind == "phased" else job(fmt, mm)
+                finally:
+                    del os.environ["MATSPOOL_DIRECT_IO"]
             else:
                 job(fmt, shm if kind == "shm" else mm)
 
         return go
 
-    contenders: dict[str, Callable[[], None]] = {"raw": raw}
+    contenders: dict[str, Callable[[], None]] = {"raw": raw, "dd-direct": dd_direct}
     for fmt in ("v5", "v7.3"):
-        for kind in ("warm", "cold", "cold-nopf", "shm"):
+        for kind in ("warm", "cold", "cold-nopf", "shm", "direct", "phased"):
             contenders[fmt if kind == "warm" else f"{fmt}-{kind}"] = daemon(fmt, kind)
     chosen = [c for c in a.only.split(",") if c in contenders]
     times: dict[str, list[float]] = {c: [] for c in chosen}
@@ -127,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     os.rmdir(d)
     mm.close()
     os.close(fd)
+    pmm.close()
+    os.close(pfd)
     os.close(shm_fd)
     os.unlink(shm_path)
     mib = data.nbytes / (1 << 20)

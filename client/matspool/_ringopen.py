@@ -16,7 +16,7 @@ import fcntl
 import mmap
 import os
 import stat
-from typing import Final
+from typing import Any, Final
 
 from ._errors import RingError
 from ._segment import SEALS, memfd_link, ring_path
@@ -27,17 +27,28 @@ __all__ = ["open_ring_readonly"]
 _TMPFS_MAGIC: Final = 0x01021994
 
 
-def _fs_type(fd: int) -> int | None:
-    """``f_type`` of the filesystem of ``fd`` (None where ``fstatfs`` cannot tell)."""
-    import ctypes
-    import ctypes.util
+_libc: Any = None
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
+
+def _fs_type(fd: int) -> int | None:
+    """``f_type`` of the filesystem of ``fd`` (None where ``fstatfs`` cannot tell).
+
+    ``fstatfs`` is looked up in the process's own symbols (libc is loaded already), once:
+    ``ctypes.util.find_library`` runs ``ldconfig -p`` in a subprocess, which forked the
+    daemon on every HELLO and held its control thread 2-5 ms per client (py-spy of
+    ``bench.producers``)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return None
+    import ctypes
+
     buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first word
-    if libc.fstatfs(fd, buf) != 0:
+    if _libc.fstatfs(fd, buf) != 0:
         return None
     return int(ctypes.c_long.from_buffer(buf).value)
 

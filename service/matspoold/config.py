@@ -69,6 +69,7 @@ OTHER_ENV_VARS: Final = frozenset(
         "MATSPOOL_DEBUG",
         # daemon tuning read outside the settings
         "MATSPOOL_SWITCH_INTERVAL",
+        "MATSPOOL_DIRECT_IO",  # 1: fsync'd large payloads O_DIRECT (matspoold.writers._direct)
         # tests and ./run
         "MATSPOOL_FUZZ_EXAMPLES",
         "MATSPOOL_MAT",

@@ -31,7 +31,7 @@ from matspool._ringopen import open_ring_readonly
 from matspool._segment import RING_PREFIX, ring_path
 
 from .cleanup import pid_alive
-from .ringio import ShmRing
+from .ringio import ShmRing, unmap_later
 
 __all__ = [
     "DEFAULT_MAX_RING_BYTES",
@@ -106,11 +106,11 @@ class Client:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            if self.mm is not None:
-                self.mm.close()
-        except BufferError:
-            pass  # a writer's view is still alive; the mapping goes with it
+        if isinstance(self.mm, mmap.mmap):
+            if not self.mm.closed:
+                unmap_later(self.mm)  # a large one off this (the control) thread: ringio
+        elif self.mm is not None:
+            self.mm.close()
 
 
 class Clients:

@@ -37,6 +37,7 @@ from matspool._protocol import Variable, VarSpec
 
 from ..fsconfine import Target, as_target, open_in
 from ._append import append_into
+from ._direct import write_payload
 from ._files import SELF_FD, TMP_SUFFIX, Temporary, early_writeback, pwrite_all
 from .stream import STREAMS, append_step, create_stream
 from .v5 import write_v5
@@ -236,8 +237,8 @@ class Session:
             values = data.view(spec.dtype)
             pwrite_all(self.fd, np.ascontiguousarray(values.real).view(np.uint8), offsets[0] + start // 2)
             pwrite_all(self.fd, np.ascontiguousarray(values.imag).view(np.uint8), offsets[1] + start // 2)
-        else:
-            pwrite_all(self.fd, data, offsets[0] + start)
+        else:  # with fsync, O_DIRECT from the ring where it lines up (writers/_direct.py)
+            write_payload(self.fd, data, offsets[0] + start, direct=self.fsync)
 
     def end(self) -> int:
         """Publish the complete file; its size in bytes."""

@@ -46,6 +46,7 @@ __all__ = [
     "early_writeback",
     "fsync_dir",
     "fsync_path",
+    "fsync_wanted",
     "pwrite_all",
     "start_writeback",
     "write_new_file",
@@ -178,6 +179,11 @@ def early_writeback(on: bool) -> Iterator[None]:
         yield
     finally:
         _local.on = before
+
+
+def fsync_wanted() -> bool:
+    """Whether the job on this thread asked for ``fsync`` (inside ``early_writeback(True)``)."""
+    return bool(getattr(_local, "on", False))
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:

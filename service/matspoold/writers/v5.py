@@ -27,7 +27,8 @@ from matspool._matlab import STORED_DTYPES
 from matspool._protocol import TreeSpec, Variable, VarSpec
 
 from ._deflate import BLOCK, zlib_stream
-from ._files import SELF_FD, WRITEBACK_STEP, start_writeback, write_new_file
+from ._direct import DIRECT_MIN_BYTES, direct_enabled, write_payload
+from ._files import SELF_FD, WRITEBACK_STEP, fsync_wanted, start_writeback, write_new_file
 from ._values import Cell, Char, Sparse, Struct
 
 __all__ = ["append_v5", "header", "variable_names", "write_v5"]
@@ -189,6 +190,11 @@ def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray | None, level: int) -
         if isinstance(buf, Hole):
             holes.append(f.tell())
             f.seek(buf, os.SEEK_CUR)
+        elif len(buf) >= DIRECT_MIN_BYTES and fsync_wanted() and direct_enabled():  # maybe O_DIRECT
+            f.flush()
+            at = f.tell()
+            write_payload(f.fileno(), buf, at)
+            f.seek(at + len(buf))
         else:
             _write_all(f, buf)
             if len(buf) >= WRITEBACK_STEP // 2:  # a payload piece, written past the buffer

@@ -33,6 +33,7 @@ import numpy as np
 
 from matspool._protocol import TreeSpec, Variable, VarSpec
 
+from ._direct import DIRECT_MIN_BYTES, write_payload
 from ._files import pwrite_all, write_new_file
 from ._layouts import _SPLITS, TEMPLATE_MAX_BYTES, TEMPLATES, _keep_split, _Split, _splits_lock, _Template
 from ._v73values import _MIN_COMPRESS_BYTES, _stored, _stored_dtype, _str_attr, _Tree, _write_deflated
@@ -41,6 +42,10 @@ from ._values import Char
 __all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "append_v73", "header", "write_v73"]
 
 USERBLOCK = 512
+#: large datasets start at a multiple of this from the userblock's end (``H5Pset_alignment``,
+#: at most the userblock's size), so at a file offset a sector-aligned ``O_DIRECT`` write
+#: can start at (``_direct``): at most 511 bytes of padding before a payload of 4 MiB or more
+ALIGNMENT = 512
 
 
 def header(now: float | None = None) -> bytes:
@@ -87,7 +92,7 @@ def _write_from_split(path: str, t: _Split, variables: Sequence[tuple[Variable, 
         if os.fstat(fd).st_size:
             os.ftruncate(fd, 0)
         pwrite_all(fd, header() + t.head[128:], 0)
-        pwrite_all(fd, payload, t.offset)
+        write_payload(fd, payload, t.offset)
         pwrite_all(fd, t.tail, t.offset + payload.nbytes)
     finally:
         os.close(fd)
@@ -194,12 +199,19 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
         if split is not None:
             _write_from_split(path, split, variables)
             return {}
-    with h5py.File(path, "w", userblock_size=USERBLOCK, libver=("earliest", "v108")) as f:
+    with h5py.File(
+        path,
+        "w",
+        userblock_size=USERBLOCK,
+        libver=("earliest", "v108"),
+        alignment_threshold=DIRECT_MIN_BYTES,
+        alignment_interval=ALIGNMENT,
+    ) as f:
         offsets, holes = _fill(f, variables, level)
     fd = os.open(path, os.O_RDWR)
     try:
         for offset, data in _payloads(variables, offsets):
-            pwrite_all(fd, data, offset)
+            write_payload(fd, data, offset)
         pwrite_all(fd, np.frombuffer(header(), np.uint8), 0)
         if key is not None:
             size = os.fstat(fd).st_size
