@@ -117,3 +117,23 @@ def test_what_is_not_templated(tmp_path: Path) -> None:
     v73.TEMPLATES._items.clear()
     _write(tmp_path / "small-deflate.mat", [(VarSpec("x", "<f8", small.shape, 0, small.nbytes), small)], 6)
     assert len(v73.TEMPLATES._items) == 1
+
+
+def test_small_and_large_saves_to_one_path_keep_their_order(mspool: matspool.Spool, root: Path) -> None:
+    """A tiny file is written on the daemon's control thread, a large one by a writer
+    thread; saves to one path still land in the order they were made (the last one wins),
+    also while a large save to that path is still being written."""
+    big = np.arange(256 * 256, dtype=np.float64).reshape(256, 256)  # 512 KiB: a writer's
+    path = root / "order.mat"
+    expected: dict[str, np.ndarray] = {}
+    for i in range(12):
+        expected = {"x": big + i} if i % 3 == 0 else {"x": np.full((4, 4), float(i))}
+        mspool.save(path, expected, format="v5" if i % 2 else "v7.3")
+    for fmt in ("v5", "v7.3"):  # the same again, ending with a large and then a small save
+        mspool.save(path, {"x": big}, format=fmt)
+        mspool.save(path, {"x": np.eye(3)}, format=fmt)
+        mspool.flush()
+        assert_variables(read(path, fmt), {"x": np.eye(3)}, fmt)
+    mspool.save(path, expected, format="v7.3")
+    mspool.flush()
+    assert_variables(read(path, "v7.3"), expected, "last")

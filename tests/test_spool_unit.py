@@ -103,3 +103,37 @@ def test_a_new_daemon_instance_frees_what_the_silent_one_held(fake: FakeDaemon) 
         assert s.pending == 0
     finally:
         s.close(5)
+
+
+def test_a_future_waits_for_its_own_answer_not_another_saves() -> None:
+    """The futures of one spool share a condition (the cost of one per save was a small
+    save's largest after its copy): another save's answer wakes a waiter, which must go
+    on waiting for its own, and wait()/as_completed() see each future once it is done."""
+    import concurrent.futures as cf
+    import threading
+    import time
+
+    from matspool import _messages as m
+
+    fake = FakeDaemon(hold=True)
+    with matspool.Spool(ring_bytes=1 << 20, heartbeat=0.05, transport=MemoryTransport(fake)) as s:
+        a = s.save("/data/a.mat", {"a": 1.0})
+        b = s.save("/data/b.mat", {"b": 2.0})
+        got: list[object] = []
+        waiter = threading.Thread(target=lambda: got.append(b.result(60)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while fake.n_writes() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fake.held.append(m.Done(((a.seq, 10),)))  # goes out with the next PONG
+        assert a.result(30).path == "/data/a.mat"
+        assert cf.wait([a, b], timeout=0.2).not_done == {b}
+        with pytest.raises(TimeoutError):
+            b.result(0.05)
+        assert waiter.is_alive() and not got  # woken by a's answer, still waiting for b's
+        fake.held.append(m.Done(((b.seq, 20),)))
+        done = list(cf.as_completed([a, b], timeout=30))
+        waiter.join(30)
+        assert set(done) == {a, b}
+        assert [r.path for r in got] == ["/data/b.mat"]  # type: ignore[attr-defined]
+        assert b.result(0).nbytes == 20

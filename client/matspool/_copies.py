@@ -125,6 +125,11 @@ class CopyPipeline:
                 self._table.fail(message.seq, MatspoolError(f"copy into the ring failed: {e}"))
                 self._table.unsent(message.seq, message.OP, lease)
             else:
+                # the bytes are in: release the copy holds before the daemon can answer, so a
+                # caller its answer wakes finds the region free (not after a race with us)
+                for held in copied:
+                    self._leases.copied(held)
+                copied = []
                 self._send(message, lease)
             finally:
                 for held in copied:

@@ -1,7 +1,8 @@
 """The link: the protocol spoken to one daemon, on the I/O thread, over a transport.
 
-Callers put messages in an outbox and wake the I/O thread only when it was empty, so a
-burst of saves costs one wake-up; WRITEs queued together leave as one BATCH. The I/O
+Callers put messages in an outbox and wake the I/O thread only when it waits in ``poll``
+(``_idle``), so a burst of saves costs one wake-up, not one per time the thread has
+emptied the outbox; WRITEs queued together leave as one BATCH. The I/O
 thread hands the daemon's answers to the pending table, sends heartbeats, and keeps the
 registration alive:
 
@@ -125,6 +126,9 @@ class Link:
         self._welcome = threading.Event()
         self._outbox: deque[tuple[str, int, list[Any], Lease | None]] = deque()
         self._outbox_lock = threading.Lock()
+        # the I/O thread is about to wait in (or waits in) poll with an empty outbox, and
+        # no one has woken it since: the next message must (under _outbox_lock)
+        self._idle = False
         self._io: threading.Thread | None = None
 
     # -- other threads ------------------------------------------------------------------
@@ -162,8 +166,9 @@ class Link:
         frames = [*msgs.encode(message, binary=self.binary), *self._payload(message)]
         with self._outbox_lock:
             self._outbox.append((message.OP, getattr(message, "seq", -1), frames, lease))
-            if len(self._outbox) == 1:
-                self.transport.wake()
+            wake, self._idle = self._idle, False
+        if wake:  # a wake-up that comes late is harmless: one more turn of the loop
+            self.transport.wake()
 
     def close(self) -> None:
         if self._io is not None and self._io.is_alive():
@@ -357,7 +362,11 @@ class Link:
         silence_limit = max(self._timeout if self._timeout else 60.0, 3 * self._heartbeat)
         try:
             while True:
-                got = self.transport.poll(self._heartbeat)
+                with self._outbox_lock:  # a message queued after this wakes us (send)
+                    # (the outbox waits while a HELLO is unanswered: the WELCOME wakes us)
+                    idle = self._idle = not self._outbox or self._hello_pending
+                got = self.transport.poll(self._heartbeat if idle else 0)
+                self._idle = False
                 now = time.monotonic()
                 if now - last_turn > 2 * self._heartbeat + 1.0:
                     last_rx = now  # this process was stopped: the daemon's silence is ours

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from ._saves import SaveResult
 __all__ = ["PendingTable", "Save", "SaveFuture", "failing"]
 
 MAX_KEPT_FAILURES: Final = 10_000  # flush()/close() report at most this many; futures hold all
+#: ``concurrent.futures`` states (the same strings in every Python this supports)
+_RUNNING: Final = "RUNNING"
+_OVER: Final = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
 
 
 def failing(cls: type[MatspoolError], message: str) -> Callable[[Save], MatspoolError]:
@@ -37,23 +41,51 @@ def failing(cls: type[MatspoolError], message: str) -> Callable[[Save], Matspool
 
 
 class SaveFuture(Future[SaveResult]):
-    """A save's future; it remembers whether anyone looked at its outcome."""
+    """A save's future; it remembers whether anyone looked at its outcome.
 
-    def __init__(self, path: str, seq: int) -> None:
-        super().__init__()
+    It is born running and shares its table's condition with the table's other futures
+    (``concurrent.futures`` gives each its own ``Condition``, the largest cost of a small
+    save after its copy). So a wake-up may be for another future: ``result`` and
+    ``exception`` wait in a loop until their own is done or the timeout has passed.
+    ``concurrent.futures.wait`` and ``as_completed`` take the condition once per future
+    (it is reentrant) and wait on their own events, which works as with any Future.
+    """
+
+    def __init__(self, path: str, seq: int, condition: threading.Condition | None = None) -> None:
+        # Future.__init__'s fields, set here: the one condition, and RUNNING at once
+        self._condition = threading.Condition() if condition is None else condition
+        self._state = _RUNNING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self.path = path
         self.seq = seq
         self.observed = False
 
+    def _wait(self, timeout: float | None) -> None:
+        """Until this future is done, or ``timeout`` s (None: no limit) have passed."""
+        if self._state in _OVER:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while self._state not in _OVER:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                self._condition.wait(remaining)
+
     def result(self, timeout: float | None = None) -> SaveResult:
         try:
-            return super().result(timeout)
+            self._wait(timeout)
+            return super().result(0)  # done, or raises TimeoutError at once
         finally:
             self.observed = self.done()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
-            return super().exception(timeout)
+            self._wait(timeout)
+            return super().exception(0)
         finally:
             self.observed = self.done()
 
@@ -80,6 +112,7 @@ class PendingTable:
     def __init__(self, leases: Leases) -> None:
         self._leases = leases
         self._lock = threading.Lock()
+        self._condition = threading.Condition()  # shared by the futures (``SaveFuture``)
         self._saves: dict[int, Save] = {}
         self._failures: list[SaveFuture] = []
         self._flushed = 0  # failures before this index were reported by flush()
@@ -87,8 +120,7 @@ class PendingTable:
 
     # -- the caller's side ----------------------------------------------------------------
     def add(self, seq: int, path: str, fmt: str, leases: list[Lease], *, pieces: bool = False) -> Save:
-        fut = SaveFuture(path, seq)
-        fut.set_running_or_notify_cancel()
+        fut = SaveFuture(path, seq, self._condition)
         save = Save(seq, path, fmt, fut, pieces, list(leases))
         with self._lock:
             self._saves[seq] = save

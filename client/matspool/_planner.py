@@ -66,6 +66,8 @@ def check_path(path: object) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"path is not valid UTF-8: {text!r}") from None
+    if text[0] == "/" and "//" not in text and "/." not in text and text[-1] != "/":
+        return text  # absolute and already normal: what abspath would return
     return os.path.abspath(text)
 
 

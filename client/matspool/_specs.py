@@ -308,6 +308,10 @@ def parse_var(raw: object, ring_bytes: int) -> Variable:
     return _array(raw, ring_bytes, name)
 
 
+#: itemsize and alignment of each stored dtype (a WRITE's check, once per variable)
+_SIZES: Final = {d: (np.dtype(d).itemsize, np.dtype(d).alignment) for d in STORED_DTYPES}
+
+
 def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
     dtype = raw.get("dtype")
     if not isinstance(dtype, str) or dtype not in STORED_DTYPES:  # a list is unhashable
@@ -321,7 +325,8 @@ def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
     if not isinstance(dims_raw, list) or not 2 <= len(dims_raw) <= MAX_NDIM:
         raise ProtocolError(f"variable {name!r}: dims must be a list of 2 to {MAX_NDIM} integers")
     dims = tuple(wire_int(d, f"variable {name!r} dimension", 0, 2**62) for d in dims_raw)
-    expected = math.prod(dims) * np.dtype(dtype).itemsize
+    itemsize, alignment = _SIZES[dtype]
+    expected = math.prod(dims) * itemsize
     if raw.get("deferred") is True:
         if raw.get("offset") != 0 or raw.get("nbytes") != expected or expected > MAX_DEFERRED_BYTES:
             raise ProtocolError(
@@ -335,7 +340,7 @@ def _array(raw: dict[str, Any], ring_bytes: int, name: str) -> VarSpec:
         raise ProtocolError(
             f"variable {name!r}: dims {list(dims)} of {dtype} need {expected} bytes, message says {nbytes}"
         )
-    if offset % np.dtype(dtype).alignment:
+    if offset % alignment:
         raise ProtocolError(f"variable {name!r}: offset {offset} is not aligned for {dtype}")
     return VarSpec(name, dtype, dims, offset, nbytes, mclass=mclass)
 

@@ -40,6 +40,8 @@ def send_whole(
 ) -> SaveFuture:
     """Take ring space for ``p`` (and staging for deferred reorders), number the save
     from ``seqs`` once it has its region, copy in and dispatch its WRITE."""
+    if not any(a.is_cuda or defers(a) for a in p.arrays):
+        return _send_host(p, seqs, ring, leases, table, copies, block=block, timeout=timeout)
     deferred = {id(a): aligned(staged_bytes(a)) for a in p.arrays if defers(a)}
     if sum(deferred.values()) + p.total > ring.size:
         deferred = {}  # no room to stage: reorder during the copy, as small arrays do
@@ -67,6 +69,36 @@ def send_whole(
         table.discard(seq)
         raise
     copies.dispatch(request, copy, [region], region)
+    return save.future
+
+
+def _send_host(
+    p: Plan,
+    seqs: Iterator[int],
+    ring: Ring,
+    leases: Leases,
+    table: PendingTable,
+    copies: CopyPipeline,
+    *,
+    block: bool,
+    timeout: float | None,
+) -> SaveFuture:
+    """``send_whole`` for host arrays copied here and now (every small save): no staging,
+    nothing for the copy thread, the WRITE queued before returning."""
+    region = leases.take(p.total, block=block, timeout=timeout)
+    seq = next(seqs)
+    save = table.add(seq, p.path, p.format, [region])
+    base = region.offset
+    try:
+        for a in p.arrays:
+            copy_host(a, ring.array, base + p.relative[id(a)])
+    except BaseException:
+        leases.copied(region)
+        table.discard(seq)
+        raise
+    specs = tuple(p.specs(base))
+    request = proto.WriteRequest(seq, p.path, p.format, p.fsync, specs, p.level, p.mode, p.append)
+    copies.dispatch(request, None, [region], region)
     return save.future
 
 

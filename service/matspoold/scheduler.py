@@ -6,7 +6,7 @@ win); different paths run in parallel on ``n`` writer threads taking jobs from o
 file's whole write). A writer appends its outcome to a results queue and, only when it
 found the queue empty, wakes the control loop through an inproc socket.
 
-Threads: ``enqueue``, ``next_result``, ``wake_socket`` and ``shutdown`` belong to the
+Threads: ``enqueue``, ``idle``, ``next_result``, ``wake_socket`` and ``shutdown`` belong to the
 control thread; ``_loop``/``_finish`` run on the writer threads; the results queue is
 shared under ``_lock``.
 """
@@ -70,6 +70,10 @@ class Scheduler:
             self._jobs.put(job)
         else:
             waiting.append(job)  # same file: keep the order the client saved in
+
+    def idle(self, path: str) -> bool:
+        """No job of ``path`` is queued or running: one written now keeps the order."""
+        return os.path.normpath(path) not in self._by_path
 
     def next_result(self) -> Result | None:
         """The next finished job, its path's next job started; None when there is none."""

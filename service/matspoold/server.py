@@ -1,9 +1,13 @@
 """The control loop: one ZeroMQ ROUTER, one thread, every message dispatched from here.
 
-The control loop never touches a disk, so heartbeats and new requests are answered
-while large files are written. Each WRITE is checked against the protocol schema, the
-sender's ring and the roots before any byte is read; any failure becomes an ``ERR`` for
-that save, never an exception that ends the daemon.
+The control loop hands every file to the writer threads, so heartbeats and new requests
+are answered while large files are written; only a tiny whole file without fsync is
+written on the loop itself (``INLINE_BYTES``), since two thread hand-offs cost more than
+such a file's whole write. Received messages wait in a backlog, handled in order for at
+most ``INLINE_SLICE_S`` per turn, so a burst of small files still lets the loop answer.
+Each WRITE is checked against the protocol schema, the sender's ring and the roots before
+any byte is read; any failure becomes an ``ERR`` for that save, never an exception that
+ends the daemon.
 
 The daemon is split by job, each module owning its state:
 
@@ -31,6 +35,7 @@ import os
 import secrets
 import signal
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +62,7 @@ from .jobs import Job, JobRunner
 from .listen import Listener
 from .paths import normalize_roots
 from .replies import done_messages, error_msg, refuse
-from .scheduler import Scheduler
+from .scheduler import Result, Scheduler
 from .sessions import DEFAULT_MAX_RING_BYTES, DEFAULT_MAX_TOTAL_RING_BYTES, Client, Clients
 from .sharded import LAID, ShardJob
 from .writers._files import TEMPS
@@ -67,6 +72,12 @@ __all__ = ["Daemon", "install_signal_handlers"]
 log = logging.getLogger("matspoold")
 
 MAX_REMOTE_FRAME = 1 << 32  # 4 GiB: larger arrays travel in pieces
+#: a whole save this small, not fsynced, is written on the control thread itself: handing
+#: it to a writer thread and its result back costs two thread wake-ups, more than the write
+INLINE_BYTES = 64 << 10
+#: the control loop handles received messages at most this long per turn, then polls
+#: again (answers, new messages) before going on with the rest (``_backlog``)
+INLINE_SLICE_S = 0.02
 
 
 class Daemon:
@@ -141,6 +152,10 @@ class Daemon:
             socket_group=socket_group,
         )
         self.snapshot: StatusReply = self.status()  # refreshed by the loop; read by metrics
+        self._done: dict[bytes, list[tuple[int, int]]] = {}  # DONEs not yet sent, by client
+        # messages received, not yet handled, in arrival order: (sender, message, payload
+        # frames, whether the daemon was stopping when it arrived)
+        self._backlog: deque[tuple[bytes, dict[str, Any], list[memoryview], bool]] = deque()
 
     # -- life cycle ----------------------------------------------------------------------
     def _forget(self, client: Client) -> None:
@@ -188,7 +203,7 @@ class Daemon:
         idle_since = time.monotonic()
         try:
             while True:
-                events = dict(poller.poll(200))
+                events = dict(poller.poll(0 if self._backlog else 200))
                 if wake in events:
                     while wake.poll(0):
                         wake.recv()
@@ -201,6 +216,9 @@ class Daemon:
                         except zmq.Again:
                             break
                         self._handle(router, frames)
+                if self._backlog:
+                    self._work(router)
+                    self._send_done()
                 if time.monotonic() >= next_reap:
                     self._clients.reap()
                     guard.reconcile()
@@ -215,7 +233,7 @@ class Daemon:
                     elif time.monotonic() - idle_since >= self.idle_exit:
                         log.info("no client for %.1f s; stopping", self.idle_exit)
                         self._stopping = True
-                if self._stopping and not self._clients.busy():
+                if self._stopping and not self._backlog and not self._clients.busy():
                     break
         finally:
             self._scheduler.shutdown()
@@ -273,11 +291,26 @@ class Daemon:
         client = self._clients.get(ident)
         if client is not None:
             client.last_seen = time.monotonic()
-        for one in raws:
-            self._handle_one(router, ident, one, payload)
+        stopping = self._stopping
+        self._backlog.extend([(ident, one, payload, stopping) for one in raws])
+
+    def _work(self, router: zmq.Socket[bytes]) -> None:
+        """Handle received messages in order for up to ``INLINE_SLICE_S``: small files are
+        written here, so a burst of them must not keep the loop from its other duties."""
+        backlog = self._backlog
+        until = time.monotonic() + INLINE_SLICE_S
+        while backlog:
+            self._handle_one(router, *backlog.popleft())
+            if time.monotonic() >= until:
+                return
 
     def _handle_one(
-        self, router: zmq.Socket[bytes], ident: bytes, raw: dict[str, Any], payload: list[memoryview]
+        self,
+        router: zmq.Socket[bytes],
+        ident: bytes,
+        raw: dict[str, Any],
+        payload: list[memoryview],
+        stopping: bool = False,
     ) -> None:
         try:
             client = self._clients.get(ident)
@@ -295,12 +328,12 @@ class Daemon:
                 reply = msgs.Welcome(os.getpid(), self.instance, f"{proto.TAG.decode()} {_wirebin.FEATURE}")
             elif isinstance(msg, proto.WriteRequest):
                 assert client is not None  # parse_request refuses a WRITE before HELLO
-                self._enqueue(write_job(client, msg, payload, stopping=self._stopping))
+                self._enqueue(write_job(client, msg, payload, stopping=stopping))
             elif isinstance(msg, (proto.Part, msgs.End)):
                 self._enqueue(piece_job(self._clients.get(ident), msg, payload))
             elif isinstance(msg, (Layout, Place, Publish, Discard)):
                 # a save sharded over ranks: sharded.py
-                self._enqueue(shard_job(client, msg, stopping=self._stopping))
+                self._enqueue(shard_job(client, msg, stopping=stopping))
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
             if reply is not None:
@@ -320,53 +353,85 @@ class Daemon:
 
     def _enqueue(self, job: Job) -> None:
         job.client.inflight += 1
-        job.client.payload_inflight += job.ring_bytes
+        ring_bytes = job.ring_bytes
+        if self._inline(job, ring_bytes):
+            self._settle(Result(job, *self._jobs.run(job)), 0)
+            return
+        job.client.payload_inflight += ring_bytes
         self._scheduler.enqueue(job)
+
+    def _inline(self, job: Job, ring_bytes: int) -> bool:
+        """Whether to write ``job`` here: a tiny whole file, no fsync, no compression,
+        none of its path's saves queued (their order)."""
+        req = job.request
+        return (
+            type(job) is Job
+            and job.kind == "write"
+            and req.mode == "write"
+            and not req.fsync
+            and not req.compress
+            and not req.append
+            and not self._jobs.write_delay
+            and ring_bytes <= INLINE_BYTES
+            and self._scheduler.idle(req.path)
+        )
 
     def _drain_results(self, router: zmq.Socket[bytes]) -> None:
         """Answer the writers' finished jobs; a client's DONEs go out together."""
-        done: dict[bytes, list[tuple[int, int]]] = {}
-        send = self._guard.send_multipart
         while (result := self._scheduler.next_result()) is not None:
-            job, nbytes, error = result
-            req, client = job.request, job.client
-            client.payload_inflight -= job.ring_bytes
-            if isinstance(job, ShardJob):  # LAID_OUT, DONE or ERR, never counted as a file
-                if error is not None:
-                    log.warning("sharded save's %s of %s failed: %s", job.op_name, job.op_path, error)
-                    self.errors += 1
-                send(
-                    [
-                        client.ident,
-                        *msgs.encode(job.reply(nbytes) if error is None else error_msg(req.seq, error)),
-                    ]
-                )
-            elif job.kind == "part" and error is None:  # its ring space is free again
-                assert job.part is not None
-                send([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
-            elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
-                send([client.ident, *msgs.encode(msgs.PartDone(req.seq, None))])  # space is free
-            elif error is None:
-                self.files_written += 1
-                self.bytes_written += nbytes or 0
-                client.files += 1
-                client.bytes_written += nbytes or 0
-                done.setdefault(client.ident, []).append((req.seq, nbytes or 0))
-                client.remember(req.seq, msgs.Done(((req.seq, nbytes or 0),)))
-            else:
-                log.warning("save %d to %s failed: %s", req.seq, req.path, error)
-                self.errors += 1
-                client.errors += 1
-                reply = error_msg(req.seq, error)
-                self._guard.send_multipart([client.ident, *msgs.encode(reply)])
-                client.remember(req.seq, reply)
-            if job.kind == "end":
-                client.begun.pop(req.seq, None)
-            client.inflight -= 1
-            self._clients.settled(client)
+            self._settle(result, result.job.ring_bytes)
+        self._send_done()
+
+    def _send_done(self) -> None:
+        """The DONEs gathered since the last call, one message per client (``replies``)."""
+        if not self._done:
+            return
+        done, self._done = self._done, {}
         for ident, answers in done.items():
             for message in done_messages(answers):
                 self._guard.send_multipart([ident, *msgs.encode(message)])
+
+    def _settle(self, result: Result, ring_bytes: int) -> None:
+        """Answer one finished job (a DONE waits in ``_done`` for ``_send_done``);
+        ``ring_bytes``: what it added to its client's ``payload_inflight``."""
+        send = self._guard.send_multipart
+        done = self._done
+        job, nbytes, error = result
+        req, client = job.request, job.client
+        client.payload_inflight -= ring_bytes
+        if isinstance(job, ShardJob):  # LAID_OUT, DONE or ERR, never counted as a file
+            if error is not None:
+                log.warning("sharded save's %s of %s failed: %s", job.op_name, job.op_path, error)
+                self.errors += 1
+            send(
+                [
+                    client.ident,
+                    *msgs.encode(job.reply(nbytes) if error is None else error_msg(req.seq, error)),
+                ]
+            )
+        elif job.kind == "part" and error is None:  # its ring space is free again
+            assert job.part is not None
+            send([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
+        elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
+            send([client.ident, *msgs.encode(msgs.PartDone(req.seq, None))])  # space is free
+        elif error is None:
+            self.files_written += 1
+            self.bytes_written += nbytes or 0
+            client.files += 1
+            client.bytes_written += nbytes or 0
+            done.setdefault(client.ident, []).append((req.seq, nbytes or 0))
+            client.remember(req.seq, msgs.Done(((req.seq, nbytes or 0),)))
+        else:
+            log.warning("save %d to %s failed: %s", req.seq, req.path, error)
+            self.errors += 1
+            client.errors += 1
+            reply = error_msg(req.seq, error)
+            self._guard.send_multipart([client.ident, *msgs.encode(reply)])
+            client.remember(req.seq, reply)
+        if job.kind == "end":
+            client.begun.pop(req.seq, None)
+        client.inflight -= 1
+        self._clients.settled(client)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

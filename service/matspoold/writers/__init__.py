@@ -158,9 +158,11 @@ def write_atomic(
             try:
                 if existing >= 0:
                     append_into(f"{SELF_FD}{existing}", temp.path, variables, compress)
-                else:
-                    with early_writeback(fsync):
+                elif fsync:
+                    with early_writeback(True):
                         writer.write(temp.path, variables, compress)
+                else:
+                    writer.write(temp.path, variables, compress)
             finally:
                 if existing >= 0:
                     os.close(existing)
