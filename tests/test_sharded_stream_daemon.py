@@ -1,0 +1,123 @@
+"""The daemon's side of sharded streams: STEP (a laid-out temporary becomes the stream's
+next step) from a raw client, hostile STEPs refused with the stream left whole, and a
+large step copied in slabs (in-process)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from test_sharded_daemon import Raw, _layout, _place
+
+from conftest import DaemonProc, start_daemon
+from readback import read_v73
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, Raw, Path, Path]]:
+    tmp_path = tmp_path_factory.mktemp("sstreamd")
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    d = start_daemon(root, tmp_path / "sock")
+    raw = Raw(d.endpoint)
+    yield d, raw, root, outside
+    raw.close()
+    assert d.alive(), "a message ended the daemon"
+    d.stop()
+
+
+def _laid_step(raw: Raw, path: Path, g: np.ndarray) -> str:
+    """A step of ``g`` (MATLAB size g.shape) laid out and placed in two blocks: its tmp."""
+    laid = _layout(raw, path, list(g.shape))
+    assert laid["op"] == "LAID_OUT", laid
+    tmp, offset = laid["tmp"], laid["offsets"][0][1]
+    half = g.shape[0] // 2
+    for at, shape in (((0, 0), (half, g.shape[1])), ((half, 0), (g.shape[0] - half, g.shape[1]))):
+        block = g[at[0] : at[0] + shape[0], at[1] : at[1] + shape[1]]
+        raw.ring.array[: block.nbytes] = np.asfortranarray(block).reshape(-1, order="F").view(np.uint8)
+        done = raw.ask(_place(path, tmp, offset, list(g.shape), list(at), list(shape)))
+        assert done["op"] == "DONE", done
+    return str(tmp)
+
+
+def _step(path: Path, tmp: str, create: bool, seq: int = 7, **extra: Any) -> dict[str, Any]:
+    return {"op": "STEP", "seq": seq, "path": str(path), "tmp": tmp, "create": create, **extra}
+
+
+def test_steps_by_hand_and_hostile_ones(setup: tuple[DaemonProc, Raw, Path, Path]) -> None:
+    d, raw, root, outside = setup
+    path = root / "s.mat"
+    steps = [np.arange(12, dtype=np.float64).reshape(4, 3) + 100 * k for k in range(3)]
+    for k, g in enumerate(steps[:2]):
+        tmp = _laid_step(raw, path, g)
+        done = raw.ask(_step(path, tmp, k == 0, fsync=True))
+        assert done == {"op": "DONE", "seq": 7, "nbytes": path.stat().st_size}, done
+        assert not (root / tmp).exists()
+    want = np.stack(steps[:2], axis=-1)
+    np.testing.assert_array_equal(read_v73(path)["u"], want)
+    before = path.read_bytes()
+
+    victim = outside / "victim.mat"
+    victim.write_bytes(b"x" * 4096)
+    (root / ".s.mat.evil.matspool-tmp").symlink_to(victim)  # a temporary's name, a symlink out
+    other = _laid_step(raw, root / "other.mat", steps[2])
+    spare = _laid_step(raw, path, steps[2])  # every refusal below must leave it be
+    bad: list[tuple[dict[str, Any], str]] = [
+        (_step(path, ".s.mat.evil.matspool-tmp", False), "symlink"),  # never followed
+        (_step(path, ".s.mat.gone.matspool-tmp", False), "is gone"),  # no such temporary
+        (_step(path, "../outside/victim.mat", False), "tmp must be a matspool temporary"),
+        (_step(path, other, False), "is not a temporary of"),
+        (_step(path, _laid_step(raw, path, np.ones((5, 3))), False), "is 5x3 double in this step but 4x3"),
+        (_step(path, spare, True, level=10), "level must be an integer in [0, 9]"),
+        (_step(path, spare, "yes"), "create must be true or false"),
+        (_step(outside / "s.mat", spare, True), "outside"),
+        ({k: v for k, v in _step(path, spare, False).items() if k != "tmp"}, "tmp must be"),
+        (_step(root / "no.mat", _laid_step(raw, root / "no.mat", steps[2]), False), "stream's file is gone"),
+    ]
+    for msg, words in bad:
+        reply = raw.ask(msg)
+        assert reply["op"] == "ERR" and words in reply["message"], (msg, reply)
+    assert d.alive()
+    assert path.read_bytes() == before  # every refused step left the stream as it was
+    assert victim.read_bytes() == b"x" * 4096 and sorted(os.listdir(outside)) == ["victim.mat"]
+    assert not (root / "no.mat").exists()
+    # and the stream goes on, with the temporary no refusal touched
+    assert raw.ask(_step(path, spare, False))["op"] == "DONE"
+    np.testing.assert_array_equal(read_v73(path)["u"], np.stack(steps, axis=-1))
+    leftovers = [n for n in os.listdir(root) if n.startswith(".s.mat.") and n != ".s.mat.evil.matspool-tmp"]
+    assert not leftovers, leftovers
+
+
+def test_a_large_step_is_copied_in_slabs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step larger than the slab limit goes in slabs along its slowest axis (bounded
+    daemon memory): the stream reads back exact, with one chunk per step."""
+    from matspool._msgshard import ShardVar
+    from matspoold import sharded_stream
+    from matspoold.fsconfine import as_target
+    from matspoold.sharded import lay_out, runs
+
+    monkeypatch.setattr(sharded_stream, "_SLAB_BYTES", 1000)
+    path = tmp_path / "big.mat"
+    steps = [np.random.default_rng(k).standard_normal((37, 11, 3)) for k in range(2)]
+    target, _ = as_target(str(path))
+    try:
+        for k, g in enumerate(steps):
+            tmp, offsets = lay_out(target, "v7.3", [ShardVar("u", "<f8", g.shape)])
+            fd = os.open(tmp, os.O_WRONLY, dir_fd=target.dir_fd)
+            src = np.asfortranarray(g).reshape(-1, order="F").view(np.uint8)
+            for start, s, n in runs(g.shape, (0, 0, 0), g.shape, 8):
+                os.pwrite(fd, src[s : s + n].tobytes(), offsets["u"][0] + start)
+            os.close(fd)
+            sharded_stream.add_step(target, tmp, create=k == 0, fsync=False)
+            assert not (tmp_path / tmp).exists()
+    finally:
+        target.close()
+    np.testing.assert_array_equal(read_v73(path)["u"], np.stack(steps, axis=-1))
+    with h5py.File(path, "r") as f:
+        assert f["u"].shape == (2, 3, 11, 37) and f["u"].chunks == (1, 3, 11, 37)
