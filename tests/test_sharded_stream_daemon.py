@@ -4,7 +4,11 @@ large step copied in slabs (in-process)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,30 +98,93 @@ def test_steps_by_hand_and_hostile_ones(setup: tuple[DaemonProc, Raw, Path, Path
     assert not leftovers, leftovers
 
 
-def test_a_large_step_is_copied_in_slabs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A step larger than the slab limit goes in slabs along its slowest axis (bounded
-    daemon memory): the stream reads back exact, with one chunk per step."""
+def _laid_by_hand(target: Any, g: np.ndarray) -> str:
+    """A step of ``g`` laid out and filled in-process (what LAYOUT and PLACEs make)."""
     from matspool._msgshard import ShardVar
+    from matspoold.sharded import lay_out, runs
+
+    tmp, offsets = lay_out(target, "v7.3", [ShardVar("u", "<f8", g.shape)])
+    fd = os.open(tmp, os.O_WRONLY, dir_fd=target.dir_fd)
+    src = np.asfortranarray(g).reshape(-1, order="F").view(np.uint8)
+    for start, s, n in runs(g.shape, (0,) * g.ndim, g.shape, 8):
+        os.pwrite(fd, src[s : s + n].tobytes(), offsets["u"][0] + start)
+    os.close(fd)
+    return tmp
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_a_large_step_is_copied_in_slabs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: int) -> None:
+    """A step larger than the slab limit goes in slabs along its slowest axis (bounded
+    daemon memory; a deflated one whole): the stream reads back exact, one chunk per step."""
     from matspoold import sharded_stream
     from matspoold.fsconfine import as_target
-    from matspoold.sharded import lay_out, runs
 
     monkeypatch.setattr(sharded_stream, "_SLAB_BYTES", 1000)
     path = tmp_path / "big.mat"
-    steps = [np.random.default_rng(k).standard_normal((37, 11, 3)) for k in range(2)]
+    steps = [np.random.default_rng(k).standard_normal((37, 11, 3)) for k in range(3)]
     target, _ = as_target(str(path))
     try:
         for k, g in enumerate(steps):
-            tmp, offsets = lay_out(target, "v7.3", [ShardVar("u", "<f8", g.shape)])
-            fd = os.open(tmp, os.O_WRONLY, dir_fd=target.dir_fd)
-            src = np.asfortranarray(g).reshape(-1, order="F").view(np.uint8)
-            for start, s, n in runs(g.shape, (0, 0, 0), g.shape, 8):
-                os.pwrite(fd, src[s : s + n].tobytes(), offsets["u"][0] + start)
-            os.close(fd)
-            sharded_stream.add_step(target, tmp, create=k == 0, fsync=False)
+            tmp = _laid_by_hand(target, g)
+            sharded_stream.add_step(target, tmp, create=k == 0, fsync=False, level=level)
             assert not (tmp_path / tmp).exists()
     finally:
         target.close()
     np.testing.assert_array_equal(read_v73(path)["u"], np.stack(steps, axis=-1))
     with h5py.File(path, "r") as f:
-        assert f["u"].shape == (2, 3, 11, 37) and f["u"].chunks == (1, 3, 11, 37)
+        assert f["u"].shape == (3, 3, 11, 37) and f["u"].chunks == (1, 3, 11, 37)
+        assert f["u"].compression == ("gzip" if level else None)
+
+
+def test_a_step_killed_at_random_instants_keeps_every_earlier_step(tmp_path: Path) -> None:
+    """30 SIGKILLs of a writer process at random instants of a STEP's append: once the
+    journal is recovered (by the next step, any daemon), the file holds every earlier
+    step exact, and the killed one whole or not at all."""
+    from matspoold.fsconfine import as_target
+    from matspoold.sharded_stream import add_step
+    from matspoold.writers._journal import journal_path, recover
+
+    rng = random.Random(13)
+    path = tmp_path / "k.mat"
+    want = [np.random.default_rng(k).standard_normal((64, 48, 2)) for k in range(200)]
+    target, _ = as_target(str(path))
+    try:
+        add_step(target, _laid_by_hand(target, want[0]), create=True, fsync=False)
+        n, kills, window, journaled = 1, 0, 0.0, 0
+        while kills < 30 and n < len(want):
+            tmp = _laid_by_hand(target, want[n])
+            t0 = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:  # the writer: one step, then out (no atexit, no pytest)
+                code = 1
+                try:
+                    add_step(target, tmp, create=False, fsync=False)
+                    code = 0
+                finally:
+                    os._exit(code)
+            if not window:  # learn how long a step takes, fork included
+                os.waitpid(pid, 0)
+                window, n = time.perf_counter() - t0, n + 1
+                continue
+            time.sleep(rng.uniform(0, window))
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            if os.WIFEXITED(status):  # the kill came late: aim earlier (a busy machine oversleeps)
+                window *= 0.8
+            else:
+                kills, window = kills + 1, window * 1.05
+            journaled += Path(journal_path(str(path))).exists()  # killed inside the append
+            recover(target)  # what the next step does first
+            assert not Path(journal_path(str(path))).exists()
+            with h5py.File(path, "r") as f:
+                got = f["u"].shape[0]
+            assert got in (n, n + 1), (got, n)  # the killed step: whole, or not at all
+            n = got
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=target.dir_fd)
+    finally:
+        target.close()
+    np.testing.assert_array_equal(read_v73(path)["u"], np.stack(want[:n], axis=-1))
+    assert kills == 30
+    print(f"{kills} kills, {journaled} inside the journaled append, {n} steps")
+    assert journaled > 0
