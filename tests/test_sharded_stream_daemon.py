@@ -5,6 +5,7 @@ large step copied in slabs (in-process)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import signal
@@ -112,28 +113,53 @@ def _laid_by_hand(target: Any, g: np.ndarray) -> str:
     return tmp
 
 
-@pytest.mark.parametrize("level", [0, 4])
-def test_a_large_step_is_copied_in_slabs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: int) -> None:
-    """A step larger than the slab limit goes in slabs along its slowest axis (bounded
-    daemon memory; a deflated one whole): the stream reads back exact, one chunk per step."""
+@pytest.mark.parametrize("how", ["kernel", "pread", "deflate"])
+def test_steps_are_copied_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """A step goes into the stream file to file (copy_file_range; pread/pwrite in slabs
+    where the filesystem refuses it) or, deflated, through HDF5: exact either way, one
+    chunk per step."""
     from matspoold import sharded_stream
     from matspoold.fsconfine import as_target
 
     monkeypatch.setattr(sharded_stream, "_SLAB_BYTES", 1000)
+    if how == "pread":
+
+        def refuse(*args: Any) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
     path = tmp_path / "big.mat"
     steps = [np.random.default_rng(k).standard_normal((37, 11, 3)) for k in range(3)]
     target, _ = as_target(str(path))
     try:
         for k, g in enumerate(steps):
             tmp = _laid_by_hand(target, g)
-            sharded_stream.add_step(target, tmp, create=k == 0, fsync=False, level=level)
+            sharded_stream.add_step(
+                target, tmp, create=k == 0, fsync=False, level=4 if how == "deflate" else 0
+            )
             assert not (tmp_path / tmp).exists()
     finally:
         target.close()
     np.testing.assert_array_equal(read_v73(path)["u"], np.stack(steps, axis=-1))
     with h5py.File(path, "r") as f:
         assert f["u"].shape == (3, 3, 11, 37) and f["u"].chunks == (1, 3, 11, 37)
-        assert f["u"].compression == ("gzip" if level else None)
+        assert f["u"].compression == ("gzip" if how == "deflate" else None)
+
+
+def test_a_step_through_hdf5_goes_in_slabs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step whose chunk cannot take a byte copy (allocated below the file's old end)
+    goes through HDF5 in slabs of at most the limit along its slowest axis."""
+    from matspoold import sharded_stream
+
+    monkeypatch.setattr(sharded_stream, "_SLAB_BYTES", 1000)
+    g = np.random.default_rng(5).standard_normal((3, 11, 37))  # as stored: MATLAB 37x11x3
+    with h5py.File(tmp_path / "src.h5", "w") as fs, h5py.File(tmp_path / "dst.h5", "w") as fd:
+        src = fs.create_dataset("u", data=g)
+        ds = fd.create_dataset("u", shape=(2, *g.shape), chunks=(1, *g.shape), dtype=g.dtype)
+        copies: list[tuple[int, int, int]] = []
+        sharded_stream._copy(src, ds, 1, 1 << 62, copies)
+        assert copies == []
+        np.testing.assert_array_equal(ds[1], g)
 
 
 def test_a_step_killed_at_random_instants_keeps_every_earlier_step(tmp_path: Path) -> None:
