@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 WORLD = 4
-STEPS = {"rows": 3, "dtensor": 3, "mismatch": 4, "killed": 3, "daemon_killed": 3}
+STEPS = {"rows": 3, "dtensor": 3, "mismatch": 4, "killed": 3, "daemon_killed": 3, "killed0": 2}
 _ROWS = {r: ((2 * r, 0), (2, 5)) for r in range(WORLD)}  # 8 x 5 in four 2-row blocks
 
 
@@ -35,6 +35,8 @@ def expected(case: str, step: int) -> dict[str, np.ndarray]:
         return {"u": rng.standard_normal((4096, 1024))}
     if case == "daemon_killed":
         return {"u": rng.standard_normal((1024, 1024))}
+    if case == "killed0":  # ranks 0-2 only, 8 MiB each
+        return {"u": rng.standard_normal((3072, 1024))}
     return {"u": rng.standard_normal((8, 5)), "t": np.array(0.5 * step)}
 
 
@@ -51,8 +53,8 @@ def variables(case: str, step: int, rank: int) -> dict[str, Any]:
         mesh = init_device_mesh("cpu", (WORLD,))
         return {"u": distribute_tensor(torch.from_numpy(want["u"]), mesh, [Shard(1)])}
     g = want["u"]
-    if case in ("killed", "daemon_killed"):
-        rows = g.shape[0] // WORLD
+    if case in ("killed", "daemon_killed", "killed0"):
+        rows = g.shape[0] // (3 if case == "killed0" else WORLD)
         (o, n) = ((rows * rank, 0), (rows, 1024))
     else:
         (o, n) = _ROWS[rank]
@@ -110,17 +112,23 @@ def main() -> None:
         path.with_suffix(".tmp").write_text(json.dumps(outcome))
         os.replace(path.with_suffix(".tmp"), path)
 
+    trio = dist.new_group([0, 1, 2])  # collective: every rank makes it, ranks 0-2 use it
     dist.barrier()
     for case in cases:
         path = os.path.join(out, f"{case}.mat")
         using = spare if case == "daemon_killed" and spare is not None else spool
-        s = using.stream(path, fsync=case == "rows")
+        if case == "killed0" and rank == 3:
+            continue  # dead by now, and not in the trio
+        s = using.stream(path, fsync=case == "rows", group=trio if case == "killed0" else None)
         start = time.monotonic()
         for step in range(STEPS[case]):
             key = f"{case}/{step}"
             try:
                 fut = s.append(variables(case, step, rank))
                 if step == 2 and case == "killed" and rank == 3:  # dies mid-step, in its writes
+                    _laid_out(out, case)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if step == 1 and case == "killed0" and rank == 0:  # rank 0, the store's host, dies
                     _laid_out(out, case)
                     os.kill(os.getpid(), signal.SIGKILL)
                 if step == 2 and case == "daemon_killed" and rank == 2:  # kills its daemon mid-step
@@ -135,14 +143,15 @@ def main() -> None:
             record()
         outcome[f"{case}_s"] = f"{time.monotonic() - start:.2f}"
         record()
+    if "killed" in cases and "killed0" not in cases and rank == 0:
+        # rank 0 holds the store: keep it up until ranks 1-2 have read it
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+            "killed/2" in (f.read_text() if (f := Path(results) / f"rank{r}.json").exists() else "")
+            for r in (1, 2)
+        ):
+            time.sleep(0.05)
     if "killed" in cases:
-        if rank == 0:  # rank 0 holds the store: keep it up until ranks 1-2 have read it
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not all(
-                "killed/2" in (f.read_text() if (f := Path(results) / f"rank{r}.json").exists() else "")
-                for r in (1, 2)
-            ):
-                time.sleep(0.05)
         os._exit(0)  # a member is dead: the group cannot be torn down
     spool.close()
     dist.destroy_process_group()

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -26,7 +27,7 @@ from shard_stream_ranks import STEPS, WORLD, expected
 from conftest import start_daemon
 from readback import read
 
-CASES = ["rows", "dtensor", "mismatch", "daemon_killed", "killed"]
+CASES = ["rows", "dtensor", "mismatch", "daemon_killed", "killed", "killed0"]
 RING = 1 << 20
 
 
@@ -77,6 +78,11 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, 
             json.loads(f.read_text()) if (f := results / f"rank{r}.json").exists() else {}
             for r in range(WORLD)
         ]
+        # killed0: rank 0 died with the step's temporary laid out, before the others learnt
+        # its name; its daemon removes it once it finds rank 0's process gone (2-3 s)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and [n for n in os.listdir(out) if n.startswith(".killed0.mat.")]:
+            time.sleep(0.1)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -168,6 +174,21 @@ def test_a_killed_rank_fails_the_step_and_keeps_the_earlier_ones(
         assert error.startswith("ShardError: ") and "rank(s) 3 did not" in error, (rank, error)
         assert error.endswith("; the stream keeps its earlier steps"), error
     _assert_steps(out, "killed", [0, 1])
+
+
+def test_a_killed_rank_0_fails_the_step_and_keeps_the_earlier_ones(
+    ran: tuple[Path, list[dict[str, str]]],
+) -> None:
+    """Rank 0 of a group of ranks 0-2 (it holds the store) dies mid-step: ranks 1-2 fail
+    at once, the stream keeps step 0, and rank 0's daemon removes the step's temporary."""
+    out, outcomes = ran
+    assert "killed0/1" not in outcomes[0]
+    for rank in (1, 2):
+        assert outcomes[rank]["killed0/0"] == "ok"
+        error = outcomes[rank]["killed0/1"]
+        assert error.startswith("ShardError: sharded stream ") and "step 1" in error, (rank, error)
+        assert error.endswith("every earlier step is in the stream"), (rank, error)
+    _assert_steps(out, "killed0", [0])  # the fixture gave the daemon time to find rank 0 gone
 
 
 def test_report_times(ran: tuple[Path, list[dict[str, str]]]) -> None:

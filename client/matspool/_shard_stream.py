@@ -34,12 +34,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from ._errors import InvalidOptionError
+from ._errors import InvalidOptionError, MatspoolError
 from ._msgshard import Discard, Layout, LayoutResult, ShardVar, StreamStep
 from ._planner import level
 from ._saves import SaveResult
 from ._shard import _Job
-from ._shard_blocks import Failed, check_blocks
+from ._shard_blocks import Failed, ShardError, check_blocks
 from ._shard_ring import prepare
 
 if TYPE_CHECKING:
@@ -161,6 +161,27 @@ class _StepJob(_Job):
 
     def _what(self) -> str:
         return f"sharded stream {self.path!r}: step {self.step}"
+
+    def _run(self) -> int:
+        """As a sharded save's, with the errors this rank raises itself told as this
+        stream step's (rank 0's verdicts are already)."""
+        try:
+            return super()._run()
+        except ShardError as e:
+            text = str(e)
+            if text.startswith("sharded stream "):
+                raise
+            text = text.replace(f"sharded save to {self.path!r}: ", "")
+            if text.startswith("no result from rank 0"):  # it may have asked for the STEP
+                text = text.replace("nothing was published", "whether the step was added is unknown")
+            raise ShardError(f"{self._what()}: {text}; every earlier step is in the stream") from None
+        except MatspoolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store failed: rank 0, which holds it, died?
+            raise ShardError(
+                f"{self._what()}: the group's store failed ({type(e).__name__}: {str(e).strip()[:200]}); "
+                "whether the step was added is unknown; every earlier step is in the stream"
+            ) from None
 
     def _put(self, key: str, value: dict[str, Any]) -> None:
         """As a sharded save's, with its errors told as this stream step's."""
