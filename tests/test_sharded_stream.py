@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import h5py
+import mat73
 import numpy as np
 import pytest
 
@@ -107,6 +108,9 @@ def _assert_steps(out: Path, case: str, steps: list[int]) -> None:
             series = series.reshape(1, 1, len(steps))
         assert got[name].shape == series.shape, (name, got[name].shape, series.shape)
         assert got[name].dtype == series.dtype and np.array_equal(got[name], series), name
+    m = mat73.loadmat(str(path))  # an independent MATLAB-file reader
+    series = np.stack([w["u"] for w in want], axis=-1)
+    assert np.array_equal(np.asarray(m["u"]).reshape(series.shape), series)
     with h5py.File(path, "r") as f:
         for name, value in want[0].items():
             ds = f[name]
