@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("torch")
 
 from shard_stream_ranks import STEPS, WORLD, expected
+from test_octave import OCTAVE, octave_load
 
 from conftest import start_daemon
 from readback import read
@@ -193,6 +194,20 @@ def test_a_killed_rank_0_fails_the_step_and_keeps_the_earlier_ones(
         assert error.startswith("ShardError: sharded stream ") and "step 1" in error, (rank, error)
         assert error.endswith("every earlier step is in the stream"), (rank, error)
     _assert_steps(out, "killed0", [0])  # the fixture gave the daemon time to find rank 0 gone
+
+
+@pytest.mark.skipif(OCTAVE is None, reason="GNU Octave is not installed (no `octave` on PATH)")
+def test_octave_reads_the_global_series(ran: tuple[Path, list[dict[str, str]]]) -> None:
+    """Another reader of v7.3 (GNU Octave, plain HDF5): the global series, its size
+    [8 5 3] and the scalar's [1 1 3], exact."""
+    out, _ = ran
+    seen = octave_load(out / "rows.mat")
+    for name in ("u", "t"):
+        want = np.stack([expected("rows", k)[name] for k in range(3)], axis=-1)
+        cls, dims, values = seen[name]
+        want = want.reshape(1, 1, 3) if name == "t" else want
+        assert (cls, dims) == ("double", want.shape), (name, cls, dims)
+        assert np.array_equal(values, want), name
 
 
 def test_report_times(ran: tuple[Path, list[dict[str, str]]]) -> None:

@@ -56,7 +56,10 @@ class Stream:
 
     def append(self, variables: dict[str, Any] | None = None, /, **named: Any) -> Future[SaveResult]:
         """Add one step: ``s.append(u=u, t=t)`` or ``s.append({"u": u})``. Every step must
-        hold the same names with the same class and size as the first."""
+        hold the same names with the same class and size as the first. A
+        :class:`matspool.Shard` or a DTensor in the first step makes the stream sharded
+        over ranks: every rank of the group appends its blocks of each step, and the file
+        grows the global series (docs/distributed.md, "Streams of shards")."""
         if self.closed:
             raise SpoolClosed(f"append() on the closed stream {self.path}")
         values = {**(variables or {}), **named}
