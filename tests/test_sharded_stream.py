@@ -29,7 +29,7 @@ from test_octave import OCTAVE, octave_load
 from conftest import start_daemon
 from readback import read
 
-CASES = ["rows", "dtensor", "mismatch", "daemon_killed", "killed", "killed0"]
+CASES = ["pipelined", "rows", "dtensor", "mismatch", "daemon_killed", "killed", "killed0"]
 RING = 1 << 20
 
 
@@ -130,6 +130,15 @@ def test_every_rank_grows_one_global_series(ran: tuple[Path, list[dict[str, str]
         # readable, whole, as soon as the step's future resolved
         assert outcomes[0][f"{case}/{k}/read"] == f"{k + 1} steps, newest exact"
     _assert_steps(out, case, list(range(STEPS[case])))
+
+
+def test_two_streams_with_every_step_in_flight_at_once(ran: tuple[Path, list[dict[str, str]]]) -> None:
+    """Two sharded streams, each rank appending all three steps of both before waiting
+    for any: each file holds its own series, in order."""
+    out, outcomes = ran
+    assert [o.get("pipelined") for o in outcomes] == ["ok"] * WORLD, [o.get("pipelined") for o in outcomes]
+    for i in (0, 1):
+        _assert_steps(out, f"pipe{i}", [0, 1, 2])
 
 
 def test_bad_steps_fail_every_rank_and_the_stream_goes_on(ran: tuple[Path, list[dict[str, str]]]) -> None:

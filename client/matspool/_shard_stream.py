@@ -20,7 +20,9 @@ Threads: ``append_sharded`` runs in the caller's thread (checks, the ring snapsh
 step then has a ``matspool-sstream`` thread of its own (``_shard._Job``'s rules), which
 waits for the previous step's. A :class:`ShardedStream` is its stream's caller's, but
 ``vars`` (rank 0's record of the stream's variables), which step threads update one at a
-time. ``_counters`` is shared under ``_lock``.
+time, and ``conn``, the steps' one store connection (a clone per step, as a sharded save
+makes, was seen to take 5 s now and then), which each step's thread uses in turn.
+``_counters`` is shared under ``_lock``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ._planner import level
 from ._saves import SaveResult
 from ._shard import _Job
 from ._shard_blocks import Failed, ShardError, check_blocks
-from ._shard_ring import prepare
+from ._shard_ring import prepare, release
 
 if TYPE_CHECKING:
     from ._spool import Spool
@@ -65,6 +67,7 @@ class ShardedStream:
     step: int = 0
     vars: list[ShardVar] | None = None  # rank 0: the variables of the stream's steps
     last: threading.Event | None = None  # set once the latest step's outcome is known
+    conn: Any = None  # the steps' own store connection, made by the first step's thread
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -142,6 +145,12 @@ def append_sharded(
         if after is not None:
             after.wait()
         try:
+            if state.conn is None:  # one connection for every step (they run one at a time):
+                try:  # a clone can take seconds (seen: 5 s), so not one per step
+                    state.conn = state.store.clone()
+                except Exception:  # noqa: BLE001 - a store that cannot clone: shared
+                    state.conn = state.store
+            job.store = state.conn
             job.run()
         finally:
             done.set()
@@ -158,6 +167,19 @@ class _StepJob(_Job):
     step: int = 0
     level: int = 0
     checked: list[ShardVar] | None = None  # rank 0: this step's variables, once checked
+
+    def run(self) -> None:
+        """As a sharded save's, on the stream's own store connection (``ShardedStream.conn``,
+        set by the step's thread) instead of a clone per step."""
+        try:
+            nbytes = self._run()
+        except BaseException as e:  # noqa: BLE001 - every failure reaches the future
+            release(self.spool, self.pieces)
+            error = e if isinstance(e, MatspoolError) else ShardError(f"{self._what()}: {e}")
+            self.spool._table.fail(self.save.seq, error)
+        else:
+            self.save.future.set_result(SaveResult(self.path, nbytes, self.save.format))
+        self.spool._table.forget(self.save)
 
     def _what(self) -> str:
         return f"sharded stream {self.path!r}: step {self.step}"
