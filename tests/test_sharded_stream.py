@@ -2,8 +2,11 @@
 that grows one global time series (tests/shard_stream_ranks.py is each rank).
 
 Two daemons (two endpoints, one output directory) as two nodes sharing a filesystem; a
-third one serves ranks 2-3 for "daemon_killed" only (rank 2 kills it mid-step). Files
-are read back with h5py and tests/readback.py and compared exactly, step by step.
+third one serves ranks 2-3 for "daemon_killed" only (rank 2 kills it mid-step). One
+spawned group runs every case in turn: two streams with every step in flight at once,
+Shard blocks with a plain scalar (fsync), a DTensor, bad steps, a killed daemon, a killed
+rank 3, then (on a subgroup of ranks 0-2) a killed rank 0. Files are read back with h5py,
+tests/readback.py, mat73 and GNU Octave and compared exactly, step by step.
 """
 
 from __future__ import annotations
