@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 WORLD = 4
-STEPS = {"rows": 3, "dtensor": 3, "mismatch": 4, "killed": 3, "daemon_killed": 3, "killed0": 2}
+STEPS = {"rows": 3, "dtensor": 3, "mismatch": 5, "killed": 3, "daemon_killed": 3, "killed0": 2}
 _MESH: list[Any] = []
 _ROWS = {r: ((2 * r, 0), (2, 5)) for r in range(WORLD)}  # 8 x 5 in four 2-row blocks
 
@@ -61,7 +61,7 @@ def variables(case: str, step: int, rank: int) -> dict[str, Any]:
         (o, n) = ((rows * rank, 0), (rows, 1024))
     else:
         (o, n) = _ROWS[rank]
-        if case == "mismatch" and step == 1 and rank == 2:
+        if case == "mismatch" and step == 0 and rank == 2:
             o = (3, 0)  # rows 3-4: overlaps rank 1's rows 2-3, and leaves row 5 to nobody
         if case == "mismatch" and step == 2:
             g = np.vstack([g, g])  # a global shape the stream's earlier steps do not have

@@ -145,12 +145,12 @@ def test_two_streams_with_every_step_in_flight_at_once(ran: tuple[Path, list[dic
 
 
 def test_bad_steps_fail_every_rank_and_the_stream_goes_on(ran: tuple[Path, list[dict[str, str]]]) -> None:
-    """Step 1: overlapping and missing blocks; step 2: a global size the stream does not
-    have; step 3: ranks that disagree on a dtype. Each fails on every rank with the ranks
-    and offsets named, and the file keeps step 0 only, whole."""
+    """Step 0: overlapping and missing blocks (so step 1 creates the file); step 2: a
+    global size the stream does not have; step 3: ranks that disagree on a dtype. Each
+    fails on every rank with the ranks and offsets named; the file holds steps 1 and 4."""
     out, outcomes = ran
     words = {
-        1: ["step 1", "overlap", "rank 1 at offset (2, 0)", "rank 2 at offset (3, 0)"],
+        0: ["step 0", "overlap", "rank 1 at offset (2, 0)", "rank 2 at offset (3, 0)"],
         2: [
             "step 2",
             "is <f8 of size [16, 5] in this step, <f8 of size [8, 5] in the stream's earlier steps",
@@ -158,13 +158,16 @@ def test_bad_steps_fail_every_rank_and_the_stream_goes_on(ran: tuple[Path, list[
         3: ["step 3", "<f4 of size [8, 5] on rank 1, <f8 of size [8, 5] on rank 0"],
     }
     for rank, o in enumerate(outcomes):
-        assert o["mismatch/0"] == "ok"
+        assert [o["mismatch/1"], o["mismatch/4"]] == ["ok", "ok"], rank
         for k, want in words.items():
             error = o[f"mismatch/{k}"]
-            assert error.startswith("ShardError: "), (rank, k, error)
+            assert error.startswith("ShardError: sharded stream "), (rank, k, error)
+            assert error.endswith("; the stream keeps its earlier steps"), (rank, k, error)
             for w in want:
                 assert w in error, (rank, k, error)
-    _assert_steps(out, "mismatch", [0])
+    assert outcomes[0]["mismatch/1/read"] == "1 steps, newest exact"
+    assert outcomes[0]["mismatch/4/read"] == "2 steps, newest exact"
+    _assert_steps(out, "mismatch", [1, 4])
 
 
 def test_a_killed_daemon_fails_the_step_on_every_rank(ran: tuple[Path, list[dict[str, str]]]) -> None:

@@ -65,7 +65,7 @@ class ShardedStream:
     rank: int
     size: int
     step: int = 0
-    vars: list[ShardVar] | None = None  # rank 0: the variables of the stream's steps
+    vars: list[ShardVar] | None = None  # rank 0: the variables of the steps in the file (None: none yet)
     last: threading.Event | None = None  # set once the latest step's outcome is known
     conn: Any = None  # the steps' own store connection, made by the first step's thread
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -242,7 +242,7 @@ class _StepJob(_Job):
                 )
         assert self.stream is not None
         with self.stream.lock:
-            want = None if self.step == 0 else self.stream.vars
+            want = self.stream.vars
         if want is None or got == want:
             return
         if [v.name for v in got] != [v.name for v in want]:
@@ -269,12 +269,12 @@ class _StepJob(_Job):
                 self._put("result", {"error": f"{self._what()}: " + "; ".join(errors)})
                 return
             assert self.tmp is not None and self.stream is not None
-            step = StreamStep(
-                next(self.spool._seq), self.path, self.tmp, self.step == 0, self.fsync, self.level
-            )
+            with self.stream.lock:  # no step in the file yet (the first failed?): this one creates it
+                create = self.stream.vars is None
+            step = StreamStep(next(self.spool._seq), self.path, self.tmp, create, self.fsync, self.level)
             done = self._ask(step)
             with self.stream.lock:
-                if self.stream.vars is None or self.step == 0:
+                if create:
                     self.stream.vars = self.checked
             self._put("result", {"nbytes": done.nbytes})
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
