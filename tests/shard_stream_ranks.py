@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 WORLD = 4
-STEPS = {"rows": 3, "dtensor": 3, "mismatch": 5, "killed": 3, "daemon_killed": 3, "killed0": 2}
+STEPS = {"rows": 3, "dtensor": 3, "mismatch": 7, "killed": 3, "daemon_killed": 3, "killed0": 2}
 _MESH: list[Any] = []
 _ROWS = {r: ((2 * r, 0), (2, 5)) for r in range(WORLD)}  # 8 x 5 in four 2-row blocks
 
@@ -69,6 +69,8 @@ def variables(case: str, step: int, rank: int) -> dict[str, Any]:
     local = torch.from_numpy(np.ascontiguousarray(g[o[0] : o[0] + n[0], o[1] : o[1] + n[1]]))
     if case == "mismatch" and step == 3 and rank == 1:
         local = local.float()  # single here, double elsewhere
+    if case == "mismatch" and step == 5 and rank in (0, 2):
+        local = local.numpy().astype(object)  # no MATLAB class: this rank's append() raises
     out: dict[str, Any] = {"u": matspool.Shard(local, o, g.shape)}
     if "t" in want:
         out["t"] = want["t"]  # a plain value: group rank 0 writes it

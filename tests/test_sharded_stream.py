@@ -146,8 +146,9 @@ def test_two_streams_with_every_step_in_flight_at_once(ran: tuple[Path, list[dic
 
 def test_bad_steps_fail_every_rank_and_the_stream_goes_on(ran: tuple[Path, list[dict[str, str]]]) -> None:
     """Step 0: overlapping and missing blocks (so step 1 creates the file); step 2: a
-    global size the stream does not have; step 3: ranks that disagree on a dtype. Each
-    fails on every rank with the ranks and offsets named; the file holds steps 1 and 4."""
+    global size the stream does not have; step 3: ranks that disagree on a dtype; step 5:
+    ranks 0 and 2 raise in append() itself. Each fails on every rank with the ranks and
+    offsets named, at once; the file holds steps 1, 4 and 6."""
     out, outcomes = ran
     words = {
         0: ["step 0", "overlap", "rank 1 at offset (2, 0)", "rank 2 at offset (3, 0)"],
@@ -159,15 +160,24 @@ def test_bad_steps_fail_every_rank_and_the_stream_goes_on(ran: tuple[Path, list[
     }
     for rank, o in enumerate(outcomes):
         assert [o["mismatch/1"], o["mismatch/4"]] == ["ok", "ok"], rank
+        assert float(o["mismatch_s"]) < 30, "a bad step waited for a timeout"
         for k, want in words.items():
             error = o[f"mismatch/{k}"]
             assert error.startswith("ShardError: sharded stream "), (rank, k, error)
             assert error.endswith("; the stream keeps its earlier steps"), (rank, k, error)
             for w in want:
                 assert w in error, (rank, k, error)
+    for rank, o in enumerate(outcomes):  # step 5: ranks 0 and 2 raise in append() itself
+        error = o["mismatch/5"]
+        if rank in (0, 2):
+            assert error.startswith("UnsupportedTypeError: "), (rank, error)
+        else:  # told at once, by rank 0 (which has no step thread for it) or through it
+            assert error.startswith("ShardError: sharded stream ") and "step 5: rank " in error, (rank, error)
+            assert ": UnsupportedTypeError: " in error and error.endswith("earlier steps"), (rank, error)
+        assert o["mismatch/6"] == "ok", rank
     assert outcomes[0]["mismatch/1/read"] == "1 steps, newest exact"
-    assert outcomes[0]["mismatch/4/read"] == "2 steps, newest exact"
-    _assert_steps(out, "mismatch", [1, 4])
+    assert outcomes[0]["mismatch/6/read"] == "3 steps, newest exact"
+    _assert_steps(out, "mismatch", [1, 4, 6])
 
 
 def test_a_killed_daemon_fails_the_step_on_every_rank(ran: tuple[Path, list[dict[str, str]]]) -> None:

@@ -115,11 +115,12 @@ def append_sharded(
         vars_, pieces, save = prepare(spool, stream.path, variables, state.rank, oned_as, "v7.3")
     except BaseException as e:
         # the others learn of it at once (rank 0 fails the step for all), not by a timeout
-        why = {
-            "error": f"sharded stream {stream.path!r}: step {k}: rank {state.rank}: {type(e).__name__}: {e}"
-        }
+        why = json.dumps({"error": f"rank {state.rank}: {type(e).__name__}: {e}"})
         with contextlib.suppress(Exception):
-            state.store.set(f"{prefix}blocks/{state.rank}", json.dumps(why))
+            state.store.set(f"{prefix}blocks/{state.rank}", why)
+            if state.rank == 0:  # no step thread of rank 0 will tell them
+                text = f"sharded stream {stream.path!r}: step {k}: rank 0: {type(e).__name__}: {e}; {_KEEP}"
+                state.store.set(f"{prefix}layout", json.dumps({"error": text}))
         raise
     timeout = float(spool.timeout) if spool.timeout else 60.0
     job = _StepJob(
