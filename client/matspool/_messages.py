@@ -26,9 +26,11 @@ client -> daemon                              daemon -> client
            dims, box_offset, box_shape, ring_offset}
   PUBLISH {seq, path, tmp, fsync}
   DISCARD {seq, path, tmp}
+  STEP    {seq, path, tmp, create, fsync, level}  (DONE/ERR)
 
-The last four carry a save sharded over ranks (``_shard``): one daemon lays the file out
-under a temporary name, every rank's daemon writes its blocks in place, one publishes it.
+The last five carry a save sharded over ranks (``_shard``): one daemon lays the file out
+under a temporary name, every rank's daemon writes its blocks in place, one publishes it
+(or, STEP, adds it to a sharded stream as one step: ``_shard_stream``).
 Their types live in :mod:`matspool._msgshard`, STATUS's answer in :mod:`matspool._msgstatus`,
 the field checks all of them share in :mod:`matspool._msgfields`; this module registers every
 op in ``CLIENT_OPS``/``DAEMON_OPS``, which ``encode``, ``parse_request`` and ``decode_reply``
@@ -44,7 +46,7 @@ from typing import Any, ClassVar, Final
 from . import _wirebin
 from ._errors import ProtocolError
 from ._msgfields import _flag, _int, _opt_int, _Plain, _text
-from ._msgshard import Discard, LaidOut, Layout, Place, Publish
+from ._msgshard import Discard, LaidOut, Layout, Place, Publish, StreamStep
 from ._msgstatus import ClientStatus, StatusReply
 from ._protocol import (
     MAX_BATCH,
@@ -289,13 +291,25 @@ class PartDone(_Plain):
 
 
 Request = (
-    Hello | WriteRequest | Batch | Part | End | Ping | StatusQuery | Bye | Layout | Place | Publish | Discard
+    Hello
+    | WriteRequest
+    | Batch
+    | Part
+    | End
+    | Ping
+    | StatusQuery
+    | Bye
+    | Layout
+    | Place
+    | Publish
+    | Discard
+    | StreamStep
 )
 Reply = Welcome | Done | Err | PartDone | Pong | StatusReply | LaidOut
 Message = Request | Reply
 
 CLIENT_OPS: Final[dict[str, type[Any]]] = {
-    c.OP: c for c in (Hello, Batch, End, Ping, StatusQuery, Bye, Layout, Place, Publish, Discard)
+    c.OP: c for c in (Hello, Batch, End, Ping, StatusQuery, Bye, Layout, Place, Publish, Discard, StreamStep)
 } | {
     "WRITE": WriteRequest,
     "PART": Part,

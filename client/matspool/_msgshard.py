@@ -1,4 +1,5 @@
-"""The messages of a save sharded over ranks: LAYOUT, PLACE, PUBLISH, DISCARD, LAID_OUT.
+"""The messages of a save sharded over ranks: LAYOUT, PLACE, PUBLISH, DISCARD, LAID_OUT;
+and STEP, a sharded stream's step (:mod:`matspool._shard_stream`).
 
 One daemon lays the file out under a temporary name (LAYOUT, answered by LAID_OUT), every
 rank's daemon writes its blocks in place (PLACE), one publishes it (PUBLISH) or throws it
@@ -31,6 +32,7 @@ __all__ = [
     "Place",
     "Publish",
     "ShardVar",
+    "StreamStep",
 ]
 
 #: a sharded save's temporary file ends so (the daemon's ``writers._files.TMP_SUFFIX``)
@@ -314,3 +316,31 @@ class LayoutResult(SaveResult):
     """A LAYOUT's outcome: ``path`` is the temporary's name, ``offsets`` by variable."""
 
     offsets: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+# -- a sharded stream's step (matspool._shard_stream) --------------------------------------
+@dataclass(frozen=True, slots=True)
+class StreamStep(_Plain):
+    """Every block of one step of a sharded stream is in the laid-out temporary ``tmp``:
+    make it the stream's first step (``create``: a new file at ``path``) or add it to the
+    stream at ``path`` as one journaled append, then remove ``tmp``. ``level``: the
+    deflate level of a stream created so (0: none)."""
+
+    OP: ClassVar[str] = "STEP"
+    seq: int
+    path: str
+    tmp: str
+    create: bool = False
+    fsync: bool = False
+    level: int = 0
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> StreamStep:
+        return cls(
+            _int(raw, "seq"),
+            _path(raw),
+            _tmp(raw),
+            _flag(raw, "create"),
+            _flag(raw, "fsync"),
+            _int(raw, "level", 0, 9) if "level" in raw else 0,
+        )

@@ -257,16 +257,32 @@ class Spool:
         oned_as: str = "row",
         fsync: bool = False,
         compress: bool | int | None = None,
+        group: Any = None,
     ) -> Stream:
         """A file that grows by one step per ``append``: MATLAB sees ``[dims... n_steps]``.
 
         The first append replaces any file at ``path``; each later one extends every
         variable along a new trailing dimension. Only v7.3 can grow a variable.
+        A :class:`matspool.Shard` or a DTensor in the first step (or ``group``) makes it a
+        stream sharded over the ranks of ``group`` (default: the world): every rank appends
+        its blocks, one file grows the global series (``_shard_stream``, docs/distributed.md).
         """
+        from ._shard_stream import append_sharded
         from ._stream import Stream
 
+        def sharded(stream: Stream, variables: dict[str, Any]) -> Future[SaveResult]:
+            return append_sharded(self, stream, variables, group)
+
         return Stream(
-            self._submit, path, format=format, layout=layout, oned_as=oned_as, fsync=fsync, compress=compress
+            self._submit,
+            path,
+            format=format,
+            layout=layout,
+            oned_as=oned_as,
+            fsync=fsync,
+            compress=compress,
+            sharded=sharded,
+            group=group,
         )
 
     def _submit(

@@ -1,7 +1,8 @@
 """A run's history in one v7.3 file: each ``append`` adds one step to every variable.
 
 Threads: the caller's; a stream is not shared between threads. It knows its spool only
-as the function that submits a step, so this module imports nothing of ``_spool``.
+as the function that submits a step (and ``sharded``, the one that appends a step sharded
+over ranks: ``_shard_stream``), so this module imports nothing of ``_spool``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 
 from ._errors import FlushError, FormatLimitError, SpoolClosed
 from ._saves import SaveResult
+from ._shard_blocks import is_sharded
 
 Submit = Callable[..., Future[SaveResult]]
+ShardedAppend = Callable[["Stream", dict[str, Any]], Future[SaveResult]]
 
 __all__ = ["Stream"]
 
@@ -33,6 +36,8 @@ class Stream:
         oned_as: str,
         fsync: bool,
         compress: bool | int | None,
+        sharded: ShardedAppend | None = None,
+        group: Any = None,
     ) -> None:
         if format != "v7.3":
             raise FormatLimitError(
@@ -45,13 +50,26 @@ class Stream:
         self._futures: list[Future[SaveResult]] = []
         self.steps = 0
         self.closed = False
+        self._sharded_append = sharded
+        self._group = group
+        self._shards: Any = None  # sharded over ranks: its _shard_stream.ShardedStream
 
     def append(self, variables: dict[str, Any] | None = None, /, **named: Any) -> Future[SaveResult]:
         """Add one step: ``s.append(u=u, t=t)`` or ``s.append({"u": u})``. Every step must
-        hold the same names with the same class and size as the first."""
+        hold the same names with the same class and size as the first. A
+        :class:`matspool.Shard` or a DTensor in the first step makes the stream sharded
+        over ranks: every rank of the group appends its blocks of each step, and the file
+        grows the global series (docs/distributed.md, "Streams of shards")."""
         if self.closed:
             raise SpoolClosed(f"append() on the closed stream {self.path}")
         values = {**(variables or {}), **named}
+        if self._sharded_append is not None and (
+            self._shards is not None or self._group is not None or is_sharded(values)
+        ):  # a Shard or DTensor: every rank of the group appends its blocks (_shard_stream)
+            fut = self._sharded_append(self, values)
+            self.steps += 1
+            self._futures.append(fut)
+            return fut
         layout, oned_as, fsync, compress = self._opts
         mode = "create" if self.steps == 0 else "append"
         fut = self._submit(self.path, values, "v7.3", layout, oned_as, fsync, compress, mode)

@@ -15,11 +15,12 @@ import time
 from matspool import _messages as msgs
 from matspool import _protocol as proto
 from matspool._errors import ProtocolError, RingError, UnknownClient, WriteFailed
-from matspool._msgshard import Discard, Layout, Place, Publish
+from matspool._msgshard import Discard, Layout, Place, Publish, StreamStep
 
 from .jobs import Job, payload_of
 from .sessions import Client
 from .sharded import ShardJob
+from .sharded_stream import StepJob
 
 __all__ = ["piece_job", "shard_job", "write_job"]
 
@@ -44,12 +45,17 @@ def write_job(
     return job
 
 
-def shard_job(client: Client | None, msg: Layout | Place | Publish | Discard, *, stopping: bool) -> ShardJob:
-    """LAYOUT, PLACE, PUBLISH or DISCARD of a save sharded over ranks (``sharded``)."""
+def shard_job(
+    client: Client | None, msg: Layout | Place | Publish | Discard | StreamStep, *, stopping: bool
+) -> ShardJob:
+    """LAYOUT, PLACE, PUBLISH or DISCARD of a save sharded over ranks (``sharded``), or
+    STEP of a sharded stream (``sharded_stream``)."""
     if client is None:
         raise UnknownClient(f"{msg.OP} before HELLO: this daemon does not know the client")
     if stopping and not isinstance(msg, Discard):
         raise WriteFailed("the daemon is shutting down and takes no new writes")
+    if isinstance(msg, StreamStep):
+        return StepJob.of_step(client, msg)
     return ShardJob.of(client, msg)
 
 

@@ -46,7 +46,7 @@ from matspool import _protocol as proto
 from matspool import _wirebin
 from matspool._curve import is_tcp
 from matspool._errors import ProtocolError
-from matspool._msgshard import Discard, Layout, Place, Publish
+from matspool._msgshard import Discard, Layout, Place, Publish, StreamStep
 from matspool._msgstatus import StatusReply
 
 from .cleanup import (
@@ -331,8 +331,8 @@ class Daemon:
                 self._enqueue(write_job(client, msg, payload, stopping=stopping))
             elif isinstance(msg, (proto.Part, msgs.End)):
                 self._enqueue(piece_job(self._clients.get(ident), msg, payload))
-            elif isinstance(msg, (Layout, Place, Publish, Discard)):
-                # a save sharded over ranks: sharded.py
+            elif isinstance(msg, (Layout, Place, Publish, Discard, StreamStep)):
+                # a save sharded over ranks: sharded.py (a sharded stream's STEP: sharded_stream.py)
                 self._enqueue(shard_job(client, msg, stopping=stopping))
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)

@@ -1,0 +1,289 @@
+"""Streams sharded over ranks: every rank appends its blocks, one file grows one global series.
+
+Every rank of a torch.distributed group calls ``s = spool.stream(path)`` and then, each
+step, ``s.append(u=Shard(local, offset, global_shape))`` (or a DTensor; plain values in the
+same step are written by group rank 0). Each step is a sharded save (``_shard``: blocks
+checked by rank 0, LAYOUT of a temporary with the step's global sizes, every rank's PLACEs,
+coordinated over the group's c10d store) whose end is not a PUBLISH but a STEP: rank 0's
+daemon adds the temporary's datasets to the stream as its next step (the first step
+creates the file), under the stream's undo journal (``matspoold.sharded_stream``). So the
+stream's file is written by one daemon only, a step is in it whole or not at all, and a
+rank, a daemon or the coordination failing mid-step fails that step on every rank and
+leaves every earlier step as it was.
+
+Steps of one stream run one after another (step ``k + 1`` begins on a rank once step
+``k``'s outcome is known there). Store keys: ``matspool/sstream/<group>/<s>/<k>/``, ``s``
+counting this process's sharded streams on the group: every rank must start its sharded
+streams, and append to them, in the same order, as for any collective.
+
+Threads: ``append_sharded`` runs in the caller's thread (checks, the ring snapshot); each
+step then has a ``matspool-sstream`` thread of its own (``_shard._Job``'s rules), which
+waits for the previous step's. A :class:`ShardedStream` is its stream's caller's, but
+``vars`` (rank 0's record of the stream's variables), which step threads update one at a
+time, and ``conn``, the steps' one store connection (a clone per step, as a sharded save
+makes, was seen to take 5 s now and then), which each step's thread uses in turn.
+``_counters`` is shared under ``_lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from ._errors import InvalidOptionError, MatspoolError
+from ._msgshard import Discard, Layout, LayoutResult, ShardVar, StreamStep
+from ._planner import level
+from ._saves import SaveResult
+from ._shard import _Job
+from ._shard_blocks import Failed, ShardError, check_blocks
+from ._shard_ring import prepare, release
+
+if TYPE_CHECKING:
+    from ._spool import Spool
+    from ._stream import Stream
+
+__all__ = ["ShardedStream", "append_sharded"]
+
+_lock = threading.Lock()
+_counters: dict[str, itertools.count[int]] = {}
+_KEEP: Final = "the stream keeps its earlier steps"
+
+
+@dataclass(eq=False)
+class ShardedStream:
+    """A stream's coordination state on this rank (see the module docstring)."""
+
+    store: Any
+    gname: str
+    number: int
+    rank: int
+    size: int
+    step: int = 0
+    vars: list[ShardVar] | None = None  # rank 0: the variables of the steps in the file (None: none yet)
+    last: threading.Event | None = None  # set once the latest step's outcome is known
+    conn: Any = None  # the steps' own store connection, made by the first step's thread
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _group_of(spool: Spool, group: Any) -> ShardedStream:
+    import torch.distributed as dist
+
+    if spool._remote:
+        raise InvalidOptionError("a sharded stream needs a daemon on this host (not a tcp:// endpoint)")
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidOptionError("a sharded stream needs torch.distributed initialised (init_process_group)")
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise InvalidOptionError("this process is not a member of the group given")
+    store = (
+        dist.distributed_c10d._get_default_store()
+        if group is None
+        else dist.distributed_c10d._get_process_group_store(group)
+    )
+    gname = "default" if group is None else str(getattr(group, "group_name", id(group)))
+    with _lock:
+        number = next(_counters.setdefault(gname, itertools.count()))
+    return ShardedStream(store, gname, number, rank, size)
+
+
+def append_sharded(
+    spool: Spool, stream: Stream, variables: Mapping[str, Any], group: Any
+) -> Future[SaveResult]:
+    """One step of a sharded stream (see the module docstring); its future at once."""
+    layout, oned_as, fsync, compress = stream._opts
+    if layout != "matlab":
+        raise InvalidOptionError(f"a sharded stream takes layout='matlab' only, not {layout!r}")
+    state = stream._shards
+    if state is None:
+        if stream.steps:
+            raise InvalidOptionError(
+                f"stream {stream.path}: its earlier steps were not sharded; a stream is sharded "
+                "(a Shard or DTensor, or group=) from its first step on, or never"
+            )
+        state = stream._shards = _group_of(spool, group)
+    spool._check_open()
+    k = state.step
+    state.step += 1  # every rank counts every step, even one that fails here
+    prefix = f"matspool/sstream/{state.gname}/{state.number}/{k}/"
+    try:
+        vars_, pieces, save = prepare(spool, stream.path, variables, state.rank, oned_as, "v7.3")
+    except BaseException as e:
+        # the others learn of it at once (rank 0 fails the step for all), not by a timeout
+        why = json.dumps({"error": f"rank {state.rank}: {type(e).__name__}: {e}"})
+        with contextlib.suppress(Exception):
+            state.store.set(f"{prefix}blocks/{state.rank}", why)
+            if state.rank == 0:  # no step thread of rank 0 will tell them
+                text = f"sharded stream {stream.path!r}: step {k}: rank 0: {type(e).__name__}: {e}; {_KEEP}"
+                state.store.set(f"{prefix}layout", json.dumps({"error": text}))
+        raise
+    timeout = float(spool.timeout) if spool.timeout else 60.0
+    job = _StepJob(
+        spool,
+        save,
+        state.store,
+        prefix,
+        state.rank,
+        state.size,
+        stream.path,
+        fsync,
+        vars_,
+        pieces,
+        timeout,
+        stream=state,
+        step=k,
+        level=spool.compress if compress is None else level(compress),
+    )
+    after, done = state.last, threading.Event()
+    state.last = done
+
+    def run() -> None:
+        if after is not None:
+            after.wait()
+        try:
+            if state.conn is None:  # one connection for every step (they run one at a time):
+                try:  # a clone can take seconds (seen: 5 s), so not one per step
+                    state.conn = state.store.clone()
+                except Exception:  # noqa: BLE001 - a store that cannot clone: shared
+                    state.conn = state.store
+            job.store = state.conn
+            job.run()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"matspool-sstream-{state.number}-{k}", daemon=True).start()
+    return save.future
+
+
+@dataclass(eq=False)
+class _StepJob(_Job):
+    """One step's coordination: a sharded save whose end is STEP, not PUBLISH."""
+
+    stream: ShardedStream | None = None
+    step: int = 0
+    level: int = 0
+    checked: list[ShardVar] | None = None  # rank 0: this step's variables, once checked
+
+    def run(self) -> None:
+        """As a sharded save's, on the stream's own store connection (``ShardedStream.conn``,
+        set by the step's thread) instead of a clone per step."""
+        try:
+            nbytes = self._run()
+        except BaseException as e:  # noqa: BLE001 - every failure reaches the future
+            release(self.spool, self.pieces)
+            error = e if isinstance(e, MatspoolError) else ShardError(f"{self._what()}: {e}")
+            self.spool._table.fail(self.save.seq, error)
+        else:
+            self.save.future.set_result(SaveResult(self.path, nbytes, self.save.format))
+        self.spool._table.forget(self.save)
+
+    def _what(self) -> str:
+        return f"sharded stream {self.path!r}: step {self.step}"
+
+    def _run(self) -> int:
+        """As a sharded save's, with the errors this rank raises itself told as this
+        stream step's (rank 0's verdicts are already)."""
+        try:
+            return super()._run()
+        except ShardError as e:
+            text = str(e)
+            if text.startswith("sharded stream "):
+                raise
+            text = text.replace(f"sharded save to {self.path!r}: ", "")
+            if text.startswith("no result from rank 0"):  # it may have asked for the STEP
+                text = text.replace("nothing was published", "whether the step was added is unknown")
+            raise ShardError(f"{self._what()}: {text}; every earlier step is in the stream") from None
+        except MatspoolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store failed: rank 0, which holds it, died?
+            raise ShardError(
+                f"{self._what()}: the group's store failed ({type(e).__name__}: {str(e).strip()[:200]}); "
+                "whether the step was added is unknown; every earlier step is in the stream"
+            ) from None
+
+    def _put(self, key: str, value: dict[str, Any]) -> None:
+        """As a sharded save's, with its errors told as this stream step's."""
+        if "error" in value:
+            text = str(value["error"]).replace(f"sharded save to {self.path!r}: ", "")
+            text = text.replace("did not call save()", "did not call append()")
+            value = {"error": text if text.endswith(_KEEP) else f"{text}; {_KEEP}"}
+        super()._put(key, value)
+
+    def _lay_out(self) -> None:
+        """Rank 0: check every rank's blocks, and the step against the stream's earlier
+        ones; have the step's temporary laid out; tell everyone."""
+        try:
+            late = self._wait_ranks("blocks")
+            if late:
+                raise Failed(late)
+            ranks = [self._get(f"blocks/{r}") for r in range(self.size)]
+            _, shard_vars = check_blocks(self.path, ranks)
+            self._check_step(shard_vars)
+            laid = self._ask(Layout(next(self.spool._seq), self.path, "v7.3", tuple(shard_vars)))
+            assert isinstance(laid, LayoutResult)
+            self.checked = shard_vars
+            self._put("layout", {"tmp": laid.path, "offsets": laid.offsets})
+        except Failed as e:
+            self._put("layout", {"error": f"{self._what()}: {e}"})
+        except BaseException as e:  # noqa: BLE001 - every rank must hear of it
+            self._put("layout", {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+
+    def _check_step(self, got: list[ShardVar]) -> None:
+        """Every variable has elements, and a later step has the first one's variables."""
+        for v in got:
+            if 0 in v.dims:
+                raise Failed(
+                    f"variable {v.name!r} is empty ({'x'.join(map(str, v.dims))}); a stream variable "
+                    "needs at least one element per step"
+                )
+        assert self.stream is not None
+        with self.stream.lock:
+            want = self.stream.vars
+        if want is None or got == want:
+            return
+        if [v.name for v in got] != [v.name for v in want]:
+            raise Failed(
+                f"this step has variables {[v.name for v in got]}, the stream {[v.name for v in want]}"
+            )
+        for g, w in zip(got, want, strict=True):
+            if g != w:
+                raise Failed(
+                    f"variable {g.name!r} is {g.dtype} of size {list(g.dims)} in this step, "
+                    f"{w.dtype} of size {list(w.dims)} in the stream's earlier steps"
+                )
+
+    def _finish(self) -> None:
+        """Rank 0: every rank done: the temporary becomes the stream's next step; else it
+        is thrown away. Then tell everyone."""
+        try:
+            late = self._wait_ranks("done")
+            errors = [late] if late else []
+            if not late:
+                errors = [d["error"] for r in range(self.size) if "error" in (d := self._get(f"done/{r}"))]
+            if errors:
+                self._discard()
+                self._put("result", {"error": f"{self._what()}: " + "; ".join(errors)})
+                return
+            assert self.tmp is not None and self.stream is not None
+            with self.stream.lock:  # no step in the file yet (the first failed?): this one creates it
+                create = self.stream.vars is None
+            step = StreamStep(next(self.spool._seq), self.path, self.tmp, create, self.fsync, self.level)
+            done = self._ask(step)
+            with self.stream.lock:
+                if create:
+                    self.stream.vars = self.checked
+            self._put("result", {"nbytes": done.nbytes})
+        except BaseException as e:  # noqa: BLE001 - every rank must hear of it
+            self._discard()
+            self._put("result", {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+
+    def _discard(self) -> None:
+        if self.tmp is None:
+            return
+        with contextlib.suppress(Exception):  # best effort: STEP removed it, or the daemon sweeps it
+            self._ask(Discard(next(self.spool._seq), self.path, self.tmp))
