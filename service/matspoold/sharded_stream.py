@@ -44,8 +44,9 @@ from .paths import resolve_target
 from .sharded import LAID, ShardJob, _discard, _open_tmp
 from .writers._files import Temporary, pwrite_all
 from .writers._journal import journaled, recover
+from .writers._v73values import _str_attr
 from .writers.stream import STREAMS
-from .writers.v73 import USERBLOCK, _str_attr, header
+from .writers.v73 import USERBLOCK, header
 
 __all__ = ["StepJob", "add_step"]
 
