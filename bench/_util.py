@@ -113,19 +113,24 @@ def fmt_time(s: float | None) -> str:
 _RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 
 
+def proc_kib_fields(path: str, fields: tuple[str, ...]) -> dict[str, int]:
+    """The ``Name:  N kB`` lines of a /proc file that ``fields`` names, in bytes (absent: 0)."""
+    out = dict.fromkeys(fields, 0)
+    with open(path, "rb") as f:
+        for line in f:
+            key, _, rest = line.partition(b":")
+            k = key.decode()
+            if k in out:
+                out[k] = int(rest.split()[0]) * 1024
+    return out
+
+
 def read_rss(pid: int) -> dict[str, int] | None:
     """VmRSS and its parts (bytes) from /proc/<pid>/status; None if the process is gone."""
-    out: dict[str, int] = {}
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                key, _, rest = line.partition(b":")
-                k = key.decode()
-                if k in _RSS_FIELDS:
-                    out[k] = int(rest.split()[0]) * 1024
+        return proc_kib_fields(f"/proc/{pid}/status", _RSS_FIELDS)
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return out
 
 
 class RssSampler:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ._util import MiB
+from ._util import MiB, proc_kib_fields
 
 __all__ = ["main", "smaps_rollup"]
 
@@ -51,14 +51,7 @@ SAVES = ("v5", "v7.3", "v7.3-deflate", "v7.3-pieces", "stream", "sharded", "v7.3
 
 def smaps_rollup(pid: int) -> dict[str, int]:
     """The fields above, in bytes (a kernel without one reports it as 0)."""
-    out = dict.fromkeys(_FIELDS, 0)
-    with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-        for line in f:
-            key, _, rest = line.partition(b":")
-            k = key.decode()
-            if k in out:
-                out[k] = int(rest.split()[0]) * 1024
-    return out
+    return proc_kib_fields(f"/proc/{pid}/smaps_rollup", _FIELDS)
 
 
 def _derived(r: dict[str, int]) -> dict[str, int]:
