@@ -5,14 +5,18 @@
 What it times, in one process, contenders interleaved round by round (medians):
 
 - ``raw``: open, ``write`` the bytes from an ordinary (already faulted) array, close,
-  rename: what any program writing those bytes pays;
+  rename over the previous round's file: what any program writing those bytes pays
+  (the rename frees the old file's pages); ``raw-new``: the same to a fresh name every
+  round (the previous file removed untimed), the floor of the write alone;
 - ``v5`` / ``v7.3``: a writer thread's job (``jobs.JobRunner.run``: confinement, temporary,
   writer, publish by rename) reading a sealed ``memfd`` mapped the way the daemon maps a
   client's ring (lazy, ``PROT_READ``); the mapping stays for all rounds, as a client's
   does (round 0, not in the medians, faults it in);
 - ``-cold``: a fresh mapping every round (a client's first pass over its ring), with
   ``ringio.prefault``; ``-cold-nopf``: the same with the prefault switched off;
-- ``-shm``: through a ``/dev/shm`` ring read by copy (``ringio.ShmRing``), the fallback;
+- ``-shm``: through a ``/dev/shm`` ring (``ringio.ShmRing``, never mapped), its array
+  spliced into the file by the kernel (``shmspan``); ``-shm-copy``: the same ring read
+  by copy into the daemon's memory, then written (the path before ``shmspan``);
 - ``-direct`` (with ``--fsync``): the same job with ``MATSPOOL_DIRECT_IO=1``, so the
   payload goes ``O_DIRECT`` from the ring where it lines up (``writers/_direct.py``: v7.3
   always, v5 only when the ring offset is congruent with the file offset, which
@@ -21,7 +25,9 @@ What it times, in one process, contenders interleaved round by round (medians):
   ``dd if=/dev/zero bs=4M oflag=direct`` of the same size, the file system's floor for
   direct writes. With ``--fsync``, ``raw`` fsyncs too.
 
-No fsync unless ``--fsync``. ``os.sync()`` before every timed step, so writeback of the
+The writer jobs run as on a daemon's writer thread (``_retire.RETIRE.deferring``): the
+file each one replaces is freed after the timed step, as the daemon frees it after the
+answer. No fsync unless ``--fsync``. ``os.sync()`` before every timed step, so writeback of the
 previous one does not land on the next. Ratios are raw time / writer time per round.
 """
 
@@ -53,17 +59,19 @@ def _memfd_ring(data: np.ndarray) -> tuple[int, mmap.mmap]:
 
 def main(argv: list[str] | None = None) -> None:
     from matspool import _protocol as proto
-    from matspoold import ringio
+    from matspoold import ringio, shmspan
     from matspoold.jobs import Job, JobRunner
     from matspoold.ringio import ShmRing
     from matspoold.sessions import Client
+    from matspoold.writers._retire import RETIRE
 
     p = argparse.ArgumentParser(prog="python -m bench.writestage")
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--fsync", action="store_true")
-    every = "raw,v5,v7.3,v5-cold,v7.3-cold,v5-cold-nopf,v7.3-cold-nopf,v5-shm,v7.3-shm"
+    every = "raw,raw-new,v5,v7.3,v5-cold,v7.3-cold,v5-cold-nopf,v7.3-cold-nopf,v5-shm,v7.3-shm"
+    every += ",v5-shm-copy,v7.3-shm-copy"
     every += ",dd-direct,v5-direct,v5-phased,v7.3-direct"
     p.add_argument("--only", default=every)
     a = p.parse_args(argv)
@@ -95,6 +103,18 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             os.close(rfd)
         os.rename(tmp, os.path.join(d, "raw.mat"))
+
+    def raw_new() -> None:
+        path = os.path.join(d, "raw-new.mat")
+        rfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            mv = memoryview(data).cast("B")
+            while mv:
+                mv = mv[os.write(rfd, mv) :]
+            if a.fsync:
+                os.fsync(rfd)
+        finally:
+            os.close(rfd)
 
     runner = JobRunner([d])
 
@@ -128,23 +148,34 @@ def main(argv: list[str] | None = None) -> None:
                     job(fmt, pmm, phase) if kind == "phased" else job(fmt, mm)
                 finally:
                     del os.environ["MATSPOOL_DIRECT_IO"]
+            elif kind == "shm-copy":  # the old /dev/shm path: copied out, then written
+                shmspan._enabled = False
+                try:
+                    job(fmt, shm)
+                finally:
+                    shmspan._enabled = True
             else:
                 job(fmt, shm if kind == "shm" else mm)
 
         return go
 
-    contenders: dict[str, Callable[[], None]] = {"raw": raw, "dd-direct": dd_direct}
+    contenders: dict[str, Callable[[], None]] = {"raw": raw, "raw-new": raw_new, "dd-direct": dd_direct}
     for fmt in ("v5", "v7.3"):
-        for kind in ("warm", "cold", "cold-nopf", "shm", "direct", "phased"):
+        for kind in ("warm", "cold", "cold-nopf", "shm", "shm-copy", "direct", "phased"):
             contenders[fmt if kind == "warm" else f"{fmt}-{kind}"] = daemon(fmt, kind)
     chosen = [c for c in a.only.split(",") if c in contenders]
     times: dict[str, list[float]] = {c: [] for c in chosen}
-    for _ in range(a.reps + 1):
-        for name in chosen:
-            os.sync()
-            t0 = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - t0)
+    with RETIRE.deferring():
+        for _ in range(a.reps + 1):
+            for name in chosen:
+                if name == "raw-new" and os.path.exists(os.path.join(d, "raw-new.mat")):
+                    os.unlink(os.path.join(d, "raw-new.mat"))
+                os.sync()
+                t0 = time.perf_counter()
+                contenders[name]()
+                times[name].append(time.perf_counter() - t0)
+                RETIRE.close_later(RETIRE.taken())  # after the step, as after the daemon's answer
+                RETIRE.drain()
     for name in os.listdir(d):
         os.unlink(os.path.join(d, name))
     os.rmdir(d)
@@ -157,14 +188,19 @@ def main(argv: list[str] | None = None) -> None:
     mib = data.nbytes / (1 << 20)
     print(f"{mib:.0f} MiB float32, {a.reps} rounds (+1 cold), fsync={a.fsync}, dir {a.dir}")
     head = f"{'contender':14} {'round 0 ms':>10} {'median ms':>10} {'GB/s':>6}"
-    print(f"{head} {'raw/this (median of rounds)':>28}")
+    print(f"{head} {'raw/this':>8} {'raw-new/this':>12}  (medians of the per-round ratios)")
     for name in chosen:
         ts = times[name][1:]
         med = statistics.median(ts)
-        ratios = [r / t for r, t in zip(times["raw"][1:], ts, strict=True)] if "raw" in times else [0.0]
+        cells = [
+            f"{statistics.median(r / t for r, t in zip(times[base][1:], ts, strict=True)):.2f}"
+            if base in times
+            else "-"
+            for base in ("raw", "raw-new")
+        ]
         print(
             f"{name:14} {times[name][0] * 1e3:10.1f} {med * 1e3:10.1f} {data.nbytes / med / 1e9:6.2f} "
-            f"{statistics.median(ratios):28.2f}"
+            f"{cells[0]:>8} {cells[1]:>12}"
         )
 
 

@@ -26,6 +26,7 @@ from matspool._errors import UnsupportedTypeError
 from matspool._matlab import STORED_DTYPES
 from matspool._protocol import TreeSpec, Variable, VarSpec
 
+from ..shmspan import ShmSpan
 from ._deflate import BLOCK, zlib_stream
 from ._direct import DIRECT_MIN_BYTES, direct_enabled, write_payload
 from ._files import SELF_FD, WRITEBACK_STEP, fsync_wanted, start_writeback, write_new_file
@@ -108,20 +109,27 @@ class Hole(int):
     """Bytes of a deferred variable: skipped now, written by its pieces later."""
 
 
+Source = np.ndarray | ShmSpan  # a view of the ring, or a /dev/shm ring's span
+
+
 @overload
 def _element(spec: VarSpec, arr: np.ndarray, block: int) -> Iterator[bytes | memoryview]: ...
 @overload
-def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]: ...
-def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]:
+def _element(
+    spec: VarSpec, arr: Source | None, block: int
+) -> Iterator[bytes | memoryview | Hole | ShmSpan]: ...
+def _element(spec: VarSpec, arr: Source | None, block: int) -> Iterator[bytes | memoryview | Hole | ShmSpan]:
     """The bytes of one miMATRIX element, in order, without copying real payloads
     (``arr`` None: the variable is deferred and its parts are ``Hole``s)."""
     dt = np.dtype(spec.dtype)
     is_complex = dt.kind == "c"
     part_dt = np.dtype(f"<f{dt.itemsize // 2}") if is_complex else np.dtype("|u1") if dt.kind == "b" else dt
     if arr is None:
-        parts: list[np.ndarray | Hole] = [Hole(spec.nbytes // (2 if is_complex else 1))] * (
+        parts: list[np.ndarray | Hole | ShmSpan] = [Hole(spec.nbytes // (2 if is_complex else 1))] * (
             2 if is_complex else 1
         )
+    elif isinstance(arr, ShmSpan):  # a /dev/shm ring's array: the kernel copies it (shmspan)
+        parts = [arr]
     else:
         flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
         parts = [flat.real, flat.imag] if is_complex else [flat.view(part_dt)]
@@ -139,7 +147,7 @@ def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[byte
     yield head
     for part, n in zip(parts, sizes, strict=True):
         yield struct.pack("<II", mi, n)
-        if isinstance(part, Hole):
+        if isinstance(part, (Hole, ShmSpan)):
             yield part
         else:
             yield from _pieces(part, block)
@@ -180,7 +188,7 @@ def _write_compressed(f: BinaryIO, buffers: Iterable[bytes | memoryview], level:
     f.seek(end)
 
 
-def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray | None, level: int) -> list[int]:
+def _write_var(f: BinaryIO, spec: VarSpec, arr: Source | None, level: int) -> list[int]:
     """Write one variable; returns the file offsets of its holes (deferred parts)."""
     if level:
         _write_compressed(f, _element(spec, arr, BLOCK), level)  # type: ignore[arg-type]
@@ -190,6 +198,10 @@ def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray | None, level: int) -
         if isinstance(buf, Hole):
             holes.append(f.tell())
             f.seek(buf, os.SEEK_CUR)
+        elif isinstance(buf, ShmSpan):
+            f.flush()
+            buf.copy_to(f.fileno(), at := f.tell())
+            f.seek(at + buf.nbytes)
         elif len(buf) >= DIRECT_MIN_BYTES and fsync_wanted() and direct_enabled():  # maybe O_DIRECT
             f.flush()
             at = f.tell()
