@@ -40,11 +40,33 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["main"]
+from ._util import Config, Progress, Row
+
+__all__ = ["EVERY", "main", "measure", "rows", "run", "table"]
+
+EVERY = [
+    "raw",
+    "raw-new",
+    "v5",
+    "v7.3",
+    "v5-cold",
+    "v7.3-cold",
+    "v5-cold-nopf",
+    "v7.3-cold-nopf",
+    "v5-shm",
+    "v7.3-shm",
+    "v5-shm-copy",
+    "v7.3-shm-copy",
+    "dd-direct",
+    "v5-direct",
+    "v5-phased",
+    "v7.3-direct",
+]
 
 
 def _memfd_ring(data: np.ndarray) -> tuple[int, mmap.mmap]:
@@ -57,7 +79,8 @@ def _memfd_ring(data: np.ndarray) -> tuple[int, mmap.mmap]:
     return fd, mmap.mmap(fd, data.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
 
 
-def main(argv: list[str] | None = None) -> None:
+def measure(mib: int, reps: int, d: str, fsync: bool = False, only: Sequence[str] = EVERY) -> dict[str, Any]:
+    """Seconds per contender (round 0 first), writing into the directory ``d``."""
     from matspool import _protocol as proto
     from matspoold import ringio, shmspan
     from matspoold.jobs import Job, JobRunner
@@ -65,19 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     from matspoold.sessions import Client
     from matspoold.writers._retire import RETIRE
 
-    p = argparse.ArgumentParser(prog="python -m bench.writestage")
-    p.add_argument("--mib", type=int, default=64)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "out"))
-    p.add_argument("--fsync", action="store_true")
-    every = "raw,raw-new,v5,v7.3,v5-cold,v7.3-cold,v5-cold-nopf,v7.3-cold-nopf,v5-shm,v7.3-shm"
-    every += ",v5-shm-copy,v7.3-shm-copy"
-    every += ",dd-direct,v5-direct,v5-phased,v7.3-direct"
-    p.add_argument("--only", default=every)
-    a = p.parse_args(argv)
-    os.makedirs(a.dir, exist_ok=True)
-    d = tempfile.mkdtemp(prefix="writestage-", dir=a.dir)
-    n = int((a.mib << 20) // 4)
+    n = int((mib << 20) // 4)
     side = int(np.sqrt(n))
     data = np.random.default_rng(1).random((side, n // side), dtype=np.float32)
     fd, mm = _memfd_ring(data)
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             mv = memoryview(data).cast("B")
             while mv:
                 mv = mv[os.write(rfd, mv) :]
-            if a.fsync:
+            if fsync:
                 os.fsync(rfd)
         finally:
             os.close(rfd)
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             mv = memoryview(data).cast("B")
             while mv:
                 mv = mv[os.write(rfd, mv) :]
-            if a.fsync:
+            if fsync:
                 os.fsync(rfd)
         finally:
             os.close(rfd)
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     def job(fmt: str, ring: object, at: int = 0) -> None:
         path = os.path.join(d, f"{fmt}.mat")
         var = spec if not at else proto.VarSpec("x", "<f4", dims, offset=at, nbytes=data.nbytes)
-        req = proto.WriteRequest(seq=0, path=path, format=fmt, fsync=a.fsync, vars=(var,))
+        req = proto.WriteRequest(seq=0, path=path, format=fmt, fsync=fsync, vars=(var,))
         client = Client(ident=b"bench", ring="bench", mm=ring, fd=-1, pid=os.getpid())  # type: ignore[arg-type]
         _, err = runner.run(Job(client, req))
         if err is not None:
@@ -163,10 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     for fmt in ("v5", "v7.3"):
         for kind in ("warm", "cold", "cold-nopf", "shm", "shm-copy", "direct", "phased"):
             contenders[fmt if kind == "warm" else f"{fmt}-{kind}"] = daemon(fmt, kind)
-    chosen = [c for c in a.only.split(",") if c in contenders]
+    chosen = [c for c in only if c in contenders]
     times: dict[str, list[float]] = {c: [] for c in chosen}
     with RETIRE.deferring():
-        for _ in range(a.reps + 1):
+        for _ in range(reps + 1):
             for name in chosen:
                 if name == "raw-new" and os.path.exists(os.path.join(d, "raw-new.mat")):
                     os.unlink(os.path.join(d, "raw-new.mat"))
@@ -178,30 +189,88 @@ def main(argv: list[str] | None = None) -> None:
                 RETIRE.drain()
     for name in os.listdir(d):
         os.unlink(os.path.join(d, name))
-    os.rmdir(d)
     mm.close()
     os.close(fd)
     pmm.close()
     os.close(pfd)
     os.close(shm_fd)
     os.unlink(shm_path)
-    mib = data.nbytes / (1 << 20)
-    print(f"{mib:.0f} MiB float32, {a.reps} rounds (+1 cold), fsync={a.fsync}, dir {a.dir}")
-    head = f"{'contender':14} {'round 0 ms':>10} {'median ms':>10} {'GB/s':>6}"
-    print(f"{head} {'raw/this':>8} {'raw-new/this':>12}  (medians of the per-round ratios)")
-    for name in chosen:
-        ts = times[name][1:]
-        med = statistics.median(ts)
-        cells = [
-            f"{statistics.median(r / t for r, t in zip(times[base][1:], ts, strict=True)):.2f}"
-            if base in times
-            else "-"
-            for base in ("raw", "raw-new")
-        ]
-        print(
-            f"{name:14} {times[name][0] * 1e3:10.1f} {med * 1e3:10.1f} {data.nbytes / med / 1e9:6.2f} "
-            f"{cells[0]:>8} {cells[1]:>12}"
+    return {"nbytes": data.nbytes, "reps": reps, "fsync": fsync, "times": times}
+
+
+def table(res: dict[str, Any]) -> str:
+    times = res["times"]
+    out = [
+        f"{res['nbytes'] / (1 << 20):.0f} MiB float32, {res['reps']} rounds (+1 cold), fsync={res['fsync']}",
+        f"{'contender':14} {'round 0 ms':>10} {'median ms':>10} {'GB/s':>6} {'raw/this':>8} "
+        f"{'raw-new/this':>12}  (medians of the per-round ratios)",
+    ]
+    for name, all_ts in times.items():
+        med = statistics.median(all_ts[1:])
+        cells = [_ratio(times, base, name) for base in ("raw", "raw-new")]
+        out.append(
+            f"{name:14} {all_ts[0] * 1e3:10.1f} {med * 1e3:10.1f} {res['nbytes'] / med / 1e9:6.2f} "
+            + " ".join(
+                f"{'-' if c is None else f'{c:.2f}':>{w}}" for c, w in zip(cells, (8, 12), strict=True)
+            )
         )
+    return "\n".join(out)
+
+
+def _ratio(times: dict[str, list[float]], base: str, name: str) -> float | None:
+    if base not in times:
+        return None
+    return statistics.median(b / x for b, x in zip(times[base][1:], times[name][1:], strict=True))
+
+
+QUICK = ("raw", "raw-new", "v5", "v7.3", "v5-shm", "v7.3-shm", "v5-shm-copy", "v7.3-shm-copy")
+
+
+def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
+    """For ``python -m bench``: 64 MiB x 5 rounds (quick) or 256 MiB x 5, no fsync."""
+    mib = 64 if cfg.quick else 256
+    progress.step(f"{mib} MiB, no fsync")
+    d = tempfile.mkdtemp(prefix="writestage-", dir=workdir)
+    res = measure(mib, 5, d, only=QUICK)
+    os.rmdir(d)
+    res["ratios"] = {n: {b: _ratio(res["times"], b, n) for b in ("raw", "raw-new")} for n in QUICK[2:]}
+    progress.end(", ".join(f"{n}: {r['raw-new']:.2f}x" for n, r in res["ratios"].items()))
+    return res
+
+
+def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
+    med = {n: statistics.median(ts[1:]) * 1e3 for n, ts in res["times"].items()}
+    mib = res["nbytes"] >> 20
+    return [
+        Row(
+            figure=f"write stage, {mib} MiB, {name} (no fsync)",
+            measured=f"{med[name]:.1f} ms",
+            compared=f"raw write to a new name {med['raw-new']:.1f} ms, over the old file {med['raw']:.1f}",
+            ratio=f"{r['raw-new']:.2f}x (over the old file {r['raw']:.2f}x)",
+            target=">= 0.9x raw" if "shm" not in name else "-",
+            value=r["raw-new"],
+            met=r["raw-new"] >= 0.9 if "shm" not in name else None,
+        )
+        for name, r in res["ratios"].items()
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+
+    p = argparse.ArgumentParser(prog="python -m bench.writestage")
+    p.add_argument("--mib", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "out"))
+    p.add_argument("--fsync", action="store_true")
+    p.add_argument("--only", default=",".join(EVERY))
+    a = p.parse_args(argv)
+    os.makedirs(a.dir, exist_ok=True)
+    d = tempfile.mkdtemp(prefix="writestage-", dir=a.dir)
+    try:
+        res = measure(a.mib, a.reps, d, a.fsync, a.only.split(","))
+    finally:
+        os.rmdir(d)
+    print(table(res) + f"\ndir {a.dir}")
 
 
 if __name__ == "__main__":

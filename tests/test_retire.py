@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.io
 
 import matspool
 from matspool import _protocol as proto
-from matspoold.writers import write_atomic
+from matspoold.writers import _retire, write_atomic
 from matspoold.writers._retire import MIN_BYTES, RETIRE, Retirer
 
 from conftest import DaemonProc
@@ -39,6 +40,7 @@ def test_old_file_is_held_past_the_rename_and_freed_when_closed(tmp_path: Path) 
         held = os.fstat(kept[0])
         assert (held.st_ino, held.st_nlink) == (old.st_ino, 0)  # the old inode, unlinked, alive
         assert os.stat(path).st_ino != old.st_ino  # while the new file is in place
+        assert [p.name for p in tmp_path.iterdir()] == ["x.mat"]  # and no temporary is left
         assert np.array_equal(scipy.io.loadmat(path)["x"], second)
         RETIRE.close_later(kept)
         assert RETIRE.drain(10)
@@ -124,3 +126,38 @@ def test_daemon_frees_replaced_files_after_answering(daemon: DaemonProc) -> None
                 break
             time.sleep(0.02)
         assert held == []
+
+
+def test_a_directory_at_the_name_is_not_replaced(tmp_path: Path) -> None:
+    (tmp_path / "x.mat").mkdir()
+    spec, arr = _big(7)
+    with RETIRE.deferring(), pytest.raises(OSError):
+        write_atomic(str(tmp_path / "x.mat"), "v5", [(spec, arr)], fsync=False)
+    assert (tmp_path / "x.mat").is_dir() and [p.name for p in tmp_path.iterdir()] == ["x.mat"]
+    assert RETIRE.held == 0
+
+
+def test_an_old_file_replaced_before_the_exchange_is_swapped_back(tmp_path: Path) -> None:
+    """The file opened as the old one is gone from the name when the exchange runs: the
+    exchange is undone and nothing is unlinked (the caller then renames, as always)."""
+    for name in ("final", "temp", "other"):
+        (tmp_path / name).write_text(name)
+    dfd = os.open(tmp_path, os.O_PATH)
+    held = os.open("final", os.O_PATH | os.O_NOFOLLOW, dir_fd=dfd)
+    try:
+        os.rename(tmp_path / "other", tmp_path / "final")  # someone replaced it meanwhile
+        assert not _retire._exchange_over(dfd, "temp", "final", held)
+        assert (tmp_path / "final").read_text() == "other" and (tmp_path / "temp").read_text() == "temp"
+        os.rename(tmp_path / "final", tmp_path / "other")
+        os.rename(tmp_path / "temp", tmp_path / "final")
+        held2 = os.open("other", os.O_PATH | os.O_NOFOLLOW, dir_fd=dfd)
+        try:  # the file held is the one at the name: exchanged in, the old one unlinked
+            (tmp_path / "temp").write_text("new")
+            assert _retire._exchange_over(dfd, "temp", "other", held2)
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "other"]
+            assert (tmp_path / "other").read_text() == "new" and os.fstat(held2).st_nlink == 0
+        finally:
+            os.close(held2)
+    finally:
+        os.close(held)
+        os.close(dfd)

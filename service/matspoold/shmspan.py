@@ -90,7 +90,9 @@ class ShmSpan:
 
 def spans(request: proto.WriteRequest, fd: int) -> dict[str, ShmSpan]:
     """The arrays of ``request`` (by name) to write from the ring at ``fd`` as spans."""
-    if not _enabled or request.mode != "write" or request.append or request.compress or request.format not in ("v5", "v7.3"):
+    if not _enabled or request.mode != "write" or request.append or request.compress:
+        return {}
+    if request.format not in ("v5", "v7.3"):
         return {}
     out = {}
     for v in request.vars:

@@ -127,8 +127,8 @@ class Temporary:
         if fsync:
             os.fsync(self.fd)
         st = os.fstat(self.fd)
-        RETIRE.keep(dfd, self.target.name, st.st_size)  # the old file is freed after the answer
-        os.rename(self.name, self.target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        # a replaced file is freed after the answer, not inside the rename (_retire)
+        RETIRE.rename_over(dfd, self.name, self.target.name, st.st_size)
         placed = os.stat(self.target.name, dir_fd=dfd, follow_symlinks=False)
         if (placed.st_dev, placed.st_ino) != (st.st_dev, st.st_ino):
             # someone replaced the temporary by another file (a symlink?) while it was
