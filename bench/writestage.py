@@ -81,6 +81,7 @@ def _memfd_ring(data: np.ndarray) -> tuple[int, mmap.mmap]:
 
 def measure(mib: int, reps: int, d: str, fsync: bool = False, only: Sequence[str] = EVERY) -> dict[str, Any]:
     """Seconds per contender (round 0 first), writing into the directory ``d``."""
+    d = os.path.abspath(d)  # the daemon takes absolute paths only
     from matspool import _protocol as proto
     from matspoold import ringio, shmspan
     from matspoold.jobs import Job, JobRunner
