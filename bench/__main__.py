@@ -25,6 +25,8 @@ MEASUREMENTS: list[tuple[str, str, str]] = [
     ("job", "bench.job", "rows"),
     ("throughput", "bench.throughput", "rows"),
     ("memory", "bench.throughput", "memory_rows"),
+    ("writestage", "bench.writestage", "rows"),
+    ("complete", "bench.complete", "rows"),
     ("small", "bench.small", "rows"),
     ("producers", "bench.producers", "rows"),
     ("compress", "bench.compress", "rows"),

@@ -2,7 +2,8 @@
 
 A job reads its arrays in place, as numpy views over the client's sealed ring (or over
 the frames a remote client sent, or over the bytes copied out of a ``/dev/shm`` ring,
-which cannot be sealed and so is never mapped: ``ringio``), and hands them to a writer:
+which cannot be sealed and so is never mapped: ``ringio``; a large plain array of such a
+ring goes as a ``shmspan.ShmSpan`` the kernel copies into the file), and hands them to a writer:
 a whole file (``write_atomic``), a stream step (the stream writer's ``append``), or a
 save arriving in pieces (a ``Session``: laid out at ``begin``, filled by each PART,
 renamed into place at END).
@@ -30,6 +31,7 @@ from matspool._errors import MatspoolError, ProtocolError, WriteFailed
 from .paths import resolve_target
 from .ringio import ShmRing, prefault
 from .sessions import Client
+from .shmspan import ShmSpan, spans
 from .writers import WRITERS, Session, write_atomic
 from .writers._values import materialize
 
@@ -90,8 +92,12 @@ def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
     ring = job.client.mm
     src = job.payload if job.payload is not None else ring
     assert src is not None  # a local client's ring stays open while it has jobs
-    if isinstance(src, ShmRing):  # not sealed, so never mapped: the bytes are copied out
-        src = src.payload(in_ring(job.request))
+    spanned: dict[str, ShmSpan] = {}
+    if isinstance(src, ShmRing):  # not sealed, so never mapped: the kernel copies large
+        if job.kind == "write":  # arrays into the file (shmspan), the rest is copied out
+            spanned = spans(job.request, src.fd)
+        taken = {span.offset for span in spanned.values()}
+        src = src.payload(leaf for leaf in in_ring(job.request) if leaf.offset not in taken)
     elif isinstance(src, mmap.mmap):  # a sealed ring: its pages mapped in one call, not by faults
         for leaf in in_ring(job.request):
             prefault(src, leaf.offset, leaf.nbytes)
@@ -100,6 +106,8 @@ def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
             v,
             None
             if isinstance(v, proto.VarSpec) and v.deferred
+            else spanned[v.name]
+            if v.name in spanned
             else _array(src, v)
             if isinstance(v, proto.VarSpec)
             else _materialize(src, v.tree),

@@ -30,6 +30,9 @@ about as much as writing the file again, and holds the save's bytes in the daemo
 memory while it is written (at most one ring per writer thread). Most of that copy is
 faulting in fresh pages; a buffer kept per writer thread would halve it, at the price
 of a ring's worth of memory per writer kept for good: not worth it for a fallback.
+Since then a large plain array of a whole save is not copied out at all: the writers
+splice it from the ring file into the output (``shmspan``); what ``payload`` still
+copies is small, complex, or part of a struct or cell.
 
 A sealed mapping's first read of a page is a page fault taken inside ``write()``, one
 per 4 KiB (64 KiB with the kernel's fault-around): on this VM a 64 MiB save from a fresh

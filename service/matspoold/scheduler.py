@@ -4,7 +4,8 @@ Writes to one path run in the order they arrived (a client's later save of a fil
 win); different paths run in parallel on ``n`` writer threads taking jobs from one queue
 (a ThreadPoolExecutor's Future per task costs the control thread more than a small
 file's whole write). A writer appends its outcome to a results queue and, only when it
-found the queue empty, wakes the control loop through an inproc socket.
+found the queue empty, wakes the control loop through an inproc socket. The files a job
+replaced are freed after the control loop has taken its result, on ``_retire``'s thread.
 
 Threads: ``enqueue``, ``idle``, ``next_result``, ``wake_socket`` and ``shutdown`` belong to the
 control thread; ``_loop``/``_finish`` run on the writer threads; the results queue is
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import zmq
 
 from .jobs import Job
+from .writers._retire import RETIRE
 
 __all__ = ["Result", "Scheduler"]
 
@@ -47,8 +49,10 @@ class Scheduler:
         self._wake_addr = f"inproc://matspoold-wake-{id(self)}"
         self._local = threading.local()
         self._by_path: dict[str, deque[Job]] = {}
-        self._results: deque[Result] = deque()
+        self._results: deque[tuple[Result, list[int]]] = deque()  # and the files it replaced
+        self._answered: list[int] = []  # replaced files of results taken (control thread)
         self._lock = threading.Lock()
+        self._stopped = False
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._loop, name=f"matspool-writer-{i}", daemon=True) for i in range(n)
@@ -78,9 +82,15 @@ class Scheduler:
     def next_result(self) -> Result | None:
         """The next finished job, its path's next job started; None when there is none."""
         with self._lock:
-            if not self._results:
-                return None
-            result = self._results.popleft()
+            taken = self._results.popleft() if self._results else None
+        if taken is None:
+            answered, self._answered = self._answered, []
+            RETIRE.close_later(answered)  # their saves are answered: the old files go
+            if self._stopped:
+                RETIRE.drain(10.0)  # the last answers are out: nothing stays held open
+            return None
+        result, replaced = taken
+        self._answered += replaced
         key = os.path.normpath(result.job.request.path)
         waiting = self._by_path[key]
         if waiting:
@@ -95,14 +105,17 @@ class Scheduler:
             self._jobs.put(None)
         for t in self._threads:
             t.join()
+        self._stopped = True
 
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._finish(Result(job, *self._run(job)))
+        with RETIRE.deferring():
+            while (job := self._jobs.get()) is not None:
+                result = Result(job, *self._run(job))
+                self._finish(result, RETIRE.taken())
 
-    def _finish(self, result: Result) -> None:
+    def _finish(self, result: Result, replaced: list[int]) -> None:
         with self._lock:
-            self._results.append(result)
+            self._results.append((result, replaced))
             if len(self._results) > 1:
                 return  # an earlier result's wake-up is pending: the loop drains them all
         sock = getattr(self._local, "wake", None)

@@ -10,7 +10,9 @@ Every step goes through descriptors (``fsconfine``): the temporary is created
 open; writers reopen it only as ``/proc/self/fd/N`` (the same inode, whatever its name
 has become); the rename is relative to the same directory descriptor, and afterwards the
 final name is checked to hold that inode: a temporary someone replaced (by a symlink, or
-any file) while it was written is never left published.
+any file) while it was written is never left published. A large file renamed over an
+existing one keeps the old file open across the rename, so it is freed after the save is
+answered rather than inside the rename (``_retire``).
 
 With ``fsync``, :func:`early_writeback` has large writes start their writeback as they
 go (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` per 8 MiB written: a hint that starts I/O
@@ -36,6 +38,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..fsconfine import Target, failed
+from ._retire import RETIRE
 
 __all__ = [
     "SELF_FD",
@@ -124,7 +127,8 @@ class Temporary:
         if fsync:
             os.fsync(self.fd)
         st = os.fstat(self.fd)
-        os.rename(self.name, self.target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        # a replaced file is freed after the answer, not inside the rename (_retire)
+        RETIRE.rename_over(dfd, self.name, self.target.name, st.st_size)
         placed = os.stat(self.target.name, dir_fd=dfd, follow_symlinks=False)
         if (placed.st_dev, placed.st_ino) != (st.st_dev, st.st_ino):
             # someone replaced the temporary by another file (a symlink?) while it was

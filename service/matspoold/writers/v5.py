@@ -12,26 +12,24 @@ matrices are built in memory (``_matrix``) byte for byte as MATLAB writes them.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO, Final, overload
 
 import numpy as np
 
-from matspool._errors import UnsupportedTypeError
 from matspool._matlab import STORED_DTYPES
 from matspool._protocol import TreeSpec, Variable, VarSpec
 
+from ..shmspan import ShmSpan
 from ._deflate import BLOCK, zlib_stream
 from ._direct import DIRECT_MIN_BYTES, direct_enabled, write_payload
 from ._files import SELF_FD, WRITEBACK_STEP, fsync_wanted, start_writeback, write_new_file
 from ._values import Cell, Char, Sparse, Struct
 
-__all__ = ["append_v5", "header", "variable_names", "write_v5"]
+__all__ = ["header", "write_v5"]
 
 _MI: Final = {
     "i1": 1,
@@ -108,20 +106,27 @@ class Hole(int):
     """Bytes of a deferred variable: skipped now, written by its pieces later."""
 
 
+Source = np.ndarray | ShmSpan  # a view of the ring, or a /dev/shm ring's span
+
+
 @overload
 def _element(spec: VarSpec, arr: np.ndarray, block: int) -> Iterator[bytes | memoryview]: ...
 @overload
-def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]: ...
-def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[bytes | memoryview | Hole]:
+def _element(
+    spec: VarSpec, arr: Source | None, block: int
+) -> Iterator[bytes | memoryview | Hole | ShmSpan]: ...
+def _element(spec: VarSpec, arr: Source | None, block: int) -> Iterator[bytes | memoryview | Hole | ShmSpan]:
     """The bytes of one miMATRIX element, in order, without copying real payloads
     (``arr`` None: the variable is deferred and its parts are ``Hole``s)."""
     dt = np.dtype(spec.dtype)
     is_complex = dt.kind == "c"
     part_dt = np.dtype(f"<f{dt.itemsize // 2}") if is_complex else np.dtype("|u1") if dt.kind == "b" else dt
     if arr is None:
-        parts: list[np.ndarray | Hole] = [Hole(spec.nbytes // (2 if is_complex else 1))] * (
+        parts: list[np.ndarray | Hole | ShmSpan] = [Hole(spec.nbytes // (2 if is_complex else 1))] * (
             2 if is_complex else 1
         )
+    elif isinstance(arr, ShmSpan):  # a /dev/shm ring's array: the kernel copies it (shmspan)
+        parts = [arr]
     else:
         flat = arr.reshape(-1, order="F")  # a view: the ring is column-major
         parts = [flat.real, flat.imag] if is_complex else [flat.view(part_dt)]
@@ -139,7 +144,7 @@ def _element(spec: VarSpec, arr: np.ndarray | None, block: int) -> Iterator[byte
     yield head
     for part, n in zip(parts, sizes, strict=True):
         yield struct.pack("<II", mi, n)
-        if isinstance(part, Hole):
+        if isinstance(part, (Hole, ShmSpan)):
             yield part
         else:
             yield from _pieces(part, block)
@@ -180,7 +185,7 @@ def _write_compressed(f: BinaryIO, buffers: Iterable[bytes | memoryview], level:
     f.seek(end)
 
 
-def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray | None, level: int) -> list[int]:
+def _write_var(f: BinaryIO, spec: VarSpec, arr: Source | None, level: int) -> list[int]:
     """Write one variable; returns the file offsets of its holes (deferred parts)."""
     if level:
         _write_compressed(f, _element(spec, arr, BLOCK), level)  # type: ignore[arg-type]
@@ -190,6 +195,10 @@ def _write_var(f: BinaryIO, spec: VarSpec, arr: np.ndarray | None, level: int) -
         if isinstance(buf, Hole):
             holes.append(f.tell())
             f.seek(buf, os.SEEK_CUR)
+        elif isinstance(buf, ShmSpan):
+            f.flush()
+            buf.copy_to(f.fileno(), at := f.tell())
+            f.seek(at + buf.nbytes)
         elif len(buf) >= DIRECT_MIN_BYTES and fsync_wanted() and direct_enabled():  # maybe O_DIRECT
             f.flush()
             at = f.tell()
@@ -378,52 +387,3 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
         if holes:
             f.truncate(f.tell())  # a hole at the very end still counts in the file's size
     return holes
-
-
-def _element_name(mi: int, body: bytes) -> str:
-    """The variable name inside a top-level element (a plain or compressed miMATRIX)."""
-    if mi == _MI_COMPRESSED:
-        head = zlib.decompressobj().decompress(body, 1024)
-        mi, body = struct.unpack("<I", head[:4])[0], head[8:]
-    if mi != _MI_MATRIX:
-        return ""
-    p = 16  # past the array flags
-    for _ in range(2):  # the dimensions, then the name
-        tag, n = struct.unpack("<II", body[p : p + 8])
-        if tag >> 16:
-            n, data, p = tag >> 16, body[p + 4 : p + 4 + (tag >> 16)], p + 8
-        else:
-            data, p = body[p + 8 : p + 8 + n], p + 8 + n + _pad(n)
-    return data.decode("utf-8", "replace")
-
-
-def variable_names(data: bytes | memoryview | mmap.mmap) -> list[tuple[str, int, int]]:
-    """(name, start, end) of every top-level element of a little-endian v5 file's bytes."""
-    out, pos = [], 128
-    while pos + 8 <= len(data):
-        mi, n = struct.unpack("<II", data[pos : pos + 8])
-        end = pos + 8 + n + (0 if mi == _MI_COMPRESSED else _pad(n))
-        out.append(
-            (_element_name(mi, bytes(data[pos + 8 : min(end, pos + 8 + 4096)])), pos, min(end, len(data)))
-        )
-        pos = end
-    return out
-
-
-def append_v5(existing: str, path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> None:
-    """MATLAB's ``save -append``: ``path`` gets ``existing``'s variables, but for those
-    ``variables`` replace, byte for byte, then ``variables`` at the end."""
-    write_v5(path, variables, level)
-    with open(existing, "rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as old:
-        if old[126:128] != b"IM":
-            raise UnsupportedTypeError(f"{existing}: a big-endian MAT file cannot be appended to")
-        replaced = {spec.name for spec, _ in variables}
-        kept = [(start, end) for name, start, end in variable_names(old) if name not in replaced]
-        with open(path, "rb") as new:
-            new.seek(128)
-            fresh = new.read()
-        with open(path, "wb") as out:
-            _write_all(out, header())
-            for start, end in kept:
-                _write_all(out, old[start:end])
-            _write_all(out, fresh)

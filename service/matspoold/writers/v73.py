@@ -17,7 +17,8 @@ fields as object references into ``#refs#``, which opens with MATLAB's ``canonic
 
 How each value becomes HDF5 objects (attributes, stored types, deflated chunks, the
 trees) is ``_v73values``; this module lays out the file around them: the userblock, each
-payload's place (written with ``pwrite`` from the ring), the layouts kept for reuse.
+payload's place (written with ``pwrite`` from the ring, or spliced from a ``/dev/shm``
+ring: ``shmspan``), the layouts kept for reuse.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 
 from matspool._protocol import TreeSpec, Variable, VarSpec
 
+from ..shmspan import ShmSpan
 from ._direct import DIRECT_MIN_BYTES, write_payload
 from ._files import pwrite_all, write_new_file
 from ._layouts import _SPLITS, TEMPLATE_MAX_BYTES, TEMPLATES, _keep_split, _Split, _splits_lock, _Template
@@ -92,7 +94,7 @@ def _write_from_split(path: str, t: _Split, variables: Sequence[tuple[Variable, 
         if os.fstat(fd).st_size:
             os.ftruncate(fd, 0)
         pwrite_all(fd, header() + t.head[128:], 0)
-        write_payload(fd, payload, t.offset)
+        _put(fd, payload, t.offset)
         pwrite_all(fd, t.tail, t.offset + payload.nbytes)
     finally:
         os.close(fd)
@@ -114,17 +116,27 @@ def _template_key(variables: Sequence[tuple[Variable, Any]], level: int) -> tupl
 
 def _payloads(
     variables: Sequence[tuple[Variable, Any]], offsets: Sequence[int | None]
-) -> list[tuple[int, np.ndarray]]:
+) -> list[tuple[int, np.ndarray | ShmSpan]]:
     return [
-        (off, _stored(spec, arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        (off, arr if isinstance(arr, ShmSpan) else _stored(spec, arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         for (spec, arr), off in zip(variables, offsets, strict=True)
         if off is not None
     ]
 
 
+def _put(fd: int, data: np.ndarray | ShmSpan, offset: int) -> None:
+    """A payload at its dataset's offset: from the ring (``_direct``), or a ``/dev/shm``
+    ring's span copied by the kernel (``shmspan``)."""
+    if isinstance(data, ShmSpan):
+        data.copy_to(fd, offset)
+    else:
+        write_payload(fd, data, offset)
+
+
 def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
     image = bytearray(t.image)
     for offset, data in _payloads(variables, t.offsets):
+        assert isinstance(data, np.ndarray)  # templates are smaller than any span
         image[offset : offset + data.nbytes] = data.data
     image[:128] = header()
     write_new_file(path, image)
@@ -156,6 +168,8 @@ def _fill(
             holes[spec.name] = [offset]
         elif level and (data := _stored(spec, arr)).nbytes >= _MIN_COMPRESS_BYTES:
             ds = _write_deflated(f, spec.name, data, level)
+        elif isinstance(arr, ShmSpan):  # its bytes are copied in after the layout
+            ds, offsets[-1] = _reserve(f, spec.name, spec.dims[::-1], _stored_dtype(arr.dtype))
         else:
             data = _stored(spec, arr)
             ds, offsets[-1] = _reserve(f, spec.name, data.shape, data.dtype)
@@ -211,7 +225,7 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
     fd = os.open(path, os.O_RDWR)
     try:
         for offset, data in _payloads(variables, offsets):
-            write_payload(fd, data, offset)
+            _put(fd, data, offset)
         pwrite_all(fd, np.frombuffer(header(), np.uint8), 0)
         if key is not None:
             size = os.fstat(fd).st_size
