@@ -5,6 +5,8 @@ the client's copy thread lays it out column-major and only then sends the WRITE.
 tests check what that must not change: exact files for every dtype and rank, values as
 they were when save() returned, save order, behaviour when the ring is tight, and that a
 save failing while its reorder runs does not hand its ring space to another save early.
+The tiled, threaded kernel itself (``_transpose.reverse_axes``) is checked against numpy's
+own transpose for every rank, dtype and stride pattern it takes, and refuses the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import pytest
 import torch
 
 import matspool
-from matspool import _reorder
+from matspool import _reorder, _transpose
+from matspool._convert import copy_host, prepare
 from matspool._errors import MatspoolError
 
 from readback import assert_exact, read
@@ -145,3 +148,107 @@ def test_failed_save_keeps_its_region_until_the_reorder_ends(
         assert s._ring.used == 0
         monkeypatch.setattr(_reorder.HostReorder, "wait", real_wait)
         s.save(out_dir / "b.mat", {"x": np.arange(6.0)}).result(30)
+
+
+KERNEL_DTYPES = ["<f4", "<f8", "<i2", "|u1", "|b1", "<c8", "<c16", "<i8", ">f8", "<f2"]
+KERNEL_SHAPES = [
+    (2, 3),
+    (17, 33),
+    (300, 257),
+    (33, 1, 70),
+    (5, 7, 9, 11),
+    (3, 4, 5, 6, 7),
+    (3, 40, 130),
+    (9, 2, 2),
+]
+
+
+def _views(a: np.ndarray) -> list[np.ndarray]:
+    """``a`` and views of it with other strides: reversed rows, every other row, a slab
+    of its last axis (how a save in pieces cuts an array), reversed columns."""
+    return [a, a[::-1], a[::2], a[..., 1:], a[..., ::-1]]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_reverse_axes_is_exact(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tile, every thread split (first axis, or the middle when the first is
+    short), every stride pattern the kernel accepts: the bytes numpy's transpose gives."""
+    monkeypatch.setattr(_transpose, "THREAD_MIN_BYTES", 1)  # threads even for small arrays
+    out = np.dtype(dtype).newbyteorder("=") if dtype != "<f2" else np.dtype("<f4")
+    tiled = 0
+    for shape in KERNEL_SHAPES:
+        for src in _views(_big(dtype, shape)):
+            dst = np.empty(src.shape[::-1], out)
+            if not _transpose.tiled(src, dst):
+                # refused only for a reversed last axis, or a first or last axis of one element
+                assert src.strides[-1] != src.itemsize or min(src.shape[0], src.shape[-1]) < 2, src.shape
+                continue
+            for nthreads in (1, 2, 3):
+                dst.fill(0)
+                _transpose.reverse_axes(src, dst, nthreads=nthreads)
+                assert_exact(dst, src.transpose().astype(out), f"{shape} {src.strides} {nthreads}")
+                tiled += 1
+    assert tiled >= 3 * 3 * len(KERNEL_SHAPES)
+
+
+def test_tiled_refuses_what_it_cannot_tile() -> None:
+    a = np.zeros((64, 64, 64), np.float32)
+    assert _transpose.tiled(a, np.empty((64, 64, 64), np.float32))
+    assert _transpose.tiled(a[:, ::2], np.empty((64, 32, 64), np.float32))  # 3-d: one middle axis, any stride
+    a4 = np.zeros((8, 8, 8, 8), np.float32)
+    assert not _transpose.tiled(a4[:, ::2], np.empty((8, 8, 4, 8), np.float32))  # middle axes not mergeable
+    wide = np.broadcast_to(np.arange(64.0), (64, 64))
+    assert not _transpose.tiled(wide.T, np.empty((64, 64)))  # a broadcast: stride 0
+    assert not _transpose.tiled(np.zeros((0, 64), np.float32), np.empty((64, 0), np.float32))
+    assert not _transpose.tiled(np.zeros((64, 1), np.float32), np.empty((1, 64), np.float32))
+    assert not _transpose.tiled(np.empty((8, 8), object), np.empty((8, 8), object))
+    thin = np.zeros((2, 1 << 17, 2), np.float32)  # 2^17 tiles of 2x2: the loop would cost more
+    assert not _transpose.tiled(thin, np.empty((2, 1 << 17, 2), np.float32))
+
+
+@pytest.mark.parametrize("with_torch", [True, False], ids=["torch-loaded", "numpy-only"])
+def test_copy_host_every_rank(with_torch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1-d to 5-d, zero-size and non-contiguous inputs through the one copy into the ring:
+    the bytes ``np.asfortranarray`` gives, nothing written outside the region."""
+    import sys
+
+    if not with_torch:
+        monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(_transpose, "MIN_BYTES", 0)
+    monkeypatch.setattr(_transpose, "THREAD_MIN_BYTES", 1)
+    arrays = [
+        _big("<f4", (1000,)),
+        _big("<f8", (300, 500)),
+        _big("<c8", (20, 30, 40)),
+        _big("|b1", (6, 7, 8, 9)),
+        _big("<i2", (3, 4, 5, 6, 7)),
+        _big("<f4", (0, 50)),
+        _big("<f8", (40, 0, 3)),
+        _big("<u1", (100, 200, 3))[::-1, 10:],
+        _big("<f4", (64, 80, 90))[:, :, 7:50],
+    ]
+    for x in arrays:
+        p = prepare("x", x, "matlab", "row")
+        ring = np.full(p.nbytes + 128, 0xAB, dtype=np.uint8)
+        copy_host(p, ring, 64)
+        expected = np.asfortranarray(np.asarray(p.array).astype(np.dtype(p.dtype)))
+        assert ring[64 : 64 + p.nbytes].tobytes() == expected.tobytes(order="F"), x.shape
+        assert (ring[:64] == 0xAB).all() and (ring[64 + p.nbytes :] == 0xAB).all(), "wrote outside"
+
+
+def test_in_pieces_3d(daemon, out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-d array bigger than the ring goes in slabs of its last axis; each slab is
+    reordered by the tiled kernel straight into its region."""
+    slabs = []
+    real = _transpose.reverse_axes
+
+    def counted(src: np.ndarray, dst: np.ndarray, **kw: int) -> None:
+        slabs.append(src.shape)
+        real(src, dst, **kw)
+
+    monkeypatch.setattr(_transpose, "reverse_axes", counted)
+    x = _big("<f4", (96, 80, 300))  # 8.8 MiB through a 3 MiB ring
+    with matspool.Spool(daemon.endpoint, ring_bytes=3 * MIB, timeout=60) as s:
+        s.save(out_dir / "p.mat", {"x": x}, format="v7.3").result(60)
+    assert_exact(read(out_dir / "p.mat", "v7.3")["x"], x)
+    assert len(slabs) >= 3 and all(sh[:2] == (96, 80) and sh[2] < 300 for sh in slabs), slabs
