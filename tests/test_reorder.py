@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -252,3 +253,33 @@ def test_in_pieces_3d(daemon, out_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
         s.save(out_dir / "p.mat", {"x": x}, format="v7.3").result(60)
     assert_exact(read(out_dir / "p.mat", "v7.3")["x"], x)
     assert len(slabs) >= 3 and all(sh[:2] == (96, 80) and sh[2] < 300 for sh in slabs), slabs
+
+
+def _reverse_in_child(conn: Any) -> None:
+    src = _big("<f8", (300, 40, 50))
+    dst = np.empty(src.shape[::-1])
+    _transpose.reverse_axes(src, dst, nthreads=3)
+    conn.send(bool(np.array_equal(dst, src.transpose())))
+
+
+def test_forked_child_gets_its_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's pool has workers; a child forked after it has none and must not
+    hand its tiles to them (it would wait forever)."""
+    import multiprocessing
+
+    monkeypatch.setattr(_transpose, "THREAD_MIN_BYTES", 1)
+    src = _big("<f4", (200, 300))
+    dst = np.empty((300, 200), np.float32)
+    _transpose.reverse_axes(src, dst, nthreads=3)  # the parent's pool now has workers
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    child = ctx.Process(target=_reverse_in_child, args=(theirs,))
+    child.start()
+    try:
+        assert mine.poll(30), "the child's reorder did not finish"
+        assert mine.recv() is True
+        child.join(10)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()

@@ -7,11 +7,12 @@ and for power-of-two shapes every row in the same cache set): 3-5x a memcpy in 2
 10-30x in 3-d. Here the copy is cut into 2-d tiles: for each index of the middle axes,
 ``m[i0:i1, J, k0:k1].T`` goes to ``dst[k0:k1, J reversed, i0:i1]``; both sides of a tile
 are a few KiB of whole cache lines, so each tile runs from L1/L2. Tiles are split across
-threads by blocks of the first axis; numpy's copy releases the GIL, so the Python loop is
-the only serial part.
+threads by blocks of the first axis (of the middle where the first is short); numpy's
+copy releases the GIL, so the Python loop is the only serial part.
 
-Threads: a pool of worker threads (made per process on first use; a forked child makes
-its own) shared by every caller; ``reverse_axes`` may run in any thread.
+Threads: a pool of worker threads (made on first use, forgotten in a forked child) that
+every caller shares; ``_lock`` guards making it. ``reverse_axes`` may run in any thread
+and returns only once every thread has stopped writing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import itertools
 import math
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Final
 
 import numpy as np
@@ -37,16 +38,23 @@ THREAD_MIN_BYTES: Final = 1 << 21  # below this a thread hand-off costs more tha
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
 threads = min(os.cpu_count() or 1, _MAX_THREADS)  # module-level so a benchmark can set it
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's workers and a lock it may have held are not ours."""
+    global _lock, _pool
+    _lock, _pool = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _executor() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
+    global _pool
     with _lock:
-        if _pool is None or _pool_pid != os.getpid():  # a forked child has no workers
+        if _pool is None:
             _pool = ThreadPoolExecutor(_MAX_THREADS, thread_name_prefix="matspool-reorder")
-            _pool_pid = os.getpid()
         return _pool
 
 
@@ -113,8 +121,9 @@ def reverse_axes(src: np.ndarray, dst: np.ndarray, *, nthreads: int | None = Non
     try:
         _tiles(s3, d3, order, *parts[0], ti, tk)
     finally:
-        for f in futures:
-            f.result()
+        wait(futures)  # every thread has stopped writing before the region can be freed
+    for f in futures:
+        f.result()
 
 
 def _tiles(s3: Any, d3: Any, order: Any, r0: int, r1: int, j0: int, j1: int, ti: int, tk: int) -> None:
