@@ -107,10 +107,12 @@ def test_order_is_kept_behind_a_reorder(mspool: matspool.Spool, root: Path) -> N
             assert np.array_equal(u[step].T, _big("<f4", (512, 600), seed=step))
 
 
-@pytest.mark.parametrize("ring_mib", [3, 5])
+@pytest.mark.parametrize("ring_mib", [3, 5, 7])
 def test_tight_ring(daemon, out_dir: Path, ring_mib: int) -> None:
     """3 MiB: a 2 MiB array cannot be staged beside its region and is reordered in the
-    call; 5 MiB: staged, and later saves wait for ring space the reorders give back."""
+    call; 5 and 7 MiB: the first save is staged, later ones are staged only where staging
+    and region are free at once (7 MiB: staging found but no region, so the staging is
+    given back and the caller reorders into its region), else reordered in the call."""
     xs = [_big("<f4", (1024, 512), seed=i) for i in range(6)]
     with matspool.Spool(daemon.endpoint, ring_bytes=ring_mib * MIB, timeout=60) as s:
         for i, x in enumerate(xs):
