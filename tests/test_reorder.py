@@ -172,11 +172,21 @@ def _views(a: np.ndarray) -> list[np.ndarray]:
     return [a, a[::-1], a[::2], a[..., 1:], a[..., ::-1]]
 
 
+def _small_tiles(monkeypatch: pytest.MonkeyPatch, tiny: bool) -> None:
+    """Threads and tiles even for small arrays; ``tiny``: 3x5 tiles, so that every array
+    here has several tiles a side and ragged ones at its edges."""
+    monkeypatch.setattr(_transpose, "THREAD_MIN_BYTES", 1)
+    monkeypatch.setattr(_transpose, "_MIN_TILE_ELEMENTS", 1)
+    if tiny:
+        monkeypatch.setattr(_transpose, "_TILES", dict.fromkeys((1, 2, 4, 8, 16), (3, 5)))
+
+
+@pytest.mark.parametrize("tiny", [False, True], ids=["tiles", "tiny-tiles"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_reverse_axes_is_exact(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reverse_axes_is_exact(dtype: str, tiny: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tile, every thread split (first axis, or the middle when the first is
     short), every stride pattern the kernel accepts: the bytes numpy's transpose gives."""
-    monkeypatch.setattr(_transpose, "THREAD_MIN_BYTES", 1)  # threads even for small arrays
+    _small_tiles(monkeypatch, tiny)
     out = np.dtype(dtype).newbyteorder("=") if dtype != "<f2" else np.dtype("<f4")
     tiled = 0
     for shape in KERNEL_SHAPES:
@@ -195,18 +205,22 @@ def test_reverse_axes_is_exact(dtype: str, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_tiled_refuses_what_it_cannot_tile() -> None:
-    a = np.zeros((64, 64, 64), np.float32)
-    assert _transpose.tiled(a, np.empty((64, 64, 64), np.float32))
-    assert _transpose.tiled(a[:, ::2], np.empty((64, 32, 64), np.float32))  # 3-d: one middle axis, any stride
-    a4 = np.zeros((8, 8, 8, 8), np.float32)
-    assert not _transpose.tiled(a4[:, ::2], np.empty((8, 8, 4, 8), np.float32))  # middle axes not mergeable
-    wide = np.broadcast_to(np.arange(64.0), (64, 64))
-    assert not _transpose.tiled(wide.T, np.empty((64, 64)))  # a broadcast: stride 0
-    assert not _transpose.tiled(np.zeros((0, 64), np.float32), np.empty((64, 0), np.float32))
-    assert not _transpose.tiled(np.zeros((64, 1), np.float32), np.empty((1, 64), np.float32))
-    assert not _transpose.tiled(np.empty((8, 8), object), np.empty((8, 8), object))
-    thin = np.zeros((2, 1 << 17, 2), np.float32)  # 2^17 tiles of 2x2: the loop would cost more
-    assert not _transpose.tiled(thin, np.empty((2, 1 << 17, 2), np.float32))
+    f4 = np.float32
+    a = np.zeros((64, 8, 256), f4)
+    assert _transpose.tiled(a, np.empty((256, 8, 64), f4))
+    assert _transpose.tiled(a[:, ::2], np.empty((256, 4, 64), f4))  # 3-d: one middle axis, any stride
+    a4 = np.zeros((32, 4, 4, 256), f4)
+    assert _transpose.tiled(a4, np.empty((256, 4, 4, 32), f4))
+    assert not _transpose.tiled(a4[:, ::2], np.empty((256, 4, 2, 32), f4))  # middle axes not mergeable
+    wide = np.broadcast_to(np.arange(512.0), (512, 512))
+    assert not _transpose.tiled(wide.T, np.empty((512, 512)))  # a broadcast: stride 0
+    assert not _transpose.tiled(np.zeros((0, 512), f4), np.empty((512, 0), f4))
+    assert not _transpose.tiled(np.zeros((512, 1), f4), np.empty((1, 512), f4))
+    assert not _transpose.tiled(np.empty((64, 64), object), np.empty((64, 64), object))
+    # short first or last axes: tiles too small for the loop to pay (torch's copy is faster)
+    assert not _transpose.tiled(np.zeros((2, 4096, 2), f4), np.empty((2, 4096, 2), f4))
+    assert not _transpose.tiled(np.zeros((64, 1024, 64), f4), np.empty((64, 1024, 64), f4))
+    assert not _transpose.tiled(np.zeros((1024, 1024, 3), f4), np.empty((3, 1024, 1024), f4))
 
 
 @pytest.mark.parametrize("with_torch", [True, False], ids=["torch-loaded", "numpy-only"])
@@ -218,7 +232,7 @@ def test_copy_host_every_rank(with_torch: bool, monkeypatch: pytest.MonkeyPatch)
     if not with_torch:
         monkeypatch.delitem(sys.modules, "torch", raising=False)
     monkeypatch.setattr(_transpose, "MIN_BYTES", 0)
-    monkeypatch.setattr(_transpose, "THREAD_MIN_BYTES", 1)
+    _small_tiles(monkeypatch, tiny=True)
     arrays = [
         _big("<f4", (1000,)),
         _big("<f8", (300, 500)),
@@ -250,15 +264,15 @@ def test_in_pieces_3d(daemon, out_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
         real(src, dst, **kw)
 
     monkeypatch.setattr(_transpose, "reverse_axes", counted)
-    x = _big("<f4", (96, 80, 300))  # 8.8 MiB through a 3 MiB ring
+    x = _big("<f4", (32, 40, 1200))  # 6 MiB through a 3 MiB ring: slabs of 153 planes
     with matspool.Spool(daemon.endpoint, ring_bytes=3 * MIB, timeout=60) as s:
         s.save(out_dir / "p.mat", {"x": x}, format="v7.3").result(60)
     assert_exact(read(out_dir / "p.mat", "v7.3")["x"], x)
-    assert len(slabs) >= 3 and all(sh[:2] == (96, 80) and sh[2] < 300 for sh in slabs), slabs
+    assert len(slabs) >= 3 and all(sh[:2] == (32, 40) and sh[2] < 1200 for sh in slabs), slabs
 
 
 def _reverse_in_child(conn: Any) -> None:
-    src = _big("<f8", (300, 40, 50))
+    src = _big("<f8", (300, 40, 64))
     dst = np.empty(src.shape[::-1])
     _transpose.reverse_axes(src, dst, nthreads=3)
     conn.send(bool(np.array_equal(dst, src.transpose())))
@@ -270,8 +284,8 @@ def test_forked_child_gets_its_own_threads(monkeypatch: pytest.MonkeyPatch) -> N
     import multiprocessing
 
     monkeypatch.setattr(_transpose, "THREAD_MIN_BYTES", 1)
-    src = _big("<f4", (200, 300))
-    dst = np.empty((300, 200), np.float32)
+    src = _big("<f4", (200, 600))
+    dst = np.empty((600, 200), np.float32)
     _transpose.reverse_axes(src, dst, nthreads=3)  # the parent's pool now has workers
     ctx = multiprocessing.get_context("fork")
     mine, theirs = ctx.Pipe()
