@@ -162,6 +162,7 @@ KERNEL_SHAPES = [
     (5, 7, 9, 11),
     (3, 4, 5, 6, 7),
     (3, 40, 130),
+    (2, 30, 41),
     (9, 2, 2),
 ]
 
@@ -217,7 +218,8 @@ def test_tiled_refuses_what_it_cannot_tile() -> None:
     assert not _transpose.tiled(np.zeros((0, 512), f4), np.empty((512, 0), f4))
     assert not _transpose.tiled(np.zeros((512, 1), f4), np.empty((1, 512), f4))
     assert not _transpose.tiled(np.empty((64, 64), object), np.empty((64, 64), object))
-    # short first or last axes: tiles too small for the loop to pay (torch's copy is faster)
+    assert _transpose.tiled(np.zeros((3, 256, 256), f4), np.empty((256, 256, 3), f4))  # CHW: by middle
+    # short first and last axes: tiles too small for the loop to pay (torch's copy is faster)
     assert not _transpose.tiled(np.zeros((2, 4096, 2), f4), np.empty((2, 4096, 2), f4))
     assert not _transpose.tiled(np.zeros((64, 1024, 64), f4), np.empty((64, 1024, 64), f4))
     assert not _transpose.tiled(np.zeros((1024, 1024, 3), f4), np.empty((3, 1024, 1024), f4))
@@ -243,6 +245,7 @@ def test_copy_host_every_rank(with_torch: bool, monkeypatch: pytest.MonkeyPatch)
         _big("<f8", (40, 0, 3)),
         _big("<u1", (100, 200, 3))[::-1, 10:],
         _big("<f4", (64, 80, 90))[:, :, 7:50],
+        _big("<f8", (2, 50, 70)),  # a short first axis: tiles over the middle and last axes
     ]
     for x in arrays:
         p = prepare("x", x, "matlab", "row")

@@ -6,9 +6,11 @@ and torch's ``copy_`` walk one side a full row apart per element (cache and TLB 
 and for power-of-two shapes every row in the same cache set): 3-5x a memcpy in 2-d and
 10-30x in 3-d. Here the copy is cut into 2-d tiles: for each index of the middle axes,
 ``m[i0:i1, J, k0:k1].T`` goes to ``dst[k0:k1, J reversed, i0:i1]``; both sides of a tile
-are a few KiB of whole cache lines, so each tile runs from L1/L2. Tiles are split across
-threads by blocks of the first axis (of the middle where the first is short); numpy's
-copy releases the GIL, so the Python loop is the only serial part.
+are a few KiB of whole cache lines, so each tile runs from L1/L2. A 3-d array whose first
+axis is shorter than a tile (an image's channels) is tiled over its middle and last axes
+instead. Tiles are split across threads by blocks of the first axis (of the middle where
+the first is short); numpy's copy releases the GIL, so the Python loop is the only serial
+part.
 
 Threads: a pool of worker threads (made on first use, forgotten in a forked child) that
 every caller shares; ``_lock`` guards making it. ``reverse_axes`` may run in any thread
@@ -21,6 +23,7 @@ import itertools
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Final
 
@@ -85,7 +88,14 @@ def tiled(src: np.ndarray, dst: np.ndarray) -> bool:
     if src.strides[-1] != src.itemsize or not dst.flags.c_contiguous or _merged_stride(src) is None:
         return False
     ti, tk = _tile(src, dst)
-    return bool(min(src.shape[0], ti) * min(src.shape[-1], tk) >= _MIN_TILE_ELEMENTS)
+    rows = src.shape[1] if _short_first(src, ti) else src.shape[0]
+    return bool(min(rows, ti) * min(src.shape[-1], tk) >= _MIN_TILE_ELEMENTS)
+
+
+def _short_first(src: np.ndarray, ti: int) -> bool:
+    """A 3-d array whose first axis is shorter than a tile (an image's channels): its
+    tiles run over the middle and last axes instead, one copy per first index."""
+    return src.ndim == 3 and src.shape[0] < ti
 
 
 def reverse_axes(src: np.ndarray, dst: np.ndarray, *, nthreads: int | None = None) -> None:
@@ -108,21 +118,25 @@ def reverse_axes(src: np.ndarray, dst: np.ndarray, *, nthreads: int | None = Non
         else np.ravel_multi_index(np.unravel_index(np.arange(m), mid), mid, order="F").tolist()
     )
     ti, tk = _tile(src, dst)
+    short = _short_first(src, ti)
     blocks = -(-a // ti)
     n = max(1, min(nthreads if nthreads is not None else threads, src.nbytes // THREAD_MIN_BYTES))
-    if n > 1 and blocks >= n:  # split the first axis, whole tiles to each thread
+    if n > 1 and blocks >= n and not short:  # split the first axis, whole tiles to each thread
         per = -(-blocks // n) * ti
         parts = [(r, min(a, r + per), 0, m) for r in range(0, a, per)]
-    elif n > 1 and m >= n:  # a short first axis (an image's channels): split the middle
+    elif n > 1 and m >= n:  # a short first axis: split the middle
         per = -(-m // n)
+        if short:
+            per = -(-per // ti) * ti  # whole tiles to each thread
         parts = [(0, a, j, min(m, j + per)) for j in range(0, m, per)]
     else:
         parts = [(0, a, 0, m)]
+    work: Callable[..., None] = _short_tiles if short else _tiles
     futures: list[Future[None]] = [
-        _executor().submit(_tiles, s3, d3, order, *part, ti, tk) for part in parts[1:]
+        _executor().submit(work, s3, d3, order, *part, ti, tk) for part in parts[1:]
     ]
     try:
-        _tiles(s3, d3, order, *parts[0], ti, tk)
+        work(s3, d3, order, *parts[0], ti, tk)
     finally:
         wait(futures)  # every thread has stopped writing before the region can be freed
     for f in futures:
@@ -142,3 +156,18 @@ def _tiles(s3: Any, d3: Any, order: Any, r0: int, r1: int, j0: int, j1: int, ti:
             dj = d[:, order[j]]
             for k in range(0, c, tk):
                 copy(dj[k : k + tk], sj[:, k : k + tk].T, casting="same_kind")
+
+
+def _short_tiles(s3: Any, d3: Any, order: Any, r0: int, r1: int, j0: int, j1: int, tj: int, tk: int) -> None:
+    """``_tiles`` for a 3-d array with a short first axis (``order`` is the identity):
+    tiles of ``tj`` middle x ``tk`` last indices, each copied once per first index while
+    its destination lines are in cache (CHW images: 2-2.3x faster than torch's copy)."""
+    copy = np.copyto
+    c = s3.shape[2]
+    for j in range(j0, j1, tj):
+        e = min(j + tj, j1)
+        for k in range(0, c, tk):
+            d = d3[k : k + tk, j:e]
+            s = s3[:, j:e, k : k + tk]
+            for i in range(r0, r1):
+                copy(d[:, :, i], s[i].T, casting="same_kind")
