@@ -37,7 +37,7 @@ class Config:
     job_step_ms: float = 75.0  # compute per step the calibration aims at
     tp_vars: int = 3  # (3) variables per run
     tp_var_mib: int = 64
-    tp_reps: int = 2  # best of; C-order runs (reorder-bound) run once
+    tp_reps: int = 2  # best of (F and C order; the 3-d C-order run once)
     small_n: int = 1000  # (4) files per format
     small_side: int = 32  # 32x32 float32 = 4 KiB
     prod_counts: tuple[int, ...] = (1, 2, 4, 8)  # (5)

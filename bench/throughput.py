@@ -7,8 +7,16 @@ of them, so ``save()`` never waits for ring space). Timed from the first ``save(
 
 - order ``F``: the arrays are Fortran-ordered (``a.T`` of a C array: same bytes), so the
   client's copy into the ring is a plain memcpy;
-- order ``C``: C-ordered arrays, reordered to column-major during the copy;
+- order ``C``: C-ordered arrays, reordered to column-major on the way (snapshot, then the
+  tiled reorder on the client's copy thread); ``C3``: the same bytes as 3-d C-ordered
+  arrays (``fsync=False`` only);
 - ``fsync=True`` as well, compared with a raw write that fsyncs.
+
+The reorder alone, side by side in one run (``reorder``): 64 MiB float32 and float64, 2-d
+(square) and 3-d (cube), C-ordered into a C buffer of the reversed shape: a memcpy of the
+same bytes, matspool's ``copy_host`` (what a save does), numpy's ``np.copyto`` of the
+reversed view and torch's ``copy_`` of it (the copy saves used before the tiled kernel);
+interleaved rounds, best of each, as multiples of the memcpy.
 
 Baselines in the same run, same directory, same bytes: a raw sequential write (open,
 write, close; with and without fsync), ``scipy.io.savemat`` and
@@ -79,7 +87,9 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     rng = np.random.default_rng(3)
     progress.step(f"generating {cfg.tp_vars} x {cfg.tp_var_mib} MiB")
     base = [rng.random((n, n), dtype=np.float32) for _ in range(cfg.tp_vars)]  # C order
-    arrays = {"F": [b.T for b in base], "C": base}  # same bytes; b.T is Fortran-ordered
+    cube = _cube(base[0].size)
+    # same bytes; b.T is Fortran-ordered
+    arrays = {"F": [b.T for b in base], "C": base, "C3": [b.reshape(cube) for b in base]}
     var_bytes = base[0].nbytes
     total = var_bytes * len(base)
     d = subdir(workdir, "throughput")
@@ -87,7 +97,7 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     reps = cfg.tp_reps
 
     def reps_for(order: str) -> int:
-        return reps if order == "F" else 1  # C-order runs are bound by the reorder; once is enough
+        return reps if order in ("F", "C") else 1
 
     res: dict[str, Any] = {
         "vars": len(base),
@@ -96,7 +106,7 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         "shape": [n, n],
         "dtype": "float32",
         "reps": reps,
-        "timing": "best of reps (F order; C order once), first save() to flush() done",
+        "timing": "best of reps (C3 once), first save() to flush() done",
         "daemon": "embedded (Spool() with no endpoint)",
         "raw": {},
         "matspool": {},
@@ -157,8 +167,8 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
             time.sleep(0.3)
             idle = read_rss(pid) if pid else None
             mem: dict[str, Any] = {"pid": pid, "idle": idle, "runs": {}}
-            for order in ("F", "C"):
-                for fsync in (False, True):
+            for order in ("F", "C", "C3"):
+                for fsync in (False, True) if order != "C3" else (False,):
                     key = f"{fmt}/{order}/{'fsync' if fsync else 'nofsync'}"
                     times, raws = [], []
                     nrep = reps_for(order)
@@ -230,6 +240,7 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         fmt, order, _ = key.split("/")
         lib = "scipy.savemat" if fmt == "v5" else "hdf5storage.writes"
         r["ratio_vs_" + lib] = ratio(r["gb_s"], direct.get(f"{lib}/{order}", {}).get("gb_s"))
+    res["reorder"] = reorder_ratios(progress)
     progress.end(
         "done; raw "
         + f"{raw['nofsync']['gb_s']:.2f} GB/s, "
@@ -249,7 +260,7 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
         d = direct.get(f"{lib}/{order}", {})
         lib_txt = f"; {lib} {d['gb_s']:.2f}" if d.get("gb_s") else ""
         rv = r["ratio_vs_raw"]
-        what = "F-order (memcpy)" if order == "F" else "C-order (reorder)"
+        what = {"F": "F-order (memcpy)", "C": "C-order (reorder)", "C3": "C-order 3-d (reorder)"}[order]
         out.append(
             Row(
                 figure=f"writer throughput {fmt}, {size}, {what}, {'fsync' if fs == 'fsync' else 'no fsync'}",
@@ -258,15 +269,81 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
                 f"(paired; at start {raw[fs]['gb_s']:.2f}){lib_txt}",
                 ratio=f"{rv:.2f}x raw"
                 + (f"; {r['ratio_vs_' + lib]:.1f}x {lib.split('.')[0]}" if r.get("ratio_vs_" + lib) else ""),
-                target=">= 0.9 x raw sequential write",
+                target=">= 0.9 x raw sequential write" if order == "F" else ">= 0.7 x raw (issue 14)",
                 value=rv,
-                met=rv >= 0.9,
+                met=rv >= (0.9 if order == "F" else 0.7),
+            )
+        )
+    for key, r in res.get("reorder", {}).items():
+        others = "; ".join(
+            f"{k} {v:.1f}x" for k, v in r["x_memcpy"].items() if k not in ("matspool", "memcpy")
+        )
+        out.append(
+            Row(
+                figure=f"reorder {key}, C -> column-major (copy_host)",
+                measured=f"{r['ms']['matspool']:.1f} ms",
+                compared=f"memcpy {r['ms']['memcpy']:.1f} ms; {others}",
+                ratio=f"{r['x_memcpy']['matspool']:.1f}x memcpy",
             )
         )
     hs = direct.get("hdf5storage.savemat/F/part", {})
     if hs.get("gb_s"):
         figure = f"  (reference) hdf5storage.savemat, gzip-7 forced, {hs['bytes'] >> 20} MiB"
         out.append(Row(figure=figure, measured=f"{hs['gb_s']:.3f} GB/s"))
+    return out
+
+
+def _cube(size: int) -> tuple[int, int, int]:
+    """A 3-d shape of ``size`` elements (a square's: a power of 4 here), near a cube."""
+    side = round(size ** (1 / 3))
+    while size % side:
+        side -= 1
+    rest = size // side
+    mid = round(rest**0.5)
+    while rest % mid:
+        mid -= 1
+    return (side, mid, rest // mid)
+
+
+def reorder_ratios(progress: Progress, mib: int = 64, rounds: int = 5) -> dict[str, Any]:
+    """The reorder alone (see the module docstring): ms and multiples of a memcpy."""
+    from matspool._convert import copy_host, prepare
+
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the bench extra installs it
+        torch = None
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(5)
+    for dtype in ("float32", "float64"):
+        size = mib * MiB // np.dtype(dtype).itemsize
+        side = round(size**0.5)
+        for shape in ((side, size // side), _cube(size)):
+            key = f"{len(shape)}-d {dtype} {'x'.join(map(str, shape))}"
+            progress.step(f"reorder {key}")
+            a = rng.random(shape).astype(dtype)
+            ring = np.empty(a.nbytes, np.uint8)
+            plain, dst = np.empty_like(a), np.empty(shape[::-1], dtype)
+            p = prepare("x", a, "matlab", "row")
+            runs: dict[str, Any] = {
+                "memcpy": functools.partial(np.copyto, plain, a),
+                "matspool": functools.partial(copy_host, p, ring, 0),
+                "numpy": functools.partial(np.copyto, dst, a.transpose()),
+            }
+            if torch is not None:
+                t_dst, t_src = torch.from_numpy(dst), torch.from_numpy(a).permute(*range(a.ndim - 1, -1, -1))
+                runs["torch"] = functools.partial(t_dst.copy_, t_src)
+            best = dict.fromkeys(runs, float("inf"))
+            for _ in range(rounds):
+                for name, fn in runs.items():
+                    t0 = now()
+                    fn()
+                    best[name] = min(best[name], now() - t0)
+            assert np.array_equal(ring.view(dtype).reshape(shape[::-1]), a.transpose()), key
+            out[key] = {
+                "ms": {k: v * 1e3 for k, v in best.items()},
+                "x_memcpy": {k: v / best["memcpy"] for k, v in best.items()},
+            }
     return out
 
 

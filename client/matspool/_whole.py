@@ -1,7 +1,9 @@
 """Saves that fit in the ring: one region, copied in, then one WRITE.
 
 Host arrays are copied now; arrays whose reorder is slow (``_reorder.defers``) are
-snapshotted into a staging region and reordered into place on the copy thread; CUDA
+snapshotted into a staging region and reordered into place on the copy thread, where the
+ring has staging and region free at once (a tight ring: reordered during the copy instead,
+which needs half the ring space and lets the previous save's write overlap it); CUDA
 tensors start their copies on the copy thread. The WRITE goes when every copy ended
 (``_copies``). Saves larger than the ring go in pieces instead (``_pieces``).
 
@@ -16,6 +18,7 @@ from typing import Any
 from . import _protocol as proto
 from ._convert import copy_host
 from ._copies import Copy, CopyPipeline
+from ._errors import SpoolFull
 from ._leases import Lease, Leases
 from ._pending import PendingTable, SaveFuture
 from ._planner import Plan
@@ -43,17 +46,11 @@ def send_whole(
     if not any(a.is_cuda or defers(a) for a in p.arrays):
         return _send_host(p, seqs, ring, leases, table, copies, block=block, timeout=timeout)
     deferred = {id(a): aligned(staged_bytes(a)) for a in p.arrays if defers(a)}
-    if sum(deferred.values()) + p.total > ring.size:
-        deferred = {}  # no room to stage: reorder during the copy, as small arrays do
-    staging = (
-        leases.take(sum(deferred.values()), block=block, timeout=timeout, daemon=False) if deferred else None
-    )
-    try:
-        region = leases.take(p.total, block=block, timeout=timeout, nested=staging is not None)
-    except BaseException:
-        if staging is not None:
-            leases.copied(staging)
-        raise
+    staging, region = _stage_now(leases, sum(deferred.values()), p.total) if deferred else (None, None)
+    if staging is None:
+        deferred = {}  # a tight ring: reorder during the copy into the region, as small arrays do
+    if region is None:
+        region = leases.take(p.total, block=block, timeout=timeout)
     seq = next(seqs)
     save = table.add(seq, p.path, p.format, [region])
     request = proto.WriteRequest(
@@ -70,6 +67,25 @@ def send_whole(
         raise
     copies.dispatch(request, copy, [region], region)
     return save.future
+
+
+def _stage_now(leases: Leases, staged: int, total: int) -> tuple[Lease | None, Lease | None]:
+    """Staging and the save's region, where both are free at once; else neither.
+
+    A ring that has no room for both now is a tight ring: the caller would wait for space
+    anyway, and reordering straight into the region needs half of it, so the daemon's
+    write of the save before overlaps this reorder instead of waiting behind it."""
+    if staged + total > leases.ring.size:
+        return None, None
+    try:
+        staging = leases.take(staged, block=False, timeout=None, daemon=False)
+    except SpoolFull:
+        return None, None
+    try:
+        return staging, leases.take(total, block=False, timeout=None, nested=True)
+    except SpoolFull:
+        leases.copied(staging)
+        return None, None
 
 
 def _send_host(
