@@ -59,7 +59,9 @@ class Floors:
         self._sock = mine
         self._ctx = zmq.Context()
         d = self._dealer = self._ctx.socket(zmq.DEALER)
-        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0)):
+        # a peer that failed to start fails the run (zmq.Again, TimeoutError), never hangs it
+        mine.settimeout(30)
+        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0), (zmq.RCVTIMEO, 30_000)):
             d.setsockopt(opt, value)
         d.connect(endpoint)
         self._zmq = zmq
