@@ -13,16 +13,24 @@ rate is the median over rounds and a ratio the median of the per-round ratios, s
 that comes and goes on a shared machine falls on all of them alike. Also reported:
 ``save()``'s own time per call (median over all calls) and one save waited for
 (``save(...).result()``, median), both against scipy writing the same file.
+
+Beside them, in the same rounds, the machine's floors (``bench._floors``): one
+cross-process round trip (ZeroMQ over ipc://, as matspool; a unix socketpair), so a save
+waited for can be set beside "scipy's write + one round trip"; the rate of one process
+writing scipy's bytes and sending one message per file ("floor" contender); and the
+parts of ``save()`` no design removes (one ZeroMQ send, the 4 KiB memcpy).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import statistics
 from typing import Any
 
 import numpy as np
 
+from ._floors import Floors
 from ._util import Config, Progress, Row, now, rm, settle, subdir
 
 NAME = "small"
@@ -52,7 +60,9 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         "matspool": {},
         "direct": {},
     }
-    image = bytes(a.nbytes + 200)  # about a small MAT file's size
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"x": a})
+    image = buf.getvalue()  # the very bytes scipy writes
 
     def create(p: str) -> None:
         tmp = p + ".tmp"
@@ -72,7 +82,8 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
     waited: dict[str, list[float]] = {"v5": [], "v7.3": []}
     scipy_each: list[float] = []
     found: dict[str, int] = {"v5": 0, "v7.3": 0}
-    with matspool.Spool() as spool:
+    floor: dict[str, list[float]] = {"rtt_zmq": [], "rtt_sock": [], "send": [], "memcpy": []}
+    with matspool.Spool() as spool, Floors() as floors:
         d = subdir(workdir, "small_warm")
         for fmt in ("v5", "v7.3"):
             for i in range(20):  # warm-up: imports and first-file costs in the daemon
@@ -83,7 +94,7 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
             direct_v73(os.path.join(d, f"h{i}.mat"))
         rm(d)
         for r in range(ROUNDS):
-            for who in ("v5", "v7.3", "scipy", "hdf5storage", "filesystem"):
+            for who in ("v5", "v7.3", "scipy", "hdf5storage", "filesystem", "floor"):
                 progress.step(f"round {r + 1}/{ROUNDS}: {who}, {burst} files")
                 d = subdir(workdir, f"small_{who}")
                 paths = [os.path.join(d, f"s{i:06d}.mat") for i in range(burst)]
@@ -95,6 +106,8 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
                         spool.save(p, {"x": a}, format=who)
                         calls[who].append(now() - c0)
                     spool.flush()
+                elif who == "floor":
+                    floors.write_and_send(paths, create)
                 else:
                     fn = {"scipy": direct_v5, "hdf5storage": direct_v73, "filesystem": create}[who]
                     for p in paths:
@@ -117,7 +130,11 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
                 c0 = now()
                 direct_v5(os.path.join(d, f"s{i}.mat"))
                 scipy_each.append(now() - c0)
+                floor["rtt_zmq"].append(floors.round_trip_zmq())
+                floor["rtt_sock"].append(floors.round_trip_sock())
             rm(d)
+            floor["send"] += floors.sends(burst // 4)
+            floor["memcpy"] += floors.memcpys(a, burst // 4)
 
     def med(x: list[float]) -> float:
         return float(statistics.median(x))
@@ -141,6 +158,21 @@ def run(cfg: Config, workdir: str, progress: Progress) -> dict[str, Any]:
         "what": "open+write+close+rename, one thread",
         "files_per_s": med(rates["filesystem"]),
         "rounds_files_per_s": rates["filesystem"],
+    }
+    fl = {k: med(v) * 1e6 for k, v in floor.items()}
+    res["floors"] = {
+        "what": "measured in the same rounds (bench._floors)",
+        "round_trip_zmq_us": fl["rtt_zmq"],
+        "round_trip_socketpair_us": fl["rtt_sock"],
+        "waited_floor_us": scipy_us + fl["rtt_zmq"],
+        "waited_floor_vs_scipy": (scipy_us + fl["rtt_zmq"]) / scipy_us,
+        "waited_floor_socketpair_vs_scipy": (scipy_us + fl["rtt_sock"]) / scipy_us,
+        "write_and_send_files_per_s": med(rates["floor"]),
+        "write_and_send_vs_scipy": round_ratio("floor", "scipy"),
+        "write_and_send_vs_filesystem": round_ratio("floor", "filesystem"),
+        "zmq_send_us": fl["send"],
+        "memcpy_4k_us": fl["memcpy"],
+        "caller_floor_us": fl["send"] + fl["memcpy"],
     }
     for fmt, lib in (("v5", "scipy"), ("v7.3", "hdf5storage")):
         call_us = med(calls[fmt]) * 1e6
@@ -168,6 +200,7 @@ TARGETS = {"v5": 5000, "v7.3": 2000}
 
 def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
     out = []
+    fl = res.get("floors", {})
     for fmt, r in res["matspool"].items():
         d = res["direct"][fmt]
         rate = r["files_per_s"]
@@ -203,7 +236,8 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
             Row(
                 figure=f"small files through the daemon vs scipy direct, {fmt}",
                 measured=f"{rate:.0f} files/s",
-                compared=f"scipy.io.savemat {scipy_d['files_per_s']:.0f}/s",
+                compared=f"scipy.io.savemat {scipy_d['files_per_s']:.0f}/s"
+                + (f"; floor {fl['write_and_send_vs_scipy']:.2f}x" if fl else ""),
                 ratio=f"{r['ratio_vs_scipy']:.2f}x",
                 target=">= 1.0x scipy",
                 value=r["ratio_vs_scipy"],
@@ -215,7 +249,8 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
             Row(
                 figure=f"save() caller time, 4 KiB ndarray, {fmt} (median)",
                 measured=f"{call:.1f} us",
-                compared=f"scipy.io.savemat {scipy_us:.0f} us per file",
+                compared=f"scipy.io.savemat {scipy_us:.0f} us per file"
+                + (f"; floor {fl['caller_floor_us']:.1f} us" if fl else ""),
                 ratio=f"{r['ratio_call_vs_scipy']:.2f}x",
                 target="<= 20 us and <= 0.2x scipy",
                 value=call,
@@ -226,11 +261,49 @@ def rows(res: dict[str, Any], cfg: Config) -> list[Row]:
             Row(
                 figure=f"one 4 KiB save waited for, {fmt} (median latency)",
                 measured=f"{r['waited_median_us']:.0f} us",
-                compared=f"scipy.io.savemat {scipy_us:.0f} us",
+                compared=f"scipy.io.savemat {scipy_us:.0f} us"
+                + (
+                    f"; floor {fl['waited_floor_us']:.0f} us = {fl['waited_floor_vs_scipy']:.2f}x"
+                    if fl
+                    else ""
+                ),
                 ratio=f"{r['ratio_waited_vs_scipy']:.2f}x",
                 target="<= 1.5x scipy",
                 value=r["ratio_waited_vs_scipy"],
                 met=r["ratio_waited_vs_scipy"] <= 1.5,
             )
         )
+    if fl:
+        out += _floor_rows(fl, res["direct"]["v5"]["per_file_median_us"])
     return out
+
+
+def _floor_rows(fl: dict[str, Any], scipy_us: float) -> list[Row]:
+    """The machine's floors measured in the same rounds (informational: no target)."""
+    rtt, sock = fl["round_trip_zmq_us"], fl["round_trip_socketpair_us"]
+    return [
+        Row(
+            figure="floor: one save waited for = scipy's write + one round trip",
+            measured=f"{fl['waited_floor_us']:.0f} us",
+            compared=f"scipy {scipy_us:.0f} us + zmq ipc round trip {rtt:.0f} us "
+            f"(socketpair {sock:.0f} us: {fl['waited_floor_socketpair_vs_scipy']:.2f}x)",
+            ratio=f"{fl['waited_floor_vs_scipy']:.2f}x scipy",
+            value=fl["waited_floor_vs_scipy"],
+        ),
+        Row(
+            figure="floor: 1 process writes scipy's bytes + sends 1 zmq message per file",
+            measured=f"{fl['write_and_send_files_per_s']:.0f} files/s",
+            compared="scipy.io.savemat and bare create+write+rename, same rounds",
+            ratio=f"{fl['write_and_send_vs_scipy']:.2f}x scipy; "
+            f"{fl['write_and_send_vs_filesystem']:.2f}x bare",
+            value=fl["write_and_send_vs_scipy"],
+        ),
+        Row(
+            figure="floor: save() caller time = 1 zmq send + 4 KiB memcpy",
+            measured=f"{fl['caller_floor_us']:.1f} us",
+            compared=f"send {fl['zmq_send_us']:.1f} us + memcpy {fl['memcpy_4k_us']:.1f} us"
+            f"; scipy {scipy_us:.0f} us",
+            ratio=f"{fl['caller_floor_us'] / scipy_us:.2f}x scipy",
+            value=fl["caller_floor_us"],
+        ),
+    ]

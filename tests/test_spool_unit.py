@@ -13,7 +13,7 @@ import pytest
 from fakedaemon import FakeDaemon
 
 import matspool
-from matspool._transport import MemoryTransport
+from matspool._transport import MemoryTransport, ZmqTransport
 
 
 @pytest.fixture
@@ -137,3 +137,18 @@ def test_a_future_waits_for_its_own_answer_not_another_saves() -> None:
         assert set(done) == {a, b}
         assert [r.path for r in got] == ["/data/b.mat"]  # type: ignore[attr-defined]
         assert b.result(0).nbytes == 20
+
+
+def test_a_late_wake_after_close_writes_to_no_reused_descriptor(tmp_path):
+    """wake() may come from a caller's thread after the transport closed (the spool is
+    closing): the eventfd's number is reused by the next open file, which must stay
+    untouched."""
+    t = ZmqTransport(f"ipc://{tmp_path}/nobody.sock")
+    t.wake()  # before open: the I/O thread's wake-up is kept, harmless
+    t.close()
+    fd = os.open(tmp_path / "next", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        t.wake()
+        assert os.pread(fd, 16, 0) == b""
+    finally:
+        os.close(fd)

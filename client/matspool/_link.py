@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import threading
 import time
 from collections import deque
@@ -54,6 +53,7 @@ from ._errors import (
 from ._leases import Lease
 from ._msgshard import LaidOut
 from ._pending import PendingTable, Save, failing
+from ._reach import exit_text, pid_alive
 from ._ring import Ring
 from ._saves import SaveResult
 from ._transport import Transport
@@ -63,29 +63,11 @@ __all__ = ["Link"]
 log = logging.getLogger("matspool")
 
 _BATCH_BYTES: Final = proto.MAX_MESSAGE_BYTES // 2
+#: how often a busy I/O thread asks whether the embedded daemon ended (a waitpid each
+#: time; once per turn cost a system call per save waited for)
+_EXIT_CHECK_S: Final = 0.05
 #: errnos of a HELLO refused because the daemon cannot reach a memfd ring where it is
 _UNREACHABLE: Final = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ESRCH, errno.ENXIO})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _exit_text(rc: int) -> str:
-    """How a daemon child ended, for a message (a job's shared daemon is started again,
-    or says itself what happened: ``_jobdaemon``)."""
-    if rc >= 0:
-        return f"exited with status {rc}"
-    try:
-        return f"was killed by {signal.Signals(-rc).name}"
-    except ValueError:
-        return f"was killed by signal {-rc}"
 
 
 def _result(nbytes: int) -> Callable[[Save], SaveResult]:
@@ -154,7 +136,7 @@ class Link:
             if self.broken is not None:
                 raise self.broken
             if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
-                raise DaemonUnavailable(f"the embedded daemon {_exit_text(rc)} during start-up")
+                raise DaemonUnavailable(f"the embedded daemon {exit_text(rc)} during start-up")
             if time.monotonic() > deadline:
                 raise DaemonUnavailable(
                     f"no matspool daemon answered at {self.endpoint} within {connect_timeout} s"
@@ -358,7 +340,7 @@ class Link:
             self.transport.send([proto.TAG, msgs.Batch.join(bodies)])
 
     def _loop(self) -> None:
-        last_rx = last_ping = last_turn = time.monotonic()
+        last_rx = last_ping = last_turn = last_exit = time.monotonic()
         silence_limit = max(self._timeout if self._timeout else 60.0, 3 * self._heartbeat)
         try:
             while True:
@@ -390,12 +372,18 @@ class Link:
                     self.transport.send(msgs.encode(msgs.Ping()))
                     last_ping = now
                     self._release_if_dead()
-                if self._daemon_exit is not None and (rc := self._daemon_exit()) is not None:
+                if (
+                    self._daemon_exit is not None
+                    and now - last_exit >= _EXIT_CHECK_S
+                    and (rc := self._daemon_exit()) is not None
+                ):
                     self.broken = DaemonUnavailable(
-                        f"the embedded daemon {_exit_text(rc)}; saves not yet written fail"
+                        f"the embedded daemon {exit_text(rc)}; saves not yet written fail"
                     )
                     self._table.fail_unresolved(failing(DaemonUnavailable, str(self.broken)), keep=False)
                     return
+                if now - last_exit >= _EXIT_CHECK_S:
+                    last_exit = now
                 if now - last_rx > silence_limit and self._table.unresolved():
                     dead = self._daemon_dead()
                     outcome = (
@@ -416,7 +404,7 @@ class Link:
     def _daemon_dead(self) -> bool:
         """Known dead: a local daemon whose pid is gone (a remote one is never known so)."""
         pid = self.daemon_pid
-        return pid is not None and not self._remote and not _pid_alive(pid)
+        return pid is not None and not self._remote and not pid_alive(pid)
 
     def _release_if_dead(self) -> None:
         """Regions of failed saves held by a daemon whose pid is gone go back."""

@@ -7,18 +7,19 @@ like a daemon that is slow to start: ``Spool()`` used to sit silent for its whol
 the spool waits for the daemon's WELCOME (a missing socket file, a refused connection),
 so a wrong endpoint fails after a short grace period with a message that says what to do.
 
-Threads: the caller's (``Spool()``), nothing kept.
+Threads: any (the probes run in ``Spool()``, ``pid_alive`` also on the I/O thread); nothing kept.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import Final
 
 from ._errors import DaemonUnavailable, InvalidOptionError
 
-__all__ = ["GRACE_S", "check_endpoint", "probe"]
+__all__ = ["GRACE_S", "check_endpoint", "exit_text", "pid_alive", "probe"]
 
 
 # A daemon started together with its client (a job script) gets this long to create its
@@ -101,3 +102,25 @@ def _nobody(endpoint: str) -> str | None:
         except OSError:
             return None  # a timeout or a route problem: let ZeroMQ keep trying
     return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def exit_text(rc: int) -> str:
+    """How a daemon child ended, for a message (a job's shared daemon is started again,
+    or says itself what happened: ``_jobdaemon``)."""
+    if rc >= 0:
+        return f"exited with status {rc}"
+    try:
+        return f"was killed by {signal.Signals(-rc).name}"
+    except ValueError:
+        return f"was killed by signal {-rc}"

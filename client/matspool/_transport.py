@@ -15,6 +15,7 @@ handshake, so a refused key fails ``Spool()`` at once instead of after the conne
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import threading
 import time
@@ -64,12 +65,10 @@ class ZmqTransport:
         self.endpoint = endpoint
         self._curve = curve
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        inproc = f"inproc://matspool-{id(self)}"
-        self._rx = self._ctx.socket(zmq.PULL)
-        self._rx.bind(inproc)
-        self._tx = self._ctx.socket(zmq.PUSH)
-        self._tx.connect(inproc)
-        self._tx_lock = threading.Lock()  # the PUSH end is used by callers' threads
+        # the I/O thread's wake-up: an eventfd (a pipe where there is none) that poll watches
+        # beside the sockets; a caller's wake() is one write(2), no ZeroMQ send and no lock
+        self._wake_r, self._wake_w = _wake_fds()
+        self._wake_lock = threading.Lock()  # never a write to the fd number once closed
         self._dealer: zmq.Socket[bytes] | None = None
         self._connections = 0
         self._cut = 0  # CURVE handshakes cut in a row (see _CUT_LIMIT)
@@ -99,7 +98,7 @@ class ZmqTransport:
         )
         dealer.connect(target)
         self._poller = zmq.Poller()
-        for sock in (dealer, self._rx, self._monitor):
+        for sock in (dealer, self._wake_r, self._monitor):
             self._poller.register(sock, zmq.POLLIN)
 
     def send(self, frames: list[Any]) -> None:
@@ -159,17 +158,23 @@ class ZmqTransport:
     def poll(self, timeout: float) -> list[list[bytes]]:
         assert self._dealer is not None
         events = dict(self._poller.poll(int(timeout * 1000)))
-        if self._rx in events:
-            while self._rx.poll(0):
-                self._rx.recv()
+        if self._wake_r in events:
+            try:
+                os.read(self._wake_r, 8)  # an eventfd's count back to 0 (a pipe: up to 8 bytes)
+            except BlockingIOError:
+                pass
         if self._monitor in events:
             self._check_monitor()
         if self._lost:
             self._ask_again()
-        got = []
+        got: list[list[bytes]] = []
         if self._dealer in events:
-            while self._dealer.poll(0):
-                got.append(self._dealer.recv_multipart())
+            recv = self._dealer.recv_multipart
+            while True:  # until empty: a failed NOBLOCK receive costs less than a poll each
+                try:
+                    got.append(recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
         return got
 
     def _ask_again(self) -> None:
@@ -191,8 +196,13 @@ class ZmqTransport:
         return again
 
     def wake(self) -> None:
-        with self._tx_lock:
-            self._tx.send(b"")
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # closed: no I/O thread to wake
+            try:
+                os.write(self._wake_w, _ONE)
+            except BlockingIOError:
+                pass  # a full pipe: a wake-up is pending already
 
     def close(self) -> None:
         if self._dealer is not None:
@@ -200,9 +210,24 @@ class ZmqTransport:
             self._monitor.close(linger=0)
             self._dealer.close(linger=0)
             self._dealer = None
-        with self._tx_lock:
-            self._tx.close(linger=0)
-        self._rx.close(linger=0)
+        with self._wake_lock:
+            for fd in {self._wake_r, self._wake_w} - {-1}:
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
+
+
+_ONE: Final = (1).to_bytes(8, "little")  # what an eventfd's write adds
+
+
+def _wake_fds() -> tuple[int, int]:
+    """A non-blocking eventfd (read and write end alike), or a pipe's two ends."""
+    if hasattr(os, "eventfd"):
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd, fd
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
 
 
 #: A handshake cut by the connection itself (the daemon killed or restarting mid-handshake):
