@@ -204,7 +204,8 @@ class _Job(Coord):
         laid = self._get(keys.LAYOUT)
         if "error" in laid:
             self._read(laid)
-            raise ShardError(laid["error"])
+            text = laid["error"]  # a closed rank 0's word names no path: say which save
+            raise ShardError(text if self.path in text else f"{self._what()}: {text}")
         self.tmp = laid["tmp"]
         status: dict[str, Any] = {"ok": True}
         try:
