@@ -51,7 +51,7 @@ from ._saves import SaveResult
 from ._shard_blocks import Failed, Shard, ShardError, Var, check_blocks, is_sharded
 from ._shard_conns import closing, conns, next_number
 from ._shard_coord import GRACE, Coord, StoreGone, early_failure, gone
-from ._shard_ring import Piece, copy_piece, prepare, release
+from ._shard_ring import Piece, copy_piece, landed, prepare, release
 
 if TYPE_CHECKING:
     from ._spool import Spool
@@ -263,6 +263,7 @@ class _Job(Coord):
                 finally:
                     leases.copied(lease)
                     piece.lease = lease
+            landed(self.spool, piece)  # a CUDA snapshot's D2H: in the ring before its PLACE goes
             held, piece.lease = piece.lease, None  # from here on the PLACE's to release
             assert self.tmp is not None
             v = piece.var

@@ -1,10 +1,11 @@
 """Sharded saves of CUDA tensors: a ``matspool.Shard`` whose local block is on the GPU,
 one rank of a gloo group (only its store is used), files read back bit for bit.
 
-Skipped cleanly where CUDA is not available. Today a CUDA block reaches the ring by a
-synchronous copy to the host (docs/distributed.md); these tests pin what the file must
-hold whichever copy is used: blocks that fit the ring, a block larger than the ring (read
-from the device piece by piece while the save runs), and dtypes widened on the way.
+Skipped cleanly where CUDA is not available. A CUDA block reaches the ring through the
+spool's CUDA copier (``_shard_ring.copy_piece``: snapshot, D2H on the copy stream, waited
+for before the block's PLACE); these tests pin what the file must hold: blocks that fit
+the ring, a block larger than the ring (copied piece by piece while the save runs), and
+float16 widened to single on the way.
 """
 
 from __future__ import annotations
