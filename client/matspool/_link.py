@@ -52,7 +52,7 @@ from ._errors import (
     error_from_code,
 )
 from ._leases import Lease
-from ._msgshard import LaidOut
+from ._msgshard import LaidOut, Place
 from ._pending import PendingTable, Save, failing
 from ._ring import Ring
 from ._saves import SaveResult
@@ -192,6 +192,8 @@ class Link:
             ]
         elif isinstance(message, proto.Part):
             spans = [(message.offset, message.nbytes)]
+        elif isinstance(message, Place):  # a sharded save's block: one frame, as a PART's
+            spans = [(message.ring_offset, message.nbytes)]
         else:
             return []
         return [memoryview(ring[off : off + n].data) for off, n in spans]

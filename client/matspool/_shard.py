@@ -88,8 +88,6 @@ def save_sharded(
         raise InvalidOptionError(
             "a sharded save cannot be compressed or appended (blocks are written in place)"
         )
-    if spool._remote:
-        raise InvalidOptionError("a sharded save needs a daemon on this host (not a tcp:// endpoint)")
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidOptionError("a sharded save needs torch.distributed initialised (init_process_group)")
     rank, size = dist.get_rank(group), dist.get_world_size(group)

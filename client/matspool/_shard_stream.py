@@ -78,8 +78,6 @@ class ShardedStream:
 def _group_of(spool: Spool, group: Any) -> ShardedStream:
     import torch.distributed as dist
 
-    if spool._remote:
-        raise InvalidOptionError("a sharded stream needs a daemon on this host (not a tcp:// endpoint)")
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidOptionError("a sharded stream needs torch.distributed initialised (init_process_group)")
     rank, size = dist.get_rank(group), dist.get_world_size(group)
