@@ -16,6 +16,11 @@ All v7.3. Reported: bytes/s of each and the ratios sharded/separate, sharded/gat
 
     PYTHONPATH=client:service python -m bench --only sharded [--quick]
     PYTHONPATH=client:service python -m bench.sharded --scan [MIB_PER_RANK [REPS]]  # 1-8 ranks, 1-2 daemons
+    PYTHONPATH=client:service python -m bench.sharded --many [N [RANKS]]  # N small sharded saves in turn
+
+``--many``: ``N`` (default 60) small sharded saves one after another (each waited for),
+``RANKS`` (default 2) ranks on one daemon: the coordination's cost per save, which the
+store connections it takes decide (a clone per save was seen to take 5 s now and then).
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def measure(
         for proc, _, sockdir in started:
             _stop_daemon(proc, sockdir)
     for mode in modes:
-        res[mode]["bytes_per_s"] = world * mib * MiB / res[mode]["seconds"]
+        res[mode]["bytes_per_s"] = world * abs(mib) * MiB / res[mode]["seconds"]
     return res
 
 
@@ -140,13 +145,17 @@ def _rank(d: str, endpoint: str, mib: int, reps: int, out: str, modes: tuple[str
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    n = mib * MiB // 4
+    n = max(mib, 0) * MiB // 4
     cols = 1024
     rows_ = n // cols
     local = torch.arange(rank * n, (rank + 1) * n, dtype=torch.float32).reshape(rows_, cols)
     global_shape = (world * rows_, cols)
     timings: dict[str, Any] = {"mib": mib, "world": world}
-    with matspool.Spool(endpoint, ring_bytes=(mib + 16) * MiB, timeout=300) as spool:
+    with matspool.Spool(endpoint, ring_bytes=(max(mib, 0) + 16) * MiB, timeout=300) as spool:
+        if mib < 0:  # --many: -mib small saves in turn
+            dist.barrier()
+            timings["many"] = _many(d, spool, rank, world, -mib)
+            modes = ()
 
         def once(mode: str) -> float:
             dist.barrier()
@@ -197,7 +206,41 @@ def scan(mib: int = 16, reps: int = 2) -> None:
                 print(f"| {world} | {daemons} | {sh:.3f} | {sep:.3f} | {sh / sep:.2f}x |", flush=True)
 
 
+def many(n: int = 60, world: int = 2) -> None:
+    """``python -m bench.sharded --many``: ``n`` small sharded saves in turn, ``world`` ranks."""
+    import tempfile
+
+    os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.join(os.path.dirname(__file__), "out")) as d:
+        res = measure(d, world, 1, -n, 1, ("many",))
+        secs = res["many"]["seconds"]
+        print(
+            f"{n} sharded saves in turn, {world} ranks: {secs:.2f} s ({1000 * secs / n:.0f} ms per save; "
+            f"slowest {1000 * res['many']['slowest']:.0f} ms)"
+        )
+
+
+def _many(d: str, spool: Any, rank: int, world: int, n: int) -> dict[str, float]:
+    import time
+
+    import numpy as np
+
+    import matspool
+
+    local = np.full((8, 4), rank, dtype=np.float64)
+    slowest, t0 = 0.0, time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        shard = matspool.Shard(local, (8 * rank, 0), (8 * world, 4))
+        spool.save(os.path.join(d, f"many{i % 4}.mat"), {"u": shard}).result()
+        slowest = max(slowest, time.perf_counter() - t)
+    return {"seconds": time.perf_counter() - t0, "slowest": slowest}
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--many"]:
+        many(*(int(a) for a in sys.argv[2:4]))
+        return
     if sys.argv[1:2] == ["--scan"]:
         os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
         scan(*(int(a) for a in sys.argv[2:4]))

@@ -4,6 +4,7 @@ refused saying what to call, and float8 widens exactly to single like float16.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,9 @@ def test_float8_widens_exactly_to_single(spool: Any, out_dir: Path, fmt: str) ->
 
 def test_dtensor_saved_whole_and_refused_inside_a_struct(tmp_path: Path) -> None:
     """A DTensor (one rank of gloo here) as a variable is a sharded save: the file holds
-    its global value. Inside a struct it is refused, naming the variable and the way out;
-    its local tensor is saved like any tensor."""
+    its global value. Inside a struct it is refused with a ShardError naming its place and
+    the way out (never gathered behind the caller's back); its local tensor is saved like
+    any tensor."""
     r = _run_python(f"""
         import os
         import numpy as np, scipy.io, torch, torch.distributed as dist
@@ -68,10 +70,11 @@ def test_dtensor_saved_whole_and_refused_inside_a_struct(tmp_path: Path) -> None
         d = distribute_tensor(torch.arange(6.0).reshape(2, 3), mesh, [Shard(0)])
         with matspool.Spool(ring_bytes=1 << 20, timeout=30) as s:
             s.save("{tmp_path}/g.mat", {{"field": d}}).result(30)
-            try:
-                s.save("{tmp_path}/d.mat", {{"s": {{"field": d}}}})
-            except matspool.UnsupportedTypeError as e:
-                print("refused:", e)
+            for nested in ({{"s": {{"field": d}}}}, {{"field": d, "s": {{"c": [1, d]}}}}):
+                try:
+                    s.save("{tmp_path}/d.mat", nested)
+                except matspool.ShardError as e:
+                    print("refused:", e)
             s.save("{tmp_path}/d.mat", {{"field": d.to_local()}}, format="v5").result(30)
         for name in ("g", "d"):
             np.testing.assert_array_equal(scipy.io.loadmat(f"{tmp_path}/{{name}}.mat")["field"],
@@ -79,4 +82,42 @@ def test_dtensor_saved_whole_and_refused_inside_a_struct(tmp_path: Path) -> None
         dist.destroy_process_group()
         """)
     assert r.returncode == 0, r.stderr
-    assert "refused:" in r.stdout and "'s.field'" in r.stdout and ".full_tensor()" in r.stdout
+    refused = [line for line in r.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 2, r.stdout
+    assert "variable 's.field': a DTensor inside a struct" in refused[0], refused[0]
+    assert "variable 's.c{2}': a DTensor" in refused[1] and ".full_tensor()" in refused[1], refused[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "place"),
+    [
+        ({"a": [1.0, "shard"]}, "u.a{2}"),
+        ([{"k": "shard"}, {"k": 2.0}], "u(1).k"),
+        ({"a": np.array([None, "shard"], dtype=object)}, "u.a{2}"),
+    ],
+)
+def test_a_nested_shard_is_refused_naming_its_place(
+    spool: Any, out_dir: Path, value: Any, place: str
+) -> None:
+    """A matspool.Shard inside a struct, cell or struct array: a ShardError naming the
+    field (as MATLAB would), raised by save() itself; nothing is written."""
+    import matspool
+
+    block = matspool.Shard(np.ones((2, 3)), (0, 0), (4, 3))
+
+    def put(v: Any) -> Any:
+        if isinstance(v, str) and v == "shard":
+            return block
+        if isinstance(v, dict):
+            return {k: put(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [put(x) for x in v]
+        if isinstance(v, np.ndarray):
+            out = np.empty(v.shape, dtype=object)
+            out[:] = [put(x) for x in v]
+            return out
+        return v
+
+    with pytest.raises(matspool.ShardError, match=rf"variable '{re.escape(place)}': a matspool.Shard inside"):
+        spool.save(out_dir / "n.mat", {"u": put(value), "x": 1.0})
+    assert not (out_dir / "n.mat").exists()

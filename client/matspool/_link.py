@@ -51,7 +51,7 @@ from ._errors import (
     error_from_code,
 )
 from ._leases import Lease
-from ._msgshard import LaidOut
+from ._msgshard import LaidOut, Place
 from ._pending import PendingTable, Save, failing
 from ._reach import exit_text, pid_alive
 from ._ring import Ring
@@ -174,6 +174,8 @@ class Link:
             ]
         elif isinstance(message, proto.Part):
             spans = [(message.offset, message.nbytes)]
+        elif isinstance(message, Place):  # a sharded save's block: one frame, as a PART's
+            spans = [(message.ring_offset, message.nbytes)]
         else:
             return []
         return [memoryview(ring[off : off + n].data) for off, n in spans]

@@ -14,50 +14,56 @@ c10d store (never a collective: those belong to the caller's thread):
    a quarter of its ring when they exceed it), then puts ``done/<r>``;
 4. rank 0 waits for every ``done`` (at most ``timeout``), has its daemon PUBLISH (fsync,
    rename) or DISCARD the temporary, and puts ``result``; every rank's future resolves
-   from it. A rank whose wait for ``result`` times out discards the temporary itself.
+   from it. A rank whose wait for ``result`` times out discards the temporary itself;
+5. every rank puts ``read/<r>``; rank 0 waits for them all, deletes the save's keys and
+   only then resolves its own future (``_shard_coord``).
 
-Keys live under ``matspool/shard/<group>/<n>/``, ``n`` counting this process's sharded
-saves on the group: every rank must make its sharded saves in the same order, as for
-any collective.
+Keys (``_shard_keys``) live under ``matspool/shard/<group>/<n>/``, ``n`` counting this
+process's sharded saves on the group (``_shard_conns.next_number``): every rank must make
+its sharded saves in the same order, as for any collective.
 
 The ring side (this rank's blocks cut into pieces, copied into its ring) is ``_shard_ring``;
-this module is the coordination over the store and the requests to this rank's daemon.
+the store side (keys, waits, the end of a save) ``_shard_coord``; this module is the steps
+and the requests to this rank's daemon.
 
 Threads: ``save_sharded`` runs in the caller's thread (checks, copies into the ring);
-each save then has one ``matspool-shard`` thread of its own, with its own clone of the
-store client (a blocking wait would otherwise hold up the other saves' requests), which
-alone touches its store keys and its sub-requests' futures. ``_counters`` is shared under ``_lock``.
+each save then has one ``matspool-shard`` thread of its own, with a store connection of
+its own while it runs (from the spool's pool, ``_shard_conns``: a blocking wait on a
+shared one would hold up the other saves' requests), which alone touches its store keys
+and its sub-requests' futures.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import json
 import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
+from . import _shard_keys as keys
 from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolFull
 from ._leases import Lease
 from ._msgshard import Discard, Layout, LayoutResult, Place, Publish
 from ._pending import Save
 from ._saves import SaveResult
 from ._shard_blocks import Failed, Shard, ShardError, Var, check_blocks, is_sharded
-from ._shard_ring import Piece, copy_piece, prepare, release
+from ._shard_conns import closing, conns, next_number
+from ._shard_coord import GRACE, Coord, StoreGone, early_failure, gone
+from ._shard_ring import Piece, copy_piece, landed, prepare, release
 
 if TYPE_CHECKING:
     from ._spool import Spool
 
-__all__ = ["Shard", "ShardError", "is_sharded", "save_sharded"]
+__all__ = ["Shard", "ShardError", "closing", "is_sharded", "save_sharded"]
 
-_RESULT_GRACE: Final = 10.0  # others wait this much longer than rank 0 for its verdict
-_lock = threading.Lock()
-_counters: dict[str, itertools.count[int]] = {}
+
+def _store(dist: Any, group: Any) -> tuple[Any, str]:
+    """The group's c10d store and the name its keys go under."""
+    if group is None:
+        return dist.distributed_c10d._get_default_store(), "default"
+    return dist.distributed_c10d._get_process_group_store(group), str(getattr(group, "group_name", id(group)))
 
 
 def save_sharded(
@@ -82,114 +88,86 @@ def save_sharded(
         raise InvalidOptionError(
             "a sharded save cannot be compressed or appended (blocks are written in place)"
         )
-    if spool._remote:
-        raise InvalidOptionError("a sharded save needs a daemon on this host (not a tcp:// endpoint)")
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidOptionError("a sharded save needs torch.distributed initialised (init_process_group)")
-    spool._check_open()
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise InvalidOptionError("this process is not a member of the group given")
-    store = (
-        dist.distributed_c10d._get_default_store()
-        if group is None
-        else (dist.distributed_c10d._get_process_group_store(group))
-    )
-    gname = "default" if group is None else str(getattr(group, "group_name", id(group)))
-    with _lock:
-        n = next(_counters.setdefault(gname, itertools.count()))
+    store, gname = _store(dist, group)
+    n = next_number(gname)
     full = os.path.abspath(os.fspath(path))
-    prefix = f"matspool/shard/{gname}/{n}/"
+    prefix = keys.save_prefix(gname, n)
+    pool = conns(spool, gname, store, rank, size)
+    timeout = float(spool.timeout) if spool.timeout else 60.0
     try:
+        spool._check_open()  # a closed spool on one rank fails the save on every rank, at once
         vars_, pieces, save = prepare(spool, full, variables, rank, oned_as, fmt)
     except BaseException as e:
         # the others learn of it at once (rank 0 fails the save for all), not by a timeout
-        why = {"error": f"sharded save to {full!r}: rank {rank}: {type(e).__name__}: {e}"}
-        with contextlib.suppress(Exception):
-            store.set(f"{prefix}blocks/{rank}", json.dumps(why))
+        why = f"sharded save to {full!r}: rank {rank}: {type(e).__name__}: {e}"
+        early_failure(pool, store, prefix, why, why, timeout)
         raise
-    timeout = float(spool.timeout) if spool.timeout else 60.0
-    job = _Job(spool, save, store, prefix, rank, size, full, fsync, vars_, pieces, timeout)
+    job = _Job(
+        pool=pool,
+        base=store,
+        prefix=prefix,
+        rank=rank,
+        size=size,
+        path=full,
+        timeout=timeout,
+        spool=spool,
+        save=save,
+        fsync=fsync,
+        vars=vars_,
+        pieces=pieces,
+    )
     threading.Thread(target=job.run, name=f"matspool-shard-{n}", daemon=True).start()
     return save.future
 
 
-@dataclass(eq=False)
-class _Job:
+@dataclass(eq=False, kw_only=True)
+class _Job(Coord):
     """One sharded save's coordination, on its own thread (see the module docstring)."""
 
     spool: Spool
     save: Save
-    store: Any
-    prefix: str
-    rank: int
-    size: int
-    path: str
     fsync: bool
     vars: list[Var]
     pieces: list[Piece]
-    timeout: float
     tmp: str | None = None
 
     def run(self) -> None:
+        ok = False
         try:
-            # a connection of this save's own: a blocking wait on a shared store client
-            # holds up every other thread's (another save's) requests behind it
-            with contextlib.suppress(Exception):  # a store that cannot clone: shared
-                self.store = self.store.clone()
+            self._connect()
             nbytes = self._run()
+            ok = True
         except BaseException as e:  # noqa: BLE001 - every failure reaches the future
+            # a verdict or the daemon's error leaves the connection as good as it was
+            ok = isinstance(e, MatspoolError) and not isinstance(e, StoreGone)
             release(self.spool, self.pieces)
-            error = e if isinstance(e, MatspoolError) else ShardError(f"sharded save to {self.path!r}: {e}")
-            self.spool._table.fail(self.save.seq, error)
+            self.spool._table.fail(self.save.seq, self._error(e))
         else:
             self.save.future.set_result(SaveResult(self.path, nbytes, self.save.format))
+        finally:
+            self._disconnect(ok)
+            self.base = None  # rank 0: the store may go once every rank has its outcome
         self.spool._table.forget(self.save)
 
-    # -- the store ------------------------------------------------------------------------
-    def _put(self, key: str, value: dict[str, Any]) -> None:
-        self.store.set(self.prefix + key, json.dumps(value))
-
-    def _wait(self, keys: list[str], timeout: float) -> None:
-        self.store.wait([self.prefix + k for k in keys], timedelta(seconds=timeout))
-
-    def _get(self, key: str) -> dict[str, Any]:
-        value: dict[str, Any] = json.loads(self.store.get(self.prefix + key))
-        return value
-
-    def _read(self) -> None:
-        """This rank has read the outcome; the last to read removes the save's keys."""
-        if self.store.add(self.prefix + "read", 1) != self.size:
-            return
-        keys = ["layout", "result", "read"] + [
-            f"{k}/{r}" for k in ("blocks", "done") for r in range(self.size)
-        ]
-        for key in keys:
-            with contextlib.suppress(Exception):
-                self.store.delete_key(self.prefix + key)
-
-    def _missing(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if not self.store.check([self.prefix + k])]
-
-    def _wait_ranks(self, what: str) -> str | None:
-        """Wait for ``what/<r>`` of every rank; the error naming those that never came."""
-        keys = [f"{what}/{r}" for r in range(self.size)]
-        try:
-            self._wait(keys, self.timeout)
-        except Exception:  # noqa: BLE001 - the store's timeout: say which ranks are missing
-            late = [k.split("/")[-1] for k in self._missing(keys)]
-            if late:
-                return (
-                    f"sharded save to {self.path!r}: rank(s) {', '.join(late)} did not "
-                    f"{'start' if what == 'blocks' else 'finish'} within {self.timeout:g} s "
-                    "(a rank or its daemon died, or did not call save())"
-                )
-        return None
+    def _error(self, e: BaseException) -> MatspoolError:
+        """The error the future gets: a store error as a ShardError saying what it was."""
+        if isinstance(e, StoreGone):  # internal: the caller sees a ShardError
+            return ShardError(str(e))
+        if isinstance(e, MatspoolError):
+            return e
+        if gone(e):
+            return ShardError(str(self._gone_error(e)))
+        return ShardError(f"{self._what()}: {type(e).__name__}: {str(e).strip()[:300]}")
 
     # -- the daemon -----------------------------------------------------------------------
     def _ask(self, message: Any) -> SaveResult:
         """Send one request to this rank's daemon and wait for its answer."""
-        return self._send(message).result(self.timeout + _RESULT_GRACE)
+        return self._send(message).result(self.timeout + GRACE)
 
     def _send(self, message: Any, lease: Lease | None = None) -> Future[SaveResult]:
         """Send one request to this rank's daemon; its future (``lease``: the ring region
@@ -207,41 +185,45 @@ class _Job:
     # -- the steps ------------------------------------------------------------------------
     def _run(self) -> int:
         self._put(
-            f"blocks/{self.rank}",
+            keys.rank_key(keys.BLOCKS, self.rank),
             {"path": self.path, "format": self.save.format, "vars": {v.name: v.wire() for v in self.vars}},
         )
         if self.rank == 0:
             self._lay_out()
         try:
-            self._wait(["layout"], self.timeout + _RESULT_GRACE)
-        except Exception as e:  # noqa: BLE001 - a timeout, or the store gone with rank 0
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            self._wait([keys.LAYOUT], self.timeout + GRACE)
+        except StoreGone:
+            raise
+        except Exception as e:  # noqa: BLE001 - a timeout
             raise ShardError(
-                f"sharded save to {self.path!r}: rank 0 did not lay the file out within "
-                f"{self.timeout + _RESULT_GRACE:g} s, or it died (the store said: {why})"
+                f"{self._what()}: rank 0 did not lay the file out within {self.timeout + GRACE:g} s, "
+                f"or it died (the store said: {str(e).strip()[:200] or type(e).__name__})"
             ) from None
-        laid = self._get("layout")
+        laid = self._get(keys.LAYOUT)
         if "error" in laid:
-            self._read()
-            raise ShardError(laid["error"])
+            self._read(laid)
+            text = laid["error"]  # a closed rank 0's word names no path: say which save
+            raise ShardError(text if self.path in text else f"{self._what()}: {text}")
         self.tmp = laid["tmp"]
         status: dict[str, Any] = {"ok": True}
         try:
             self._place(laid["offsets"])
         except BaseException as e:  # noqa: BLE001 - told to rank 0, then raised below
             status = {"error": f"rank {self.rank}: {type(e).__name__}: {e}"}
-        self._put(f"done/{self.rank}", status)
+        self._put(keys.rank_key(keys.DONE, self.rank), status)
         if self.rank == 0:
             self._finish()
         try:
-            self._wait(["result"], self.timeout + _RESULT_GRACE)
-        except Exception:  # noqa: BLE001 - rank 0 (or its daemon) is gone: clean up ourselves
+            self._wait([keys.RESULT], self.timeout + GRACE)
+        except Exception as e:
             self._discard()
+            if isinstance(e, StoreGone):
+                raise
             raise ShardError(
-                f"sharded save to {self.path!r}: no result from rank 0 within "
-                f"{self.timeout + _RESULT_GRACE:g} s (it or its daemon died); nothing was published"
+                f"{self._what()}: no result from rank 0 within {self.timeout + GRACE:g} s "
+                "(it or its daemon died); nothing was published"
             ) from None
-        result = self._get("result")
+        result = self._get(keys.RESULT)
         self._read()
         if "error" in result:
             raise ShardError(result["error"])
@@ -250,18 +232,21 @@ class _Job:
     def _lay_out(self) -> None:
         """Rank 0: check every rank's blocks, have the file laid out, tell everyone."""
         try:
-            late = self._wait_ranks("blocks")
+            late = self._wait_ranks(keys.BLOCKS)
             if late:
                 raise Failed(late)
-            ranks = [self._get(f"blocks/{r}") for r in range(self.size)]
+            ranks = [self._get(keys.rank_key(keys.BLOCKS, r)) for r in range(self.size)]
             fmt, shard_vars = check_blocks(self.path, ranks)
             laid = self._ask(Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
             assert isinstance(laid, LayoutResult)
-            self._put("layout", {"tmp": laid.path, "offsets": laid.offsets})
+            self._put(keys.LAYOUT, {"tmp": laid.path, "offsets": laid.offsets})
+        except StoreGone:
+            raise
         except Failed as e:
-            self._put("layout", {"error": str(e)})
+            text = str(e)  # a closed rank's word names no path: say which save
+            self._put(keys.LAYOUT, {"error": text if self.path in text else f"{self._what()}: {text}"})
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
-            self._put("layout", {"error": f"sharded save to {self.path!r}: rank 0: {type(e).__name__}: {e}"})
+            self._put(keys.LAYOUT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
 
     def _place(self, offsets: dict[str, list[int]]) -> None:
         """Have this rank's daemon write each of its pieces in place (all in flight at once:
@@ -276,6 +261,7 @@ class _Job:
                 finally:
                     leases.copied(lease)
                     piece.lease = lease
+            landed(self.spool, piece)  # a CUDA snapshot's D2H: in the ring before its PLACE goes
             held, piece.lease = piece.lease, None  # from here on the PLACE's to release
             assert self.tmp is not None
             v = piece.var
@@ -299,7 +285,7 @@ class _Job:
                 )
             )
         for future in sent:
-            future.result(self.timeout + _RESULT_GRACE)
+            future.result(self.timeout + GRACE)
 
     def _room(self, nbytes: int, sent: list[Future[SaveResult]]) -> Lease:
         """A ring region for a piece. No room because the daemon died (or went silent)
@@ -308,7 +294,7 @@ class _Job:
             return self.spool._leases.take(nbytes, block=True, timeout=self.timeout)
         except SpoolFull:
             for future in sent:
-                error = future.exception(self.timeout + _RESULT_GRACE)
+                error = future.exception(self.timeout + GRACE)
                 if error is not None:
                     raise error from None
             link = self.spool._link
@@ -322,20 +308,27 @@ class _Job:
     def _finish(self) -> None:
         """Rank 0: every rank done: publish; else discard. Then tell everyone."""
         try:
-            late = self._wait_ranks("done")
+            late = self._wait_ranks(keys.DONE)
             errors = [late] if late else []
             if not late:
-                errors = [d["error"] for r in range(self.size) if "error" in (d := self._get(f"done/{r}"))]
+                errors = [
+                    d["error"]
+                    for r in range(self.size)
+                    if "error" in (d := self._get(keys.rank_key(keys.DONE, r)))
+                ]
             if errors:
                 self._discard()
-                self._put("result", {"error": "; ".join(errors) + "; nothing was published"})
+                self._put(keys.RESULT, {"error": "; ".join(errors) + "; nothing was published"})
                 return
             assert self.tmp is not None
             done = self._ask(Publish(next(self.spool._seq), self.path, self.tmp, self.fsync))
-            self._put("result", {"nbytes": done.nbytes})
+            self._put(keys.RESULT, {"nbytes": done.nbytes})
+        except StoreGone:
+            self._discard()
+            raise
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._discard()
-            self._put("result", {"error": f"sharded save to {self.path!r}: rank 0: {type(e).__name__}: {e}"})
+            self._put(keys.RESULT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
 
     def _discard(self) -> None:
         if self.tmp is None:

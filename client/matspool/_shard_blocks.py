@@ -24,7 +24,7 @@ import numpy as np
 from ._errors import FormatLimitError, InvalidOptionError, MatspoolError, UnsupportedTypeError
 from ._matlab import V5_MAX_DIM, V5_MAX_VARIABLE_BYTES, check_name
 from ._msgshard import ShardVar
-from ._numeric import Prepared, prepare
+from ._numeric import MAX_DEPTH, Prepared, prepare
 
 __all__ = [
     "Failed",
@@ -55,8 +55,10 @@ class Shard:
     """
 
     __slots__ = ("global_shape", "local", "offset")
+    _made = False  # one was ever made: saves look for them nested in their values
 
     def __init__(self, local: Any, offset: Sequence[int], global_shape: Sequence[int]) -> None:
+        Shard._made = True
         shape = getattr(local, "shape", None)
         if shape is None:
             raise UnsupportedTypeError(
@@ -96,10 +98,44 @@ def _is_dtensor(value: object) -> bool:
 
 def is_sharded(variables: object) -> bool:
     """Whether a save's variables call for a sharded save (anything but a mapping is not:
-    the planner refuses it with its own message)."""
+    the planner refuses it with its own message). A Shard or DTensor inside a struct,
+    cell or list (not a variable of its own) is refused, naming its place."""
     if not isinstance(variables, Mapping):
         return False
-    return any(isinstance(v, Shard) or _is_dtensor(v) for v in variables.values())
+    top = False
+    look = Shard._made or "torch.distributed.tensor" in sys.modules  # else none can exist
+    for name, value in variables.items():
+        if isinstance(value, Shard) or _is_dtensor(value):
+            top = True
+        elif look:
+            _refuse_nested(str(name), value, 0)
+    return top
+
+
+def _refuse_nested(label: str, value: object, depth: int) -> None:
+    """Raise :class:`ShardError` for a Shard or DTensor anywhere inside ``value`` (labels
+    as MATLAB would name the place: ``u.a``, ``u{2}``, ``u(1).a``)."""
+    if depth > 0 and (isinstance(value, Shard) or _is_dtensor(value)):
+        what = "matspool.Shard" if isinstance(value, Shard) else "DTensor"
+        raise ShardError(
+            f"variable {label!r}: a {what} inside a struct, cell or list cannot be saved: a sharded "
+            "save takes each global array as a variable of its own (name it at the top level), "
+            "or save its gathered value (.full_tensor()) or this rank's block (.to_local(), .local)"
+        )
+    if depth >= MAX_DEPTH:
+        return
+    items: Any = ()
+    if isinstance(value, Mapping):
+        items = ((f"{label}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        if value and all(isinstance(v, Mapping) and set(v) == set(value[0]) for v in value):  # struct array
+            items = ((f"{label}({i + 1}).{k}", x) for i, v in enumerate(value) for k, x in v.items())
+        else:
+            items = ((f"{label}{{{i + 1}}}", v) for i, v in enumerate(value))
+    elif isinstance(value, np.ndarray) and value.dtype.kind == "O":
+        items = ((f"{label}{{{i + 1}}}", v) for i, v in enumerate(value.ravel(order="F")))
+    for sub, v in items:
+        _refuse_nested(sub, v, depth + 1)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ thread, for the pieces it alone holds by then.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ._shard_blocks import variables as rank_blocks
 if TYPE_CHECKING:
     from ._spool import Spool
 
-__all__ = ["Piece", "copy_piece", "prepare", "release"]
+__all__ = ["Piece", "copy_piece", "landed", "prepare", "release"]
 
 
 @dataclass(slots=True)
@@ -41,22 +42,43 @@ class Piece:
     within: tuple[int, ...]  # its first element within ``source``
     ring_offset: int = -1  # where its bytes are in the ring, once copied
     lease: Lease | None = None  # released when the daemon answers this piece's PLACE
+    pending: Any = None  # a CUDA piece's D2H in flight (``_cuda.PendingCopy``), until ``landed``
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.var.dtype).itemsize
 
 
-def copy_piece(spool: Spool, piece: Piece, offset: int) -> None:
-    """Copy ``piece`` into ``spool``'s ring at ``offset`` (column-major)."""
+def copy_piece(spool: Spool, piece: Piece, offset: int, *, wait: bool = True) -> None:
+    """Copy ``piece`` into ``spool``'s ring at ``offset`` (column-major). A CUDA piece goes
+    through the spool's CUDA copier as a whole CUDA save's variables do (a snapshot on the
+    caller's stream, the D2H on matspool's copy stream into the page-locked ring);
+    ``wait=False`` leaves the D2H in flight (``piece.pending``: waited for before its PLACE
+    goes, or before its region is released)."""
     ring = spool._ring
     assert ring is not None
     p = piece.source
     sub = p.array[tuple(slice(o, o + n) for o, n in zip(piece.within, piece.shape, strict=True))]
-    if p.is_cuda:  # the one D2H copy, widened as prepare() does on the host
+    if p.is_cuda and spool._copies is not None:
+        copier = spool._copies.cuda(sub.device.index or 0)
+        pending = copier.start([(Prepared(p.name, p.dtype, piece.shape, sub, True), offset)])
+        piece.ring_offset = offset
+        if wait:
+            pending.wait(spool.timeout)
+        else:
+            piece.pending = pending
+        return
+    if p.is_cuda:  # no copier (no link yet?): one synchronous D2H, widened as prepare() does
         sub = sub.to(torch_dtype(p.dtype)).cpu().resolve_conj().resolve_neg().numpy()
     copy_host(Prepared(p.name, p.dtype, piece.shape, sub, False), ring.array, offset)
     piece.ring_offset = offset
+
+
+def landed(spool: Spool, piece: Piece) -> None:
+    """Wait for ``piece``'s D2H still in flight (a CUDA piece of a snapshot), if any."""
+    pending, piece.pending = piece.pending, None
+    if pending is not None:
+        pending.wait(spool.timeout)
 
 
 def _snapshot(spool: Spool, pieces: list[Piece], total: int) -> None:
@@ -67,9 +89,12 @@ def _snapshot(spool: Spool, pieces: list[Piece], total: int) -> None:
     try:
         at = lease.offset
         for piece in pieces:
-            copy_piece(spool, piece, at)
+            copy_piece(spool, piece, at, wait=False)  # CUDA: the D2H goes on meanwhile
             at += aligned(piece.nbytes)
     except BaseException:
+        for piece in pieces:  # no copy may still run into the region when it goes back
+            with contextlib.suppress(Exception):
+                landed(spool, piece)
         spool._leases.copied(lease)
         spool._leases.answered(lease)
         raise
@@ -109,6 +134,8 @@ def prepare(
 
 def release(spool: Spool, pieces: list[Piece]) -> None:
     for piece in pieces:
+        with contextlib.suppress(Exception):  # no copy may still run into a released region
+            landed(spool, piece)
         if piece.lease is not None:
             spool._leases.answered(piece.lease)
             piece.lease = None

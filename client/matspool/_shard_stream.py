@@ -12,37 +12,40 @@ rank, a daemon or the coordination failing mid-step fails that step on every ran
 leaves every earlier step as it was.
 
 Steps of one stream run one after another (step ``k + 1`` begins on a rank once step
-``k``'s outcome is known there). Store keys: ``matspool/sstream/<group>/<s>/<k>/``, ``s``
-counting this process's sharded streams on the group: every rank must start its sharded
-streams, and append to them, in the same order, as for any collective.
+``k``'s outcome is known there). Store keys (``_shard_keys``):
+``matspool/sstream/<group>/<s>/<k>/``, ``s`` counting this process's sharded streams on
+the group: every rank must start its sharded streams, and append to them, in the same
+order, as for any collective. As for a sharded save, none is left once every rank has the
+step's outcome, and each step's thread uses a store connection from the spool's pool
+(``_shard_conns``: a clone per step was seen to take 5 s now and then).
 
 Threads: ``append_sharded`` runs in the caller's thread (checks, the ring snapshot); each
 step then has a ``matspool-sstream`` thread of its own (``_shard._Job``'s rules), which
 waits for the previous step's. A :class:`ShardedStream` is its stream's caller's, but
 ``vars`` (rank 0's record of the stream's variables), which step threads update one at a
-time, and ``conn``, the steps' one store connection (a clone per step, as a sharded save
-makes, was seen to take 5 s now and then), which each step's thread uses in turn.
-``_counters`` is shared under ``_lock``.
+time under ``lock``. ``_counters`` is shared under ``_lock``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from ._errors import InvalidOptionError, MatspoolError
+from . import _shard_keys as keys
+from ._errors import InvalidOptionError
 from ._msgshard import Discard, Layout, LayoutResult, ShardVar, StreamStep
 from ._planner import level
 from ._saves import SaveResult
-from ._shard import _Job
+from ._shard import _Job, _store
 from ._shard_blocks import Failed, ShardError, check_blocks
-from ._shard_ring import prepare, release
+from ._shard_conns import Conns, conns
+from ._shard_coord import StoreGone, early_failure
+from ._shard_ring import prepare
 
 if TYPE_CHECKING:
     from ._spool import Spool
@@ -53,6 +56,7 @@ __all__ = ["ShardedStream", "append_sharded"]
 _lock = threading.Lock()
 _counters: dict[str, itertools.count[int]] = {}
 _KEEP: Final = "the stream keeps its earlier steps"
+_EARLIER: Final = "every earlier step is in the stream"
 
 
 @dataclass(eq=False)
@@ -60,6 +64,7 @@ class ShardedStream:
     """A stream's coordination state on this rank (see the module docstring)."""
 
     store: Any
+    pool: Conns  # the store connections the steps' threads take in turn
     gname: str
     number: int
     rank: int
@@ -67,29 +72,21 @@ class ShardedStream:
     step: int = 0
     vars: list[ShardVar] | None = None  # rank 0: the variables of the steps in the file (None: none yet)
     last: threading.Event | None = None  # set once the latest step's outcome is known
-    conn: Any = None  # the steps' own store connection, made by the first step's thread
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _group_of(spool: Spool, group: Any) -> ShardedStream:
     import torch.distributed as dist
 
-    if spool._remote:
-        raise InvalidOptionError("a sharded stream needs a daemon on this host (not a tcp:// endpoint)")
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidOptionError("a sharded stream needs torch.distributed initialised (init_process_group)")
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise InvalidOptionError("this process is not a member of the group given")
-    store = (
-        dist.distributed_c10d._get_default_store()
-        if group is None
-        else dist.distributed_c10d._get_process_group_store(group)
-    )
-    gname = "default" if group is None else str(getattr(group, "group_name", id(group)))
+    store, gname = _store(dist, group)
     with _lock:
         number = next(_counters.setdefault(gname, itertools.count()))
-    return ShardedStream(store, gname, number, rank, size)
+    return ShardedStream(store, conns(spool, gname, store, rank, size), gname, number, rank, size)
 
 
 def append_sharded(
@@ -107,34 +104,32 @@ def append_sharded(
                 "(a Shard or DTensor, or group=) from its first step on, or never"
             )
         state = stream._shards = _group_of(spool, group)
-    spool._check_open()
     k = state.step
     state.step += 1  # every rank counts every step, even one that fails here
-    prefix = f"matspool/sstream/{state.gname}/{state.number}/{k}/"
+    prefix = keys.step_prefix(state.gname, state.number, k)
+    timeout = float(spool.timeout) if spool.timeout else 60.0
     try:
+        spool._check_open()
         vars_, pieces, save = prepare(spool, stream.path, variables, state.rank, oned_as, "v7.3")
     except BaseException as e:
         # the others learn of it at once (rank 0 fails the step for all), not by a timeout
-        why = json.dumps({"error": f"rank {state.rank}: {type(e).__name__}: {e}"})
-        with contextlib.suppress(Exception):
-            state.store.set(f"{prefix}blocks/{state.rank}", why)
-            if state.rank == 0:  # no step thread of rank 0 will tell them
-                text = f"sharded stream {stream.path!r}: step {k}: rank 0: {type(e).__name__}: {e}; {_KEEP}"
-                state.store.set(f"{prefix}layout", json.dumps({"error": text}))
+        why = f"rank {state.rank}: {type(e).__name__}: {e}"
+        text = f"sharded stream {stream.path!r}: step {k}: {why}; {_KEEP}"
+        early_failure(state.pool, state.store, prefix, why, text, timeout)
         raise
-    timeout = float(spool.timeout) if spool.timeout else 60.0
     job = _StepJob(
-        spool,
-        save,
-        state.store,
-        prefix,
-        state.rank,
-        state.size,
-        stream.path,
-        fsync,
-        vars_,
-        pieces,
-        timeout,
+        pool=state.pool,
+        base=state.store,
+        prefix=prefix,
+        rank=state.rank,
+        size=state.size,
+        path=stream.path,
+        timeout=timeout,
+        spool=spool,
+        save=save,
+        fsync=fsync,
+        vars=vars_,
+        pieces=pieces,
         stream=state,
         step=k,
         level=spool.compress if compress is None else level(compress),
@@ -146,12 +141,6 @@ def append_sharded(
         if after is not None:
             after.wait()
         try:
-            if state.conn is None:  # one connection for every step (they run one at a time):
-                try:  # a clone can take seconds (seen: 5 s), so not one per step
-                    state.conn = state.store.clone()
-                except Exception:  # noqa: BLE001 - a store that cannot clone: shared
-                    state.conn = state.store
-            job.store = state.conn
             job.run()
         finally:
             done.set()
@@ -160,7 +149,7 @@ def append_sharded(
     return save.future
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _StepJob(_Job):
     """One step's coordination: a sharded save whose end is STEP, not PUBLISH."""
 
@@ -169,21 +158,15 @@ class _StepJob(_Job):
     level: int = 0
     checked: list[ShardVar] | None = None  # rank 0: this step's variables, once checked
 
-    def run(self) -> None:
-        """As a sharded save's, on the stream's own store connection (``ShardedStream.conn``,
-        set by the step's thread) instead of a clone per step."""
-        try:
-            nbytes = self._run()
-        except BaseException as e:  # noqa: BLE001 - every failure reaches the future
-            release(self.spool, self.pieces)
-            error = e if isinstance(e, MatspoolError) else ShardError(f"{self._what()}: {e}")
-            self.spool._table.fail(self.save.seq, error)
-        else:
-            self.save.future.set_result(SaveResult(self.path, nbytes, self.save.format))
-        self.spool._table.forget(self.save)
-
     def _what(self) -> str:
         return f"sharded stream {self.path!r}: step {self.step}"
+
+    def _unknown(self) -> str:
+        return f"whether the step was added is unknown; {_EARLIER}"
+
+    def _said(self, text: str) -> str:
+        """``text`` as this step's error (once)."""
+        return text if text.startswith(self._what()) else f"{self._what()}: {text}"
 
     def _run(self) -> int:
         """As a sharded save's, with the errors this rank raises itself told as this
@@ -192,19 +175,13 @@ class _StepJob(_Job):
             return super()._run()
         except ShardError as e:
             text = str(e)
-            if text.startswith("sharded stream "):
+            if text.endswith((_KEEP, _EARLIER)):
                 raise
-            text = text.replace(f"sharded save to {self.path!r}: ", "")
-            if text.startswith("no result from rank 0"):  # it may have asked for the STEP
-                text = text.replace("nothing was published", "whether the step was added is unknown")
-            raise ShardError(f"{self._what()}: {text}; every earlier step is in the stream") from None
-        except MatspoolError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the store failed: rank 0, which holds it, died?
-            raise ShardError(
-                f"{self._what()}: the group's store failed ({type(e).__name__}: {str(e).strip()[:200]}); "
-                "whether the step was added is unknown; every earlier step is in the stream"
-            ) from None
+            if "no result from rank 0" in text:  # it may have asked for the STEP
+                text = text.replace("nothing was published", self._unknown())
+            else:
+                text = f"{text}; {_EARLIER}"
+            raise ShardError(text) from None
 
     def _put(self, key: str, value: dict[str, Any]) -> None:
         """As a sharded save's, with its errors told as this stream step's."""
@@ -218,20 +195,22 @@ class _StepJob(_Job):
         """Rank 0: check every rank's blocks, and the step against the stream's earlier
         ones; have the step's temporary laid out; tell everyone."""
         try:
-            late = self._wait_ranks("blocks")
+            late = self._wait_ranks(keys.BLOCKS)
             if late:
                 raise Failed(late)
-            ranks = [self._get(f"blocks/{r}") for r in range(self.size)]
+            ranks = [self._get(keys.rank_key(keys.BLOCKS, r)) for r in range(self.size)]
             _, shard_vars = check_blocks(self.path, ranks)
             self._check_step(shard_vars)
             laid = self._ask(Layout(next(self.spool._seq), self.path, "v7.3", tuple(shard_vars)))
             assert isinstance(laid, LayoutResult)
             self.checked = shard_vars
-            self._put("layout", {"tmp": laid.path, "offsets": laid.offsets})
+            self._put(keys.LAYOUT, {"tmp": laid.path, "offsets": laid.offsets})
+        except StoreGone:
+            raise
         except Failed as e:
-            self._put("layout", {"error": f"{self._what()}: {e}"})
+            self._put(keys.LAYOUT, {"error": self._said(str(e))})
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
-            self._put("layout", {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+            self._put(keys.LAYOUT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
 
     def _check_step(self, got: list[ShardVar]) -> None:
         """Every variable has elements, and a later step has the first one's variables."""
@@ -261,13 +240,17 @@ class _StepJob(_Job):
         """Rank 0: every rank done: the temporary becomes the stream's next step; else it
         is thrown away. Then tell everyone."""
         try:
-            late = self._wait_ranks("done")
+            late = self._wait_ranks(keys.DONE)
             errors = [late] if late else []
             if not late:
-                errors = [d["error"] for r in range(self.size) if "error" in (d := self._get(f"done/{r}"))]
+                errors = [
+                    d["error"]
+                    for r in range(self.size)
+                    if "error" in (d := self._get(keys.rank_key(keys.DONE, r)))
+                ]
             if errors:
                 self._discard()
-                self._put("result", {"error": f"{self._what()}: " + "; ".join(errors)})
+                self._put(keys.RESULT, {"error": self._said("; ".join(errors))})
                 return
             assert self.tmp is not None and self.stream is not None
             with self.stream.lock:  # no step in the file yet (the first failed?): this one creates it
@@ -277,10 +260,13 @@ class _StepJob(_Job):
             with self.stream.lock:
                 if create:
                     self.stream.vars = self.checked
-            self._put("result", {"nbytes": done.nbytes})
+            self._put(keys.RESULT, {"nbytes": done.nbytes})
+        except StoreGone:
+            self._discard()
+            raise
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._discard()
-            self._put("result", {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+            self._put(keys.RESULT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
 
     def _discard(self) -> None:
         if self.tmp is None:

@@ -372,6 +372,7 @@ class Spool:
         _lifecycle.forget(self)
         if self._pid != os.getpid():
             return  # the parent's parts: not ours to close
+        _shard.closing(self)  # the other ranks' sharded saves waiting on this spool fail at once
         try:
             wait_for_saves(self._table.futures(), timeout, "close()")
         except KeyboardInterrupt:  # a second Ctrl-C (named the saves) or one with none left

@@ -46,16 +46,26 @@ def write_job(
 
 
 def shard_job(
-    client: Client | None, msg: Layout | Place | Publish | Discard | StreamStep, *, stopping: bool
+    client: Client | None,
+    msg: Layout | Place | Publish | Discard | StreamStep,
+    payload: list[memoryview] | None = None,
+    *,
+    stopping: bool,
 ) -> ShardJob:
     """LAYOUT, PLACE, PUBLISH or DISCARD of a save sharded over ranks (``sharded``), or
-    STEP of a sharded stream (``sharded_stream``)."""
+    STEP of a sharded stream (``sharded_stream``). A remote (tcp://) client's PLACE
+    brings its block as one payload frame of exactly its size."""
     if client is None:
         raise UnknownClient(f"{msg.OP} before HELLO: this daemon does not know the client")
     if stopping and not isinstance(msg, Discard):
         raise WriteFailed("the daemon is shutting down and takes no new writes")
     if isinstance(msg, StreamStep):
         return StepJob.of_step(client, msg)
+    if isinstance(msg, Place) and client.mm is None:
+        if not payload or len(payload) != 1 or len(payload[0]) != msg.nbytes:
+            got = [len(p) for p in payload or []]
+            raise ProtocolError(f"PLACE of {msg.nbytes} bytes from a remote client came with frames {got}")
+        return ShardJob.of(client, msg, payload[0])
     return ShardJob.of(client, msg)
 
 

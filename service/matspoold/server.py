@@ -279,10 +279,12 @@ class Daemon:
             raw = proto.decode_head(body[0].bytes, body[1].bytes)
             payload = [f.buffer for f in body[2:]]
             sender = self._clients.get(ident)
-            if payload and (raw["op"] not in ("WRITE", "PART") or sender is None or sender.mm is not None):
+            if payload and (
+                raw["op"] not in ("WRITE", "PART", "PLACE") or sender is None or sender.mm is not None
+            ):
                 raise ProtocolError(
                     f"expected 2 frames, got {len(body)}: payload frames come "
-                    "only with WRITE or PART from a remote (tcp://) client"
+                    "only with WRITE, PART or PLACE from a remote (tcp://) client"
                 )
             raws = msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,)
         except Exception as e:  # noqa: BLE001 - any bad message is refused to its sender; the loop lives on
@@ -333,7 +335,7 @@ class Daemon:
                 self._enqueue(piece_job(self._clients.get(ident), msg, payload))
             elif isinstance(msg, (Layout, Place, Publish, Discard, StreamStep)):
                 # a save sharded over ranks: sharded.py (a sharded stream's STEP: sharded_stream.py)
-                self._enqueue(shard_job(client, msg, stopping=stopping))
+                self._enqueue(shard_job(client, msg, payload, stopping=stopping))
             elif isinstance(msg, msgs.Bye):
                 self._clients.bye(ident)
             if reply is not None:

@@ -112,10 +112,11 @@ class ShardJob(Job):
 
     op: ShardOp | None = None
     laid_out: LaidOut | None = None  # LAYOUT's answer, once done
+    frame: memoryview | None = None  # a remote (tcp://) client's PLACE: its block (no ring here)
 
     @classmethod
-    def of(cls, client: Any, op: ShardOp) -> ShardJob:
-        return cls(client, _request(op, client.ident), "shard", op=op)
+    def of(cls, client: Any, op: ShardOp, frame: memoryview | None = None) -> ShardJob:
+        return cls(client, _request(op, client.ident), "shard", op=op, frame=frame)
 
     @property
     def op_name(self) -> str:
@@ -166,13 +167,14 @@ class ShardJob(Job):
 
     def _place(self, final: Target, op: Place) -> int:
         mm = self.client.mm
-        if mm is None:
-            raise ProtocolError("PLACE needs a ring on this host: a remote (tcp://) client cannot shard")
-        data = (
-            np.frombuffer(mm.read(op.ring_offset, op.nbytes), np.uint8)
-            if isinstance(mm, ShmRing)
-            else np.frombuffer(mm, np.uint8, op.nbytes, op.ring_offset)
-        )
+        if mm is None:  # a remote (tcp://) client: the block came as the message's frame
+            if self.frame is None or len(self.frame) != op.nbytes:
+                raise ProtocolError("PLACE from a remote (tcp://) client needs its block as one frame")
+            data = np.frombuffer(self.frame, np.uint8)
+        elif isinstance(mm, ShmRing):
+            data = np.frombuffer(mm.read(op.ring_offset, op.nbytes), np.uint8)
+        else:
+            data = np.frombuffer(mm, np.uint8, op.nbytes, op.ring_offset)
         fd = _open_tmp(final, op.tmp, os.O_WRONLY)
         try:
             itemsize = np.dtype(op.dtype).itemsize

@@ -66,6 +66,8 @@ stage gpu-pipeline 150 "$py" -m pytest -q -p no:cacheprovider -rs --durations=10
   --junitxml="$out/gpu-pipeline.xml" tests/gpu/test_cuda_pipeline.py
 stage gpu-tests 120 "$py" -m pytest -q -p no:cacheprovider -rs --durations=10 \
   --junitxml="$out/gpu-tests.xml" tests/gpu/test_cuda.py tests/gpu/test_cuda_sparse.py
+stage gpu-sharded 60 "$py" -m pytest -q -p no:cacheprovider -rs --durations=5 \
+  --junitxml="$out/gpu-sharded.xml" tests/gpu/test_cuda_sharded.py
 stage d2h 40 "$py" tests/gpu/measure_d2h.py "$out/d2h.json"
 stage bench-d2h 30 "$py" -m bench --quick --only d2h --json "$out/bench-d2h.json" --dir "${BENCH_DIR:-/tmp}"
 stage bench-stall 60 "$py" -m bench --quick --only stall --json "$out/bench-stall.json" --dir "${BENCH_DIR:-/tmp}"
