@@ -11,11 +11,12 @@ ends the daemon.
 
 The daemon is split by job, each module owning its state:
 
-- here: the socket, message dispatch, the counters, start and stop;
+- here: the socket, message dispatch, start and stop;
 - ``sessions``: the client table (HELLO, BYE, reaping the dead);
 - ``scheduler``: per-path order and the writer threads;
 - ``intake``: a checked WRITE, PART, END or sharded op made into a writer's job;
 - ``jobs``: what a writer does with one WRITE, PART or END;
+- ``outcomes``: what a finished job becomes (the counters, its client's books, DONE);
 - ``replies``: ERR and DONE messages;
 - ``listen``: binding the socket; ``endpoint``: one daemon per ipc socket;
 - ``cleanup``: leftovers of dead processes;
@@ -60,11 +61,12 @@ from .guard import Guard
 from .intake import piece_job, shard_job, write_job
 from .jobs import Job, JobRunner
 from .listen import Listener
+from .outcomes import Outcomes
 from .paths import normalize_roots
-from .replies import done_messages, error_msg, refuse
+from .replies import refuse
 from .scheduler import Result, Scheduler
 from .sessions import DEFAULT_MAX_RING_BYTES, DEFAULT_MAX_TOTAL_RING_BYTES, Client, Clients
-from .sharded import LAID, ShardJob
+from .sharded import LAID
 from .writers._files import TEMPS
 
 __all__ = ["Daemon", "install_signal_handlers"]
@@ -134,9 +136,7 @@ class Daemon:
         # a plain flag, not an Event: stop() runs in signal handlers, which may interrupt the
         # main thread inside an earlier stop(); Event.set() would then wait on its own lock
         self._stopping = False
-        self.files_written = 0
-        self.bytes_written = 0
-        self.errors = 0
+        self._outcomes = Outcomes(self._clients)  # counters, DONEs not yet sent
         self.started = time.monotonic()
         self.instance = secrets.token_hex(8)  # tells clients this daemon from an earlier one
         self.clean_stale = clean_stale
@@ -152,7 +152,6 @@ class Daemon:
             socket_group=socket_group,
         )
         self.snapshot: StatusReply = self.status()  # refreshed by the loop; read by metrics
-        self._done: dict[bytes, list[tuple[int, int]]] = {}  # DONEs not yet sent, by client
         # messages received, not yet handled, in arrival order: (sender, message, payload
         # frames, whether the daemon was stopping when it arrived)
         self._backlog: deque[tuple[bytes, dict[str, Any], list[memoryview], bool]] = deque()
@@ -208,7 +207,7 @@ class Daemon:
                     while wake.poll(0):
                         wake.recv()
                 guard.events()  # before reading: a connection beyond the cap says nothing
-                self._drain_results(router)
+                self._outcomes.drain(guard, self._scheduler)
                 if router in events:
                     for _ in range(256):  # bounded, so results are never starved
                         try:
@@ -218,7 +217,7 @@ class Daemon:
                         self._handle(router, frames)
                 if self._backlog:
                     self._work(router)
-                    self._send_done()
+                    self._outcomes.send_done(guard)
                 if time.monotonic() >= next_reap:
                     self._clients.reap()
                     guard.reconcile()
@@ -237,7 +236,7 @@ class Daemon:
                     break
         finally:
             self._scheduler.shutdown()
-            self._drain_results(router)
+            self._outcomes.drain(guard, self._scheduler)
             self._jobs.abort_all()  # saves in pieces never ended: no temporary stays
             self._clients.release_all()
             TEMPS.record = None
@@ -251,7 +250,7 @@ class Daemon:
             if self._listener.claim is not None:
                 # removes the socket only if it is still ours (a job's daemon: its lock file too)
                 self._listener.claim.release(remove_lock=self.idle_exit is not None)
-            log.info("stopped after %d files", self.files_written)
+            log.info("stopped after %d files", self._outcomes.files_written)
 
     def status(self) -> StatusReply:
         now = time.monotonic()
@@ -261,9 +260,9 @@ class Daemon:
             self.endpoint,
             tuple(self.roots),
             now - self.started,
-            self.files_written,
-            self.bytes_written,
-            self.errors,
+            self._outcomes.files_written,
+            self._outcomes.bytes_written,
+            self._outcomes.errors,
             tuple(self._clients.status(now)),
         )
 
@@ -316,7 +315,11 @@ class Daemon:
     ) -> None:
         try:
             client = self._clients.get(ident)
-            if raw["op"] == "WRITE" and client is not None and self._seen(router, client, raw.get("seq")):
+            if (
+                raw["op"] == "WRITE"
+                and client is not None
+                and self._outcomes.seen(self._guard, client, raw.get("seq"))
+            ):
                 return
             msg = msgs.parse_request(raw, None if client is None else client.ring_bytes)
             reply: msgs.Reply | None = None
@@ -343,21 +346,11 @@ class Daemon:
         except Exception as e:  # noqa: BLE001 - any failure is answered as ERR; the loop lives on
             refuse(self._guard, ident, raw.get("seq", -1), e)
 
-    def _seen(self, router: zmq.Socket[bytes], client: Client, seq: object) -> bool:
-        """A WRITE sent again (after a reconnect): still being written, its answer is on the
-        way; written already, it is answered again, not written twice."""
-        if not isinstance(seq, int):
-            return False
-        if seq in client.answered:
-            self._guard.send_multipart([client.ident, *msgs.encode(client.answered[seq])])
-            return True
-        return seq in client.active
-
     def _enqueue(self, job: Job) -> None:
         job.client.inflight += 1
         ring_bytes = job.ring_bytes
         if self._inline(job, ring_bytes):
-            self._settle(Result(job, *self._jobs.run(job)), 0)
+            self._outcomes.settle(self._guard, Result(job, *self._jobs.run(job)), 0)
             return
         job.client.payload_inflight += ring_bytes
         self._scheduler.enqueue(job)
@@ -377,63 +370,6 @@ class Daemon:
             and ring_bytes <= INLINE_BYTES
             and self._scheduler.idle(req.path)
         )
-
-    def _drain_results(self, router: zmq.Socket[bytes]) -> None:
-        """Answer the writers' finished jobs; a client's DONEs go out together."""
-        while (result := self._scheduler.next_result()) is not None:
-            self._settle(result, result.job.ring_bytes)
-        self._send_done()
-
-    def _send_done(self) -> None:
-        """The DONEs gathered since the last call, one message per client (``replies``)."""
-        if not self._done:
-            return
-        done, self._done = self._done, {}
-        for ident, answers in done.items():
-            for message in done_messages(answers):
-                self._guard.send_multipart([ident, *msgs.encode(message)])
-
-    def _settle(self, result: Result, ring_bytes: int) -> None:
-        """Answer one finished job (a DONE waits in ``_done`` for ``_send_done``);
-        ``ring_bytes``: what it added to its client's ``payload_inflight``."""
-        send = self._guard.send_multipart
-        done = self._done
-        job, nbytes, error = result
-        req, client = job.request, job.client
-        client.payload_inflight -= ring_bytes
-        if isinstance(job, ShardJob):  # LAID_OUT, DONE or ERR, never counted as a file
-            if error is not None:
-                log.warning("sharded save's %s of %s failed: %s", job.op_name, job.op_path, error)
-                self.errors += 1
-            send(
-                [
-                    client.ident,
-                    *msgs.encode(job.reply(nbytes) if error is None else error_msg(req.seq, error)),
-                ]
-            )
-        elif job.kind == "part" and error is None:  # its ring space is free again
-            assert job.part is not None
-            send([client.ident, *msgs.encode(msgs.PartDone(req.seq, job.part.offset))])
-        elif job.kind == "begin" and error is None:  # laid out: the small variables' ring
-            send([client.ident, *msgs.encode(msgs.PartDone(req.seq, None))])  # space is free
-        elif error is None:
-            self.files_written += 1
-            self.bytes_written += nbytes or 0
-            client.files += 1
-            client.bytes_written += nbytes or 0
-            done.setdefault(client.ident, []).append((req.seq, nbytes or 0))
-            client.remember(req.seq, msgs.Done(((req.seq, nbytes or 0),)))
-        else:
-            log.warning("save %d to %s failed: %s", req.seq, req.path, error)
-            self.errors += 1
-            client.errors += 1
-            reply = error_msg(req.seq, error)
-            self._guard.send_multipart([client.ident, *msgs.encode(reply)])
-            client.remember(req.seq, reply)
-        if job.kind == "end":
-            client.begun.pop(req.seq, None)
-        client.inflight -= 1
-        self._clients.settled(client)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

@@ -11,17 +11,18 @@ How (one append, ``journaled``):
    file) is created holding a header: magic, ``L``, the file's device, inode and a
    checksum of its first 128 bytes (the MAT header, which HDF5 never writes; a file that
    reuses the inode number differs there), and a CRC. The file is not touched before.
-2. HDF5 works on an ``UndoFile`` (h5py's ``driver='fileobj'``), so every byte it reads or
-   writes passes through Python. Writes at or beyond ``L`` (the new chunks, new B-tree
-   nodes) go straight to the file. Writes below ``L`` are *held in memory*; reads see them.
-   So until the commit the bytes below ``L`` are still the old, consistent file, and a
-   kill leaves only a tail beyond ``L``, which recovery cuts off.
+2. HDF5 works on an ``UndoFile`` (``_undofile``; h5py's ``driver='fileobj'``), so every
+   byte it reads or writes passes through Python. Writes at or beyond ``L`` (the new
+   chunks, new B-tree nodes) go straight to the file. Writes below ``L`` are *held in
+   memory*; reads see them. So until the commit the bytes below ``L`` are still the old,
+   consistent file, and a kill leaves only a tail beyond ``L``, which recovery cuts off.
 3. Commit, after HDF5 closed the file: the original bytes of every held range are appended
    to the journal with a CRC over the whole journal (one write; with ``fsync``, the journal
    and its directory are fsynced), then the held writes go into the file (fsynced when
    asked), then the journal is unlinked (the directory fsynced when asked: a journal that
    survived a power loss would roll an acknowledged step back). The held writes go in
-   the order that keeps the file readable at every write boundary (``_apply_rank``).
+   the order that keeps the file readable at every write boundary
+   (``_undofile._apply_rank``).
 4. ``recover(path)`` runs before every append (and may run any time; it is idempotent):
    no journal: nothing to do. Header unreadable: the file was never touched, drop it.
    Device, inode or first bytes differ: the journal belongs to a file since replaced,
@@ -52,8 +53,6 @@ file-object driver instead of its C one; with ``fsync``, four fsyncs instead of 
 
 from __future__ import annotations
 
-import bisect
-import errno
 import hashlib
 import logging
 import os
@@ -62,12 +61,12 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from matspool._errors import WriteFailed
 
 from ..fsconfine import Target, as_target, open_in
 from ._files import fsync_dir, pwrite_all
+from ._undofile import IDENT_BYTES, UndoFile
 
 __all__ = ["HEADER_BYTES", "JOURNAL_SUFFIX", "UndoFile", "journal_path", "journaled", "recover"]
 
@@ -78,11 +77,8 @@ _MAGIC = b"MSPUNDO1"
 _END = b"MSPUNDO."
 _HEAD = struct.Struct("<8sQQQII")  # magic, L, st_dev, st_ino, identity, crc32 of the fields before
 HEADER_BYTES = _HEAD.size  # a journal no longer than this: the commit had not begun
-_IDENT_BYTES = 128  # the MAT header ("Created on: ..."), in HDF5's userblock: never written
 _RECORD = struct.Struct("<QI")  # offset, length; the original bytes follow
 _TAIL = struct.Struct("<II8s")  # records, crc32 of everything before, end magic
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_HOLD_MAX = 1 << 20  # after a failure: larger writes are raw chunk data, dropped
 
 
 def journal_path(path: str) -> str:
@@ -103,135 +99,6 @@ def _unlink(target: Target, name: str) -> None:
         os.unlink(name, dir_fd=target.dir_fd)
     except FileNotFoundError:
         pass
-
-
-class UndoFile:
-    """The file object HDF5 sees during one append (see the module docstring): writes
-    below ``base`` are held in memory, the rest go to ``fd``. Used by one thread."""
-
-    def __init__(self, fd: int, base: int) -> None:
-        self.fd = fd
-        self.base = base
-        self.eof = base  # the length HDF5 believes the file has
-        self.held: list[tuple[int, bytes]] = []  # in write order; later ones win
-        self.error: OSError | None = None
-        self.size = base  # the file's size once committed
-        self._pos = 0
-
-    # -- the methods h5py's fileobj driver calls ---------------------------------------
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._pos = (
-            offset
-            if whence == os.SEEK_SET
-            else (self._pos + offset if whence == os.SEEK_CUR else self.eof + offset)
-        )
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        off, n = self._pos, len(view)
-        got = os.preadv(self.fd, [view], off) if n else 0
-        if got < n:
-            view[got:] = bytes(n - got)
-        for start, data in self.held:  # what HDF5 wrote but the file does not hold yet
-            lo, hi = max(start, off), min(start + len(data), off + n)
-            if lo < hi:
-                view[lo - off : hi - off] = data[lo - start : hi - start]
-        self._pos += n
-        return n
-
-    def read(self, n: int = -1) -> bytes:
-        buf = bytearray(max(0, self.eof - self._pos) if n < 0 else n)
-        self.readinto(buf)
-        return bytes(buf)
-
-    def write(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        off, n = self._pos, len(view)
-        self._pos += n
-        self.eof = max(self.eof, off + n)
-        if off < _IDENT_BYTES and self.error is None:  # a file without a userblock
-            self.error = OSError(
-                errno.EINVAL, "the file has no userblock: its first bytes would be rewritten"
-            )
-        if self.error is not None:
-            self._hold(off, view)
-            return n
-        if off < self.base:
-            self.held.append((off, bytes(view[: self.base - off])))
-        if off + n > self.base:
-            start = max(off, self.base)
-            try:
-                pwrite_all(self.fd, view[start - off :], start)
-            except OSError as e:
-                self.error = e
-                self._hold(start, view[start - off :])
-        return n
-
-    def truncate(self, size: int | None = None) -> int:
-        self.eof = self._pos if size is None else size
-        if self.error is None:
-            try:  # below base only at the commit, once the cut bytes are journaled
-                os.ftruncate(self.fd, max(self.eof, self.base))
-            except OSError as e:
-                self.error = e
-        return self.eof
-
-    def flush(self) -> None:
-        """Nothing: the commit writes and fsyncs."""
-
-    def _hold(self, off: int, view: memoryview) -> None:
-        if len(view) <= _HOLD_MAX:
-            self.held.append((off, bytes(view)))
-
-    # -- the commit ----------------------------------------------------------------------
-    def undo_ranges(self) -> list[tuple[int, int]]:
-        """Disjoint ``[start, end)`` ranges below ``base`` the commit will change."""
-        spans = [(o, o + len(d)) for o, d in self.held]
-        return _merge([*spans, (self.eof, self.base)] if self.eof < self.base else spans)
-
-    def segments(self) -> list[tuple[int, bytes]]:
-        """The held writes as disjoint runs of their final bytes (overlapping writes
-        joined, later ones winning), in the order ``apply`` writes them."""
-        spans = _merge([(o, o + len(d)) for o, d in self.held], touching=False)
-        starts = [lo for lo, _ in spans]
-        bufs = [bytearray(hi - lo) for lo, hi in spans]
-        for off, data in self.held:  # in write order: a later write wins
-            i = bisect.bisect_right(starts, off) - 1
-            bufs[i][off - starts[i] : off - starts[i] + len(data)] = data
-        return sorted(((lo, bytes(buf)) for lo, buf in zip(starts, bufs, strict=True)), key=_apply_rank)
-
-    def apply(self) -> None:
-        """Put the held writes into the file, and cut it if HDF5 shrank it."""
-        for off, data in self.segments():
-            pwrite_all(self.fd, data, off)
-        if self.eof < self.base:
-            os.ftruncate(self.fd, self.eof)
-
-
-def _apply_rank(segment: tuple[int, bytes]) -> tuple[int, int]:
-    """Superblock (its end-of-file address) first, then chunk B-tree nodes, then object
-    headers (a dataset's size) last: a reader of a file whose commit was cut short then
-    sees every earlier step, and new steps only once indexed. Measured at every write
-    boundary of an append (tests): the file reads in full with every earlier step exact
-    before any recovery; in HDF5's own order 100 of 256 such files did not."""
-    off, data = segment
-    return (0 if data[:8] == _HDF5_SIGNATURE else 1 if data[:4] == b"TREE" else 2), off
-
-
-def _merge(spans: list[tuple[int, int]], touching: bool = True) -> list[tuple[int, int]]:
-    """Sorted disjoint ranges covering ``spans``; ranges that only touch stay apart unless
-    ``touching``."""
-    merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
-        if merged and (lo <= merged[-1][1] if touching else lo < merged[-1][1]):
-            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-        else:
-            merged.append((lo, hi))
-    return merged
 
 
 def _failed(path: str, e: OSError) -> WriteFailed:
@@ -350,7 +217,7 @@ def _roll_back(fd: int, base: int, target: Target, jname: str) -> None:
 def _identity(fd: int) -> int:
     """A checksum of the file's first bytes: with the device and inode, it tells the file
     a journal was written for from a later one that reuses its inode number."""
-    return zlib.crc32(os.pread(fd, _IDENT_BYTES, 0))
+    return zlib.crc32(os.pread(fd, IDENT_BYTES, 0))
 
 
 def _parse(blob: bytes) -> tuple[tuple[int, int, int, int], list[tuple[int, bytes]] | None] | None:
