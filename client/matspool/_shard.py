@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from . import _shard_keys as keys
 from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolFull
 from ._leases import Lease
-from ._msgshard import Discard, Layout, LayoutResult, Place, Publish
+from ._msgshard import Discard, Layout, LayoutResult, Place, Publish, ShardVar
 from ._pending import Save
 from ._saves import SaveResult
 from ._shard_blocks import Failed, Shard, ShardError, Var, check_blocks, is_sharded
@@ -237,16 +237,23 @@ class _Job(Coord):
                 raise Failed(late)
             ranks = [self._get(keys.rank_key(keys.BLOCKS, r)) for r in range(self.size)]
             fmt, shard_vars = check_blocks(self.path, ranks)
-            laid = self._ask(Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
-            assert isinstance(laid, LayoutResult)
-            self._put(keys.LAYOUT, {"tmp": laid.path, "offsets": laid.offsets})
+            self._put(keys.LAYOUT, self._laid(fmt, shard_vars))
         except StoreGone:
             raise
         except Failed as e:
-            text = str(e)  # a closed rank's word names no path: say which save
-            self._put(keys.LAYOUT, {"error": text if self.path in text else f"{self._what()}: {text}"})
+            self._put(keys.LAYOUT, {"error": self._said(str(e))})
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._put(keys.LAYOUT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+
+    def _laid(self, fmt: str, shard_vars: list[ShardVar]) -> dict[str, Any]:
+        """Rank 0, the blocks checked: the file laid out; what every rank is told."""
+        laid = self._ask(Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
+        assert isinstance(laid, LayoutResult)
+        return {"tmp": laid.path, "offsets": laid.offsets}
+
+    def _said(self, text: str) -> str:
+        """``text`` as this save's error (a closed rank's word names no path: say which)."""
+        return text if self.path in text else f"{self._what()}: {text}"
 
     def _place(self, offsets: dict[str, list[int]]) -> None:
         """Have this rank's daemon write each of its pieces in place (all in flight at once:
@@ -306,7 +313,7 @@ class _Job(Coord):
             raise
 
     def _finish(self) -> None:
-        """Rank 0: every rank done: publish; else discard. Then tell everyone."""
+        """Rank 0: every rank done: publish (``_end``); else discard. Then tell everyone."""
         try:
             late = self._wait_ranks(keys.DONE)
             errors = [late] if late else []
@@ -318,17 +325,24 @@ class _Job(Coord):
                 ]
             if errors:
                 self._discard()
-                self._put(keys.RESULT, {"error": "; ".join(errors) + "; nothing was published"})
+                self._put(keys.RESULT, {"error": self._not_ended(errors)})
                 return
-            assert self.tmp is not None
-            done = self._ask(Publish(next(self.spool._seq), self.path, self.tmp, self.fsync))
-            self._put(keys.RESULT, {"nbytes": done.nbytes})
+            self._put(keys.RESULT, {"nbytes": self._end()})
         except StoreGone:
             self._discard()
             raise
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._discard()
             self._put(keys.RESULT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+
+    def _not_ended(self, errors: list[str]) -> str:
+        """Rank 0: what every rank is told when some rank failed its blocks."""
+        return "; ".join(errors) + "; nothing was published"
+
+    def _end(self) -> int:
+        """Rank 0, every rank done: the temporary published; its bytes."""
+        assert self.tmp is not None
+        return self._ask(Publish(next(self.spool._seq), self.path, self.tmp, self.fsync)).nbytes
 
     def _discard(self) -> None:
         if self.tmp is None:
