@@ -66,6 +66,21 @@ def _store(dist: Any, group: Any) -> tuple[Any, str]:
     return dist.distributed_c10d._get_process_group_store(group), str(getattr(group, "group_name", id(group)))
 
 
+def _member(group: Any, what: str) -> tuple[int, int, Any, str]:
+    """This process's rank in ``group`` (None: the default group), the group's size, its
+    store and the name its keys go under; ``what`` (a sharded save or stream) names the
+    caller in the errors: torch.distributed not initialised, not a member."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidOptionError(f"{what} needs torch.distributed initialised (init_process_group)")
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise InvalidOptionError("this process is not a member of the group given")
+    store, gname = _store(dist, group)
+    return rank, size, store, gname
+
+
 def save_sharded(
     spool: Spool,
     path: str | os.PathLike[str],
@@ -80,20 +95,13 @@ def save_sharded(
     group: Any,
 ) -> Any:
     """See the module docstring; returns the save's future at once."""
-    import torch.distributed as dist
-
     if layout != "matlab":
         raise InvalidOptionError(f"a sharded save takes layout='matlab' only, not {layout!r}")
     if compress or append:
         raise InvalidOptionError(
             "a sharded save cannot be compressed or appended (blocks are written in place)"
         )
-    if not dist.is_available() or not dist.is_initialized():
-        raise InvalidOptionError("a sharded save needs torch.distributed initialised (init_process_group)")
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise InvalidOptionError("this process is not a member of the group given")
-    store, gname = _store(dist, group)
+    rank, size, store, gname = _member(group, "a sharded save")
     n = next_number(gname)
     full = os.path.abspath(os.fspath(path))
     prefix = keys.save_prefix(gname, n)

@@ -40,7 +40,7 @@ from ._errors import InvalidOptionError
 from ._msgshard import Layout, LayoutResult, ShardVar, StreamStep
 from ._planner import level
 from ._saves import SaveResult
-from ._shard import _Job, _store
+from ._shard import _Job, _member
 from ._shard_blocks import Failed, ShardError
 from ._shard_conns import Conns, conns
 from ._shard_coord import early_failure
@@ -75,14 +75,7 @@ class ShardedStream:
 
 
 def _group_of(spool: Spool, group: Any) -> ShardedStream:
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise InvalidOptionError("a sharded stream needs torch.distributed initialised (init_process_group)")
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise InvalidOptionError("this process is not a member of the group given")
-    store, gname = _store(dist, group)
+    rank, size, store, gname = _member(group, "a sharded stream")
     with _lock:
         number = next(_counters.setdefault(gname, itertools.count()))
     return ShardedStream(store, conns(spool, gname, store, rank, size), gname, number, rank, size)
