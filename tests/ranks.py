@@ -16,9 +16,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "kill_ranks", "read_outcomes", "spawn_rank", "wait_ranks"]
+__all__ = ["free_port", "kill_ranks", "read_outcomes", "spawn_rank", "wait_ranks", "work_dirs"]
 
 HERE = Path(__file__).parent
+
+
+def work_dirs(base: Path) -> tuple[Path, Path]:
+    """``base/out`` (the files) and ``base/results`` (each rank's JSON), made."""
+    out, results = base / "out", base / "results"
+    out.mkdir()
+    results.mkdir()
+    return out, results
 
 
 def free_port() -> int:

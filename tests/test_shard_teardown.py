@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks
+from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
 from shard_teardown import WORLD, expected
 
 from conftest import start_daemon
@@ -29,9 +29,7 @@ RUNS = ("keys", "kill0")
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[dict[str, Any]]]]:
     base = tmp_path_factory.mktemp("teardown")
-    out, results = base / "out", base / "results"
-    out.mkdir()
-    results.mkdir()
+    out, results = work_dirs(base)
     daemon = start_daemon(out, base / "sock")
     procs = []
     try:

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks
+from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
 from shard_ranks import FORMATS, WORLD, expected
 
 from conftest import start_daemon
@@ -44,9 +44,7 @@ RING = 1 << 20  # 1 MiB per rank: "big" (5 MiB global, 1.25 MiB per rank) exceed
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
     base = tmp_path_factory.mktemp("sharded")
-    out, results = base / "out", base / "results"
-    out.mkdir()
-    results.mkdir()
+    out, results = work_dirs(base)
     daemons = [start_daemon(out, base / f"sock{n}") for n in range(3)]  # the third one is killed
     port = free_port()
     procs = []

@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks
+from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
 from shard_stream_ranks import STEPS, WORLD, expected
 from test_octave import OCTAVE, octave_load
 
@@ -36,9 +36,7 @@ RING = 1 << 20
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
     base = tmp_path_factory.mktemp("sstream")
-    out, results = base / "out", base / "results"
-    out.mkdir()
-    results.mkdir()
+    out, results = work_dirs(base)
     daemons = [start_daemon(out, base / f"sock{n}") for n in range(3)]
     port = free_port()
     procs = []
