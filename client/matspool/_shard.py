@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _shard_keys as keys
 from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolFull
@@ -49,7 +49,7 @@ from ._msgshard import Discard, Layout, LayoutResult, Place, Publish, ShardVar
 from ._pending import Save
 from ._saves import SaveResult
 from ._shard_blocks import Failed, Shard, ShardError, Var, check_blocks, is_sharded
-from ._shard_conns import closing, conns, next_number
+from ._shard_conns import Conns, closing, conns, next_number
 from ._shard_coord import GRACE, Coord, StoreGone, early_failure, gone
 from ._shard_ring import Piece, copy_piece, landed, prepare, release
 
@@ -106,31 +106,70 @@ def save_sharded(
     full = os.path.abspath(os.fspath(path))
     prefix = keys.save_prefix(gname, n)
     pool = conns(spool, gname, store, rank, size)
-    timeout = float(spool.timeout) if spool.timeout else 60.0
-    try:
-        spool._check_open()  # a closed spool on one rank fails the save on every rank, at once
-        vars_, pieces, save = prepare(spool, full, variables, rank, oned_as, fmt)
-    except BaseException as e:
-        # the others learn of it at once (rank 0 fails the save for all), not by a timeout
-        why = f"sharded save to {full!r}: rank {rank}: {type(e).__name__}: {e}"
-        early_failure(pool, store, prefix, why, why, timeout)
-        raise
-    job = _Job(
+    job = _start_job(
+        _Job,
+        spool,
+        variables,
+        (fmt, oned_as, fsync),
+        lambda why: (f"sharded save to {full!r}: {why}",) * 2,
         pool=pool,
         base=store,
         prefix=prefix,
         rank=rank,
         size=size,
         path=full,
+    )
+    threading.Thread(target=job.run, name=f"matspool-shard-{n}", daemon=True).start()
+    return job.save.future
+
+
+_J = TypeVar("_J", bound="_Job")
+
+
+def _start_job(
+    cls: type[_J],
+    spool: Spool,
+    variables: Mapping[str, Any],
+    opts: tuple[str, str, bool],
+    said: Callable[[str], tuple[str, str]],
+    *,
+    pool: Conns,
+    base: Any,
+    prefix: str,
+    rank: int,
+    size: int,
+    path: str,
+    **extra: Any,
+) -> _J:
+    """This rank's job (a save's or a stream step's: ``cls``, with ``extra`` its own
+    fields), its blocks prepared; ``opts``: format, oned_as, fsync. A closed spool or
+    blocks that cannot be prepared fail the job on every rank at once (rank 0 fails it
+    for all), not by a timeout: ``said(why)`` is the text told to the others and the
+    layout's; then the error is raised here."""
+    fmt, oned_as, fsync = opts
+    timeout = float(spool.timeout) if spool.timeout else 60.0
+    try:
+        spool._check_open()  # a closed spool on one rank fails the save on every rank, at once
+        vars_, pieces, save = prepare(spool, path, variables, rank, oned_as, fmt)
+    except BaseException as e:
+        text, layout = said(f"rank {rank}: {type(e).__name__}: {e}")
+        early_failure(pool, base, prefix, text, layout, timeout)
+        raise
+    return cls(
+        pool=pool,
+        base=base,
+        prefix=prefix,
+        rank=rank,
+        size=size,
+        path=path,
         timeout=timeout,
         spool=spool,
         save=save,
         fsync=fsync,
         vars=vars_,
         pieces=pieces,
+        **extra,
     )
-    threading.Thread(target=job.run, name=f"matspool-shard-{n}", daemon=True).start()
-    return save.future
 
 
 @dataclass(eq=False, kw_only=True)

@@ -40,11 +40,9 @@ from ._errors import InvalidOptionError
 from ._msgshard import Layout, LayoutResult, ShardVar, StreamStep
 from ._planner import level
 from ._saves import SaveResult
-from ._shard import _Job, _member
+from ._shard import _Job, _member, _start_job
 from ._shard_blocks import Failed, ShardError
 from ._shard_conns import Conns, conns
-from ._shard_coord import early_failure
-from ._shard_ring import prepare
 
 if TYPE_CHECKING:
     from ._spool import Spool
@@ -99,29 +97,18 @@ def append_sharded(
     k = state.step
     state.step += 1  # every rank counts every step, even one that fails here
     prefix = keys.step_prefix(state.gname, state.number, k)
-    timeout = float(spool.timeout) if spool.timeout else 60.0
-    try:
-        spool._check_open()
-        vars_, pieces, save = prepare(spool, stream.path, variables, state.rank, oned_as, "v7.3")
-    except BaseException as e:
-        # the others learn of it at once (rank 0 fails the step for all), not by a timeout
-        why = f"rank {state.rank}: {type(e).__name__}: {e}"
-        text = f"sharded stream {stream.path!r}: step {k}: {why}; {_KEEP}"
-        early_failure(state.pool, state.store, prefix, why, text, timeout)
-        raise
-    job = _StepJob(
+    job = _start_job(
+        _StepJob,
+        spool,
+        variables,
+        ("v7.3", oned_as, fsync),
+        lambda why: (why, f"sharded stream {stream.path!r}: step {k}: {why}; {_KEEP}"),
         pool=state.pool,
         base=state.store,
         prefix=prefix,
         rank=state.rank,
         size=state.size,
         path=stream.path,
-        timeout=timeout,
-        spool=spool,
-        save=save,
-        fsync=fsync,
-        vars=vars_,
-        pieces=pieces,
         stream=state,
         step=k,
         level=spool.compress if compress is None else level(compress),
@@ -138,7 +125,7 @@ def append_sharded(
             done.set()
 
     threading.Thread(target=run, name=f"matspool-sstream-{state.number}-{k}", daemon=True).start()
-    return save.future
+    return job.save.future
 
 
 @dataclass(eq=False, kw_only=True)
