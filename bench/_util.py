@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -205,6 +206,45 @@ class Progress:
             sys.stderr.write("\n")
             sys.stderr.flush()
         self._width = 0
+
+
+# -- ranks ----------------------------------------------------------------------------------
+def free_port() -> int:
+    """A loopback port free now (a torch.distributed store listens on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(world: int, argv: Callable[[int], list[str]], timeout: float = 900) -> None:
+    """Run ``python argv(rank)...`` for each of ``world`` ranks (env:// on loopback, from the
+    repository root) and wait for them all; a rank still running ``timeout`` s into its wait
+    is killed, and any rank that did not exit 0 raises RuntimeError."""
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = []
+    try:
+        for rank in range(world):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+            procs.append(subprocess.Popen([sys.executable, *argv(rank)], env=env, cwd=root))
+        for p in procs:
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a rank failed: exit statuses {[p.returncode for p in procs]}")
 
 
 # -- files ----------------------------------------------------------------------------------

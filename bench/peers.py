@@ -18,14 +18,13 @@ processes into one external daemon: ``bench.producers``). Plots are written by
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ._util import Config, MiB, Progress, Row, cuda_available, fmt_time, now, rm, settle, subdir
+from ._util import Config, MiB, Progress, Row, cuda_available, fmt_time, free_port, now, rm, settle, subdir
 
 NAME = "peers"
 KiB = 1 << 10
@@ -58,12 +57,6 @@ def label(n: int) -> str:
 def _array(nbytes: int) -> np.ndarray:
     cols = 32 if nbytes <= 4 * KiB else 1024
     return np.random.default_rng(8).random((nbytes // 4 // cols, cols), dtype=np.float32)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Peers:
@@ -127,7 +120,7 @@ class _Peers:
 
             if not dist.is_initialized():
                 dist.init_process_group(
-                    "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+                    "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
                 )
                 self._dist = dist
 

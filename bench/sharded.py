@@ -28,23 +28,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 from typing import Any
 
-from ._util import Config, MiB, Progress, Row, subdir
+from ._util import Config, MiB, Progress, Row, run_ranks, subdir
 
 __all__ = ["main", "rows", "run"]
 
 WORLD = 4
 MODES = ("sharded", "separate", "gather")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def measure(
@@ -56,38 +48,9 @@ def measure(
     started = [_start_daemon(d, "--writers", "4") for _ in range(daemons)]
     out = os.path.join(d, "result.json")
     try:
-        port = _free_port()
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        procs = []
-        for rank in range(world):
-            env = {
-                **os.environ,
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            }
-            endpoint = started[rank * daemons // world][1]
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.sharded",
-                d,
-                endpoint,
-                str(mib),
-                str(reps),
-                out,
-                ",".join(modes),
-            ]
-            procs.append(subprocess.Popen(cmd, env=env, cwd=root))
-        for p in procs:
-            try:
-                p.wait(timeout=900)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        if any(p.returncode for p in procs):
-            raise RuntimeError(f"a rank failed: exit statuses {[p.returncode for p in procs]}")
+        rest = [str(mib), str(reps), out, ",".join(modes)]
+        endpoints = [started[rank * daemons // world][1] for rank in range(world)]
+        run_ranks(world, lambda rank: ["-m", "bench.sharded", d, endpoints[rank], *rest])
         with open(out) as f:
             res: dict[str, Any] = json.load(f)
     finally:

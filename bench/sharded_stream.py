@@ -18,23 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 from typing import Any
 
-from ._util import MiB
+from ._util import MiB, run_ranks
 
 __all__ = ["main"]
 
 WORLD = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def measure(d: str, mib: int, reps: int) -> dict[str, Any]:
@@ -42,23 +34,11 @@ def measure(d: str, mib: int, reps: int) -> dict[str, Any]:
 
     started = [_start_daemon(d, "--writers", "4") for _ in range(2)]
     out = os.path.join(d, "result.json")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        port, procs = _free_port(), []
-        for rank in range(WORLD):
-            env = {
-                **os.environ,
-                "RANK": str(rank),
-                "WORLD_SIZE": str(WORLD),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            }
-            cmd = [sys.executable, "-m", "bench.sharded_stream", "--rank", d, started[rank // 2][1]]
-            procs.append(subprocess.Popen([*cmd, str(mib), str(reps), out], env=env, cwd=root))
-        for p in procs:
-            p.wait(timeout=900)
-        if any(p.returncode for p in procs):
-            raise RuntimeError(f"a rank failed: exit statuses {[p.returncode for p in procs]}")
+        rest = [str(mib), str(reps), out]
+        run_ranks(
+            WORLD, lambda rank: ["-m", "bench.sharded_stream", "--rank", d, started[rank // 2][1], *rest]
+        )
         with open(out) as f:
             res: dict[str, Any] = json.load(f)
     finally:

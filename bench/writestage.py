@@ -79,6 +79,20 @@ def _memfd_ring(data: np.ndarray) -> tuple[int, mmap.mmap]:
     return fd, mmap.mmap(fd, data.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
 
 
+def _write_all(path: str, flag: int, data: np.ndarray, fsync: bool) -> None:
+    """The raw modes' write: open (``flag``: O_TRUNC or O_EXCL), write every byte of
+    ``data`` (no copy), fsync if asked, close."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag | os.O_CLOEXEC, 0o644)
+    try:
+        mv = memoryview(data).cast("B")
+        while mv:
+            mv = mv[os.write(fd, mv) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def measure(mib: int, reps: int, d: str, fsync: bool = False, only: Sequence[str] = EVERY) -> dict[str, Any]:
     """Seconds per contender (round 0 first), writing into the directory ``d``."""
     d = os.path.abspath(d)  # the daemon takes absolute paths only
@@ -105,28 +119,11 @@ def measure(mib: int, reps: int, d: str, fsync: bool = False, only: Sequence[str
 
     def raw() -> None:
         tmp = os.path.join(d, ".raw.tmp")
-        rfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            mv = memoryview(data).cast("B")
-            while mv:
-                mv = mv[os.write(rfd, mv) :]
-            if fsync:
-                os.fsync(rfd)
-        finally:
-            os.close(rfd)
+        _write_all(tmp, os.O_TRUNC, data, fsync)
         os.rename(tmp, os.path.join(d, "raw.mat"))
 
     def raw_new() -> None:
-        path = os.path.join(d, "raw-new.mat")
-        rfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            mv = memoryview(data).cast("B")
-            while mv:
-                mv = mv[os.write(rfd, mv) :]
-            if fsync:
-                os.fsync(rfd)
-        finally:
-            os.close(rfd)
+        _write_all(os.path.join(d, "raw-new.mat"), os.O_EXCL, data, fsync)
 
     runner = JobRunner([d])
 

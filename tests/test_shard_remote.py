@@ -9,7 +9,6 @@ stream's two steps; every file read back and compared exactly.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ranks import free_port
 
 from matspool._curve import make_keys
 
@@ -55,18 +55,12 @@ _RANK = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sharded_saves_through_a_tcp_daemon(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     server_pub, server_sec = make_keys(str(tmp_path / "server"), "server")
     _, client_sec = make_keys(str(tmp_path / "clients"), "client")
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     cmd = serve_cmd(endpoint, out, "--curve-secret", server_sec, "--curve-clients", str(tmp_path / "clients"))
     daemon = subprocess.Popen(cmd)
     try:

@@ -9,11 +9,7 @@ exactly.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +17,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
 from shard_teardown import WORLD, expected
 
 from conftest import start_daemon
@@ -29,60 +26,25 @@ from readback import assert_exact, read
 RUNS = ("keys", "kill0")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[dict[str, Any]]]]:
     base = tmp_path_factory.mktemp("teardown")
-    out, results = base / "out", base / "results"
-    out.mkdir()
-    results.mkdir()
+    out, results = work_dirs(base)
     daemon = start_daemon(out, base / "sock")
-    here = Path(__file__).parent
     procs = []
     try:
         for run in RUNS:
-            port = _free_port()
+            port = free_port()
             for rank in range(WORLD):
-                env = {
-                    **os.environ,
-                    "RANK": str(rank),
-                    "WORLD_SIZE": str(WORLD),
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port),
-                    "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
-                }
-                cmd = [
-                    sys.executable,
-                    str(here / "shard_teardown.py"),
-                    str(out),
-                    str(results),
-                    daemon.endpoint,
-                    run,
-                ]
-                procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL))
-        for p in procs:
-            try:
-                p.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                args = [str(out), str(results), daemon.endpoint, run]
+                procs.append(
+                    spawn_rank("shard_teardown.py", args, rank, WORLD, port, stderr=subprocess.DEVNULL)
+                )
+        wait_ranks(procs, 90)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        kill_ranks(procs)
         daemon.stop()
-    outcomes = {
-        run: [
-            json.loads(f.read_text()) if (f := results / f"{run}_rank{r}.json").exists() else {}
-            for r in range(WORLD)
-        ]
-        for run in RUNS
-    }
+    outcomes = {run: read_outcomes(results, (f"{run}_rank{r}" for r in range(WORLD))) for run in RUNS}
     return out, outcomes
 
 

@@ -8,11 +8,7 @@ tests/readback.py and compared exactly with the global array.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -20,6 +16,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
 from shard_ranks import FORMATS, WORLD, expected
 
 from conftest import start_daemon
@@ -44,58 +41,23 @@ CASES = [
 RING = 1 << 20  # 1 MiB per rank: "big" (5 MiB global, 1.25 MiB per rank) exceeds every ring
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
     base = tmp_path_factory.mktemp("sharded")
-    out, results = base / "out", base / "results"
-    out.mkdir()
-    results.mkdir()
+    out, results = work_dirs(base)
     daemons = [start_daemon(out, base / f"sock{n}") for n in range(3)]  # the third one is killed
-    port = _free_port()
-    here = Path(__file__).parent
+    port = free_port()
     procs = []
     try:
         for rank in range(WORLD):
-            env = {
-                **os.environ,
-                "RANK": str(rank),
-                "WORLD_SIZE": str(WORLD),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
-                "SHARD_THIRD_ENDPOINT": daemons[2].endpoint,
-            }
             endpoint = daemons[rank // 2].endpoint  # two ranks per simulated node
-            cmd = [
-                sys.executable,
-                str(here / "shard_ranks.py"),
-                str(out),
-                str(results),
-                endpoint,
-                str(RING),
-                *CASES,
-            ]
-            procs.append(subprocess.Popen(cmd, env=env))
-        for p in procs:
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        outcomes = [
-            json.loads(f.read_text()) if (f := results / f"rank{r}.json").exists() else {}
-            for r in range(WORLD)
-        ]
+            args = [str(out), str(results), endpoint, str(RING), *CASES]
+            third = {"SHARD_THIRD_ENDPOINT": daemons[2].endpoint}
+            procs.append(spawn_rank("shard_ranks.py", args, rank, WORLD, port, third))
+        wait_ranks(procs, 120)
+        outcomes = read_outcomes(results, (f"rank{r}" for r in range(WORLD)))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        kill_ranks(procs)
         for d in daemons:
             if d.alive():
                 d.stop()

@@ -7,6 +7,7 @@ block becomes runs of contiguous bytes) is checked against numpy slicing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,9 +56,10 @@ class Raw:
         self.ring.close()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, Raw, Path, Path]]:
-    tmp_path = tmp_path_factory.mktemp("shardd")
+@contextlib.contextmanager
+def raw_daemon(tmp_path: Path) -> Iterator[tuple[DaemonProc, Raw, Path, Path]]:
+    """A daemon on ``tmp_path/root`` and a Raw client of it (with ``tmp_path/outside`` for
+    paths it must refuse); the daemon must still be alive at the end."""
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
@@ -67,6 +69,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc
     raw.close()
     assert d.alive(), "a message ended the daemon"
     d.stop()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, Raw, Path, Path]]:
+    with raw_daemon(tmp_path_factory.mktemp("shardd")) as s:
+        yield s
 
 
 def _layout(raw: Raw, path: Path, dims: list[int], seq: int = 1) -> dict[str, Any]:

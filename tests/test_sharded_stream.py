@@ -11,11 +11,7 @@ tests/readback.py, mat73 and GNU Octave and compared exactly, step by step.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +22,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
 from shard_stream_ranks import STEPS, WORLD, expected
 from test_octave import OCTAVE, octave_load
 
@@ -36,62 +33,27 @@ CASES = ["pipelined", "rows", "dtensor", "mismatch", "daemon_killed", "killed", 
 RING = 1 << 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
     base = tmp_path_factory.mktemp("sstream")
-    out, results = base / "out", base / "results"
-    out.mkdir()
-    results.mkdir()
+    out, results = work_dirs(base)
     daemons = [start_daemon(out, base / f"sock{n}") for n in range(3)]
-    port = _free_port()
-    here = Path(__file__).parent
+    port = free_port()
     procs = []
     try:
         for rank in range(WORLD):
-            env = {
-                **os.environ,
-                "RANK": str(rank),
-                "WORLD_SIZE": str(WORLD),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
-                "SHARD_THIRD_ENDPOINT": daemons[2].endpoint,
-            }
-            cmd = [
-                sys.executable,
-                str(here / "shard_stream_ranks.py"),
-                str(out),
-                str(results),
-                daemons[rank // 2].endpoint,
-                str(RING),
-                *CASES,
-            ]
-            procs.append(subprocess.Popen(cmd, env=env))
-        for p in procs:
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        outcomes = [
-            json.loads(f.read_text()) if (f := results / f"rank{r}.json").exists() else {}
-            for r in range(WORLD)
-        ]
+            args = [str(out), str(results), daemons[rank // 2].endpoint, str(RING), *CASES]
+            third = {"SHARD_THIRD_ENDPOINT": daemons[2].endpoint}
+            procs.append(spawn_rank("shard_stream_ranks.py", args, rank, WORLD, port, third))
+        wait_ranks(procs, 120)
+        outcomes = read_outcomes(results, (f"rank{r}" for r in range(WORLD)))
         # killed0: rank 0 died with the step's temporary laid out, before the others learnt
         # its name; its daemon removes it once it finds rank 0's process gone (2-3 s)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and [n for n in os.listdir(out) if n.startswith(".killed0.mat.")]:
             time.sleep(0.1)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        kill_ranks(procs)
         for d in daemons:
             if d.alive():
                 d.stop()

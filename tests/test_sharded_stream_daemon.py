@@ -17,24 +17,16 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from test_sharded_daemon import Raw, _layout, _place
+from test_sharded_daemon import Raw, _layout, _place, raw_daemon
 
-from conftest import DaemonProc, start_daemon
+from conftest import DaemonProc
 from readback import read_v73
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, Raw, Path, Path]]:
-    tmp_path = tmp_path_factory.mktemp("sstreamd")
-    root, outside = tmp_path / "root", tmp_path / "outside"
-    root.mkdir()
-    outside.mkdir()
-    d = start_daemon(root, tmp_path / "sock")
-    raw = Raw(d.endpoint)
-    yield d, raw, root, outside
-    raw.close()
-    assert d.alive(), "a message ended the daemon"
-    d.stop()
+    with raw_daemon(tmp_path_factory.mktemp("sstreamd")) as s:
+        yield s
 
 
 def _laid_step(raw: Raw, path: Path, g: np.ndarray) -> str:

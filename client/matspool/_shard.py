@@ -37,19 +37,19 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _shard_keys as keys
 from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolFull
 from ._leases import Lease
-from ._msgshard import Discard, Layout, LayoutResult, Place, Publish
+from ._msgshard import Discard, Layout, LayoutResult, Place, Publish, ShardVar
 from ._pending import Save
 from ._saves import SaveResult
 from ._shard_blocks import Failed, Shard, ShardError, Var, check_blocks, is_sharded
-from ._shard_conns import closing, conns, next_number
+from ._shard_conns import Conns, closing, conns, next_number
 from ._shard_coord import GRACE, Coord, StoreGone, early_failure, gone
 from ._shard_ring import Piece, copy_piece, landed, prepare, release
 
@@ -66,6 +66,21 @@ def _store(dist: Any, group: Any) -> tuple[Any, str]:
     return dist.distributed_c10d._get_process_group_store(group), str(getattr(group, "group_name", id(group)))
 
 
+def _member(group: Any, what: str) -> tuple[int, int, Any, str]:
+    """This process's rank in ``group`` (None: the default group), the group's size, its
+    store and the name its keys go under; ``what`` (a sharded save or stream) names the
+    caller in the errors: torch.distributed not initialised, not a member."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidOptionError(f"{what} needs torch.distributed initialised (init_process_group)")
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise InvalidOptionError("this process is not a member of the group given")
+    store, gname = _store(dist, group)
+    return rank, size, store, gname
+
+
 def save_sharded(
     spool: Spool,
     path: str | os.PathLike[str],
@@ -80,49 +95,81 @@ def save_sharded(
     group: Any,
 ) -> Any:
     """See the module docstring; returns the save's future at once."""
-    import torch.distributed as dist
-
     if layout != "matlab":
         raise InvalidOptionError(f"a sharded save takes layout='matlab' only, not {layout!r}")
     if compress or append:
         raise InvalidOptionError(
             "a sharded save cannot be compressed or appended (blocks are written in place)"
         )
-    if not dist.is_available() or not dist.is_initialized():
-        raise InvalidOptionError("a sharded save needs torch.distributed initialised (init_process_group)")
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise InvalidOptionError("this process is not a member of the group given")
-    store, gname = _store(dist, group)
+    rank, size, store, gname = _member(group, "a sharded save")
     n = next_number(gname)
     full = os.path.abspath(os.fspath(path))
     prefix = keys.save_prefix(gname, n)
     pool = conns(spool, gname, store, rank, size)
-    timeout = float(spool.timeout) if spool.timeout else 60.0
-    try:
-        spool._check_open()  # a closed spool on one rank fails the save on every rank, at once
-        vars_, pieces, save = prepare(spool, full, variables, rank, oned_as, fmt)
-    except BaseException as e:
-        # the others learn of it at once (rank 0 fails the save for all), not by a timeout
-        why = f"sharded save to {full!r}: rank {rank}: {type(e).__name__}: {e}"
-        early_failure(pool, store, prefix, why, why, timeout)
-        raise
-    job = _Job(
+    job = _start_job(
+        _Job,
+        spool,
+        variables,
+        (fmt, oned_as, fsync),
+        lambda why: (f"sharded save to {full!r}: {why}",) * 2,
         pool=pool,
         base=store,
         prefix=prefix,
         rank=rank,
         size=size,
         path=full,
+    )
+    threading.Thread(target=job.run, name=f"matspool-shard-{n}", daemon=True).start()
+    return job.save.future
+
+
+_J = TypeVar("_J", bound="_Job")
+
+
+def _start_job(
+    cls: type[_J],
+    spool: Spool,
+    variables: Mapping[str, Any],
+    opts: tuple[str, str, bool],
+    said: Callable[[str], tuple[str, str]],
+    *,
+    pool: Conns,
+    base: Any,
+    prefix: str,
+    rank: int,
+    size: int,
+    path: str,
+    **extra: Any,
+) -> _J:
+    """This rank's job (a save's or a stream step's: ``cls``, with ``extra`` its own
+    fields), its blocks prepared; ``opts``: format, oned_as, fsync. A closed spool or
+    blocks that cannot be prepared fail the job on every rank at once (rank 0 fails it
+    for all), not by a timeout: ``said(why)`` is the text told to the others and the
+    layout's; then the error is raised here."""
+    fmt, oned_as, fsync = opts
+    timeout = float(spool.timeout) if spool.timeout else 60.0
+    try:
+        spool._check_open()  # a closed spool on one rank fails the save on every rank, at once
+        vars_, pieces, save = prepare(spool, path, variables, rank, oned_as, fmt)
+    except BaseException as e:
+        text, layout = said(f"rank {rank}: {type(e).__name__}: {e}")
+        early_failure(pool, base, prefix, text, layout, timeout)
+        raise
+    return cls(
+        pool=pool,
+        base=base,
+        prefix=prefix,
+        rank=rank,
+        size=size,
+        path=path,
         timeout=timeout,
         spool=spool,
         save=save,
         fsync=fsync,
         vars=vars_,
         pieces=pieces,
+        **extra,
     )
-    threading.Thread(target=job.run, name=f"matspool-shard-{n}", daemon=True).start()
-    return save.future
 
 
 @dataclass(eq=False, kw_only=True)
@@ -237,16 +284,23 @@ class _Job(Coord):
                 raise Failed(late)
             ranks = [self._get(keys.rank_key(keys.BLOCKS, r)) for r in range(self.size)]
             fmt, shard_vars = check_blocks(self.path, ranks)
-            laid = self._ask(Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
-            assert isinstance(laid, LayoutResult)
-            self._put(keys.LAYOUT, {"tmp": laid.path, "offsets": laid.offsets})
+            self._put(keys.LAYOUT, self._laid(fmt, shard_vars))
         except StoreGone:
             raise
         except Failed as e:
-            text = str(e)  # a closed rank's word names no path: say which save
-            self._put(keys.LAYOUT, {"error": text if self.path in text else f"{self._what()}: {text}"})
+            self._put(keys.LAYOUT, {"error": self._said(str(e))})
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._put(keys.LAYOUT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+
+    def _laid(self, fmt: str, shard_vars: list[ShardVar]) -> dict[str, Any]:
+        """Rank 0, the blocks checked: the file laid out; what every rank is told."""
+        laid = self._ask(Layout(next(self.spool._seq), self.path, fmt, tuple(shard_vars)))
+        assert isinstance(laid, LayoutResult)
+        return {"tmp": laid.path, "offsets": laid.offsets}
+
+    def _said(self, text: str) -> str:
+        """``text`` as this save's error (a closed rank's word names no path: say which)."""
+        return text if self.path in text else f"{self._what()}: {text}"
 
     def _place(self, offsets: dict[str, list[int]]) -> None:
         """Have this rank's daemon write each of its pieces in place (all in flight at once:
@@ -306,7 +360,7 @@ class _Job(Coord):
             raise
 
     def _finish(self) -> None:
-        """Rank 0: every rank done: publish; else discard. Then tell everyone."""
+        """Rank 0: every rank done: publish (``_end``); else discard. Then tell everyone."""
         try:
             late = self._wait_ranks(keys.DONE)
             errors = [late] if late else []
@@ -318,17 +372,24 @@ class _Job(Coord):
                 ]
             if errors:
                 self._discard()
-                self._put(keys.RESULT, {"error": "; ".join(errors) + "; nothing was published"})
+                self._put(keys.RESULT, {"error": self._not_ended(errors)})
                 return
-            assert self.tmp is not None
-            done = self._ask(Publish(next(self.spool._seq), self.path, self.tmp, self.fsync))
-            self._put(keys.RESULT, {"nbytes": done.nbytes})
+            self._put(keys.RESULT, {"nbytes": self._end()})
         except StoreGone:
             self._discard()
             raise
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._discard()
             self._put(keys.RESULT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+
+    def _not_ended(self, errors: list[str]) -> str:
+        """Rank 0: what every rank is told when some rank failed its blocks."""
+        return "; ".join(errors) + "; nothing was published"
+
+    def _end(self) -> int:
+        """Rank 0, every rank done: the temporary published; its bytes."""
+        assert self.tmp is not None
+        return self._ask(Publish(next(self.spool._seq), self.path, self.tmp, self.fsync)).nbytes
 
     def _discard(self) -> None:
         if self.tmp is None:

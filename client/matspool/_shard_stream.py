@@ -28,7 +28,6 @@ time under ``lock``. ``_counters`` is shared under ``_lock``.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 from collections.abc import Mapping
@@ -38,14 +37,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _shard_keys as keys
 from ._errors import InvalidOptionError
-from ._msgshard import Discard, Layout, LayoutResult, ShardVar, StreamStep
+from ._msgshard import Layout, LayoutResult, ShardVar, StreamStep
 from ._planner import level
 from ._saves import SaveResult
-from ._shard import _Job, _store
-from ._shard_blocks import Failed, ShardError, check_blocks
+from ._shard import _Job, _member, _start_job
+from ._shard_blocks import Failed, ShardError
 from ._shard_conns import Conns, conns
-from ._shard_coord import StoreGone, early_failure
-from ._shard_ring import prepare
 
 if TYPE_CHECKING:
     from ._spool import Spool
@@ -76,14 +73,7 @@ class ShardedStream:
 
 
 def _group_of(spool: Spool, group: Any) -> ShardedStream:
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise InvalidOptionError("a sharded stream needs torch.distributed initialised (init_process_group)")
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise InvalidOptionError("this process is not a member of the group given")
-    store, gname = _store(dist, group)
+    rank, size, store, gname = _member(group, "a sharded stream")
     with _lock:
         number = next(_counters.setdefault(gname, itertools.count()))
     return ShardedStream(store, conns(spool, gname, store, rank, size), gname, number, rank, size)
@@ -107,29 +97,18 @@ def append_sharded(
     k = state.step
     state.step += 1  # every rank counts every step, even one that fails here
     prefix = keys.step_prefix(state.gname, state.number, k)
-    timeout = float(spool.timeout) if spool.timeout else 60.0
-    try:
-        spool._check_open()
-        vars_, pieces, save = prepare(spool, stream.path, variables, state.rank, oned_as, "v7.3")
-    except BaseException as e:
-        # the others learn of it at once (rank 0 fails the step for all), not by a timeout
-        why = f"rank {state.rank}: {type(e).__name__}: {e}"
-        text = f"sharded stream {stream.path!r}: step {k}: {why}; {_KEEP}"
-        early_failure(state.pool, state.store, prefix, why, text, timeout)
-        raise
-    job = _StepJob(
+    job = _start_job(
+        _StepJob,
+        spool,
+        variables,
+        ("v7.3", oned_as, fsync),
+        lambda why: (why, f"sharded stream {stream.path!r}: step {k}: {why}; {_KEEP}"),
         pool=state.pool,
         base=state.store,
         prefix=prefix,
         rank=state.rank,
         size=state.size,
         path=stream.path,
-        timeout=timeout,
-        spool=spool,
-        save=save,
-        fsync=fsync,
-        vars=vars_,
-        pieces=pieces,
         stream=state,
         step=k,
         level=spool.compress if compress is None else level(compress),
@@ -146,7 +125,7 @@ def append_sharded(
             done.set()
 
     threading.Thread(target=run, name=f"matspool-sstream-{state.number}-{k}", daemon=True).start()
-    return save.future
+    return job.save.future
 
 
 @dataclass(eq=False, kw_only=True)
@@ -191,26 +170,14 @@ class _StepJob(_Job):
             value = {"error": text if text.endswith(_KEEP) else f"{text}; {_KEEP}"}
         super()._put(key, value)
 
-    def _lay_out(self) -> None:
-        """Rank 0: check every rank's blocks, and the step against the stream's earlier
-        ones; have the step's temporary laid out; tell everyone."""
-        try:
-            late = self._wait_ranks(keys.BLOCKS)
-            if late:
-                raise Failed(late)
-            ranks = [self._get(keys.rank_key(keys.BLOCKS, r)) for r in range(self.size)]
-            _, shard_vars = check_blocks(self.path, ranks)
-            self._check_step(shard_vars)
-            laid = self._ask(Layout(next(self.spool._seq), self.path, "v7.3", tuple(shard_vars)))
-            assert isinstance(laid, LayoutResult)
-            self.checked = shard_vars
-            self._put(keys.LAYOUT, {"tmp": laid.path, "offsets": laid.offsets})
-        except StoreGone:
-            raise
-        except Failed as e:
-            self._put(keys.LAYOUT, {"error": self._said(str(e))})
-        except BaseException as e:  # noqa: BLE001 - every rank must hear of it
-            self._put(keys.LAYOUT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+    def _laid(self, fmt: str, shard_vars: list[ShardVar]) -> dict[str, Any]:
+        """Rank 0, the blocks checked: the step checked against the stream's earlier ones,
+        its temporary laid out (always v7.3); what every rank is told."""
+        self._check_step(shard_vars)
+        laid = self._ask(Layout(next(self.spool._seq), self.path, "v7.3", tuple(shard_vars)))
+        assert isinstance(laid, LayoutResult)
+        self.checked = shard_vars
+        return {"tmp": laid.path, "offsets": laid.offsets}
 
     def _check_step(self, got: list[ShardVar]) -> None:
         """Every variable has elements, and a later step has the first one's variables."""
@@ -236,40 +203,17 @@ class _StepJob(_Job):
                     f"{w.dtype} of size {list(w.dims)} in the stream's earlier steps"
                 )
 
-    def _finish(self) -> None:
-        """Rank 0: every rank done: the temporary becomes the stream's next step; else it
-        is thrown away. Then tell everyone."""
-        try:
-            late = self._wait_ranks(keys.DONE)
-            errors = [late] if late else []
-            if not late:
-                errors = [
-                    d["error"]
-                    for r in range(self.size)
-                    if "error" in (d := self._get(keys.rank_key(keys.DONE, r)))
-                ]
-            if errors:
-                self._discard()
-                self._put(keys.RESULT, {"error": self._said("; ".join(errors))})
-                return
-            assert self.tmp is not None and self.stream is not None
-            with self.stream.lock:  # no step in the file yet (the first failed?): this one creates it
-                create = self.stream.vars is None
-            step = StreamStep(next(self.spool._seq), self.path, self.tmp, create, self.fsync, self.level)
-            done = self._ask(step)
-            with self.stream.lock:
-                if create:
-                    self.stream.vars = self.checked
-            self._put(keys.RESULT, {"nbytes": done.nbytes})
-        except StoreGone:
-            self._discard()
-            raise
-        except BaseException as e:  # noqa: BLE001 - every rank must hear of it
-            self._discard()
-            self._put(keys.RESULT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+    def _not_ended(self, errors: list[str]) -> str:
+        return self._said("; ".join(errors))
 
-    def _discard(self) -> None:
-        if self.tmp is None:
-            return
-        with contextlib.suppress(Exception):  # best effort: STEP removed it, or the daemon sweeps it
-            self._ask(Discard(next(self.spool._seq), self.path, self.tmp))
+    def _end(self) -> int:
+        """Rank 0, every rank done: the temporary becomes the stream's next step."""
+        assert self.tmp is not None and self.stream is not None
+        with self.stream.lock:  # no step in the file yet (the first failed?): this one creates it
+            create = self.stream.vars is None
+        step = StreamStep(next(self.spool._seq), self.path, self.tmp, create, self.fsync, self.level)
+        done = self._ask(step)
+        with self.stream.lock:
+            if create:
+                self.stream.vars = self.checked
+        return done.nbytes

@@ -43,6 +43,7 @@ import threading
 from dataclasses import dataclass, field
 
 from matspool._errors import MatspoolError
+from matspool._reach import pid_alive  # the client's: one answer to whether a pid lives
 from matspool._segment import RING_PREFIX, SHM_DIR
 
 from .writers._files import TMP_SUFFIX
@@ -226,16 +227,6 @@ def sweep_dead(state_dir: str) -> list[str]:
             ", ".join(removed[:20]) + (" ..." if len(removed) > 20 else ""),
         )
     return removed
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, belongs to someone else
-    return True
 
 
 def remove_stale_rings(shm_dir: str = SHM_DIR) -> list[str]:

@@ -39,13 +39,13 @@ from matspool import _protocol as proto
 from matspool._errors import MatspoolError, WriteFailed
 from matspool._msgshard import StreamStep
 
-from .fsconfine import Target, failed, open_in
+from .fsconfine import Target, failed
 from .paths import resolve_target
 from .sharded import LAID, ShardJob, _discard, _open_tmp
 from .writers._files import Temporary, pwrite_all
-from .writers._journal import journaled, recover
+from .writers._journal import journaled
 from .writers._v73values import _str_attr
-from .writers.stream import STREAMS
+from .writers.stream import STREAMS, open_to_append
 from .writers.v73 import USERBLOCK, header
 
 __all__ = ["StepJob", "add_step"]
@@ -163,13 +163,7 @@ def _create(final: Target, src_fd: int, steps: list[h5py.Dataset], fsync: bool, 
 def _append(final: Target, src_fd: int, steps: list[h5py.Dataset], fsync: bool) -> int:
     """One journaled step, as ``writers.stream`` appends a plain one (same checks)."""
     path = final.path
-    try:
-        fd = open_in(final, os.O_RDWR, "stream")
-    except FileNotFoundError:
-        recover(final)  # drops a journal the removed file left behind
-        raise WriteFailed(
-            f"cannot append to {path!r}: the stream's file is gone (its first step failed, or it was removed)"
-        ) from None
+    fd = open_to_append(final)
     copies: list[tuple[int, int, int]] = []
     with journaled(final, fd, fsync=fsync, check=STREAMS.check) as undo:
         with h5py.File(undo, "r+") as f:

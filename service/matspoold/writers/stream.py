@@ -38,7 +38,7 @@ from ._journal import journaled, recover
 from ._v73values import _stored, _str_attr
 from .v73 import USERBLOCK, header
 
-__all__ = ["STREAMS", "StreamFiles", "append_step", "create_stream"]
+__all__ = ["STREAMS", "StreamFiles", "append_step", "create_stream", "open_to_append"]
 
 
 class StreamFiles:
@@ -149,15 +149,22 @@ def append_step(path: str | Target, variables: Sequence[tuple[VarSpec, Any]], *,
             target.close()
 
 
-def _append(target: Target, variables: Sequence[tuple[VarSpec, Any]], fsync: bool) -> int:
-    path = target.path
+def open_to_append(target: Target) -> int:
+    """The stream's file opened read-write for a step (plain or sharded); a file gone
+    (its first step failed, or it was removed) is a WriteFailed saying so."""
     try:
-        fd = open_in(target, os.O_RDWR, "stream")
+        return open_in(target, os.O_RDWR, "stream")
     except FileNotFoundError:
         recover(target)  # drops a journal the removed file left behind
         raise WriteFailed(
-            f"cannot append to {path!r}: the stream's file is gone (its first step failed, or it was removed)"
+            f"cannot append to {target.path!r}: the stream's file is gone (its first step failed, or it was "
+            "removed)"
         ) from None
+
+
+def _append(target: Target, variables: Sequence[tuple[VarSpec, Any]], fsync: bool) -> int:
+    path = target.path
+    fd = open_to_append(target)
     with journaled(target, fd, fsync=fsync, check=STREAMS.check) as undo, h5py.File(undo, "r+") as f:
         names = {spec.name for spec, _ in variables}
         if names != set(f.keys()):
