@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matspool import PayloadTooLarge, SpoolFull
+from matspool._errors import RingError
 from matspool._ring import ALIGN, Ring
 
 
@@ -153,3 +154,13 @@ def test_exactly_full_ring_wraps_without_overlap(ring: Ring) -> None:
     assert ring.alloc(quarter, block=False, timeout=None) == 0  # the freed quarter, wrapped
     with pytest.raises(SpoolFull):  # head == tail now means full, not empty
         ring.alloc(quarter, block=False, timeout=None)
+
+
+def test_a_closed_ring_refuses_to_move_with_a_ring_error() -> None:
+    """A spool's close() can close the ring while its I/O thread re-registers with a
+    daemon that dropped it: the move must fail as RingError (which the I/O thread turns
+    into failed saves), not as a ValueError from the closed mapping that kills the thread."""
+    r = Ring(1 << 16)
+    r.close()
+    with pytest.raises(RingError, match="closed"):
+        r.move()

@@ -112,6 +112,7 @@ class Link:
         # no one has woken it since: the next message must (under _outbox_lock)
         self._idle = False
         self._io: threading.Thread | None = None
+        self._abandoned = False  # close() gave up waiting for the BYE: the I/O thread ends
 
     # -- other threads ------------------------------------------------------------------
     def open(
@@ -156,6 +157,10 @@ class Link:
         if self._io is not None and self._io.is_alive():
             self.send(msgs.Bye())  # the I/O thread forwards it to the daemon, then stops
             self._io.join(timeout=5)
+            if self._io.is_alive():  # e.g. a HELLO unanswered holds the BYE: stop anyway,
+                self._abandoned = True  # before the ring closes under the thread
+                self.transport.wake()
+                self._io.join(timeout=2)
         if self._io is None or not self._io.is_alive():
             self.transport.close()
 
@@ -345,7 +350,7 @@ class Link:
         last_rx = last_ping = last_turn = last_exit = time.monotonic()
         silence_limit = max(self._timeout if self._timeout else 60.0, 3 * self._heartbeat)
         try:
-            while True:
+            while not self._abandoned:
                 with self._outbox_lock:  # a message queued after this wakes us (send)
                     # (the outbox waits while a HELLO is unanswered: the WELCOME wakes us)
                     idle = self._idle = not self._outbox or self._hello_pending

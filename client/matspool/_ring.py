@@ -128,6 +128,8 @@ class Ring:
         to end, so no byte lands in the old mapping after it was copied."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            if self.closed:  # the spool closed while its I/O thread re-registered
+                raise RingError(f"ring {self.name} was closed: it cannot move")
             self._moving = True
             try:
                 while self._writers:
