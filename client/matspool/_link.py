@@ -51,12 +51,13 @@ from ._errors import (
     error_from_code,
 )
 from ._leases import Lease
-from ._msgshard import LaidOut, Place
+from ._msgshard import LaidOut
 from ._pending import PendingTable, Save, failing
 from ._reach import exit_text, pid_alive
 from ._ring import Ring
 from ._saves import SaveResult
 from ._transport import Transport
+from ._wire import remote_frames
 
 __all__ = ["Link"]
 
@@ -146,7 +147,10 @@ class Link:
     def send(self, message: msgs.Request, lease: Lease | None = None) -> None:
         """Queue ``message``; ``lease``: the region it names, released here if the message
         never goes."""
-        frames = [*msgs.encode(message, binary=self.binary), *self._payload(message)]
+        frames = [
+            *msgs.encode(message, binary=self.binary),
+            *(remote_frames(self._ring.array, message) if self._remote else []),
+        ]
         with self._outbox_lock:
             self._outbox.append((message.OP, getattr(message, "seq", -1), frames, lease))
             wake, self._idle = self._idle, False
@@ -163,27 +167,6 @@ class Link:
                 self._io.join(timeout=2)
         if self._io is None or not self._io.is_alive():
             self.transport.close()
-
-    def _payload(self, message: msgs.Request) -> list[memoryview]:
-        """For a remote (tcp://) daemon, which cannot map our ring: the arrays as frames,
-        zero-copy views of the ring, in the ring order the daemon expects."""
-        if not self._remote:
-            return []
-        ring = self._ring.array
-        if isinstance(message, proto.WriteRequest):
-            spans = [
-                (leaf.offset, leaf.nbytes)
-                for v in message.vars
-                for leaf in proto.leaves(v)
-                if not leaf.deferred and leaf.nbytes
-            ]
-        elif isinstance(message, proto.Part):
-            spans = [(message.offset, message.nbytes)]
-        elif isinstance(message, Place):  # a sharded save's block: one frame, as a PART's
-            spans = [(message.ring_offset, message.nbytes)]
-        else:
-            return []
-        return [memoryview(ring[off : off + n].data) for off, n in spans]
 
     # -- the I/O thread -----------------------------------------------------------------
     def _hello_msg(self) -> msgs.Hello:

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ._convert import Value
 from ._errors import FormatLimitError
 from ._numeric import Prepared
 
-__all__ = ["check_wire_size", "iter_arrays", "to_spec"]
+if TYPE_CHECKING:
+    from ._messages import Request
+
+__all__ = ["check_wire_size", "iter_arrays", "remote_frames", "to_spec"]
 
 
 def iter_arrays(value: Value) -> Iterator[Prepared]:
@@ -86,3 +91,26 @@ def check_wire_size(values: Mapping[str, Value]) -> None:
             f"{size} bytes, over the {proto.MAX_MESSAGE_BYTES} a control message carries: split it "
             "over several variables or saves"
         )
+
+
+def remote_frames(ring: np.ndarray[Any, Any], message: Request) -> list[memoryview]:
+    """For a remote (tcp://) daemon, which cannot map the ring: a request's arrays as
+    frames, zero-copy views of ``ring``, in the ring order the daemon expects (a WRITE's
+    leaves, a PART's piece, a sharded save's PLACE block); none for other requests."""
+    from . import _protocol as proto
+    from ._msgshard import Place
+
+    if isinstance(message, proto.WriteRequest):
+        spans = [
+            (leaf.offset, leaf.nbytes)
+            for v in message.vars
+            for leaf in proto.leaves(v)
+            if not leaf.deferred and leaf.nbytes
+        ]
+    elif isinstance(message, proto.Part):
+        spans = [(message.offset, message.nbytes)]
+    elif isinstance(message, Place):
+        spans = [(message.ring_offset, message.nbytes)]
+    else:
+        return []
+    return [memoryview(ring[off : off + n].data) for off, n in spans]
