@@ -5,6 +5,9 @@ the new file is in place while the old inode is still held, and the old one is f
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import scipy.io
 
 import matspool
 from matspool import _protocol as proto
+from matspoold.cleanup import sweep_dead
 from matspoold.writers import _retire, write_atomic
 from matspoold.writers._retire import MIN_BYTES, RETIRE, Retirer
 
@@ -161,3 +165,55 @@ def test_an_old_file_replaced_before_the_exchange_is_swapped_back(tmp_path: Path
     finally:
         os.close(held)
         os.close(dfd)
+
+
+_KILLED_MID_EXCHANGE = """
+import os, signal, sys
+import numpy as np
+from matspool import _protocol as proto
+from matspoold import cleanup
+from matspoold.writers import _files, write_atomic
+from matspoold.writers._retire import MIN_BYTES, RETIRE
+
+state, path = sys.argv[1:]
+journal = cleanup.open_journal([state], _files.TEMPS.tag)
+_files.TEMPS.record = journal.record
+arr = np.asfortranarray(np.full((MIN_BYTES // 8 // 64 + 1, 64), 7.0))
+spec = proto.VarSpec(name="x", dtype="<f8", dims=arr.shape, offset=0, nbytes=arr.nbytes)
+os.unlink = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # dies right after an exchange
+with RETIRE.deferring():
+    write_atomic(path, "v5", [(spec, arr)], fsync=False)
+"""
+
+
+@pytest.mark.parametrize("old", ["own file", "symlink", "another user's file"])
+def test_a_daemon_killed_after_the_exchange_leaves_nothing_the_next_one_keeps(
+    tmp_path: Path, old: str
+) -> None:
+    """Killed between the exchange and the unlink, a daemon leaves the OLD file under its
+    temporary's name: the final name already holds the new file, and the next daemon's
+    sweep must remove that temporary. The sweep removes only regular files of its own
+    user, so old files it would not remove (a symlink, another user's file) are never
+    exchanged: a plain rename replaces them, as before."""
+    state, out = tmp_path / "state", tmp_path / "out"
+    out.mkdir()
+    final = out / "x.mat"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    if old == "symlink":
+        final.symlink_to(victim)
+    else:
+        final.write_bytes(b"old" * MIN_BYTES)
+        if old == "another user's file":
+            if os.geteuid() != 0:
+                pytest.skip("needs root to own a file as another user")
+            os.chown(final, 54321, 54321)
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_EXCHANGE, str(state), str(final)], capture_output=True, timeout=60
+    )
+    sweep_dead(str(state))
+    assert [p.name for p in out.iterdir()] == ["x.mat"]  # no temporary, old or new, is left
+    assert not final.is_symlink() and scipy.io.loadmat(final)["x"].min() == 7.0
+    assert victim.read_bytes() == b"keep me"
+    # own file: the window itself (killed with the old file under the temporary's name)
+    assert child.returncode == (-signal.SIGKILL if old == "own file" else 0), child.stderr.decode()

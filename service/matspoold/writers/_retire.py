@@ -13,8 +13,9 @@ The rename itself (:meth:`Retirer.rename_over`) is a ``RENAME_EXCHANGE`` followe
 ``unlink`` of the old file under the temporary's name: a plain rename over a file also
 makes ext4 start the new file's writeback (``auto_da_alloc``, 2-3 ms for 64 MiB); an
 exchange does not (0.06-0.10 ms with the unlink). Where the exchange does not apply (no
-old file held, a directory there, a file system that refuses exchanges, an old file
-replaced by someone meanwhile) it is a plain rename, as before.
+old file held, anything but a regular file of this user's there, a file system that
+refuses exchanges, an old file replaced by someone meanwhile) it is a plain rename, as
+before.
 
 Who calls what: a writer thread inside :meth:`Retirer.deferring` (the scheduler's) has
 ``Temporary.publish`` keep the old files of saves of at least ``MIN_BYTES``; after it
@@ -161,12 +162,18 @@ def _exchange_over(dir_fd: int, temp: str, final: str, held: int) -> bool:
     exchange left at ``temp``: unlike a rename over it, an exchange does not start the
     new file's writeback (ext4's ``auto_da_alloc``: 2-3 ms for 64 MiB). False, having
     changed nothing, where that does not apply: the old file (``held``) is not a regular
-    file or symlink, the file system refuses exchanges, or ``final`` no longer holds it."""
+    file of this user's, the file system refuses exchanges, or ``final`` no longer holds it.
+
+    Why only this user's regular files: a daemon killed between the exchange and the
+    unlink leaves the old file under the temporary's name, and the next daemon's sweep
+    (``cleanup._sweep_one``) removes only regular files of its own user there; a symlink
+    or another user's file would stay behind for good, so those are renamed over."""
     old = os.fstat(held)
     if (
         _renameat2 is None
         or old.st_dev in _no_exchange
-        or not (stat.S_ISREG(old.st_mode) or stat.S_ISLNK(old.st_mode))
+        or not stat.S_ISREG(old.st_mode)
+        or old.st_uid != os.geteuid()
     ):
         return False
     t, f = os.fsencode(temp), os.fsencode(final)
