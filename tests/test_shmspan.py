@@ -18,7 +18,7 @@ import matspool
 from matspool import _protocol as proto
 from matspool._errors import RingError
 from matspoold import shmspan
-from matspoold.jobs import Job, JobRunner
+from matspoold.jobs import Job, JobRunner, _array, payload_of
 from matspoold.ringio import ShmRing
 from matspoold.sessions import Client
 
@@ -130,3 +130,29 @@ def test_a_shm_ring_client_saves_large_arrays_through_the_daemon(daemon: DaemonP
         for fmt in ("v5", "v7.3"):
             spool.save(str(daemon.root / f"{fmt}.mat"), {"x": arr}, format=fmt).result(30)
             assert np.array_equal(_read(daemon.root / f"{fmt}.mat", fmt, "x"), arr)
+
+
+def test_an_array_sharing_a_spans_offset_is_copied_out_too(ring: tuple[str, int], tmp_path: Path) -> None:
+    """Arrays may overlap in the ring (a mapped ring reads them so): small ones at a
+    span's offset are still copied out, and two copied out from one offset (8 and 4
+    elements) each get all of their bytes."""
+    big = np.random.default_rng(7).random((BIG // 8, 1))
+    specs = _place(ring[1], {"big": big})
+    heads = [proto.VarSpec(name=f"h{n}", dtype="<f8", dims=(n, 1), offset=0, nbytes=8 * n) for n in (8, 4)]
+    for fmt in ("v5", "v7.3"):
+        _run(ring[1], tmp_path / "o.mat", fmt, [*specs, *heads])  # the shorter copy last
+        assert np.array_equal(_read(tmp_path / "o.mat", fmt, "big"), big)
+        for n in (8, 4):
+            assert np.array_equal(_read(tmp_path / "o.mat", fmt, f"h{n}"), big[:n])
+
+
+def test_remote_frames_sharing_an_offset_each_read_back_whole() -> None:
+    """A remote client's frames, matched by offset: the longer of two arrays at one offset
+    is not cut to the shorter one's frame."""
+    data = np.arange(8.0)
+    specs = [proto.VarSpec(name=f"h{n}", dtype="<f8", dims=(n, 1), offset=0, nbytes=8 * n) for n in (8, 4)]
+    req = proto.WriteRequest(seq=1, path="/x.mat", format="v5", fsync=False, vars=tuple(specs))
+    frames = [memoryview(data.tobytes()), memoryview(data[:4].tobytes())]
+    src = payload_of(req, frames)
+    for spec in specs:
+        assert np.array_equal(_array(src, spec).reshape(-1), data[: spec.dims[0]])

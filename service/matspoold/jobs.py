@@ -96,8 +96,9 @@ def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
     if isinstance(src, ShmRing):  # not sealed, so never mapped: the kernel copies large
         if job.kind == "write":  # arrays into the file (shmspan), the rest is copied out
             spanned = spans(job.request, src.fd)
-        taken = {span.offset for span in spanned.values()}
-        src = src.payload(leaf for leaf in in_ring(job.request) if leaf.offset not in taken)
+        # by identity, not offset: an array sharing a span's offset is still copied out
+        taken = {id(v) for v in job.request.vars if v.name in spanned}
+        src = src.payload(leaf for leaf in in_ring(job.request) if id(leaf) not in taken)
     elif isinstance(src, mmap.mmap):  # a sealed ring: its pages mapped in one call, not by faults
         for leaf in in_ring(job.request):
             prefault(src, leaf.offset, leaf.nbytes)
@@ -125,7 +126,11 @@ def payload_of(request: proto.WriteRequest, frames: list[memoryview]) -> dict[in
     for leaf, frame in zip(want, frames, strict=True):
         if len(frame) != leaf.nbytes:
             raise ProtocolError(f"payload frame for {leaf.name!r} is {len(frame)} bytes, not {leaf.nbytes}")
-    return {leaf.offset: frame for leaf, frame in zip(want, frames, strict=True)}
+    out: dict[int, memoryview] = {}
+    for leaf, frame in zip(want, frames, strict=True):  # arrays sharing an offset: the longest
+        if len(frame) > len(out.get(leaf.offset, b"")):
+            out[leaf.offset] = frame
+    return out
 
 
 class JobRunner:

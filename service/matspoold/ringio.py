@@ -102,8 +102,12 @@ class ShmRing:
         return view
 
     def payload(self, leaves: Iterable[proto.VarSpec]) -> dict[int, memoryview]:
-        """The arrays of a save, by ring offset, copied out of the ring."""
-        return {leaf.offset: self.read(leaf.offset, leaf.nbytes) for leaf in leaves if leaf.nbytes}
+        """The arrays of a save, by ring offset, copied out of the ring (arrays sharing an
+        offset share the longest one's copy: each view takes its own first bytes)."""
+        longest: dict[int, int] = {}
+        for leaf in leaves:
+            longest[leaf.offset] = max(longest.get(leaf.offset, 0), leaf.nbytes)
+        return {offset: self.read(offset, nbytes) for offset, nbytes in longest.items() if nbytes}
 
     def close(self) -> None:
         self.closed = True
