@@ -17,7 +17,8 @@ while saves are in flight does not take the store away from the other ranks.
 ``closing`` is a closed spool's word to the other ranks: its next sharded save on each
 group it used will never come (``_shard_keys``: that save's ``blocks/<r>`` says so), so
 their saves fail at once instead of after the timeout; and the number is skipped, so a
-new spool on this rank stays in step with the others (which fail that save).
+new spool on this rank stays in step with the others (which fail that save). A forked
+child starts with no pools: the parent's connections and its word are not the child's.
 
 Threads: a :class:`Conns` is shared by the save threads of one spool and group (under
 its lock); the registry and the save numbers by every thread, under ``_lock``.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -85,6 +87,18 @@ def conns(spool: Spool, group: str, store: Any, rank: int, size: int) -> Conns:
         if pool is None or pool.store() is not store:
             pool = by_group[group] = Conns(weakref.ref(store), group, rank, size)
         return pool
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker, say) is no rank: the parent's pools (its store
+    connections, which a clone shares with the parent by socket) are not the child's, and
+    a spool the child closes must not tell the parent's groups that a save will not come."""
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def next_number(group: str) -> int:
