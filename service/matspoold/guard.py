@@ -30,6 +30,7 @@ nothing here is touched from any other.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -59,7 +60,10 @@ _RESERVE_MIN: Final = 128
 
 def connection_cap(limit: int | None = None) -> int:
     """How many client connections this daemon keeps at once. Raises the soft
-    ``RLIMIT_NOFILE`` to the hard one first; then a quarter (at least 128) is reserved."""
+    ``RLIMIT_NOFILE`` to the hard one first; then half (at least 128) is reserved: the cap
+    is enforced after libzmq has accepted, so the reserve must absorb every connection a
+    flood opens while this daemon is not scheduled (a quarter, 256 of 1,024, was crossed
+    on a loaded 2-core machine, and libzmq aborts on EMFILE)."""
     if limit is None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or hard > soft:
@@ -70,7 +74,7 @@ def connection_cap(limit: int | None = None) -> int:
             except (ValueError, OSError):
                 pass
         limit = soft
-    return max(16, limit - max(_RESERVE_MIN, limit // 4))
+    return max(16, limit - max(_RESERVE_MIN, limit // 2))
 
 
 class RateLimitedLog:
@@ -98,23 +102,21 @@ class RateLimitedLog:
         log.warning(message + (f" ({n} more like this in the last {self.every:.0f} s)" if n else ""), *args)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def _cut(fd: int) -> bool:
-    """Shut a connection down under libzmq, which then closes it as a hang-up. A dup is
-    shut down and closed (``shutdown`` acts on the socket, not on the descriptor), so the
-    descriptor libzmq holds stays valid until libzmq closes it."""
+    """Shut a connection down under libzmq, which then closes it as a hang-up.
+    ``shutdown(2)`` acts on the socket, and is called on libzmq's own descriptor through
+    libc: no dup, which would need a free descriptor exactly when a flood has taken them
+    all (a failed dup left the connection uncut for good, and the flood went on to the
+    EMFILE that aborts libzmq)."""
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             return False
-        s = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError:
         return False
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+    return bool(_libc.shutdown(fd, socket.SHUT_RDWR) == 0)
 
 
 class Guard:

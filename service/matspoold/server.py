@@ -209,12 +209,14 @@ class Daemon:
                 guard.events()  # before reading: a connection beyond the cap says nothing
                 self._outcomes.drain(guard, self._scheduler)
                 if router in events:
-                    for _ in range(256):  # bounded, so results are never starved
+                    for i in range(256):  # bounded, so results are never starved
                         try:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._handle(router, frames)
+                        if i % 32 == 31:
+                            guard.events()  # as in _work
                 if self._backlog:
                     self._work(router)
                     self._outcomes.send_done(guard)
@@ -300,8 +302,12 @@ class Daemon:
         written here, so a burst of them must not keep the loop from its other duties."""
         backlog = self._backlog
         until = time.monotonic() + INLINE_SLICE_S
+        n = 0
         while backlog:
             self._handle_one(router, *backlog.popleft())
+            n += 1
+            if n % 8 == 0:  # a connection flood is cut as it comes, not once per slice:
+                self._guard.events()  # libzmq aborts the daemon on EMFILE (guard.py)
             if time.monotonic() >= until:
                 return
 
