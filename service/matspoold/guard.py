@@ -12,7 +12,7 @@ The answers here:
 - each peer's send queue is finite (:data:`PEER_SNDHWM` messages) and the ROUTER is
   ``ROUTER_MANDATORY``, so a full queue is an ``EAGAIN`` here instead of a silent drop
   or an unbounded queue. The peer that cannot take more is *cut*: its connection is
-  shut down (``shutdown(2)`` on a dup of the descriptor it last spoke from, which libzmq
+  shut down (``shutdown(2)`` on the descriptor it last spoke from, which libzmq
   then sees as a hang-up and frees its queue). Nothing is lost silently for an honest
   client that was merely slow: its DEALER reconnects, the client re-sends every save
   still unanswered, and the daemon answers those from ``Client.answered`` without writing
