@@ -18,14 +18,17 @@ The answers here:
   still unanswered, and the daemon answers those from ``Client.answered`` without writing
   twice. Only the answers to PING/STATUS and PART acknowledgements of that connection are
   gone, and a client that queued 10,000 unread answers is not reading anyway;
-- connections are counted from the ROUTER's monitor (ACCEPTED, DISCONNECTED) and the
-  ones beyond :func:`connection_cap` (the descriptor limit less a reserve for files,
-  rings and bursts; the soft limit is first raised to the hard one) are cut as they come;
+- connections are counted from the ROUTER's monitor (ACCEPTED, DISCONNECTED), by a
+  thread of their own that blocks on it, and the ones beyond :func:`connection_cap`
+  (the descriptor limit less a reserve for files, rings and bursts; the soft limit is
+  first raised to the hard one) are cut as they come;
 - every refusal is logged at most once per :data:`LOG_EVERY` seconds and kind, with the
   number suppressed meanwhile.
 
-Threads: a :class:`Guard` belongs to the daemon's control thread (the ROUTER's owner);
-nothing here is touched from any other.
+Threads: a :class:`Guard` belongs to the daemon's control thread (the ROUTER's owner),
+except its watcher thread, which alone owns the monitor socket and writes the set of
+connections kept (under a lock) and the count refused. Cutting a connection from there
+is safe: ``shutdown(2)`` is a system call on the socket, not a call into libzmq.
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ import os
 import resource
 import socket
 import stat
+import threading
 import time
 from typing import Any, Final
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
+
+from .door import Door, find_door
 
 __all__ = ["LOG_EVERY", "PEER_RCVHWM", "PEER_SNDHWM", "Guard", "RateLimitedLog", "connection_cap"]
 
@@ -128,57 +134,153 @@ class Guard:
         router.setsockopt(zmq.SNDHWM, PEER_SNDHWM)
         router.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._lock = threading.Lock()  # guards ``open`` (the watcher writes, seen() prunes)
         self.open: set[int] = set()  # descriptors of the connections kept
         self._fd_of: dict[bytes, int] = {}  # routing id -> descriptor it last spoke from
-        self.refused = 0  # connections cut at the cap
+        self.refused = 0  # connections cut at the cap (written by the watcher only)
+        self.paused = 0  # times accepting was paused at the cap (the watcher only)
         self.dropped = 0  # connections cut for not reading
         self.log = RateLimitedLog()
+        self._door_log = RateLimitedLog()  # the watcher's own: no dict shared across threads
+        self._door: Door | None = None  # libzmq's accept, paused at the cap (door.py)
+        self._stop = threading.Event()
+        self._failed: BaseException | None = None
+        addr = f"inproc://matspoold-guard-{id(self):x}"
+        router.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        ready = threading.Event()
+        self._watcher = threading.Thread(
+            target=self._watch, args=(router.context, addr, ready), name="matspoold-guard", daemon=True
+        )
+        self._watcher.start()
+        ready.wait()
+        failed: BaseException | None = self._failed  # set by the watcher before ready
+        if failed is not None:
+            router.disable_monitor()
+            raise failed
+
+    def listening(self, endpoint: str) -> None:
+        """The ROUTER is bound at ``endpoint``: find the door that pauses its accepting
+        (ipc on Linux), while descriptors are free. Control thread, once, after bind."""
+        self._door = find_door(endpoint)
 
     def close(self) -> None:
+        """Stop the watcher (it closes its monitor socket, and opens the door), then the
+        monitor itself."""
+        self._stop.set()
+        self._watcher.join()
         self.router.disable_monitor()
-        self.monitor.close(linger=0)
 
-    # -- connections ----------------------------------------------------------------------
-    def events(self) -> None:
+    # -- connections: the watcher thread ---------------------------------------------------
+    def _watch(self, ctx: zmq.Context[Any], addr: str, ready: threading.Event) -> None:
+        """Own the monitor socket and cut connections beyond the cap as they are accepted.
+        A thread of its own, blocked on the monitor: the control thread may spend a slice
+        writing small files, and a flood opening 5,000 connections a second fills the
+        reserve in a tenth of that. No event may be lost either (an ACCEPTED dropped is a
+        connection never counted nor cut), so the monitor's queue is unbounded: an event is
+        a few dozen bytes, and this thread reads them as they come."""
+        try:
+            mon = ctx.socket(zmq.PAIR)
+            mon.setsockopt(zmq.RCVHWM, 0)  # before connect: the inproc pipe takes it then
+            mon.connect(addr)
+        except BaseException as e:  # noqa: BLE001 - raised in the constructor's thread
+            self._failed = e
+            ready.set()
+            return
+        ready.set()
+        next_check = time.monotonic() + 1.0
+        try:
+            while not self._stop.is_set():
+                if mon.poll(200):
+                    self._events(mon)
+                if time.monotonic() >= next_check:
+                    self._reconcile()
+                    next_check = time.monotonic() + 1.0
+                self._doorkeep()
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            mon.close(linger=0)
+            door, self._door = self._door, None
+            if door is not None:
+                door.release()
+
+    def _doorkeep(self) -> None:
+        """Shut the door at the cap, open it again below seven eighths of it: between the
+        two, connections wait in the kernel's backlog instead of taking descriptors."""
+        door = self._door
+        if door is None:
+            return
+        n = len(self.open)
+        if not door.shut and n >= self.cap:
+            ok = door.close()
+            self.paused += ok
+            if ok:
+                self._door_log.warning(
+                    "pause", "paused accepting: %d connections are open, the cap is %d", n, self.cap
+                )
+        elif door.shut and n < self.cap - self.cap // 8:
+            ok = door.open()
+        else:
+            return
+        if not ok:
+            self._door = None
+            log.warning("libzmq's watch of the listening socket changed: floods are now cut, not paused")
+
+    def _events(self, mon: zmq.Socket[bytes]) -> None:
         """Read the monitor: count new connections, cut those beyond the cap."""
-        while self.monitor.poll(0):
-            event = parse_monitor_message(self.monitor.recv_multipart())
+        while True:
+            try:
+                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
-                if len(self.open) >= self.cap:
+                with self._lock:
+                    keep = len(self.open) < self.cap
+                    if keep:
+                        self.open.add(fd)
+                if keep:
+                    if len(self.open) >= self.cap:
+                        self._doorkeep()  # at once: the next accepts are the ones that hurt
+                else:
                     self.refused += 1
                     _cut(fd)
-                    self.log.warning(
+                    self._door_log.warning(
                         "cap",
                         "refused a connection: %d are open, the cap is %d (descriptor limit less a reserve)",
                         len(self.open),
                         self.cap,
                     )
-                else:
-                    self.open.add(fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self.open.discard(fd)
+                with self._lock:
+                    self.open.discard(fd)
 
-    def reconcile(self) -> None:
-        """Forget descriptors that are no longer sockets (a monitor event lost in a burst
-        must not shrink the cap for good). Called once a second."""
-        for fd in list(self.open):
+    def _reconcile(self) -> None:
+        """Forget descriptors that are no longer sockets (a late or odd event must not
+        shrink the cap for good). Once a second."""
+        with self._lock:
+            kept = list(self.open)
+        gone = []
+        for fd in kept:
             try:
                 ok = stat.S_ISSOCK(os.fstat(fd).st_mode)
             except OSError:
                 ok = False
             if not ok:
-                self.open.discard(fd)
-        if len(self._fd_of) > 4 * self.cap:  # routing ids of connections long gone
-            self._fd_of = {i: fd for i, fd in self._fd_of.items() if fd in self.open}
+                gone.append(fd)
+        with self._lock:
+            self.open.difference_update(gone)
 
     def seen(self, ident: bytes, frame: zmq.Frame) -> None:
         """Note which connection ``ident`` spoke from (the one to cut if it stops reading)."""
         try:
             self._fd_of[ident] = int(frame.get(zmq.SRCFD))
         except (zmq.ZMQError, ValueError, TypeError):
-            pass
+            return
+        if len(self._fd_of) > 4 * self.cap:  # routing ids of connections long gone
+            with self._lock:
+                kept = set(self.open)
+            self._fd_of = {i: fd for i, fd in self._fd_of.items() if fd in kept}
 
     # -- answers --------------------------------------------------------------------------
     def send_multipart(self, frames: list[Any]) -> None:

@@ -180,6 +180,7 @@ class Daemon:
         guard = self._guard = Guard(router)
         try:
             self._listener.bind(router)
+            guard.listening(self.endpoint)
             # after the bind: a daemon refused its endpoint must not sweep or journal
             self._journal = open_journal(self.state_dirs, TEMPS.tag)
             sweep_dead(os.path.dirname(self._journal.path))
@@ -194,7 +195,6 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
-        poller.register(guard.monitor, zmq.POLLIN)
         if self.clean_stale:
             remove_stale_rings()
         log.info("serving %s, roots %s", self.endpoint, ", ".join(self.roots))
@@ -206,23 +206,19 @@ class Daemon:
                 if wake in events:
                     while wake.poll(0):
                         wake.recv()
-                guard.events()  # before reading: a connection beyond the cap says nothing
                 self._outcomes.drain(guard, self._scheduler)
                 if router in events:
-                    for i in range(256):  # bounded, so results are never starved
+                    for _ in range(256):  # bounded, so results are never starved
                         try:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._handle(router, frames)
-                        if i % 32 == 31:
-                            guard.events()  # as in _work
                 if self._backlog:
                     self._work(router)
                     self._outcomes.send_done(guard)
                 if time.monotonic() >= next_reap:
                     self._clients.reap()
-                    guard.reconcile()
                     self.snapshot = self.status()  # what other threads (metrics) may read
                     next_reap = time.monotonic() + 1.0
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -302,12 +298,8 @@ class Daemon:
         written here, so a burst of them must not keep the loop from its other duties."""
         backlog = self._backlog
         until = time.monotonic() + INLINE_SLICE_S
-        n = 0
         while backlog:
             self._handle_one(router, *backlog.popleft())
-            n += 1
-            if n % 8 == 0:  # a connection flood is cut as it comes, not once per slice:
-                self._guard.events()  # libzmq aborts the daemon on EMFILE (guard.py)
             if time.monotonic() >= until:
                 return
 

@@ -1,0 +1,186 @@
+"""Pausing libzmq's accept on the daemon's ipc socket, so a flood cannot make it abort.
+
+libzmq's ipc listener aborts the whole process when ``accept`` fails with ``EMFILE``
+(``src/ipc_listener.cpp``: ``EMFILE`` is not among the errors it tolerates, unlike its
+tcp listener), and libzmq has no call to stop a listener accepting for a while. Cutting
+each connection beyond the cap after libzmq accepted it (``guard``) leaves a race: a
+flood on a loaded machine accepts faster than the cuts land, and at a 1,024-descriptor
+limit three connecting threads killed the daemon in every try.
+
+A :class:`Door` closes that race at the kernel: it finds the listening socket among this
+process's descriptors (``/proc/net/unix`` names it by path, ``/proc/self/fd`` says which
+descriptor holds it) and the epoll set of libzmq's I/O thread that watches it
+(``/proc/self/fdinfo`` lists each watched descriptor with its events and the pointer
+libzmq stored with it). :meth:`Door.close` re-arms that watch with no events
+(``EPOLL_CTL_MOD``, the pointer kept), so libzmq never hears that connections wait and
+never calls ``accept``; new connections wait in the kernel's backlog, then are refused
+with ``EAGAIN`` and retried by their clients. :meth:`Door.open` restores the events.
+
+Nothing is assumed blindly: before each change the watch is read back from ``fdinfo`` and
+must still be the listener's (same descriptor, socket inode and pointer); otherwise the
+door is dropped and the cap falls back to cutting. Linux only; tcp listeners tolerate
+``EMFILE`` and need none. Everything is found while descriptors are free (right after
+the bind): opening ``/proc`` needs one, exactly what a flood takes.
+
+Threads: found by the control thread after bind, then used only by the guard's watcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+__all__ = ["Door", "find_door"]
+
+log = logging.getLogger("matspoold")
+
+_EPOLL_CTL_MOD = 3
+_ACCEPTCON = 0x10000  # /proc/net/unix Flags: a listening socket
+
+
+class _EpollEvent(ctypes.Structure):
+    # the kernel's struct epoll_event is packed on x86-64 only
+    _pack_ = 1 if platform.machine() in ("x86_64", "AMD64") else 0
+    _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_EpollEvent)]
+
+
+@dataclass
+class Door:
+    """libzmq's epoll watch of one listening socket."""
+
+    epfd: int  # libzmq's epoll descriptor
+    fd: int  # the listening socket's descriptor
+    inode: int  # the listening socket's inode (sockfs), as fdinfo shows it
+    events: int  # the events libzmq asked for
+    data: int  # the pointer libzmq keeps with the watch
+    info: int  # our descriptor of /proc/self/fdinfo/<epfd>: read again without opening
+    shut: bool = False
+
+    def close(self) -> bool:
+        """Stop libzmq hearing of new connections. False when the watch is no longer the
+        listener's (the door is then useless and must be dropped)."""
+        return self._set(0, shut=True)
+
+    def open(self) -> bool:
+        """Let libzmq accept again."""
+        return self._set(self.events, shut=False)
+
+    def release(self) -> None:
+        """Open the door if shut, and close our ``fdinfo`` descriptor."""
+        self.open()
+        try:
+            os.close(self.info)
+        except OSError:
+            pass
+
+    def _set(self, events: int, *, shut: bool) -> bool:
+        if self.shut == shut:
+            return True
+        try:
+            got = _parse_watches(_read_all(self.info)).get(self.fd)
+        except OSError:
+            return False
+        if got is None or (got[2], got[1]) != (self.inode, self.data):
+            return False
+        ev = _EpollEvent(events, self.data)
+        if _libc.epoll_ctl(self.epfd, _EPOLL_CTL_MOD, self.fd, ctypes.byref(ev)) != 0:
+            return False
+        self.shut = shut
+        return True
+
+
+def _read_all(fd: int) -> bytes:
+    """A /proc file read again from its start through a descriptor kept open."""
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 65536, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def _listening_inodes(path: str) -> set[int]:
+    found = set()
+    with open("/proc/net/unix", encoding="utf-8", errors="surrogateescape") as f:
+        next(f)
+        for line in f:
+            parts = line.rstrip("\n").split(None, 7)
+            if len(parts) == 8 and parts[7] == path and int(parts[3], 16) & _ACCEPTCON:
+                found.add(int(parts[6]))
+    return found
+
+
+def _parse_watches(text: bytes) -> dict[int, tuple[int, int, int]]:
+    """The descriptors one epoll set watches, from its fdinfo: fd -> (events, data, inode)."""
+    out = {}
+    for line in text.decode("ascii", "replace").splitlines():
+        if not line.startswith("tfd:"):
+            continue
+        words = line.split()
+        try:
+            fields = dict(zip(words[::2], words[1::2], strict=False))
+            inode = int(line.split("ino:")[1].split()[0], 16)
+            out[int(fields["tfd:"])] = (int(fields["events:"], 16), int(fields["data:"], 16), inode)
+        except (KeyError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _find_once(path: str) -> Door | None:
+    inodes = _listening_inodes(path)
+    fds: dict[int, int] = {}  # our listening socket's fd -> inode
+    epolls = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+            fds[int(name)] = int(target[8:-1])
+        elif target == "anon_inode:[eventpoll]":
+            epolls.append(int(name))
+    for epfd in epolls:
+        try:
+            info = os.open(f"/proc/self/fdinfo/{epfd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            watches = _parse_watches(_read_all(info))
+        except OSError:
+            watches = {}
+        for fd, inode in fds.items():
+            got = watches.get(fd)
+            if got is not None and got[2] == inode:
+                return Door(epfd, fd, inode, got[0], got[1], info)
+        os.close(info)
+    return None
+
+
+def find_door(endpoint: str, wait: float = 1.0) -> Door | None:
+    """The door of the ipc socket this process just bound at ``endpoint``, or None
+    (not ipc, not Linux, or not found within ``wait`` s: libzmq's I/O thread registers
+    the listener shortly after ``bind`` returns)."""
+    if not endpoint.startswith("ipc://") or not os.path.exists("/proc/net/unix"):
+        return None
+    path = endpoint[len("ipc://") :]
+    until = time.monotonic() + wait
+    while True:
+        try:
+            door = _find_once(path)
+        except OSError:
+            door = None
+        if door is not None or time.monotonic() >= until:
+            if door is None:
+                log.warning("no epoll watch found for %s: a connection flood is cut, not paused", endpoint)
+            return door
+        time.sleep(0.002)
