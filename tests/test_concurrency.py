@@ -295,3 +295,20 @@ def test_exported_members() -> None:
     }
     assert public, "found no public members at all"
     assert public - exported == set(), f"public but not in __all__: {sorted(public - exported)}"
+
+
+def test_two_spellings_of_one_file_keep_the_order_of_their_saves(daemon: DaemonProc) -> None:
+    """A symlinked directory is another spelling of the same file: an earlier, slow save
+    through it must not land after a later, quick one through the real directory (before,
+    writes were ordered by the path's text, so the quick one ran at once and the slow one
+    then replaced it: the file held the older data)."""
+    real = daemon.root / "real"
+    real.mkdir()
+    (daemon.root / "alias").symlink_to(real, target_is_directory=True)
+    slow = np.random.default_rng(0).random((1024, 2048))  # 16 MiB, deflated: a slow write
+    with matspool.Spool(daemon.endpoint, ring_bytes=64 << 20, timeout=60) as s:
+        first = s.save(daemon.root / "alias" / "x.mat", {"x": slow}, format="v5", compress=6)
+        second = s.save(real / "x.mat", {"x": np.float64(2.0)}, format="v5")
+        first.result(60)
+        second.result(60)
+    assert_variables(read(real / "x.mat", "v5"), {"x": np.full((1, 1), 2.0)})

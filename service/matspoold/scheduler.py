@@ -1,7 +1,8 @@
 """The scheduler and the writer pool: per-path order, writer threads, their results.
 
-Writes to one path run in the order they arrived (a client's later save of a file must
-win); different paths run in parallel on ``n`` writer threads taking jobs from one queue
+Writes to one file run in the order they arrived (a client's later save of a file must
+win; a file is its directory's inode and its name, however the path spells them);
+different files run in parallel on ``n`` writer threads taking jobs from one queue
 (a ThreadPoolExecutor's Future per task costs the control thread more than a small
 file's whole write). A writer appends its outcome to a results queue and, only when it
 found the queue empty, wakes the control loop through an inproc socket. The files a job
@@ -26,7 +27,21 @@ import zmq
 from .jobs import Job
 from .writers._retire import RETIRE
 
-__all__ = ["Result", "Scheduler"]
+__all__ = ["Result", "Scheduler", "file_key"]
+
+
+def file_key(path: str) -> str:
+    """Which file ``path`` names, for the order of its writes: the device and inode of its
+    directory, and its base name. Two spellings of one file (through a symlinked
+    directory, ``..``, a bind mount) are one key, so a later save through one cannot be
+    overtaken by an earlier, longer one through the other. A directory that cannot be
+    reached keys by the normalised path (the write fails and says why)."""
+    directory, base = os.path.split(os.path.normpath(path))
+    try:
+        st = os.stat(directory or ".")
+    except (OSError, ValueError):
+        return os.path.normpath(path)
+    return f"{st.st_dev}:{st.st_ino}/{base}"
 
 
 class Result(NamedTuple):
@@ -48,7 +63,8 @@ class Scheduler:
         self._ctx = ctx
         self._wake_addr = f"inproc://matspoold-wake-{id(self)}"
         self._local = threading.local()
-        self._by_path: dict[str, deque[Job]] = {}
+        self._by_path: dict[str, deque[Job]] = {}  # file_key -> its jobs waiting
+        self._key_of: dict[int, str] = {}  # id(job) -> its file_key, while queued or running
         self._results: deque[tuple[Result, list[int]]] = deque()  # and the files it replaced
         self._answered: list[int] = []  # replaced files of results taken (control thread)
         self._lock = threading.Lock()
@@ -66,8 +82,9 @@ class Scheduler:
         wake.bind(self._wake_addr)
         return wake
 
-    def enqueue(self, job: Job) -> None:
-        key = os.path.normpath(job.request.path)
+    def enqueue(self, job: Job, key: str) -> None:
+        """Queue ``job`` behind the jobs of its file (``key``: :func:`file_key`)."""
+        self._key_of[id(job)] = key
         waiting = self._by_path.get(key)
         if waiting is None:
             self._by_path[key] = deque()
@@ -75,9 +92,9 @@ class Scheduler:
         else:
             waiting.append(job)  # same file: keep the order the client saved in
 
-    def idle(self, path: str) -> bool:
-        """No job of ``path`` is queued or running: one written now keeps the order."""
-        return os.path.normpath(path) not in self._by_path
+    def idle(self, key: str) -> bool:
+        """No job of the file ``key`` is queued or running: one written now keeps the order."""
+        return key not in self._by_path
 
     def next_result(self) -> Result | None:
         """The next finished job, its path's next job started; None when there is none."""
@@ -91,7 +108,7 @@ class Scheduler:
             return None
         result, replaced = taken
         self._answered += replaced
-        key = os.path.normpath(result.job.request.path)
+        key = self._key_of.pop(id(result.job))
         waiting = self._by_path[key]
         if waiting:
             self._jobs.put(waiting.popleft())

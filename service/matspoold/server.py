@@ -64,7 +64,7 @@ from .listen import Listener
 from .outcomes import Outcomes
 from .paths import normalize_roots
 from .replies import refuse
-from .scheduler import Result, Scheduler
+from .scheduler import Result, Scheduler, file_key
 from .sessions import DEFAULT_MAX_RING_BYTES, DEFAULT_MAX_TOTAL_RING_BYTES, Client, Clients
 from .sharded import LAID
 from .writers._files import TEMPS
@@ -347,13 +347,14 @@ class Daemon:
     def _enqueue(self, job: Job) -> None:
         job.client.inflight += 1
         ring_bytes = job.ring_bytes
-        if self._inline(job, ring_bytes):
+        key = file_key(job.request.path)
+        if self._inline(job, ring_bytes, key):
             self._outcomes.settle(self._guard, Result(job, *self._jobs.run(job)), 0)
             return
         job.client.payload_inflight += ring_bytes
-        self._scheduler.enqueue(job)
+        self._scheduler.enqueue(job, key)
 
-    def _inline(self, job: Job, ring_bytes: int) -> bool:
+    def _inline(self, job: Job, ring_bytes: int, key: str) -> bool:
         """Whether to write ``job`` here: a tiny whole file, no fsync, no compression,
         none of its path's saves queued (their order)."""
         req = job.request
@@ -366,7 +367,7 @@ class Daemon:
             and not req.append
             and not self._jobs.write_delay
             and ring_bytes <= INLINE_BYTES
-            and self._scheduler.idle(req.path)
+            and self._scheduler.idle(key)
         )
 
 
