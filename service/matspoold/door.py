@@ -136,7 +136,10 @@ def _parse_watches(text: bytes) -> dict[int, tuple[int, int, int]]:
     return out
 
 
-def _find_once(path: str) -> Door | None:
+def _find_once(path: str) -> Door | bool:
+    """The door, or whether looking again may find it (False: this /proc cannot show it:
+    no descriptor of ours holds a listening socket at ``path``, or no epoll set lists
+    what it watches)."""
     inodes = _listening_inodes(path)
     fds: dict[int, int] = {}  # our listening socket's fd -> inode
     epolls = []
@@ -149,6 +152,7 @@ def _find_once(path: str) -> Door | None:
             fds[int(name)] = int(target[8:-1])
         elif target == "anon_inode:[eventpoll]":
             epolls.append(int(name))
+    listed = False  # some epoll set lists its watches (libzmq's always has its mailbox)
     for epfd in epolls:
         try:
             info = os.open(f"/proc/self/fdinfo/{epfd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -158,29 +162,31 @@ def _find_once(path: str) -> Door | None:
             watches = _parse_watches(_read_all(info))
         except OSError:
             watches = {}
+        listed = listed or bool(watches)
         for fd, inode in fds.items():
             got = watches.get(fd)
             if got is not None and got[2] == inode:
                 return Door(epfd, fd, inode, got[0], got[1], info)
         os.close(info)
-    return None
+    return bool(fds) and listed  # the listener is bound: libzmq watches it shortly
 
 
 def find_door(endpoint: str, wait: float = 1.0) -> Door | None:
     """The door of the ipc socket this process just bound at ``endpoint``, or None
-    (not ipc, not Linux, or not found within ``wait`` s: libzmq's I/O thread registers
-    the listener shortly after ``bind`` returns)."""
+    (not ipc, not Linux, a /proc that cannot show it, or not found within ``wait`` s:
+    libzmq's I/O thread registers the listener shortly after ``bind`` returns)."""
     if not endpoint.startswith("ipc://") or not os.path.exists("/proc/net/unix"):
         return None
     path = endpoint[len("ipc://") :]
     until = time.monotonic() + wait
     while True:
         try:
-            door = _find_once(path)
+            found = _find_once(path)
         except OSError:
-            door = None
-        if door is not None or time.monotonic() >= until:
-            if door is None:
-                log.warning("no epoll watch found for %s: a connection flood is cut, not paused", endpoint)
-            return door
+            found = False
+        if isinstance(found, Door):
+            return found
+        if not found or time.monotonic() >= until:
+            log.warning("no epoll watch found for %s: a connection flood is cut, not paused", endpoint)
+            return None
         time.sleep(0.002)
