@@ -49,14 +49,14 @@ from ._msgshard import Discard, Layout, LayoutResult, Place, Publish, ShardVar
 from ._pending import Save
 from ._saves import SaveResult
 from ._shard_blocks import Failed, Shard, ShardError, Var, check_blocks, is_sharded
-from ._shard_conns import Conns, closing, conns, next_number
-from ._shard_coord import GRACE, Coord, StoreGone, early_failure, gone
+from ._shard_conns import Conns, conns, next_number
+from ._shard_coord import GRACE, Coord, StoreGone, closed, closing, early_failure, gone
 from ._shard_ring import Piece, copy_piece, landed, prepare, release
 
 if TYPE_CHECKING:
     from ._spool import Spool
 
-__all__ = ["Shard", "ShardError", "closing", "is_sharded", "save_sharded"]
+__all__ = ["Shard", "ShardError", "closed", "closing", "is_sharded", "save_sharded"]
 
 
 def _store(dist: Any, group: Any) -> tuple[Any, str]:
@@ -249,6 +249,7 @@ class _Job(Coord):
         laid = self._get(keys.LAYOUT)
         if "error" in laid:
             self._read(laid)
+            self._refused(laid)
             text = laid["error"]  # a closed rank 0's word names no path: say which save
             raise ShardError(text if self.path in text else f"{self._what()}: {text}")
         self.tmp = laid["tmp"]
@@ -283,6 +284,10 @@ class _Job(Coord):
             if late:
                 raise Failed(late)
             ranks = [self._get(keys.rank_key(keys.BLOCKS, r)) for r in range(self.size)]
+            for got in ranks:
+                if "closed" in got:  # a rank's spool (or stream) was closed: it never comes
+                    self._put(keys.LAYOUT, {"error": self._said(got["error"]), "closed": got["closed"]})
+                    return
             fmt, shard_vars = check_blocks(self.path, ranks)
             self._put(keys.LAYOUT, self._laid(fmt, shard_vars))
         except StoreGone:
@@ -291,6 +296,9 @@ class _Job(Coord):
             self._put(keys.LAYOUT, {"error": self._said(str(e))})
         except BaseException as e:  # noqa: BLE001 - every rank must hear of it
             self._put(keys.LAYOUT, {"error": f"{self._what()}: rank 0: {type(e).__name__}: {e}"})
+
+    def _refused(self, laid: dict[str, Any]) -> None:
+        """Rank 0's verdict was an error (``laid``); a stream step remembers a closed rank."""
 
     def _laid(self, fmt: str, shard_vars: list[ShardVar]) -> dict[str, Any]:
         """Rank 0, the blocks checked: the file laid out; what every rank is told."""

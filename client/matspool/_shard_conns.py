@@ -1,4 +1,4 @@
-"""Store connections for sharded saves and streams, reused; save numbers; a closed spool's word.
+"""Store connections for sharded saves and streams, reused; save numbers; who to tell on close.
 
 A sharded save (or stream step) coordinates on a thread of its own that blocks in store
 waits, so it needs a store client connection of its own (a wait on a shared one holds up
@@ -14,37 +14,45 @@ an idle spool, and a new one gets a new pool); a save holds it for as long as it
 on rank 0 (whose process holds the store under ``env://``) a ``destroy_process_group()``
 while saves are in flight does not take the store away from the other ranks.
 
-``closing`` is a closed spool's word to the other ranks: its next sharded save on each
-group it used will never come (``_shard_keys``: that save's ``blocks/<r>`` says so), so
-their saves fail at once instead of after the timeout; and the number is skipped, so a
-new spool on this rank stays in step with the others (which fail that save). A forked
-child starts with no pools: the parent's connections and its word are not the child's.
+The registry also knows each spool's sharded streams (``track``), so that a closing spool
+can tell the other ranks about them too; ``drop_pools`` and ``drop_streams`` hand a
+closing spool's pools and streams to ``_shard_coord``'s ``closing`` and ``closed``, which
+speak for it. A forked child starts with no
+pools and no streams: the parent's connections and its word are not the child's.
 
 Threads: a :class:`Conns` is shared by the save threads of one spool and group (under
-its lock); the registry and the save numbers by every thread, under ``_lock``.
+its lock); the registry (pools and streams) and the save numbers by every thread, under
+``_lock``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _shard_keys as keys
 
 if TYPE_CHECKING:
     from ._spool import Spool
 
-__all__ = ["Conns", "closing", "conns", "next_number"]
+__all__ = ["Conns", "Ending", "conns", "drop_pools", "drop_streams", "next_number", "track"]
+
+
+class Ending(Protocol):
+    """A sharded stream as a closing spool sees it (``_shard_stream.ShardedStream``)."""
+
+    def end(self, closed: str) -> None:
+        """This rank appends no further step (``closed``: "Spool" or "stream"): tell the others."""
+
 
 _lock = threading.Lock()
 _numbers: dict[str, itertools.count[int]] = {}
 _pools: weakref.WeakKeyDictionary[Spool, dict[str, Conns]] = weakref.WeakKeyDictionary()
+_streams: weakref.WeakKeyDictionary[Spool, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(eq=False)
@@ -96,6 +104,7 @@ def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
     _pools.clear()
+    _streams.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -108,24 +117,20 @@ def next_number(group: str) -> int:
         return next(_numbers.setdefault(group, itertools.count()))
 
 
-def closing(spool: Spool) -> None:
-    """``spool`` is closing: tell the other ranks of every group it saved sharded on that
-    this rank's next save there will not come (never blocks: a store that is gone is
-    skipped)."""
+def track(spool: Spool, stream: Ending) -> None:
+    """``stream`` (a sharded stream of ``spool``) is told when ``spool`` closes; held weakly
+    (a stream dropped unclosed tells nobody)."""
     with _lock:
-        pools = list(_pools.pop(spool, {}).values())
-    for pool in pools:
-        store = pool.store()
-        if store is None:  # the group was destroyed: nobody waits on it
-            continue
-        n = next_number(pool.group)
-        prefix = keys.save_prefix(pool.group, n)
-        text = (
-            f"rank {pool.rank}'s Spool was closed before it made this sharded save "
-            f"(number {n} on group {pool.group!r}); it will not come"
-        )
-        with contextlib.suppress(Exception):
-            store.set(prefix + keys.rank_key(keys.BLOCKS, pool.rank), json.dumps({"error": text}))
-            store.set(prefix + keys.rank_key(keys.READ, pool.rank), "1")
-            if pool.rank == 0:  # no rank 0 to check the blocks: the others hear it from here
-                store.set(prefix + keys.LAYOUT, json.dumps({"error": text, "orphan": True}))
+        _streams.setdefault(spool, weakref.WeakSet()).add(stream)
+
+
+def drop_pools(spool: Spool) -> list[Conns]:
+    """``spool`` is closing: its pools, forgotten here."""
+    with _lock:
+        return list(_pools.pop(spool, {}).values())
+
+
+def drop_streams(spool: Spool) -> list[Ending]:
+    """``spool`` is closing: its sharded streams, forgotten here."""
+    with _lock:
+        return list(_streams.pop(spool, ()))

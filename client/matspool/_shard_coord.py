@@ -11,10 +11,18 @@ with a :class:`ShardError` saying so (a connected store client learns of it at o
 not after the timeout.
 
 ``early_failure`` is the part a rank whose ``save()`` raised still plays, so the others
-fail at once and the keys still go.
+fail at once and the keys still go. ``notice`` is a closed spool's (or sharded stream's)
+word for the save or step it will never make (``closing``: the next sharded save on each
+group the spool used; ``closed``: the next step of each of its sharded streams): its
+``blocks/<r>`` is the error, so the others fail that save or step at once instead of after
+the timeout (rank 0 at once tells them; a closed rank 0's word is the ``layout`` itself).
+Its keys go as a save's do when rank 0 makes the save; otherwise (rank 0 closed too, or
+every rank closed: the end of every stream) each rank that is done with it counts itself
+under ``gone``, and the one that makes it the group's size deletes them.
 
 Threads: a :class:`Coord` belongs to its save's thread; ``early_failure`` runs in the
-caller's thread and, on rank 0, starts one thread that collects the keys.
+caller's thread and, on rank 0, starts one thread that collects the keys; ``closing``,
+``closed`` and ``notice`` run in the closing caller's thread.
 """
 
 from __future__ import annotations
@@ -24,13 +32,16 @@ import json
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _shard_keys as keys
 from ._shard_blocks import ShardError
-from ._shard_conns import Conns
+from ._shard_conns import Conns, drop_pools, drop_streams, next_number
 
-__all__ = ["GRACE", "Coord", "StoreGone", "early_failure", "gone"]
+if TYPE_CHECKING:
+    from ._spool import Spool
+
+__all__ = ["GRACE", "Coord", "StoreGone", "closed", "closing", "early_failure", "gone", "notice"]
 
 GRACE: Final = 10.0  # others wait this much longer than rank 0 for its verdict
 
@@ -129,13 +140,13 @@ class Coord:
     def _read(self, laid: dict[str, Any] | None = None) -> None:
         """This rank has its outcome: say so; rank 0 then waits for every rank's word and
         deletes the save's keys (``laid``: a layout from a closed rank 0, which cannot:
-        the last of the others does)."""
+        the last rank to count itself under ``gone`` does, see ``notice``)."""
         self._put(keys.rank_key(keys.READ, self.rank), {})
         if self.rank == 0:
             ranks = [r for r in range(self.size) if r not in self.absent]
             collect(self.store, self.prefix, self.size, self.timeout + GRACE, ranks)
-        elif laid and laid.get("orphan") and self.store.add(self.prefix + keys.GONE, 1) == self.size - 1:
-            delete(self.store, self.prefix, self.size)
+        elif laid and laid.get("orphan") and self.store.add(self.prefix + keys.GONE, 1) == self.size:
+            collect(self.store, self.prefix, self.size, GRACE)
 
 
 def collect(store: Any, prefix: str, size: int, timeout: float, ranks: list[int] | None = None) -> None:
@@ -177,3 +188,43 @@ def early_failure(pool: Conns, store: Any, prefix: str, text: str, layout: str, 
                     pool.give(conn)
 
         threading.Thread(target=run, name="matspool-shard-collect", daemon=True).start()
+
+
+def notice(store: Any, prefix: str, rank: int, size: int, text: str, closed: str) -> None:
+    """This rank will never make the save (or step) under ``prefix``: its spool or stream
+    was closed (``closed`` says so, ``text`` is the others' error). Never raises: a store
+    that is gone is skipped. ``read/<rank>`` comes after the count, so a rank 0 that
+    deletes the keys once every ``read`` is there never deletes before it; the rank whose
+    count makes ``size`` (every rank closed, or read a closed rank 0's word) deletes them."""
+    with contextlib.suppress(Exception):
+        store.set(prefix + keys.rank_key(keys.BLOCKS, rank), json.dumps({"error": text, "closed": closed}))
+        if rank == 0:  # no rank 0 to check the blocks: the others hear it from here
+            store.set(prefix + keys.LAYOUT, json.dumps({"error": text, "closed": closed, "orphan": True}))
+        count = store.add(prefix + keys.GONE, 1)
+        store.set(prefix + keys.rank_key(keys.READ, rank), "{}")
+        if count == size:
+            collect(store, prefix, size, GRACE)
+
+
+def closing(spool: Spool) -> None:
+    """``spool`` is closing: tell the other ranks of every group it saved sharded on that
+    this rank's next save there will not come; the number is skipped, so a new spool on
+    this rank stays in step with the others (which fail that save)."""
+    for pool in drop_pools(spool):
+        store = pool.store()
+        if store is None:  # the group was destroyed: nobody waits on it
+            continue
+        n = next_number(pool.group)
+        text = (
+            f"rank {pool.rank}'s Spool was closed before it made this sharded save "
+            f"(number {n} on group {pool.group!r}); it will not come"
+        )
+        notice(store, keys.save_prefix(pool.group, n), pool.rank, pool.size, text, text)
+
+
+def closed(spool: Spool) -> None:
+    """``spool`` is closing and its pending saves are over: each of its sharded streams
+    tells the other ranks that this rank appends no further step (after the pending ones,
+    so that a stream another rank already ended is not told again)."""
+    for stream in drop_streams(spool):
+        stream.end("Spool")

@@ -3,16 +3,18 @@
 A sharded save's keys live under :func:`save_prefix`, a sharded stream step's under
 :func:`step_prefix`; below the prefix every save (and step) writes the same keys:
 
-- ``blocks/<r>``: rank ``r``'s blocks, or the error its ``save()`` raised (or that its
-  spool was closed before it made this save);
+- ``blocks/<r>``: rank ``r``'s blocks, or the error its ``save()`` raised (or, with
+  ``closed``, that its spool or stream was closed before it made this save or step);
 - ``layout``: rank 0's verdict on the blocks: the temporary and data offsets, or the error;
 - ``done/<r>``: rank ``r``'s blocks are written (or why not);
 - ``result``: rank 0's outcome: the file's size, or the error;
 - ``read/<r>``: rank ``r`` has its outcome. Rank 0 waits for every rank's, then deletes
   every key of the save (:func:`every_key`): none is left in the store once every rank
   has its outcome, and rank 0 (which holds the store under ``env://``) keeps it up until then;
-- ``gone``: only when rank 0's spool was closed before it made the save (nobody to
-  delete the keys): the others count themselves here, and the last deletes them.
+- ``gone``: ranks done with a save that rank 0 does not make (nobody to delete the
+  keys): each rank whose spool or stream was closed before it, and each that read a
+  closed rank 0's word; the one that makes it the group's size deletes them
+  (``_shard_coord.notice``).
 
 Threads: none; names only.
 """

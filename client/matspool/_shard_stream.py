@@ -19,16 +19,28 @@ order, as for any collective. As for a sharded save, none is left once every ran
 step's outcome, and each step's thread uses a store connection from the spool's pool
 (``_shard_conns``: a clone per step was seen to take 5 s now and then).
 
+A rank whose stream (``Stream.close``, or leaving its ``with`` on an error) or spool
+(``Spool.close``, once its pending steps are over) is closed appends no further step:
+:meth:`ShardedStream.end` says so for its next step (``_shard_coord.notice``: that step's
+``blocks/<r>``, or its ``layout`` on rank 0), so the other ranks' step fails at once with a
+ShardError naming the rank and the step, not after the timeout. Every rank then knows the
+stream ended (rank 0's verdict says which rank closed: ``ended``): its later steps fail at
+once without touching the store, and its own close says nothing more. When every rank
+closes its stream after the same last step, each one's word is for the same step that
+nobody makes, and the last one deletes them all.
+
 Threads: ``append_sharded`` runs in the caller's thread (checks, the ring snapshot); each
 step then has a ``matspool-sstream`` thread of its own (``_shard._Job``'s rules), which
 waits for the previous step's. A :class:`ShardedStream` is its stream's caller's, but
 ``vars`` (rank 0's record of the stream's variables), which step threads update one at a
-time under ``lock``. ``_counters`` is shared under ``_lock``.
+time, and ``step`` and ``ended``, which a step thread, the caller's and a closing spool's
+thread touch: under ``lock``. ``_counters`` is shared under ``_lock``.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -36,13 +48,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _shard_keys as keys
-from ._errors import InvalidOptionError
+from ._errors import InvalidOptionError, SpoolClosed
 from ._msgshard import Layout, LayoutResult, ShardVar, StreamStep
 from ._planner import level
 from ._saves import SaveResult
 from ._shard import _Job, _member, _start_job
 from ._shard_blocks import Failed, ShardError
-from ._shard_conns import Conns, conns
+from ._shard_conns import Conns, conns, track
+from ._shard_coord import notice
 
 if TYPE_CHECKING:
     from ._spool import Spool
@@ -66,17 +79,43 @@ class ShardedStream:
     number: int
     rank: int
     size: int
+    path: str
     step: int = 0
     vars: list[ShardVar] | None = None  # rank 0: the variables of the steps in the file (None: none yet)
     last: threading.Event | None = None  # set once the latest step's outcome is known
     lock: threading.Lock = field(default_factory=threading.Lock)
+    ended: tuple[int, str] | None = None  # (step, why): a rank appends no step from this one on
+    ended_here: bool = False  # this rank's stream or spool was closed (it said so)
+    pid: int = field(default_factory=os.getpid)  # a forked child does not speak for this rank
+
+    def end(self, closed: str) -> None:
+        """This rank appends no further step (``closed``: its "Spool" or "stream" was
+        closed): the others' next step fails at once (see the module docstring). Nothing
+        to say when the stream already ended (every rank knows), or in a forked child."""
+        if self.pid != os.getpid():
+            return
+        with self.lock:
+            if self.ended is not None:
+                return
+            k = self.step
+            self.step += 1
+            why = f"rank {self.rank}'s {closed} was closed before it appended step {k}"
+            self.ended, self.ended_here = (k, why), True
+        prefix = keys.step_prefix(self.gname, self.number, k)
+        notice(self.store, prefix, self.rank, self.size, self.error(k, why), why)
+
+    def error(self, step: int, why: str) -> str:
+        """The error of ``step`` of a stream that ended (``why``)."""
+        return f"sharded stream {self.path!r}: step {step}: {why}, so it appends no later step; {_KEEP}"
 
 
-def _group_of(spool: Spool, group: Any) -> ShardedStream:
+def _group_of(spool: Spool, group: Any, path: str) -> ShardedStream:
     rank, size, store, gname = _member(group, "a sharded stream")
     with _lock:
         number = next(_counters.setdefault(gname, itertools.count()))
-    return ShardedStream(store, conns(spool, gname, store, rank, size), gname, number, rank, size)
+    state = ShardedStream(store, conns(spool, gname, store, rank, size), gname, number, rank, size, path)
+    track(spool, state)  # a closing spool tells the others (``closed``)
+    return state
 
 
 def append_sharded(
@@ -93,9 +132,15 @@ def append_sharded(
                 f"stream {stream.path}: its earlier steps were not sharded; a stream is sharded "
                 "(a Shard or DTensor, or group=) from its first step on, or never"
             )
-        state = stream._shards = _group_of(spool, group)
-    k = state.step
-    state.step += 1  # every rank counts every step, even one that fails here
+        state = stream._shards = _group_of(spool, group, stream.path)
+    with state.lock:
+        ended, here, k = state.ended, state.ended_here, state.step
+        if ended is None:
+            state.step += 1  # every rank counts every step, even one that fails here
+    if here:
+        raise SpoolClosed(f"append() on the sharded stream {stream.path} of a closed Spool")
+    if ended is not None:  # no rank coordinates this step: fail here, the store untouched
+        raise ShardError(state.error(k, ended[1]))
     prefix = keys.step_prefix(state.gname, state.number, k)
     job = _start_job(
         _StepJob,
@@ -149,7 +194,13 @@ class _StepJob(_Job):
 
     def _run(self) -> int:
         """As a sharded save's, with the errors this rank raises itself told as this
-        stream step's (rank 0's verdicts are already)."""
+        stream step's (rank 0's verdicts are already); a step at or after one a closed
+        rank never makes fails at once, the store untouched (no rank coordinates it)."""
+        assert self.stream is not None
+        with self.stream.lock:
+            ended = self.stream.ended
+        if ended is not None and self.step >= ended[0]:
+            raise ShardError(self.stream.error(self.step, ended[1]))
         try:
             return super()._run()
         except ShardError as e:
@@ -167,8 +218,16 @@ class _StepJob(_Job):
         if "error" in value:
             text = str(value["error"]).replace(f"sharded save to {self.path!r}: ", "")
             text = text.replace("did not call save()", "did not call append()")
-            value = {"error": text if text.endswith(_KEEP) else f"{text}; {_KEEP}"}
+            value = {**value, "error": text if text.endswith(_KEEP) else f"{text}; {_KEEP}"}
         super()._put(key, value)
+
+    def _refused(self, laid: dict[str, Any]) -> None:
+        """Rank 0 said a rank's stream or spool was closed before this step: the stream
+        ended, on this rank too (its later steps fail at once)."""
+        if "closed" in laid and self.stream is not None:
+            with self.stream.lock:
+                if self.stream.ended is None or self.stream.ended[0] > self.step:
+                    self.stream.ended = (self.step, str(laid["closed"]))
 
     def _laid(self, fmt: str, shard_vars: list[ShardVar]) -> dict[str, Any]:
         """Rank 0, the blocks checked: the step checked against the stream's earlier ones,

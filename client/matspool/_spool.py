@@ -362,9 +362,11 @@ class Spool:
     def close(self, timeout: float | None = 60.0) -> None:
         """Wait up to ``timeout`` for pending saves, then release the ring and the daemon.
 
-        Saves still pending after that fail with :class:`SpoolClosed`. Raises
-        :class:`FlushError` naming every save that failed and that nobody looked at
-        (no ``result()``, ``exception()`` or ``flush()`` saw it).
+        Saves still pending after that fail with :class:`SpoolClosed`. The other ranks of
+        a group this spool saved or streamed sharded on learn that this rank makes no
+        further sharded save there, nor step of those streams: theirs fail at once
+        (docs/distributed.md). Raises :class:`FlushError` naming every save that failed
+        and that nobody looked at (no ``result()``, ``exception()`` or ``flush()`` saw it).
         """
         if self._closed:
             return
@@ -381,6 +383,8 @@ class Spool:
             )
             self._teardown(wait=False)
             raise
+        finally:  # this rank's pending stream steps are over: the others' next steps fail at once
+            _shard.closed(self)
         self._table.fail_unresolved(
             failing(SpoolClosed, f"spool closed before the save finished (waited {timeout} s)"), keep=False
         )

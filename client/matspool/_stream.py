@@ -2,7 +2,9 @@
 
 Threads: the caller's; a stream is not shared between threads. It knows its spool only
 as the function that submits a step (and ``sharded``, the one that appends a step sharded
-over ranks: ``_shard_stream``), so this module imports nothing of ``_spool``.
+over ranks: ``_shard_stream``), so this module imports nothing of ``_spool``. Closing a
+sharded stream tells the group's other ranks that this rank appends no further step
+(``_shard_stream.ShardedStream.end``).
 """
 
 from __future__ import annotations
@@ -91,9 +93,18 @@ class Stream:
             ) from errors[0]
 
     def close(self, timeout: float | None = None) -> None:
+        """Wait for every step (``flush``); a sharded stream's other ranks then learn that
+        this rank appends no further step, so their next one fails at once."""
         if not self.closed:
             self.closed = True
-            self.flush(timeout)
+            try:
+                self.flush(timeout)
+            finally:
+                self._end()
+
+    def _end(self) -> None:
+        if self._shards is not None:
+            self._shards.end("stream")
 
     def __enter__(self) -> Stream:
         return self
@@ -101,5 +112,6 @@ class Stream:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.close()
-        else:
+        elif not self.closed:
             self.closed = True  # do not mask the caller's error with a flush error
+            self._end()
