@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from matspoold.door import find_door
+from matspoold.guard import Guard
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the door reads Linux /proc")
 
@@ -81,3 +83,57 @@ def test_a_door_whose_watch_is_gone_says_so(tmp_path: Path) -> None:
 def test_no_door_for_tcp_nor_for_a_path_nobody_listens_on(tmp_path: Path) -> None:
     assert find_door("tcp://127.0.0.1:5555", wait=0) is None
     assert find_door(f"ipc://{tmp_path / 'nobody.sock'}", wait=0.05) is None
+
+
+def _until(cond: Callable[[], bool], wait: float = 10.0) -> bool:
+    until = time.monotonic() + wait
+    while not cond():
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_the_guard_shuts_the_door_at_the_cap_and_outlives_a_bad_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    guard = Guard(router, cap=2)
+    real = Guard._events
+    broken = [True]
+
+    def events_failing_once(self: Guard, mon: zmq.Socket[bytes]) -> None:
+        if broken:
+            broken.clear()
+            raise RuntimeError("a bad event")
+        real(self, mon)
+
+    monkeypatch.setattr(Guard, "_events", events_failing_once)
+    path = str(tmp_path / "d.sock")
+    router.bind(f"ipc://{path}")
+    guard.listening(f"ipc://{path}")
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(5):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(1)
+            s.connect(path)
+            clients.append(s)
+        # the first read failed; the watcher went on, kept 2 and shut the door
+        assert _until(lambda: not broken and len(guard.open) == 2 and guard.paused >= 1)
+        for s in clients:
+            s.close()
+        clients.clear()
+        assert _until(lambda: not guard.open)  # all gone: the door is open again
+        late = socket.socket(socket.AF_UNIX)
+        late.settimeout(1)
+        late.connect(path)
+        clients.append(late)
+        assert _until(lambda: len(guard.open) == 1)  # accepted: libzmq hears of it again
+    finally:
+        for s in clients:
+            s.close()
+        guard.close()
+        router.close(0)
+        ctx.destroy(linger=0)

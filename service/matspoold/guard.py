@@ -190,12 +190,19 @@ class Guard:
         next_check = time.monotonic() + 1.0
         try:
             while not self._stop.is_set():
-                if mon.poll(200):
-                    self._events(mon)
-                if time.monotonic() >= next_check:
-                    self._reconcile()
-                    next_check = time.monotonic() + 1.0
-                self._doorkeep()
+                try:
+                    if mon.poll(200):
+                        self._events(mon)
+                    if time.monotonic() >= next_check:
+                        self._reconcile()
+                        next_check = time.monotonic() + 1.0
+                    self._doorkeep()
+                except zmq.ContextTerminated:
+                    raise
+                except Exception:  # the watcher outlives one bad event or read
+                    if self._door_log.allow("watcher"):
+                        log.exception("connection guard: an event could not be handled; going on")
+                    time.sleep(0.01)
         except zmq.ContextTerminated:
             pass
         finally:
