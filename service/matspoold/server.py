@@ -354,7 +354,7 @@ class Daemon:
         job.client.payload_inflight += ring_bytes
         self._scheduler.enqueue(job, key)
 
-    def _inline(self, job: Job, ring_bytes: int, key: str) -> bool:
+    def _inline(self, job: Job, ring_bytes: int, key: tuple[str, ...]) -> bool:
         """Whether to write ``job`` here: a tiny whole file, no fsync, no compression,
         none of its path's saves queued (their order)."""
         req = job.request
