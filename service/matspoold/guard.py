@@ -148,8 +148,10 @@ class Guard:
         self._stop = threading.Event()
         self._failed: BaseException | None = None
         addr = f"inproc://matspoold-guard-{id(self):x}"
-        # ACCEPT_FAILED too: a connection gone before libzmq accepted it used up the door's arm
-        router.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED)
+        # not ACCEPT_FAILED: a tcp listener out of descriptors fails an accept per epoll report,
+        # and this queue is unbounded; an arm a failed accept used up (rare on unix sockets:
+        # a connection closed in the backlog is still accepted) is renewed at the next poll
+        router.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         ready = threading.Event()
         self._watcher = threading.Thread(
             target=self._watch, args=(router.context, addr, ready), name="matspoold-guard", daemon=True
