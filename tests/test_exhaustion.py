@@ -364,3 +364,63 @@ def test_a_daemon_stopped_during_a_connection_flood_exits(tmp_path: Path) -> Non
             stop.set()
             for t in threads:
                 t.join()
+
+
+def test_a_daemon_started_into_a_running_connection_flood_lives(tmp_path: Path) -> None:
+    """Bare connections already knock at the path when the daemon starts, at 64
+    descriptors (cap 16). Before, libzmq accepted from the moment it listened, and the
+    flood ran the daemon out of descriptors before the guard's door was found: EMFILE
+    aborted it in 3 of 3 starts. Afterwards an honest client saves as usual."""
+    out = tmp_path / "out"
+    out.mkdir()
+    sock = tmp_path / "sock"
+    sock.mkdir(mode=0o700)
+    endpoint = f"ipc://{sock}/d.sock"
+    path = endpoint[len("ipc://") :]
+    up = threading.Event()
+
+    def flood() -> None:
+        held: list[socket.socket] = []
+        tries = 0
+        while tries < 5000:  # counted once the socket is there
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(0.2)
+            try:
+                s.connect(path)
+                held.append(s)
+                tries += 1
+            except OSError:
+                s.close()
+                tries += up.is_set()
+            if len(held) >= 100:
+                for s in held[:30]:
+                    s.close()
+                del held[:30]
+        for s in held:
+            s.close()
+
+    threads = [threading.Thread(target=flood) for _ in range(3)]
+    for t in threads:
+        t.start()
+    proc = subprocess.Popen(
+        serve_cmd(endpoint, out),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not os.path.exists(path) and proc.poll() is None:
+            time.sleep(0.01)
+        up.set()
+        for t in threads:
+            t.join()
+        assert proc.poll() is None, proc.communicate(timeout=30)[1][-3000:]
+        with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
+            late.save(out / "late.mat", {"a": 1.0}, format="v5").result(30)
+        assert_variables(read(out / "late.mat", "v5"), {"a": np.full((1, 1), 1.0)})
+    finally:
+        up.set()
+        for t in threads:
+            t.join()
+        proc.terminate()
+    assert proc.wait(30) == 0

@@ -165,8 +165,15 @@ class Guard:
 
     def listening(self, endpoint: str) -> None:
         """The ROUTER is bound at ``endpoint``: find the door that pauses its accepting
-        (ipc on Linux), while descriptors are free. Control thread, once, after bind."""
-        self._door = find_door(endpoint)
+        (ipc on Linux), while descriptors are free. Control thread, once, after bind.
+        Armed here, before the watcher sees it: until then libzmq accepts all it hears of,
+        and a flood already knocking when the daemon starts aborted it (3 of 3 at 64
+        descriptors)."""
+        door = find_door(endpoint)
+        if door is not None and door.arm():
+            self._door = door
+        elif door is not None:
+            door.release()
 
     def close(self) -> None:
         """Disable the monitor first: an event libzmq's I/O thread sends once nobody reads

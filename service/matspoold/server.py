@@ -179,8 +179,7 @@ class Daemon:
         # finite queues per peer, ROUTER_MANDATORY, a connection cap: see guard.py
         guard = self._guard = Guard(router)
         try:
-            self._listener.bind(router)
-            guard.listening(self.endpoint)
+            self._listener.bind(router, guard.listening)
             # after the bind: a daemon refused its endpoint must not sweep or journal
             self._journal = open_journal(self.state_dirs, TEMPS.tag)
             sweep_dead(os.path.dirname(self._journal.path))
