@@ -312,3 +312,28 @@ def test_two_spellings_of_one_file_keep_the_order_of_their_saves(daemon: DaemonP
         first.result(60)
         second.result(60)
     assert_variables(read(real / "x.mat", "v5"), {"x": np.full((1, 1), 2.0)})
+
+
+def test_a_directory_replaced_between_saves_keeps_their_order(tmp_path: Path, out_dir: Path) -> None:
+    """The path's text names the file a queued save will write: a directory renamed away
+    and made anew between two saves of ``d/x.mat`` gives them two directory inodes, and
+    both still land in the new ``d``. Before, writes were ordered by that inode only: the
+    later save ran beside the earlier ones and the earlier one landed last (the file held 1.0)."""
+    from conftest import start_daemon
+
+    daemon = start_daemon(out_dir, tmp_path / "sock", "--debug-write-delay", "1.5", "--writers", "2")
+    try:
+        d = out_dir / "d"
+        d.mkdir()
+        with matspool.Spool(daemon.endpoint, ring_bytes=1 << 20, timeout=60) as s:
+            first = s.save(d / "x.mat", {"x": 0.0}, format="v5")  # runs: sleeps, then writes
+            second = s.save(d / "x.mat", {"x": 1.0}, format="v5")  # queued behind it
+            time.sleep(0.5)  # lets the daemon take both (taken later, they share a key anyway)
+            d.rename(out_dir / "d.old")
+            d.mkdir()
+            third = s.save(d / "x.mat", {"x": 2.0}, format="v5")  # the last save must win
+            for f in (first, second, third):
+                f.result(60)
+        assert_variables(read(d / "x.mat", "v5"), {"x": np.full((1, 1), 2.0)})
+    finally:
+        assert daemon.stop() == 0

@@ -65,6 +65,40 @@ def test_a_shut_door_keeps_connections_in_the_backlog_and_opening_lets_them_in(t
         ctx.term()
 
 
+def test_an_armed_door_lets_in_one_connection_per_arm(tmp_path: Path) -> None:
+    """``arm`` is what keeps a lagging guard within the cap: libzmq hears of one waiting
+    connection, and the others stay in the backlog until the guard counted it."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    mon = router.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    path = str(tmp_path / "d.sock")
+    router.bind(f"ipc://{path}")
+    door = find_door(f"ipc://{path}")
+    assert door is not None
+    clients: list[socket.socket] = []
+    try:
+        assert door.close()
+        for _ in range(5):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(1)
+            s.connect(path)
+            clients.append(s)
+        assert door.arm()
+        assert _accepted(mon, 1.0) == 1
+        assert door.arm()
+        assert _accepted(mon, 1.0) == 1
+        assert door.open()
+        assert _accepted(mon, 1.0) == 3
+    finally:
+        for s in clients:
+            s.close()
+        door.release()
+        router.disable_monitor()
+        mon.close(0)
+        router.close(0)
+        ctx.term()
+
+
 def test_a_door_whose_watch_is_gone_says_so(tmp_path: Path) -> None:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)

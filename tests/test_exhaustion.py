@@ -34,6 +34,7 @@ import matspool
 from matspool._protocol import TAG
 
 from conftest import serve_cmd, wait_ready
+from readback import assert_variables, read
 
 SECONDS = float(os.environ.get("MATSPOOL_ATTACK_SECONDS", "12"))
 
@@ -275,3 +276,151 @@ def test_a_client_repeating_a_refused_message_gets_every_err_but_floods_no_log(t
         log = proc.communicate(timeout=60)[1]
     lines = [line for line in log.splitlines() if "unknown op" in line]
     assert 1 <= len(lines) <= 3, log[-3000:]
+
+
+def test_a_connection_flood_at_a_small_descriptor_limit(tmp_path: Path) -> None:
+    """At 256 descriptors the cap is 128 and the reserve behind it 112: a flood accepted by
+    libzmq's I/O thread faster than the guard's thread hears of it went through the reserve
+    before the door shut, and the daemon aborted (EMFILE) in 3 of 3 tries. Each accept must
+    be counted before the next is allowed. Afterwards an honest client saves as usual."""
+    out = tmp_path / "out"
+    out.mkdir()
+    endpoint, proc = _start(out, tmp_path / "sock", nofile=128)
+    path = endpoint[len("ipc://") :]
+
+    def flood() -> None:
+        held: list[socket.socket] = []
+        for _ in range(10_000):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(0.2)  # a paused daemon leaves connects waiting in the backlog
+            try:
+                s.connect(path)
+                held.append(s)
+            except OSError:
+                s.close()
+            if len(held) >= 300:
+                for s in held[:100]:
+                    s.close()
+                del held[:100]
+        for s in held:
+            s.close()
+
+    threads = [threading.Thread(target=flood) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert proc.poll() is None, proc.communicate(timeout=30)[1][-3000:]
+    with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
+        late.save(out / "late.mat", {"a": 1.0}, format="v5").result(30)
+    assert_variables(read(out / "late.mat", "v5"), {"a": np.full((1, 1), 1.0)})
+    proc.terminate()
+    assert proc.wait(30) == 0
+
+
+def test_a_daemon_stopped_during_a_connection_flood_exits(tmp_path: Path) -> None:
+    """SIGTERM while bare connections come and go at the cap: the daemon exits, three times
+    of three. Before, the guard's thread closed its end of the monitor before the monitor
+    was disabled; the next ACCEPTED or DISCONNECTED blocked libzmq's I/O thread for good,
+    holding the lock ``disable_monitor`` waited for (4 of 6 stops hung)."""
+    for i in range(3):
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        endpoint, proc = _start(out, tmp_path / f"sock{i}", nofile=128)
+        path = endpoint[len("ipc://") :]
+        stop = threading.Event()
+
+        def churn(path: str = path, stop: threading.Event = stop) -> None:
+            held: list[socket.socket] = []
+            while not stop.is_set():
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(0.2)
+                try:
+                    s.connect(path)
+                    held.append(s)
+                except OSError:
+                    s.close()
+                if len(held) >= 12:  # three of these keep the cap (16) full and churning
+                    held.pop(0).close()
+            for s in held:
+                s.close()
+
+        threads = [threading.Thread(target=churn) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)  # the flood fills the cap (a stop before it does must exit too)
+            assert proc.poll() is None
+            proc.terminate()
+            try:
+                rc = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise AssertionError(
+                    f"round {i}: the daemon did not exit on SIGTERM during a flood"
+                ) from None
+            assert rc == 0, proc.communicate(timeout=30)[1][-3000:]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+
+def test_a_daemon_started_into_a_running_connection_flood_lives(tmp_path: Path) -> None:
+    """Bare connections already knock at the path when the daemon starts, at 64
+    descriptors (cap 16). Before, libzmq accepted from the moment it listened, and the
+    flood ran the daemon out of descriptors before the guard's door was found: EMFILE
+    aborted it in 3 of 3 starts. Afterwards an honest client saves as usual."""
+    out = tmp_path / "out"
+    out.mkdir()
+    sock = tmp_path / "sock"
+    sock.mkdir(mode=0o700)
+    endpoint = f"ipc://{sock}/d.sock"
+    path = endpoint[len("ipc://") :]
+    up = threading.Event()
+
+    def flood() -> None:
+        held: list[socket.socket] = []
+        tries = 0
+        while tries < 5000:  # counted once the socket is there
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(0.2)
+            try:
+                s.connect(path)
+                held.append(s)
+                tries += 1
+            except OSError:
+                s.close()
+                tries += up.is_set()
+            if len(held) >= 100:
+                for s in held[:30]:
+                    s.close()
+                del held[:30]
+        for s in held:
+            s.close()
+
+    threads = [threading.Thread(target=flood) for _ in range(3)]
+    for t in threads:
+        t.start()
+    proc = subprocess.Popen(
+        serve_cmd(endpoint, out),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not os.path.exists(path) and proc.poll() is None:
+            time.sleep(0.01)
+        up.set()
+        for t in threads:
+            t.join()
+        assert proc.poll() is None, proc.communicate(timeout=30)[1][-3000:]
+        with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
+            late.save(out / "late.mat", {"a": 1.0}, format="v5").result(30)
+        assert_variables(read(out / "late.mat", "v5"), {"a": np.full((1, 1), 1.0)})
+    finally:
+        up.set()
+        for t in threads:
+            t.join()
+        proc.terminate()
+    assert proc.wait(30) == 0

@@ -14,7 +14,11 @@ descriptor holds it) and the epoll set of libzmq's I/O thread that watches it
 libzmq stored with it). :meth:`Door.close` re-arms that watch with no events
 (``EPOLL_CTL_MOD``, the pointer kept), so libzmq never hears that connections wait and
 never calls ``accept``; new connections wait in the kernel's backlog, then are refused
-with ``EAGAIN`` and retried by their clients. :meth:`Door.open` restores the events.
+with ``EAGAIN`` and retried by their clients. Below the cap :meth:`Door.arm` lets one
+connection in at a time (``EPOLLONESHOT``), so each accept is counted before the next:
+a door shut only once the count reached the cap came too late at small descriptor limits
+(the guard's thread lagged libzmq's I/O thread by over 100 accepts, and EMFILE aborted
+the daemon at 128 and 256 descriptors). :meth:`Door.open` restores libzmq's own events.
 
 Nothing is assumed blindly: before each change the watch is read back from ``fdinfo`` and
 must still be the listener's (same descriptor, socket inode and pointer); otherwise the
@@ -22,7 +26,8 @@ door is dropped and the cap falls back to cutting. Linux only; tcp listeners tol
 ``EMFILE`` and need none. Everything is found while descriptors are free (right after
 the bind): opening ``/proc`` needs one, exactly what a flood takes.
 
-Threads: found by the control thread after bind, then used only by the guard's watcher.
+Threads: found by the control thread after bind, then used only by the guard's watcher;
+released by the control thread once the watcher ended.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = ["Door", "find_door"]
 log = logging.getLogger("matspoold")
 
 _EPOLL_CTL_MOD = 3
+_EPOLLONESHOT = 1 << 30
 _ACCEPTCON = 0x10000  # /proc/net/unix Flags: a listening socket
 
 
@@ -69,20 +75,28 @@ class Door:
         listener's (the door is then useless and must be dropped)."""
         return self._set(0, shut=True)
 
+    def arm(self) -> bool:
+        """Let libzmq hear of one waiting connection (``EPOLLONESHOT``: the kernel disarms
+        the watch once it reported it, and libzmq accepts one per report): the caller
+        counts each accept before it allows the next, so a thread that lags behind libzmq's
+        I/O thread cannot let a flood past the cap. Re-arms also an armed watch."""
+        return self._set(self.events | _EPOLLONESHOT, shut=False, always=True)
+
     def open(self) -> bool:
-        """Let libzmq accept again."""
-        return self._set(self.events, shut=False)
+        """Let libzmq accept again as it does by itself."""
+        return self._set(self.events, shut=False, always=True)
 
     def release(self) -> None:
-        """Open the door if shut, and close our ``fdinfo`` descriptor."""
-        self.open()
+        """Close our ``fdinfo`` descriptor. The watch stays as it is: its socket is closed
+        next (libzmq removes a watch whatever its events), and opening it would let in a
+        backlog nobody counts any more."""
         try:
             os.close(self.info)
         except OSError:
             pass
 
-    def _set(self, events: int, *, shut: bool) -> bool:
-        if self.shut == shut:
+    def _set(self, events: int, *, shut: bool, always: bool = False) -> bool:
+        if self.shut == shut and not always:
             return True
         try:
             got = _parse_watches(_read_all(self.info)).get(self.fd)

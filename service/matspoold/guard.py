@@ -26,9 +26,10 @@ The answers here:
   number suppressed meanwhile.
 
 Threads: a :class:`Guard` belongs to the daemon's control thread (the ROUTER's owner),
-except its watcher thread, which alone owns the monitor socket and writes the set of
-connections kept (under a lock) and the count refused. Cutting a connection from there
-is safe: ``shutdown(2)`` is a system call on the socket, not a call into libzmq.
+except its watcher thread, which alone reads the monitor socket (``close`` closes it after
+the thread ended) and writes the set of connections kept (under a lock) and the count
+refused. Cutting a connection from there is safe: ``shutdown(2)`` is a system call on
+the socket, not a call into libzmq.
 """
 
 from __future__ import annotations
@@ -143,9 +144,13 @@ class Guard:
         self.log = RateLimitedLog()
         self._door_log = RateLimitedLog()  # the watcher's own: no dict shared across threads
         self._door: Door | None = None  # libzmq's accept, paused at the cap (door.py)
+        self._mon: zmq.Socket[bytes] | None = None  # the watcher's end of the monitor
         self._stop = threading.Event()
         self._failed: BaseException | None = None
         addr = f"inproc://matspoold-guard-{id(self):x}"
+        # not ACCEPT_FAILED: a tcp listener out of descriptors fails an accept per epoll report,
+        # and this queue is unbounded; an arm a failed accept used up (rare on unix sockets:
+        # a connection closed in the backlog is still accepted) is renewed at the next poll
         router.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         ready = threading.Event()
         self._watcher = threading.Thread(
@@ -160,15 +165,29 @@ class Guard:
 
     def listening(self, endpoint: str) -> None:
         """The ROUTER is bound at ``endpoint``: find the door that pauses its accepting
-        (ipc on Linux), while descriptors are free. Control thread, once, after bind."""
-        self._door = find_door(endpoint)
+        (ipc on Linux), while descriptors are free. Control thread, once, after bind.
+        Armed here, before the watcher sees it: until then libzmq accepts all it hears of,
+        and a flood already knocking when the daemon starts aborted it (3 of 3 at 64
+        descriptors)."""
+        door = find_door(endpoint)
+        if door is not None and door.arm():
+            self._door = door
+        elif door is not None:
+            door.release()
 
     def close(self) -> None:
-        """Stop the watcher (it closes its monitor socket, and opens the door), then the
-        monitor itself."""
+        """Disable the monitor first: an event libzmq's I/O thread sends once nobody reads
+        the monitor blocks that thread for good, holding the lock ``disable_monitor`` waits
+        for (a daemon stopped during a flood hung). Then stop the watcher and close its
+        socket. The door stays as it is: the ROUTER is closed next, and accepting its
+        backlog now, uncounted, could still run out of descriptors."""
+        self.router.disable_monitor()
         self._stop.set()
         self._watcher.join()
-        self.router.disable_monitor()
+        if self._mon is not None:
+            self._mon.close(linger=0)
+        if self._door is not None:
+            self._door.release()
 
     # -- connections: the watcher thread ---------------------------------------------------
     def _watch(self, ctx: zmq.Context[Any], addr: str, ready: threading.Event) -> None:
@@ -182,6 +201,7 @@ class Guard:
             mon = ctx.socket(zmq.PAIR)
             mon.setsockopt(zmq.RCVHWM, 0)  # before connect: the inproc pipe takes it then
             mon.connect(addr)
+            self._mon = mon  # closed by close(), never here: see there
         except BaseException as e:  # noqa: BLE001 - raised in the constructor's thread
             self._failed = e
             ready.set()
@@ -205,28 +225,24 @@ class Guard:
                     time.sleep(0.01)
         except zmq.ContextTerminated:
             pass
-        finally:
-            mon.close(linger=0)
-            door, self._door = self._door, None
-            if door is not None:
-                door.release()
 
     def _doorkeep(self) -> None:
-        """Shut the door at the cap, open it again below seven eighths of it: between the
-        two, connections wait in the kernel's backlog instead of taking descriptors."""
+        """Below the cap let libzmq accept one more connection (``Door.arm``: it is counted
+        here before the next is let in); at the cap shut the door, and connections wait in
+        the kernel's backlog instead of taking descriptors."""
         door = self._door
         if door is None:
             return
         n = len(self.open)
-        if not door.shut and n >= self.cap:
+        if n < self.cap:
+            ok = door.arm()
+        elif not door.shut:
             ok = door.close()
             self.paused += ok
             if ok:
                 self._door_log.warning(
                     "pause", "paused accepting: %d connections are open, the cap is %d", n, self.cap
                 )
-        elif door.shut and n < self.cap - self.cap // 8:
-            ok = door.open()
         else:
             return
         if not ok:
@@ -246,10 +262,7 @@ class Guard:
                     keep = len(self.open) < self.cap
                     if keep:
                         self.open.add(fd)
-                if keep:
-                    if len(self.open) >= self.cap:
-                        self._doorkeep()  # at once: the next accepts are the ones that hurt
-                else:
+                if not keep:
                     self.refused += 1
                     _cut(fd)
                     self._door_log.warning(

@@ -11,6 +11,7 @@ Threads: owned by the thread that runs ``Daemon.serve``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -46,7 +47,13 @@ class Listener:
         self.auth: Any = None  # zmq.auth's ThreadAuthenticator, for tcp://
         self.claim: IpcClaim | None = None
 
-    def bind(self, sock: zmq.Socket[bytes]) -> None:
+    def bind(self, sock: zmq.Socket[bytes], listening: Callable[[str], None]) -> None:
+        """Bind ``sock``; ``listening`` gets the endpoint libzmq bound (``Guard.listening``)
+        before any client can reach it. An ipc socket is bound at a name of its own in its
+        private directory and renamed into place after that: libzmq accepts from the
+        moment it listens, and a flood already knocking at the path when the daemon started
+        had run it out of descriptors (EMFILE aborts libzmq) before the guard's door was
+        found (3 of 3 starts at 64 descriptors)."""
         if is_tcp(self.endpoint):
             from zmq.auth.thread import ThreadAuthenticator
 
@@ -60,18 +67,25 @@ class Listener:
             sock.curve_publickey, sock.curve_secretkey = public, secret
             sock.curve_server = True
             sock.bind(self.endpoint)
+            listening(self.endpoint)
             return
         if not self.endpoint.startswith("ipc://"):
             sock.bind(self.endpoint)
+            listening(self.endpoint)
             return
         path = self.endpoint[len("ipc://") :]
         self._own_directory(path)
         self.claim = claim_ipc(self.endpoint)  # EndpointBusy if a live daemon has it
+        directory, base = os.path.split(path)
+        # as long as the real name (ipc paths are short); libzmq unlinks what is in the way
+        aside = os.path.join(directory, ("~" if base[0] != "~" else "-") + base[1:])
         old = os.umask(0o177)  # no window in which the socket is open to others
         try:
-            sock.bind(self.endpoint)
+            sock.bind("ipc://" + aside)
         finally:
             os.umask(old)
+        listening("ipc://" + aside)
+        os.rename(aside, path)
         self.claim.bound()
         if self.socket_group is not None:
             import grp

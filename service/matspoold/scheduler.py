@@ -1,4 +1,4 @@
-"""The scheduler and the writer pool: per-path order, writer threads, their results.
+"""The scheduler and the writer pool: per-file order, writer threads, their results.
 
 Writes to one file run in the order they arrived (a client's later save of a file must
 win; a file is its directory's inode and its name, however the path spells them);
@@ -30,18 +30,21 @@ from .writers._retire import RETIRE
 __all__ = ["Result", "Scheduler", "file_key"]
 
 
-def file_key(path: str) -> str:
-    """Which file ``path`` names, for the order of its writes: the device and inode of its
-    directory, and its base name. Two spellings of one file (through a symlinked
-    directory, ``..``, a bind mount) are one key, so a later save through one cannot be
-    overtaken by an earlier, longer one through the other. A directory that cannot be
-    reached keys by the normalised path (the write fails and says why)."""
-    directory, base = os.path.split(os.path.normpath(path))
+def file_key(path: str) -> tuple[str, ...]:
+    """Which file ``path`` names, for the order of its writes: its normalised text, and the
+    device and inode of its directory with its base name. A save waits for every earlier
+    one sharing either key: the same text is the same file when the writes run (also after
+    its directory was renamed away and made anew, which changes the inode), and the same
+    inode is the same file however the path spells it (a symlinked directory, ``..``, a bind
+    mount). A directory that cannot be reached keys by the text alone (the write fails
+    and says why)."""
+    text = os.path.normpath(path)
+    directory, base = os.path.split(text)
     try:
         st = os.stat(directory or ".")
     except (OSError, ValueError):
-        return os.path.normpath(path)
-    return f"{st.st_dev}:{st.st_ino}/{base}"
+        return (text,)
+    return (text, f"{st.st_dev}:{st.st_ino}/{base}")
 
 
 class Result(NamedTuple):
@@ -63,8 +66,10 @@ class Scheduler:
         self._ctx = ctx
         self._wake_addr = f"inproc://matspoold-wake-{id(self)}"
         self._local = threading.local()
-        self._by_path: dict[str, deque[Job]] = {}  # file_key -> its jobs waiting
-        self._key_of: dict[int, str] = {}  # id(job) -> its file_key, while queued or running
+        # key -> its jobs queued or running, in arrival order; a job runs once it heads the
+        # queue of each of its keys
+        self._by_path: dict[str, deque[Job]] = {}
+        self._key_of: dict[int, tuple[str, ...]] = {}  # id(job) -> its file_key, until taken
         self._results: deque[tuple[Result, list[int]]] = deque()  # and the files it replaced
         self._answered: list[int] = []  # replaced files of results taken (control thread)
         self._lock = threading.Lock()
@@ -82,19 +87,20 @@ class Scheduler:
         wake.bind(self._wake_addr)
         return wake
 
-    def enqueue(self, job: Job, key: str) -> None:
-        """Queue ``job`` behind the jobs of its file (``key``: :func:`file_key`)."""
-        self._key_of[id(job)] = key
-        waiting = self._by_path.get(key)
-        if waiting is None:
-            self._by_path[key] = deque()
-            self._jobs.put(job)
-        else:
-            waiting.append(job)  # same file: keep the order the client saved in
+    def enqueue(self, job: Job, keys: tuple[str, ...]) -> None:
+        """Queue ``job`` behind the jobs of its file (``keys``: :func:`file_key`)."""
+        self._key_of[id(job)] = keys
+        for key in keys:
+            self._by_path.setdefault(key, deque()).append(job)  # keep the order of the saves
+        self._start_if_first(job)
 
-    def idle(self, key: str) -> bool:
-        """No job of the file ``key`` is queued or running: one written now keeps the order."""
-        return key not in self._by_path
+    def idle(self, keys: tuple[str, ...]) -> bool:
+        """No job of the file ``keys`` is queued or running: one written now keeps the order."""
+        return not any(key in self._by_path for key in keys)
+
+    def _start_if_first(self, job: Job) -> None:
+        if all(self._by_path[key][0] is job for key in self._key_of[id(job)]):
+            self._jobs.put(job)
 
     def next_result(self) -> Result | None:
         """The next finished job, its path's next job started; None when there is none."""
@@ -108,12 +114,16 @@ class Scheduler:
             return None
         result, replaced = taken
         self._answered += replaced
-        key = self._key_of.pop(id(result.job))
-        waiting = self._by_path[key]
-        if waiting:
-            self._jobs.put(waiting.popleft())
-        else:
-            del self._by_path[key]
+        heads: dict[int, Job] = {}
+        for key in self._key_of.pop(id(result.job)):
+            waiting = self._by_path[key]
+            waiting.popleft()  # the job that finished: it headed each of its queues
+            if waiting:
+                heads[id(waiting[0])] = waiting[0]
+            else:
+                del self._by_path[key]
+        for job in heads.values():
+            self._start_if_first(job)
         return result
 
     def shutdown(self) -> None:

@@ -179,8 +179,7 @@ class Daemon:
         # finite queues per peer, ROUTER_MANDATORY, a connection cap: see guard.py
         guard = self._guard = Guard(router)
         try:
-            self._listener.bind(router)
-            guard.listening(self.endpoint)
+            self._listener.bind(router, guard.listening)
             # after the bind: a daemon refused its endpoint must not sweep or journal
             self._journal = open_journal(self.state_dirs, TEMPS.tag)
             sweep_dead(os.path.dirname(self._journal.path))
@@ -354,7 +353,7 @@ class Daemon:
         job.client.payload_inflight += ring_bytes
         self._scheduler.enqueue(job, key)
 
-    def _inline(self, job: Job, ring_bytes: int, key: str) -> bool:
+    def _inline(self, job: Job, ring_bytes: int, key: tuple[str, ...]) -> bool:
         """Whether to write ``job`` here: a tiny whole file, no fsync, no compression,
         none of its path's saves queued (their order)."""
         req = job.request
