@@ -171,3 +171,34 @@ def test_the_guard_shuts_the_door_at_the_cap_and_outlives_a_bad_event(
         guard.close()
         router.close(0)
         ctx.destroy(linger=0)
+
+
+class _Frame:
+    """What ``Guard.seen`` reads of a received frame: the descriptor it came from."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def get(self, option: int) -> int:
+        assert option == zmq.SRCFD
+        return self.fd
+
+
+def test_the_guard_remembers_one_routing_id_per_descriptor() -> None:
+    """Clients come and go with new routing ids on reused descriptor numbers: what the
+    guard keeps to cut a slow reader stays as small as the descriptors in use (before, ids
+    of connections long gone piled up to 4x the cap, then were rebuilt on every message)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    guard = Guard(router, cap=16)
+    try:
+        for i in range(10_000):
+            guard.seen(f"client-{i}".encode(), _Frame(100 + i % 8))  # type: ignore[arg-type]
+        assert len(guard._fd_of) == 8 and len(guard._id_of) == 8
+        assert guard._fd_of[b"client-9999"] == 100 + 9999 % 8
+        guard.seen(b"client-9999", _Frame(200))  # one id, a new connection
+        assert guard._fd_of[b"client-9999"] == 200 and 100 + 9999 % 8 not in guard._id_of
+    finally:
+        guard.close()
+        router.close(0)
+        ctx.destroy(linger=0)

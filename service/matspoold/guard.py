@@ -135,9 +135,10 @@ class Guard:
         router.setsockopt(zmq.SNDHWM, PEER_SNDHWM)
         router.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._lock = threading.Lock()  # guards ``open`` (the watcher writes, seen() prunes)
+        self._lock = threading.Lock()  # guards ``open`` (the watcher writes; tests and status read)
         self.open: set[int] = set()  # descriptors of the connections kept
         self._fd_of: dict[bytes, int] = {}  # routing id -> descriptor it last spoke from
+        self._id_of: dict[int, bytes] = {}  # and back (control thread, both)
         self.refused = 0  # connections cut at the cap (written by the watcher only)
         self.paused = 0  # times accepting was paused at the cap (the watcher only)
         self.dropped = 0  # connections cut for not reading
@@ -294,13 +295,22 @@ class Guard:
     def seen(self, ident: bytes, frame: zmq.Frame) -> None:
         """Note which connection ``ident`` spoke from (the one to cut if it stops reading)."""
         try:
-            self._fd_of[ident] = int(frame.get(zmq.SRCFD))
+            fd = int(frame.get(zmq.SRCFD))
         except (zmq.ZMQError, ValueError, TypeError):
             return
-        if len(self._fd_of) > 4 * self.cap:  # routing ids of connections long gone
-            with self._lock:
-                kept = set(self.open)
-            self._fd_of = {i: fd for i, fd in self._fd_of.items() if fd in kept}
+        if self._fd_of.get(ident) == fd:
+            return
+        # one id per descriptor: the id that spoke from it before is gone with its
+        # connection (the number was reused), so both maps stay as small as the
+        # descriptors in use, whatever ids come and go
+        old = self._id_of.get(fd)
+        if old is not None:
+            self._fd_of.pop(old, None)
+        prev = self._fd_of.get(ident)
+        if prev is not None:
+            self._id_of.pop(prev, None)
+        self._fd_of[ident] = fd
+        self._id_of[fd] = ident
 
     # -- answers --------------------------------------------------------------------------
     def send_multipart(self, frames: list[Any]) -> None:
@@ -311,6 +321,8 @@ class Guard:
         except zmq.Again:
             ident = bytes(frames[0])
             fd = self._fd_of.pop(ident, None)
+            if fd is not None:
+                self._id_of.pop(fd, None)
             self.dropped += 1
             cut = fd is not None and _cut(fd)
             self.log.warning(
