@@ -10,14 +10,15 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from matspoold.door import find_door
+from matspoold.door import Door, find_door
 from matspoold.guard import Guard
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the door reads Linux /proc")
@@ -32,7 +33,25 @@ def _accepted(mon: zmq.Socket[bytes], wait: float) -> int:
     return n
 
 
-def test_a_shut_door_keeps_connections_in_the_backlog_and_opening_lets_them_in(tmp_path: Path) -> None:
+@dataclass
+class Watched:
+    """A bound ROUTER's door, libzmq's monitor of its accepts, and connections made."""
+
+    door: Door
+    mon: zmq.Socket[bytes]
+    path: str
+    clients: list[socket.socket]
+
+    def connect(self, n: int) -> None:
+        for _ in range(n):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(1)
+            s.connect(self.path)  # into the kernel's backlog while the door is shut
+            self.clients.append(s)
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[Watched]:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     mon = router.get_monitor_socket(zmq.EVENT_ACCEPTED)
@@ -40,23 +59,11 @@ def test_a_shut_door_keeps_connections_in_the_backlog_and_opening_lets_them_in(t
     router.bind(f"ipc://{path}")
     door = find_door(f"ipc://{path}")
     assert door is not None
-    clients: list[socket.socket] = []
+    w = Watched(door, mon, path, [])
     try:
-        one = socket.socket(socket.AF_UNIX)
-        one.connect(path)
-        clients.append(one)
-        assert _accepted(mon, 0.5) == 1  # open: accepted as usual
-        assert door.close() and door.shut
-        for _ in range(5):
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(1)
-            s.connect(path)  # into the kernel's backlog
-            clients.append(s)
-        assert _accepted(mon, 1.0) == 0
-        assert door.open() and not door.shut
-        assert _accepted(mon, 1.0) == 5
+        yield w
     finally:
-        for s in clients:
+        for s in w.clients:
             s.close()
         door.release()
         router.disable_monitor()
@@ -65,38 +72,27 @@ def test_a_shut_door_keeps_connections_in_the_backlog_and_opening_lets_them_in(t
         ctx.term()
 
 
-def test_an_armed_door_lets_in_one_connection_per_arm(tmp_path: Path) -> None:
+def test_a_shut_door_keeps_connections_in_the_backlog_and_opening_lets_them_in(watched: Watched) -> None:
+    watched.connect(1)
+    assert _accepted(watched.mon, 0.5) == 1  # open: accepted as usual
+    assert watched.door.close() and watched.door.shut
+    watched.connect(5)
+    assert _accepted(watched.mon, 1.0) == 0
+    assert watched.door.open() and not watched.door.shut
+    assert _accepted(watched.mon, 1.0) == 5
+
+
+def test_an_armed_door_lets_in_one_connection_per_arm(watched: Watched) -> None:
     """``arm`` is what keeps a lagging guard within the cap: libzmq hears of one waiting
     connection, and the others stay in the backlog until the guard counted it."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    mon = router.get_monitor_socket(zmq.EVENT_ACCEPTED)
-    path = str(tmp_path / "d.sock")
-    router.bind(f"ipc://{path}")
-    door = find_door(f"ipc://{path}")
-    assert door is not None
-    clients: list[socket.socket] = []
-    try:
-        assert door.close()
-        for _ in range(5):
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(1)
-            s.connect(path)
-            clients.append(s)
-        assert door.arm()
-        assert _accepted(mon, 1.0) == 1
-        assert door.arm()
-        assert _accepted(mon, 1.0) == 1
-        assert door.open()
-        assert _accepted(mon, 1.0) == 3
-    finally:
-        for s in clients:
-            s.close()
-        door.release()
-        router.disable_monitor()
-        mon.close(0)
-        router.close(0)
-        ctx.term()
+    assert watched.door.close()
+    watched.connect(5)
+    assert watched.door.arm()
+    assert _accepted(watched.mon, 1.0) == 1
+    assert watched.door.arm()
+    assert _accepted(watched.mon, 1.0) == 1
+    assert watched.door.open()
+    assert _accepted(watched.mon, 1.0) == 3
 
 
 def test_a_door_whose_watch_is_gone_says_so(tmp_path: Path) -> None:

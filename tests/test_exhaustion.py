@@ -120,6 +120,35 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs) * 1e3, q)) if xs else float("nan")
 
 
+def _connect(path: str, held: list[socket.socket]) -> bool:
+    """One bare connection to ``path``, kept in ``held``; False when it did not connect (a
+    paused daemon leaves connects waiting in the backlog: 0.2 s, then given up)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(0.2)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        return False
+    held.append(s)
+    return True
+
+
+def _drop(held: list[socket.socket], n: int | None = None) -> None:
+    """Close the ``n`` oldest connections of ``held`` (all by default)."""
+    gone = held[:n] if n is not None else held[:]
+    for s in gone:
+        s.close()
+    del held[: len(gone)]
+
+
+def _a_late_client_saves(endpoint: str, out: Path) -> None:
+    """After a flood: a new client connects and its file is read back exact."""
+    with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
+        late.save(out / "late.mat", {"a": 1.0}, format="v5").result(30)
+    assert_variables(read(out / "late.mat", "v5"), {"a": np.full((1, 1), 1.0)})
+
+
 @pytest.fixture
 def honest_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., tuple]]:
     procs: list[subprocess.Popen] = []
@@ -219,19 +248,10 @@ def test_connection_flood_at_the_descriptor_limit(honest_daemon) -> None:
         while not stop.is_set():
             if len(held) < 1500:
                 for _ in range(100):
-                    s = socket.socket(socket.AF_UNIX)
-                    s.settimeout(0.2)  # a paused daemon leaves connects waiting in the backlog
-                    try:
-                        s.connect(path)
-                        held.append(s)
-                    except OSError:
-                        s.close()
+                    _connect(path, held)
             else:  # churn: new connections replace old ones
-                for s in held[:300]:
-                    s.close()
-                del held[:300]
-        for s in held:
-            s.close()
+                _drop(held, 300)
+        _drop(held)
 
     def attack(stop: threading.Event) -> None:
         threads = [threading.Thread(target=flood, args=(stop,), daemon=True) for _ in range(3)]
@@ -245,8 +265,7 @@ def test_connection_flood_at_the_descriptor_limit(honest_daemon) -> None:
     assert r["rss_end_mib"] - r["rss_start_mib"] < 96, r
     # the daemon still takes new clients once the flood is over
     time.sleep(2)
-    with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
-        late.save(honest.out / "late.mat", {"a": 1.0}).result(30)
+    _a_late_client_saves(endpoint, honest.out)
     log = _log_of(proc, honest)
     _rate_limited(log, "paused accepting")  # the door (door.py) shut at the cap
     assert sum("refused a connection" in line for line in log.splitlines()) <= SECONDS / 10 + 2, log[-3000:]
@@ -291,19 +310,10 @@ def test_a_connection_flood_at_a_small_descriptor_limit(tmp_path: Path) -> None:
     def flood() -> None:
         held: list[socket.socket] = []
         for _ in range(10_000):
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(0.2)  # a paused daemon leaves connects waiting in the backlog
-            try:
-                s.connect(path)
-                held.append(s)
-            except OSError:
-                s.close()
+            _connect(path, held)
             if len(held) >= 300:
-                for s in held[:100]:
-                    s.close()
-                del held[:100]
-        for s in held:
-            s.close()
+                _drop(held, 100)
+        _drop(held)
 
     threads = [threading.Thread(target=flood) for _ in range(3)]
     for t in threads:
@@ -311,9 +321,7 @@ def test_a_connection_flood_at_a_small_descriptor_limit(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert proc.poll() is None, proc.communicate(timeout=30)[1][-3000:]
-    with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
-        late.save(out / "late.mat", {"a": 1.0}, format="v5").result(30)
-    assert_variables(read(out / "late.mat", "v5"), {"a": np.full((1, 1), 1.0)})
+    _a_late_client_saves(endpoint, out)
     proc.terminate()
     assert proc.wait(30) == 0
 
@@ -333,17 +341,10 @@ def test_a_daemon_stopped_during_a_connection_flood_exits(tmp_path: Path) -> Non
         def churn(path: str = path, stop: threading.Event = stop) -> None:
             held: list[socket.socket] = []
             while not stop.is_set():
-                s = socket.socket(socket.AF_UNIX)
-                s.settimeout(0.2)
-                try:
-                    s.connect(path)
-                    held.append(s)
-                except OSError:
-                    s.close()
+                _connect(path, held)
                 if len(held) >= 12:  # three of these keep the cap (16) full and churning
-                    held.pop(0).close()
-            for s in held:
-                s.close()
+                    _drop(held, 1)
+            _drop(held)
 
         threads = [threading.Thread(target=churn) for _ in range(3)]
         for t in threads:
@@ -383,21 +384,10 @@ def test_a_daemon_started_into_a_running_connection_flood_lives(tmp_path: Path) 
         held: list[socket.socket] = []
         tries = 0
         while tries < 5000:  # counted once the socket is there
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(0.2)
-            try:
-                s.connect(path)
-                held.append(s)
-                tries += 1
-            except OSError:
-                s.close()
-                tries += up.is_set()
+            tries += _connect(path, held) or up.is_set()
             if len(held) >= 100:
-                for s in held[:30]:
-                    s.close()
-                del held[:30]
-        for s in held:
-            s.close()
+                _drop(held, 30)
+        _drop(held)
 
     threads = [threading.Thread(target=flood) for _ in range(3)]
     for t in threads:
@@ -415,9 +405,7 @@ def test_a_daemon_started_into_a_running_connection_flood_lives(tmp_path: Path) 
         for t in threads:
             t.join()
         assert proc.poll() is None, proc.communicate(timeout=30)[1][-3000:]
-        with matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=30, connect_timeout=30) as late:
-            late.save(out / "late.mat", {"a": 1.0}, format="v5").result(30)
-        assert_variables(read(out / "late.mat", "v5"), {"a": np.full((1, 1), 1.0)})
+        _a_late_client_saves(endpoint, out)
     finally:
         up.set()
         for t in threads:
