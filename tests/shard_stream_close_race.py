@@ -13,7 +13,11 @@ step 0 on every rank:
 - ``zero``: rank 1 appends step 1 (in flight) and leaves its ``with`` on an error; then
   rank 0 closes its stream and rank 2 appends step 1.
 
-Every rank then closes its streams; rank 0 lists every store key of these streams' steps
+Every rank closes its streams. Last (``gaveup``), rank 1 appends step 1 of a new stream and makes a sharded
+save (both in flight: the others have not made them), then closes its spool with
+``close(timeout=1)``, which gives up on them; then ranks 0 and 2 append step 1 and make the
+save: rank 1's abandoned step and save must fail them at once, not hold them for the timeout.
+Once every rank closed its spool, rank 0 lists every store key of these steps and saves
 still there. Outcomes ("ok", or the error's type and text) go to ``RESULTS/rank<r>.json``.
 """
 
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 
 WORLD = 3
-CASES = ("late", "zero")
+CASES = ("late", "zero", "gaveup")
 # who closes its stream after step 0, and who leaves its with on an error with step 1 in flight
 ROLES = {"late": (1, 2), "zero": (0, 1)}
 
@@ -69,7 +73,7 @@ def main() -> None:
         return matspool.Shard(expected(case, step)[2 * rank : 2 * rank + 2], (2 * rank, 0), (6, 4))
 
     spool = matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=120)
-    streams = {case: spool.stream(os.path.join(out, f"{case}.mat")) for case in CASES}
+    streams = {case: spool.stream(os.path.join(out, f"{case}.mat")) for case in ROLES}
     for case, s in streams.items():
         outcome_of(f"{case}/0", lambda: s.append(u=u(case, 0)))  # noqa: B023 - called at once
 
@@ -97,14 +101,33 @@ def main() -> None:
         outcome_of(f"{case}/end", s.close)
         dist.barrier()
 
+    s = spool.stream(os.path.join(out, "gaveup.mat"))
+    outcome_of("gaveup/0", lambda: s.append(u=u("gaveup", 0)))
+    save_path = os.path.join(out, "gaveup_save.mat")
+    if rank == 1:
+        futs = [s.append(u=u("gaveup", 1)), spool.save(save_path, {"v": u("gaveup", 2)}, format="v7.3")]
+        outcome_of("gaveup/close", lambda: spool.close(timeout=1))
+        dist.barrier()
+    else:
+        dist.barrier()  # rank 1's close gave up on its step 1 and its save
+        futs = [s.append(u=u("gaveup", 1)), spool.save(save_path, {"v": u("gaveup", 2)}, format="v7.3")]
+    for name, fut in zip(("gaveup/1", "gaveup/save"), futs, strict=True):
+        outcome_of(name, lambda: fut)  # noqa: B023 - called at once
+    if rank != 1:
+        outcome_of("gaveup/end", s.close)
+    dist.barrier()
+
+    if rank != 1:
+        outcome_of("spool/close", spool.close)
+    dist.barrier()  # every rank closed its spool: their words for the next save go too
     store = dist.distributed_c10d._get_default_store()
     if rank == 0:
         prefixes = [keys.step_prefix("default", n, k) for n in range(len(CASES)) for k in range(4)]
+        prefixes += [keys.save_prefix("default", n) for n in range(2)]
         outcome["keys_there"] = [
             p + k for p in prefixes for k in keys.every_key(WORLD) if store.check([p + k])
         ]
         record()
-    outcome_of("spool/close", spool.close)
     dist.barrier()  # rank 0 holds the store: the others are done with it
     dist.destroy_process_group()
 

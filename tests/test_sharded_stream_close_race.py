@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("torch")
 
 from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
-from shard_stream_close_race import CASES, ROLES, WORLD, expected
+from shard_stream_close_race import ROLES, WORLD, expected
 
 from conftest import start_daemon
 from readback import read
@@ -49,7 +49,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> Ran:
 
 def test_step_1_fails_on_every_rank_naming_the_first_to_end(ran: Ran) -> None:
     out, outcomes = ran
-    for case in CASES:
+    for case in ROLES:
         closer, _ = ROLES[case]
         path = f"{out / f'{case}.mat'}"
         why = f"rank {closer}'s stream was closed before it appended step 1"
@@ -63,8 +63,26 @@ def test_step_1_fails_on_every_rank_naming_the_first_to_end(ran: Ran) -> None:
         assert np.array_equal(got["u"], expected(case, 0)[..., None]), case
 
 
+def test_a_step_and_a_save_abandoned_by_a_closed_spool_fail_the_others_at_once(ran: Ran) -> None:
+    """Rank 1's ``close(timeout=1)`` gave up on its step 1 and its sharded save (the others
+    had not made them): when they do, both fail at once naming rank 1's closed spool (they
+    waited 60 s at most, the timeout is 120 s), and the file keeps step 0."""
+    out, outcomes = ran
+    assert [o.get("gaveup/0") for o in outcomes] == ["ok"] * WORLD
+    assert outcomes[1]["gaveup/1"].startswith("SpoolClosed: "), outcomes[1]
+    for rank in (0, 2):
+        o = outcomes[rank]
+        for what in ("gaveup/1", "gaveup/save"):
+            assert o[what].startswith("ShardError: "), (rank, what, o[what])
+            assert "rank 1: SpoolClosed: " in o[what], (rank, what, o[what])
+    got = read(out / "gaveup.mat", "v7.3")
+    assert np.array_equal(got["u"], expected("gaveup", 0)[..., None])
+    assert not (out / "gaveup_save.mat").exists()
+
+
 def test_no_key_is_left(ran: Ran) -> None:
-    """The leaver's word for step 2 goes too once it learns the stream ended at step 1."""
+    """The leaver's word for step 2 goes too once it learns the stream ended at step 1; and
+    every key of the abandoned step and save, and of each closed spool's word."""
     _, outcomes = ran
-    assert [o.get("spool/close") for o in outcomes] == ["ok"] * WORLD
+    assert [outcomes[r].get("spool/close") for r in (0, 2)] == ["ok"] * 2
     assert outcomes[0]["keys_there"] == [], outcomes[0]["keys_there"]
