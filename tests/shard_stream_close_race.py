@@ -17,6 +17,8 @@ Every rank closes its streams. Last (``gaveup``), rank 1 appends step 1 of a new
 save (both in flight: the others have not made them), then closes its spool with
 ``close(timeout=1)``, which gives up on them; then ranks 0 and 2 append step 1 and make the
 save: rank 1's abandoned step and save must fail them at once, not hold them for the timeout.
+Then (``unstarted``) rank 1 leaves the ``with`` of a stream opened with ``group=`` on an error
+before its first step, and the others append step 0: it must fail at once.
 Once every rank closed its spool, rank 0 lists every store key of these steps and saves
 still there. Outcomes ("ok", or the error's type and text) go to ``RESULTS/rank<r>.json``.
 """
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 
 WORLD = 3
-CASES = ("late", "zero", "gaveup")
+CASES = ("late", "zero", "gaveup", "unstarted")
 # who closes its stream after step 0, and who leaves its with on an error with step 1 in flight
 ROLES = {"late": (1, 2), "zero": (0, 1)}
 
@@ -117,8 +119,24 @@ def main() -> None:
         outcome_of("gaveup/end", s.close)
     dist.barrier()
 
-    if rank != 1:
-        outcome_of("spool/close", spool.close)
+    # unstarted: rank 1 leaves the with of a stream opened with group= before its first step
+    spool = spool if rank != 1 else matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=120)
+    path = os.path.join(out, "unstarted.mat")
+    if rank == 1:
+        try:
+            with spool.stream(path, group=dist.group.WORLD):
+                raise RuntimeError("the caller's error")
+        except RuntimeError:
+            pass
+        dist.barrier()
+    else:
+        s = spool.stream(path, group=dist.group.WORLD)
+        dist.barrier()  # rank 1's with is left
+        outcome_of("unstarted/0", lambda: s.append(u=u("unstarted", 0)))
+        outcome_of("unstarted/end", s.close)
+    dist.barrier()
+
+    outcome_of("spool/close", spool.close)
     dist.barrier()  # every rank closed its spool: their words for the next save go too
     store = dist.distributed_c10d._get_default_store()
     if rank == 0:

@@ -80,9 +80,24 @@ def test_a_step_and_a_save_abandoned_by_a_closed_spool_fail_the_others_at_once(r
     assert not (out / "gaveup_save.mat").exists()
 
 
+def test_a_stream_opened_with_group_and_closed_before_its_first_step_fails_the_others_at_once(
+    ran: Ran,
+) -> None:
+    """Rank 1 leaves the ``with`` of a stream opened with ``group=`` on an error before its
+    first step: the others' step 0 fails at once naming rank 1's stream (not a TimeoutError
+    after the 60 s the future was waited for), and no file is made."""
+    out, outcomes = ran
+    path = f"{out / 'unstarted.mat'}"
+    why = "rank 1's stream was closed before it appended step 0"
+    for rank in (0, 2):
+        got = outcomes[rank]["unstarted/0"]
+        assert got.startswith(f"ShardError: sharded stream {path!r}: step 0: {why}, "), (rank, got)
+    assert not (out / "unstarted.mat").exists()
+
+
 def test_no_key_is_left(ran: Ran) -> None:
     """The leaver's word for step 2 goes too once it learns the stream ended at step 1; and
     every key of the abandoned step and save, and of each closed spool's word."""
     _, outcomes = ran
-    assert [outcomes[r].get("spool/close") for r in (0, 2)] == ["ok"] * 2
+    assert [o.get("spool/close") for o in outcomes] == ["ok"] * WORLD
     assert outcomes[0]["keys_there"] == [], outcomes[0]["keys_there"]

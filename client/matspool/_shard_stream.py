@@ -31,13 +31,16 @@ nobody makes, and the last one deletes them all.
 A rank whose word is for a later step than the one the stream ended at (its ``with``
 left on an error, that step in flight) deletes that later step's keys when it learns
 the end (:meth:`ShardedStream.learn`): nobody else would.
+A stream opened with ``group=`` is tracked from its open (:class:`Unstarted`), so a
+close before its first step says so for step 0, its number taken then.
 
 Threads: ``append_sharded`` runs in the caller's thread (checks, the ring snapshot); each
 step then has a ``matspool-sstream`` thread of its own (``_shard._Job``'s rules), which
 waits for the previous step's. A :class:`ShardedStream` is its stream's caller's, but
 ``vars`` (rank 0's record of the stream's variables), which step threads update one at a
 time, and ``step``, ``ended`` and ``said``, which a step thread, the caller's and a closing spool's
-thread touch: under ``lock``. ``_counters`` is shared under ``_lock``.
+thread touch: under ``lock``. ``_counters`` is shared under ``_lock``. ``Unstarted.end``
+runs in the closing caller's thread (the stream's, or its spool's).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ if TYPE_CHECKING:
     from ._spool import Spool
     from ._stream import Stream
 
-__all__ = ["ShardedStream", "append_sharded"]
+__all__ = ["ShardedStream", "Unstarted", "append_sharded"]
 
 _lock = threading.Lock()
 _counters: dict[str, itertools.count[int]] = {}
@@ -136,6 +139,29 @@ class ShardedStream:
     def error(self, step: int, why: str) -> str:
         """The error of ``step`` of a stream that ended (``why``)."""
         return f"sharded stream {self.path!r}: step {step}: {why}, so it appends no later step; {_KEEP}"
+
+
+@dataclass(eq=False)
+class Unstarted:
+    """A stream opened with ``group=`` (sharded before its first step): closed, or its spool
+    closed, before that step, it still tells the others that its first step will not come
+    (the stream's coordination state is made then, in the order its first append would)."""
+
+    spool: Spool
+    stream: Stream
+    group: Any
+    pid: int = field(default_factory=os.getpid)  # a forked child does not speak for this rank
+
+    def end(self, closed: str) -> None:
+        if self.pid != os.getpid():
+            return
+        stream = self.stream
+        if stream._shards is None:
+            try:
+                stream._shards = _group_of(self.spool, self.group, stream.path)
+            except Exception:  # noqa: BLE001 - the group is gone: nobody waits on it
+                return
+        stream._shards.end(closed)
 
 
 def _group_of(spool: Spool, group: Any, path: str) -> ShardedStream:
