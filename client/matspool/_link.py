@@ -25,7 +25,8 @@ registration alive:
   answers or its pid is gone.
 
 Threads: the I/O thread owns the transport and the registration state; ``send`` and
-``close`` are called from others.
+``close`` are called from others (``closed``, set by ``close``, is read by a sharded
+save's thread, which then sends nothing more).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class Link:
         self._idle = False
         self._io: threading.Thread | None = None
         self._abandoned = False  # close() gave up waiting for the BYE: the I/O thread ends
+        self.closed = False  # close() began: nothing sent from now on is answered
 
     # -- other threads ------------------------------------------------------------------
     def open(
@@ -158,6 +160,7 @@ class Link:
             self.transport.wake()
 
     def close(self) -> None:
+        self.closed = True
         if self._io is not None and self._io.is_alive():
             self.send(msgs.Bye())  # the I/O thread forwards it to the daemon, then stops
             self._io.join(timeout=5)

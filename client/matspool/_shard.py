@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _shard_keys as keys
-from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolFull
+from ._errors import DaemonUnavailable, InvalidOptionError, MatspoolError, SpoolClosed, SpoolFull
 from ._leases import Lease
 from ._msgshard import Discard, Layout, LayoutResult, Place, Publish, ShardVar
 from ._pending import Save
@@ -222,6 +222,11 @@ class _Job(Coord):
         spool = self.spool
         link = spool._link
         assert link is not None
+        if link.closed:  # its close() gave up on this save: no answer would come, fail now
+            raise SpoolClosed(
+                "the Spool was closed (its close() stopped waiting for this save) before this "
+                "rank's blocks were written"
+            )
         sub = spool._table.add(message.seq, self.path, self.save.format, [lease] if lease else [])
         sub.ended, sub.outstanding, sub.instance = True, 1, link.instance
         if lease is not None:

@@ -41,7 +41,7 @@ from ._shard_conns import Conns, drop_pools, drop_streams, next_number
 if TYPE_CHECKING:
     from ._spool import Spool
 
-__all__ = ["GRACE", "Coord", "StoreGone", "closed", "closing", "early_failure", "gone", "notice"]
+__all__ = ["GRACE", "Coord", "StoreGone", "closed", "closing", "delete", "early_failure", "gone", "notice"]
 
 GRACE: Final = 10.0  # others wait this much longer than rank 0 for its verdict
 
@@ -160,6 +160,7 @@ def collect(store: Any, prefix: str, size: int, timeout: float, ranks: list[int]
 
 
 def delete(store: Any, prefix: str, size: int) -> None:
+    """Every key of the save (or step) under ``prefix``; a store that is gone is skipped."""
     for key in keys.every_key(size):
         with contextlib.suppress(Exception):
             store.delete_key(prefix + key)

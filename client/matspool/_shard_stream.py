@@ -28,13 +28,19 @@ stream ended (rank 0's verdict says which rank closed: ``ended``): its later ste
 once without touching the store, and its own close says nothing more. When every rank
 closes its stream after the same last step, each one's word is for the same step that
 nobody makes, and the last one deletes them all.
+A rank whose word is for a later step than the one the stream ended at (its ``with``
+left on an error, that step in flight) deletes that later step's keys when it learns
+the end (:meth:`ShardedStream.learn`): nobody else would.
+A stream opened with ``group=`` is tracked from its open (:class:`Unstarted`), so a
+close before its first step says so for step 0, its number taken then.
 
 Threads: ``append_sharded`` runs in the caller's thread (checks, the ring snapshot); each
 step then has a ``matspool-sstream`` thread of its own (``_shard._Job``'s rules), which
 waits for the previous step's. A :class:`ShardedStream` is its stream's caller's, but
 ``vars`` (rank 0's record of the stream's variables), which step threads update one at a
-time, and ``step`` and ``ended``, which a step thread, the caller's and a closing spool's
-thread touch: under ``lock``. ``_counters`` is shared under ``_lock``.
+time, and ``step``, ``ended`` and ``said``, which a step thread, the caller's and a closing spool's
+thread touch: under ``lock``. ``_counters`` is shared under ``_lock``. ``Unstarted.end``
+runs in the closing caller's thread (the stream's, or its spool's).
 """
 
 from __future__ import annotations
@@ -55,13 +61,13 @@ from ._saves import SaveResult
 from ._shard import _Job, _member, _start_job
 from ._shard_blocks import Failed, ShardError
 from ._shard_conns import Conns, conns, track
-from ._shard_coord import notice
+from ._shard_coord import delete, notice
 
 if TYPE_CHECKING:
     from ._spool import Spool
     from ._stream import Stream
 
-__all__ = ["ShardedStream", "append_sharded"]
+__all__ = ["ShardedStream", "Unstarted", "append_sharded"]
 
 _lock = threading.Lock()
 _counters: dict[str, itertools.count[int]] = {}
@@ -86,6 +92,7 @@ class ShardedStream:
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: tuple[int, str] | None = None  # (step, why): a rank appends no step from this one on
     ended_here: bool = False  # this rank's stream or spool was closed (it said so)
+    said: int | None = None  # the step this rank's word (``end``) is under, while it stands
     pid: int = field(default_factory=os.getpid)  # a forked child does not speak for this rank
 
     def end(self, closed: str) -> None:
@@ -103,10 +110,58 @@ class ShardedStream:
             self.ended, self.ended_here = (k, why), True
         prefix = keys.step_prefix(self.gname, self.number, k)
         notice(self.store, prefix, self.rank, self.size, self.error(k, why), why)
+        with self.lock:  # an earlier step's end (``learn``) may have come meanwhile
+            assert self.ended is not None
+            stale = self.ended[0] < k
+            if not stale:
+                self.said = k
+        if stale:
+            self._withdraw(self.store, k)
+
+    def learn(self, step: int, why: str, store: Any) -> None:
+        """Rank 0's verdict: a rank's stream or spool was closed before ``step`` (``why``),
+        so the stream ended there, on this rank too. A word this rank had said for a later
+        step (it left its ``with`` on an error with ``step`` in flight) is then for a step
+        that no rank makes or closes before: nobody would count it, so it goes here."""
+        with self.lock:
+            if self.ended is not None and self.ended[0] <= step:
+                return
+            self.ended = (step, why)
+            stale, self.said = self.said, None
+        if stale is not None and stale > step:
+            self._withdraw(store, stale)
+
+    def _withdraw(self, store: Any, k: int) -> None:
+        """Delete every key of step ``k``, which no rank makes (the stream ended before it);
+        each rank that said a word for it does so after its word, so the last one leaves none."""
+        delete(store, keys.step_prefix(self.gname, self.number, k), self.size)
 
     def error(self, step: int, why: str) -> str:
         """The error of ``step`` of a stream that ended (``why``)."""
         return f"sharded stream {self.path!r}: step {step}: {why}, so it appends no later step; {_KEEP}"
+
+
+@dataclass(eq=False)
+class Unstarted:
+    """A stream opened with ``group=`` (sharded before its first step): closed, or its spool
+    closed, before that step, it still tells the others that its first step will not come
+    (the stream's coordination state is made then, in the order its first append would)."""
+
+    spool: Spool
+    stream: Stream
+    group: Any
+    pid: int = field(default_factory=os.getpid)  # a forked child does not speak for this rank
+
+    def end(self, closed: str) -> None:
+        if self.pid != os.getpid():
+            return
+        stream = self.stream
+        if stream._shards is None:
+            try:
+                stream._shards = _group_of(self.spool, self.group, stream.path)
+            except Exception:  # noqa: BLE001 - the group is gone: nobody waits on it
+                return
+        stream._shards.end(closed)
 
 
 def _group_of(spool: Spool, group: Any, path: str) -> ShardedStream:
@@ -225,9 +280,7 @@ class _StepJob(_Job):
         """Rank 0 said a rank's stream or spool was closed before this step: the stream
         ended, on this rank too (its later steps fail at once)."""
         if "closed" in laid and self.stream is not None:
-            with self.stream.lock:
-                if self.stream.ended is None or self.stream.ended[0] > self.step:
-                    self.stream.ended = (self.step, str(laid["closed"]))
+            self.stream.learn(self.step, str(laid["closed"]), self.store)
 
     def _laid(self, fmt: str, shard_vars: list[ShardVar]) -> dict[str, Any]:
         """Rank 0, the blocks checked: the step checked against the stream's earlier ones,

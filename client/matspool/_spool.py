@@ -267,13 +267,14 @@ class Spool:
         stream sharded over the ranks of ``group`` (default: the world): every rank appends
         its blocks, one file grows the global series (``_shard_stream``, docs/distributed.md).
         """
-        from ._shard_stream import append_sharded
+        from ._shard_conns import track
+        from ._shard_stream import Unstarted, append_sharded
         from ._stream import Stream
 
         def sharded(stream: Stream, variables: dict[str, Any]) -> Future[SaveResult]:
             return append_sharded(self, stream, variables, group)
 
-        return Stream(
+        stream = Stream(
             self._submit,
             path,
             format=format,
@@ -284,6 +285,10 @@ class Spool:
             sharded=sharded,
             group=group,
         )
+        if group is not None:  # sharded from its open: a close before its first step says so
+            stream._unstarted = Unstarted(self, stream, group)
+            track(self, stream._unstarted)
+        return stream
 
     def _submit(
         self,

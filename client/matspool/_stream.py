@@ -55,6 +55,7 @@ class Stream:
         self._sharded_append = sharded
         self._group = group
         self._shards: Any = None  # sharded over ranks: its _shard_stream.ShardedStream
+        self._unstarted: Any = None  # opened with group=: its _shard_stream.Unstarted
 
     def append(self, variables: dict[str, Any] | None = None, /, **named: Any) -> Future[SaveResult]:
         """Add one step: ``s.append(u=u, t=t)`` or ``s.append({"u": u})``. Every step must
@@ -103,8 +104,9 @@ class Stream:
                 self._end()
 
     def _end(self) -> None:
-        if self._shards is not None:
-            self._shards.end("stream")
+        ending = self._shards if self._shards is not None else self._unstarted
+        if ending is not None:
+            ending.end("stream")
 
     def __enter__(self) -> Stream:
         return self
