@@ -17,6 +17,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -157,6 +158,23 @@ def wait_ready(endpoint: str, proc: subprocess.Popen, timeout: float = 30) -> bo
                 return True
         time.sleep(0.05)
     return False
+
+
+def wait_tcp(endpoint: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Return once the daemon's tcp:// port accepts connections; raise if the process
+    exits or the port stays closed. A client's own wait for a refusing port is only its
+    grace (3 s), and a daemon starting on a loaded 2-core CI machine took longer."""
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} at start-up")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"no daemon listening at {endpoint} after {timeout} s")
 
 
 @pytest.fixture

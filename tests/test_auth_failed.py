@@ -23,6 +23,8 @@ from matspool import ClientKeys
 from matspool._curve import make_keys
 from matspool._transport import _CUT_LIMIT
 
+from conftest import wait_tcp
+
 keys = test_security.keys  # the fixture, shared
 
 CONNECT_TIMEOUT = 20.0  # the failures must come long before this
@@ -33,6 +35,7 @@ def tcp_daemon(keys: dict[str, str], out_dir: Path) -> Iterator[str]:
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     proc = _serve(endpoint, out_dir, "--curve-secret", keys["server_sec"], "--curve-clients", keys["clients"])
     try:
+        wait_tcp(endpoint, proc)
         good = ClientKeys(keys["client_sec"], keys["server_pub"])  # up and serving
         with matspool.Spool(endpoint, ring_bytes=1 << 20, curve=good, connect_timeout=30):
             pass

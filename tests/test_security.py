@@ -19,7 +19,7 @@ import matspool
 from matspool import ClientKeys
 from matspool._curve import make_keys
 
-from conftest import serve_cmd
+from conftest import serve_cmd, wait_tcp
 
 
 def _free_port() -> int:
@@ -66,6 +66,7 @@ def test_curve_authorized_client_writes_and_rogue_is_refused(keys, out_dir: Path
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     proc = _serve(endpoint, out_dir, "--curve-secret", keys["server_sec"], "--curve-clients", keys["clients"])
     try:
+        wait_tcp(endpoint, proc)
         good = ClientKeys(keys["client_sec"], keys["server_pub"])
         with matspool.Spool(endpoint, ring_bytes=1 << 20, curve=good, connect_timeout=20) as spool:
             spool.save(out_dir / "tcp.mat", {"a": np.arange(6.0)}).result(10)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from ranks import free_port
 
 from matspool._curve import make_keys
 
-from conftest import serve_cmd
+from conftest import serve_cmd, wait_tcp
 
 pytest.importorskip("torch")
 
@@ -64,8 +63,7 @@ def test_sharded_saves_through_a_tcp_daemon(tmp_path: Path) -> None:
     cmd = serve_cmd(endpoint, out, "--curve-secret", server_sec, "--curve-clients", str(tmp_path / "clients"))
     daemon = subprocess.Popen(cmd)
     try:
-        time.sleep(1.0)
-        assert daemon.poll() is None
+        wait_tcp(endpoint, daemon)
         code = _RANK.format(
             tests=str(Path(__file__).parent),
             tmp=tmp_path,
