@@ -3,6 +3,8 @@ sharded tests: one place for the port, the environment, the wait and the kill, s
 test's group dies the same way when a rank hangs.
 
 Used from a test's (module) fixture, on the test's thread only; no state of its own.
+:class:`Outcomes` is the rank scripts' side: what each rank reports, as the JSON file
+:func:`read_outcomes` reads.
 """
 
 from __future__ import annotations
@@ -12,11 +14,20 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "kill_ranks", "read_outcomes", "spawn_rank", "wait_ranks", "work_dirs"]
+__all__ = [
+    "Outcomes",
+    "free_port",
+    "group_on_one_daemon",
+    "kill_ranks",
+    "read_outcomes",
+    "spawn_rank",
+    "wait_ranks",
+    "work_dirs",
+]
 
 HERE = Path(__file__).parent
 
@@ -80,3 +91,53 @@ def kill_ranks(procs: list[subprocess.Popen[bytes]]) -> None:
 def read_outcomes(results: Path, names: Iterable[str]) -> list[dict[str, Any]]:
     """Each ``results/<name>.json`` a rank wrote, ``{}`` for a rank that wrote none."""
     return [json.loads(f.read_text()) if (f := results / f"{name}.json").exists() else {} for name in names]
+
+
+class Outcomes(dict[str, Any]):
+    """A rank script's outcomes by key, written whole to ``results/<name>.json`` at each
+    :meth:`record` (through a temporary and a rename: a rank killed mid-write leaves the
+    last whole record, which :func:`read_outcomes` reads)."""
+
+    def __init__(self, results: str | Path, name: str) -> None:
+        super().__init__()
+        self.path = Path(results) / f"{name}.json"
+
+    def record(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self))
+        os.replace(tmp, self.path)
+
+    def of(self, key: str, call: Callable[[], Any]) -> None:
+        """``call()`` (an append, a save, a close) and, when it returns a future, that
+        future's outcome (60 s at most): ``"ok"`` or the error's type and text."""
+        try:
+            fut = call()
+            if fut is not None:
+                fut.result(timeout=60)
+            self[key] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            self[key] = f"{type(e).__name__}: {e}"
+        self.record()
+
+
+def group_on_one_daemon(
+    base: Path, script: str, world: int, timeout: float = 200
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run ``tests/<script> out results endpoint`` as ``world`` ranks sharing one daemon
+    (started on ``base/out``); their output directory and each rank's outcomes
+    (``results/rank<r>.json``). Ranks still running ``timeout`` s into their wait are killed."""
+    from conftest import start_daemon
+
+    out, results = work_dirs(base)
+    daemon = start_daemon(out, base / "sock")
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for rank in range(world):
+            args = [str(out), str(results), daemon.endpoint]
+            procs.append(spawn_rank(script, args, rank, world, port, stderr=subprocess.DEVNULL))
+        wait_ranks(procs, timeout)
+    finally:
+        kill_ranks(procs)
+        daemon.stop()
+    return out, read_outcomes(results, (f"rank{r}" for r in range(world)))

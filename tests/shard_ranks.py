@@ -9,7 +9,6 @@ expected global arrays are :func:`expected` (the test reads the files back again
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ranks import Outcomes
 
 WORLD = 4
 
@@ -150,15 +150,12 @@ def main() -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    outcome: dict[str, str] = {}
+    outcome = Outcomes(results, f"rank{rank}")
     spool = matspool.Spool(
         endpoint, ring_bytes=int(ring_bytes), timeout=8
     )  # the sharded saves wait this long for late ranks: CI machines are loaded
 
-    def record() -> None:
-        path = Path(results) / f"rank{rank}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(outcome))
-        os.replace(path.with_suffix(".tmp"), path)
+    record = outcome.record
 
     def laid_out(case: str) -> None:
         """Wait (20 s at most) until the case's file is laid out (its temporary exists)."""

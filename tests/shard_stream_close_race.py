@@ -25,14 +25,12 @@ still there. Outcomes ("ok", or the error's type and text) go to ``RESULTS/rank<
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ranks import Outcomes
 
 WORLD = 3
 CASES = ("late", "zero", "gaveup", "unstarted")
@@ -54,22 +52,11 @@ def main() -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    outcome: dict[str, Any] = {}
+    outcome = Outcomes(results, f"rank{rank}")
 
-    def record() -> None:
-        path = Path(results) / f"rank{rank}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(outcome))
-        os.replace(path.with_suffix(".tmp"), path)
+    record = outcome.record
 
-    def outcome_of(key: str, call: Callable[[], Any]) -> None:
-        try:
-            fut = call()
-            if fut is not None:
-                fut.result(timeout=60)
-            outcome[key] = "ok"
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            outcome[key] = f"{type(e).__name__}: {e}"
-        record()
+    outcome_of = outcome.of
 
     def u(case: str, step: int) -> Any:
         return matspool.Shard(expected(case, step)[2 * rank : 2 * rank + 2], (2 * rank, 0), (6, 4))

@@ -11,7 +11,6 @@ global arrays are :func:`expected` (the test reads the files back against it).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ranks import Outcomes
 
 WORLD = 4
 STEPS = {"rows": 3, "dtensor": 3, "mismatch": 7, "killed": 3, "daemon_killed": 3, "killed0": 2}
@@ -107,15 +107,12 @@ def main() -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    outcome: dict[str, str] = {}
+    outcome = Outcomes(results, f"rank{rank}")
     spool = matspool.Spool(endpoint, ring_bytes=int(ring_bytes), timeout=8)
     third = os.environ.get("SHARD_THIRD_ENDPOINT")
     spare = matspool.Spool(third, ring_bytes=int(ring_bytes), timeout=3) if third and rank >= 2 else None
 
-    def record() -> None:
-        path = Path(results) / f"rank{rank}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(outcome))
-        os.replace(path.with_suffix(".tmp"), path)
+    record = outcome.record
 
     trio = dist.new_group([0, 1, 2])  # collective: every rank makes it, ranks 0-2 use it
     dist.barrier()

@@ -18,14 +18,13 @@ as it comes; files are ``OUT/<RUN>_<name>.mat``, global arrays from :func:`expec
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ranks import Outcomes
 
 WORLD = 2
 
@@ -51,12 +50,9 @@ def main() -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    outcome: dict[str, Any] = {}
+    outcome = Outcomes(results, f"{run}_rank{rank}")
 
-    def record() -> None:
-        path = Path(results) / f"{run}_rank{rank}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(outcome))
-        os.replace(path.with_suffix(".tmp"), path)
+    record = outcome.record
 
     def wait(key: str, fut: Any) -> None:
         start = time.monotonic()

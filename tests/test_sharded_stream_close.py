@@ -10,7 +10,6 @@ read back (tests/readback.py) and compared exactly, step by step.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
+from ranks import group_on_one_daemon
 from shard_stream_close import CASES, WORLD, expected
 
-from conftest import start_daemon
 from readback import read
 
 Ran = tuple[Path, list[dict[str, Any]]]
@@ -31,22 +29,7 @@ KEEP = "so it appends no later step; the stream keeps its earlier steps"
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> Ran:
-    base = tmp_path_factory.mktemp("sstream_close")
-    out, results = work_dirs(base)
-    daemon = start_daemon(out, base / "sock")
-    port = free_port()
-    procs = []
-    try:
-        for rank in range(WORLD):
-            args = [str(out), str(results), daemon.endpoint]
-            procs.append(
-                spawn_rank("shard_stream_close.py", args, rank, WORLD, port, stderr=subprocess.DEVNULL)
-            )
-        wait_ranks(procs, 200)
-    finally:
-        kill_ranks(procs)
-        daemon.stop()
-    return out, read_outcomes(results, (f"rank{r}" for r in range(WORLD)))
+    return group_on_one_daemon(tmp_path_factory.mktemp("sstream_close"), "shard_stream_close.py", WORLD)
 
 
 def _steps(out: Path, case: str, steps: int) -> None:

@@ -9,7 +9,6 @@ timeout 120 s, futures waited 60 s at most (a wait for the timeout shows as Time
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ranks import free_port, kill_ranks, read_outcomes, spawn_rank, wait_ranks, work_dirs
+from ranks import group_on_one_daemon
 from shard_stream_close_race import ROLES, WORLD, expected
 
-from conftest import start_daemon
 from readback import read
 
 Ran = tuple[Path, list[dict[str, Any]]]
@@ -29,22 +27,7 @@ Ran = tuple[Path, list[dict[str, Any]]]
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> Ran:
-    base = tmp_path_factory.mktemp("sstream_race")
-    out, results = work_dirs(base)
-    daemon = start_daemon(out, base / "sock")
-    port = free_port()
-    procs = []
-    try:
-        for rank in range(WORLD):
-            args = [str(out), str(results), daemon.endpoint]
-            procs.append(
-                spawn_rank("shard_stream_close_race.py", args, rank, WORLD, port, stderr=subprocess.DEVNULL)
-            )
-        wait_ranks(procs, 200)
-    finally:
-        kill_ranks(procs)
-        daemon.stop()
-    return out, read_outcomes(results, (f"rank{r}" for r in range(WORLD)))
+    return group_on_one_daemon(tmp_path_factory.mktemp("sstream_race"), "shard_stream_close_race.py", WORLD)
 
 
 def test_step_1_fails_on_every_rank_naming_the_first_to_end(ran: Ran) -> None:
