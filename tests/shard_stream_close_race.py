@@ -53,9 +53,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     outcome = Outcomes(results, f"rank{rank}")
-
     record = outcome.record
-
     outcome_of = outcome.of
 
     def u(case: str, step: int) -> Any:

@@ -51,7 +51,6 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     outcome = Outcomes(results, f"{run}_rank{rank}")
-
     record = outcome.record
 
     def wait(key: str, fut: Any) -> None:
