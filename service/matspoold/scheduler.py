@@ -8,7 +8,7 @@ file's whole write). A writer appends its outcome to a results queue and, only w
 found the queue empty, wakes the control loop through an inproc socket. The files a job
 replaced are freed after the control loop has taken its result, on ``_retire``'s thread.
 
-Threads: ``enqueue``, ``idle``, ``next_result``, ``wake_socket`` and ``shutdown`` belong to the
+Threads: ``enqueue``, ``empty``, ``idle``, ``next_result``, ``wake_socket`` and ``shutdown`` belong to the
 control thread; ``_loop``/``_finish`` run on the writer threads; the results queue is
 shared under ``_lock``.
 """
@@ -68,7 +68,7 @@ class Scheduler:
         self._local = threading.local()
         # key -> its jobs queued or running, in arrival order; a job runs once it heads the
         # queue of each of its keys
-        self._by_path: dict[str, deque[Job]] = {}
+        self._by_key: dict[str, deque[Job]] = {}
         self._key_of: dict[int, tuple[str, ...]] = {}  # id(job) -> its file_key, until taken
         self._results: deque[tuple[Result, list[int]]] = deque()  # and the files it replaced
         self._answered: list[int] = []  # replaced files of results taken (control thread)
@@ -91,15 +91,19 @@ class Scheduler:
         """Queue ``job`` behind the jobs of its file (``keys``: :func:`file_key`)."""
         self._key_of[id(job)] = keys
         for key in keys:
-            self._by_path.setdefault(key, deque()).append(job)  # keep the order of the saves
+            self._by_key.setdefault(key, deque()).append(job)  # keep the order of the saves
         self._start_if_first(job)
+
+    def empty(self) -> bool:
+        """No job is queued or running: any write now keeps every file's order."""
+        return not self._by_key
 
     def idle(self, keys: tuple[str, ...]) -> bool:
         """No job of the file ``keys`` is queued or running: one written now keeps the order."""
-        return not any(key in self._by_path for key in keys)
+        return not any(key in self._by_key for key in keys)
 
     def _start_if_first(self, job: Job) -> None:
-        if all(self._by_path[key][0] is job for key in self._key_of[id(job)]):
+        if all(self._by_key[key][0] is job for key in self._key_of[id(job)]):
             self._jobs.put(job)
 
     def next_result(self) -> Result | None:
@@ -116,12 +120,12 @@ class Scheduler:
         self._answered += replaced
         heads: dict[int, Job] = {}
         for key in self._key_of.pop(id(result.job)):
-            waiting = self._by_path[key]
+            waiting = self._by_key[key]
             waiting.popleft()  # the job that finished: it headed each of its queues
             if waiting:
                 heads[id(waiting[0])] = waiting[0]
             else:
-                del self._by_path[key]
+                del self._by_key[key]
         for job in heads.values():
             self._start_if_first(job)
         return result

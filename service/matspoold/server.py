@@ -346,16 +346,18 @@ class Daemon:
     def _enqueue(self, job: Job) -> None:
         job.client.inflight += 1
         ring_bytes = job.ring_bytes
-        key = file_key(job.request.path)
-        if self._inline(job, ring_bytes, key):
+        keys = None  # the file's keys: a stat, taken only when an order is to keep
+        if self._inline(job, ring_bytes) and (
+            self._scheduler.empty() or self._scheduler.idle(keys := file_key(job.request.path))
+        ):
             self._outcomes.settle(self._guard, Result(job, *self._jobs.run(job)), 0)
             return
         job.client.payload_inflight += ring_bytes
-        self._scheduler.enqueue(job, key)
+        self._scheduler.enqueue(job, keys or file_key(job.request.path))
 
-    def _inline(self, job: Job, ring_bytes: int, key: tuple[str, ...]) -> bool:
-        """Whether to write ``job`` here: a tiny whole file, no fsync, no compression,
-        none of its path's saves queued (their order)."""
+    def _inline(self, job: Job, ring_bytes: int) -> bool:
+        """Whether ``job`` may be written here: a tiny whole file, no fsync, no compression
+        (the caller then checks none of its file's saves is queued: their order)."""
         req = job.request
         return (
             type(job) is Job
@@ -366,7 +368,6 @@ class Daemon:
             and not req.append
             and not self._jobs.write_delay
             and ring_bytes <= INLINE_BYTES
-            and self._scheduler.idle(key)
         )
 
 
