@@ -299,9 +299,15 @@ def test_overload_blocks_or_raises_by_policy_and_loses_nothing(tmp_path: Path, o
         payload = np.ones((1 << 17,), np.float64)  # 1 MiB a save, 4 fit in the ring
         with Spool(d.endpoint, ring_bytes=4 << 20, on_full="raise") as fast_fail:
             accepted = []
-            with pytest.raises(matspool.SpoolFull, match="ring full"):
-                for i in range(10):
-                    accepted.append(fast_fail.save(out_dir / f"r{i}.mat", {"a": payload * i}))
+            # Stopped, the daemon frees nothing, so exactly 4 fit however loaded the
+            # machine (with it running, a slow loop let 2 saves finish first: 6 accepted)
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(matspool.SpoolFull, match="ring full"):
+                    for i in range(10):
+                        accepted.append(fast_fail.save(out_dir / f"r{i}.mat", {"a": payload * i}))
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
             assert len(accepted) == 4
             fast_fail.flush(30)
         with Spool(d.endpoint, ring_bytes=4 << 20, on_full="block", timeout=30) as blocking:
