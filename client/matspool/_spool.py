@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _closing, _embedded, _lifecycle, _reach, _shard
+from . import _closing, _embedded, _lifecycle, _quick, _reach, _shard
 from ._convert import INT_AS
 from ._copies import CopyPipeline
 from ._cuda import eager, refuse_capture
@@ -118,6 +118,7 @@ class Spool:
         self._ring: Ring | None = None
         self._link: Link | None = None
         self._copies: CopyPipeline | None = None
+        self._quick: dict[tuple[Any, ...], list[_quick.Entry]] = {}  # small repeated saves
         try:
             self._ring = Ring(s.ring_bytes, mode=s.ring_mode)
             self._leases = Leases(self._ring)
@@ -215,6 +216,13 @@ class Spool:
         (``_shard``): every rank of the torch.distributed ``group`` (default: the world)
         saves its blocks, and one file holds the global arrays (docs/distributed.md).
         """
+        if append is False and group is None and int_as is None and type(variables) is dict:
+            # a repeated small save of ndarrays (_quick); None: anything else, the long way
+            quick: SaveFuture | None = eager(_quick.save)(
+                self, path, variables, format, layout, oned_as, fsync, compress
+            )
+            if quick is not None:
+                return quick
         if not isinstance(append, bool):
             raise TypeError(f"append must be a bool, got {append!r}")
         if group is not None or _shard.is_sharded(variables):
@@ -322,7 +330,9 @@ class Spool:
             self.int_as if int_as is None else int_as,
         )
         block = self.on_full == "block"
-        assert self._copies is not None
+        assert self._copies is not None and self._link is not None
+        if p.plain and mode == "write" and self._link.binary and not self._remote:
+            _quick.remember(self, p, variables, fmt, layout, oned_as)  # the next such save: _quick
         if p.slabs is not None:
             return send_in_pieces(
                 p,
