@@ -175,6 +175,14 @@ class Link:
         if wake:  # a wake-up that comes late is harmless: one more turn of the loop
             self.transport.wake()
 
+    def queue_write(self, seq: int, frames: list[Any], lease: Lease) -> None:
+        """``send`` of a WRITE ``_quick`` encoded (binary: only while ``binary``)."""
+        with self._outbox_lock:
+            self._outbox.append(("WRITE", seq, frames, lease))
+            wake, self._idle = self._idle, False
+        if wake:
+            self.transport.wake()
+
     def close(self) -> None:
         self.closed = True
         if self._io is not None and self._io.is_alive():

@@ -82,10 +82,7 @@ class Var(NamedTuple):
 class Entry(NamedTuple):
     """A checked plain save's layout and its WRITE's fixed parts (see the module docstring)."""
 
-    format_arg: str  # the format asked for (``normalize_format``'s), "auto" included
-    layout: str
-    oned_as: str
-    level: int
+    options: tuple[str, str, str, int]  # format asked for ("auto" too), layout, oned_as, level
     format: str  # the format written
     total: int  # the region's bytes
     vars: tuple[Var, ...]
@@ -131,7 +128,7 @@ def remember(
         if v is None:
             return
         out.append(v)
-    entry = Entry(fmt, layout, oned_as, p.level, p.format, p.total, tuple(out), _FORMAT_CODE[p.format])
+    entry = Entry((fmt, layout, oned_as, p.level), p.format, p.total, tuple(out), _FORMAT_CODE[p.format])
     names = tuple(variables)
     table = spool._quick
     kept = [e for e in table.get(names, ()) if e != entry]
@@ -166,20 +163,23 @@ def save(
         lvl = level(compress)
     else:
         return None  # level()'s refusal, in the general path's order
-    for e in entries:
-        if e.format_arg == fmt and e.layout == layout and e.oned_as == oned_as and e.level == lvl:
-            break
+    options = (fmt, layout, oned_as, lvl)
+    for e in entries:  # newest first; each layout saved under these names
+        if e.options != options:
+            continue
+        for (name, x), v in zip(variables.items(), e.vars, strict=True):
+            if (
+                type(x) is not np.ndarray
+                or type(name) is not str
+                or x.shape != v.shape
+                or x.strides != v.strides
+                or (x.dtype is not v.dtype and x.dtype != v.dtype)
+            ):
+                break  # a Shard, a tensor, another layout: not this entry
+        else:
+            break  # every variable matches e
     else:
-        return None
-    for (name, x), v in zip(variables.items(), e.vars, strict=True):
-        if (
-            type(x) is not np.ndarray
-            or type(name) is not str
-            or x.shape != v.shape
-            or x.strides != v.strides
-            or (x.dtype is not v.dtype and x.dtype != v.dtype)
-        ):
-            return None  # a Shard, a tensor, another layout: the general path decides
+        return None  # the general path decides
     refuse_capture()  # the general path's order: before anything is reserved or queued
     spool._check_open()  # closed, forked (opens this process's parts), broken
     if not spool._link.binary:  # type: ignore[union-attr]
@@ -204,26 +204,24 @@ def save(
     ring = spool._ring
     assert ring is not None
     total = e.total
-    offset = ring.take_now(total if total > ALIGN else ALIGN)
-    if offset < 0:
-        return None  # full or moving: the general path waits or raises, by on_full
-    lease = Lease(offset, total, True)
-    try:
-        for x, v in zip(variables.values(), e.vars, strict=True):
-            if v.elements:
-                m = x if v.same else _matlab_order(x, layout, oned_as)
-                start = (offset + v.relative) // v.itemsize
-                dest = ring.view(v.ring)[start : start + v.elements].reshape(v.reversed)
-                if v.exact:
-                    dest[...] = m.transpose()
-                else:
-                    np.copyto(dest, m.transpose(), casting="same_kind")
-    except BaseException:
-        spool._leases.copied(lease)
-        spool._leases.answered(lease)  # never sent: the region goes back
-        raise
-    lease.copying = False  # nobody else has seen the lease yet: no lock needed
-    ring.written()
+    with ring.lock:  # no move while the bytes go in (see Ring.take_held)
+        offset = ring.take_held(total if total > ALIGN else ALIGN)
+        if offset < 0:
+            return None  # full, moving or closed: the general path waits or raises
+        try:
+            for x, v in zip(variables.values(), e.vars, strict=True):
+                if v.elements:
+                    m = x if v.same else _matlab_order(x, layout, oned_as)
+                    start = (offset + v.relative) // v.itemsize
+                    dest = ring.view(v.ring)[start : start + v.elements].reshape(v.reversed)
+                    if v.exact:
+                        dest[...] = m.transpose()
+                    else:
+                        np.copyto(dest, m.transpose(), casting="same_kind")
+        except BaseException:
+            ring.free(offset)  # never sent: the region goes back
+            raise
+    lease = Lease(offset, total, True, copying=False)
     seq = next(spool._seq)
     body = [
         _HEAD.pack(WRITE_MAGIC, seq, e.format_code, fsync, lvl, _WRITE, len(encoded), len(e.vars)),
@@ -232,6 +230,12 @@ def save(
     for v in e.vars:
         body.append(_VAR_HEAD.pack(*v.head, offset + v.relative))
         body.append(v.tail)
+    frames = [TAG, b"".join(body)]
     record = spool._table.add(seq, text, e.format, [lease])
-    spool._copies.dispatch(Encoded(seq, [TAG, b"".join(body)]), None, (), lease)  # type: ignore[union-attr]
+    copies = spool._copies
+    assert copies is not None
+    if copies._queued:  # a CUDA copy or a reorder is queued before it: this WRITE waits its turn
+        copies.dispatch(Encoded(seq, frames), None, (), lease)
+    else:  # (read without its lock: 0 means all queued before went to the outbox)
+        spool._link.queue_write(seq, frames, lease)  # type: ignore[union-attr]
     return record.future
