@@ -29,10 +29,10 @@ class Lease:
 
     __slots__ = ("copying", "daemon", "freed", "instance", "nbytes", "offset")
 
-    def __init__(self, offset: int, nbytes: int, daemon: bool, *, copying: bool = True) -> None:
+    def __init__(self, offset: int, nbytes: int, daemon: bool) -> None:
         self.offset = offset
         self.nbytes = nbytes
-        self.copying = copying  # False: made after its copy ended (``_quick``)
+        self.copying = True
         self.daemon = daemon
         self.instance: str | None = None  # the daemon instance it was handed to
         self.freed = False

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from os import getpid
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
@@ -181,8 +182,11 @@ def save(
     else:
         return None  # the general path decides
     refuse_capture()  # the general path's order: before anything is reserved or queued
-    spool._check_open()  # closed, forked (opens this process's parts), broken
-    if not spool._link.binary:  # type: ignore[union-attr]
+    link = spool._link
+    if spool._closed or spool._pid != getpid() or link is None or link.broken is not None:
+        spool._check_open()  # raises (closed, broken), or opens this process's parts (forked)
+        link = spool._link
+    if link is None or not link.binary:
         return None  # a daemon that reads JSON only: the general path encodes for it
     if (
         type(path) is str
@@ -213,7 +217,10 @@ def save(
                 if v.elements:
                     m = x if v.same else _matlab_order(x, layout, oned_as)
                     start = (offset + v.relative) // v.itemsize
-                    dest = ring.view(v.ring)[start : start + v.elements].reshape(v.reversed)
+                    view = ring._views.get(v.ring)
+                    if view is None:
+                        view = ring.view(v.ring)
+                    dest = view[start : start + v.elements].reshape(v.reversed)
                     if v.exact:
                         dest[...] = m.transpose()
                     else:
@@ -221,7 +228,8 @@ def save(
         except BaseException:
             ring.free(offset)  # never sent: the region goes back
             raise
-    lease = Lease(offset, total, True, copying=False)
+    lease = Lease(offset, total, True)
+    lease.copying = False  # its copy has ended, before anyone saw it
     seq = next(spool._seq)
     body = [
         _HEAD.pack(WRITE_MAGIC, seq, e.format_code, fsync, lvl, _WRITE, len(encoded), len(e.vars)),
@@ -231,11 +239,11 @@ def save(
         body.append(_VAR_HEAD.pack(*v.head, offset + v.relative))
         body.append(v.tail)
     frames = [TAG, b"".join(body)]
-    record = spool._table.add(seq, text, e.format, [lease])
+    record = spool._table.add_one(seq, text, e.format, lease)
     copies = spool._copies
     assert copies is not None
     if copies._queued:  # a CUDA copy or a reorder is queued before it: this WRITE waits its turn
         copies.dispatch(Encoded(seq, frames), None, (), lease)
     else:  # (read without its lock: 0 means all queued before went to the outbox)
-        spool._link.queue_write(seq, frames, lease)  # type: ignore[union-attr]
+        link.queue_write(seq, frames, lease)
     return record.future

@@ -218,9 +218,8 @@ class Spool:
         """
         if append is False and group is None and int_as is None and type(variables) is dict:
             # a repeated small save of ndarrays (_quick); None: anything else, the long way
-            quick: SaveFuture | None = eager(_quick.save)(
-                self, path, variables, format, layout, oned_as, fsync, compress
-            )
+            fast = _quick.save if "torch._dynamo" not in sys.modules else eager(_quick.save)
+            quick: SaveFuture | None = fast(self, path, variables, format, layout, oned_as, fsync, compress)
             if quick is not None:
                 return quick
         if not isinstance(append, bool):
