@@ -57,7 +57,8 @@ MAX_ARRAY_BYTES: Final = 64 << 10
 _PER_NAMES: Final = 4
 #: distinct tuples of names kept per spool (cleared when exceeded, as the templates are)
 _MAX_NAMES: Final = 64
-_VAR_HEAD: Final = struct.Struct("<BBBxQ")  # _wirebin's per-variable header up to the offset
+_VAR_HEAD: Final = struct.Struct("<BBBx")  # _wirebin's per-variable header before the offset
+_NDARRAY: Final = np.ndarray
 _U64: Final = struct.Struct("<Q")
 _WRITE: Final = _MODE_CODE["write"]
 
@@ -76,7 +77,7 @@ class Var(NamedTuple):
     elements: int
     relative: int  # offset in the region
     itemsize: int
-    head: tuple[int, int, int]  # name, dtype and dims lengths (``_wirebin``'s variable header)
+    head: bytes  # name, dtype and dims lengths (``_wirebin``'s variable header)
     tail: bytes  # the header's nbytes, then name, dtype and dims
 
 
@@ -110,7 +111,7 @@ def _var(a: Prepared, x: np.ndarray, relative: int, layout: str, oned_as: str) -
         a.nbytes // ring.itemsize,
         relative,
         ring.itemsize,
-        (len(name), len(dtype), len(dims)),
+        _VAR_HEAD.pack(len(name), len(dtype), len(dims)),
         _U64.pack(a.nbytes) + name + dtype + struct.pack(f"<{len(dims)}Q", *dims),
     )
 
@@ -170,7 +171,7 @@ def save(
             continue
         for (name, x), v in zip(variables.items(), e.vars, strict=True):
             if (
-                type(x) is not np.ndarray
+                type(x) is not _NDARRAY
                 or type(name) is not str
                 or x.shape != v.shape
                 or x.strides != v.strides
@@ -236,8 +237,7 @@ def save(
         encoded,
     ]
     for v in e.vars:
-        body.append(_VAR_HEAD.pack(*v.head, offset + v.relative))
-        body.append(v.tail)
+        body += (v.head, _U64.pack(offset + v.relative), v.tail)
     frames = [TAG, b"".join(body)]
     record = spool._table.add_one(seq, text, e.format, lease)
     copies = spool._copies
