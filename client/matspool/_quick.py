@@ -15,9 +15,9 @@ capture, a closed spool, a fork (``Spool._check_open``), a broken link, the comp
 level, every name, dtype, shape and strides against the entry (names exact ``str``,
 values exact ``ndarray``), and its path (``_planner.check_path``'s rules, inline for an
 absolute normal ``str``). Anything else (an option or a variable that differs, a path
-that needs ``check_path``'s refusal, a full or moving ring, a daemon that reads JSON
-only, a remote daemon, a bytes path not valid UTF-8) returns None: the general path then
-checks the save from scratch and raises what it raises.
+that does not encode (a relative one under a working directory whose name is not UTF-8),
+a full, moving or closed ring, a daemon that reads JSON only, a remote daemon) returns
+None: the general path then checks the save from scratch and raises what it raises.
 
 Threads: callers' threads. Entries are immutable; a spool's entries (``Spool._quick``: a
 dict of names -> a short list, newest first) are replaced by whole-value stores, atomic
@@ -51,7 +51,7 @@ __all__ = ["MAX_ARRAY_BYTES", "Entry", "remember", "save"]
 
 #: arrays up to this size take the fast path: below every threshold where the general
 #: copy picks another method (``_transpose``, torch, ``_reorder``'s deferral), so the
-#: copy here (one numpy assignment) is the very one ``copy_host`` makes
+#: copy here (one numpy assignment) writes the bytes ``copy_host`` writes
 MAX_ARRAY_BYTES: Final = 64 << 10
 #: entries kept per tuple of names (a loop that alternates shapes under one name)
 _PER_NAMES: Final = 4
