@@ -3,6 +3,8 @@
 A spool is composed of parts, each owning its state (see each module's docstring):
 
 - ``_planner``: a save's values, checked and laid out (the caller's thread);
+- ``_quick``: a repeated small save of ndarrays, copied and queued from the entry its
+  layout left (``Spool._quick``; the caller's thread), or handed back to the general path;
 - ``_ring`` and ``_leases``: the shared-memory ring and who may touch which region;
 - ``_pending``: the futures by sequence number, the only place that resolves them;
 - ``_copies``: host copies' end, CUDA copies and host reorders, on the copy thread;
