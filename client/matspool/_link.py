@@ -60,7 +60,7 @@ from ._saves import SaveResult
 from ._transport import Transport
 from ._wire import remote_frames
 
-__all__ = ["Link"]
+__all__ = ["Encoded", "Link"]
 
 log = logging.getLogger("matspool")
 
@@ -70,6 +70,18 @@ _BATCH_BYTES: Final = proto.MAX_MESSAGE_BYTES // 2
 _EXIT_CHECK_S: Final = 0.05
 #: errnos of a HELLO refused because the daemon cannot reach a memfd ring where it is
 _UNREACHABLE: Final = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ESRCH, errno.ENXIO})
+
+
+class Encoded:
+    """A WRITE already encoded (binary, for a local daemon that offered it): what
+    ``_quick`` hands to the copy pipeline and ``send`` queues as it is."""
+
+    __slots__ = ("frames", "seq")
+    OP: Final = "WRITE"
+
+    def __init__(self, seq: int, frames: list[bytes]) -> None:
+        self.seq = seq
+        self.frames = frames
 
 
 def _result(nbytes: int) -> Callable[[Save], SaveResult]:
@@ -146,17 +158,29 @@ class Link:
                     f"no matspool daemon answered at {self.endpoint} within {connect_timeout} s"
                 )
 
-    def send(self, message: msgs.Request, lease: Lease | None = None) -> None:
+    def send(self, message: msgs.Request | Encoded, lease: Lease | None = None) -> None:
         """Queue ``message``; ``lease``: the region it names, released here if the message
         never goes."""
-        frames = [
-            *msgs.encode(message, binary=self.binary),
-            *(remote_frames(self._ring.array, message) if self._remote else []),
-        ]
+        frames: list[Any]
+        if type(message) is Encoded:  # a small save's WRITE, encoded by _quick
+            frames = message.frames
+        else:
+            frames = [
+                *msgs.encode(message, binary=self.binary),  # type: ignore[arg-type]
+                *(remote_frames(self._ring.array, message) if self._remote else []),  # type: ignore[arg-type]
+            ]
         with self._outbox_lock:
             self._outbox.append((message.OP, getattr(message, "seq", -1), frames, lease))
             wake, self._idle = self._idle, False
         if wake:  # a wake-up that comes late is harmless: one more turn of the loop
+            self.transport.wake()
+
+    def queue_write(self, seq: int, frames: list[Any], lease: Lease) -> None:
+        """``send`` of a WRITE ``_quick`` encoded (binary: only while ``binary``)."""
+        with self._outbox_lock:
+            self._outbox.append(("WRITE", seq, frames, lease))
+            wake, self._idle = self._idle, False
+        if wake:
             self.transport.wake()
 
     def close(self) -> None:

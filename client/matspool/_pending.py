@@ -126,6 +126,13 @@ class PendingTable:
             self._saves[seq] = save
         return save
 
+    def add_one(self, seq: int, path: str, fmt: str, lease: Lease) -> Save:
+        """``add`` of a whole save in one region (``_quick``'s small saves)."""
+        save = Save(seq, path, fmt, SaveFuture(path, seq, self._condition), False, [lease])
+        with self._lock:
+            self._saves[seq] = save
+        return save
+
     def attach(self, seq: int, lease: Lease) -> bool:
         """A piece's region joins its save; False if the save is gone (never send it)."""
         with self._lock:

@@ -34,7 +34,10 @@ Naming and creating the segments is in ``_segment``; the daemon's side (opening 
 client's ring, checking its seals, mapping it) in ``_ringopen``; this module is the
 client's ring: the allocator, a move, CUDA page-locking, close and fork.
 
-Threads: any; one condition (``_cond``) guards the allocator, the copy count and a move.
+Threads: any; one condition (``_cond``, over the lock ``lock``) guards the allocator,
+the copy count and a move. A small save (``_quick``) holds ``lock`` itself (a C-level
+lock, where the condition's ``with`` is two Python calls) around its allocation
+(``take_held``) and its copy.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -89,7 +92,9 @@ class Ring:
         self.array = np.frombuffer(self._mm, dtype=np.uint8)
         self.array[::_PAGE] = 0  # pre-fault: no page fault lands in a save() later
         self._cuda_registered = False
-        self._cond = threading.Condition()
+        self._views: dict[np.dtype[Any], np.ndarray] = {}  # the mapping as each dtype (view())
+        self.lock = threading.RLock()  # the allocator's, under _cond (see take_held)
+        self._cond = threading.Condition(self.lock)
         self._live: OrderedDict[int, list[int]] = OrderedDict()  # offset -> [size, freed]
         self._head = 0
         self._tail = 0
@@ -150,6 +155,7 @@ class Ring:
                 old = self._mm
                 self.name, self.kind, self._mm = name, new_kind, mm
                 self.array = np.frombuffer(mm, dtype=np.uint8)
+                self._views = {}
                 if registered:
                     self.register_cuda()
                 if old_fd >= 0:
@@ -216,9 +222,34 @@ class Ring:
             self._writers += 1
             return off
 
+    def take_held(self, n: int) -> int:
+        """``alloc`` of ``n`` bytes (a multiple of ALIGN, at most ``size``) by a caller that
+        holds ``lock`` and copies into the region before it releases it (``_quick``'s small
+        saves): no move can run meanwhile, so that copy is not counted in ``_writers``.
+        Never waits: the offset, or -1 when the ring has no room now, is moving or is
+        closed (the caller then takes the general path, which waits or raises)."""
+        if self._moving or self.closed:
+            return -1
+        off = self._fit(n)
+        if off is None:
+            return -1
+        self._live[off] = [n, 0]
+        self._tail = off + n
+        return off
+
+    def view(self, dtype: np.dtype[Any]) -> np.ndarray:
+        """The whole mapping as ``dtype`` (kept until the ring moves or closes). Only
+        while a region is being copied into (before its ``written()``, or under ``lock``),
+        when the mapping cannot move."""
+        views = self._views
+        v = views.get(dtype)
+        if v is None:
+            v = views[dtype] = self.array.view(dtype)
+        return v
+
     def written(self) -> None:
         """A region's copy has ended (each alloc is followed by exactly one call)."""
-        with self._cond:
+        with self.lock:
             self._writers -= 1
             if self._moving:
                 self._cond.notify_all()
@@ -327,6 +358,7 @@ class Ring:
             except FileNotFoundError:
                 pass
         self.array = None  # type: ignore[assignment]
+        self._views = {}
         try:
             self._mm.close()
         except BufferError:

@@ -3,6 +3,8 @@
 A spool is composed of parts, each owning its state (see each module's docstring):
 
 - ``_planner``: a save's values, checked and laid out (the caller's thread);
+- ``_quick``: a repeated small save of ndarrays, copied and queued from the entry its
+  layout left (``Spool._quick``; the caller's thread), or handed back to the general path;
 - ``_ring`` and ``_leases``: the shared-memory ring and who may touch which region;
 - ``_pending``: the futures by sequence number, the only place that resolves them;
 - ``_copies``: host copies' end, CUDA copies and host reorders, on the copy thread;
@@ -31,7 +33,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _closing, _embedded, _lifecycle, _reach, _shard
+from . import _closing, _embedded, _lifecycle, _quick, _reach, _shard
 from ._convert import INT_AS
 from ._copies import CopyPipeline
 from ._cuda import eager, refuse_capture
@@ -118,6 +120,7 @@ class Spool:
         self._ring: Ring | None = None
         self._link: Link | None = None
         self._copies: CopyPipeline | None = None
+        self._quick: dict[tuple[Any, ...], list[_quick.Entry]] = {}  # small repeated saves
         try:
             self._ring = Ring(s.ring_bytes, mode=s.ring_mode)
             self._leases = Leases(self._ring)
@@ -215,6 +218,12 @@ class Spool:
         (``_shard``): every rank of the torch.distributed ``group`` (default: the world)
         saves its blocks, and one file holds the global arrays (docs/distributed.md).
         """
+        if append is False and group is None and int_as is None and type(variables) is dict:
+            # a repeated small save of ndarrays (_quick); None: anything else, the long way
+            fast = _quick.save if "torch._dynamo" not in sys.modules else eager(_quick.save)
+            quick: SaveFuture | None = fast(self, path, variables, format, layout, oned_as, fsync, compress)
+            if quick is not None:
+                return quick
         if not isinstance(append, bool):
             raise TypeError(f"append must be a bool, got {append!r}")
         if group is not None or _shard.is_sharded(variables):
@@ -322,7 +331,9 @@ class Spool:
             self.int_as if int_as is None else int_as,
         )
         block = self.on_full == "block"
-        assert self._copies is not None
+        assert self._copies is not None and self._link is not None
+        if p.plain and mode == "write" and self._link.binary and not self._remote:
+            _quick.remember(self, p, variables, fmt, layout, oned_as)  # the next such save: _quick
         if p.slabs is not None:
             return send_in_pieces(
                 p,
