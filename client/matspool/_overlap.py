@@ -13,6 +13,11 @@ on the copy thread, each PART leaving after its slab's reorder: the reorder of s
 overlaps the write of slab k. Either way ``save()`` returns once the snapshot is whole,
 and the file is published only when complete (END).
 
+On by default where this process may use :data:`MIN_CORES` cores or more
+(``MATSPOOL_OVERLAP=1`` or ``0`` forces it): it needs a core for the copy and one for the
+write; on 2 shared cores it measured no gain (docs/performance.md, "Large saves: the
+snapshot overlapped with the write").
+
 All ring space (staging, the small variables' region, every slab) is taken at once and
 without waiting; where the ring has no room for it now, or the save cannot be cut
 (compressed, fsynced, append, a stream step, CUDA tensors, char arrays, a 3-d array to
@@ -24,6 +29,7 @@ Threads: the caller's (``Spool._submit``); slab reorders run on the copy thread.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,10 +48,26 @@ from ._pending import PendingTable, SaveFuture
 from ._planner import Plan, _in_pieces
 from ._reorder import defers, stage, staged_bytes
 
-__all__ = ["MIN_BYTES", "SLAB_BYTES", "send_overlapped"]
+__all__ = ["ENABLED", "MIN_BYTES", "MIN_CORES", "SLAB_BYTES", "send_overlapped"]
 
 #: Saves this large (their largest array) overlap the snapshot with the write.
 MIN_BYTES: Final = 16 << 20
+#: Cores this process may run on for the overlap to be on by default: the caller's copy
+#: and the daemon's write each take one, and every slab's PART wakes two more threads on
+#: each side. On 2 shared cores (this project's VM, load 2-3) it measured no faster than
+#: a whole save and kept the caller longer (its copy shares the cores with the write).
+MIN_CORES: Final = 4
+
+
+def _on() -> bool:
+    """``MATSPOOL_OVERLAP=1`` or ``0`` forces it; by default on with :data:`MIN_CORES`."""
+    forced = os.environ.get("MATSPOOL_OVERLAP", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return len(os.sched_getaffinity(0)) >= MIN_CORES
+
+
+ENABLED = _on()  # module-level so that tests and benchmarks can set it
 #: About this many bytes per slab: each PART costs the daemon a hand-off (0.3-1 ms on
 #: 2 busy cores), each slab the wait for its copy before the first write can start.
 SLAB_BYTES: Final = 8 << 20
@@ -53,7 +75,8 @@ SLAB_BYTES: Final = 8 << 20
 
 def _eligible(p: Plan) -> bool:
     return (
-        p.slabs is None
+        ENABLED
+        and p.slabs is None
         and p.mode == "write"
         and not p.append
         and not p.level
@@ -99,7 +122,7 @@ class _SlabReorder:
             dt = np.dtype(self.piece.dtype)
             dest = np.ndarray(self.piece.dims[::-1], dtype=dt, buffer=self.ring.array, offset=self.offset)
             if src.dtype == dt and _transpose.tiled(src, dest):
-                _transpose.reverse_axes(src, dest)
+                _transpose.reverse_axes(src, dest, nthreads=max(1, _transpose.threads - 1))
             else:
                 copy_host(self.piece, self.ring.array, self.offset)
         finally:
