@@ -134,7 +134,7 @@ def _take_all(leases: Leases, sizes: list[tuple[int, bool]]) -> list[Lease] | No
     taken: list[Lease] = []
     try:
         for nbytes, daemon in sizes:
-            taken.append(leases.take(nbytes, block=False, timeout=None, daemon=daemon, nested=bool(taken)))
+            taken.append(leases.take(nbytes, block=False, timeout=None, daemon=daemon))
     except SpoolFull:
         _release(leases, taken)
         return None
