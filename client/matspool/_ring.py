@@ -268,6 +268,14 @@ class Ring:
                 self._live.popitem(last=False)
             else:
                 self._head = self._tail = 0
+            # the newest regions freed before older ones (reservations given back at once,
+            # ``_overlap``): their space goes back to the tail, not only once the oldest is free
+            while self._live:
+                last_off, (size, freed) = next(reversed(self._live.items()))
+                if not freed:
+                    self._tail = last_off + size
+                    break
+                self._live.popitem(last=True)
             self._cond.notify_all()
 
     # -- CUDA ------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from ._errors import CudaError, FlushError, SpoolClosed
 from ._leases import Leases
 from ._link import Link
 from ._matlab import normalize_format
+from ._overlap import MIN_BYTES, send_overlapped
 from ._pending import PendingTable, SaveFuture, failing
 from ._pieces import send_in_pieces
 from ._planner import ON_FULL, check_choice, level, plan
@@ -345,6 +346,10 @@ class Spool:
                 timeout=self.timeout,
                 stream=stream,
             )
+        if p.total >= MIN_BYTES:  # the snapshot overlapped with the write (or None: whole)
+            overlapped = send_overlapped(p, self._seq, self._leases, self._table, self._copies)
+            if overlapped is not None:
+                return overlapped
         return send_whole(
             p,
             self._seq,

@@ -65,6 +65,7 @@ OTHER_ENV_VARS: Final = frozenset(
         "MATSPOOL_PROGRESS",
         "MATSPOOL_CONNECT_GRACE",
         "MATSPOOL_SHARED",  # 0: no daemon shared by a job's ranks (matspool._launcher)
+        "MATSPOOL_OVERLAP",  # 1/0: large saves' slabs overlapped or not (matspool._overlap)
         # the matspool command: tracebacks instead of one-line errors
         "MATSPOOL_DEBUG",
         # daemon tuning read outside the settings

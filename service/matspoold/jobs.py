@@ -31,7 +31,7 @@ from matspool._errors import MatspoolError, ProtocolError, WriteFailed
 from .paths import resolve_target
 from .ringio import ShmRing, prefault
 from .sessions import Client
-from .shmspan import ShmSpan, spans
+from .shmspan import ShmSpan, part_span, spans
 from .writers import WRITERS, Session, write_atomic
 from .writers._values import materialize
 
@@ -209,10 +209,14 @@ class JobRunner:
         if session is None or session.error is not None:
             return None
         try:
+            data: np.ndarray | ShmSpan | None
             if job.payload is not None:
                 data = np.frombuffer(job.payload[part.offset], np.uint8)
-            elif isinstance(job.client.mm, ShmRing):
-                data = np.frombuffer(job.client.mm.read(part.offset, part.nbytes), np.uint8)
+            elif isinstance(job.client.mm, ShmRing):  # never mapped: spliced, or copied out
+                mm = job.client.mm
+                data = None if session.splits(part.var) else part_span(mm.fd, part.offset, part.nbytes)
+                if data is None:
+                    data = np.frombuffer(mm.read(part.offset, part.nbytes), np.uint8)
             else:
                 assert job.client.mm is not None  # a local client: its sealed ring is mapped
                 prefault(job.client.mm, part.offset, part.nbytes)

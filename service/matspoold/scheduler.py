@@ -8,8 +8,13 @@ file's whole write). A writer appends its outcome to a results queue and, only w
 found the queue empty, wakes the control loop through an inproc socket. The files a job
 replaced are freed after the control loop has taken its result, on ``_retire``'s thread.
 
+A writer that finishes a piece of a save in pieces runs that save's next piece itself
+when it is queued right behind (``_follow``): the pieces of one save still run one at a
+time and in order, without a hand-off through the control loop between them.
+
 Threads: ``enqueue``, ``empty``, ``idle``, ``next_result``, ``wake_socket`` and ``shutdown`` belong to the
-control thread; ``_loop``/``_finish`` run on the writer threads; the results queue is
+control thread; ``_loop``/``_finish`` run on the writer threads; the results queue, and
+the per-file queues where they change (``enqueue``, ``next_result``, ``_follow``), are
 shared under ``_lock``.
 """
 
@@ -89,10 +94,11 @@ class Scheduler:
 
     def enqueue(self, job: Job, keys: tuple[str, ...]) -> None:
         """Queue ``job`` behind the jobs of its file (``keys``: :func:`file_key`)."""
-        self._key_of[id(job)] = keys
-        for key in keys:
-            self._by_key.setdefault(key, deque()).append(job)  # keep the order of the saves
-        self._start_if_first(job)
+        with self._lock:  # a writer may be taking the next piece of a save (_follow)
+            self._key_of[id(job)] = keys
+            for key in keys:
+                self._by_key.setdefault(key, deque()).append(job)  # keep the order of the saves
+            self._start_if_first(job)
 
     def empty(self) -> bool:
         """No job is queued or running: any write now keeps every file's order."""
@@ -110,6 +116,8 @@ class Scheduler:
         """The next finished job, its path's next job started; None when there is none."""
         with self._lock:
             taken = self._results.popleft() if self._results else None
+            if taken is not None and id(taken[0].job) in self._key_of:  # else _follow did this
+                self._advance(taken[0].job)
         if taken is None:
             answered, self._answered = self._answered, []
             RETIRE.close_later(answered)  # their saves are answered: the old files go
@@ -118,8 +126,13 @@ class Scheduler:
             return None
         result, replaced = taken
         self._answered += replaced
+        return result
+
+    def _advance(self, done: Job) -> None:
+        """Take ``done`` off the head of its queues and start the jobs now first (under
+        ``_lock``)."""
         heads: dict[int, Job] = {}
-        for key in self._key_of.pop(id(result.job)):
+        for key in self._key_of.pop(id(done)):
             waiting = self._by_key[key]
             waiting.popleft()  # the job that finished: it headed each of its queues
             if waiting:
@@ -128,7 +141,35 @@ class Scheduler:
                 del self._by_key[key]
         for job in heads.values():
             self._start_if_first(job)
-        return result
+
+    def _follow(self, done: Job) -> Job | None:
+        """The next piece of ``done``'s save where it is queued right behind it, taken off
+        the queues for the same writer to run now (under ``_lock``): a save in pieces
+        (BEGIN, PARTs, END) goes on without a round trip through the control loop per
+        piece, which cost 0.3-5 ms each on 2 busy cores while the writer sat idle."""
+        if type(done) is not Job or done.kind not in ("begin", "part"):
+            return None
+        keys = self._key_of.get(id(done))
+        if keys is None:
+            return None
+        nxt: Job | None = None
+        for key in keys:
+            waiting = self._by_key[key]
+            if len(waiting) < 2 or waiting[0] is not done or (nxt is not None and waiting[1] is not nxt):
+                return None
+            nxt = waiting[1]
+        if (
+            nxt is None
+            or type(nxt) is not Job
+            or nxt.kind not in ("part", "end")
+            or nxt.client is not done.client
+            or nxt.request.seq != done.request.seq
+        ):
+            return None
+        for key in keys:
+            self._by_key[key].popleft()
+        del self._key_of[id(done)]
+        return nxt
 
     def shutdown(self) -> None:
         """Finish the queued jobs (the per-path queues must be empty), then stop."""
@@ -141,14 +182,17 @@ class Scheduler:
     def _loop(self) -> None:
         with RETIRE.deferring():
             while (job := self._jobs.get()) is not None:
-                result = Result(job, *self._run(job))
-                self._finish(result, RETIRE.taken())
+                while job is not None:  # a save's next piece, queued behind it: run now
+                    result = Result(job, *self._run(job))
+                    job = self._finish(result, RETIRE.taken())
 
-    def _finish(self, result: Result, replaced: list[int]) -> None:
+    def _finish(self, result: Result, replaced: list[int]) -> Job | None:
+        """Hand ``result`` to the control loop; returns the job to run next, if any."""
         with self._lock:
+            follow = self._follow(result.job)
             self._results.append((result, replaced))
             if len(self._results) > 1:
-                return  # an earlier result's wake-up is pending: the loop drains them all
+                return follow  # an earlier result's wake-up is pending: the loop drains them all
         sock = getattr(self._local, "wake", None)
         if sock is None:
             sock = self._local.wake = self._ctx.socket(zmq.PUSH)
@@ -157,3 +201,4 @@ class Scheduler:
             sock.send(b"", zmq.NOBLOCK)
         except zmq.Again:
             pass  # wake-ups are already queued; the loop also looks every 200 ms
+        return follow

@@ -35,7 +35,7 @@ import numpy as np
 from matspool import _protocol as proto
 from matspool._errors import RingError
 
-__all__ = ["PIPE_BYTES", "SPAN_MIN_BYTES", "ShmSpan", "spans"]
+__all__ = ["PIPE_BYTES", "SPAN_MIN_BYTES", "ShmSpan", "part_span", "spans"]
 
 #: smaller arrays are copied out as before (the small-file paths build files in memory)
 SPAN_MIN_BYTES: Final = 2 << 20
@@ -102,3 +102,11 @@ def spans(request: proto.WriteRequest, fd: int) -> dict[str, ShmSpan]:
         if dt.kind in "iufb":
             out[v.name] = ShmSpan(fd, v.offset, v.nbytes, dt)
     return out
+
+
+def part_span(fd: int, offset: int, nbytes: int) -> ShmSpan | None:
+    """A PART's bytes in the ring at ``fd`` as a span (a large save's slab), or None
+    where they are copied out (small, or the A/B switch off)."""
+    if not _enabled or nbytes < SPAN_MIN_BYTES:
+        return None
+    return ShmSpan(fd, offset, nbytes, np.dtype(np.uint8))

@@ -36,6 +36,7 @@ from matspool._errors import FormatLimitError, ProtocolError
 from matspool._protocol import Variable, VarSpec
 
 from ..fsconfine import Target, as_target, open_in
+from ..shmspan import ShmSpan
 from ._append import append_into
 from ._direct import write_payload
 from ._files import SELF_FD, TMP_SUFFIX, Temporary, early_writeback, pwrite_all
@@ -224,8 +225,13 @@ class Session:
             target.close()
             raise
 
-    def write(self, var: int, start: int, data: np.ndarray) -> None:
-        """Bytes ``[start, start + len(data))`` of deferred variable number ``var``."""
+    def splits(self, var: int) -> bool:
+        """Whether variable ``var``'s pieces are split on their way (v5 complex)."""
+        return var in self.holes and len(self.holes[var][1]) == 2
+
+    def write(self, var: int, start: int, data: np.ndarray | ShmSpan) -> None:
+        """Bytes ``[start, start + len(data))`` of deferred variable number ``var``; a
+        :class:`ShmSpan` (a ``/dev/shm`` ring's slab) only where it ``splits`` not."""
         if var not in self.holes:
             raise ProtocolError(f"piece for variable #{var}, which is not a deferred variable of this save")
         spec, offsets = self.holes[var]
@@ -235,7 +241,9 @@ class Session:
                 f"piece [{start}, {start + data.nbytes}) does not fit variable "
                 f"{spec.name!r} of {spec.nbytes} bytes in whole elements"
             )
-        if len(offsets) == 2:  # v5 complex: real and imaginary parts are stored apart
+        if isinstance(data, ShmSpan):  # the kernel copies it from the ring into the file
+            data.copy_to(self.fd, offsets[0] + start)
+        elif len(offsets) == 2:  # v5 complex: real and imaginary parts are stored apart
             values = data.view(spec.dtype)
             pwrite_all(self.fd, np.ascontiguousarray(values.real).view(np.uint8), offsets[0] + start // 2)
             pwrite_all(self.fd, np.ascontiguousarray(values.imag).view(np.uint8), offsets[1] + start // 2)
