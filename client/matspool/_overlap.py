@@ -13,10 +13,10 @@ on the copy thread, each PART leaving after its slab's reorder: the reorder of s
 overlaps the write of slab k. Either way ``save()`` returns once the snapshot is whole,
 and the file is published only when complete (END).
 
-On by default where this process may use :data:`MIN_CORES` cores or more
-(``MATSPOOL_OVERLAP=1`` or ``0`` forces it): it needs a core for the copy and one for the
-write; on 2 shared cores it measured no gain (docs/performance.md, "Large saves: the
-snapshot overlapped with the write").
+Off unless ``MATSPOOL_OVERLAP=1``: it needs a core for the copy and one for the write; on
+2 shared cores it measured no gain and kept the caller longer (docs/performance.md, "Large
+saves: the snapshot overlapped with the write"), and no machine with more cores has
+measured it yet, so it is not a default anywhere.
 
 All ring space (staging, the small variables' region, every slab) is taken at once and
 without waiting; where the ring has no room for it now, or the save cannot be cut
@@ -48,23 +48,15 @@ from ._pending import PendingTable, SaveFuture
 from ._planner import Plan, _in_pieces
 from ._reorder import defers, stage, staged_bytes
 
-__all__ = ["ENABLED", "MIN_BYTES", "MIN_CORES", "SLAB_BYTES", "send_overlapped"]
+__all__ = ["ENABLED", "MIN_BYTES", "SLAB_BYTES", "send_overlapped"]
 
 #: Saves this large (their largest array) overlap the snapshot with the write.
 MIN_BYTES: Final = 16 << 20
-#: Cores this process may run on for the overlap to be on by default: the caller's copy
-#: and the daemon's write each take one, and every slab's PART wakes two more threads on
-#: each side. On 2 shared cores (this project's VM, load 2-3) it measured no faster than
-#: a whole save and kept the caller longer (its copy shares the cores with the write).
-MIN_CORES: Final = 4
 
 
 def _on() -> bool:
-    """``MATSPOOL_OVERLAP=1`` or ``0`` forces it; by default on with :data:`MIN_CORES`."""
-    forced = os.environ.get("MATSPOOL_OVERLAP", "")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return len(os.sched_getaffinity(0)) >= MIN_CORES
+    """``MATSPOOL_OVERLAP=1`` turns it on (opt-in: see the module docstring)."""
+    return os.environ.get("MATSPOOL_OVERLAP", "") == "1"
 
 
 ENABLED = _on()  # module-level so that tests and benchmarks can set it
