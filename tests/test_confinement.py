@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -258,6 +259,54 @@ def test_resolver_follows_links_only_inside(tmp_path: Path, resolver: str) -> No
     with pytest.raises(matspool.WriteFailed, match="is a directory"):
         paths.resolve_target(f"{root}/a", roots)
     assert list(out.iterdir()) == []
+
+
+def test_a_directory_known_by_its_text_is_still_opened_afresh(tmp_path: Path, resolver: str) -> None:
+    """``fsconfine`` keeps what a directory's text resolves to (its root, its parts), never
+    what the file system held: a directory swapped for a symlink out of the root after
+    files were written there is refused at the next save, and one that came back (or
+    vanished) is found as it is now; the same text with other roots is not confused."""
+    root, out = tmp_path / "root", tmp_path / "out"
+    (root / "a" / "b").mkdir(parents=True)
+    out.mkdir()
+    roots = paths.normalize_roots([str(root)])
+    for i in range(3):  # known by its text now
+        with paths.resolve_target(f"{root}/a/b/x{i}.mat", roots) as t:
+            assert os.path.samestat(os.fstat(t.dir_fd), os.stat(root / "a" / "b"))
+    (root / "a" / "b").rename(root / "a" / "old")
+    (root / "a" / "b").symlink_to(out, target_is_directory=True)
+    with pytest.raises(matspool.PathNotAllowedError, match="outside the daemon's roots"):
+        paths.resolve_target(f"{root}/a/b/x.mat", roots)
+    (root / "a" / "b").unlink()
+    with pytest.raises(matspool.WriteFailed, match="does not exist"):
+        paths.resolve_target(f"{root}/a/b/x.mat", roots)
+    (root / "a" / "old").rename(root / "a" / "b")
+    with paths.resolve_target(f"{root}/a/b/x.mat", roots) as t:
+        assert os.path.samestat(os.fstat(t.dir_fd), os.stat(root / "a" / "b"))
+    with pytest.raises(matspool.PathNotAllowedError, match="outside the daemon's roots"):
+        paths.resolve_target(f"{root}/a/b/x.mat", paths.normalize_roots([str(out)]))
+    odd = [f"{root}/a/b/", f"{root}/a/b/.", f"{root}/a/b/..", "a/b/x.mat", f"{root}/a/./b/../b/x.mat"]
+    odd += [f"{root}//a/b/x.mat", f"{root}/a/b//x.mat", f"{root}/../x.mat", "/x.mat", f"{root}/a/b/x\x00.mat"]
+    for path in odd:  # the same answer with the directory's text unknown and known
+        fsconfine._lexicals.clear()
+        cold = _outcome(lambda path=path: _dir_of(path, roots))
+        _dir_of(f"{root}/a/b/x.mat", roots)
+        _outcome(lambda path=path: _dir_of(path, roots))
+        assert _outcome(lambda path=path: _dir_of(path, roots)) == cold, path
+    assert list(out.iterdir()) == []
+
+
+def _dir_of(path: str, roots: tuple[str, ...]) -> tuple[tuple[int, int], str]:
+    with paths.resolve_target(path, roots) as t:
+        st = os.fstat(t.dir_fd)
+        return (st.st_dev, st.st_ino), t.name
+
+
+def _outcome(call: Any) -> tuple[Any, ...]:
+    try:
+        return ("ok", call())
+    except Exception as e:  # noqa: BLE001 - compared
+        return ("err", type(e), str(e))
 
 
 def test_publish_refuses_a_replaced_temporary(tmp_path: Path) -> None:

@@ -273,9 +273,24 @@ def _walk(path: str, root: str, parts: list[str], roots: Sequence[str]) -> tuple
             os.close(fd_)
 
 
-def resolve(path: str, roots: Sequence[str]) -> Target:
-    """``path`` (absolute, as a client sent it) as a :class:`Target` below one of ``roots``
-    (real paths, see ``paths.normalize_roots``); see the module docstring."""
+_LEXICAL_KEPT = 1024
+#: (roots, the text before a path's last slash) -> that directory normalised, its root and
+#: the parts below it: pure text, the same for every file of a directory (the file
+#: system is asked afresh for each file, by ``openat2`` or the walk)
+_lexicals: dict[tuple[tuple[str, ...], str], tuple[str, str, list[str]]] = {}
+
+
+def _lexical(path: str, roots: Sequence[str]) -> tuple[str, str, str, list[str]]:
+    """``path``'s directory (normalised), name, root and the directory's parts below the
+    root, by text alone; refuses a relative path, a directory's name, a path outside
+    every root. A directory outside every root is ``realpath``-ed (not kept: those
+    symlinks are the operator's and may change)."""
+    roots = roots if type(roots) is tuple else tuple(roots)
+    head, slash, base = path.rpartition("/")
+    if slash and base and base not in (".", "..") and head[:1] in ("", "/"):
+        known = _lexicals.get((roots, head))
+        if known is not None:
+            return known[0], base, known[1], known[2]
     if not os.path.isabs(path):
         raise PathNotAllowedError(f"path must be absolute: {path!r}")
     directory, base = os.path.split(os.path.normpath(path))
@@ -287,7 +302,17 @@ def resolve(path: str, roots: Sequence[str]) -> Target:
         root = _root_of(directory, roots)
         if root is None:
             raise _outside(path, roots)
-    parts = _below(directory, root)
+    elif slash and base == path[len(head) + 1 :]:
+        if len(_lexicals) >= _LEXICAL_KEPT:
+            _lexicals.clear()
+        _lexicals[(roots, head)] = (directory, root, _below(directory, root))
+    return directory, base, root, _below(directory, root)
+
+
+def resolve(path: str, roots: Sequence[str]) -> Target:
+    """``path`` (absolute, as a client sent it) as a :class:`Target` below one of ``roots``
+    (real paths, see ``paths.normalize_roots``); see the module docstring."""
+    directory, base, root, parts = _lexical(path, roots)
     try:
         fd = os.dup(_root_fd(root)) if not parts else _openat2_dir(_root_fd(root), "/".join(parts))
         real = directory

@@ -201,7 +201,12 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
     """Write all of ``data`` (any buffer) at ``offset``; a short write (disk full,
     signals) goes on until done, so a full disk surfaces as ENOSPC, not a cut file."""
     view = memoryview(data).cast("B")
-    step = WRITEBACK_STEP if getattr(_local, "on", False) else len(view)
+    if not getattr(_local, "on", False):  # no fsync: no writeback to start, one call
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+        return
+    step = WRITEBACK_STEP
     while view:
         n = os.pwrite(fd, view[:step], offset)
         start_writeback(fd, offset, n)

@@ -135,11 +135,26 @@ def _put(fd: int, data: np.ndarray | ShmSpan, offset: int) -> None:
 
 def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
     image = bytearray(t.image)
-    for offset, data in _payloads(variables, t.offsets):
-        assert isinstance(data, np.ndarray)  # templates are smaller than any span
-        image[offset : offset + data.nbytes] = data.data
-    image[:128] = header()
+    for (_, arr), offset in zip(variables, t.offsets, strict=True):
+        if offset is not None:  # the ring's bytes as they are: what _stored reinterprets
+            assert isinstance(arr, np.ndarray)  # templates are smaller than any span
+            data = arr.reshape(-1, order="F").view(np.uint8)  # a view: the ring is column-major
+            image[offset : offset + data.nbytes] = data.data
+    image[:128] = _header_now()
     write_new_file(path, image)
+
+
+_stamp: tuple[int, bytes] = (-1, b"")
+
+
+def _header_now() -> bytes:
+    """``header()``, made once per second (its text says when, to the second): a small
+    file from a template spent more on formatting the time than on its payload."""
+    global _stamp
+    now = int(time.time())
+    if _stamp[0] != now:
+        _stamp = (now, header(now))
+    return _stamp[1]
 
 
 def _fill(
