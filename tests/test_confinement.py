@@ -348,3 +348,64 @@ def test_stream_append_refuses_links_and_replacements(tmp_path: Path) -> None:
     with pytest.raises(matspool.PathNotAllowedError, match="symlink"):
         append_step(str(s), step, fsync=False)
     assert not (tmp_path / "elsewhere.mat").exists()
+
+
+def test_an_unnamed_temporary_is_linked_whole_and_never_over_anything(tmp_path: Path) -> None:
+    """``Temporary(unnamed=True)`` (small v5 saves): no name while written, linked at the
+    final name only if nothing is there; a file, or a symlink leading out, planted at the
+    final name meanwhile is replaced as a named temporary replaces it (the symlink's own
+    name, never its target); a discarded one leaves nothing."""
+    d = tmp_path / "d"
+    d.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    for planted in (None, "file", "symlink"):
+        final = d / f"f-{planted}.mat"
+        with fsconfine.Target.unconfined(str(final)) as target:
+            temp = Temporary(target, unnamed=True)
+            os.write(temp.fd, b"data")
+            assert sorted(os.listdir(d)) == sorted(p.name for p in d.glob("f-*.mat"))  # no new name
+            if planted == "file":
+                final.write_bytes(b"old")
+            elif planted == "symlink":
+                final.symlink_to(victim)
+            assert temp.publish(fsync=planted == "file") == 4
+        assert final.read_bytes() == b"data" and not final.is_symlink()
+    assert victim.read_bytes() == b"precious"
+    with fsconfine.Target.unconfined(str(d / "gone.mat")) as target:
+        temp = Temporary(target, unnamed=True)
+        os.write(temp.fd, b"data")
+        temp.discard()
+    assert sorted(os.listdir(d)) == ["f-None.mat", "f-file.mat", "f-symlink.mat"]
+
+
+@pytest.mark.parametrize("unnamed_works", [True, False])
+def test_small_v5_saves_through_unnamed_temporaries(tmp_path: Path, unnamed_works: bool) -> None:
+    """write_atomic(unnamed=True): new names, names already taken (a file, a symlink out of
+    the directory) and a directory at the name, read back by scipy; where the file system
+    has no O_TMPFILE the named temporary does the same."""
+    from matspoold.writers import _files
+
+    old = _files._unnamed_works
+    _files._unnamed_works = unnamed_works and old
+    try:
+        d = tmp_path / "d"
+        d.mkdir()
+        victim = tmp_path / "victim.mat"
+        victim.write_bytes(b"precious")
+        (d / "taken.mat").write_bytes(b"old")
+        (d / "link.mat").symlink_to(victim)
+        (d / "dir.mat").mkdir()
+        x = np.arange(12, dtype=np.float64).reshape(3, 4, order="F")
+        spec = proto.VarSpec("x", "<f8", (3, 4), 0, 96)
+        for name in ("new.mat", "taken.mat", "link.mat", "new.mat"):
+            with fsconfine.resolve(str(d / name), (str(tmp_path),)) as target:
+                size = write_atomic(target, "v5", [(spec, x)], fsync=False, unnamed=True)
+            assert size == (d / name).stat().st_size and not (d / name).is_symlink()
+            assert (scipy.io.loadmat(d / name)["x"] == x).all()
+        with pytest.raises(matspool.WriteFailed, match="is a directory"):
+            fsconfine.resolve(str(d / "dir.mat"), (str(tmp_path),))
+        assert victim.read_bytes() == b"precious"
+        assert sorted(os.listdir(d)) == ["dir.mat", "link.mat", "new.mat", "taken.mat"]
+    finally:
+        _files._unnamed_works = old

@@ -33,6 +33,7 @@ from .ringio import PREFAULT_MIN_BYTES, ShmRing, prefault
 from .sessions import Client
 from .shmspan import ShmSpan, spans
 from .writers import WRITERS, Session, write_atomic
+from .writers._files import UNNAMED_MAX_BYTES
 from .writers._values import materialize
 
 __all__ = ["Job", "JobRunner", "Source", "in_ring", "payload_of"]
@@ -204,7 +205,11 @@ class JobRunner:
             if req.mode == "append":
                 return WRITERS["stream"].append(final, views, fsync=req.fsync)
             fmt = "stream" if req.mode == "create" else req.format
-            return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append)
+            # a small file without fsync: through an unnamed temporary (_files.Temporary)
+            unnamed = not req.fsync and job.ring_bytes <= UNNAMED_MAX_BYTES
+            return write_atomic(
+                final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append, unnamed=unnamed
+            )
 
     def run_piece(self, job: Job) -> int | None:
         """Write one piece, or finish the file; after a failure, pieces are let go quietly

@@ -145,14 +145,18 @@ def write_atomic(
     fsync: bool,
     compress: int = 0,
     append: bool = False,
+    unnamed: bool = False,
 ) -> int:
     """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
-    with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``).
+    with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``);
+    with ``unnamed``, a v5 file through an unnamed temporary (``Temporary``: small saves).
     Returns the file's size in bytes."""
     writer = writer_for(fmt)
     target, owned = as_target(final)
     try:
-        temp = Temporary(target)
+        # unnamed: v5 only, which writes through the descriptor; HDF5 (v7.3, streams)
+        # resolves /proc/self/fd/N to a name, which an unnamed file does not have
+        temp = Temporary(target, unnamed=unnamed and not append and fmt == "v5")
         try:
             existing = _open_existing(target) if append else -1
             try:
