@@ -197,6 +197,9 @@ class BinWrite:
         path = self.path
         if not 0 <= self.seq <= _MAX_SEQ or not path or "\x00" in path or len(path) > _MAX_PATH:
             return False
+        if len(shape.vars) == 1:
+            ((_, _, _, nbytes, alignment),), (offset,) = shape.vars, self.offsets
+            return offset <= ring_bytes and nbytes <= ring_bytes - offset and not offset % alignment
         for (_, _, _, nbytes, alignment), offset in zip(shape.vars, self.offsets, strict=True):
             if offset > ring_bytes or nbytes > ring_bytes - offset or offset % alignment:
                 return False
@@ -253,6 +256,16 @@ def _scan(body: bytes, pos: int, end: int) -> BinWrite | None:
     if q > end:
         return None
     path = body[p:q].decode("utf-8")
+    if nvars == 1 and q + _VAR_SIZE <= end:  # one variable (most saves): no lists
+        name_len, dtype_len, ndims, offset, _nbytes = _VAR.unpack_from(body, q)
+        if q + _VAR_SIZE + name_len + dtype_len + 8 * ndims != end:
+            return None
+        key = body[pos + 10 : pos + 14] + body[q : q + 4] + body[q + 12 : end]
+        if key not in SHAPES:
+            q += _VAR_SIZE
+            body[q : q + name_len].decode("utf-8")
+            body[q + name_len : q + name_len + dtype_len].decode("utf-8")
+        return BinWrite(body, pos, end, seq, path, key, (offset,))
     keys = [body[pos + 10 : pos + 14]]  # format, fsync, compress, mode
     offsets = []
     for _ in range(nvars):
