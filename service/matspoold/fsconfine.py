@@ -27,11 +27,15 @@ How a directory is resolved (:func:`resolve`):
    At most 40 links per path (``ELOOP`` after).
 
 No directory cache: ``openat2`` is one system call, cheaper than the old cache's
-re-verification by ``stat`` (measured in the closing note of issue 11).
+re-verification by ``stat`` (measured in the closing note of issue 11). What is kept
+(``_lexicals``) is only step 1's text work for a directory's text (its root and the
+parts below it), never anything the file system said.
 
 Threads: any writer thread calls :func:`resolve`; the root descriptors are opened under
-``_roots_lock`` and then only read. A :class:`Target` belongs to the one job (or save in
-pieces) that resolved it, which closes it.
+``_roots_lock`` and then only read; ``_lexicals`` is read, filled and emptied by single
+dict operations (atomic under the GIL; a lost entry is only computed again). A
+:class:`Target` belongs to the one job (or save in pieces) that resolved it, which
+closes it.
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def _load_openat2() -> tuple[object, _OpenHow] | None:
+def _load_openat2() -> tuple[object, object, int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.syscall
@@ -179,7 +183,7 @@ def _load_openat2() -> tuple[object, _OpenHow] | None:
     call.restype = ctypes.c_long
     call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
     how = _OpenHow(_DIR_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-    return call, how
+    return call, ctypes.byref(how), ctypes.sizeof(how)  # the reference keeps ``how`` alive
 
 
 _OPENAT2 = _load_openat2()
@@ -192,8 +196,8 @@ def _openat2_dir(root_fd: int, rel: str) -> int | None:
     global _openat2_works
     if not _openat2_works or _OPENAT2 is None:
         return None
-    call, how = _OPENAT2
-    fd = call(_SYS_OPENAT2, root_fd, rel.encode(), ctypes.byref(how), ctypes.sizeof(how))  # type: ignore[operator]
+    call, how_ref, how_size = _OPENAT2
+    fd = call(_SYS_OPENAT2, root_fd, rel.encode(), how_ref, how_size)  # type: ignore[operator]
     if fd >= 0:
         return int(fd)
     err = ctypes.get_errno()

@@ -76,7 +76,9 @@ def in_ring(request: proto.WriteRequest) -> list[proto.VarSpec]:
 Source = mmap.mmap | dict[int, memoryview]  # a local client's ring, or a remote one's frames
 
 
-_DTYPES: dict[str, np.dtype] = {}  # a save's dtype strings (STORED_DTYPES' keys) as dtypes
+#: a save's dtype strings (STORED_DTYPES' keys) as dtypes; writer threads share it
+#: through single dict operations (atomic under the GIL)
+_DTYPES: dict[str, np.dtype] = {}
 
 
 def _array(src: Source, spec: proto.VarSpec) -> np.ndarray:

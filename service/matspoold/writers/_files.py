@@ -3,7 +3,9 @@
 Every file reaches its final name the same way (:class:`Temporary`): written under a
 temporary name in the same directory, optionally fsynced, renamed into place, then the
 directory fsynced, so readers never see a partial file under the name they asked for,
-and with ``fsync`` the file survives a power cut once its save is answered.
+and with ``fsync`` the file survives a power cut once its save is answered. A small v5
+file may instead be written with no name at all (``O_TMPFILE``) and linked at its final
+name once complete (``Temporary(unnamed=True)``): the same guarantee, fewer calls.
 
 Every step goes through descriptors (``fsconfine``): the temporary is created
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` relative to the target's directory descriptor and kept
