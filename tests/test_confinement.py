@@ -379,12 +379,19 @@ def test_an_unnamed_temporary_is_linked_whole_and_never_over_anything(tmp_path: 
     assert sorted(os.listdir(d)) == ["f-None.mat", "f-file.mat", "f-symlink.mat"]
 
 
+@pytest.mark.parametrize("fmt", ["v5", "v7.3"])
 @pytest.mark.parametrize("unnamed_works", [True, False])
-def test_small_v5_saves_through_unnamed_temporaries(tmp_path: Path, unnamed_works: bool) -> None:
+def test_small_saves_through_unnamed_temporaries(
+    tmp_path: Path, unnamed_works: bool, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """write_atomic(unnamed=True): new names, names already taken (a file, a symlink out of
-    the directory) and a directory at the name, read back by scipy; where the file system
-    has no O_TMPFILE the named temporary does the same."""
-    from matspoold.writers import _files
+    the directory) and a directory at the name, read back by scipy or h5py; v7.3 through
+    HDF5 (a named temporary) for a new layout, then from its template unnamed; where the
+    file system has no O_TMPFILE the named temporary does the same."""
+    from matspoold.writers import _files, v73
+    from matspoold.writers._layouts import _TemplateCache
+
+    from readback import read
 
     old = _files._unnamed_works
     _files._unnamed_works = unnamed_works and old
@@ -396,16 +403,20 @@ def test_small_v5_saves_through_unnamed_temporaries(tmp_path: Path, unnamed_work
         (d / "taken.mat").write_bytes(b"old")
         (d / "link.mat").symlink_to(victim)
         (d / "dir.mat").mkdir()
-        x = np.arange(12, dtype=np.float64).reshape(3, 4, order="F")
+        monkeypatch.setattr(v73, "TEMPLATES", _TemplateCache())  # no layout known yet
+        x = np.arange(12, dtype=np.float64).reshape(3, 4, order="F") + unnamed_works
         spec = proto.VarSpec("x", "<f8", (3, 4), 0, 96)
-        for name in ("new.mat", "taken.mat", "link.mat", "new.mat"):
+        for name in ("new.mat", "taken.mat", "link.mat", "new.mat", "other.mat"):
             with fsconfine.resolve(str(d / name), (str(tmp_path),)) as target:
-                size = write_atomic(target, "v5", [(spec, x)], fsync=False, unnamed=True)
+                size = write_atomic(target, fmt, [(spec, x)], fsync=False, unnamed=True)
             assert size == (d / name).stat().st_size and not (d / name).is_symlink()
-            assert (scipy.io.loadmat(d / name)["x"] == x).all()
+            got = read(d / name, fmt)["x"]
+            assert got.dtype == x.dtype and got.shape == x.shape and (got == x).all()
+            x = x + 1
+        assert (v73.template_for([(spec, x)]) is not None) == (fmt == "v7.3")  # the later ones used it
         with pytest.raises(matspool.WriteFailed, match="is a directory"):
             fsconfine.resolve(str(d / "dir.mat"), (str(tmp_path),))
         assert victim.read_bytes() == b"precious"
-        assert sorted(os.listdir(d)) == ["dir.mat", "link.mat", "new.mat", "taken.mat"]
+        assert sorted(os.listdir(d)) == ["dir.mat", "link.mat", "new.mat", "other.mat", "taken.mat"]
     finally:
         _files._unnamed_works = old

@@ -41,7 +41,16 @@ from ._layouts import _SPLITS, TEMPLATE_MAX_BYTES, TEMPLATES, _keep_split, _Spli
 from ._v73values import _MIN_COMPRESS_BYTES, _stored, _stored_dtype, _str_attr, _Tree, _write_deflated
 from ._values import Char
 
-__all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "append_v73", "header", "write_v73"]
+__all__ = [
+    "TEMPLATES",
+    "TEMPLATE_MAX_BYTES",
+    "USERBLOCK",
+    "append_v73",
+    "header",
+    "template_for",
+    "write_from_template",
+    "write_v73",
+]
 
 USERBLOCK = 512
 #: large datasets start at a multiple of this from the userblock's end (``H5Pset_alignment``,
@@ -209,6 +218,19 @@ def append_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int 
             pwrite_all(fd, data, offset)
     finally:
         os.close(fd)
+
+
+def template_for(variables: Sequence[tuple[Variable, Any]], level: int = 0) -> _Template | None:
+    """The layout a small plain save of ``variables`` is written from, if one is known (the
+    caller then holds it: a later eviction from the cache does not take it away)."""
+    key = _template_key(variables, level)
+    return None if key is None else TEMPLATES.get(key)
+
+
+def write_from_template(path: str, template: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
+    """``variables`` into ``path`` (the new, empty temporary, by descriptor) laid out as
+    ``template`` (from :func:`template_for`): no HDF5, so ``path`` may have no name."""
+    _write_from_template(path, template, variables)
 
 
 def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
