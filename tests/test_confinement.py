@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -260,6 +261,54 @@ def test_resolver_follows_links_only_inside(tmp_path: Path, resolver: str) -> No
     assert list(out.iterdir()) == []
 
 
+def test_a_directory_known_by_its_text_is_still_opened_afresh(tmp_path: Path, resolver: str) -> None:
+    """``fsconfine`` keeps what a directory's text resolves to (its root, its parts), never
+    what the file system held: a directory swapped for a symlink out of the root after
+    files were written there is refused at the next save, and one that came back (or
+    vanished) is found as it is now; the same text with other roots is not confused."""
+    root, out = tmp_path / "root", tmp_path / "out"
+    (root / "a" / "b").mkdir(parents=True)
+    out.mkdir()
+    roots = paths.normalize_roots([str(root)])
+    for i in range(3):  # known by its text now
+        with paths.resolve_target(f"{root}/a/b/x{i}.mat", roots) as t:
+            assert os.path.samestat(os.fstat(t.dir_fd), os.stat(root / "a" / "b"))
+    (root / "a" / "b").rename(root / "a" / "old")
+    (root / "a" / "b").symlink_to(out, target_is_directory=True)
+    with pytest.raises(matspool.PathNotAllowedError, match="outside the daemon's roots"):
+        paths.resolve_target(f"{root}/a/b/x.mat", roots)
+    (root / "a" / "b").unlink()
+    with pytest.raises(matspool.WriteFailed, match="does not exist"):
+        paths.resolve_target(f"{root}/a/b/x.mat", roots)
+    (root / "a" / "old").rename(root / "a" / "b")
+    with paths.resolve_target(f"{root}/a/b/x.mat", roots) as t:
+        assert os.path.samestat(os.fstat(t.dir_fd), os.stat(root / "a" / "b"))
+    with pytest.raises(matspool.PathNotAllowedError, match="outside the daemon's roots"):
+        paths.resolve_target(f"{root}/a/b/x.mat", paths.normalize_roots([str(out)]))
+    odd = [f"{root}/a/b/", f"{root}/a/b/.", f"{root}/a/b/..", "a/b/x.mat", f"{root}/a/./b/../b/x.mat"]
+    odd += [f"{root}//a/b/x.mat", f"{root}/a/b//x.mat", f"{root}/../x.mat", "/x.mat", f"{root}/a/b/x\x00.mat"]
+    for path in odd:  # the same answer with the directory's text unknown and known
+        fsconfine._lexicals.clear()
+        cold = _outcome(lambda path=path: _dir_of(path, roots))
+        _dir_of(f"{root}/a/b/x.mat", roots)
+        _outcome(lambda path=path: _dir_of(path, roots))
+        assert _outcome(lambda path=path: _dir_of(path, roots)) == cold, path
+    assert list(out.iterdir()) == []
+
+
+def _dir_of(path: str, roots: tuple[str, ...]) -> tuple[tuple[int, int], str]:
+    with paths.resolve_target(path, roots) as t:
+        st = os.fstat(t.dir_fd)
+        return (st.st_dev, st.st_ino), t.name
+
+
+def _outcome(call: Any) -> tuple[Any, ...]:
+    try:
+        return ("ok", call())
+    except Exception as e:  # noqa: BLE001 - compared
+        return ("err", type(e), str(e))
+
+
 def test_publish_refuses_a_replaced_temporary(tmp_path: Path) -> None:
     """The v7.3 attack at its worst instant (between the last write and the rename), made
     deterministic: the save fails, nothing under the final name, the file outside intact."""
@@ -299,3 +348,75 @@ def test_stream_append_refuses_links_and_replacements(tmp_path: Path) -> None:
     with pytest.raises(matspool.PathNotAllowedError, match="symlink"):
         append_step(str(s), step, fsync=False)
     assert not (tmp_path / "elsewhere.mat").exists()
+
+
+def test_an_unnamed_temporary_is_linked_whole_and_never_over_anything(tmp_path: Path) -> None:
+    """``Temporary(unnamed=True)`` (small v5 saves): no name while written, linked at the
+    final name only if nothing is there; a file, or a symlink leading out, planted at the
+    final name meanwhile is replaced as a named temporary replaces it (the symlink's own
+    name, never its target); a discarded one leaves nothing."""
+    d = tmp_path / "d"
+    d.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    for planted in (None, "file", "symlink"):
+        final = d / f"f-{planted}.mat"
+        with fsconfine.Target.unconfined(str(final)) as target:
+            temp = Temporary(target, unnamed=True)
+            os.write(temp.fd, b"data")
+            assert sorted(os.listdir(d)) == sorted(p.name for p in d.glob("f-*.mat"))  # no new name
+            if planted == "file":
+                final.write_bytes(b"old")
+            elif planted == "symlink":
+                final.symlink_to(victim)
+            assert temp.publish(fsync=planted == "file") == 4
+        assert final.read_bytes() == b"data" and not final.is_symlink()
+    assert victim.read_bytes() == b"precious"
+    with fsconfine.Target.unconfined(str(d / "gone.mat")) as target:
+        temp = Temporary(target, unnamed=True)
+        os.write(temp.fd, b"data")
+        temp.discard()
+    assert sorted(os.listdir(d)) == ["f-None.mat", "f-file.mat", "f-symlink.mat"]
+
+
+@pytest.mark.parametrize("fmt", ["v5", "v7.3"])
+@pytest.mark.parametrize("unnamed_works", [True, False])
+def test_small_saves_through_unnamed_temporaries(
+    tmp_path: Path, unnamed_works: bool, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_atomic(unnamed=True): new names, names already taken (a file, a symlink out of
+    the directory) and a directory at the name, read back by scipy or h5py; v7.3 through
+    HDF5 (a named temporary) for a new layout, then from its template unnamed; where the
+    file system has no O_TMPFILE the named temporary does the same."""
+    from matspoold.writers import _files, v73
+    from matspoold.writers._layouts import _TemplateCache
+
+    from readback import read
+
+    old = _files._unnamed_works
+    _files._unnamed_works = unnamed_works and old
+    try:
+        d = tmp_path / "d"
+        d.mkdir()
+        victim = tmp_path / "victim.mat"
+        victim.write_bytes(b"precious")
+        (d / "taken.mat").write_bytes(b"old")
+        (d / "link.mat").symlink_to(victim)
+        (d / "dir.mat").mkdir()
+        monkeypatch.setattr(v73, "TEMPLATES", _TemplateCache())  # no layout known yet
+        x = np.arange(12, dtype=np.float64).reshape(3, 4, order="F") + unnamed_works
+        spec = proto.VarSpec("x", "<f8", (3, 4), 0, 96)
+        for name in ("new.mat", "taken.mat", "link.mat", "new.mat", "other.mat"):
+            with fsconfine.resolve(str(d / name), (str(tmp_path),)) as target:
+                size = write_atomic(target, fmt, [(spec, x)], fsync=False, unnamed=True)
+            assert size == (d / name).stat().st_size and not (d / name).is_symlink()
+            got = read(d / name, fmt)["x"]
+            assert got.dtype == x.dtype and got.shape == x.shape and (got == x).all()
+            x = x + 1
+        assert (v73.template_for([(spec, x)]) is not None) == (fmt == "v7.3")  # the later ones used it
+        with pytest.raises(matspool.WriteFailed, match="is a directory"):
+            fsconfine.resolve(str(d / "dir.mat"), (str(tmp_path),))
+        assert victim.read_bytes() == b"precious"
+        assert sorted(os.listdir(d)) == ["dir.mat", "link.mat", "new.mat", "other.mat", "taken.mat"]
+    finally:
+        _files._unnamed_works = old

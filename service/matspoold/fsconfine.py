@@ -27,11 +27,15 @@ How a directory is resolved (:func:`resolve`):
    At most 40 links per path (``ELOOP`` after).
 
 No directory cache: ``openat2`` is one system call, cheaper than the old cache's
-re-verification by ``stat`` (measured in the closing note of issue 11).
+re-verification by ``stat`` (measured in the closing note of issue 11). What is kept
+(``_lexicals``) is only step 1's text work for a directory's text (its root and the
+parts below it), never anything the file system said.
 
 Threads: any writer thread calls :func:`resolve`; the root descriptors are opened under
-``_roots_lock`` and then only read. A :class:`Target` belongs to the one job (or save in
-pieces) that resolved it, which closes it.
+``_roots_lock`` and then only read; ``_lexicals`` is read, filled and emptied by single
+dict operations (atomic under the GIL; a lost entry is only computed again). A
+:class:`Target` belongs to the one job (or save in pieces) that resolved it, which
+closes it.
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def _load_openat2() -> tuple[object, _OpenHow] | None:
+def _load_openat2() -> tuple[object, object, int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.syscall
@@ -179,7 +183,7 @@ def _load_openat2() -> tuple[object, _OpenHow] | None:
     call.restype = ctypes.c_long
     call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
     how = _OpenHow(_DIR_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-    return call, how
+    return call, ctypes.byref(how), ctypes.sizeof(how)  # the reference keeps ``how`` alive
 
 
 _OPENAT2 = _load_openat2()
@@ -192,8 +196,8 @@ def _openat2_dir(root_fd: int, rel: str) -> int | None:
     global _openat2_works
     if not _openat2_works or _OPENAT2 is None:
         return None
-    call, how = _OPENAT2
-    fd = call(_SYS_OPENAT2, root_fd, rel.encode(), ctypes.byref(how), ctypes.sizeof(how))  # type: ignore[operator]
+    call, how_ref, how_size = _OPENAT2
+    fd = call(_SYS_OPENAT2, root_fd, rel.encode(), how_ref, how_size)  # type: ignore[operator]
     if fd >= 0:
         return int(fd)
     err = ctypes.get_errno()
@@ -273,9 +277,24 @@ def _walk(path: str, root: str, parts: list[str], roots: Sequence[str]) -> tuple
             os.close(fd_)
 
 
-def resolve(path: str, roots: Sequence[str]) -> Target:
-    """``path`` (absolute, as a client sent it) as a :class:`Target` below one of ``roots``
-    (real paths, see ``paths.normalize_roots``); see the module docstring."""
+_LEXICAL_KEPT = 1024
+#: (roots, the text before a path's last slash) -> that directory normalised, its root and
+#: the parts below it: pure text, the same for every file of a directory (the file
+#: system is asked afresh for each file, by ``openat2`` or the walk)
+_lexicals: dict[tuple[tuple[str, ...], str], tuple[str, str, list[str]]] = {}
+
+
+def _lexical(path: str, roots: Sequence[str]) -> tuple[str, str, str, list[str]]:
+    """``path``'s directory (normalised), name, root and the directory's parts below the
+    root, by text alone; refuses a relative path, a directory's name, a path outside
+    every root. A directory outside every root is ``realpath``-ed (not kept: those
+    symlinks are the operator's and may change)."""
+    roots = roots if type(roots) is tuple else tuple(roots)
+    head, slash, base = path.rpartition("/")
+    if slash and base and base not in (".", "..") and head[:1] in ("", "/"):
+        known = _lexicals.get((roots, head))
+        if known is not None:
+            return known[0], base, known[1], known[2]
     if not os.path.isabs(path):
         raise PathNotAllowedError(f"path must be absolute: {path!r}")
     directory, base = os.path.split(os.path.normpath(path))
@@ -287,7 +306,17 @@ def resolve(path: str, roots: Sequence[str]) -> Target:
         root = _root_of(directory, roots)
         if root is None:
             raise _outside(path, roots)
-    parts = _below(directory, root)
+    elif slash and base == path[len(head) + 1 :]:
+        if len(_lexicals) >= _LEXICAL_KEPT:
+            _lexicals.clear()
+        _lexicals[(roots, head)] = (directory, root, _below(directory, root))
+    return directory, base, root, _below(directory, root)
+
+
+def resolve(path: str, roots: Sequence[str]) -> Target:
+    """``path`` (absolute, as a client sent it) as a :class:`Target` below one of ``roots``
+    (real paths, see ``paths.normalize_roots``); see the module docstring."""
+    directory, base, root, parts = _lexical(path, roots)
     try:
         fd = os.dup(_root_fd(root)) if not parts else _openat2_dir(_root_fd(root), "/".join(parts))
         real = directory

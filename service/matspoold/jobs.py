@@ -29,10 +29,11 @@ from matspool import _protocol as proto
 from matspool._errors import MatspoolError, ProtocolError, WriteFailed
 
 from .paths import resolve_target
-from .ringio import ShmRing, prefault
+from .ringio import PREFAULT_MIN_BYTES, ShmRing, prefault
 from .sessions import Client
 from .shmspan import ShmSpan, part_span, spans
 from .writers import WRITERS, Session, write_atomic
+from .writers._files import UNNAMED_MAX_BYTES
 from .writers._values import materialize
 
 __all__ = ["Job", "JobRunner", "Source", "in_ring", "payload_of"]
@@ -58,7 +59,13 @@ class Job:
             return self.part.nbytes
         if self.kind == "end":
             return 0
-        return sum(leaf.nbytes for leaf in in_ring(self.request))
+        total = 0
+        for v in self.request.vars:  # plain arrays (most saves) without building leaves
+            if type(v) is not proto.VarSpec:
+                return sum(leaf.nbytes for leaf in in_ring(self.request))
+            if not v.deferred:
+                total += v.nbytes
+        return total
 
 
 def in_ring(request: proto.WriteRequest) -> list[proto.VarSpec]:
@@ -69,10 +76,17 @@ def in_ring(request: proto.WriteRequest) -> list[proto.VarSpec]:
 Source = mmap.mmap | dict[int, memoryview]  # a local client's ring, or a remote one's frames
 
 
+#: a save's dtype strings (STORED_DTYPES' keys) as dtypes; writer threads share it
+#: through single dict operations (atomic under the GIL)
+_DTYPES: dict[str, np.dtype] = {}
+
+
 def _array(src: Source, spec: proto.VarSpec) -> np.ndarray:
     """A read-only column-major view of the ring (or of the frame that carried the array
     from a remote client): the writers read it in place."""
-    dt = np.dtype(spec.dtype)
+    dt = _DTYPES.get(spec.dtype)
+    if dt is None:
+        dt = _DTYPES[spec.dtype] = np.dtype(spec.dtype)
     if spec.nbytes == 0:
         return np.zeros(spec.dims, dtype=dt, order="F")
     view: np.ndarray
@@ -100,6 +114,14 @@ def _views(job: Job) -> list[tuple[proto.Variable, Any]]:
         taken = {id(v) for v in job.request.vars if v.name in spanned}
         src = src.payload(leaf for leaf in in_ring(job.request) if id(leaf) not in taken)
     elif isinstance(src, mmap.mmap):  # a sealed ring: its pages mapped in one call, not by faults
+        arrays = [v for v in job.request.vars if type(v) is proto.VarSpec]
+        if len(arrays) == len(job.request.vars):  # arrays only (most saves): no tree to walk
+            out: list[tuple[proto.Variable, Any]] = []
+            for v in arrays:
+                if not v.deferred and v.nbytes >= PREFAULT_MIN_BYTES:
+                    prefault(src, v.offset, v.nbytes)
+                out.append((v, None if v.deferred else _array(src, v)))
+            return out
         for leaf in in_ring(job.request):
             prefault(src, leaf.offset, leaf.nbytes)
     return [
@@ -185,7 +207,11 @@ class JobRunner:
             if req.mode == "append":
                 return WRITERS["stream"].append(final, views, fsync=req.fsync)
             fmt = "stream" if req.mode == "create" else req.format
-            return write_atomic(final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append)
+            # a small file without fsync: through an unnamed temporary (_files.Temporary)
+            unnamed = not req.fsync and job.ring_bytes <= UNNAMED_MAX_BYTES
+            return write_atomic(
+                final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append, unnamed=unnamed
+            )
 
     def run_piece(self, job: Job) -> int | None:
         """Write one piece, or finish the file; after a failure, pieces are let go quietly

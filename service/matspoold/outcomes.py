@@ -16,7 +16,7 @@ import logging
 
 from matspool import _messages as msgs
 
-from .replies import Sender, done_messages, error_msg
+from .replies import Sender, done_frames, error_msg
 from .scheduler import Result, Scheduler
 from .sessions import Client, Clients
 from .sharded import ShardJob
@@ -43,7 +43,7 @@ class Outcomes:
         if not isinstance(seq, int):
             return False
         if seq in client.answered:
-            guard.send_multipart([client.ident, *msgs.encode(client.answered[seq])])
+            guard.send_multipart([client.ident, *msgs.encode(client.answer(seq))])
             return True
         return seq in client.active
 
@@ -59,8 +59,8 @@ class Outcomes:
             return
         done, self._done = self._done, {}
         for ident, answers in done.items():
-            for message in done_messages(answers):
-                guard.send_multipart([ident, *msgs.encode(message)])
+            for frames in done_frames(answers):
+                guard.send_multipart([ident, *frames])
 
     def settle(self, guard: Sender, result: Result, ring_bytes: int) -> None:
         """Answer one finished job (a DONE waits in ``_done`` for ``send_done``);
@@ -91,7 +91,7 @@ class Outcomes:
             client.files += 1
             client.bytes_written += nbytes or 0
             done.setdefault(client.ident, []).append((req.seq, nbytes or 0))
-            client.remember(req.seq, msgs.Done(((req.seq, nbytes or 0),)))
+            client.remember(req.seq, nbytes or 0)
         else:
             log.warning("save %d to %s failed: %s", req.seq, req.path, error)
             self.errors += 1

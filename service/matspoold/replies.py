@@ -6,16 +6,18 @@ Threads: the control thread sends every answer (a ZeroMQ socket has one owner).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 from matspool import _messages as msgs
+from matspool import _protocol as proto
 from matspool._errors import MatspoolError
 
 from .guard import RateLimitedLog
 
-__all__ = ["Sender", "done_messages", "error_msg", "os_errno", "refuse"]
+__all__ = ["Sender", "done_frames", "done_messages", "error_msg", "os_errno", "refuse"]
 
 log = logging.getLogger("matspoold")
 
@@ -67,3 +69,20 @@ def done_messages(answers: list[tuple[int, int]]) -> Iterator[msgs.Done]:
     one per file, when many small files finish at once."""
     for i in range(0, len(answers), _DONE_BATCH):
         yield msgs.Done(tuple(answers[i : i + _DONE_BATCH]))
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps's, made once
+
+
+def done_frames(answers: list[tuple[int, int]]) -> Iterator[list[bytes]]:
+    """The frames of ``done_messages(answers)``, byte for byte what ``msgs.encode`` makes of
+    them, without a ``Done`` and a list per answer: the DONEs of a burst of small files
+    are built on the control thread, the burst's bottleneck."""
+    for i in range(0, len(answers), _DONE_BATCH):
+        chunk = answers[i : i + _DONE_BATCH]
+        if len(chunk) == 1:
+            ((seq, nbytes),) = chunk
+            body = b'{"op":"DONE","seq":%d,"nbytes":%d}' % (seq, nbytes)
+        else:  # json.dumps writes tuples as lists
+            body = b'{"op":"DONE","done":' + _COMPACT.encode(chunk).encode() + b"}"
+        yield [proto.TAG, body]

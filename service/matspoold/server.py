@@ -50,6 +50,8 @@ from matspool._errors import ProtocolError
 from matspool._msgshard import Discard, Layout, Place, Publish, StreamStep
 from matspool._msgstatus import StatusReply
 
+from . import binparse
+from .binparse import BinWrite
 from .cleanup import (
     TempJournal,
     default_state_dirs,
@@ -154,7 +156,7 @@ class Daemon:
         self.snapshot: StatusReply = self.status()  # refreshed by the loop; read by metrics
         # messages received, not yet handled, in arrival order: (sender, message, payload
         # frames, whether the daemon was stopping when it arrived)
-        self._backlog: deque[tuple[bytes, dict[str, Any], list[memoryview], bool]] = deque()
+        self._backlog: deque[tuple[bytes, dict[str, Any] | BinWrite, list[memoryview], bool]] = deque()
 
     # -- life cycle ----------------------------------------------------------------------
     def _forget(self, client: Client) -> None:
@@ -272,17 +274,25 @@ class Daemon:
         try:
             if len(body) < 2:
                 raise ProtocolError(f"expected 2 frames, got {len(body)}")
-            raw = proto.decode_head(body[0].bytes, body[1].bytes)
+            tag, data = body[0].bytes, body[1].bytes
+            # a binary WRITE (or BATCH of them) the fast path reads exactly as the
+            # reference would (binparse); anything else, the reference and its errors
+            fast = binparse.scan(data) if tag == proto.TAG and len(data) <= proto.MAX_MESSAGE_BYTES else None
+            raw = proto.decode_head(tag, data) if fast is None else None
+            op = raw["op"] if raw is not None else "BATCH" if data[1:2] == b"B" else "WRITE"
             payload = [f.buffer for f in body[2:]]
             sender = self._clients.get(ident)
-            if payload and (
-                raw["op"] not in ("WRITE", "PART", "PLACE") or sender is None or sender.mm is not None
-            ):
+            if payload and (op not in ("WRITE", "PART", "PLACE") or sender is None or sender.mm is not None):
                 raise ProtocolError(
                     f"expected 2 frames, got {len(body)}: payload frames come "
                     "only with WRITE, PART or PLACE from a remote (tcp://) client"
                 )
-            raws = msgs.Batch.from_wire(raw).msgs if raw["op"] == "BATCH" else (raw,)
+            raws: Sequence[dict[str, Any] | BinWrite]
+            if raw is None:
+                assert fast is not None
+                raws = fast
+            else:
+                raws = msgs.Batch.from_wire(raw).msgs if op == "BATCH" else (raw,)
         except Exception as e:  # noqa: BLE001 - any bad message is refused to its sender; the loop lives on
             refuse(self._guard, ident, -1, e)
             return
@@ -306,19 +316,26 @@ class Daemon:
         self,
         router: zmq.Socket[bytes],
         ident: bytes,
-        raw: dict[str, Any],
+        raw: dict[str, Any] | BinWrite,
         payload: list[memoryview],
         stopping: bool = False,
     ) -> None:
         try:
             client = self._clients.get(ident)
-            if (
-                raw["op"] == "WRITE"
-                and client is not None
-                and self._outcomes.seen(self._guard, client, raw.get("seq"))
-            ):
-                return
-            msg = msgs.parse_request(raw, None if client is None else client.ring_bytes)
+            ring_bytes = None if client is None else client.ring_bytes
+            if type(raw) is BinWrite:
+                if client is not None and self._outcomes.seen(self._guard, client, raw.seq):
+                    return
+                msg = raw.request(ring_bytes)  # what parse_request gives (binparse)
+            else:
+                assert isinstance(raw, dict)
+                if (
+                    raw["op"] == "WRITE"
+                    and client is not None
+                    and self._outcomes.seen(self._guard, client, raw.get("seq"))
+                ):
+                    return
+                msg = msgs.parse_request(raw, ring_bytes)
             reply: msgs.Reply | None = None
             if isinstance(msg, msgs.Ping):
                 reply = msgs.Pong(self.instance, os.getpid())
@@ -341,7 +358,7 @@ class Daemon:
             if reply is not None:
                 self._guard.send_multipart([ident, *msgs.encode(reply)])
         except Exception as e:  # noqa: BLE001 - any failure is answered as ERR; the loop lives on
-            refuse(self._guard, ident, raw.get("seq", -1), e)
+            refuse(self._guard, ident, raw.seq if isinstance(raw, BinWrite) else raw.get("seq", -1), e)
 
     def _enqueue(self, job: Job) -> None:
         job.client.inflight += 1

@@ -68,7 +68,8 @@ class Client:
     last_seen: float = 0.0
     active: dict[int, float] = field(default_factory=dict)  # seq accepted -> when
     begun: dict[int, proto.WriteRequest] = field(default_factory=dict)  # saves arriving in pieces
-    answered: OrderedDict[int, msgs.Reply] = field(default_factory=OrderedDict)
+    # seq -> its answer: an ERR, or a DONE's file size (its Done made only if asked again)
+    answered: OrderedDict[int, msgs.Reply | int] = field(default_factory=OrderedDict)
     joined: float = field(default_factory=time.monotonic)
     files: int = 0
     bytes_written: int = 0
@@ -95,12 +96,19 @@ class Client:
             dead=self.dead,
         )
 
-    def remember(self, seq: int, reply: msgs.Reply) -> None:
-        """Keep the answer to save ``seq``: a WRITE re-sent after a reconnect gets it again."""
+    def remember(self, seq: int, reply: msgs.Reply | int) -> None:
+        """Keep the answer to save ``seq`` (an int: DONE with that file size): a WRITE
+        re-sent after a reconnect gets it again."""
         self.active.pop(seq, None)
-        self.answered[seq] = reply
-        if len(self.answered) > DONE_MEMORY:
-            self.answered.popitem(last=False)
+        answered = self.answered
+        answered[seq] = reply
+        if len(answered) > DONE_MEMORY:
+            answered.popitem(last=False)
+
+    def answer(self, seq: int) -> msgs.Reply:
+        """The answer remembered for save ``seq`` (which must be in ``answered``)."""
+        reply = self.answered[seq]
+        return msgs.Done(((seq, reply),)) if type(reply) is int else reply  # type: ignore[return-value]
 
     def release(self) -> None:
         if self.fd >= 0:

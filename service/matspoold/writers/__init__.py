@@ -42,7 +42,7 @@ from ._direct import write_payload
 from ._files import SELF_FD, TMP_SUFFIX, Temporary, early_writeback, pwrite_all
 from .stream import STREAMS, append_step, create_stream
 from .v5 import write_v5
-from .v73 import write_v73
+from .v73 import template_for, write_from_template, write_v73
 
 __all__ = [
     "TMP_SUFFIX",
@@ -146,19 +146,29 @@ def write_atomic(
     fsync: bool,
     compress: int = 0,
     append: bool = False,
+    unnamed: bool = False,
 ) -> int:
     """Write ``variables`` to ``final`` in ``fmt`` (deflated at level ``compress`` when not 0);
-    with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``).
+    with ``append``, into a copy of an existing ``final`` (MATLAB's ``save -append``);
+    with ``unnamed``, a v5 file or a v7.3 file of a known layout through an unnamed
+    temporary (``Temporary``: small saves).
     Returns the file's size in bytes."""
     writer = writer_for(fmt)
     target, owned = as_target(final)
     try:
-        temp = Temporary(target)
+        # unnamed: v5, and v7.3 from a known layout, which write through the descriptor;
+        # HDF5 (a new v7.3 layout, streams) resolves /proc/self/fd/N to a name, which an
+        # unnamed file does not have
+        unnamed = unnamed and not append
+        template = template_for(variables, compress) if unnamed and fmt == "v7.3" else None
+        temp = Temporary(target, unnamed=unnamed and (fmt == "v5" or template is not None))
         try:
             existing = _open_existing(target) if append else -1
             try:
                 if existing >= 0:
                     append_into(f"{SELF_FD}{existing}", temp.path, variables, compress)
+                elif template is not None:
+                    write_from_template(temp.path, template, variables)
                 elif fsync:
                     with early_writeback(True):
                         writer.write(temp.path, variables, compress)

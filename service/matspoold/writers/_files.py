@@ -3,7 +3,9 @@
 Every file reaches its final name the same way (:class:`Temporary`): written under a
 temporary name in the same directory, optionally fsynced, renamed into place, then the
 directory fsynced, so readers never see a partial file under the name they asked for,
-and with ``fsync`` the file survives a power cut once its save is answered.
+and with ``fsync`` the file survives a power cut once its save is answered. A small v5
+file may instead be written with no name at all (``O_TMPFILE``) and linked at its final
+name once complete (``Temporary(unnamed=True)``): the same guarantee, fewer calls.
 
 Every step goes through descriptors (``fsconfine``): the temporary is created
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` relative to the target's directory descriptor and kept
@@ -32,6 +34,7 @@ import errno
 import itertools
 import os
 import secrets
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +47,7 @@ __all__ = [
     "SELF_FD",
     "TEMPS",
     "TMP_SUFFIX",
+    "UNNAMED_MAX_BYTES",
     "TempNames",
     "Temporary",
     "early_writeback",
@@ -104,21 +108,52 @@ def fsync_dir(dir_fd: int) -> None:
         os.close(fd)
 
 
+#: a small file without fsync may be written unnamed (``Temporary(unnamed=True)``)
+UNNAMED_MAX_BYTES = 64 << 10
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_unnamed_works = bool(_O_TMPFILE) and sys.platform == "linux"
+#: what open(O_TMPFILE) fails with where a file system (or kernel) has no unnamed files
+_NO_TMPFILE = frozenset((errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTDIR))
+
+
 class Temporary:
     """A file written under a temporary name beside ``target``'s, until :meth:`publish`
     renames it into place or :meth:`discard` removes it. ``fd`` is the open file (owned);
     ``path`` (``/proc/self/fd/N``) is how writers and HDF5 reopen it, by descriptor.
-    ``target`` stays its caller's (it must outlive this)."""
+    ``target`` stays its caller's (it must outlive this).
 
-    def __init__(self, target: Target) -> None:
+    With ``unnamed`` (small saves, issue 14) the file is made ``O_TMPFILE`` in the
+    target's directory, with no name at all while it is written (nothing anyone could
+    replace, nothing left behind by a crash), and :meth:`publish` links the complete
+    file at the final name (``linkat`` of its descriptor: it publishes this very inode,
+    and refuses to replace anything). Where a file is already there it is linked under
+    a temporary name instead and published as a named temporary is (rename, check).
+    Saves a named temporary's rename and the ``fstat``/``stat`` check of what the
+    rename published. File systems without ``O_TMPFILE`` get a named temporary."""
+
+    def __init__(self, target: Target, *, unnamed: bool = False) -> None:
+        global _unnamed_works
         self.target = target
-        self.name = TEMPS.name_for(target.dir_path, target.name)
-        self.fd = os.open(
-            self.name,
-            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o666,
-            dir_fd=target.dir_fd,
-        )
+        self.name = ""
+        self.fd = -1
+        if unnamed and _unnamed_works:
+            if TEMPS.record is not None:  # as a named one: the directory is journaled
+                TEMPS.record(target.dir_path)
+            try:
+                self.fd = os.open(".", os.O_RDWR | _O_TMPFILE | os.O_CLOEXEC, 0o666, dir_fd=target.dir_fd)
+            except OSError as e:
+                if e.errno not in _NO_TMPFILE:
+                    raise
+                if e.errno in (errno.ENOTDIR, errno.EINVAL):  # no O_TMPFILE in this kernel
+                    _unnamed_works = False
+        if self.fd < 0:
+            self.name = TEMPS.name_for(target.dir_path, target.name)
+            self.fd = os.open(
+                self.name,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o666,
+                dir_fd=target.dir_fd,
+            )
         self.path = f"{SELF_FD}{self.fd}"
 
     def publish(self, fsync: bool) -> int:
@@ -126,6 +161,19 @@ class Temporary:
         dfd = self.target.dir_fd
         if fsync:
             os.fsync(self.fd)
+        if not self.name:  # unnamed: linked at the final name, unless something is there
+            try:
+                os.link(self.path, self.target.name, dst_dir_fd=dfd, follow_symlinks=True)
+            except FileExistsError:
+                name = TEMPS.name_for(self.target.dir_path, self.target.name)
+                os.link(self.path, name, dst_dir_fd=dfd, follow_symlinks=True)
+                self.name = name  # from here on a named temporary (discard removes it)
+            else:
+                size = os.fstat(self.fd).st_size
+                if fsync:
+                    fsync_dir(dfd)
+                self.close()
+                return size
         st = os.fstat(self.fd)
         # a replaced file is freed after the answer, not inside the rename (_retire)
         RETIRE.rename_over(dfd, self.name, self.target.name, st.st_size)
@@ -201,7 +249,12 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
     """Write all of ``data`` (any buffer) at ``offset``; a short write (disk full,
     signals) goes on until done, so a full disk surfaces as ENOSPC, not a cut file."""
     view = memoryview(data).cast("B")
-    step = WRITEBACK_STEP if getattr(_local, "on", False) else len(view)
+    if not getattr(_local, "on", False):  # no fsync: no writeback to start, one call
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+        return
+    step = WRITEBACK_STEP
     while view:
         n = os.pwrite(fd, view[:step], offset)
         start_writeback(fd, offset, n)

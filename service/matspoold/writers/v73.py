@@ -41,7 +41,16 @@ from ._layouts import _SPLITS, TEMPLATE_MAX_BYTES, TEMPLATES, _keep_split, _Spli
 from ._v73values import _MIN_COMPRESS_BYTES, _stored, _stored_dtype, _str_attr, _Tree, _write_deflated
 from ._values import Char
 
-__all__ = ["TEMPLATES", "TEMPLATE_MAX_BYTES", "USERBLOCK", "append_v73", "header", "write_v73"]
+__all__ = [
+    "TEMPLATES",
+    "TEMPLATE_MAX_BYTES",
+    "USERBLOCK",
+    "append_v73",
+    "header",
+    "template_for",
+    "write_from_template",
+    "write_v73",
+]
 
 USERBLOCK = 512
 #: large datasets start at a multiple of this from the userblock's end (``H5Pset_alignment``,
@@ -135,11 +144,26 @@ def _put(fd: int, data: np.ndarray | ShmSpan, offset: int) -> None:
 
 def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
     image = bytearray(t.image)
-    for offset, data in _payloads(variables, t.offsets):
-        assert isinstance(data, np.ndarray)  # templates are smaller than any span
-        image[offset : offset + data.nbytes] = data.data
-    image[:128] = header()
+    for (_, arr), offset in zip(variables, t.offsets, strict=True):
+        if offset is not None:  # the ring's bytes as they are: what _stored reinterprets
+            assert isinstance(arr, np.ndarray)  # templates are smaller than any span
+            data = arr.reshape(-1, order="F").view(np.uint8)  # a view: the ring is column-major
+            image[offset : offset + data.nbytes] = data.data
+    image[:128] = _header_now()
     write_new_file(path, image)
+
+
+_stamp: tuple[int, bytes] = (-1, b"")
+
+
+def _header_now() -> bytes:
+    """``header()``, made once per second (its text says when, to the second): a small
+    file from a template spent more on formatting the time than on its payload."""
+    global _stamp
+    now = int(time.time())
+    if _stamp[0] != now:
+        _stamp = (now, header(now))
+    return _stamp[1]
 
 
 def _fill(
@@ -194,6 +218,19 @@ def append_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int 
             pwrite_all(fd, data, offset)
     finally:
         os.close(fd)
+
+
+def template_for(variables: Sequence[tuple[Variable, Any]], level: int = 0) -> _Template | None:
+    """The layout a small plain save of ``variables`` is written from, if one is known (the
+    caller then holds it: a later eviction from the cache does not take it away)."""
+    key = _template_key(variables, level)
+    return None if key is None else TEMPLATES.get(key)
+
+
+def write_from_template(path: str, template: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
+    """``variables`` into ``path`` (the new, empty temporary, by descriptor) laid out as
+    ``template`` (from :func:`template_for`): no HDF5, so ``path`` may have no name."""
+    _write_from_template(path, template, variables)
 
 
 def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
