@@ -152,3 +152,61 @@ def test_a_late_wake_after_close_writes_to_no_reused_descriptor(tmp_path):
         assert os.pread(fd, 16, 0) == b""
     finally:
         os.close(fd)
+
+
+def test_one_done_answering_many_saves_resolves_each_and_frees_the_ring(fake: FakeDaemon) -> None:
+    """A DONE names many saves in a burst (``PendingTable.answer_done``): every future gets
+    its own result, its callbacks run once, ``concurrent.futures.wait``/``as_completed``
+    waiting on them return, and the ring is empty once they have woken."""
+    import concurrent.futures as cf
+    import threading
+    import time
+
+    held: list[tuple[int, int]] = []
+    go = threading.Event()
+
+    def batching(msg: object) -> list[object]:
+        out = []
+        for reply in fake(msg):  # type: ignore[arg-type]
+            if isinstance(reply, matspool._messages.Done):
+                held.extend(reply.answers)
+                if len(held) == 40:  # the 40th WRITE: one DONE for all, once the waiters wait
+                    assert go.wait(10)
+                    out.append(matspool._messages.Done(tuple(reversed(held))))
+            else:
+                out.append(reply)
+        return out
+
+    calls: list[str] = []
+    with matspool.Spool(ring_bytes=1 << 20, transport=MemoryTransport(batching)) as s:
+        futures = []
+        for i in range(40):
+            f = s.save(f"/data/f{i}.mat", {"x": np.full((4, 4), i, np.float64)})
+            f.add_done_callback(lambda f: calls.append(f.result().path))
+            futures.append(f)
+        seen: list[object] = []
+        waited: list[set[object]] = []
+        threads = [
+            threading.Thread(target=lambda: seen.extend(cf.as_completed(futures, timeout=10))),
+            threading.Thread(target=lambda: waited.extend(cf.wait(futures, timeout=10))),
+            # on the shared condition, no timeout: woken by the DONE, or it hangs (daemon thread)
+            threading.Thread(target=lambda: seen.append(futures[7].result()), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(futures[-1]._waiters) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # both waiters installed on every future, none answered yet
+        assert not any(f.done() for f in futures)
+        go.set()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), "a waiter was never woken"
+        done, not_done = waited
+        assert not not_done and len(done) == 40 and len(seen) == 41
+        assert [f.result(0).path for f in futures] == [f"/data/f{i}.mat" for i in range(40)]
+        assert all(f.result(0).format == "v5" and f.result(0).nbytes == 128 for f in futures)
+        assert sorted(calls) == sorted(f"/data/f{i}.mat" for i in range(40))
+        assert s._ring is not None and s._ring.used == 0
+    for i in range(40):
+        assert fake.files[f"/data/f{i}.mat"]["x"] == np.full((4, 4), i, np.float64).tobytes(order="F")

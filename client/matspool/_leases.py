@@ -84,6 +84,18 @@ class Leases:
         if free:
             self.ring.free(lease.offset)
 
+    def answered_all(self, leases: list[Lease]) -> None:
+        """``answered`` of each of ``leases`` (one DONE's saves), each lock taken once."""
+        free: list[int] = []
+        with self._cond:
+            for lease in leases:
+                if lease.daemon:
+                    lease.daemon = False
+                    if self._settle(lease):
+                        free.append(lease.offset)
+        if free:
+            self.ring.free_all(free)
+
     def _settle(self, lease: Lease) -> bool:
         if lease.copying or lease.daemon or lease.freed:
             return False

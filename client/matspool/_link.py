@@ -53,10 +53,9 @@ from ._errors import (
 )
 from ._leases import Lease
 from ._msgshard import LaidOut
-from ._pending import PendingTable, Save, failing
+from ._pending import PendingTable, failing
 from ._reach import exit_text, pid_alive
 from ._ring import Ring
-from ._saves import SaveResult
 from ._transport import Transport
 from ._wire import remote_frames
 
@@ -82,10 +81,6 @@ class Encoded:
     def __init__(self, seq: int, frames: list[bytes]) -> None:
         self.seq = seq
         self.frames = frames
-
-
-def _result(nbytes: int) -> Callable[[Save], SaveResult]:
-    return lambda save: SaveResult(save.path, nbytes, save.format)
 
 
 class Link:
@@ -240,8 +235,7 @@ class Link:
         elif isinstance(msg, msgs.PartDone):
             self._table.answer(msg.seq, part=msg.offset)
         elif isinstance(msg, msgs.Done):
-            for seq, nbytes in msg.answers:
-                self._table.answer(seq, result=_result(nbytes))
+            self._table.answer_done(msg.answers)
         elif isinstance(msg, msgs.Err):
             self._on_error(msg)
         elif isinstance(msg, LaidOut):  # a sharded save's file is laid out (_shard)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -32,6 +32,7 @@ __all__ = ["PendingTable", "Save", "SaveFuture", "failing"]
 MAX_KEPT_FAILURES: Final = 10_000  # flush()/close() report at most this many; futures hold all
 #: ``concurrent.futures`` states (the same strings in every Python this supports)
 _RUNNING: Final = "RUNNING"
+_FINISHED: Final = "FINISHED"
 _OVER: Final = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
 
 
@@ -88,6 +89,32 @@ class SaveFuture(Future[SaveResult]):
             return super().exception(0)
         finally:
             self.observed = self.done()
+
+
+def _resolve(condition: threading.Condition, finished: list[tuple[SaveFuture, SaveResult]]) -> None:
+    """``Future.set_result`` of each pair, under ``condition`` (which the futures share)
+    taken once, with one ``notify_all``; a future already over (failed meanwhile) is
+    left as it is, and one with another condition is resolved on its own."""
+    done: list[SaveFuture] = []
+    with condition:
+        for fut, result in finished:
+            if fut._condition is not condition:
+                continue  # below, through its own condition
+            if fut._state in _OVER:
+                continue
+            fut._result = result
+            fut._state = _FINISHED
+            for waiter in fut._waiters:  # concurrent.futures.wait / as_completed
+                waiter.add_result(fut)
+            done.append(fut)
+        condition.notify_all()
+    for fut, result in finished:
+        if fut._condition is not condition and not fut.done():
+            with contextlib.suppress(InvalidStateError):
+                fut.set_result(result)
+    for fut in done:
+        if fut._done_callbacks:
+            fut._invoke_callbacks()  # type: ignore[attr-defined]  # Future's, untyped in typeshed
 
 
 @dataclass(slots=True, eq=False)
@@ -227,6 +254,28 @@ class PendingTable:
                 self._fail(save, error)
             elif result is not None and not save.future.done():
                 save.future.set_result(result(save))
+
+    def answer_done(self, answers: Iterable[tuple[int, int]]) -> None:
+        """``answer`` of every ``(seq, file size)`` of one DONE (up to about 50 small saves
+        in a burst): the table's lock, the leases' and the ring's taken once for all, and
+        the futures resolved under their shared condition with one ``notify_all``, where
+        one ``answer`` each took every lock and woke every waiter once per save."""
+        release: list[Lease] = []
+        finished: list[tuple[SaveFuture, SaveResult]] = []
+        with self._lock:
+            saves = self._saves
+            for seq, nbytes in answers:
+                save = saves.get(seq) if type(seq) is int else None
+                if save is None:
+                    continue
+                save.outstanding = max(0, save.outstanding - 1)
+                if save.ended and not save.outstanding:
+                    del saves[seq]
+                    release += save.leases
+                finished.append((save.future, SaveResult(save.path, nbytes, save.format)))
+        if release:
+            self._leases.answered_all(release)  # the space is free before anyone wakes
+        _resolve(self._condition, finished)
 
     def fail_unresolved(self, error: Callable[[Save], MatspoolError], *, keep: bool = True) -> None:
         """Fail every save whose future is still open. ``keep``: their records (and so

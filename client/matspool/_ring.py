@@ -48,6 +48,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -255,11 +256,19 @@ class Ring:
                 self._cond.notify_all()
 
     def free(self, offset: int) -> None:
+        self.free_all((offset,))
+
+    def free_all(self, offsets: Iterable[int]) -> None:
+        """Free the regions at ``offsets`` (unknown ones are ignored), under the lock once."""
         with self._cond:
-            entry = self._live.get(offset)
-            if entry is None:
+            known = False
+            for offset in offsets:
+                entry = self._live.get(offset)
+                if entry is not None:
+                    entry[1] = 1
+                    known = True
+            if not known:
                 return
-            entry[1] = 1
             while self._live:
                 first_off, (_size, freed) = next(iter(self._live.items()))
                 if not freed:
