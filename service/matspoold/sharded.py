@@ -49,7 +49,7 @@ from .jobs import Job
 from .paths import resolve_target
 from .ringio import ShmRing
 from .writers import writer_for
-from .writers._files import Temporary
+from .writers._files import Temporary, temp_prefix
 
 __all__ = ["LAID", "ShardJob", "ShardOp", "Unpublished", "lay_out", "runs"]
 
@@ -256,9 +256,15 @@ def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _temporary_of(final: Target, tmp: str) -> bool:
+    """Whether ``tmp`` is named as a temporary of ``final`` (``TempNames``); an older
+    daemon's name kept 180 characters of a multibyte name, this one at most 180 bytes."""
+    return tmp.startswith((f".{temp_prefix(final.name)}.", f".{final.name[:180]}."))
+
+
 def _open_tmp(final: Target, tmp: str, flags: int) -> int:
     """The laid-out temporary beside ``final`` (never created here, never via a symlink)."""
-    if not tmp.startswith(f".{final.name[:180]}."):
+    if not _temporary_of(final, tmp):
         raise ProtocolError(f"{tmp!r} is not a temporary of {final.path!r}")
     try:
         return open_in(
@@ -302,7 +308,7 @@ def _publish(final: Target, tmp: str, fsync: bool) -> int:
 
 
 def _discard(final: Target, tmp: str) -> None:
-    if not tmp.startswith(f".{final.name[:180]}."):
+    if not _temporary_of(final, tmp):
         raise ProtocolError(f"{tmp!r} is not a temporary of {final.path!r}")
     try:
         os.unlink(tmp, dir_fd=final.dir_fd)

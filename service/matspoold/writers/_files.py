@@ -46,6 +46,7 @@ from ._retire import RETIRE
 __all__ = [
     "SELF_FD",
     "TEMPS",
+    "TMP_PREFIX_BYTES",
     "TMP_SUFFIX",
     "UNNAMED_MAX_BYTES",
     "TempNames",
@@ -56,16 +57,34 @@ __all__ = [
     "fsync_wanted",
     "pwrite_all",
     "start_writeback",
+    "temp_prefix",
     "write_new_file",
 ]
 
 TMP_SUFFIX = ".matspool-tmp"
+#: bytes of the final name a temporary's name keeps: with the dots, the tag (pid and salt,
+#: at most 24), the counter and the suffix it stays within NAME_MAX (255 bytes)
+TMP_PREFIX_BYTES = 180
+
+
+def temp_prefix(base: str) -> str:
+    """The start of ``base`` that a temporary's name keeps: whole characters, at most
+    ``TMP_PREFIX_BYTES`` bytes. Cut by characters (180 of them) a name of multibyte
+    characters made a temporary's name past NAME_MAX: ENAMETOOLONG for a legal name."""
+    prefix = base[:TMP_PREFIX_BYTES]
+    if len(prefix) > TMP_PREFIX_BYTES // 4:  # only then can it pass the bytes (4 a character)
+        while len(prefix.encode("utf-8", "surrogatepass")) > TMP_PREFIX_BYTES:
+            prefix = prefix[:-1]
+    return prefix
+
+
 #: how :class:`Temporary` hands its open file to writers (and HDF5): by descriptor
 SELF_FD = "/proc/self/fd/"
 
 
 class TempNames:
-    """``.NAME.<tag>-<n>.matspool-tmp`` beside a final name: unique within the daemon (a
+    """``.NAME.<tag>-<n>.matspool-tmp`` beside a final name (NAME: its first 180 bytes, whole
+    characters: ``temp_prefix``): unique within the daemon (a
     counter, no ``urandom`` per file) and across daemons (``tag`` is the pid and a random
     salt). ``record``, when set (the daemon's temporary-file journal), is told each
     directory before a temporary is named in it, so a killed daemon's leftovers can be
@@ -84,7 +103,7 @@ class TempNames:
         """The temporary name (no directory) for ``base`` in ``directory``, journaled first."""
         if self.record is not None:
             self.record(directory)
-        return f".{base[:180]}.{self.tag}-{next(self._ids)}{TMP_SUFFIX}"
+        return f".{temp_prefix(base)}.{self.tag}-{next(self._ids)}{TMP_SUFFIX}"
 
 
 #: the process's temporary names (one daemon per process)

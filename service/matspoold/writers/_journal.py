@@ -65,7 +65,7 @@ from contextlib import contextmanager
 from matspool._errors import WriteFailed
 
 from ..fsconfine import Target, as_target, open_in
-from ._files import fsync_dir, pwrite_all
+from ._files import fsync_dir, pwrite_all, temp_prefix
 from ._undofile import IDENT_BYTES, UndoFile
 
 __all__ = ["HEADER_BYTES", "JOURNAL_SUFFIX", "UndoFile", "journal_path", "journaled", "recover"]
@@ -89,8 +89,13 @@ def journal_path(path: str) -> str:
 
 
 def _journal_name(base: str) -> str:
-    if len(base.encode()) > 200:
-        base = base[:160] + "-" + hashlib.sha256(base.encode()).hexdigest()[:16]
+    raw = base.encode("utf-8", "surrogatepass")
+    if len(raw) > 200:
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        short = base[:160]  # as before wherever that fit NAME_MAX: an older daemon's journal is found
+        if len(short.encode("utf-8", "surrogatepass")) > 220:  # 160 multibyte characters: ENAMETOOLONG
+            short = temp_prefix(base)
+        base = f"{short}-{digest}"
     return f".{base}{JOURNAL_SUFFIX}"
 
 
