@@ -395,7 +395,13 @@ class Link:
                     return
                 if now - last_exit >= _EXIT_CHECK_S:
                     last_exit = now
-                if now - last_rx > silence_limit and self._table.unresolved():
+                if idle and not got and now - last_rx > self._heartbeat / 2 and not self._table.unresolved():
+                    # silence while no save waits is nobody's timeout: without this, a save
+                    # made after an idle outage (a stopped or restarted daemon) failed in the
+                    # turn it woke; now it waits its timeout (less at most one heartbeat).
+                    # Only on a turn that found nothing to send: at most one count a heartbeat
+                    last_rx = now
+                elif now - last_rx > silence_limit and self._table.unresolved():
                     dead = self._daemon_dead()
                     outcome = (
                         "it is gone"
