@@ -301,3 +301,68 @@ def test_fast_saves_are_encoded_for_the_copy_queue_behind_a_queued_copy(
     fut.result(30)
     assert len(sent) == 1 and type(sent[0]) is Encoded
     assert_variables(read(root / "q.mat", "v5"), {"x": x * 2})
+
+
+_TENSOR_CASES = ["float16", "float32", "float64", "complex64", "complex128", "int8", "int16", "int32"]
+_TENSOR_CASES += ["int64", "uint8", "bool", "strided", "transposed", "grad", "scalar", "row"]
+
+
+def _tensor(torch: Any, case: str, seed: int) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    if case == "bool":
+        return torch.rand((5, 3), generator=g) > 0.5
+    if case in ("complex64", "complex128"):
+        return torch.randn((4, 3), dtype=getattr(torch, case), generator=g)
+    base = torch.randn((6, 8), generator=g) * 50
+    return {
+        "strided": lambda: base[::2, 1::3],
+        "transposed": lambda: base.t(),
+        "grad": lambda: base.clone().requires_grad_(True),
+        "scalar": lambda: base[0, 0].clone(),
+        "row": lambda: base[0].clone(),
+    }.get(case, lambda: base.to(getattr(torch, case)))()
+
+
+@pytest.mark.parametrize("fmt", ["v5", "v7.3"])
+@pytest.mark.parametrize("case", _TENSOR_CASES)
+def test_small_tensors_go_fast_as_their_arrays(
+    qspool: matspool.Spool, root: Path, spy: Spy, case: str, fmt: str
+) -> None:
+    """A small plain CPU tensor is saved as its ndarray view (``_quick.host_view``): the
+    repeat takes the fast path, and every file is byte for byte the file of the same
+    values saved as an ndarray (v7.3: the same values read back by h5py; its file holds
+    h5py's time stamps)."""
+    torch = pytest.importorskip("torch")
+    fast = 0
+    for i in range(3):  # template, entry, fast
+        t = _tensor(torch, case, i)
+        before = spy.fast
+        qspool.save(root / f"t{i}.mat", {"x": t}, format=fmt).result(30)
+        fast += spy.fast - before  # the tensor's own saves (the arrays below take it too)
+        qspool.save(root / f"a{i}.mat", {"x": t.detach().numpy().copy()}, format=fmt).result(30)
+        t.detach().mul_(0) if t.dtype is not torch.bool else t.detach().logical_not_()  # after the save
+        if fmt == "v5":
+            assert (root / f"t{i}.mat").read_bytes()[128:] == (root / f"a{i}.mat").read_bytes()[128:], case
+        assert_variables(read(root / f"t{i}.mat", fmt), read(root / f"a{i}.mat", fmt), case)
+    assert fast >= 1, f"{case}: the repeated tensor saves never took the fast path"
+
+
+def test_tensors_the_fast_path_does_not_take_still_save(qspool: matspool.Spool, root: Path, spy: Spy) -> None:
+    """bfloat16, a conjugate view, an nn.Parameter and a tensor over 64 KiB go the long way
+    (``host_view`` returns None), and read back as they were."""
+    torch = pytest.importorskip("torch")
+    z = torch.randn((3, 2), dtype=torch.complex64)
+    big = torch.randn((129, 128))  # 66,048 bytes
+    cases = {
+        "bf16": (torch.ones((2, 3), dtype=torch.bfloat16), np.ones((2, 3), np.float32)),
+        "conj": (z.conj(), z.conj().resolve_conj().numpy()),
+        "param": (torch.nn.Parameter(torch.ones(2, 2)), np.ones((2, 2), np.float32)),
+        "big": (big, big.numpy()),
+    }
+    for name, (t, want) in cases.items():
+        assert _quick.host_view(t) is None, name
+        for i in range(3):
+            qspool.save(root / f"{name}{i}.mat", {"x": t}).result(30)
+        got = read(root / f"{name}2.mat", "v5")["x"]
+        assert got.shape == want.shape and np.array_equal(got.astype(want.dtype), want), name
+    assert spy.fast == 0

@@ -27,6 +27,7 @@ under the GIL.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Mapping
 from os import getpid
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
@@ -47,7 +48,7 @@ from ._wirebin import _FORMAT_CODE, _HEAD, _MODE_CODE, WRITE_MAGIC
 if TYPE_CHECKING:
     from ._spool import Spool
 
-__all__ = ["MAX_ARRAY_BYTES", "Entry", "remember", "save"]
+__all__ = ["MAX_ARRAY_BYTES", "Entry", "host_view", "host_views", "remember", "save"]
 
 #: arrays up to this size take the fast path: below every threshold where the general
 #: copy picks another method (``_transpose``, torch, ``_reorder``'s deferral), so the
@@ -61,6 +62,57 @@ _VAR_HEAD: Final = struct.Struct("<BBBx")  # _wirebin's per-variable header befo
 _NDARRAY: Final = np.ndarray
 _U64: Final = struct.Struct("<Q")
 _WRITE: Final = _MODE_CODE["write"]
+
+
+#: torch dtypes whose ``.numpy()`` view has the same MATLAB class, element for element
+#: (bfloat16, complex32, quantized and the unsigned types numpy spells alike but older
+#: torch refuses are left to the general path)
+_TORCH_TYPES: Final = (
+    "float16", "float32", "float64", "complex64", "complex128",
+    "int8", "int16", "int32", "int64", "uint8", "bool",
+)  # fmt: skip
+_numpy_able: frozenset[Any] = frozenset()
+
+
+def host_view(x: Any) -> np.ndarray | None:
+    """The ndarray view of ``x`` when it is a small plain CPU tensor (exact
+    ``torch.Tensor``, strided, no conjugate or negative bit, a dtype above, at most
+    :data:`MAX_ARRAY_BYTES`), else None. Saving the view writes the file saving the
+    tensor writes (the same dtype, dims and bytes; ``tests/test_quick_saves.py`` compares
+    them), and lets a repeated small tensor save take this module's path."""
+    global _numpy_able
+    torch = sys.modules.get("torch")
+    if torch is None or type(x) is not torch.Tensor:
+        return None  # a subclass (Parameter, DTensor, a traced FakeTensor) goes the long way
+    if not _numpy_able:
+        _numpy_able = frozenset(getattr(torch, n) for n in _TORCH_TYPES)
+    if (
+        x.dtype not in _numpy_able
+        or x.layout is not torch.strided
+        or x.device.type != "cpu"
+        or x.numel() * x.element_size() > MAX_ARRAY_BYTES
+        or x.is_conj()
+        or x.is_neg()
+    ):
+        return None
+    view: np.ndarray = (x.detach() if x.requires_grad else x).numpy()
+    return view
+
+
+def host_views(variables: dict[Any, Any]) -> dict[Any, Any]:
+    """``variables`` with each small plain CPU tensor (:func:`host_view`) as its ndarray
+    view; the same dict when there is none (or torch is not loaded)."""
+    if "torch" not in sys.modules:
+        return variables
+    out = None
+    for name, x in variables.items():
+        if type(x) is not _NDARRAY:
+            view = host_view(x)
+            if view is not None:
+                if out is None:
+                    out = dict(variables)
+                out[name] = view
+    return variables if out is None else out
 
 
 class Var(NamedTuple):
@@ -166,18 +218,23 @@ def save(
     else:
         return None  # level()'s refusal, in the general path's order
     options = (fmt, layout, oned_as, lvl)
+    arrays: list[np.ndarray] = []
     for e in entries:  # newest first; each layout saved under these names
         if e.options != options:
             continue
+        arrays.clear()
         for (name, x), v in zip(variables.items(), e.vars, strict=True):
+            if type(x) is not _NDARRAY:
+                x = host_view(x)  # a small CPU tensor: its ndarray view, matched as one
             if (
-                type(x) is not _NDARRAY
+                x is None
                 or type(name) is not str
                 or x.shape != v.shape
                 or x.strides != v.strides
                 or (x.dtype is not v.dtype and x.dtype != v.dtype)
             ):
-                break  # a Shard, a tensor, another layout: not this entry
+                break  # a Shard, a large or CUDA tensor, another layout: not this entry
+            arrays.append(x)
         else:
             break  # every variable matches e
     else:
@@ -214,7 +271,7 @@ def save(
         if offset < 0:
             return None  # full, moving or closed: the general path waits or raises
         try:
-            for x, v in zip(variables.values(), e.vars, strict=True):
+            for x, v in zip(arrays, e.vars, strict=True):
                 if v.elements:
                     m = x if v.same else _matlab_order(x, layout, oned_as)
                     start = (offset + v.relative) // v.itemsize

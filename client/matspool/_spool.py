@@ -318,6 +318,8 @@ class Spool:
         self._check_open()
         ring = self._ring
         assert ring is not None
+        if type(variables) is dict and mode == "write" and not append:
+            variables = _quick.host_views(variables)  # small CPU tensors: planned as ndarrays
         p = plan(
             path,
             variables,
