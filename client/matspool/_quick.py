@@ -13,11 +13,12 @@ of the request the general path builds.
 Each such save still checks, every time: the format's spelling, fsync a bool, CUDA graph
 capture, a closed spool, a fork (``Spool._check_open``), a broken link, the compression
 level, every name, dtype, shape and strides against the entry (names exact ``str``,
-values exact ``ndarray``), and its path (``_planner.check_path``'s rules, inline for an
-absolute normal ``str``). Anything else (an option or a variable that differs, a path
-that does not encode (a relative one under a working directory whose name is not UTF-8),
-a full, moving or closed ring, a daemon that reads JSON only, a remote daemon) returns
-None: the general path then checks the save from scratch and raises what it raises.
+values exact ``ndarray``, or a small plain CPU tensor's ndarray view: ``host_view``),
+and its path (``_planner.check_path``'s rules, inline for an absolute normal ``str``).
+Anything else (an option or a variable that differs, a path that does not encode (a
+relative one under a working directory whose name is not UTF-8), a full, moving or
+closed ring, a daemon that reads JSON only, a remote daemon) returns None: the general
+path then checks the save from scratch and raises what it raises.
 
 Threads: callers' threads. Entries are immutable; a spool's entries (``Spool._quick``: a
 dict of names -> a short list, newest first) are replaced by whole-value stores, atomic
