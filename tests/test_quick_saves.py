@@ -206,7 +206,9 @@ def test_every_other_check_still_happens_on_the_fast_path(mdaemon: DaemonProc, r
         spool.save(root / "closed.mat", {"x": x})
 
 
-def test_the_fast_path_sends_what_the_general_path_encodes(qspool: matspool.Spool, root: Path) -> None:
+def test_the_fast_path_sends_what_the_general_path_encodes(
+    qspool: matspool.Spool, root: Path, spy: Spy
+) -> None:
     """Byte for byte: the fast path's WRITE is ``_wirebin.encode_write`` of the request the
     general path builds for the same save at the same place in the ring."""
     rng = np.random.default_rng(16)
@@ -216,13 +218,15 @@ def test_the_fast_path_sends_what_the_general_path_encodes(qspool: matspool.Spoo
     link = qspool._link
     assert link is not None
     caught: list[tuple[int, list[Any], Any]] = []
-    real = link.queue_write
+    real = link.queue
 
-    def catch(seq: int, frames: list[Any], lease: Any) -> None:
-        caught.append((seq, frames, lease))
-        real(seq, frames, lease)
+    def catch(op: str, seq: int, frames: list[Any], lease: Any) -> None:
+        if op == "WRITE":
+            caught.append((seq, frames, lease))
+        real(op, seq, frames, lease)
 
-    link.queue_write = catch  # type: ignore[method-assign]
+    link.queue = catch  # type: ignore[method-assign]
+    spy.fast = spy.general = 0
     try:
         for fsync in (False, True):
             path = root / f"enc{fsync}.mat"
@@ -232,8 +236,8 @@ def test_the_fast_path_sends_what_the_general_path_encodes(qspool: matspool.Spoo
             request = WriteRequest(seq, p.path, p.format, fsync, tuple(p.specs(lease.offset)), 0)
             assert frames[1] == _wirebin.encode_write(request)
     finally:
-        del link.queue_write
-    assert len(caught) == 2
+        del link.queue
+    assert len(caught) == 2 and spy.fast == 2  # both WRITEs were the fast path's
 
 
 def test_a_daemon_that_reads_json_only_gets_no_fast_saves(tmp_path: Path, spy: Spy) -> None:

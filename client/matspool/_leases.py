@@ -18,6 +18,7 @@ I/O thread releases daemon holds; one lock (``Leases._cond``) guards every lease
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from ._ring import Ring
 
@@ -76,15 +77,9 @@ class Leases:
     def answered(self, lease: Lease) -> None:
         """The daemon will not read ``lease`` any more (it answered, it is dead, or the
         region was never sent to it)."""
-        with self._cond:
-            if not lease.daemon:
-                return
-            lease.daemon = False
-            free = self._settle(lease)
-        if free:
-            self.ring.free(lease.offset)
+        self.answered_all((lease,))
 
-    def answered_all(self, leases: list[Lease]) -> None:
+    def answered_all(self, leases: Iterable[Lease]) -> None:
         """``answered`` of each of ``leases`` (one DONE's saves), each lock taken once."""
         free: list[int] = []
         with self._cond:

@@ -164,18 +164,15 @@ class Link:
                 *msgs.encode(message, binary=self.binary),  # type: ignore[arg-type]
                 *(remote_frames(self._ring.array, message) if self._remote else []),  # type: ignore[arg-type]
             ]
+        self.queue(message.OP, getattr(message, "seq", -1), frames, lease)
+
+    def queue(self, op: str, seq: int, frames: list[Any], lease: Lease | None) -> None:
+        """Queue ``frames`` already encoded (``send``'s, or a WRITE ``_quick`` encoded:
+        binary, only while ``binary``) and wake the I/O thread if it waits."""
         with self._outbox_lock:
-            self._outbox.append((message.OP, getattr(message, "seq", -1), frames, lease))
+            self._outbox.append((op, seq, frames, lease))
             wake, self._idle = self._idle, False
         if wake:  # a wake-up that comes late is harmless: one more turn of the loop
-            self.transport.wake()
-
-    def queue_write(self, seq: int, frames: list[Any], lease: Lease) -> None:
-        """``send`` of a WRITE ``_quick`` encoded (binary: only while ``binary``)."""
-        with self._outbox_lock:
-            self._outbox.append(("WRITE", seq, frames, lease))
-            wake, self._idle = self._idle, False
-        if wake:
             self.transport.wake()
 
     def close(self) -> None:

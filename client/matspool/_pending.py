@@ -237,18 +237,17 @@ class PendingTable:
             save = self._saves.get(seq) if type(seq) is int else None
             if save is None:
                 return
-            save.outstanding = max(0, save.outstanding - 1)
-            if part is not False:
+            if part is False:
+                release = self._answered(save)
+            else:
+                save.outstanding = max(0, save.outstanding - 1)
                 for lease in save.leases:
                     if part is None or lease.offset == part:
                         save.leases.remove(lease)
                         release.append(lease)
                         break
-            elif save.ended and not save.outstanding:
-                del self._saves[save.seq]
-                release = save.leases
-        for lease in release:
-            self._leases.answered(lease)
+        if release:
+            self._leases.answered_all(release)
         if part is False:
             if error is not None:
                 self._fail(save, error)
@@ -263,19 +262,24 @@ class PendingTable:
         release: list[Lease] = []
         finished: list[tuple[SaveFuture, SaveResult]] = []
         with self._lock:
-            saves = self._saves
             for seq, nbytes in answers:
-                save = saves.get(seq) if type(seq) is int else None
+                save = self._saves.get(seq) if type(seq) is int else None
                 if save is None:
                     continue
-                save.outstanding = max(0, save.outstanding - 1)
-                if save.ended and not save.outstanding:
-                    del saves[seq]
-                    release += save.leases
+                release += self._answered(save)
                 finished.append((save.future, SaveResult(save.path, nbytes, save.format)))
         if release:
             self._leases.answered_all(release)  # the space is free before anyone wakes
         _resolve(self._condition, finished)
+
+    def _answered(self, save: Save) -> list[Lease]:
+        """A DONE or ERR of one of ``save``'s messages (under ``_lock``): once its last
+        message is answered the record goes, and its leases are returned to release."""
+        save.outstanding = max(0, save.outstanding - 1)
+        if save.ended and not save.outstanding:
+            del self._saves[save.seq]
+            return save.leases
+        return []
 
     def fail_unresolved(self, error: Callable[[Save], MatspoolError], *, keep: bool = True) -> None:
         """Fail every save whose future is still open. ``keep``: their records (and so

@@ -303,5 +303,5 @@ def save(
     if copies._queued:  # a CUDA copy or a reorder is queued before it: this WRITE waits its turn
         copies.dispatch(Encoded(seq, frames), None, (), lease)
     else:  # (read without its lock: 0 means all queued before went to the outbox)
-        link.queue_write(seq, frames, lease)
+        link.queue("WRITE", seq, frames, lease)
     return record.future
