@@ -252,7 +252,8 @@ def test_the_fast_constructors_make_what_the_classes_make() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4095, 4096, 4097, 9000])
 def test_done_frames_are_the_bytes_msgs_encode_makes(n: int) -> None:
-    from matspoold.replies import done_frames, done_messages
+    from matspoold.replies import _DONE_BATCH, done_frames
 
     answers = [(2**63 - 1 - i, i * 4288) for i in range(n)]
-    assert list(done_frames(answers)) == [m.encode(d) for d in done_messages(answers)]
+    chunks = [tuple(answers[i : i + _DONE_BATCH]) for i in range(0, n, _DONE_BATCH)]
+    assert list(done_frames(answers)) == [m.encode(m.Done(c)) for c in chunks]

@@ -4,7 +4,7 @@ Why one place: every job ends here, whether a writer thread ran it (``drain``) o
 loop wrote it inline (``settle``), and a save's answer is remembered (``Client.remember``)
 so that the same WRITE sent again after a reconnect is answered again, not written twice
 (``seen``). A client's DONEs are gathered and go out together (``send_done``: one message
-per client, ``replies.done_messages``).
+per client, ``replies.done_frames``).
 
 Threads: an ``Outcomes`` belongs to the thread that runs ``Daemon.serve``; its counters
 reach other threads only through ``Daemon.snapshot``.

@@ -17,7 +17,7 @@ from matspool._errors import MatspoolError
 
 from .guard import RateLimitedLog
 
-__all__ = ["Sender", "done_frames", "done_messages", "error_msg", "os_errno", "refuse"]
+__all__ = ["Sender", "done_frames", "error_msg", "os_errno", "refuse"]
 
 log = logging.getLogger("matspoold")
 
@@ -64,20 +64,14 @@ def refuse(router: Sender, ident: bytes, seq: object, err: Exception) -> None:
     router.send_multipart([ident, *msgs.encode(error_msg(seq, err))])
 
 
-def done_messages(answers: list[tuple[int, int]]) -> Iterator[msgs.Done]:
-    """A client's finished saves ``(seq, nbytes)`` as few DONE messages: one message, not
-    one per file, when many small files finish at once."""
-    for i in range(0, len(answers), _DONE_BATCH):
-        yield msgs.Done(tuple(answers[i : i + _DONE_BATCH]))
-
-
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps's, made once
 
 
 def done_frames(answers: list[tuple[int, int]]) -> Iterator[list[bytes]]:
-    """The frames of ``done_messages(answers)``, byte for byte what ``msgs.encode`` makes of
-    them, without a ``Done`` and a list per answer: the DONEs of a burst of small files
-    are built on the control thread, the burst's bottleneck."""
+    """A client's finished saves ``(seq, nbytes)`` as the frames of few DONE messages (one
+    per ``_DONE_BATCH`` answers, not one per file, when many small files finish at once),
+    byte for byte what ``msgs.encode`` makes of ``msgs.Done`` of them, without a ``Done``
+    and a list per answer: they are built on the control thread, a burst's bottleneck."""
     for i in range(0, len(answers), _DONE_BATCH):
         chunk = answers[i : i + _DONE_BATCH]
         if len(chunk) == 1:

@@ -322,19 +322,17 @@ class Daemon:
     ) -> None:
         try:
             client = self._clients.get(ident)
+            write_seq: object = None  # a WRITE's: one sent again is answered from what is known
+            if isinstance(raw, BinWrite):
+                write_seq = raw.seq
+            elif raw["op"] == "WRITE":
+                write_seq = raw.get("seq")
+            if client is not None and self._outcomes.seen(self._guard, client, write_seq):
+                return
             ring_bytes = None if client is None else client.ring_bytes
-            if type(raw) is BinWrite:
-                if client is not None and self._outcomes.seen(self._guard, client, raw.seq):
-                    return
-                msg = raw.request(ring_bytes)  # what parse_request gives (binparse)
+            if isinstance(raw, BinWrite):
+                msg = raw.request(ring_bytes)  # what parse_request gives for the same bytes
             else:
-                assert isinstance(raw, dict)
-                if (
-                    raw["op"] == "WRITE"
-                    and client is not None
-                    and self._outcomes.seen(self._guard, client, raw.get("seq"))
-                ):
-                    return
                 msg = msgs.parse_request(raw, ring_bytes)
             reply: msgs.Reply | None = None
             if isinstance(msg, msgs.Ping):
