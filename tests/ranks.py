@@ -4,7 +4,8 @@ test's group dies the same way when a rank hangs.
 
 Used from a test's (module) fixture, on the test's thread only; no state of its own.
 :class:`Outcomes` is the rank scripts' side: what each rank reports, as the JSON file
-:func:`read_outcomes` reads.
+:func:`read_outcomes` reads; :class:`RowSteps`, the data both sides of a sharded stream
+test know.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "Outcomes",
+    "RowSteps",
     "free_port",
     "group_on_one_daemon",
     "kill_ranks",
@@ -118,6 +120,25 @@ class Outcomes(dict[str, Any]):
         except Exception as e:  # noqa: BLE001 - reported to the test
             self[key] = f"{type(e).__name__}: {e}"
         self.record()
+
+
+class RowSteps:
+    """The steps of a sharded stream over 3 ranks: step ``k`` of case ``c`` is a 6 x 4
+    global array (seeded by both), whose rows 2r and 2r+1 rank r appends; the rank script
+    appends :meth:`block`, its test reads the file back against :meth:`expected`."""
+
+    def __init__(self, cases: tuple[str, ...]) -> None:
+        self.cases = cases
+
+    def expected(self, case: str, step: int) -> Any:
+        import numpy as np
+
+        return np.random.default_rng([self.cases.index(case), step]).standard_normal((6, 4))
+
+    def block(self, case: str, step: int, rank: int) -> Any:
+        import matspool
+
+        return matspool.Shard(self.expected(case, step)[2 * rank : 2 * rank + 2], (2 * rank, 0), (6, 4))
 
 
 def group_on_one_daemon(

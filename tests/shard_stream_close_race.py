@@ -29,18 +29,15 @@ import os
 import sys
 from typing import Any
 
-import numpy as np
-from ranks import Outcomes
+from ranks import Outcomes, RowSteps
 
 WORLD = 3
 CASES = ("late", "zero", "gaveup", "unstarted")
 # who closes its stream after step 0, and who leaves its with on an error with step 1 in flight
 ROLES = {"late": (1, 2), "zero": (0, 1)}
 
-
-def expected(case: str, step: int) -> np.ndarray:
-    """The global array of a step (6 x 4; rank r holds rows 2r, 2r+1)."""
-    return np.random.default_rng([CASES.index(case), step]).standard_normal((6, 4))
+STEPS = RowSteps(CASES)
+expected = STEPS.expected  # the global array of a step (the test reads the file against it)
 
 
 def main() -> None:
@@ -57,7 +54,7 @@ def main() -> None:
     outcome_of = outcome.of
 
     def u(case: str, step: int) -> Any:
-        return matspool.Shard(expected(case, step)[2 * rank : 2 * rank + 2], (2 * rank, 0), (6, 4))
+        return STEPS.block(case, step, rank)
 
     spool = matspool.Spool(endpoint, ring_bytes=1 << 20, timeout=120)
     streams = {case: spool.stream(os.path.join(out, f"{case}.mat")) for case in ROLES}
