@@ -188,16 +188,20 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def _load_openat2() -> tuple[object, object, int] | None:
+def _load_openat2() -> tuple[object, object, object, object] | None:
+    """``syscall`` and its fixed arguments, made once: the number and the size as C
+    ``long`` and ``size_t`` objects and a reference to the ``open_how``, so each call
+    converts only the descriptor and the path (no ``argtypes``: their checks were a
+    fifth of a resolve, measured 3.0 against 2.5 us a call)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.syscall
     except (OSError, AttributeError):
         return None
     call.restype = ctypes.c_long
-    call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
     how = _OpenHow(_DIR_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-    return call, ctypes.byref(how), ctypes.sizeof(how)  # the reference keeps ``how`` alive
+    # the reference keeps ``how`` alive
+    return call, ctypes.c_long(_SYS_OPENAT2), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))
 
 
 _OPENAT2 = _load_openat2()
@@ -210,8 +214,8 @@ def _openat2_dir(root_fd: int, rel: str) -> int | None:
     global _openat2_works
     if not _openat2_works or _OPENAT2 is None:
         return None
-    call, how_ref, how_size = _OPENAT2
-    fd = call(_SYS_OPENAT2, root_fd, rel.encode(), how_ref, how_size)  # type: ignore[operator]
+    call, number, how_ref, how_size = _OPENAT2
+    fd = call(number, root_fd, rel.encode(), how_ref, how_size)  # type: ignore[operator]  # int: C int
     if fd >= 0:
         return int(fd)
     err = ctypes.get_errno()

@@ -173,8 +173,10 @@ def write_atomic(
                 if fmt == "v5" and not compress
                 else None
             )
-            if image is not None:
-                pwrite_all(temp.fd, image, 0)  # the new, empty temporary
+            if image is not None:  # into the new, empty temporary
+                done = os.pwrite(temp.fd, image, 0)
+                if done < len(image):  # a short write: the rest, or why not (ENOSPC)
+                    pwrite_all(temp.fd, memoryview(image)[done:], done)
                 return temp.publish(fsync, len(image))
             existing = _open_existing(target) if append else -1
             try:

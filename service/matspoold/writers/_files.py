@@ -240,8 +240,7 @@ class Temporary:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_linkat = _libc.linkat
-_linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_linkat = _libc.linkat  # (int, char *, int, char *, int): ctypes' own conversions, no argtypes
 _linkat.restype = ctypes.c_int
 _AT_EMPTY_PATH = 0x1000  # linux/fcntl.h
 #: whether ``linkat(fd, "", AT_EMPTY_PATH)`` links here: Linux 6.10+ lets a process link a

@@ -27,7 +27,7 @@ from ..shmspan import ShmSpan
 from ._deflate import BLOCK, zlib_stream
 from ._direct import DIRECT_MIN_BYTES, direct_enabled, write_payload
 from ._files import SELF_FD, WRITEBACK_STEP, fsync_wanted, start_writeback, write_new_file
-from ._values import Cell, Char, Sparse, Struct
+from ._values import Cell, Char, Sparse, Struct, column_bytes
 
 __all__ = ["header", "small_image", "write_v5"]
 
@@ -306,10 +306,12 @@ _SMALL_FILE: Final = 1 << 20
 def small_image(variables: Sequence[tuple[Variable, Any]]) -> bytes | None:
     """The whole file of a small plain numeric save without compression, assembled in
     memory (for one ``write()``), or None for any other save (``write_v5`` then)."""
-    plain = [(s, v) for s, v in variables if isinstance(s, VarSpec) and not s.deferred and not s.mclass]
-    if len(plain) == len(variables) and sum(s.nbytes for s, _ in plain) <= _SMALL_FILE:
-        return _small(plain)
-    return None
+    total = 0
+    for spec, _ in variables:
+        if not isinstance(spec, VarSpec) or spec.deferred or spec.mclass:
+            return None
+        total += spec.nbytes
+    return _small(variables) if total <= _SMALL_FILE else None  # type: ignore[arg-type]
 
 
 def _small(variables: Sequence[tuple[VarSpec, np.ndarray]]) -> bytes:
@@ -329,8 +331,7 @@ def _small(variables: Sequence[tuple[VarSpec, np.ndarray]]) -> bytes:
                 _FRAMES[key] = (bytes(parts[0]) + bytes(parts[1]), bytes(parts[3]))
             bufs += parts
         else:
-            flat = np.ascontiguousarray(value.reshape(-1, order="F"))  # a view: the ring is column-major
-            bufs += [frame[0], flat.view(np.uint8).data, frame[1]]
+            bufs += [frame[0], column_bytes(value), frame[1]]
     return b"".join(bufs)
 
 

@@ -39,7 +39,7 @@ from ._direct import DIRECT_MIN_BYTES, write_payload
 from ._files import pwrite_all, write_new_file
 from ._layouts import _SPLITS, TEMPLATE_MAX_BYTES, TEMPLATES, _keep_split, _Split, _splits_lock, _Template
 from ._v73values import _MIN_COMPRESS_BYTES, _stored, _stored_dtype, _str_attr, _Tree, _write_deflated
-from ._values import Char
+from ._values import Char, column_bytes
 
 __all__ = [
     "TEMPLATES",
@@ -150,8 +150,7 @@ def image_from_template(t: _Template, variables: Sequence[tuple[Variable, Any]])
     for (_, arr), offset in zip(variables, t.offsets, strict=True):
         if offset is not None:  # the ring's bytes as they are: what _stored reinterprets
             assert isinstance(arr, np.ndarray)  # templates are smaller than any span
-            data = arr.reshape(-1, order="F").view(np.uint8)  # a view: the ring is column-major
-            image[offset : offset + data.nbytes] = data.data
+            image[offset : offset + arr.nbytes] = column_bytes(arr)
     image[:128] = _header_now()
     return image
 
