@@ -19,6 +19,7 @@ attack is real), as long as they fail with a reason and the daemon serves on.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -406,8 +407,9 @@ def test_small_saves_through_unnamed_temporaries(
         monkeypatch.setattr(v73, "TEMPLATES", _TemplateCache())  # no layout known yet
         x = np.arange(12, dtype=np.float64).reshape(3, 4, order="F") + unnamed_works
         spec = proto.VarSpec("x", "<f8", (3, 4), 0, 96)
-        for name in ("new.mat", "taken.mat", "link.mat", "new.mat", "other.mat"):
-            with fsconfine.resolve(str(d / name), (str(tmp_path),)) as target:
+        for i, name in enumerate(("new.mat", "taken.mat", "link.mat", "new.mat", "other.mat")):
+            # checked at resolve, or (the daemon's small files) only once the name is taken
+            with fsconfine.resolve(str(d / name), (str(tmp_path),), check=i % 2 == 0) as target:
                 size = write_atomic(target, fmt, [(spec, x)], fsync=False, unnamed=True)
             assert size == (d / name).stat().st_size and not (d / name).is_symlink()
             got = read(d / name, fmt)["x"]
@@ -416,6 +418,16 @@ def test_small_saves_through_unnamed_temporaries(
         assert (v73.template_for([(spec, x)]) is not None) == (fmt == "v7.3")  # the later ones used it
         with pytest.raises(matspool.WriteFailed, match="is a directory"):
             fsconfine.resolve(str(d / "dir.mat"), (str(tmp_path),))
+        # not checked at resolve: refused with the same error once the name is found taken
+        # (v7.3: from its template, then through HDF5 and a named temporary, no layout known)
+        for _ in range(2):
+            with (
+                fsconfine.resolve(str(d / "dir.mat"), (str(tmp_path),), check=False) as target,
+                pytest.raises(matspool.WriteFailed, match="it is a directory") as e,
+            ):
+                write_atomic(target, fmt, [(spec, x)], fsync=False, unnamed=True)
+            assert e.value.errno == errno.EISDIR and not any((d / "dir.mat").iterdir())
+            monkeypatch.setattr(v73, "TEMPLATES", _TemplateCache())
         assert victim.read_bytes() == b"precious"
         assert sorted(os.listdir(d)) == ["dir.mat", "link.mat", "new.mat", "other.mat", "taken.mat"]
     finally:

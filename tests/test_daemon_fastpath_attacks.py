@@ -60,13 +60,19 @@ def test_temporary_names_fit_name_max(tmp_path: Path, name: str) -> None:
     (tmp_path / temp).write_bytes(b"")  # the kernel takes it
 
 
+@pytest.mark.parametrize("flink", [True, False], ids=["at_empty_path", "proc_fd"])
+@pytest.mark.parametrize("checked", [True, False], ids=["checked", "unchecked"])
 def test_what_appears_between_the_failed_link_and_the_rename(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flink: bool, checked: bool
 ) -> None:
     """The final name taken (linkat: EEXIST), then, before the temporary is linked and
     renamed over it, replaced by a symlink leading out, a fifo, a directory, or removed:
     the symlink and the fifo are replaced themselves (the victim untouched), the directory
-    is refused with nothing left behind, a removed name is simply written."""
+    is refused with nothing left behind, a removed name is simply written. Whether the
+    link is made by ``AT_EMPTY_PATH`` or through ``/proc/self/fd``, and whether the
+    name was checked at ``resolve`` or is checked once the link finds it taken (the
+    daemon's small files: ``check=False``)."""
+    monkeypatch.setattr(_files, "_flink_works", flink and _files._flink_works)
     d, out = tmp_path / "r", tmp_path / "out"
     d.mkdir()
     out.mkdir()
@@ -74,14 +80,14 @@ def test_what_appears_between_the_failed_link_and_the_rename(
     victim.write_bytes(b"precious")
     x = np.arange(6.0).reshape(2, 3, order="F")
     spec = proto.VarSpec("x", "<f8", (2, 3), 0, 48)
-    real_link = os.link
+    real_link = _files.link_fd
     for plant in ("symlink", "fifo", "dir", "gone"):
         p = d / f"{plant}.mat"
         p.write_bytes(b"old")
         calls = [0]
 
         def link(
-            src: str, dst: str, *, p: Path = p, plant: str = plant, calls: list[int] = calls, **kw: object
+            fd: int, dir_fd: int, name: str, *, p: Path = p, plant: str = plant, calls: list[int] = calls
         ) -> None:
             calls[0] += 1
             if calls[0] == 2:  # the final name was taken: plant before the temporary's link
@@ -92,16 +98,16 @@ def test_what_appears_between_the_failed_link_and_the_rename(
                     os.mkfifo(p)
                 elif plant == "dir":
                     p.mkdir()
-            real_link(src, dst, **kw)  # type: ignore[arg-type]
+            real_link(fd, dir_fd, name)
 
-        monkeypatch.setattr(os, "link", link)
-        with fsconfine.resolve(str(p), (str(d),)) as target:
+        monkeypatch.setattr(_files, "link_fd", link)
+        with fsconfine.resolve(str(p), (str(d),), check=checked) as target:
             if plant == "dir":
                 with pytest.raises(IsADirectoryError):
                     write_atomic(target, "v5", [(spec, x)], fsync=False, unnamed=True)
             else:
                 write_atomic(target, "v5", [(spec, x)], fsync=False, unnamed=True)
-        monkeypatch.setattr(os, "link", real_link)
+        monkeypatch.setattr(_files, "link_fd", real_link)
         assert calls[0] == 2
         if plant == "dir":
             assert p.is_dir() and not any(p.iterdir())

@@ -153,13 +153,17 @@ def test_v5_small_file_frames_write_what_the_general_path_writes(tmp_path: Path)
         dtype = "|b1" if a.dtype.kind == "b" else a.dtype.str
         variables.append((VarSpec(name, dtype, a.shape, 0, a.nbytes), f))
     v5._FRAMES.clear()
-    v5._write_small(str(tmp_path / "first.mat"), variables)  # makes the frames
+    v5.write_v5(str(tmp_path / "first.mat"), variables)  # the small path: makes the frames
     assert len(v5._FRAMES) == 6  # not the complex one, not the empty one
     for step in range(3):  # new values under the same names, types and sizes
         for _, f in variables:
             f[...] = np.asfortranarray(rng.standard_normal(f.shape)).astype(f.dtype)
-        v5._write_small(str(tmp_path / f"again{step}.mat"), variables)
+        v5.write_v5(str(tmp_path / f"again{step}.mat"), variables)
         expected = b"".join(b for spec, f in variables for b in v5._element(spec, f, v5._CHUNK))
         got = (tmp_path / f"again{step}.mat").read_bytes()
         assert got[:20] == b"MATLAB 5.0 MAT-file " and got[124:128] == b"\x00\x01IM"
         assert got[128:] == expected  # the header's text says when: compared apart
+    # the same values in any other layout (row-major, strided): copied in column order
+    for make in (np.ascontiguousarray, lambda f: np.repeat(f, 2, axis=0)[::2]):
+        v5.write_v5(str(tmp_path / "other.mat"), [(spec, make(f)) for spec, f in variables])
+        assert (tmp_path / "other.mat").read_bytes()[128:] == expected

@@ -172,18 +172,15 @@ class BinWrite:
         shape = SHAPES.get(self.key)
         if shape is not None and ring_bytes is not None and self._fits(shape, ring_bytes):
             var = _var
-            return _request(
-                self.seq,
-                self.path,
-                shape.format,
-                shape.fsync,
-                tuple(
+            if len(shape.vars) == 1:  # one variable (most saves): no generator, no zip
+                ((name, dtype, dims, nbytes, _),), (offset,) = shape.vars, self.offsets
+                specs: tuple[proto.Variable, ...] = (var(name, dtype, dims, offset, nbytes),)
+            else:
+                specs = tuple(
                     var(name, dtype, dims, offset, nbytes)
                     for (name, dtype, dims, nbytes, _), offset in zip(shape.vars, self.offsets, strict=True)
-                ),
-                shape.compress,
-                shape.mode,
-            )
+                )
+            return _request(self.seq, self.path, shape.format, shape.fsync, specs, shape.compress, shape.mode)
         request = msgs.parse_request(self.raw(), ring_bytes)  # the reference: its answer, its error
         if shape is None and len(self.key) <= MAX_KEY_BYTES and Shape.fits(request):
             assert isinstance(request, proto.WriteRequest)

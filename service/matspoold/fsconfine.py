@@ -75,15 +75,29 @@ class Target:
     ``dir_fd`` is an ``O_PATH`` descriptor of the directory (owned: :meth:`close`),
     ``name`` the file's name in it (no slash), ``path`` the path the client gave (for
     messages) and ``dir_path`` the directory as it was resolved (for the temporaries
-    journal; never reopened by name for writing)."""
+    journal; never reopened by name for writing). ``unchecked``: :meth:`refuse_directory`
+    has not looked at the name yet (``resolve(..., check=False)``); whoever puts a file
+    there by name calls it first."""
 
-    __slots__ = ("dir_fd", "dir_path", "name", "path")
+    __slots__ = ("dir_fd", "dir_path", "name", "path", "unchecked")
 
-    def __init__(self, dir_fd: int, name: str, path: str, dir_path: str) -> None:
+    def __init__(self, dir_fd: int, name: str, path: str, dir_path: str, unchecked: bool = False) -> None:
         self.dir_fd = dir_fd
         self.name = name
         self.path = path
         self.dir_path = dir_path
+        self.unchecked = unchecked
+
+    def refuse_directory(self) -> None:
+        """``WriteFailed`` (EISDIR) if a directory holds the name: a save never lands in
+        or over one. A name that does not exist, or anything else there, passes."""
+        self.unchecked = False
+        try:
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise failed(f"cannot write {self.path!r}: it is a directory", errno.EISDIR)
 
     @classmethod
     def unconfined(cls, path: str) -> Target:
@@ -94,7 +108,7 @@ class Target:
 
     def dup(self) -> Target:
         """The same target with its own descriptor (for a save in pieces, which outlives its job)."""
-        return Target(os.dup(self.dir_fd), self.name, self.path, self.dir_path)
+        return Target(os.dup(self.dir_fd), self.name, self.path, self.dir_path, self.unchecked)
 
     def close(self) -> None:
         if self.dir_fd >= 0:
@@ -174,16 +188,20 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def _load_openat2() -> tuple[object, object, int] | None:
+def _load_openat2() -> tuple[object, object, object, object] | None:
+    """``syscall`` and its fixed arguments, made once: the number and the size as C
+    ``long`` and ``size_t`` objects and a reference to the ``open_how``, so each call
+    converts only the descriptor and the path (no ``argtypes``: their checks were a
+    fifth of a resolve, measured 3.0 against 2.5 us a call)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.syscall
     except (OSError, AttributeError):
         return None
     call.restype = ctypes.c_long
-    call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
     how = _OpenHow(_DIR_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-    return call, ctypes.byref(how), ctypes.sizeof(how)  # the reference keeps ``how`` alive
+    # the reference keeps ``how`` alive
+    return call, ctypes.c_long(_SYS_OPENAT2), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))
 
 
 _OPENAT2 = _load_openat2()
@@ -196,8 +214,8 @@ def _openat2_dir(root_fd: int, rel: str) -> int | None:
     global _openat2_works
     if not _openat2_works or _OPENAT2 is None:
         return None
-    call, how_ref, how_size = _OPENAT2
-    fd = call(_SYS_OPENAT2, root_fd, rel.encode(), how_ref, how_size)  # type: ignore[operator]
+    call, number, how_ref, how_size = _OPENAT2
+    fd = call(number, root_fd, rel.encode(), how_ref, how_size)  # type: ignore[operator]  # int: C int
     if fd >= 0:
         return int(fd)
     err = ctypes.get_errno()
@@ -313,9 +331,13 @@ def _lexical(path: str, roots: Sequence[str]) -> tuple[str, str, str, list[str]]
     return directory, base, root, _below(directory, root)
 
 
-def resolve(path: str, roots: Sequence[str]) -> Target:
+def resolve(path: str, roots: Sequence[str], *, check: bool = True) -> Target:
     """``path`` (absolute, as a client sent it) as a :class:`Target` below one of ``roots``
-    (real paths, see ``paths.normalize_roots``); see the module docstring."""
+    (real paths, see ``paths.normalize_roots``); see the module docstring. With ``check``
+    a directory at the name is refused here (``Target.refuse_directory``); without it
+    (a small new file, linked in by ``linkat``, which cannot land on a directory), the
+    Target is ``unchecked`` and its writer checks only where it puts a file there by name:
+    one ``stat`` less per file."""
     directory, base, root, parts = _lexical(path, roots)
     try:
         fd = os.dup(_root_fd(root)) if not parts else _openat2_dir(_root_fd(root), "/".join(parts))
@@ -334,15 +356,11 @@ def resolve(path: str, roots: Sequence[str]) -> Target:
                 f"cannot write {path!r}: {os.path.dirname(path)!r} is not a directory", errno.ENOTDIR
             ) from None
         raise failed(f"cannot write {path!r}: {e.strerror or e}", e.errno or errno.EIO) from None
-    target = Target(fd, base, path, real)
-    try:
-        st = os.stat(base, dir_fd=fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return target
-    except OSError:
-        target.close()
-        raise
-    if stat.S_ISDIR(st.st_mode):
-        target.close()
-        raise failed(f"cannot write {path!r}: it is a directory", errno.EISDIR)
+    target = Target(fd, base, path, real, unchecked=not check)
+    if check:
+        try:
+            target.refuse_directory()
+        except BaseException:
+            target.close()
+            raise
     return target

@@ -198,7 +198,17 @@ class JobRunner:
     def run_file(self, job: Job) -> int | None:
         """A whole save, a stream step, or the layout of a save whose pieces follow."""
         req = job.request
-        with resolve_target(req.path, self.roots) as final:  # the directory, open below a root
+        # a small whole file without fsync: through an unnamed temporary (_files.Temporary),
+        # which is linked in (never over a directory): the name is checked only if taken
+        unnamed = (
+            job.kind == "write"
+            and req.mode == "write"
+            and not req.fsync
+            and not req.append
+            and job.ring_bytes <= UNNAMED_MAX_BYTES
+        )
+        # the directory, open below a root
+        with resolve_target(req.path, self.roots, check=not unnamed) as final:
             views = _views(job)
             if job.kind == "begin":  # the session keeps its own duplicate of the directory
                 session = Session.begin(final, req.format, views, req.fsync)
@@ -207,8 +217,6 @@ class JobRunner:
             if req.mode == "append":
                 return WRITERS["stream"].append(final, views, fsync=req.fsync)
             fmt = "stream" if req.mode == "create" else req.format
-            # a small file without fsync: through an unnamed temporary (_files.Temporary)
-            unnamed = not req.fsync and job.ring_bytes <= UNNAMED_MAX_BYTES
             return write_atomic(
                 final, fmt, views, fsync=req.fsync, compress=req.compress, append=req.append, unnamed=unnamed
             )

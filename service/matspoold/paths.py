@@ -26,8 +26,9 @@ def normalize_roots(roots: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def resolve_target(path: str, roots: Sequence[str]) -> Target:
+def resolve_target(path: str, roots: Sequence[str], *, check: bool = True) -> Target:
     """The open directory and name to write ``path`` at; raises ``PathNotAllowedError``
     if it leaves every root, ``WriteFailed`` if its directory is missing or it names a
-    directory. The caller closes the returned Target."""
-    return resolve(path, roots)
+    directory (without ``check``: later, where the writer would put a file there by name,
+    ``fsconfine.resolve``). The caller closes the returned Target."""
+    return resolve(path, roots, check=check)

@@ -335,7 +335,10 @@ class Daemon:
             else:
                 msg = msgs.parse_request(raw, ring_bytes)
             reply: msgs.Reply | None = None
-            if isinstance(msg, msgs.Ping):
+            if isinstance(msg, proto.WriteRequest):  # first: a burst's every message
+                assert client is not None  # parse_request refuses a WRITE before HELLO
+                self._enqueue(write_job(client, msg, payload, stopping=stopping))
+            elif isinstance(msg, msgs.Ping):
                 reply = msgs.Pong(self.instance, os.getpid())
             elif isinstance(msg, msgs.StatusQuery):
                 reply = self.status()
@@ -343,9 +346,6 @@ class Daemon:
                 self._clients.hello(ident, msg)
                 # "binwrite": this daemon reads binary WRITEs (matspool._wirebin)
                 reply = msgs.Welcome(os.getpid(), self.instance, f"{proto.TAG.decode()} {_wirebin.FEATURE}")
-            elif isinstance(msg, proto.WriteRequest):
-                assert client is not None  # parse_request refuses a WRITE before HELLO
-                self._enqueue(write_job(client, msg, payload, stopping=stopping))
             elif isinstance(msg, (proto.Part, msgs.End)):
                 self._enqueue(piece_job(self._clients.get(ident), msg, payload))
             elif isinstance(msg, (Layout, Place, Publish, Discard, StreamStep)):

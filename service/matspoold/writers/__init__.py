@@ -41,8 +41,8 @@ from ._append import append_into
 from ._direct import write_payload
 from ._files import SELF_FD, TMP_SUFFIX, Temporary, early_writeback, pwrite_all
 from .stream import STREAMS, append_step, create_stream
-from .v5 import write_v5
-from .v73 import template_for, write_from_template, write_v73
+from .v5 import small_image, write_v5
+from .v73 import image_from_template, template_for, write_from_template, write_v73
 
 __all__ = [
     "TMP_SUFFIX",
@@ -163,6 +163,21 @@ def write_atomic(
         template = template_for(variables, compress) if unnamed and fmt == "v7.3" else None
         temp = Temporary(target, unnamed=unnamed and (fmt == "v5" or template is not None))
         try:
+            # a small file's whole image, made in memory: written in one call, its size known
+            image = (
+                None
+                if not unnamed or fsync
+                else image_from_template(template, variables)
+                if template is not None
+                else small_image(variables)
+                if fmt == "v5" and not compress
+                else None
+            )
+            if image is not None:  # into the new, empty temporary
+                done = os.pwrite(temp.fd, image, 0)
+                if done < len(image):  # a short write: the rest, or why not (ENOSPC)
+                    pwrite_all(temp.fd, memoryview(image)[done:], done)
+                return temp.publish(fsync, len(image))
             existing = _open_existing(target) if append else -1
             try:
                 if existing >= 0:

@@ -27,9 +27,9 @@ from ..shmspan import ShmSpan
 from ._deflate import BLOCK, zlib_stream
 from ._direct import DIRECT_MIN_BYTES, direct_enabled, write_payload
 from ._files import SELF_FD, WRITEBACK_STEP, fsync_wanted, start_writeback, write_new_file
-from ._values import Cell, Char, Sparse, Struct
+from ._values import Cell, Char, Sparse, Struct, column_bytes
 
-__all__ = ["header", "write_v5"]
+__all__ = ["header", "small_image", "write_v5"]
 
 _MI: Final = {
     "i1": 1,
@@ -303,11 +303,22 @@ def _write_tree(f: BinaryIO, spec: Variable, value: Any, level: int) -> None:
 _SMALL_FILE: Final = 1 << 20
 
 
-def _write_small(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> None:
-    """A small plain numeric file, assembled in memory and written with one ``write()``:
-    for 4 KiB variables the file object and its per-call overheads cost more than the bytes.
-    A real (not complex) variable's tags come from a template made by ``_element`` for the
-    same name, type and size (a time-step loop saves those again and again)."""
+def small_image(variables: Sequence[tuple[Variable, Any]]) -> bytes | None:
+    """The whole file of a small plain numeric save without compression, assembled in
+    memory (for one ``write()``), or None for any other save (``write_v5`` then)."""
+    total = 0
+    for spec, _ in variables:
+        if not isinstance(spec, VarSpec) or spec.deferred or spec.mclass:
+            return None
+        total += spec.nbytes
+    return _small(variables) if total <= _SMALL_FILE else None  # type: ignore[arg-type]
+
+
+def _small(variables: Sequence[tuple[VarSpec, np.ndarray]]) -> bytes:
+    """A small plain numeric file's bytes: for 4 KiB variables the file object and its
+    per-call overheads cost more than the bytes. A real (not complex) variable's tags come
+    from a template made by ``_element`` for the same name, type and size (a time-step
+    loop saves those again and again)."""
     bufs: list[bytes | memoryview] = [_header_now()]
     for spec, value in variables:
         key = (spec.name, spec.dtype, spec.dims, spec.mclass)
@@ -320,9 +331,8 @@ def _write_small(path: str, variables: Sequence[tuple[VarSpec, np.ndarray]]) -> 
                 _FRAMES[key] = (bytes(parts[0]) + bytes(parts[1]), bytes(parts[3]))
             bufs += parts
         else:
-            flat = np.ascontiguousarray(value.reshape(-1, order="F"))  # a view: the ring is column-major
-            bufs += [frame[0], flat.view(np.uint8).data, frame[1]]
-    write_new_file(path, b"".join(bufs))
+            bufs += [frame[0], column_bytes(value), frame[1]]
+    return b"".join(bufs)
 
 
 # (name, dtype, dims, mclass) -> (the element's bytes before its payload, after it); only
@@ -365,11 +375,9 @@ def write_v5(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 
     Deferred variables leave holes (the real part, and the imaginary part of a complex
     one); the returned file offsets are where their pieces go.
     """
-    if not level:
-        plain = [(s, v) for s, v in variables if isinstance(s, VarSpec) and not s.deferred and not s.mclass]
-        if len(plain) == len(variables) and sum(s.nbytes for s, _ in plain) <= _SMALL_FILE:
-            _write_small(path, plain)
-            return {}
+    if not level and (image := small_image(variables)) is not None:
+        write_new_file(path, image)
+        return {}
     holes: dict[str, list[int]] = {}
     # buffered: headers, tags and padding leave together; payloads larger than the
     # buffer still go to write() straight from the ring, uncopied

@@ -39,7 +39,7 @@ from ._direct import DIRECT_MIN_BYTES, write_payload
 from ._files import pwrite_all, write_new_file
 from ._layouts import _SPLITS, TEMPLATE_MAX_BYTES, TEMPLATES, _keep_split, _Split, _splits_lock, _Template
 from ._v73values import _MIN_COMPRESS_BYTES, _stored, _stored_dtype, _str_attr, _Tree, _write_deflated
-from ._values import Char
+from ._values import Char, column_bytes
 
 __all__ = [
     "TEMPLATES",
@@ -47,6 +47,7 @@ __all__ = [
     "USERBLOCK",
     "append_v73",
     "header",
+    "image_from_template",
     "template_for",
     "write_from_template",
     "write_v73",
@@ -142,15 +143,16 @@ def _put(fd: int, data: np.ndarray | ShmSpan, offset: int) -> None:
         write_payload(fd, data, offset)
 
 
-def _write_from_template(path: str, t: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
+def image_from_template(t: _Template, variables: Sequence[tuple[Variable, Any]]) -> bytearray:
+    """The whole file of ``variables`` laid out as ``t`` (from :func:`template_for`), in
+    memory: the template's bytes, this save's payloads and header."""
     image = bytearray(t.image)
     for (_, arr), offset in zip(variables, t.offsets, strict=True):
         if offset is not None:  # the ring's bytes as they are: what _stored reinterprets
             assert isinstance(arr, np.ndarray)  # templates are smaller than any span
-            data = arr.reshape(-1, order="F").view(np.uint8)  # a view: the ring is column-major
-            image[offset : offset + data.nbytes] = data.data
+            image[offset : offset + arr.nbytes] = column_bytes(arr)
     image[:128] = _header_now()
-    write_new_file(path, image)
+    return image
 
 
 _stamp: tuple[int, bytes] = (-1, b"")
@@ -230,7 +232,7 @@ def template_for(variables: Sequence[tuple[Variable, Any]], level: int = 0) -> _
 def write_from_template(path: str, template: _Template, variables: Sequence[tuple[Variable, Any]]) -> None:
     """``variables`` into ``path`` (the new, empty temporary, by descriptor) laid out as
     ``template`` (from :func:`template_for`): no HDF5, so ``path`` may have no name."""
-    _write_from_template(path, template, variables)
+    write_new_file(path, image_from_template(template, variables))
 
 
 def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int = 0) -> dict[str, list[int]]:
@@ -241,7 +243,7 @@ def write_v73(path: str, variables: Sequence[tuple[Variable, Any]], level: int =
     """
     key = _template_key(variables, level)
     if key is not None and (template := TEMPLATES.get(key)) is not None:
-        _write_from_template(path, template, variables)
+        write_new_file(path, image_from_template(template, variables))
         return {}
     split_key = _split_key(variables, level)
     if split_key is not None:
