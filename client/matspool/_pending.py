@@ -198,7 +198,9 @@ class PendingTable:
         drop: list[Lease] = []
         with self._lock:
             save = self._saves.get(seq)
-            if save is not None and op != "END" and save.future.done():
+            # (its state read without the futures' condition, which flush()'s wait holds
+            # while it goes over every future: a state only moves on from RUNNING)
+            if save is not None and op != "END" and save.future._state in _OVER:
                 # failed before it went (a silent daemon, a failed copy): it never goes
                 if op == "WRITE":
                     del self._saves[seq]
