@@ -187,7 +187,7 @@ class PendingTable:
 
     def futures(self) -> list[SaveFuture]:
         with self._lock:
-            return [s.future for s in self._saves.values() if not s.future.done()]
+            return [s.future for s in self._saves.values() if s.future._state not in _OVER]
 
     def unresolved(self) -> int:
         with self._lock:
