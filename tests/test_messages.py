@@ -99,6 +99,13 @@ def test_hostile_requests_are_refused(raw: dict) -> None:
         b'{"op":"DONE","seq":[1],"nbytes":3}',
         b'{"op":"DONE","done":[[1]]}',
         b'{"op":"DONE","done":[[1,-2]]}',
+        b'{"op":"DONE","done":[[1,2],[3,true]]}',
+        b'{"op":"DONE","done":[[1,2],[3,4,5]]}',
+        b'{"op":"DONE","done":{"1":2}}',
+        b'{"op":"DONE","seq":-1,"nbytes":3}',
+        b'{"op":"DONE","seq":01,"nbytes":3}',
+        b'{"op":"DONE","seq":9223372036854775808,"nbytes":3}',
+        b'{"op":"DONE","seq":1,"nbytes":3}x',
         b'{"op":"ERR","seq":1,"code":5,"message":"x"}',
         b'{"op":"WELCOME","pid":1}',
         b'{"op":"PART_DONE","seq":1,"offset":"x"}',
@@ -109,6 +116,23 @@ def test_hostile_requests_are_refused(raw: dict) -> None:
 def test_hostile_replies_are_refused(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         m.decode_reply([b"matspool/1", body])
+
+
+@pytest.mark.parametrize(
+    ("body", "answers"),
+    [
+        (b'{"op":"DONE","seq":0,"nbytes":0}', ((0, 0),)),
+        (b'{"op":"DONE","seq":999999999999999999,"nbytes":4288}', ((999999999999999999, 4288),)),
+        # beyond the regex's 18 digits, or spelled otherwise: JSON and its checks decide
+        (b'{"op":"DONE","seq":9223372036854775807,"nbytes":1}', ((2**63 - 1, 1),)),
+        (b'{"op": "DONE", "nbytes": 2, "seq": 1}', ((1, 2),)),
+        (b'{"op":"DONE","done":[[1,2],[3,4]]}', ((1, 2), (3, 4))),
+    ],
+)
+def test_done_spellings_read_alike(body: bytes, answers: tuple[tuple[int, int], ...]) -> None:
+    """The one-save DONE read without JSON (decode_reply's regex) and every other
+    spelling give the same Done; ``matspoold.replies.done_frames`` writes the first."""
+    assert m.decode_reply([b"matspool/1", body]) == m.Done(answers)
 
 
 def _readme_table() -> dict[tuple[str, str], tuple[str, ...]]:

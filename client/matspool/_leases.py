@@ -12,7 +12,7 @@ The region goes back to the allocator when both holds are released, exactly once
 silent daemon therefore means backpressure, never reuse of bytes it may still read.
 
 Threads: any. The caller's thread takes leases, the copy thread releases copy holds, the
-I/O thread releases daemon holds; one lock (``Leases._cond``) guards every lease.
+I/O thread releases daemon holds; one lock (``Leases._lock``) guards every lease.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Leases:
 
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # nobody waits on a lease: a plain lock, not a condition
 
     def take(
         self, nbytes: int, *, block: bool, timeout: float | None, daemon: bool = True, nested: bool = False
@@ -65,7 +65,7 @@ class Leases:
 
     def copied(self, lease: Lease) -> None:
         """The copy into ``lease`` has ended (or will never run)."""
-        with self._cond:
+        with self._lock:
             if not lease.copying:
                 return
             lease.copying = False
@@ -82,7 +82,7 @@ class Leases:
     def answered_all(self, leases: Iterable[Lease]) -> None:
         """``answered`` of each of ``leases`` (one DONE's saves), each lock taken once."""
         free: list[int] = []
-        with self._cond:
+        with self._lock:
             for lease in leases:
                 if lease.daemon:
                     lease.daemon = False

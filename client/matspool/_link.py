@@ -210,7 +210,9 @@ class Link:
         self.transport.send(msgs.encode(self._hello_msg()))
 
     def _on_message(self, msg: msgs.Reply) -> None:
-        if isinstance(msg, msgs.Welcome):
+        if type(msg) is msgs.Done:  # first: nearly every message is one
+            self._table.answer_done(msg.answers)
+        elif isinstance(msg, msgs.Welcome):
             if self.instance is not None and msg.instance != self.instance:
                 self._instance_gone(self.instance)
             again = self._hello_pending or self.instance is not None
@@ -231,8 +233,6 @@ class Link:
                 self._hello()  # a new daemon on the same endpoint: register again
         elif isinstance(msg, msgs.PartDone):
             self._table.answer(msg.seq, part=msg.offset)
-        elif isinstance(msg, msgs.Done):
-            self._table.answer_done(msg.answers)
         elif isinstance(msg, msgs.Err):
             self._on_error(msg)
         elif isinstance(msg, LaidOut):  # a sharded save's file is laid out (_shard)
@@ -312,6 +312,8 @@ class Link:
 
     def _forward(self) -> bool:
         """Pass the outbox's messages to the daemon; False on BYE."""
+        if not self._outbox:  # (read without the lock: one queued meanwhile wakes the next turn)
+            return True
         with self._outbox_lock:
             items = list(self._outbox)
             self._outbox.clear()

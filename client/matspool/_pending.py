@@ -76,19 +76,26 @@ class SaveFuture(Future[SaveResult]):
                     return
                 self._condition.wait(remaining)
 
+    # A done future's state and outcome are read without the condition (``Future.result``
+    # and ``done`` take it, twice more after a wait woke the caller): FINISHED is final,
+    # and its outcome is set before it (``_resolve``, ``Future.set_result``/``set_exception``)
     def result(self, timeout: float | None = None) -> SaveResult:
         try:
             self._wait(timeout)
-            return super().result(0)  # done, or raises TimeoutError at once
+            if self._state == _FINISHED and self._exception is None:
+                return self._result  # type: ignore[return-value]  # set with the state
+            return super().result(0)  # raises its exception, or TimeoutError at once
         finally:
-            self.observed = self.done()
+            self.observed = self._state in _OVER
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
             self._wait(timeout)
+            if self._state == _FINISHED:
+                return self._exception
             return super().exception(0)
         finally:
-            self.observed = self.done()
+            self.observed = self._state in _OVER
 
 
 def _resolve(condition: threading.Condition, finished: list[tuple[SaveFuture, SaveResult]]) -> None:
@@ -180,7 +187,7 @@ class PendingTable:
 
     def futures(self) -> list[SaveFuture]:
         with self._lock:
-            return [s.future for s in self._saves.values() if not s.future.done()]
+            return [s.future for s in self._saves.values() if s.future._state not in _OVER]
 
     def unresolved(self) -> int:
         with self._lock:
@@ -198,7 +205,9 @@ class PendingTable:
         drop: list[Lease] = []
         with self._lock:
             save = self._saves.get(seq)
-            if save is not None and op != "END" and save.future.done():
+            # (its state read without the futures' condition, which flush()'s wait holds
+            # while it goes over every future: a state only moves on from RUNNING)
+            if save is not None and op != "END" and save.future._state in _OVER:
                 # failed before it went (a silent daemon, a failed copy): it never goes
                 if op == "WRITE":
                     del self._saves[seq]

@@ -100,6 +100,7 @@ class Ring:
         self._head = 0
         self._tail = 0
         self._writers = 0  # regions handed out whose copy has not ended (see written())
+        self._waiting = 0  # allocs waiting for room (free_all wakes them)
         self._moving = False
         self.closed = False
         self._pid = os.getpid()
@@ -217,7 +218,11 @@ class Ring:
                         f"ring full: {nbytes} bytes wanted, {free}"
                         f" of {self.size} free" + ("" if not block else f" after waiting {timeout} s")
                     )
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
             self._live[off] = [n, 0]
             self._tail = off + n
             self._writers += 1
@@ -260,7 +265,7 @@ class Ring:
 
     def free_all(self, offsets: Iterable[int]) -> None:
         """Free the regions at ``offsets`` (unknown ones are ignored), under the lock once."""
-        with self._cond:
+        with self.lock:  # _cond's own lock, without the condition's Python-level __enter__
             known = False
             for offset in offsets:
                 entry = self._live.get(offset)
@@ -285,7 +290,8 @@ class Ring:
                     self._tail = last_off + size
                     break
                 self._live.popitem(last=True)
-            self._cond.notify_all()
+            if self._waiting:  # an alloc waits for room (one a DONE frees, most often has none)
+                self._cond.notify_all()
 
     # -- CUDA ------------------------------------------------------------------------
     def register_cuda(self, device: int | None = None) -> None:

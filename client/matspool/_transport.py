@@ -107,7 +107,9 @@ class ZmqTransport:
         forever (with ``SNDHWM=0`` a connected one always takes the message)."""
         assert self._dealer is not None
         try:
-            self._dealer.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            # a control message or a BATCH (two frames, at most 1 MiB) is copied: cheaper
+            # than zero-copy's Frame objects; a remote WRITE's payload frames are not
+            self._dealer.send_multipart(frames, copy=len(frames) == 2, flags=zmq.NOBLOCK)
         except zmq.Again:
             self._check_monitor()
             raise DaemonUnavailable(

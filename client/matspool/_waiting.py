@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import wait
 from typing import Any, Final
 
-from ._pending import SaveFuture
+from ._pending import _OVER, SaveFuture
 
 __all__ = ["PROGRESS_AFTER_S", "Abandoned", "wait_for_saves"]
 
@@ -68,6 +68,17 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def _wait_some(pending: list[SaveFuture], timeout: float) -> list[SaveFuture]:
+    """``pending`` (in the order saved) less those done, after waiting up to ``timeout`` s
+    for the newest: ``concurrent.futures.wait`` of them all took the futures' shared
+    condition once per future, twice, and put a waiter on each, which the I/O thread
+    then fed once per answer. The newest is nearly always the last done; when it is
+    not, the next call waits for the newest left."""
+    if pending:
+        wait(pending[-1:], timeout)
+    return [f for f in pending if f._state not in _OVER]  # (a final state: no lock)
+
+
 def wait_for_saves(futures: Sequence[SaveFuture], timeout: float | None, what: str) -> set[SaveFuture]:
     """Wait up to ``timeout`` s for ``futures``; returns those not done. ``what`` names
     the waiting call in messages (``"flush()"``, ``"close()"``). Raises
@@ -78,17 +89,18 @@ def wait_for_saves(futures: Sequence[SaveFuture], timeout: float | None, what: s
     deadline = None if timeout is None else start + timeout
     bar = None
     interrupted = False
+    left_undone = list(futures)
     try:
         while True:
             try:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                result = wait(futures, _SLICE if left is None else min(_SLICE, left))
-                if not result.not_done or (left is not None and left <= _SLICE):
-                    return {f for f in futures if not f.done()}
+                left_undone = _wait_some(left_undone, _SLICE if left is None else min(_SLICE, left))
+                if not left_undone or (deadline is not None and time.monotonic() >= deadline):
+                    return set(left_undone)  # (the newest done may leave older ones: wait on)
                 if bar is None and time.monotonic() - start >= PROGRESS_AFTER_S and _progress_wanted():
                     bar = _bar(len(futures), what.rstrip("()"))
                 if bar is not None:
-                    bar.update(len(result.done) - bar.n)
+                    bar.update(len(futures) - len(left_undone) - bar.n)
             except KeyboardInterrupt:
                 pending = _pending(futures)
                 if not pending:
