@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import scipy.io
+import zmq
 from fakedaemon import FakeDaemon, ZmqFake
 
 import matspool
@@ -340,6 +341,22 @@ def test_flush_while_other_threads_keep_saving(daemon: DaemonProc, out_dir: Path
             _check_file(p, expect)
 
 
+def test_flush_after_a_save_in_pieces_larger_than_the_ring(daemon: DaemonProc, out_dir: Path) -> None:
+    """A save bigger than the ring goes in pieces and ends after the small saves made
+    after it: flush() must wait for it too."""
+    rng = np.random.default_rng(9)
+    with matspool.Spool(daemon.endpoint, ring_bytes=1 << 20, timeout=60) as s:
+        for round_ in range(3):
+            big = rng.standard_normal(400_000 + round_)  # 3.2 MB through a 1 MiB ring
+            bf = s.save(out_dir / f"big{round_}.mat", {"big": big}, format="v5")
+            small = [s.save(out_dir / f"s{round_}_{i}.mat", {"x": float(i)}) for i in range(30)]
+            s.flush(timeout=WATCHDOG_S)
+            assert bf.done() and all(f.done() for f in small)
+            _check_file(bf.result(0).path, {"big": big})
+            for i, f in enumerate(small):
+                _check_file(f.result(0).path, {"x": np.array(float(i))})
+
+
 def test_ctrl_c_during_flush_from_a_timer(tmp_path: Path, out_dir: Path) -> None:
     """SIGINT to this process while flush() waits: the first is said and the wait goes
     on to the end; every save is then on disk."""
@@ -489,7 +506,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_remote_saves_payload_frames_exact_through_a_small_ring(tmp_path: Path, out_dir: Path) -> None:
+def test_remote_saves_payload_frames_exact_through_a_small_ring(
+    tmp_path: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Payload frames still go zero-copy (copy=False) from the ring, and arrive exact."""
+    sent: list[tuple[int, bool]] = []
+    send_multipart = zmq.Socket.send_multipart
+
+    def spy(self: zmq.Socket, frames: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.type == zmq.DEALER:
+            sent.append((len(frames), kwargs.get("copy", True)))
+        return send_multipart(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(zmq.Socket, "send_multipart", spy)
     server_pub, server_sec = make_keys(str(tmp_path / "server"), "server")
     _, client_sec = make_keys(str(tmp_path / "clients"), "client")
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
@@ -515,6 +544,7 @@ def test_remote_saves_payload_frames_exact_through_a_small_ring(tmp_path: Path, 
         for f, p, y in futs:
             assert f.result(0).nbytes == os.path.getsize(p)
             _check_file(p, {"x": y})
+        assert {copy for n, copy in sent if n > 2} == {False}  # WRITEs with payload frames
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
