@@ -121,7 +121,7 @@ class ZmqFake:
         self.daemon = daemon
         self.endpoint = endpoint
         self._ident: bytes | None = None
-        self._todo: list[m.Reply | dict[str, Any]] = []
+        self._todo: list[m.Reply | dict[str, Any] | bytes] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -131,8 +131,9 @@ class ZmqFake:
         self._thread.start()
         assert self._ready.wait(10)
 
-    def reply(self, msg: m.Reply | dict[str, Any]) -> None:
-        """Send ``msg`` to the client: a typed reply, or a raw (possibly malformed) one."""
+    def reply(self, msg: m.Reply | dict[str, Any] | bytes) -> None:
+        """Send ``msg`` to the client: a typed reply, or a raw (possibly malformed) one: a
+        dict as JSON, bytes as the body frame itself."""
         with self._lock:
             self._todo.append(msg)
 
@@ -169,7 +170,10 @@ class ZmqFake:
                     todo, self._todo = self._todo, []
                 for item in todo:
                     assert self._ident is not None
-                    out = proto.encode(item) if isinstance(item, dict) else m.encode(item)
+                    if isinstance(item, bytes):
+                        out = [proto.TAG, item]
+                    else:
+                        out = proto.encode(item) if isinstance(item, dict) else m.encode(item)
                     sock.send_multipart([self._ident, *out])
         finally:
             sock.close(linger=0)
