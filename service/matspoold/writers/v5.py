@@ -27,6 +27,7 @@ from ..shmspan import ShmSpan
 from ._deflate import BLOCK, zlib_stream
 from ._direct import DIRECT_MIN_BYTES, direct_enabled, write_payload
 from ._files import SELF_FD, WRITEBACK_STEP, fsync_wanted, start_writeback, write_new_file
+from ._stamp import PerSecond
 from ._values import Cell, Char, Sparse, Struct, column_bytes
 
 __all__ = ["header", "small_image", "write_v5"]
@@ -339,16 +340,8 @@ def _small(variables: Sequence[tuple[VarSpec, np.ndarray]]) -> bytes:
 # writer threads use it: a lookup and a store are single dict operations under the GIL
 _FRAMES: dict[tuple[str, str, tuple[int, ...], str | None], tuple[bytes, bytes]] = {}
 _MAX_FRAMES: Final = 256
-_stamp: tuple[int, bytes] = (-1, b"")
-
-
-def _header_now() -> bytes:
-    """``header()``, made once per second (its text says when, to the second)."""
-    global _stamp
-    now = int(time.time())
-    if _stamp[0] != now:
-        _stamp = (now, header(now))
-    return _stamp[1]
+#: ``header()`` of the current second (a small file's header, made once a second)
+_header_now: Final = PerSecond(lambda now: header(now))  # looked up per call: a replaced header is used
 
 
 def _open_new(path: str) -> BinaryIO:

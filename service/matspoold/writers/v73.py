@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import h5py
 import numpy as np
@@ -38,6 +38,7 @@ from ..shmspan import ShmSpan
 from ._direct import DIRECT_MIN_BYTES, write_payload
 from ._files import pwrite_all, write_new_file
 from ._layouts import _SPLITS, TEMPLATE_MAX_BYTES, TEMPLATES, _keep_split, _Split, _splits_lock, _Template
+from ._stamp import PerSecond
 from ._v73values import _MIN_COMPRESS_BYTES, _stored, _stored_dtype, _str_attr, _Tree, _write_deflated
 from ._values import Char, column_bytes
 
@@ -155,17 +156,9 @@ def image_from_template(t: _Template, variables: Sequence[tuple[Variable, Any]])
     return image
 
 
-_stamp: tuple[int, bytes] = (-1, b"")
-
-
-def _header_now() -> bytes:
-    """``header()``, made once per second (its text says when, to the second): a small
-    file from a template spent more on formatting the time than on its payload."""
-    global _stamp
-    now = int(time.time())
-    if _stamp[0] != now:
-        _stamp = (now, header(now))
-    return _stamp[1]
+#: ``header()`` of the current second: a small file from a template spent more on
+#: formatting the time than on its payload
+_header_now: Final = PerSecond(lambda now: header(now))  # looked up per call: a replaced header is used
 
 
 def _fill(
