@@ -64,13 +64,19 @@ class SaveFuture(Future[SaveResult]):
         self.seq = seq
         self.observed = False
 
+    def _over(self) -> bool:
+        """``done()`` without taking the condition (which ``flush()``'s wait may hold over
+        every future): a state only moves on from RUNNING, and FINISHED or CANCELLED is
+        final, so a read that sees it is right without the lock."""
+        return self._state in _OVER
+
     def _wait(self, timeout: float | None) -> None:
         """Until this future is done, or ``timeout`` s (None: no limit) have passed."""
-        if self._state in _OVER:
+        if self._over():
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
-            while self._state not in _OVER:
+            while not self._over():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return
@@ -86,7 +92,7 @@ class SaveFuture(Future[SaveResult]):
                 return self._result  # type: ignore[return-value]  # set with the state
             return super().result(0)  # raises its exception, or TimeoutError at once
         finally:
-            self.observed = self._state in _OVER
+            self.observed = self._over()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
@@ -95,7 +101,7 @@ class SaveFuture(Future[SaveResult]):
                 return self._exception
             return super().exception(0)
         finally:
-            self.observed = self._state in _OVER
+            self.observed = self._over()
 
 
 def _resolve(condition: threading.Condition, finished: list[tuple[SaveFuture, SaveResult]]) -> None:
@@ -107,7 +113,7 @@ def _resolve(condition: threading.Condition, finished: list[tuple[SaveFuture, Sa
         for fut, result in finished:
             if fut._condition is not condition:
                 continue  # below, through its own condition
-            if fut._state in _OVER:
+            if fut._over():
                 continue
             fut._result = result
             fut._state = _FINISHED
@@ -187,7 +193,7 @@ class PendingTable:
 
     def futures(self) -> list[SaveFuture]:
         with self._lock:
-            return [s.future for s in self._saves.values() if s.future._state not in _OVER]
+            return [s.future for s in self._saves.values() if not s.future._over()]
 
     def unresolved(self) -> int:
         with self._lock:
@@ -205,9 +211,7 @@ class PendingTable:
         drop: list[Lease] = []
         with self._lock:
             save = self._saves.get(seq)
-            # (its state read without the futures' condition, which flush()'s wait holds
-            # while it goes over every future: a state only moves on from RUNNING)
-            if save is not None and op != "END" and save.future._state in _OVER:
+            if save is not None and op != "END" and save.future._over():
                 # failed before it went (a silent daemon, a failed copy): it never goes
                 if op == "WRITE":
                     del self._saves[seq]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import wait
 from typing import Any, Final
 
-from ._pending import _OVER, SaveFuture
+from ._pending import SaveFuture
 
 __all__ = ["PROGRESS_AFTER_S", "Abandoned", "wait_for_saves"]
 
@@ -76,7 +76,7 @@ def _wait_some(pending: list[SaveFuture], timeout: float) -> list[SaveFuture]:
     not, the next call waits for the newest left."""
     if pending:
         wait(pending[-1:], timeout)
-    return [f for f in pending if f._state not in _OVER]  # (a final state: no lock)
+    return [f for f in pending if not f._over()]
 
 
 def wait_for_saves(futures: Sequence[SaveFuture], timeout: float | None, what: str) -> set[SaveFuture]:
