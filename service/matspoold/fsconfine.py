@@ -90,7 +90,10 @@ class Target:
 
     def refuse_directory(self) -> None:
         """``WriteFailed`` (EISDIR) if a directory holds the name: a save never lands in
-        or over one. A name that does not exist, or anything else there, passes."""
+        or over one. A name that does not exist, or anything else there, passes. Looks
+        once: a Target already checked (or never ``unchecked``) is not looked at again."""
+        if not self.unchecked:
+            return
         self.unchecked = False
         try:
             st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
@@ -356,7 +359,7 @@ def resolve(path: str, roots: Sequence[str], *, check: bool = True) -> Target:
                 f"cannot write {path!r}: {os.path.dirname(path)!r} is not a directory", errno.ENOTDIR
             ) from None
         raise failed(f"cannot write {path!r}: {e.strerror or e}", e.errno or errno.EIO) from None
-    target = Target(fd, base, path, real, unchecked=not check)
+    target = Target(fd, base, path, real, unchecked=True)
     if check:
         try:
             target.refuse_directory()

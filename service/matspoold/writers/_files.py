@@ -167,8 +167,7 @@ class Temporary:
                 if e.errno in (errno.ENOTDIR, errno.EINVAL):  # no O_TMPFILE in this kernel
                     _unnamed_works = False
         if self.fd < 0:
-            if target.unchecked:  # renamed over the name later: never over a directory
-                target.refuse_directory()
+            target.refuse_directory()  # renamed over the name later: never over a directory
             self.name = TEMPS.name_for(target.dir_path, target.name)
             self.fd = os.open(
                 self.name,
@@ -189,8 +188,7 @@ class Temporary:
             try:
                 link_fd(self.fd, dfd, self.target.name)
             except FileExistsError:
-                if self.target.unchecked:  # the rename below must not meet a directory
-                    self.target.refuse_directory()
+                self.target.refuse_directory()  # the rename below must not meet a directory
                 name = TEMPS.name_for(self.target.dir_path, self.target.name)
                 link_fd(self.fd, dfd, name)
                 self.name = name  # from here on a named temporary (discard removes it)
