@@ -247,12 +247,16 @@ class Done:
             raise ProtocolError("DONE: done must be a list of [seq, nbytes] pairs")
         answers = []
         for a in done:  # a loop, not nested all()s: a burst's DONE lists ~50 pairs
-            if not isinstance(a, list) or len(a) != 2:
+            if not (
+                isinstance(a, list)
+                and len(a) == 2
+                and type(a[0]) is int
+                and type(a[1]) is int
+                and a[0] >= 0
+                and a[1] >= 0
+            ):
                 raise ProtocolError("DONE: done must be a list of [seq, nbytes] pairs")
-            seq, nbytes = a
-            if type(seq) is not int or type(nbytes) is not int or seq < 0 or nbytes < 0:
-                raise ProtocolError("DONE: done must be a list of [seq, nbytes] pairs")
-            answers.append((seq, nbytes))
+            answers.append((a[0], a[1]))
         return cls(tuple(answers))
 
 
